@@ -1,0 +1,44 @@
+"""Log-scale time buckets shared by every backend of the HSTU attention bias.
+
+bucket(x) = #{k in 1..NB-1 : x >= T_k}, T_k = ceil(exp(0.301 * k)), for x = |t_q - t_k| in
+seconds (int64). The thresholds are computed once with exact decimal arithmetic, so that
+bucket(x) == clamp(floor(ln(max(x, 1)) / 0.301), 0, NB-1) holds at every bucket edge;
+float32/float64 ``log`` can be off by one there. 0.301 and NB = 129 follow the public
+HSTU code's time-bucketing ("Actions Speak Louder than Words", Zhai et al. 2024).
+"""
+from __future__ import annotations
+
+import decimal
+import functools
+
+import torch
+
+BUCKET_LOG_BASE = decimal.Decimal("0.301")
+DEFAULT_NUM_BUCKETS = 129
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholds(num_buckets: int) -> tuple[int, ...]:
+    ctx = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)
+    out = []
+    for k in range(1, num_buckets):
+        t = int(ctx.exp(BUCKET_LOG_BASE * k).to_integral_value(rounding=decimal.ROUND_CEILING))
+        if t >= 2**63:
+            raise ValueError(f"num_buckets={num_buckets} overflows int64 thresholds")
+        out.append(t)
+    return tuple(out)
+
+
+def bucket_thresholds(num_buckets: int = DEFAULT_NUM_BUCKETS, device=None) -> torch.Tensor:
+    """int64 tensor [num_buckets - 1]: T_1 .. T_{NB-1} (non-decreasing)."""
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    return torch.tensor(_thresholds(num_buckets), dtype=torch.int64, device=device)
+
+
+def time_bucket(delta: torch.Tensor, num_buckets: int = DEFAULT_NUM_BUCKETS) -> torch.Tensor:
+    """Bucket of |delta| (int64 seconds) -> int64 in [0, num_buckets - 1]."""
+    if delta.dtype != torch.int64:
+        raise TypeError(f"time differences must be int64 (got {delta.dtype}); float32 loses Unix-second digits")
+    thresholds = bucket_thresholds(num_buckets, delta.device)
+    return torch.searchsorted(thresholds, delta.abs(), right=True)

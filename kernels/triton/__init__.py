@@ -1,0 +1,1 @@
+"""Triton backends: one module per operator (jit kernels -> launcher -> torch.library custom op)."""
