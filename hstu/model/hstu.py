@@ -1,0 +1,103 @@
+"""HSTU encoder (Zhai et al. 2024): a stack of Sequential Transduction Units over jagged sequences.
+
+STU: x_norm = LayerNorm(x); [u, v, q, k] = SiLU(x_norm W_uvqk) split into heads;
+A = SiLU(alpha q k^T + rab) / max_seq_len (causal, diagonal included), rab = relative position
+bias + log-bucketed time bias; y = x + Linear(Dropout(LayerNorm(A v) * u)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hstu_kernels
+from hstu_kernels import TritonOperatorManager
+from hstu_kernels.time_buckets import DEFAULT_NUM_BUCKETS
+
+from hstu.model.jagged import next_in_sequence
+
+LAYER_NORM_EPS = 1e-6
+
+
+class STULayer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        max_seq_len: int,
+        dropout: float,
+        manager: TritonOperatorManager,
+        alpha: float = 1.0,
+        position_bias: bool = True,
+        time_bias: bool = True,
+        num_time_buckets: int = DEFAULT_NUM_BUCKETS,
+    ):
+        super().__init__()
+        self.num_heads, self.dqk, self.dv = num_heads, dqk, dv
+        self.max_seq_len = max_seq_len
+        self.dropout = dropout
+        self.alpha = alpha
+        self.manager = manager
+        self.uvqk = nn.Parameter(torch.empty(dim, num_heads * (2 * dv + 2 * dqk)))
+        self.out = nn.Linear(num_heads * dv, dim)
+        self.pos_weight = nn.Parameter(torch.empty(2 * max_seq_len - 1)) if position_bias else None
+        self.time_weight = nn.Parameter(torch.empty(num_time_buckets)) if time_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.uvqk, std=0.02)
+        for w in (self.pos_weight, self.time_weight):
+            if w is not None:
+                nn.init.normal_(w, std=0.02)
+
+    def forward(self, x, seq_offsets, q_timestamps, k_timestamps):
+        L, H = x.shape[0], self.num_heads
+        hdv, hdqk = H * self.dv, H * self.dqk
+        uvqk = F.silu(F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS) @ self.uvqk)
+        u, v, q, k = torch.split(uvqk, [hdv, hdv, hdqk, hdqk], dim=-1)
+        attn = hstu_kernels.hstu_attention(
+            q.view(L, H, self.dqk), k.view(L, H, self.dqk), v.view(L, H, self.dv),
+            seq_offsets, self.max_seq_len, self.alpha,
+            q_timestamps=q_timestamps if self.time_weight is not None else None,
+            k_timestamps=k_timestamps if self.time_weight is not None else None,
+            pos_weight=self.pos_weight, time_weight=self.time_weight, backend=self.manager,
+        )
+        return hstu_kernels.attention_output(
+            x, attn.reshape(L, hdv), u, self.out.weight, self.out.bias,
+            dropout_p=self.dropout, training=self.training, eps=LAYER_NORM_EPS, backend=self.manager,
+        )
+
+
+class HSTUEncoder(nn.Module):
+    """Jagged [L, D] embeddings -> [L, D] states; state i summarises items 0..i of its sequence."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_blocks: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        max_seq_len: int,
+        dropout: float,
+        manager: TritonOperatorManager,
+        alpha: float = 1.0,
+        position_bias: bool = True,
+        time_bias: bool = True,
+        num_time_buckets: int = DEFAULT_NUM_BUCKETS,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            STULayer(dim, num_heads, dqk, dv, max_seq_len, dropout, manager, alpha,
+                     position_bias, time_bias, num_time_buckets)
+            for _ in range(num_blocks)
+        )
+
+    def forward(self, x, seq_offsets, timestamps, target_timestamps):
+        # Position i predicts the event after it: its query time is that event's timestamp.
+        q_timestamps = next_in_sequence(timestamps, seq_offsets, target_timestamps)
+        for block in self.blocks:
+            x = block(x, seq_offsets, q_timestamps, timestamps)
+        return x

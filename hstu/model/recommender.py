@@ -1,0 +1,80 @@
+"""SequentialRecommender: input embedding -> encoder -> similarity, built from plain config values.
+
+The kernel choice is made here, once, from ``kernels`` flags: one TritonOperatorManager is shared
+by every layer. Parameter names do not depend on the flags, so any checkpoint loads under any flags.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+import hstu_kernels
+from hstu_kernels import TritonOperatorManager
+
+from hstu.data.batch import JaggedBatch
+from hstu.model.embedding import InputEmbedding
+from hstu.model.jagged import last_index, next_in_sequence
+from hstu.model.loss import RecLoss
+
+
+class SequentialRecommender(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        max_seq_len: int,
+        dim: int,
+        input_dropout: float,
+        encoder: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        kernels: Mapping[str, bool] | None = None,
+        kernel_fallback: str = "warn",
+        time_scales: Sequence[Sequence[int]] = (),
+        position_from_end: bool = False,
+    ):
+        super().__init__()
+        self.num_items = num_items
+        self.max_seq_len = max_seq_len
+        self.manager = TritonOperatorManager(kernels, kernel_fallback)
+        self.embedding = InputEmbedding(num_items, dim, max_seq_len, input_dropout, self.manager,
+                                        time_scales, position_from_end)
+        self.encoder = instantiate(dict(encoder), dim=dim, max_seq_len=max_seq_len, manager=self.manager)
+        self.loss = RecLoss(self.manager, **loss)
+
+    @property
+    def item_table(self) -> torch.Tensor:
+        return self.embedding.item_table
+
+    def encode(self, batch: JaggedBatch) -> torch.Tensor:
+        """[L, D] L2-normalised states; state i summarises history items 0..i."""
+        x = self.embedding(batch.item_ids, batch.timestamps, batch.seq_offsets)
+        x = self.encoder(x, batch.seq_offsets, batch.timestamps, batch.target_timestamps)
+        return F.normalize(x, dim=-1, eps=1e-6)
+
+    def training_loss(self, batch: JaggedBatch) -> torch.Tensor:
+        """Every history position predicts the next item; the last one predicts the target."""
+        states = self.encode(batch)
+        next_items = next_in_sequence(batch.item_ids, batch.seq_offsets, batch.targets)
+        return self.loss(states, next_items, self.item_table)
+
+    def user_states(self, batch: JaggedBatch) -> torch.Tensor:
+        """[B, D] state after each whole history (zero for an empty history)."""
+        states = self.encode(batch)
+        nonempty = (batch.seq_offsets[1:] > batch.seq_offsets[:-1]).unsqueeze(-1)
+        return states[last_index(batch.seq_offsets)] * nonempty
+
+    @torch.no_grad()
+    def recommend(self, batch: JaggedBatch, k: int, with_target_rank: bool = False):
+        """Top-k items over the whole catalogue with seen items masked -> (scores, item ids, target rank)."""
+        queries = self.user_states(batch)
+        exclude = batch.seen_ids if batch.seen_ids is not None else batch.item_ids
+        exclude_offsets = batch.seen_offsets if batch.seen_ids is not None else batch.seq_offsets
+        scores, ids, rank = hstu_kernels.topk_items(
+            queries.float(), self.item_table[1:].float(), min(k, self.num_items),
+            exclude_ids=exclude - 1, exclude_offsets=exclude_offsets,
+            target_ids=batch.targets - 1 if with_target_rank else None, backend=self.manager,
+        )
+        return scores, ids + 1, rank

@@ -1,0 +1,81 @@
+"""RecModule: the LightningModule that trains a SequentialRecommender and ranks every item to evaluate it."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+
+from hstu.data.batch import JaggedBatch
+from hstu.metrics import RetrievalMetrics
+from hstu.model.recommender import SequentialRecommender
+
+
+class RecModule(L.LightningModule):
+    """Hyperparameters are plain values (saved in checkpoints, loadable without unpickling objects)."""
+
+    def __init__(
+        self,
+        num_items: int,
+        max_seq_len: int,
+        dim: int,
+        input_dropout: float,
+        encoder: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        kernels: Mapping[str, bool] | None = None,
+        kernel_fallback: str = "warn",
+        compile: bool = False,
+        eval_ks: Sequence[int] = (10, 50, 200),
+        time_scales: Sequence[Sequence[int]] = (),
+        position_from_end: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = SequentialRecommender(
+            num_items, max_seq_len, dim, input_dropout, encoder, loss, kernels, kernel_fallback,
+            time_scales, position_from_end,
+        )
+        if compile:
+            # dynamic=True: jagged batches change L every step; compile once, not per shape.
+            for part in (self.model.embedding, self.model.encoder, self.model.loss):
+                part.compile(dynamic=True)
+        self.eval_ks = tuple(eval_ks)
+        self.val_metrics = RetrievalMetrics(ks=self.eval_ks)
+        self.test_metrics = RetrievalMetrics(ks=self.eval_ks)
+
+    @property
+    def manager(self):
+        return self.model.manager
+
+    def training_step(self, batch: JaggedBatch, batch_idx: int) -> torch.Tensor:
+        loss = self.model.training_loss(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
+        return loss
+
+    def _rank(self, batch: JaggedBatch, metrics: RetrievalMetrics) -> None:
+        _, _, target_rank = self.model.recommend(batch, k=max(self.eval_ks), with_target_rank=True)
+        metrics.update(target_rank)
+
+    def validation_step(self, batch: JaggedBatch, batch_idx: int) -> None:
+        self._rank(batch, self.val_metrics)
+
+    def test_step(self, batch: JaggedBatch, batch_idx: int) -> None:
+        self._rank(batch, self.test_metrics)
+
+    def _log_metrics(self, stage: str, metrics: RetrievalMetrics) -> None:
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=False)
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def configure_optimizers(self):
+        opt = self.hparams.optimizer
+        return torch.optim.AdamW(
+            self.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"]
+        )

@@ -1,0 +1,71 @@
+"""Every config composes; +triton flags land in model.kernels; typos fail with the key named."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+import hstu.config  # noqa: F401
+from hstu_kernels import OPERATORS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("train", overrides=list(overrides))
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_defaults_have_no_triton_entry_and_flags_are_off():
+    cfg = _compose()
+    assert dict(cfg.model.kernels) == {op: False for op in OPERATORS}
+    assert "triton" not in OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml"))["defaults"][0]
+
+
+@pytest.mark.parametrize("option", _options("triton"))
+def test_triton_options(option):
+    cfg = _compose(f"+triton={option}")
+    flags = dict(cfg.model.kernels)
+    if option == "all":
+        assert all(flags.values())
+    elif option == "none":
+        assert not any(flags.values())
+    else:
+        assert flags == {op: op == option for op in OPERATORS}
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_pulls_in_the_flag_schema(model):
+    cfg = _compose(f"model={model}", "+triton=all")
+    assert all(cfg.model.kernels.values())
+    assert cfg.model.encoder._target_.startswith("hstu.model.")
+
+
+@pytest.mark.parametrize("group", ["data", "trainer", "callbacks", "logger", "experiment"])
+def test_every_group_option_composes(group):
+    for option in _options(group):
+        overrides = [f"{group}={option}"] if group != "experiment" else [f"experiment={option}"]
+        if group == "data" and option in ("ml-20m", "amzn-books", "interactions"):
+            overrides.append("data.source.path=/tmp/x.csv")
+        cfg = _compose(*overrides)
+        OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def test_triton_typo_fails_naming_the_option():
+    with pytest.raises(MissingConfigException, match="triton/hstu_attn"):
+        _compose("+triton=hstu_attn")
+
+
+def test_unknown_flag_key_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="hstu_attn"):
+        _compose("+model.kernels.hstu_attn=true")
+
+
+def test_non_boolean_flag_fails():
+    with pytest.raises(ConfigCompositionException, match="not a valid bool"):
+        _compose("model.kernels.interaction=maybe")
