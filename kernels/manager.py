@@ -122,6 +122,7 @@ class TritonOperatorManager:
         self._count(stats, choice)
         return choice
 
+    @torch.compiler.disable  # imports and host checks: run eagerly, once per (op, device, dtype)
     def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
         reason = self.unsupported_reason(op, tensors)
         if reason is None:
@@ -189,7 +190,7 @@ def resolve_backend(op: str, backend: "str | TritonOperatorManager | None", tens
         return default_manager().backend(op, tensors)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, a TritonOperatorManager or None; got {backend!r}")
-    if backend == "triton":
+    if backend == "triton" and not torch.compiler.is_compiling():  # checked by the eager call; a trace cannot import
         reason = TritonOperatorManager.unsupported_reason(op, tensors)
         if reason is not None:
             raise TritonUnavailableError(f"Triton operator '{op}' cannot run: {reason}")

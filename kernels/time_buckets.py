@@ -29,11 +29,17 @@ def _thresholds(num_buckets: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def bucket_thresholds(num_buckets: int = DEFAULT_NUM_BUCKETS, device=None) -> torch.Tensor:
-    """int64 tensor [num_buckets - 1]: T_1 .. T_{NB-1} (non-decreasing)."""
+@torch.compiler.assume_constant_result
+def threshold_values(num_buckets: int) -> tuple[int, ...]:
+    """T_1 .. T_{NB-1} as Python ints; a constant to torch.compile (dynamo cannot trace ``decimal``)."""
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    return torch.tensor(_thresholds(num_buckets), dtype=torch.int64, device=device)
+    return _thresholds(num_buckets)
+
+
+def bucket_thresholds(num_buckets: int = DEFAULT_NUM_BUCKETS, device=None) -> torch.Tensor:
+    """int64 tensor [num_buckets - 1]: T_1 .. T_{NB-1} (non-decreasing)."""
+    return torch.tensor(threshold_values(num_buckets), dtype=torch.int64, device=device)
 
 
 def time_bucket(delta: torch.Tensor, num_buckets: int = DEFAULT_NUM_BUCKETS) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""PyTorch reference of the jagged causal HSTU attention (operator ``hstu_hierarchical_attention``).
+
+out[s+i] = sum_{j<=i} SiLU(alpha * q[s+i].k[s+j] + rab(i, j)) / max_seq_len * v[s+j]
+rab(i, j) = pos_weight[max_seq_len - 1 + j - i] + time_weight[bucket(|q_ts[s+i] - k_ts[s+j]|)]
+
+Computed padded: the jagged tokens are scattered into a dense [B, max_seq_len, H, d] layout with
+index arithmetic (no Python loop over sequences, so torch.compile sees one static graph), attention
+runs as batched matmuls under a causal mask, and the valid rows are gathered back. It is the source
+of truth for tests (float64 inputs give the float64 reference) and the eager / torch.compile baseline
+of ``scripts/bench_kernels.py``. Inputs are validated by ``hstu_kernels.hstu_attention``; a sequence
+longer than ``max_seq_len`` must not reach this function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hstu_kernels.time_buckets import time_bucket
+
+
+class BiasTableLookup(torch.autograd.Function):
+    """``table[index]`` whose backward is a histogram, not PyTorch's generic indexing backward.
+
+    The generic backward of ``table[index]`` accumulates B*N*N gradient entries into a table of
+    2N-1 or ~129 weights with ``index_put_(accumulate=True)``; on a GPU that took 98% of an HSTU
+    step. The bias is shared across heads, so autograd has already summed the gradient over heads
+    (and over the batch for the position bias) through broadcasting before it reaches this
+    backward, which then bins it with ``bincount`` (or ``scatter_add_`` where ``bincount`` is not
+    allowed: deterministic mode on CUDA and torch.compile traces, which need a static output size).
+    The sum is accumulated in float32 (float64 for float64 tables).
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.table_size = table.numel()
+        ctx.table_dtype = table.dtype
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        flat_index = index.reshape(-1)
+        flat_grad = grad.reshape(-1).to(acc_dtype)
+        use_scatter = torch.compiler.is_compiling() or (
+            grad.is_cuda and torch.are_deterministic_algorithms_enabled()
+        )
+        if use_scatter:
+            grad_table = flat_grad.new_zeros(ctx.table_size).scatter_add_(0, flat_index, flat_grad)
+        else:
+            grad_table = torch.bincount(flat_index, weights=flat_grad, minlength=ctx.table_size)
+        return grad_table.to(ctx.table_dtype), None
+
+
+def jagged_to_padded_rows(seq_offsets: torch.Tensor, num_tokens: int, max_seq_len: int) -> torch.Tensor:
+    """Row of each jagged token in the flattened padded layout [B * max_seq_len]: b * max_seq_len + position."""
+    offsets = seq_offsets.to(torch.int64)
+    token = torch.arange(num_tokens, device=offsets.device, dtype=torch.int64)
+    # right=True skips empty sequences: the token belongs to the last sequence starting at or before it.
+    sequence = torch.searchsorted(offsets, token, right=True) - 1
+    position = token - offsets[sequence]
+    return sequence * max_seq_len + position
+
+
+def to_padded(values: torch.Tensor, rows: torch.Tensor, batch: int, max_seq_len: int) -> torch.Tensor:
+    """[L, ...] jagged -> [B, max_seq_len, ...] zero-padded (differentiable; backward is a gather)."""
+    padded = values.new_zeros((batch * max_seq_len,) + tuple(values.shape[1:]))
+    padded = padded.index_copy(0, rows, values)
+    return padded.view((batch, max_seq_len) + tuple(values.shape[1:]))
+
+
+def relative_attention_bias(
+    max_seq_len: int,
+    padded_q_ts: torch.Tensor | None,
+    padded_k_ts: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    time_weight: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """rab as [B or 1, 1, N, N] (shared across heads) in the weights' dtype, or None without biases."""
+    bias = None
+    if pos_weight is not None:
+        position = torch.arange(max_seq_len, device=device)
+        pos_index = max_seq_len - 1 + position[None, :] - position[:, None]  # [N(i), N(j)]
+        bias = BiasTableLookup.apply(pos_weight, pos_index)
+    if time_weight is not None:
+        delta = padded_q_ts[:, :, None] - padded_k_ts[:, None, :]  # int64 [B, N(i), N(j)]
+        time_index = time_bucket(delta, time_weight.numel())
+        time_bias = BiasTableLookup.apply(time_weight, time_index)
+        bias = time_bias if bias is None else bias + time_bias
+    return None if bias is None else bias.unsqueeze(-3)
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    time_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Jagged causal HSTU attention -> [L, H, dv] in v's dtype; computed in q's dtype.
+
+    q, k [L, H, dqk], v [L, H, dv]; seq_offsets [B+1]; timestamps int64 [L]; pos_weight
+    [2*max_seq_len-1]; time_weight [NB]. Each bias term is added only when its weight is given.
+    """
+    num_tokens, num_heads, _ = q.shape
+    batch = seq_offsets.numel() - 1
+    rows = jagged_to_padded_rows(seq_offsets, num_tokens, max_seq_len)
+
+    # [B, N, H, d] -> [B, H, N, d] for batched matmuls over (sequence, head).
+    padded_q = to_padded(q, rows, batch, max_seq_len).transpose(1, 2)
+    padded_k = to_padded(k, rows, batch, max_seq_len).transpose(1, 2)
+    padded_v = to_padded(v, rows, batch, max_seq_len).transpose(1, 2)
+
+    scores = torch.matmul(padded_q, padded_k.transpose(-1, -2)) * alpha  # [B, H, N(i), N(j)]
+    use_time = time_weight is not None
+    bias = relative_attention_bias(
+        max_seq_len,
+        to_padded(q_timestamps, rows, batch, max_seq_len) if use_time else None,
+        to_padded(k_timestamps, rows, batch, max_seq_len) if use_time else None,
+        pos_weight,
+        time_weight,
+        q.device,
+    )
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+
+    # Keys j <= i only. Padded keys (j >= length) only meet padded queries (i >= j), whose rows are
+    # dropped below, so the causal mask alone is exact.
+    causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=q.device).tril()
+    weights = torch.where(causal, F.silu(scores), 0.0) / max_seq_len
+    padded_out = torch.matmul(weights.to(v.dtype), padded_v)  # [B, H, N, dv]
+
+    dense_out = padded_out.transpose(1, 2).reshape(batch * max_seq_len, num_heads, v.shape[-1])
+    return dense_out.index_select(0, rows)

@@ -1,0 +1,92 @@
+"""Reference of the training objective: user states scored against items, softmax cross-entropy of the
+positive, either against sampled negatives (with accidental hits masked) or against the whole table.
+
+Logits are cos(state, item) / temperature when ``l2_norm`` (both sides normalised), else
+dot(state, item) / temperature. Matmuls run in the input dtype; the softmax runs in at least float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """x / max(||x||, eps) over the last dim, the norm taken in at least float32; a zero vector stays zero."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    inverse_norm = torch.rsqrt(wide.square().sum(-1, keepdim=True).clamp_min(eps * eps))
+    return (wide * inverse_norm).to(x.dtype)
+
+
+def _check_common(name, states, pos_ids, item_table, temperature):
+    if states.dim() != 2 or item_table.dim() != 2 or states.shape[1] != item_table.shape[1]:
+        raise ValueError(
+            f"{name}: states [M, D] and item_table [N, D] must share D; got {tuple(states.shape)} and {tuple(item_table.shape)}"
+        )
+    if states.shape[0] == 0:
+        raise ValueError(f"{name}: no rows to score (M = 0); the mean over rows is undefined")
+    if pos_ids.shape != (states.shape[0],) or pos_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: pos_ids must be integer [M={states.shape[0]}]; got {pos_ids.dtype} {tuple(pos_ids.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sampled_softmax_loss(
+    states: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_ids: torch.Tensor,
+    item_table: torch.Tensor,
+    *,
+    temperature: float,
+    l2_norm: bool = True,
+) -> torch.Tensor:
+    """Mean over the M rows of -log softmax of the positive among [positive, negatives].
+
+    states [M, D]; pos_ids [M]; neg_ids [M, R] (per row) or [R] (shared by every row: one [M, R]
+    matmul, no [M, R, D] gather). A negative equal to its row's positive is masked out (logit -inf);
+    a negative drawn twice counts twice.
+    """
+    _check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature)
+    shared = neg_ids.dim() == 1
+    per_row = neg_ids.dim() == 2 and neg_ids.shape[0] == states.shape[0]
+    if neg_ids.dtype not in (torch.int32, torch.int64) or not (shared or per_row):
+        raise ValueError(
+            f"sampled_softmax_loss: neg_ids must be integer [M={states.shape[0]}, R] or [R]; got {neg_ids.dtype} {tuple(neg_ids.shape)}"
+        )
+    positives = F.embedding(pos_ids, item_table)
+    negatives = F.embedding(neg_ids, item_table)  # [R, D] shared, [M, R, D] per row
+    if l2_norm:
+        states, positives, negatives = l2_normalize(states), l2_normalize(positives), l2_normalize(negatives)
+    pos_logits = (states * positives).sum(-1, keepdim=True)
+    if shared:
+        neg_logits = states @ negatives.T
+    else:
+        neg_logits = torch.bmm(negatives, states.unsqueeze(-1)).squeeze(-1)
+    logits = torch.cat([pos_logits, neg_logits], dim=1).to(_softmax_dtype(states.dtype)) / temperature
+    accidental_hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1) if shared else neg_ids == pos_ids.unsqueeze(1)
+    logits = logits.masked_fill(F.pad(accidental_hits, (1, 0), value=False), float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def full_softmax_loss(
+    states: torch.Tensor,
+    pos_ids: torch.Tensor,
+    item_table: torch.Tensor,
+    *,
+    temperature: float,
+    l2_norm: bool = True,
+) -> torch.Tensor:
+    """Mean over the M rows of -log softmax of the positive among every row of ``item_table``.
+
+    Every row is scored, row 0 included: the caller passes the table it wants scored.
+    """
+    _check_common("full_softmax_loss", states, pos_ids, item_table, temperature)
+    if l2_norm:
+        states, item_table = l2_normalize(states), l2_normalize(item_table)
+    logits = (states @ item_table.T).to(_softmax_dtype(states.dtype)) / temperature
+    return F.cross_entropy(logits, pos_ids.to(torch.int64))
