@@ -1,8 +1,9 @@
 """Throughput per training epoch: samples/s, real (unpadded) tokens/s and wall time.
 
-Measured between epoch start and end with the device synchronised at both ends, so it counts
-every step (Lightning's ThroughputMonitor only reports after ``window_size`` steps, and ML-1M has
-about 48 steps an epoch).
+Measured from the epoch's start to its last training step, with the device synchronised at both
+ends, so it counts every step and no validation (Lightning runs the end-of-epoch validation before
+``on_train_epoch_end``). Lightning's ThroughputMonitor only reports after ``window_size`` steps,
+and ML-1M has about 48 steps an epoch.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class EpochThroughput(L.Callback):
     def __init__(self):
         self.history: list[dict[str, float]] = []
         self._start = 0.0
+        self._seconds: float | None = None
         self._samples = 0
         self._tokens = 0
 
@@ -27,15 +29,25 @@ class EpochThroughput(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self._samples = self._tokens = 0
+        self._seconds = None
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += batch.batch_size
         self._tokens += batch.num_tokens
 
+    def _stop_clock(self, pl_module) -> None:
+        if self._seconds is None:
+            self._sync(pl_module)
+            self._seconds = time.perf_counter() - self._start
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.training:
+            self._stop_clock(pl_module)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
-        seconds = time.perf_counter() - self._start
+        self._stop_clock(pl_module)
+        seconds = self._seconds
         row = {
             "epoch": trainer.current_epoch,
             "epoch_time_s": seconds,

@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if throughput is None:
         throughput = EpochThroughput()
         callbacks.append(throughput)
-    trainer_kwargs = {} if has_validation else {"limit_val_batches": 0}
+    trainer_kwargs = {} if has_validation else {"limit_val_batches": 0, "enable_checkpointing": False}
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False, **trainer_kwargs
     )
@@ -62,6 +62,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint = trainer.checkpoint_callback if has_validation else None
     best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    last_path = None
+    if not has_validation:  # no model selection: the last weights are the result
+        last_path = str(out_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(last_path)
     results: dict[str, Any] = {"val": {}, "test": {}}
     if has_validation:
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
@@ -73,6 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     report = {
         **results,
         "best_checkpoint": best_path,
+        "last_checkpoint": last_path,
         "best_epoch": _epoch_of(best_path),
         "epochs_trained": trainer.current_epoch,
         "fit_wall_time_s": fit_seconds,

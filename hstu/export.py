@@ -1,0 +1,290 @@
+"""Finished training runs: export one for serving, or re-evaluate one of its checkpoints.
+
+A run directory is the ``paths.output_dir`` of :func:`hstu.train.train`. It holds ``metrics.json``
+(with ``best_checkpoint`` and a resolved copy of the config) and, for runs started from the command
+line, Hydra's ``.hydra/config.yaml``. The config is read from ``.hydra/config.yaml`` when present,
+else from ``metrics.json``; ``paths.output_dir`` is taken to be the run directory itself, so a run
+folder that was moved or copied elsewhere still resolves (checkpoint paths are re-rooted likewise).
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+arbitrary pickled objects. The export folder (format: :mod:`hstu.inference`) is written to a temporary
+folder next to its destination and moved into place with ``os.replace``: a failed export leaves nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import save_file
+
+from hstu.data.datamodule import SequenceDataModule
+from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
+from hstu.model.recommender import SequentialRecommender
+from hstu.module import RecModule
+from hstu.train import device_name
+
+METRICS_FILE = "metrics.json"
+HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
+# Prefixes a LightningModule state_dict adds to SequentialRecommender's keys: the module attribute,
+# and the wrapper of a torch.compile'd submodule.
+MODULE_PREFIX = "model."
+COMPILED_PREFIX = "_orig_mod."
+
+
+@dataclass
+class TrainingRun:
+    """What a run directory says about its run."""
+
+    run_dir: Path
+    config: DictConfig  # the composed training config, paths.output_dir = run_dir
+    config_path: Path  # the file it was read from
+    metrics: dict[str, Any]  # metrics.json ({} when the run wrote none)
+
+    def resolved(self, key: str) -> Any:
+        """A config section as plain values, interpolations resolved; errors name the file and key."""
+        try:
+            node = OmegaConf.select(self.config, key, throw_on_missing=True)
+            return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        except OmegaConfBaseException as error:
+            raise ValueError(f"{self.config_path}: cannot resolve {key!r} ({error})") from error
+
+
+def load_run(run_dir: str | Path) -> TrainingRun:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir {run_dir} is not a directory")
+    metrics_path = run_dir / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    config_path = run_dir / HYDRA_CONFIG_FILE
+    if config_path.is_file():
+        config = OmegaConf.load(config_path)
+    elif "config" in metrics:
+        config_path = metrics_path
+        config = OmegaConf.create(metrics["config"])
+    else:
+        raise FileNotFoundError(f"{run_dir}: neither {HYDRA_CONFIG_FILE} nor a {METRICS_FILE} with the run's config")
+    # .hydra/config.yaml has ${hydra:runtime.output_dir} here, which only the training job could resolve.
+    OmegaConf.update(config, "paths.output_dir", str(run_dir.resolve()), force_add=True)
+    return TrainingRun(run_dir, config, config_path, metrics)
+
+
+def resolve_checkpoint(run: TrainingRun, ckpt_path: str | Path | None = None) -> Path:
+    """``ckpt_path`` if given, else the run's best checkpoint (``last_checkpoint`` when there is none)."""
+    if ckpt_path is not None:
+        path = Path(ckpt_path)
+    else:
+        recorded = run.metrics.get("best_checkpoint") or run.metrics.get("last_checkpoint")
+        if not recorded:
+            raise FileNotFoundError(
+                f"{run.run_dir / METRICS_FILE}: no best_checkpoint (a data.protocol=paper run selects none, "
+                "and an unfinished run writes no metrics.json); pass ckpt_path=<file.ckpt>"
+            )
+        path = _rerooted(Path(recorded), run)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _rerooted(path: Path, run: TrainingRun) -> Path:
+    """A path recorded under the run's original output_dir, found under run_dir if the run was moved or copied."""
+    recorded_dir = run.metrics.get("config", {}).get("paths", {}).get("output_dir")
+    if recorded_dir:
+        try:
+            moved = run.run_dir / path.relative_to(recorded_dir)
+        except ValueError:
+            return path
+        if moved.exists():
+            return moved
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents, unpickling tensors and plain containers only."""
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: holds objects that weights_only loading refuses ({error})") from error
+    for key in ("state_dict", "hyper_parameters"):
+        if key not in checkpoint:
+            raise KeyError(f"{path}: no {key!r} entry; is it a RecModule checkpoint?")
+    return checkpoint
+
+
+def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """SequentialRecommender's network arguments from a RecModule checkpoint's ``hyper_parameters``."""
+    hparams = checkpoint["hyper_parameters"]
+    missing = [key for key in MODEL_KEYS if key not in hparams]
+    if missing:
+        raise KeyError(f"{path}: hyper_parameters lack {missing}")
+    return {key: hparams[key] for key in MODEL_KEYS}
+
+
+def recommender_state_dict(module_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SequentialRecommender keys from a RecModule state_dict: "model." dropped, "_orig_mod." removed."""
+    return {
+        key[len(MODULE_PREFIX):].replace(COMPILED_PREFIX, ""): value
+        for key, value in module_state.items()
+        if key.startswith(MODULE_PREFIX)
+    }
+
+
+def build_datamodule(run: TrainingRun, data_dir: str | None = None) -> SequenceDataModule:
+    """The run's datamodule, set up (ids assigned as in training); ``data_dir`` overrides where data lives."""
+    data_config = run.resolved("data")
+    if not isinstance(data_config, dict):
+        raise KeyError(f"{run.config_path}: no 'data' section")
+    if data_dir is not None:
+        data_config["data_dir"] = data_dir
+    datamodule = instantiate(data_config, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def _check_same_items(datamodule: SequenceDataModule, num_items: int, checkpoint_path: Path) -> None:
+    if datamodule.num_items != num_items:
+        raise ValueError(
+            f"{checkpoint_path}: trained on {num_items} items but the data now has {datamodule.num_items}; "
+            "the data source or its settings changed since training"
+        )
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    ckpt_path: str | Path | None = None,
+    data_dir: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the export folder of a run (default ``<run_dir>/export``) and return its path."""
+    run = load_run(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "export"
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+    checkpoint_path = resolve_checkpoint(run, ckpt_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model_config = model_hyperparameters(checkpoint, checkpoint_path)
+
+    model = SequentialRecommender(**model_config)
+    try:
+        model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
+    datamodule = build_datamodule(run, data_dir)
+    _check_same_items(datamodule, model.num_items, checkpoint_path)
+    original_ids = datamodule.sequences.item_original_ids
+
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model_config,
+        # measured by the run on its best (or, with no validation, last) weights: see "measured_on"
+        "metrics": {
+            **{key: run.metrics.get(key) for key in ("val", "test", "best_epoch", "epochs_trained")},
+            "measured_on": run.metrics.get("best_checkpoint") or run.metrics.get("last_checkpoint"),
+        },
+        "data": {
+            "source": datamodule.source.name,
+            "protocol": datamodule.protocol,
+            "stats": datamodule.stats,
+            "datamodule": run.resolved("data"),
+        },
+        "training": {
+            "run_dir": str(run.run_dir.resolve()),
+            "checkpoint": str(checkpoint_path.resolve()),
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+            "kernels": checkpoint["hyper_parameters"].get("kernels"),
+            "card": run.metrics.get("card"),
+            "torch": run.metrics.get("torch"),
+        },
+    }
+    items = {"id_type": "str" if original_ids.dtype.kind in "OUS" else "int", "original_ids": original_ids.tolist()}
+    weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    _write_folder_atomically(out_dir, {
+        WEIGHTS_FILE: lambda path: save_file(weights, str(path), metadata={"format": "pt"}),
+        CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2, default=str)),
+        ITEMS_FILE: lambda path: path.write_text(json.dumps(items)),
+    }, overwrite)
+    return out_dir
+
+
+def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool) -> None:
+    """Each writer fills one file of a temporary sibling folder, which then replaces ``out_dir``."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    previous = None
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+        for name, write in writers.items():
+            write(staging / name)
+            os.chmod(staging / name, 0o666 & ~umask)
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        if out_dir.exists():
+            if not overwrite:
+                raise FileExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+            previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, previous)  # a folder replaces only an empty one, hence the move aside
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None and not out_dir.exists():
+            os.replace(previous, out_dir)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    ckpt_path: str | Path | None = None,
+    *,
+    accelerator: str = "auto",
+    kernels: Mapping[str, bool] | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Full-ranking test metrics of a checkpoint (default: the run's best) on the run's own test split.
+
+    Returns a report shaped like ``metrics.json`` (``test``, ``card``, ``kernels`` ...) plus
+    ``recorded_test``, the test metrics the run wrote, for comparison. ``kernels`` (default: the
+    run's flags) chooses the operators' backends."""
+    run = load_run(run_dir)
+    checkpoint_path = resolve_checkpoint(run, ckpt_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    hparams = dict(checkpoint["hyper_parameters"], compile=False)
+    if kernels is not None:
+        hparams["kernels"] = dict(kernels)
+    module = RecModule(**hparams)
+    module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
+    datamodule = build_datamodule(run, data_dir)
+    _check_same_items(datamodule, module.model.num_items, checkpoint_path)
+
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, precision=run.resolved("trainer.precision") or "32-true",
+        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+    )
+    (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    return {
+        "val": {},
+        "test": {key.removeprefix("test/"): float(value) for key, value in test.items() if key.startswith("test/")},
+        "recorded_test": run.metrics.get("test", {}),
+        "checkpoint": str(checkpoint_path),
+        "card": device_name(),
+        "throughput": {},
+        "kernels": {"flags": hparams["kernels"], "fallbacks": module.manager.fallbacks()},
+        "data": datamodule.stats,
+    }

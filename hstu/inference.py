@@ -1,0 +1,284 @@
+"""Serving: rebuild a trained SequentialRecommender from an export folder and recommend in original ids.
+
+An export folder (written by :func:`hstu.export.export_run`) holds three files:
+  * ``model.safetensors``: ``SequentialRecommender.state_dict()``. Safetensors holds raw tensors only,
+    so loading it runs no code (a pickled checkpoint can).
+  * ``config.json``: ``format_version``, the ``model`` hyperparameters that rebuild the network, the
+    run's ``metrics``, and the ``data`` section (source name and the datamodule config).
+  * ``items.json``: ``{"id_type": "int" | "str", "original_ids": [...]}``; ``original_ids[i]`` is the
+    original id of item index ``i + 1`` (index 0 is padding, never an item).
+
+Requests speak original item ids. Unknown ids (items the model never saw in training) raise a
+``KeyError`` naming them, unless ``unknown_items="skip"``, which drops them from the history.
+"""
+from __future__ import annotations
+
+import json
+import operator
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from hstu.data.batch import JaggedBatch
+from hstu.model.recommender import SequentialRecommender
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ITEMS_FILE = "items.json"
+# SequentialRecommender's arguments that describe the network (kernel flags are chosen at load time).
+MODEL_KEYS = ("num_items", "max_seq_len", "dim", "input_dropout", "encoder", "loss", "time_scales",
+              "position_from_end")
+CONFIG_KEYS = ("format_version", "model", "metrics", "data")
+# config.json names the encoder class to build; only the framework's own encoders may be named there.
+ENCODER_TARGETS = ("hstu.model.hstu.HSTUEncoder", "hstu.model.sasrec.SASRecEncoder")
+UNKNOWN_ITEM_POLICIES = ("error", "skip")
+
+History = tuple[Sequence[Hashable], Sequence[int]]
+
+
+class ExportFormatError(ValueError):
+    """A file of an export folder is missing, unreadable or inconsistent; the message names the file (and key)."""
+
+
+def read_export_config(export_dir: str | Path) -> dict[str, Any]:
+    """config.json of an export folder, checked for its format version and every required key."""
+    path = Path(export_dir) / CONFIG_FILE
+    config = _read_json(path)
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    missing += [f"model.{key}" for key in MODEL_KEYS if key not in config.get("model", {})]
+    if missing:
+        raise ExportFormatError(f"{path}: missing key(s) {missing}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{path}: format_version {config['format_version']!r} is not supported (this code reads {FORMAT_VERSION})"
+        )
+    target = config["model"]["encoder"].get("_target_")
+    if target not in ENCODER_TARGETS:
+        raise ExportFormatError(f"{path}: model.encoder._target_ must be one of {ENCODER_TARGETS}, got {target!r}")
+    return config
+
+
+def read_item_ids(export_dir: str | Path, num_items: int) -> list:
+    """items.json of an export folder: the original id of item index 1..num_items, in order."""
+    path = Path(export_dir) / ITEMS_FILE
+    items = _read_json(path)
+    for key in ("id_type", "original_ids"):
+        if key not in items:
+            raise ExportFormatError(f"{path}: missing key {key!r}")
+    ids, id_type = items["original_ids"], items["id_type"]
+    expected_type = {"int": int, "str": str}.get(id_type)
+    if expected_type is None:
+        raise ExportFormatError(f"{path}: id_type must be 'int' or 'str', got {id_type!r}")
+    if len(ids) != num_items:
+        raise ExportFormatError(f"{path}: {len(ids)} original_ids, but the model has {num_items} items")
+    if not all(type(i) is expected_type for i in ids):
+        raise ExportFormatError(f"{path}: original_ids must all be of id_type {id_type!r}")
+    if len(set(ids)) != len(ids):
+        raise ExportFormatError(f"{path}: original_ids are not unique")
+    return ids
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ExportFormatError(f"{path}: missing from the export folder") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportFormatError(f"{path}: unreadable ({error})") from error
+    if not isinstance(content, dict):
+        raise ExportFormatError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with an error that names the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: missing from the export folder")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ExportFormatError(f"{path}: corrupt or not a safetensors file ({error})") from error
+
+
+class Recommender:
+    """Top-K recommendation for histories given in original item ids; see the module docstring."""
+
+    def __init__(
+        self,
+        model: SequentialRecommender,
+        item_original_ids: Sequence[Hashable],
+        *,
+        config: Mapping[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        if len(item_original_ids) != model.num_items:
+            raise ValueError(f"{len(item_original_ids)} original ids for a model of {model.num_items} items")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = dict(config or {})
+        self.item_original_ids = list(item_original_ids)
+        self._str_ids = bool(self.item_original_ids) and isinstance(self.item_original_ids[0], str)
+        self._index_of = {original: index + 1 for index, original in enumerate(self.item_original_ids)}
+
+    @classmethod
+    def from_export(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        kernels: Mapping[str, bool] | None = None,
+        kernel_fallback: str = "warn",
+    ) -> "Recommender":
+        """Rebuild the model of an export folder under any kernel flags (parameter names do not depend on them)."""
+        path = Path(path)
+        config = read_export_config(path)
+        model_config = config["model"]
+        model = SequentialRecommender(**{key: model_config[key] for key in MODEL_KEYS},
+                                      kernels=kernels, kernel_fallback=kernel_fallback)
+        weights_path = path / WEIGHTS_FILE
+        try:
+            model.load_state_dict(load_weights(weights_path), strict=True)
+        except RuntimeError as error:
+            raise ExportFormatError(f"{weights_path}: does not match {path / CONFIG_FILE} ({error})") from error
+        return cls(model, read_item_ids(path, model.num_items), config=config, device=device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    def item_index(self, original_id: Hashable) -> int:
+        """The model's index (1..num_items) of an original item id; KeyError when the model never saw it."""
+        return self._index_of[self._normalise(original_id)]
+
+    def _normalise(self, original_id: Hashable) -> Hashable:
+        # Original ids are JSON ints or strings; numpy integers and the like compare as Python ints.
+        if self._str_ids:
+            return str(original_id)
+        try:
+            return operator.index(original_id)
+        except TypeError:
+            return original_id
+
+    def recommend(
+        self,
+        histories: Sequence[History],
+        k: int = 10,
+        request_time: int | Sequence[int | None] | None = None,
+        exclude_seen: bool = True,
+        unknown_items: str = "error",
+        batch_size: int = 256,
+    ) -> list[list[tuple[Hashable, float]]]:
+        """Per history, up to ``k`` (original item id, score) pairs, best first.
+
+        ``histories``: (item ids, Unix-second timestamps) per user, in original ids; events are put in
+        time order with a stable sort (ties keep the given order), as in training. The model sees the
+        ``max_seq_len`` most recent events; ``exclude_seen`` masks every item of the full history.
+        ``request_time``: Unix seconds per user (or one value for all), the time the recommendation is
+        for; it is the query time of the last position in the HSTU time bias. None: the last event's.
+        Scores are cosine similarities. Fewer than ``k`` pairs come back when fewer items are left.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if unknown_items not in UNKNOWN_ITEM_POLICIES:
+            raise ValueError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
+        times = _per_user_times(request_time, len(histories))
+        events = [self._events(b, history, unknown_items) for b, history in enumerate(histories)]
+        results: list[list[tuple[Hashable, float]]] = []
+        for start in range(0, len(events), batch_size):
+            chunk = slice(start, start + batch_size)
+            results += self._recommend_batch(events[chunk], times[chunk], k, exclude_seen)
+        return results
+
+    def _events(self, user: int, history: History, unknown_items: str) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, timestamps) of one history, known items only, in stable time order."""
+        items, timestamps = history
+        timestamps = np.asarray(timestamps)
+        if len(items) != len(timestamps):
+            raise ValueError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
+        if timestamps.size and timestamps.dtype.kind not in "iu":
+            raise ValueError(f"history {user}: timestamps must be integer Unix seconds, got dtype {timestamps.dtype}")
+        indices = np.array([self._index_of.get(self._normalise(item), 0) for item in items], dtype=np.int64)
+        known = indices > 0
+        if not known.all():
+            if unknown_items == "error":
+                unknown = [items[i] for i in np.flatnonzero(~known)[:10]]
+                raise KeyError(f"history {user}: item id(s) {unknown} unknown to the model "
+                               "(pass unknown_items='skip' to drop them)")
+            indices, timestamps = indices[known], timestamps[known]
+        if indices.size == 0:
+            raise ValueError(f"history {user}: no known items to recommend from")
+        order = np.argsort(timestamps, kind="stable")
+        return indices[order], timestamps[order].astype(np.int64)
+
+    def _recommend_batch(self, events, request_times, k, exclude_seen) -> list[list[tuple[Hashable, float]]]:
+        histories = [(items[-self.max_seq_len:], times[-self.max_seq_len:]) for items, times in events]
+        lengths = np.array([len(items) for items, _ in histories])
+        seen_lengths = np.array([len(items) for items, _ in events]) if exclude_seen else np.zeros_like(lengths)
+        targets = [times[-1] if t is None else t for (_, times), t in zip(events, request_times)]
+        batch = JaggedBatch(
+            item_ids=torch.from_numpy(np.concatenate([items for items, _ in histories])),
+            timestamps=torch.from_numpy(np.concatenate([times for _, times in histories])),
+            seq_offsets=_offsets(lengths),
+            targets=torch.zeros(len(events), dtype=torch.int64),
+            target_timestamps=torch.tensor(targets, dtype=torch.int64),
+            user_ids=torch.arange(len(events)),
+            seen_ids=torch.from_numpy(np.concatenate([items for items, _ in events]) if exclude_seen
+                                      else np.zeros(0, dtype=np.int64)),
+            seen_offsets=_offsets(seen_lengths),
+        )
+        with torch.no_grad():
+            scores, ids, _ = self.model.recommend(batch.to(self.device), k)
+        return [
+            [(self.item_original_ids[i - 1], s) for i, s in zip(row_ids, row_scores) if i > 0]
+            for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
+        ]
+
+
+def _offsets(lengths: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def _per_user_times(request_time, num_users: int) -> list[int | None]:
+    if request_time is None:
+        return [None] * num_users
+    if isinstance(request_time, (int, np.integer)):
+        return [int(request_time)] * num_users
+    times = list(request_time)
+    if len(times) != num_users:
+        raise ValueError(f"request_time has {len(times)} entries for {num_users} histories")
+    return [None if t is None else operator.index(t) for t in times]
+
+
+def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | None = None) -> History:
+    """(original item ids, timestamps) of every event of ``user`` (an original user id) in the data the
+    model was trained on, rebuilt from the ``data`` section of an export's config.json."""
+    data_config = dict(config["data"]["datamodule"])
+    if data_dir is not None:
+        data_config["data_dir"] = data_dir
+    datamodule = instantiate(data_config, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup()
+    sequences = datamodule.sequences
+    users = sequences.user_original_ids
+    matches = np.flatnonzero(users == _as_id_of(users, user))
+    if matches.size == 0:
+        raise KeyError(f"user {user!r} is not in the {config['data'].get('source', 'training')} data")
+    begin, end = sequences.offsets[matches[0]], sequences.offsets[matches[0] + 1]
+    items = sequences.item_original_ids[sequences.item_ids[begin:end] - 1].tolist()
+    return items, sequences.timestamps[begin:end].tolist()
+
+
+def _as_id_of(ids: np.ndarray, value: Hashable) -> Hashable:
+    """``value`` as the type of ``ids`` (the command line gives 12 for a string id "12" and vice versa)."""
+    if ids.dtype.kind in "OUS":
+        return str(value)
+    try:
+        return int(value) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        raise KeyError(f"user {value!r} is not an integer id, as this data's user ids are") from None

@@ -1,0 +1,371 @@
+"""Export and serving: a tiny synthetic run is trained once, exported, and served from its export folder.
+
+The export must reproduce RecModule's own top-k, load under any kernel flags without torch.load,
+name the file or key at fault when something is broken, and never leave a half-written folder.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import hstu.config  # noqa: F401  (registers the KernelFlags schema)
+import hstu.export
+from hstu.export import (
+    build_datamodule,
+    evaluate_run,
+    export_run,
+    load_checkpoint,
+    load_run,
+    recommender_state_dict,
+    resolve_checkpoint,
+)
+from hstu.inference import ExportFormatError, Recommender, training_history
+from hstu.module import RecModule
+from hstu.train import train
+from hstu_kernels import OPERATORS
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_SEQ_LEN = 8
+# Histories of 4..11 events against max_seq_len 8: test histories are cut, and the cut must not unmask.
+TINY_RUN = [
+    "data=synthetic", "data.source.num_users=64", "data.source.num_items=40", "data.source.num_clusters=4",
+    "data.source.min_len=6", "data.source.max_len=12", f"model.max_seq_len={MAX_SEQ_LEN}", "model.dim=8",
+    "model.encoder.dqk=8", "model.encoder.dv=8", "model.encoder.num_blocks=1", "model.loss.num_negatives=8",
+    "model.eval_ks=[5,10]", "data.batch_size=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "~callbacks.rich_progress_bar",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished training run laid out as the Hydra command line leaves it (.hydra/config.yaml included)."""
+    out = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[*TINY_RUN, f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}"])
+    train(cfg)
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    saved["paths"]["output_dir"] = "${hydra:runtime.output_dir}"  # what Hydra writes there
+    (out / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(saved), out / ".hydra" / "config.yaml")
+    return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory) -> Path:
+    return export_run(run_dir, tmp_path_factory.mktemp("exports") / "export")
+
+
+@pytest.fixture(scope="module")
+def datamodule(run_dir):
+    return build_datamodule(load_run(run_dir))
+
+
+@pytest.fixture(scope="module")
+def recommender(export_dir) -> Recommender:
+    return Recommender.from_export(export_dir)
+
+
+def _test_histories(datamodule, users):
+    """Each user's test-time history (every event before the last) in original ids, and the last event's time."""
+    seq = datamodule.sequences
+    histories, target_times = [], []
+    for user in users:
+        begin, end = seq.offsets[user], seq.offsets[user + 1]
+        items = seq.item_original_ids[seq.item_ids[begin:end - 1] - 1].tolist()
+        histories.append((items, seq.timestamps[begin:end - 1].tolist()))
+        target_times.append(int(seq.timestamps[end - 1]))
+    return histories, target_times
+
+
+def _assert_same_top_k(got, want, atol):
+    """Same scores within atol, and the same ids except where two scores tie within atol."""
+    assert len(got) == len(want)
+    for got_row, want_row in zip(got, want):
+        torch.testing.assert_close([s for _, s in got_row], [s for _, s in want_row], atol=atol, rtol=0)
+        for (got_id, got_score), (want_id, want_score) in zip(got_row, want_row):
+            assert got_id == want_id or abs(got_score - want_score) < atol
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))
+
+
+# ---- the export folder ---------------------------------------------------------------------------
+
+def test_export_folder_holds_weights_config_and_ids(export_dir, run_dir, datamodule):
+    assert sorted(p.name for p in export_dir.iterdir()) == ["config.json", "items.json", "model.safetensors"]
+    weights = load_file(export_dir / "model.safetensors")
+    assert "embedding.item_table" in weights
+    assert not [k for k in weights if k.startswith("model.") or "_orig_mod." in k]
+    config = json.loads((export_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert config["format_version"] == 1
+    assert config["model"]["max_seq_len"] == MAX_SEQ_LEN and config["model"]["num_items"] == 40
+    assert config["metrics"]["test"] == metrics["test"]
+    assert config["data"]["source"] == "synthetic"
+    items = json.loads((export_dir / "items.json").read_text())
+    assert items["id_type"] == "int"
+    assert items["original_ids"] == datamodule.sequences.item_original_ids.tolist()
+
+
+def test_state_dict_keys_lose_module_and_compile_prefixes():
+    t = torch.zeros(1)
+    state = {"model.embedding.item_table": t, "model.encoder._orig_mod.blocks.0.uvqk": t, "val_metrics.hits": t}
+    assert sorted(recommender_state_dict(state)) == ["embedding.item_table", "encoder.blocks.0.uvqk"]
+
+
+def test_hydra_config_resolves_output_dir_to_the_run_dir(run_dir):
+    run = load_run(run_dir)
+    assert run.config_path == run_dir / ".hydra" / "config.yaml"
+    assert run.resolved("trainer.default_root_dir") == str(run_dir.resolve())
+
+
+# ---- serving reproduces training-time ranking ----------------------------------------------------
+
+def test_export_reproduces_recmodule_topk(run_dir, recommender, datamodule):
+    checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
+    module = RecModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    batch = next(iter(datamodule.test_dataloader()))
+    k = 10
+    ref_scores, ref_ids, _ = module.model.recommend(batch, k)
+
+    histories, target_times = _test_histories(datamodule, batch.user_ids.tolist())
+    assert max(len(items) for items, _ in histories) > MAX_SEQ_LEN  # truncation is exercised
+    served = recommender.recommend(histories, k=k, request_time=target_times)
+
+    original = datamodule.sequences.item_original_ids
+    assert [[item for item, _ in row] for row in served] == original[ref_ids - 1].tolist()
+    torch.testing.assert_close(torch.tensor([[s for _, s in row] for row in served]), ref_scores, atol=1e-6, rtol=0)
+
+
+def test_request_time_defaults_to_last_event_and_moves_scores(recommender, datamodule):
+    histories, _ = _test_histories(datamodule, range(6))
+    last_times = [times[-1] for _, times in histories]
+    default = recommender.recommend(histories, k=5)
+    assert default == recommender.recommend(histories, k=5, request_time=last_times)
+    ten_years = 10 * 365 * 86_400
+    later = recommender.recommend(histories, k=5, request_time=[t + ten_years for t in last_times])
+    assert [[s for _, s in row] for row in later] != [[s for _, s in row] for row in default]
+
+
+def test_seen_items_of_the_whole_history_are_excluded(recommender, datamodule):
+    histories, _ = _test_histories(datamodule, range(len(datamodule.sequences.offsets) - 1))
+    long_ones = [h for h in histories if len(h[0]) > MAX_SEQ_LEN]
+    num_items = datamodule.num_items
+    for (items, _), row in zip(long_ones, recommender.recommend(long_ones, k=num_items)):
+        returned = [item for item, _ in row]
+        assert not set(returned) & set(items)
+        assert len(returned) == num_items - len(set(items))  # everything else, nothing padded
+    everything = recommender.recommend(long_ones[:1], k=num_items, exclude_seen=False)[0]
+    assert sorted(item for item, _ in everything) == datamodule.sequences.item_original_ids.tolist()
+
+
+def test_histories_are_put_in_time_order(recommender, datamodule):
+    (items, times), = _test_histories(datamodule, [0])[0]
+    order = np.random.default_rng(0).permutation(len(items))
+    shuffled = ([items[i] for i in order], [times[i] for i in order])
+    assert recommender.recommend([shuffled], k=5) == recommender.recommend([(items, times)], k=5)
+
+
+def test_batching_does_not_change_results(recommender, datamodule):
+    histories, _ = _test_histories(datamodule, range(10))
+    # Other batch shapes may sum in another order: equal up to float32 rounding.
+    _assert_same_top_k(recommender.recommend(histories, k=5, batch_size=3), recommender.recommend(histories, k=5),
+                       atol=1e-6)
+
+
+def test_unknown_items_raise_or_are_skipped(recommender, datamodule):
+    (items, times), = _test_histories(datamodule, [0])[0]
+    with_unknown = (items + [999_999], times + [times[-1] + 60])
+    with pytest.raises(KeyError, match="999999"):
+        recommender.recommend([with_unknown], k=5)
+    skipped = recommender.recommend([with_unknown], k=5, unknown_items="skip", request_time=[times[-1] + 60])
+    assert skipped == recommender.recommend([(items, times)], k=5, request_time=[times[-1] + 60])
+
+
+def test_bad_requests_are_named(recommender):
+    with pytest.raises(ValueError, match="history 0: 2 items but 1 timestamps"):
+        recommender.recommend([([0, 1], [5])])
+    with pytest.raises(ValueError, match="history 1: timestamps must be integer"):
+        recommender.recommend([([0], [5]), ([1], [5.5])])
+    with pytest.raises(ValueError, match="history 0: no known items"):
+        recommender.recommend([([], [])])
+
+
+def test_training_history_of_a_user(recommender, datamodule):
+    seq = datamodule.sequences
+    user = int(seq.user_original_ids[3])
+    items, times = training_history(recommender.config, user)
+    begin, end = seq.offsets[3], seq.offsets[4]
+    assert items == seq.item_original_ids[seq.item_ids[begin:end] - 1].tolist()
+    assert times == seq.timestamps[begin:end].tolist()
+    with pytest.raises(KeyError, match="user 123456"):
+        training_history(recommender.config, 123456)
+
+
+# ---- loading: any kernel flags, no pickles, broken files named --------------------------------------
+
+@pytest.mark.parametrize("flags", [{op: True for op in OPERATORS}, {"hstu_hierarchical_attention": True}],
+                         ids=["all", "attention"])
+def test_loads_under_other_kernel_flags(export_dir, recommender, datamodule, flags):
+    other = Recommender.from_export(export_dir, kernels=flags, kernel_fallback="warn")
+    histories, _ = _test_histories(datamodule, range(4))
+    _assert_same_top_k(other.recommend(histories, k=5), recommender.recommend(histories, k=5), atol=1e-5)
+    stats = other.model.manager.stats()
+    assert all(stats[op]["requested"] == "triton" for op in flags)
+
+
+def test_inference_never_calls_torch_load(export_dir, datamodule, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called while serving")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    histories, _ = _test_histories(datamodule, range(2))
+    assert len(Recommender.from_export(export_dir).recommend(histories, k=3)[0]) == 3
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_broken_weights_file_is_named(export_dir, tmp_path, damage):
+    broken = _copy(export_dir, tmp_path / "export")
+    weights = broken / "model.safetensors"
+    if damage == "garbage":
+        weights.write_bytes(b"\x00\xff" * 100)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+    with pytest.raises(ExportFormatError, match=r"model\.safetensors"):
+        Recommender.from_export(broken)
+
+
+@pytest.mark.parametrize("key", ["format_version", "model", "model.dim", "model.encoder", "data"])
+def test_missing_config_key_is_named(export_dir, tmp_path, key):
+    broken = _copy(export_dir, tmp_path / "export")
+    config = json.loads((broken / "config.json").read_text())
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    del node[leaf]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match=rf"config\.json: missing key\(s\) .*'{key}'"):
+        Recommender.from_export(broken)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model"].update(dim=16), r"model\.safetensors: does not match"),
+    (lambda c: c["model"]["encoder"].update(_target_="os.system"), r"model\.encoder\._target_"),
+    (lambda c: c.update(format_version=99), "format_version 99"),
+])
+def test_inconsistent_config_is_named(export_dir, tmp_path, edit, message):
+    broken = _copy(export_dir, tmp_path / "export")
+    config = json.loads((broken / "config.json").read_text())
+    edit(config)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match=message):
+        Recommender.from_export(broken)
+
+
+def test_item_ids_must_match_the_model(export_dir, tmp_path):
+    broken = _copy(export_dir, tmp_path / "export")
+    items = json.loads((broken / "items.json").read_text())
+    items["original_ids"] = items["original_ids"][:-1]
+    (broken / "items.json").write_text(json.dumps(items))
+    with pytest.raises(ExportFormatError, match=r"items\.json: 39 original_ids, but the model has 40"):
+        Recommender.from_export(broken)
+
+
+# ---- export: atomic, checkpoint choice, safe loading ---------------------------------------------
+
+def test_failed_export_leaves_no_folder(run_dir, tmp_path, monkeypatch):
+    real_save = hstu.export.save_file
+
+    def save_then_fail(*args, **kwargs):
+        real_save(*args, **kwargs)  # the weights are written, then the disk "fills up"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hstu.export, "save_file", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(run_dir, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_previous_export(run_dir, export_dir, tmp_path, monkeypatch):
+    previous = _copy(export_dir, tmp_path / "export")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_run(run_dir, previous)
+    def fail(*args, **kwargs):
+        raise OSError("boom")
+
+    monkeypatch.setattr(hstu.export, "save_file", fail)
+    with pytest.raises(OSError, match="boom"):
+        export_run(run_dir, previous, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert (previous / "config.json").read_text() == (export_dir / "config.json").read_text()
+
+
+def test_moved_run_finds_its_checkpoint(run_dir, tmp_path):
+    moved = _copy(run_dir, tmp_path / "moved")
+    assert resolve_checkpoint(load_run(moved)).is_relative_to(moved)
+
+
+def test_run_without_best_checkpoint_needs_ckpt_path(run_dir, tmp_path):
+    paper = _copy(run_dir, tmp_path / "paper")
+    checkpoint = resolve_checkpoint(load_run(paper))
+    metrics = json.loads((paper / "metrics.json").read_text())
+    metrics["best_checkpoint"] = None  # what a data.protocol=paper run records
+    (paper / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(FileNotFoundError, match="ckpt_path="):
+        export_run(paper)
+    assert (export_run(paper, ckpt_path=checkpoint) / "model.safetensors").is_file()
+    metrics["last_checkpoint"] = str(checkpoint)  # the last weights, once the runner records them
+    (paper / "metrics.json").write_text(json.dumps(metrics))
+    assert resolve_checkpoint(load_run(paper)) == checkpoint
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, path)
+    with pytest.raises(ValueError, match="evil.ckpt: holds objects that weights_only loading refuses"):
+        load_checkpoint(path)
+
+
+def test_evaluate_run_reproduces_the_recorded_test_metrics(run_dir):
+    report = evaluate_run(run_dir, accelerator="cpu")
+    assert report["test"] == pytest.approx(report["recorded_test"], abs=1e-6)
+    assert set(report["test"]) == {"hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"}
+
+
+# ---- the command-line entry points ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["export", "eval", "recommend"])
+def test_entry_point_configs_compose(name):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(name, overrides=["run_dir=r"] if name != "recommend" else ["export_dir=e"])
+    if name == "export":
+        assert cfg.out_dir == "r/export"
+
+
+def test_recommend_script_prints_top_k(export_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "recommend.py"), f"export_dir={export_dir}", "history=[0,1,2]",
+         "timestamps=[1600000000,1600000060,1600000120]", "k=3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    ranks = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in ranks] == ["1", "2", "3"]
+    assert not {r[1] for r in ranks} & {"0", "1", "2"}
