@@ -40,7 +40,10 @@ class RetrievalMetrics(Metric):
 
     def update(self, target_rank: torch.Tensor) -> None:
         if target_rank.dim() != 1 or target_rank.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"RetrievalMetrics.update: target_rank must be an integer tensor [B]; got {target_rank.dtype} {tuple(target_rank.shape)}")
+            raise ValueError(
+                f"RetrievalMetrics.update: target_rank must be an integer tensor [B]; "
+                f"got {target_rank.dtype} {tuple(target_rank.shape)}"
+            )
         if target_rank.numel() and int(target_rank.min()) < 1:
             raise ValueError(f"RetrievalMetrics.update: ranks start at 1; got {int(target_rank.min())}")
         rank = target_rank.to(torch.float64)

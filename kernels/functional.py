@@ -68,14 +68,20 @@ def check_attention_inputs(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_ti
         raise ValueError(f"pos_weight must be [2*max_seq_len-1={2 * max_seq_len - 1}], got {tuple(pos_weight.shape)}")
     if time_weight is not None and time_weight.dim() != 1:
         raise ValueError("time_weight must be 1-D [num_buckets]")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():  # one host sync for every offset check
         lengths = seq_offsets[1:] - seq_offsets[:-1]
-        if int(seq_offsets[0]) != 0 or int(seq_offsets[-1]) != q.shape[0]:
+        if lengths.numel():
+            first, last, shortest, longest = torch.stack(
+                [seq_offsets[0], seq_offsets[-1], lengths.min(), lengths.max()]).tolist()
+        else:
+            first = last = int(seq_offsets[0])
+            shortest = longest = 0
+        if first != 0 or last != q.shape[0]:
             raise ValueError(f"seq_offsets must start at 0 and end at L={q.shape[0]}")
-        if lengths.numel() and int(lengths.min()) < 0:
+        if shortest < 0:
             raise ValueError("seq_offsets must be non-decreasing")
-        if lengths.numel() and int(lengths.max()) > max_seq_len:
-            raise ValueError(f"a sequence of length {int(lengths.max())} exceeds max_seq_len={max_seq_len}")
+        if longest > max_seq_len:
+            raise ValueError(f"a sequence of length {longest} exceeds max_seq_len={max_seq_len}")
 
 
 def attention_output(

@@ -127,7 +127,7 @@ def test_attention_output_matches_formula(dtype, tol, with_bias, shape):
 
 def test_attention_output_seeded_dropout_is_reproducible_and_matches_mask():
     gen = torch.Generator().manual_seed(0)
-    x, attn, u = torch.randn(6, 4, generator=gen, dtype=f64), torch.randn(6, 8, generator=gen, dtype=f64), torch.randn(6, 8, generator=gen, dtype=f64)
+    x, attn, u = (torch.randn(6, n, generator=gen, dtype=f64) for n in (4, 8, 8))
     weight, bias = torch.randn(4, 8, generator=gen, dtype=f64), torch.randn(4, generator=gen, dtype=f64)
     out = attention_output(x, attn, u, weight, bias, dropout_p=0.4, training=True, seed=5)
     again = attention_output(x, attn, u, weight, bias, dropout_p=0.4, training=True, seed=5)
@@ -251,7 +251,7 @@ def test_sequence_fusion_seeded_dropout():
 @pytest.mark.parametrize("seed", [None, 4])
 def test_sequence_fusion_gradcheck(seed):
     time_scales = [(10, 3), (100, 2)]
-    item_ids, timestamps, offsets, item_table, pos_table, tables = fusion_inputs([3, 0, 1, 2], dim=3, num_items=5, max_len=3, time_scales=time_scales)
+    _, _, offsets, item_table, pos_table, tables = fusion_inputs([3, 0, 1, 2], dim=3, num_items=5, max_len=3, time_scales=time_scales)
     item_ids = torch.tensor([1, 4, 1, 0, 2, 4])  # repeated ids: gradients must accumulate
     timestamps = torch.tensor([0, 15, 240, 7, 3, 50])
     p, training = (0.0, False) if seed is None else (0.3, True)
@@ -270,7 +270,9 @@ def test_sequence_fusion_empty_batch_has_gradients():
     item_table = torch.randn(4, 3, requires_grad=True)
     pos_table = torch.randn(2, 3, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.int64)
-    out = sequence_fusion(empty, empty, torch.tensor([0, 0]), item_table, pos_table, [], scale=1.0, time_scales=[], dropout_p=0.1, training=True)
+    out = sequence_fusion(
+        empty, empty, torch.tensor([0, 0]), item_table, pos_table, [], scale=1.0, time_scales=[], dropout_p=0.1, training=True
+    )
     assert out.shape == (0, 3)
     out.sum().backward()
     assert torch.equal(item_table.grad, torch.zeros(4, 3))
@@ -314,7 +316,10 @@ def test_sequence_fusion_errors(change, message):
         item_ids = item_ids.clone()
         item_ids[0] = 9
     with pytest.raises(ValueError, match=message):
-        sequence_fusion(item_ids, timestamps, offsets, item_table, pos_table, tables, scale=1.0, time_scales=time_scales, dropout_p=0.0, training=False)
+        sequence_fusion(
+            item_ids, timestamps, offsets, item_table, pos_table, tables,
+            scale=1.0, time_scales=time_scales, dropout_p=0.0, training=False,
+        )
 
 
 # --------------------------------------------------------------------------- softmax losses
