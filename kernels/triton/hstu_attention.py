@@ -1,0 +1,980 @@
+"""Triton backend of ``hstu_hierarchical_attention``: jagged causal HSTU attention, biases in-kernel.
+
+For sequence b (tokens s..s+n-1) and 0 <= j <= i < n:
+    out[s+i] = sum_j SiLU(alpha * q[s+i].k[s+j] + rab(i, j)) / max_seq_len * v[s+j]
+    rab(i, j) = pos_weight[max_seq_len - 1 + j - i] + time_weight[bucket(|q_ts[s+i] - k_ts[s+j]|)]
+
+Layers, after Liger-Kernel: ``@triton.jit`` kernels -> launchers (block sizes per head dim and
+dtype) -> ``torch.library`` custom ops ``hstu_kernels::hstu_attention_fwd`` / ``_bwd`` with fake and
+autograd registrations (so ``torch.compile`` traces through without graph breaks) ->
+``hstu_attention_triton``, called by ``hstu_kernels.hstu_attention`` after its input checks.
+
+How it computes, and why:
+- No softmax, so no row statistics: the backward recomputes S = alpha q k^T + rab per tile.
+- Forward grid (batch*heads, query blocks), last (longest) query blocks launched first; only the
+  diagonal tile of each row block is masked, the tiles left of it run without masks.
+- Backward: one kernel per key block gives dK, dV (dS^T Q and P^T dO); a second per query block
+  recomputes dS and gives dQ = alpha dS K and the bias gradients. (dQ by fp32 atomics from the
+  first kernel, 5 matmuls instead of 7, measured 2-4x slower on an H200: atomic traffic.)
+- Position-bias gradient: the diagonal sums of each dS tile, taken by skewing the tile
+  (row i rotated by i, ``tl.gather``) and summing columns; consecutive tiles of a row block
+  share half their diagonals, so one segment per tile goes out (atomics, or a per-program row
+  of a partial buffer reduced in a fixed order when deterministic algorithms are on).
+- Time-bias gradient: a per-tile pass over each bucket present in the tile, into a register
+  histogram that goes out once per program.
+- Time buckets are exact: a float log2 guess, lowered by a margin so that it is the true bucket
+  or one below, then corrected by one integer comparison with the shared threshold table. A
+  pre-pass flags sequences whose timestamps lie within 2^30 of their first key timestamp: their
+  gaps are taken in int32 with a fused [threshold, weight, next weight] table, others in int64.
+- Bias tables are read with ``ld.global.nc`` (see ``_gather``), SiLU in bf16 with one
+  ``tanh.approx`` (half the special-function work of exp + reciprocal; error far below bf16).
+- Every bias index is clamped into its table, so malformed inputs cannot read out of bounds.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu_kernels.time_buckets import BUCKET_LOG_BASE, bucket_thresholds
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# bucket(x) = floor(ln(x) / 0.301) = floor(log2(x) * LOG2_TO_BUCKET); the guess is lowered by
+# BUCKET_GUESS_MARGIN (far above the float error, ~2e-5) so it is the true bucket or one below.
+LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / float(BUCKET_LOG_BASE))
+BUCKET_GUESS_MARGIN = tl.constexpr(1e-3)
+# Fused int32 time table: gaps below 2^31 give guesses 0..71 (log2(2^31) * LOG2_TO_BUCKET < 72).
+TIME_TABLE_ROWS = 128
+TIME_TABLE_WIDTH = tl.constexpr(4)
+NEG_LOG2_E = tl.constexpr(-1.4426950408889634)
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise pieces
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sigmoid(x, FAST_SILU: tl.constexpr):
+    """sigmoid(x) in fp32; FAST_SILU uses one tanh.approx (one special-function op instead of two)."""
+    if FAST_SILU:
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32, is_pure=True, pack=1
+        )
+        sig = 0.5 + 0.5 * t
+    else:
+        sig = 1.0 / (1.0 + tl.exp2(x * NEG_LOG2_E))
+    return sig
+
+
+@triton.jit
+def _silu(x, FAST_SILU: tl.constexpr):
+    """SiLU(x) = x * sigmoid(x) in fp32; FAST_SILU: h + h * tanh(h), h = x / 2 (one tanh.approx)."""
+    if FAST_SILU:
+        half = 0.5 * x
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [half], dtype=tl.float32, is_pure=True, pack=1
+        )
+        y = half + half * t
+    else:
+        y = x / (1.0 + tl.exp2(x * NEG_LOG2_E))
+    return y
+
+
+@triton.jit
+def _log2(x, PTX_MATH: tl.constexpr):
+    """log2 of positive x; on the GPU one lg2.approx (abs. error ~2^-22, far inside the bucket margin)."""
+    if PTX_MATH:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _gather(ptrs, PTX_MATH: tl.constexpr):
+    """Element-wise load from a small read-only table (fp32 / int32 / int64).
+
+    On the GPU an opaque ``ld.global.nc``: the software pipeliner would otherwise turn these
+    per-element gathers into 4-byte async copies that bypass L1 (measured ~20x slower forward).
+    """
+    if PTX_MATH:
+        if ptrs.dtype.element_ty == tl.int64:
+            x = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs],
+                                          dtype=tl.int64, is_pure=True, pack=1)
+        else:
+            x = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
+                                          dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, zero-filled outside rows_ok (if CHECK_ROWS) and past column D.
+
+    Masks are only emitted where needed: a column mask on a power-of-2 head dim would stop
+    the loads from being vectorised.
+    """
+    if CHECK_ROWS:
+        if D == BLOCK_D:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < D), other=0.0)
+    else:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
+def _bucket_guess(gap, PTX_MATH: tl.constexpr):
+    """floor(log2(gap) * LOG2_TO_BUCKET - margin): the exact bucket of the gap or one below it."""
+    estimate = _log2(tl.maximum(gap.to(tl.float32), 1.0), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
+    return estimate.to(tl.int32)
+
+
+@triton.jit
+def _time_bias_int64(gap, thresholds, time_weight, num_buckets, PTX_MATH: tl.constexpr):
+    """(time bias, bucket) for any int64 gap: guess, then one comparison with the next threshold."""
+    guess = tl.minimum(_bucket_guess(gap, PTX_MATH), num_buckets - 1)
+    bucket = tl.minimum(guess + (gap >= _gather(thresholds + guess + 1, PTX_MATH)).to(tl.int32), num_buckets - 1)
+    return _gather(time_weight + bucket, PTX_MATH), bucket
+
+
+@triton.jit
+def _time_bias_int32(gap, time_table, num_buckets, PTX_MATH: tl.constexpr):
+    """(time bias, bucket) for 0 <= gap < 2^31 from the fused table (see ``_time_table_kernel``):
+    one address feeds the threshold and both candidate weights, and guess <= 71 needs no clamp."""
+    guess = _bucket_guess(gap, PTX_MATH)
+    row = time_table + guess * TIME_TABLE_WIDTH
+    above = gap >= _gather(row, PTX_MATH)
+    below_weight = _gather(row + 1, PTX_MATH).to(tl.float32, bitcast=True)
+    above_weight = _gather(row + 2, PTX_MATH).to(tl.float32, bitcast=True)
+    bucket = tl.minimum(guess + above.to(tl.int32), num_buckets - 1)
+    return tl.where(above, above_weight, below_weight), bucket
+
+
+@triton.jit
+def _relative_bias(
+    q_pos, k_pos, q_ts, k_ts, q_rel, k_rel, gaps_fit_int32,
+    pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PTX_MATH: tl.constexpr,
+):
+    """(rab in fp32, time bucket in int32) on the broadcast of query and key positions/timestamps.
+
+    Positions are clamped to max_seq_len - 1 and buckets to [0, num_buckets - 1], so every table
+    read stays in bounds whatever the inputs. Timestamp gaps are taken in int32 from timestamps
+    relative to the sequence's first key (q_rel, k_rel) when the pre-pass found that exact
+    (``gaps_fit_int32``), else in int64.
+    """
+    bias = 0.0
+    bucket = 0
+    if HAS_POS:
+        last = max_seq_len - 1
+        rel = tl.minimum(k_pos, last) - tl.minimum(q_pos, last) + last
+        bias += _gather(pos_weight + rel, PTX_MATH)
+    if HAS_TIME:
+        if gaps_fit_int32:
+            time_bias, time_bucket = _time_bias_int32(tl.abs(q_rel - k_rel), time_table, num_buckets, PTX_MATH)
+        else:
+            time_bias, time_bucket = _time_bias_int64(tl.abs(q_ts - k_ts), thresholds, time_weight, num_buckets, PTX_MATH)
+        bias += time_bias
+        bucket = time_bucket
+    return bias, bucket
+
+
+@triton.jit
+def _time_table_kernel(q_timestamps, k_timestamps, seq_offsets, thresholds, time_weight, num_buckets,
+                       gaps_fit, time_table, BLOCK: tl.constexpr, TABLE_ROWS: tl.constexpr):
+    """Pre-pass of the time bias.
+
+    Programs 0..B-1: gaps_fit[b] = 1 when every timestamp of sequence b is within 2^30 of its
+    first key timestamp, so that gaps between them are exact in int32.
+    Program B: the fused int32 table, row g = [T_{g+1} (clamped to int32), bits of
+    time_weight[min(g, NB-1)], bits of time_weight[min(g+1, NB-1)], 0], g = 0..TABLE_ROWS-1.
+    """
+    batch = tl.program_id(0)
+    if batch == tl.num_programs(0) - 1:
+        g = tl.arange(0, TABLE_ROWS)
+        nxt = tl.load(thresholds + tl.minimum(g + 1, num_buckets))
+        nxt = tl.minimum(nxt, 2**31 - 1).to(tl.int32)
+        below = tl.load(time_weight + tl.minimum(g, num_buckets - 1)).to(tl.float32).to(tl.int32, bitcast=True)
+        above = tl.load(time_weight + tl.minimum(g + 1, num_buckets - 1)).to(tl.float32).to(tl.int32, bitcast=True)
+        row = time_table + g * TIME_TABLE_WIDTH
+        tl.store(row, nxt)
+        tl.store(row + 1, below)
+        tl.store(row + 2, above)
+        tl.store(row + 3, tl.zeros_like(nxt))
+    else:
+        seq_start = tl.load(seq_offsets + batch).to(tl.int64)
+        seq_end = tl.load(seq_offsets + batch + 1).to(tl.int64)
+        ref = tl.load(k_timestamps + seq_start, mask=seq_end > seq_start, other=0)
+        worst = tl.zeros([BLOCK], dtype=tl.int64)
+        for start in range(seq_start, seq_end, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < seq_end
+            q_gap = tl.abs(tl.load(q_timestamps + offs, mask=ok, other=0) - ref)
+            k_gap = tl.abs(tl.load(k_timestamps + offs, mask=ok, other=0) - ref)
+            # A wrapped (negative) int64 difference must not pass as small.
+            q_gap = tl.where(q_gap < 0, 2**31, q_gap)
+            k_gap = tl.where(k_gap < 0, 2**31, k_gap)
+            worst = tl.maximum(worst, tl.where(ok, tl.maximum(q_gap, k_gap), 0))
+        tl.store(gaps_fit + batch, (tl.max(worst) < 2**30).to(tl.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_bias(
+    q_pos, k_pos, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, k_ok,
+    pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PTX_MATH: tl.constexpr, KEYS_ON_ROWS: tl.constexpr,
+):
+    """rab and time buckets of a tile: queries q_pos (1-D) against keys k_pos (1-D, loaded here).
+
+    KEYS_ON_ROWS gives the [keys, queries] orientation of the key-block kernel.
+    """
+    if KEYS_ON_ROWS:
+        q_pos_2d = q_pos[None, :]
+        k_pos_2d = k_pos[:, None]
+    else:
+        q_pos_2d = q_pos[:, None]
+        k_pos_2d = k_pos[None, :]
+    q_ts_2d = 0
+    k_ts_2d = 0
+    q_rel_2d = 0
+    k_rel_2d = 0
+    if HAS_TIME:
+        k_ts = tl.load(k_ts_base + k_pos, mask=k_ok, other=0)
+        k_rel = (k_ts - ts_ref).to(tl.int32)
+        if KEYS_ON_ROWS:
+            q_ts_2d, k_ts_2d, q_rel_2d, k_rel_2d = q_ts[None, :], k_ts[:, None], q_rel[None, :], k_rel[:, None]
+        else:
+            q_ts_2d, k_ts_2d, q_rel_2d, k_rel_2d = q_ts[:, None], k_ts[None, :], q_rel[:, None], k_rel[None, :]
+    return _relative_bias(q_pos_2d, k_pos_2d, q_ts_2d, k_ts_2d, q_rel_2d, k_rel_2d, gaps_fit_int32,
+                          pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                          HAS_POS, HAS_TIME, PTX_MATH)
+
+
+@triton.jit
+def _query_time_context(q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME: tl.constexpr):
+    """(q_ts, q_rel, ts_ref, gaps_fit_int32) for a block of query rows (zeros without time bias)."""
+    q_ts = 0
+    q_rel = 0
+    ts_ref = 0
+    gaps_fit_int32 = False
+    if HAS_TIME:
+        ts_ref = tl.load(k_timestamps + seq_start)
+        gaps_fit_int32 = tl.load(gaps_fit + batch) != 0
+        q_ts = tl.load(q_timestamps + seq_start + offs_m, mask=rows_ok, other=0)
+        q_rel = (q_ts - ts_ref).to(tl.int32)
+    return q_ts, q_rel, ts_ref, gaps_fit_int32
+
+
+@triton.jit
+def _forward_tile(
+    acc, q, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len,
+    stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """acc += SiLU(alpha q k^T + rab) v for one key block (causal mask only on the diagonal)."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    cols_ok = offs_n < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+                   cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
+    if HAS_POS or HAS_TIME:
+        bias, _ = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                             pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                             HAS_POS, HAS_TIME, PTX_MATH, False)
+        s += bias
+    p = _silu(s, FAST_SILU)
+    if DIAGONAL:
+        p = tl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
+    v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+                   cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _hstu_attention_fwd_kernel(
+    Q, K, V, Out, seq_offsets,
+    pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+    stride_q_l, stride_q_h, stride_q_d,
+    stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d,
+    stride_o_l, stride_o_h, stride_o_d,
+    num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Axis 1 counts down so that the last query blocks (most key blocks) start first.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
+    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    m_start = pid_m * BLOCK_M
+    if m_start >= seq_len:
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    rows_ok = offs_m < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + seq_start * stride_q_l + head * stride_q_h
+                   + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+                   rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
+    q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
+        q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
+    k_base = K + seq_start * stride_k_l + head * stride_k_h
+    v_base = V + seq_start * stride_v_l + head * stride_v_h
+    k_ts_base = k_timestamps + seq_start
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n_start in range(0, m_start, BLOCK_N):
+        acc = _forward_tile(acc, q, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
+                            n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+                            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_POS, HAS_TIME,
+                            FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+    for n_start in range(m_start, tl.minimum(m_start + BLOCK_M, seq_len), BLOCK_N):
+        acc = _forward_tile(acc, q, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
+                            n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+                            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_POS, HAS_TIME,
+                            FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+
+    out_ptrs = (Out + seq_start * stride_o_l + head * stride_o_h
+                + offs_m[:, None] * stride_o_l + offs_dv[None, :] * stride_o_d)
+    out_mask = rows_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(out_ptrs, (acc * inv_max_seq_len).to(Out.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, kernel 1: dK and dV per key block
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _key_block_tile(
+    dk, dv, k, v, k_pos, cols_ok, q_base, do_base, m_start, seq_len,
+    q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
+    stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """One query block against this key block, in transposed form (rows = keys)."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    rows_ok = offs_m < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # Query rows past the sequence load as zeros: with dO = 0 they add nothing to dK, dV.
+    q = _load_tile(q_base + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+                   rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
+    do = _load_tile(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+                    rows_ok, offs_dv, DV, BLOCK_DV, True)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * alpha  # [keys, queries]
+    if HAS_POS or HAS_TIME:
+        q_ts = 0
+        q_rel = 0
+        if HAS_TIME:
+            q_ts = tl.load(q_ts_base + offs_m, mask=rows_ok, other=0)
+            q_rel = (q_ts - ts_ref).to(tl.int32)
+        bias, _ = _tile_bias(offs_m, k_pos, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                             pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                             HAS_POS, HAS_TIME, PTX_MATH, True)
+        s_t += bias
+    sig = _sigmoid(s_t, FAST_SILU)
+    p_t = s_t * sig
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = dp_t * (sig + p_t * (1.0 - sig))  # SiLU'(s) = sig * (1 + s * (1 - sig))
+    if DIAGONAL:
+        causal = offs_m[None, :] >= k_pos[:, None]
+        p_t = tl.where(causal, p_t, 0.0)
+        ds_t = tl.where(causal, ds_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    ds_t = ds_t.to(q.dtype)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _hstu_attention_bwd_dkdv_kernel(
+    Q, K, V, dO, dK, dV, seq_offsets,
+    pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+    stride_q_l, stride_q_h, stride_q_d,
+    stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d,
+    stride_do_l, stride_do_h, stride_do_d,
+    stride_dk_l, stride_dk_h, stride_dk_d,
+    stride_dv_l, stride_dv_h, stride_dv_d,
+    num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Key block 0 sees every query block: natural order already starts with the heaviest.
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
+    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    n_start = pid_n * BLOCK_N
+    if n_start >= seq_len:
+        return
+
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    cols_ok = offs_n < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + seq_start * stride_k_l + head * stride_k_h
+                   + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+                   cols_ok, offs_dqk, DQK, BLOCK_DQK, True)
+    v = _load_tile(V + seq_start * stride_v_l + head * stride_v_h
+                   + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+                   cols_ok, offs_dv, DV, BLOCK_DV, True)
+    ts_ref = 0
+    gaps_fit_int32 = False
+    if HAS_TIME:
+        ts_ref = tl.load(k_timestamps + seq_start)
+        gaps_fit_int32 = tl.load(gaps_fit + batch) != 0
+    q_base = Q + seq_start * stride_q_l + head * stride_q_h
+    do_base = dO + seq_start * stride_do_l + head * stride_do_h
+    q_ts_base = q_timestamps + seq_start
+    k_ts_base = k_timestamps + seq_start
+    dq_scale = alpha * inv_max_seq_len
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for m_start in range(n_start, tl.minimum(n_start + BLOCK_N, seq_len), BLOCK_M):
+        dk, dv = _key_block_tile(dk, dv, k, v, offs_n, cols_ok, q_base, do_base, m_start, seq_len,
+                                 q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
+                                 stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+                                 alpha, pos_weight, time_weight, thresholds, time_table,
+                                 max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M,
+                                 HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    for m_start in range(n_start + BLOCK_N, seq_len, BLOCK_M):
+        dk, dv = _key_block_tile(dk, dv, k, v, offs_n, cols_ok, q_base, do_base, m_start, seq_len,
+                                 q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
+                                 stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+                                 alpha, pos_weight, time_weight, thresholds, time_table,
+                                 max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M,
+                                 HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+
+    dk_ptrs = (dK + seq_start * stride_dk_l + head * stride_dk_h
+               + offs_n[:, None] * stride_dk_l + offs_dqk[None, :] * stride_dk_d)
+    dv_ptrs = (dV + seq_start * stride_dv_l + head * stride_dv_h
+               + offs_n[:, None] * stride_dv_l + offs_dv[None, :] * stride_dv_d)
+    tl.store(dk_ptrs, (dk * dq_scale).to(dK.dtype.element_ty), mask=cols_ok[:, None] & (offs_dqk[None, :] < DQK))
+    tl.store(dv_ptrs, (dv * inv_max_seq_len).to(dV.dtype.element_ty), mask=cols_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, kernel 2: dQ and the bias gradients per query block
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _query_block_tile(
+    dq, q, do, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len,
+    stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """dS for one key block (unscaled by alpha/max_seq_len), its time buckets, and dq += dS k."""
+    offs_n = n_start + tl.arange(0, BLOCK)
+    cols_ok = offs_n < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+                   cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
+    v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+                   cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
+    bucket = 0
+    if HAS_POS or HAS_TIME:
+        bias, bucket = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                                  pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                                  HAS_POS, HAS_TIME, PTX_MATH, False)
+        s += bias
+    sig = _sigmoid(s, FAST_SILU)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = dp * (sig + s * sig * (1.0 - sig))
+    if DIAGONAL:
+        ds = tl.where(offs_n[None, :] <= q_pos[:, None], ds, 0.0)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq, ds, bucket
+
+
+@triton.jit
+def _emit_position_grads(ds, carry, dpos_row, index_start, max_seq_len, scale,
+                         BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Add this tile's diagonal sums to the position-bias gradient; returns the carried half.
+
+    Rotating row i of the tile left by i puts diagonal r = j - i into column r (r >= 0) or
+    column r + BLOCK (r < 0). The r < 0 half completes the segment the previous key block
+    started (``carry``) and goes out now; the r >= 0 half is carried to the next key block.
+    ``index_start`` is the table index of this tile's lowest diagonal.
+    """
+    rows = tl.arange(0, BLOCK)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    skewed = tl.gather(ds, (rows + cols) & (BLOCK - 1), axis=1)
+    lower = tl.sum(tl.where(rows + cols >= BLOCK, skewed, 0.0), axis=0)
+    upper = tl.sum(skewed, axis=0) - lower
+    _add_position_segment(dpos_row, index_start, (lower + carry) * scale, max_seq_len, BLOCK, DETERMINISTIC)
+    return upper
+
+
+@triton.jit
+def _add_position_segment(dpos_row, index_start, segment, max_seq_len,
+                          BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    # Only j - i <= 0 occurs (causal), so the accumulator holds table indices 0..max_seq_len-1.
+    index = index_start + tl.arange(0, BLOCK)
+    ok = (index >= 0) & (index < max_seq_len)
+    if DETERMINISTIC:
+        # This program owns the row; the barrier at each head's start orders the read-modify-writes.
+        current = tl.load(dpos_row + index, mask=ok, other=0.0)
+        tl.store(dpos_row + index, current + segment, mask=ok)
+    else:
+        tl.atomic_add(dpos_row + index, segment, mask=ok)
+
+
+@triton.jit
+def _accumulate_time_grads(hist, ds, bucket, valid, num_buckets, NB_BLOCK: tl.constexpr):
+    """hist[t] += sum of ds over the tile's elements in bucket t, one pass per bucket present."""
+    lowest = tl.min(tl.where(valid, bucket, num_buckets))
+    highest = tl.max(tl.where(valid, bucket, -1))
+    bins = tl.arange(0, NB_BLOCK)
+    for t in range(lowest, highest + 1):
+        total = tl.sum(tl.where(bucket == t, ds, 0.0))
+        hist += tl.where(bins == t, total, 0.0)
+    return hist
+
+
+@triton.jit
+def _hstu_attention_bwd_dq_kernel(
+    Q, K, V, dO, dQ, seq_offsets,
+    pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+    dpos_acc, dtime_acc,
+    stride_q_l, stride_q_h, stride_q_d,
+    stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d,
+    stride_do_l, stride_do_h, stride_do_d,
+    stride_dq_l, stride_dq_h, stride_dq_d,
+    num_heads, max_seq_len, num_buckets, alpha, dq_scale, bias_grad_scale,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Deterministic: one program per (sequence, query block) loops over the heads and writes
+    # its own partial rows of the bias gradients; otherwise one program per head, with atomics.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    if DETERMINISTIC:
+        batch = tl.program_id(0)
+        head_first = 0
+        head_last = num_heads
+        partial_row = (batch * tl.num_programs(1) + pid_m).to(tl.int64)
+        dpos_row = dpos_acc + partial_row * max_seq_len
+        dtime_row = dtime_acc + partial_row * num_buckets
+    else:
+        batch = tl.program_id(0) // num_heads
+        head_first = tl.program_id(0) % num_heads
+        head_last = head_first + 1
+        dpos_row = dpos_acc
+        dtime_row = dtime_acc
+    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
+    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    m_start = pid_m * BLOCK
+    if m_start >= seq_len:
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK)
+    rows_ok = offs_m < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
+        q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
+    k_ts_base = k_timestamps + seq_start
+    hist = tl.zeros([NB_BLOCK], dtype=tl.float32)
+    diagonal_valid = rows_ok[:, None] & (tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None])
+    for head in range(head_first, head_last):
+        if DETERMINISTIC and POS_GRAD:
+            tl.debug_barrier()
+        q = _load_tile(Q + seq_start * stride_q_l + head * stride_q_h
+                       + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+                       rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
+        do = _load_tile(dO + seq_start * stride_do_l + head * stride_do_h
+                        + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+                        rows_ok, offs_dv, DV, BLOCK_DV, True)
+        k_base = K + seq_start * stride_k_l + head * stride_k_h
+        v_base = V + seq_start * stride_v_l + head * stride_v_h
+        dq = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
+        for n_start in range(0, m_start, BLOCK):
+            dq, ds, bucket = _query_block_tile(
+                dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
+                n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+                alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
+                FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+            if POS_GRAD:
+                carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 + n_start - m_start - BLOCK,
+                                             max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
+            if TIME_GRAD:
+                hist = _accumulate_time_grads(hist, ds, bucket, rows_ok[:, None], num_buckets, NB_BLOCK)
+        dq, ds, bucket = _query_block_tile(
+            dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
+            m_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
+            FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+        if POS_GRAD:
+            carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 - BLOCK,
+                                         max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
+            # What remains is diagonal r = 0 (table index max_seq_len - 1) and r > 0, all zero.
+            _add_position_segment(dpos_row, max_seq_len - 1, carry * bias_grad_scale, max_seq_len,
+                                  BLOCK, DETERMINISTIC)
+        if TIME_GRAD:
+            hist = _accumulate_time_grads(hist, ds, bucket, diagonal_valid, num_buckets, NB_BLOCK)
+        dq_ptrs = (dQ + seq_start * stride_dq_l + head * stride_dq_h
+                   + offs_m[:, None] * stride_dq_l + offs_dqk[None, :] * stride_dq_d)
+        tl.store(dq_ptrs, (dq * dq_scale).to(dQ.dtype.element_ty),
+                 mask=rows_ok[:, None] & (offs_dqk[None, :] < DQK))
+    if TIME_GRAD:
+        bins = tl.arange(0, NB_BLOCK)
+        hist *= bias_grad_scale
+        if DETERMINISTIC:
+            tl.store(dtime_row + bins, hist, mask=bins < num_buckets)
+        else:
+            tl.atomic_add(dtime_row + bins, hist, mask=bins < num_buckets)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# Block sizes, warps and pipeline depth per kernel, from H200 timings (notes/attention_kernel.md):
+# bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); the key-block
+# kernel 64x128 tiles (128 keys held, 64 queries streamed); the query-block kernel 64x64 tiles,
+# or 32x32 when it also reduces bias gradients (their per-tile passes cost less on small tiles).
+def _forward_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
+    if interpreter_active():
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if block_d <= 64 and has_bias:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _dkdv_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
+    if interpreter_active():
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+    if block_d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2 if has_bias else 3)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _dq_config(block_d: int, dtype: torch.dtype, bias_grads: bool) -> dict:
+    if interpreter_active():
+        return dict(BLOCK=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or bias_grads:
+        return dict(BLOCK=32, num_warps=4, num_stages=2)
+    if block_d <= 64:
+        return dict(BLOCK=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK=64, num_warps=4, num_stages=2)
+    return dict(BLOCK=32, num_warps=8, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _threshold_table(num_buckets: int, device: torch.device) -> torch.Tensor:
+    """int64 [NB + 1]: 0, T_1 .. T_{NB-1}, INT64_MAX (so that index guess + 1 is always valid)."""
+    table = torch.cat([torch.zeros(1, dtype=torch.int64), bucket_thresholds(num_buckets),
+                       torch.full((1,), torch.iinfo(torch.int64).max, dtype=torch.int64)])
+    return table.to(device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _use_fast_silu(dtype: torch.dtype) -> bool:
+    """tanh.approx SiLU for bf16 on the GPU (error far under bf16 rounding); exact elsewhere."""
+    return dtype == torch.bfloat16 and not interpreter_active()
+
+
+def _check_index_range(max_seq_len: int, *tensors: torch.Tensor) -> None:
+    # In-sequence offsets are 32-bit in the kernels: row * row_stride must fit.
+    for t in tensors:
+        if max_seq_len * max(abs(t.stride(0)), 1) >= 2**31:
+            raise ValueError(
+                f"hstu_attention.py: max_seq_len {max_seq_len} x row stride {t.stride(0)} overflows 32-bit offsets"
+            )
+
+
+class _BiasArgs:
+    """Kernel arguments for the optional biases (placeholders where a bias is absent)."""
+
+    def __init__(self, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight):
+        placeholder = seq_offsets
+        self.has_pos = pos_weight is not None
+        self.has_time = time_weight is not None
+        self.num_buckets = time_weight.numel() if self.has_time else 1
+        # The kernels gather fp32 table entries (a no-op for fp32 parameters).
+        self.pos_weight = pos_weight.float().contiguous() if self.has_pos else placeholder
+        if self.has_time:
+            self.time_weight = time_weight.float().contiguous()
+            self.q_timestamps = q_timestamps.contiguous()
+            self.k_timestamps = k_timestamps.contiguous()
+            self.thresholds = _threshold_table(self.num_buckets, time_weight.device)
+            batch = seq_offsets.numel() - 1
+            self.gaps_fit = torch.empty(batch, dtype=torch.int32, device=seq_offsets.device)
+            self.time_table = torch.empty((TIME_TABLE_ROWS, 4), dtype=torch.int32, device=time_weight.device)
+            _time_table_kernel[(batch + 1,)](
+                self.q_timestamps, self.k_timestamps, seq_offsets, self.thresholds, self.time_weight,
+                self.num_buckets, self.gaps_fit, self.time_table, BLOCK=1024, TABLE_ROWS=TIME_TABLE_ROWS,
+                num_warps=4,
+            )
+        else:
+            self.time_weight = self.q_timestamps = self.k_timestamps = placeholder
+            self.thresholds = self.time_table = self.gaps_fit = placeholder
+
+    def pointers(self):
+        return (self.pos_weight, self.time_weight, self.q_timestamps, self.k_timestamps,
+                self.thresholds, self.time_table, self.gaps_fit)
+
+
+def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
+                           q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None):
+    """Launch the forward kernel -> out [L, H, dv] in v's dtype."""
+    num_tokens, num_heads, dqk = q.shape
+    dv = v.shape[-1]
+    out = torch.empty((num_tokens, num_heads, dv), dtype=v.dtype, device=v.device)
+    batch = seq_offsets.numel() - 1
+    if num_tokens == 0 or batch <= 0 or num_heads == 0 or max_seq_len <= 0:
+        return out
+    _check_index_range(max_seq_len, q, k, v, out)
+    seq_offsets = seq_offsets.contiguous()
+    bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
+    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
+    cfg = _forward_config(max(block_dqk, block_dv), q.dtype, bias.has_pos or bias.has_time)
+    grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg["BLOCK_M"]))
+    _hstu_attention_fwd_kernel[grid](
+        q, k, v, out, seq_offsets, *bias.pointers(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        num_heads, max_seq_len, bias.num_buckets, float(alpha), 1.0 / max_seq_len,
+        DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
+        FAST_SILU=_use_fast_silu(q.dtype), PTX_MATH=not interpreter_active(), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
+                            q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
+                            pos_grad=False, time_grad=False, deterministic=False):
+    """Launch the backward kernels -> (dq, dk, dv, dpos [2N-1] or [0], dtime [NB] or [0])."""
+    num_tokens, num_heads, dqk = q.shape
+    dv_dim = v.shape[-1]
+    batch = seq_offsets.numel() - 1
+    pos_grad = pos_grad and pos_weight is not None
+    time_grad = time_grad and time_weight is not None
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if num_tokens == 0 or batch <= 0 or num_heads == 0 or max_seq_len <= 0:
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_(),
+                pos_weight.new_zeros(pos_weight.shape) if pos_grad else q.new_empty(0),
+                time_weight.new_zeros(time_weight.shape) if time_grad else q.new_empty(0))
+    _check_index_range(max_seq_len, q, k, v, grad_out, dk, dv)
+    seq_offsets = seq_offsets.contiguous()
+    bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
+    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv_dim)
+    block_d = max(block_dqk, block_dv)
+    fast_silu = _use_fast_silu(q.dtype)
+    precision = _dot_precision(q.dtype)
+    inv_max_seq_len = 1.0 / max_seq_len
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    cfg = _dkdv_config(block_d, q.dtype, bias.has_pos or bias.has_time)
+    grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg["BLOCK_N"]))
+    _hstu_attention_bwd_dkdv_kernel[grid](
+        q, k, v, grad_out, dk, dv, seq_offsets, *bias.pointers(),
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len,
+        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(),
+        DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+    cfg = _dq_config(block_d, q.dtype, pos_grad or time_grad)
+    num_m_blocks = triton.cdiv(max_seq_len, cfg["BLOCK"])
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
+        dpos_acc = torch.zeros((batch * num_m_blocks, max_seq_len) if pos_grad else (1,), **f32)
+        dtime_acc = torch.zeros((batch * num_m_blocks, bias.num_buckets) if time_grad else (1,), **f32)
+    else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
+        dpos_acc = torch.zeros(2 * max_seq_len - 1 if pos_grad else 1, **f32)
+        dtime_acc = torch.zeros(bias.num_buckets if time_grad else 1, **f32)
+    grid = (batch if deterministic else batch * num_heads, num_m_blocks)
+    _hstu_attention_bwd_dq_kernel[grid](
+        q, k, v, grad_out, dq, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        num_heads, max_seq_len, bias.num_buckets, float(alpha), float(alpha) * inv_max_seq_len, inv_max_seq_len,
+        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK=cfg["BLOCK"], NB_BLOCK=triton.next_power_of_2(bias.num_buckets),
+        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
+        DETERMINISTIC=deterministic, FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(), DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    dpos_out = dtime_out = None
+    if pos_grad:
+        if deterministic:
+            dpos_out = torch.zeros(2 * max_seq_len - 1, **f32)
+            dpos_out[:max_seq_len] = dpos_acc.sum(0)
+        else:
+            dpos_out = dpos_acc
+        dpos_out = dpos_out.to(pos_weight.dtype)
+    if time_grad:
+        dtime_out = (dtime_acc.sum(0) if deterministic else dtime_acc).to(time_weight.dtype)
+    return (dq, dk, dv,
+            q.new_empty(0) if dpos_out is None else dpos_out,
+            q.new_empty(0) if dtime_out is None else dtime_out)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops (torch.compile sees opaque ops with fake shapes and a registered VJP)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("hstu_kernels::hstu_attention_fwd", mutates_args=())
+def hstu_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
+    max_seq_len: int, alpha: float,
+    q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
+    pos_weight: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
+                                  q_timestamps, k_timestamps, pos_weight, time_weight)
+
+
+@hstu_attention_fwd.register_fake
+def _hstu_attention_fwd_fake(q, k, v, seq_offsets, max_seq_len, alpha,
+                             q_timestamps, k_timestamps, pos_weight, time_weight):
+    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+@torch.library.custom_op("hstu_kernels::hstu_attention_bwd", mutates_args=())
+def hstu_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
+    max_seq_len: int, alpha: float,
+    q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
+    pos_weight: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
+    pos_grad: bool, time_grad: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
+                                   q_timestamps, k_timestamps, pos_weight, time_weight,
+                                   pos_grad, time_grad, deterministic)
+
+
+@hstu_attention_bwd.register_fake
+def _hstu_attention_bwd_fake(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
+                             q_timestamps, k_timestamps, pos_weight, time_weight,
+                             pos_grad, time_grad, deterministic):
+    dpos = pos_weight.new_empty(pos_weight.shape) if pos_grad and pos_weight is not None else q.new_empty(0)
+    dtime = time_weight.new_empty(time_weight.shape) if time_grad and time_weight is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpos, dtime
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight = inputs
+    ctx.save_for_backward(q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
+    ctx.max_seq_len = max_seq_len
+    ctx.alpha = alpha
+
+
+def _backward(ctx, grad_out):
+    q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    pos_grad, time_grad = bool(needs[8]), bool(needs[9])
+    dq, dk, dv, dpos, dtime = hstu_attention_bwd(
+        grad_out, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha,
+        q_timestamps, k_timestamps, pos_weight, time_weight,
+        pos_grad, time_grad, torch.are_deterministic_algorithms_enabled(),
+    )
+    return (dq, dk, dv, None, None, None, None, None,
+            dpos if pos_grad else None, dtime if time_grad else None)
+
+
+torch.library.register_autograd("hstu_kernels::hstu_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by hstu_kernels.functional and the operator manager
+# --------------------------------------------------------------------------------------------
+def hstu_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    time_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Jagged causal HSTU attention on Triton -> [L, H, dv] in v's dtype (inputs checked by the caller)."""
+    if time_weight is None:
+        q_timestamps = k_timestamps = None
+    return hstu_attention_fwd(q, k, v, seq_offsets, int(max_seq_len), float(alpha),
+                              q_timestamps, k_timestamps, pos_weight, time_weight)
+
+
+def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why the Triton kernel cannot run on (q, k, v); None when it can."""
+    q, k, v = tensors[:3]
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if q.dtype == torch.bfloat16 and interpreter_active():
+        return "bfloat16 under TRITON_INTERPRET (the interpreter computes bf16 wrongly)"
+    if q.dim() != 3 or v.dim() != 3:
+        return "expected q, k [L, H, dqk] and v [L, H, dv]"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
+    return None
