@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,8 @@ def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 def _epoch_of(path: str | None) -> int | None:
     if not path:
         return None
-    stem = Path(path).stem
-    digits = "".join(ch for ch in stem if ch.isdigit())
-    return int(digits) if digits else None
+    match = re.search(r"epoch=?(\d+)", Path(path).stem)
+    return int(match.group(1)) if match else None
 
 
 def print_report(report: dict[str, Any], path: Path) -> None:
