@@ -594,11 +594,11 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float],
                 reference_out = first_out
             del first_out
         rows.append((shape_label(spec, shape), case.work, results))
+        if args.csv:  # each shape as soon as it is timed: a run cut off by a time limit keeps what it measured
+            append_csv(Path(args.csv), spec, rows[-1:], args)
         del case, reference_out
         free_memory()
     print_table(spec, rows, args)
-    if args.csv:
-        append_csv(Path(args.csv), spec, rows, args)
     return rows
 
 
