@@ -23,12 +23,12 @@ def last_index(seq_offsets: torch.Tensor) -> torch.Tensor:
 def next_in_sequence(values: torch.Tensor, seq_offsets: torch.Tensor, last_values: torch.Tensor) -> torch.Tensor:
     """values shifted one step left inside each sequence, each sequence's last slot taking last_values[b].
 
-    Gives the next-item targets and the query timestamps t_q(i) of the HSTU time bias.
+    Gives the next-item targets and the query timestamps t_q(i) of the HSTU time bias. No boolean
+    indexing, so shapes stay symbolic under torch.compile.
     """
-    shifted = torch.roll(values, -1)
-    nonempty = seq_offsets[1:] > seq_offsets[:-1]
-    ends = (seq_offsets[1:] - 1)[nonempty]
-    return shifted.index_put((ends,), last_values[nonempty])
+    seg = segment_ids(seq_offsets, values.shape[0])
+    is_last = torch.arange(values.shape[0], device=values.device) == seq_offsets[1:][seg] - 1
+    return torch.where(is_last, last_values[seg], torch.roll(values, -1))
 
 
 def to_padded(values: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, batch_size: int, max_len: int) -> torch.Tensor:
