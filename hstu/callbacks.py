@@ -11,6 +11,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 class EpochThroughput(L.Callback):
@@ -42,7 +43,7 @@ class EpochThroughput(L.Callback):
             self._seconds = time.perf_counter() - self._start
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if trainer.state.fn == TrainerFn.FITTING:  # the end-of-epoch validation inside fit
             self._stop_clock(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -1,0 +1,45 @@
+"""EpochThroughput counts training steps only: the end-of-epoch validation is not in the epoch time."""
+import time
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from hstu.callbacks import EpochThroughput
+
+STEP_S, VAL_S = 0.02, 0.3
+
+
+class SleepyModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(STEP_S)
+        return self.layer(torch.ones(1, 1)).sum()
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(VAL_S)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def batches(n):
+    return DataLoader([SimpleNamespace(batch_size=4, num_tokens=40)] * n, batch_size=None, collate_fn=lambda b: b)
+
+
+def test_epoch_time_excludes_validation():
+    throughput = EpochThroughput()
+    trainer = L.Trainer(max_epochs=2, callbacks=[throughput], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accelerator="cpu")
+    trainer.fit(SleepyModule(), batches(5), batches(2))
+    assert len(throughput.history) == 2
+    for row in throughput.history:
+        assert 5 * STEP_S <= row["epoch_time_s"] < 5 * STEP_S + VAL_S, row  # validation sleeps 2 * VAL_S
+        assert row["samples_per_sec"] == 20 / row["epoch_time_s"]
+        assert row["tokens_per_sec"] == 200 / row["epoch_time_s"]
+    assert throughput.summary()["epochs_timed"] == 1
