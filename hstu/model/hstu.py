@@ -71,29 +71,14 @@ class STULayer(nn.Module):
 
 
 class HSTUEncoder(nn.Module):
-    """Jagged [L, D] embeddings -> [L, D] states; state i summarises items 0..i of its sequence."""
+    """Jagged [L, D] embeddings -> [L, D] states; state i summarises items 0..i of its sequence.
 
-    def __init__(
-        self,
-        dim: int,
-        num_blocks: int,
-        num_heads: int,
-        dqk: int,
-        dv: int,
-        max_seq_len: int,
-        dropout: float,
-        manager: TritonOperatorManager,
-        alpha: float = 1.0,
-        position_bias: bool = True,
-        time_bias: bool = True,
-        num_time_buckets: int = DEFAULT_NUM_BUCKETS,
-    ):
+    ``layer_kwargs`` are STULayer's arguments (dim, num_heads, dqk, dv, max_seq_len, dropout, manager, ...).
+    """
+
+    def __init__(self, num_blocks: int, **layer_kwargs):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            STULayer(dim, num_heads, dqk, dv, max_seq_len, dropout, manager, alpha,
-                     position_bias, time_bias, num_time_buckets)
-            for _ in range(num_blocks)
-        )
+        self.blocks = nn.ModuleList(STULayer(**layer_kwargs) for _ in range(num_blocks))
 
     def forward(self, x, seq_offsets, timestamps, target_timestamps):
         # Position i predicts the event after it: its query time is that event's timestamp.

@@ -41,7 +41,11 @@ class SASRecBlock(nn.Module):
 
 
 class SASRecEncoder(nn.Module):
-    """Jagged [L, D] embeddings -> [L, D] states, padded internally to max_seq_len."""
+    """Jagged [L, D] embeddings -> [L, D] states, padded internally to max_seq_len.
+
+    ``manager`` is accepted so every encoder is built the same way; SASRec's softmax attention has
+    no Triton operator, so it is not used.
+    """
 
     def __init__(self, dim: int, num_blocks: int, num_heads: int, max_seq_len: int, dropout: float,
                  manager: TritonOperatorManager):
@@ -49,7 +53,6 @@ class SASRecEncoder(nn.Module):
         if dim % num_heads:
             raise ValueError(f"model.encoder.dim={dim} must be divisible by num_heads={num_heads}")
         self.max_seq_len = max_seq_len
-        self.manager = manager  # SASRec's own attention has no Triton operator; kept for a uniform signature
         self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(dim, eps=1e-8)
 
