@@ -14,14 +14,17 @@ How it computes, and why:
 - Forward grid (batch*heads, query blocks), last (longest) query blocks launched first; only the
   diagonal tile of each row block is masked, the tiles left of it run without masks.
 - Backward: one kernel per key block gives dK, dV (dS^T Q and P^T dO); a second per query block
-  recomputes dS and gives dQ = alpha dS K and the bias gradients. (dQ by fp32 atomics from the
-  first kernel, 5 matmuls instead of 7, measured 2-4x slower on an H200: atomic traffic.)
+  recomputes dS and gives dQ = alpha dS K. (dQ by fp32 atomics from the first kernel, 5 matmuls
+  instead of 7, measured 2-4x slower on an H200: atomic traffic.)
+- Bias gradients depend on dS summed over heads only, so a third kernel, one program per
+  (sequence, query block), recomputes dS for every head of a tile and reduces the sum once: the
+  bias lookup and both reductions run once per tile instead of once per head and tile.
 - Position-bias gradient: the diagonal sums of each dS tile, taken by skewing the tile
   (row i rotated by i, ``tl.gather``) and summing columns; consecutive tiles of a row block
   share half their diagonals, so one segment per tile goes out (atomics, or a per-program row
   of a partial buffer reduced in a fixed order when deterministic algorithms are on).
 - Time-bias gradient: a per-tile pass over each bucket present in the tile, into a register
-  histogram that goes out once per program.
+  histogram that goes out once per program (atomics, or the program's own partial row).
 - Time buckets are exact: a float log2 guess, lowered by a margin so that it is the true bucket
   or one below, then corrected by one integer comparison with the shared threshold table. A
   pre-pass flags sequences whose timestamps lie within 2^30 of their first key timestamp: their
@@ -137,6 +140,14 @@ def _load_tile(ptrs, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, CHEC
         else:
             x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
     return x
+
+
+@triton.jit
+def _sequence_span(seq_offsets, batch):
+    """(first token, as int64 for row offsets; length, as int32) of sequence ``batch``."""
+    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
+    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    return seq_start, seq_len
 
 
 @triton.jit
@@ -333,8 +344,7 @@ def _hstu_attention_fwd_kernel(
     pid_bh = tl.program_id(0)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
-    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
-    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    seq_start, seq_len = _sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK_M
     if m_start >= seq_len:
         return
@@ -440,8 +450,7 @@ def _hstu_attention_bwd_dkdv_kernel(
     pid_bh = tl.program_id(0)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
-    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
-    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    seq_start, seq_len = _sequence_span(seq_offsets, batch)
     n_start = pid_n * BLOCK_N
     if n_start >= seq_len:
         return
@@ -493,8 +502,20 @@ def _hstu_attention_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, kernel 2: dQ and the bias gradients per query block
+# Backward, kernel 2: dQ per query block
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _score_grad(q, do, k, v, bias, alpha,
+                HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dS = dP * SiLU'(S) with S = alpha q k^T + bias and dP = dO v^T (unmasked, unscaled)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
+    if HAS_BIAS:
+        s += bias
+    sig = _sigmoid(s, FAST_SILU)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return dp * (sig + s * sig * (1.0 - sig))
+
+
 @triton.jit
 def _query_block_tile(
     dq, q, do, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len,
@@ -504,7 +525,7 @@ def _query_block_tile(
     BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
-    """dS for one key block (unscaled by alpha/max_seq_len), its time buckets, and dq += dS k."""
+    """dq += dS k for one key block."""
     offs_n = n_start + tl.arange(0, BLOCK)
     cols_ok = offs_n < seq_len
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -513,20 +534,110 @@ def _query_block_tile(
                    cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
     v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
                    cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
-    bucket = 0
+    bias = 0.0
     if HAS_POS or HAS_TIME:
-        bias, bucket = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
-                                  pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-                                  HAS_POS, HAS_TIME, PTX_MATH, False)
-        s += bias
-    sig = _sigmoid(s, FAST_SILU)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = dp * (sig + s * sig * (1.0 - sig))
+        bias, _ = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                             pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                             HAS_POS, HAS_TIME, PTX_MATH, False)
+    ds = _score_grad(q, do, k, v, bias, alpha, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION)
     if DIAGONAL:
         ds = tl.where(offs_n[None, :] <= q_pos[:, None], ds, 0.0)
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq, ds, bucket
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _hstu_attention_bwd_dq_kernel(
+    Q, K, V, dO, dQ, seq_offsets,
+    pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+    stride_q_l, stride_q_h, stride_q_d,
+    stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d,
+    stride_do_l, stride_do_h, stride_do_d,
+    stride_dq_l, stride_dq_h, stride_dq_d,
+    num_heads, max_seq_len, num_buckets, alpha, dq_scale,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    batch = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    seq_start, seq_len = _sequence_span(seq_offsets, batch)
+    m_start = pid_m * BLOCK
+    if m_start >= seq_len:
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK)
+    rows_ok = offs_m < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
+        q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
+    q = _load_tile(Q + seq_start * stride_q_l + head * stride_q_h
+                   + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+                   rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
+    do = _load_tile(dO + seq_start * stride_do_l + head * stride_do_h
+                    + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+                    rows_ok, offs_dv, DV, BLOCK_DV, True)
+    k_base = K + seq_start * stride_k_l + head * stride_k_h
+    v_base = V + seq_start * stride_v_l + head * stride_v_h
+    k_ts_base = k_timestamps + seq_start
+    dq = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
+    for n_start in range(0, m_start, BLOCK):
+        dq = _query_block_tile(
+            dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
+            n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
+            FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+    dq = _query_block_tile(
+        dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
+        m_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+        alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
+        FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    dq_ptrs = (dQ + seq_start * stride_dq_l + head * stride_dq_h
+               + offs_m[:, None] * stride_dq_l + offs_dqk[None, :] * stride_dq_d)
+    tl.store(dq_ptrs, (dq * dq_scale).to(dQ.dtype.element_ty),
+             mask=rows_ok[:, None] & (offs_dqk[None, :] < DQK))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, kernel 3: bias gradients from the head-summed dS, per (sequence, query block)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _head_summed_score_grad(
+    q_base, do_base, k_base, v_base, q_pos, rows_ok, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32,
+    n_start, seq_len, num_heads,
+    stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """(sum over heads of dS, time buckets) of one tile; the bias is computed once for all heads."""
+    offs_n = n_start + tl.arange(0, BLOCK)
+    cols_ok = offs_n < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    bias, bucket = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                              pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                              HAS_POS, HAS_TIME, PTX_MATH, False)
+    ds_sum = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for head in range(num_heads):
+        q = _load_tile(q_base + head * stride_q_h + q_pos[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+                       rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
+        do = _load_tile(do_base + head * stride_do_h + q_pos[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+                        rows_ok, offs_dv, DV, BLOCK_DV, True)
+        k = _load_tile(k_base + head * stride_k_h + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+                       cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
+        v = _load_tile(v_base + head * stride_v_h + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+                       cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
+        ds_sum += _score_grad(q, do, k, v, bias, alpha, True, FAST_SILU, DOT_PRECISION)
+    if DIAGONAL:
+        ds_sum = tl.where(offs_n[None, :] <= q_pos[:, None], ds_sum, 0.0)
+    return ds_sum, bucket
 
 
 @triton.jit
@@ -555,9 +666,8 @@ def _add_position_segment(dpos_row, index_start, segment, max_seq_len,
     index = index_start + tl.arange(0, BLOCK)
     ok = (index >= 0) & (index < max_seq_len)
     if DETERMINISTIC:
-        # This program owns the row; the barrier at each head's start orders the read-modify-writes.
-        current = tl.load(dpos_row + index, mask=ok, other=0.0)
-        tl.store(dpos_row + index, current + segment, mask=ok)
+        # The program owns this row and its segments do not overlap: each index is written once.
+        tl.store(dpos_row + index, segment, mask=ok)
     else:
         tl.atomic_add(dpos_row + index, segment, mask=ok)
 
@@ -575,96 +685,77 @@ def _accumulate_time_grads(hist, ds, bucket, valid, num_buckets, NB_BLOCK: tl.co
 
 
 @triton.jit
-def _hstu_attention_bwd_dq_kernel(
-    Q, K, V, dO, dQ, seq_offsets,
+def _hstu_attention_bwd_bias_kernel(
+    Q, K, V, dO, seq_offsets,
     pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
     dpos_acc, dtime_acc,
     stride_q_l, stride_q_h, stride_q_d,
     stride_k_l, stride_k_h, stride_k_d,
     stride_v_l, stride_v_h, stride_v_d,
     stride_do_l, stride_do_h, stride_do_d,
-    stride_dq_l, stride_dq_h, stride_dq_d,
-    num_heads, max_seq_len, num_buckets, alpha, dq_scale, bias_grad_scale,
+    num_heads, max_seq_len, num_buckets, alpha, bias_grad_scale,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Deterministic: one program per (sequence, query block) loops over the heads and writes
-    # its own partial rows of the bias gradients; otherwise one program per head, with atomics.
+    # One program per (sequence, query block) sums dS over the heads, so the bias and both
+    # reductions run once per tile, not once per head. Deterministic: the program writes its own
+    # partial rows (summed by torch in a fixed order); otherwise atomics into the gradients.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    batch = tl.program_id(0)
+    seq_start, seq_len = _sequence_span(seq_offsets, batch)
+    m_start = pid_m * BLOCK
+    if m_start >= seq_len:
+        return
     if DETERMINISTIC:
-        batch = tl.program_id(0)
-        head_first = 0
-        head_last = num_heads
         partial_row = (batch * tl.num_programs(1) + pid_m).to(tl.int64)
         dpos_row = dpos_acc + partial_row * max_seq_len
         dtime_row = dtime_acc + partial_row * num_buckets
     else:
-        batch = tl.program_id(0) // num_heads
-        head_first = tl.program_id(0) % num_heads
-        head_last = head_first + 1
         dpos_row = dpos_acc
         dtime_row = dtime_acc
-    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
-    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
-    m_start = pid_m * BLOCK
-    if m_start >= seq_len:
-        return
 
     offs_m = m_start + tl.arange(0, BLOCK)
     rows_ok = offs_m < seq_len
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
         q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
+    q_base = Q + seq_start * stride_q_l
+    do_base = dO + seq_start * stride_do_l
+    k_base = K + seq_start * stride_k_l
+    v_base = V + seq_start * stride_v_l
     k_ts_base = k_timestamps + seq_start
     hist = tl.zeros([NB_BLOCK], dtype=tl.float32)
-    diagonal_valid = rows_ok[:, None] & (tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None])
-    for head in range(head_first, head_last):
-        if DETERMINISTIC and POS_GRAD:
-            tl.debug_barrier()
-        q = _load_tile(Q + seq_start * stride_q_l + head * stride_q_h
-                       + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
-                       rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
-        do = _load_tile(dO + seq_start * stride_do_l + head * stride_do_h
-                        + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
-                        rows_ok, offs_dv, DV, BLOCK_DV, True)
-        k_base = K + seq_start * stride_k_l + head * stride_k_h
-        v_base = V + seq_start * stride_v_l + head * stride_v_h
-        dq = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
-        carry = tl.zeros([BLOCK], dtype=tl.float32)
-        for n_start in range(0, m_start, BLOCK):
-            dq, ds, bucket = _query_block_tile(
-                dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
-                n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-                alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-                DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
-                FAST_SILU, PTX_MATH, DOT_PRECISION, False)
-            if POS_GRAD:
-                carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 + n_start - m_start - BLOCK,
-                                             max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
-            if TIME_GRAD:
-                hist = _accumulate_time_grads(hist, ds, bucket, rows_ok[:, None], num_buckets, NB_BLOCK)
-        dq, ds, bucket = _query_block_tile(
-            dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
-            m_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    for n_start in range(0, m_start, BLOCK):
+        ds, bucket = _head_summed_score_grad(
+            q_base, do_base, k_base, v_base, offs_m, rows_ok, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32,
+            n_start, seq_len, num_heads,
+            stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+            stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
             alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
-            FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
         if POS_GRAD:
-            carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 - BLOCK,
+            carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 + n_start - m_start - BLOCK,
                                          max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
-            # What remains is diagonal r = 0 (table index max_seq_len - 1) and r > 0, all zero.
-            _add_position_segment(dpos_row, max_seq_len - 1, carry * bias_grad_scale, max_seq_len,
-                                  BLOCK, DETERMINISTIC)
         if TIME_GRAD:
-            hist = _accumulate_time_grads(hist, ds, bucket, diagonal_valid, num_buckets, NB_BLOCK)
-        dq_ptrs = (dQ + seq_start * stride_dq_l + head * stride_dq_h
-                   + offs_m[:, None] * stride_dq_l + offs_dqk[None, :] * stride_dq_d)
-        tl.store(dq_ptrs, (dq * dq_scale).to(dQ.dtype.element_ty),
-                 mask=rows_ok[:, None] & (offs_dqk[None, :] < DQK))
+            hist = _accumulate_time_grads(hist, ds, bucket, rows_ok[:, None], num_buckets, NB_BLOCK)
+    ds, bucket = _head_summed_score_grad(
+        q_base, do_base, k_base, v_base, offs_m, rows_ok, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32,
+        m_start, seq_len, num_heads,
+        stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+        stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+        alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    if POS_GRAD:
+        carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 - BLOCK,
+                                     max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
+        # What remains is diagonal r = 0 (table index max_seq_len - 1) and r > 0, all zero.
+        _add_position_segment(dpos_row, max_seq_len - 1, carry * bias_grad_scale, max_seq_len,
+                              BLOCK, DETERMINISTIC)
     if TIME_GRAD:
+        diagonal_valid = rows_ok[:, None] & (tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None])
+        hist = _accumulate_time_grads(hist, ds, bucket, diagonal_valid, num_buckets, NB_BLOCK)
         bins = tl.arange(0, NB_BLOCK)
         hist *= bias_grad_scale
         if DETERMINISTIC:
@@ -682,8 +773,9 @@ def _block_dim(d: int) -> int:
 
 # Block sizes, warps and pipeline depth per kernel, from H200 timings (notes/attention_kernel.md):
 # bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); the key-block
-# kernel 64x128 tiles (128 keys held, 64 queries streamed); the query-block kernel 64x64 tiles,
-# or 32x32 when it also reduces bias gradients (their per-tile passes cost less on small tiles).
+# kernel 64x128 tiles at d=128 (128 keys held, 64 queries streamed) and 64x64 up to d=64; the
+# query-block kernel 64x64 tiles; the bias-gradient kernel 64x64 tiles with 4 warps (32x32 tiles
+# have fewer buckets per tile but were 1.3x slower at (16, 4096, 4, 64), 16x16 1.6x).
 def _forward_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
     if interpreter_active():
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -701,21 +793,31 @@ def _dkdv_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+    if block_d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if block_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2 if has_bias else 3)
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def _dq_config(block_d: int, dtype: torch.dtype, bias_grads: bool) -> dict:
+def _dq_config(block_d: int, dtype: torch.dtype) -> dict:
     if interpreter_active():
         return dict(BLOCK=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or bias_grads:
+    if dtype == torch.float32:
         return dict(BLOCK=32, num_warps=4, num_stages=2)
     if block_d <= 64:
         return dict(BLOCK=64, num_warps=4, num_stages=3)
     if block_d <= 128:
         return dict(BLOCK=64, num_warps=4, num_stages=2)
     return dict(BLOCK=32, num_warps=8, num_stages=2)
+
+
+def _bias_grad_config(block_d: int, dtype: torch.dtype) -> dict:
+    if interpreter_active():
+        return dict(BLOCK=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or block_d > 128:
+        return dict(BLOCK=32, num_warps=4, num_stages=2)
+    return dict(BLOCK=64, num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -843,7 +945,21 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
         DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
-    cfg = _dq_config(block_d, q.dtype, pos_grad or time_grad)
+    cfg = _dq_config(block_d, q.dtype)
+    grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg["BLOCK"]))
+    _hstu_attention_bwd_dq_kernel[grid](
+        q, k, v, grad_out, dq, seq_offsets, *bias.pointers(),
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        num_heads, max_seq_len, bias.num_buckets, float(alpha), float(alpha) * inv_max_seq_len,
+        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK=cfg["BLOCK"],
+        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
+        FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(), DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not (pos_grad or time_grad):
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
+
+    cfg = _bias_grad_config(block_d, q.dtype)
     num_m_blocks = triton.cdiv(max_seq_len, cfg["BLOCK"])
     f32 = dict(dtype=torch.float32, device=q.device)
     if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
@@ -852,11 +968,10 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
     else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
         dpos_acc = torch.zeros(2 * max_seq_len - 1 if pos_grad else 1, **f32)
         dtime_acc = torch.zeros(bias.num_buckets if time_grad else 1, **f32)
-    grid = (batch if deterministic else batch * num_heads, num_m_blocks)
-    _hstu_attention_bwd_dq_kernel[grid](
-        q, k, v, grad_out, dq, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        num_heads, max_seq_len, bias.num_buckets, float(alpha), float(alpha) * inv_max_seq_len, inv_max_seq_len,
+    _hstu_attention_bwd_bias_kernel[(batch, num_m_blocks)](
+        q, k, v, grad_out, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+        num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len,
         DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK=cfg["BLOCK"], NB_BLOCK=triton.next_power_of_2(bias.num_buckets),
         HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
@@ -927,11 +1042,11 @@ def _setup_context(ctx, inputs, output):
     ctx.alpha = alpha
 
 
-def _backward(ctx, grad_out):
+def _gradients(ctx, grad_out, backward_op):
     q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
     pos_grad, time_grad = bool(needs[8]), bool(needs[9])
-    dq, dk, dv, dpos, dtime = hstu_attention_bwd(
+    dq, dk, dv, dpos, dtime = backward_op(
         grad_out, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha,
         q_timestamps, k_timestamps, pos_weight, time_weight,
         pos_grad, time_grad, torch.are_deterministic_algorithms_enabled(),
@@ -940,7 +1055,28 @@ def _backward(ctx, grad_out):
             dpos if pos_grad else None, dtime if time_grad else None)
 
 
+def _backward(ctx, grad_out):
+    return _gradients(ctx, grad_out, hstu_attention_bwd)
+
+
 torch.library.register_autograd("hstu_kernels::hstu_attention_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's launchers and VJP without its dispatch, which costs tens of microseconds of
+    host time a call: as much as the kernels themselves at the model's shapes. Eager mode only;
+    a torch.compile trace goes through the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight):
+        inputs = (q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight)
+        out = hstu_attention_forward(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _gradients(ctx, grad_out, hstu_attention_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -962,8 +1098,8 @@ def hstu_attention_triton(
     """Jagged causal HSTU attention on Triton -> [L, H, dv] in v's dtype (inputs checked by the caller)."""
     if time_weight is None:
         q_timestamps = k_timestamps = None
-    return hstu_attention_fwd(q, k, v, seq_offsets, int(max_seq_len), float(alpha),
-                              q_timestamps, k_timestamps, pos_weight, time_weight)
+    op = hstu_attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    return op(q, k, v, seq_offsets, int(max_seq_len), float(alpha), q_timestamps, k_timestamps, pos_weight, time_weight)
 
 
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:

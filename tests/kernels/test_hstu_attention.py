@@ -71,6 +71,7 @@ class Problem:
     fused_qkv: bool = False  # q, k, v as non-contiguous slices of one [L, H, 2*dqk + dv + dv] projection
     grad_kind: str = "random"  # "random" or "ones_expanded" (stride-0 grad_output, as out.sum() gives)
     num_buckets: int = 129
+    timestamps: str = "increasing"  # "increasing", "sessions" or "shuffled" (see random_timestamps)
     seed: int = 0
 
 
@@ -87,14 +88,29 @@ class Inputs:
     leaves: dict[str, torch.Tensor]  # name -> tensor whose gradient is compared (q, k, v may be views)
 
 
-def random_timestamps(lengths, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence increasing int64 Unix-like seconds with gaps spread over many log buckets;
-    q_timestamps = each event's successor time (the model's t_q), the last one a later target time."""
+def random_timestamps(lengths, generator, kind: str = "increasing") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence int64 Unix-like seconds; q_timestamps = each event's successor time (the model's t_q,
+    the last one a later target time) except for sessions.
+    - increasing: gaps spread over many log buckets;
+    - sessions: bursts of 32 events a few seconds apart, bursts 10^2, 10^3.5, ... s apart, and each
+      query time a few seconds after its own event: tiles inside a burst span many buckets, tiles
+      between bursts one;
+    - shuffled: increasing times in random order (gaps of both signs within a tile)."""
     k_parts, q_parts = [], []
     for n in lengths:
+        if kind == "sessions":
+            session, within = torch.arange(n) // 32, torch.arange(n) % 32
+            starts = (10.0 ** (2 + 1.5 * torch.arange(n // 32 + 1, dtype=torch.float64))).to(torch.int64).cumsum(0)
+            jitter = torch.randint(0, 2, (n,), generator=generator)
+            times = 1_700_000_000 + starts[session] + 2 * within + jitter
+            k_parts.append(times)
+            q_parts.append(times + torch.randint(1, 4, (n,), generator=generator))
+            continue
         gap_scale = 10.0 ** (torch.rand(n + 1, generator=generator, dtype=torch.float64) * 7)
         gaps = (torch.rand(n + 1, generator=generator, dtype=torch.float64) * gap_scale).to(torch.int64)
         times = 1_700_000_000 + torch.cumsum(gaps, 0)
+        if kind == "shuffled":
+            times = times[torch.randperm(n + 1, generator=generator)]
         k_parts.append(times[:n])
         q_parts.append(times[1:])
     return torch.cat(q_parts), torch.cat(k_parts)
@@ -125,7 +141,7 @@ def make_inputs(p: Problem, dtype: torch.dtype, device=DEVICE) -> Inputs:
         pos_weight = values(2 * p.max_seq_len - 1, round_to=torch.float32, to=table_dtype, scale=0.5).requires_grad_()
         leaves["pos_weight"] = pos_weight
     if p.use_time:
-        q_ts, k_ts = (t.to(device) for t in random_timestamps(p.lengths, g))
+        q_ts, k_ts = (t.to(device) for t in random_timestamps(p.lengths, g, p.timestamps))
         time_weight = values(p.num_buckets, round_to=torch.float32, to=table_dtype, scale=0.5).requires_grad_()
         leaves["time_weight"] = time_weight
     return Inputs(q, k, v, offsets.to(device), q_ts, k_ts, pos_weight, time_weight, leaves)
@@ -327,7 +343,7 @@ def attention_weights_probe(backend: str, dtype: torch.dtype, deltas: list[int],
     rows = -(-len(deltas) // n) * n
     deltas = deltas + [0] * (rows - len(deltas))
     batch = rows // n
-    offsets = torch.arange(0, rows + 1, n, dtype=torch.int64)
+    offsets = torch.arange(0, rows + 1, n, dtype=torch.int64, device=DEVICE)
     zeros = torch.zeros(rows, 1, 8, dtype=dtype, device=DEVICE)
     one_hot = torch.eye(n, dtype=dtype, device=DEVICE).repeat(batch, 1).view(rows, 1, n)
     q_ts = (base + torch.tensor(deltas, dtype=torch.int64)).to(DEVICE)
@@ -391,6 +407,7 @@ def problems(draw, dtypes=tuple(TRITON_DTYPES), max_tokens=MAX_TOKENS, max_seq_l
         dtype=draw(st.sampled_from(dtypes)),
         fused_qkv=draw(st.booleans()),
         grad_kind=draw(st.sampled_from(["random", "ones_expanded"])),
+        timestamps=draw(st.sampled_from(["increasing", "sessions", "shuffled"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -407,6 +424,27 @@ def test_triton_matches_reference_random_jagged(p: Problem):
 def test_triton_lengths_zero_one_and_max_with_both_biases(dtype):
     p = Problem((0, 1, 16, 0, 7, 16, 1), max_seq_len=16, heads=2, dqk=25, dv=16, alpha=0.6, use_pos=True,
                 use_time=True, dtype=dtype, seed=1)
+    check_triton_against_reference(p)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_several_tiles_per_sequence(dtype):
+    """Sequences spanning three 32-token tiles: off-diagonal tiles, and the diagonal-sum segments
+    carried from one key block to the next (the random shapes above fit in one tile on CPU)."""
+    p = Problem((70, 0, 33, 1, 64), max_seq_len=70, heads=3, dqk=25, dv=16, alpha=0.5, use_pos=True,
+                use_time=True, dtype=dtype, seed=12)
+    check_triton_against_reference(p)
+
+
+@needs_triton
+@pytest.mark.parametrize("timestamps", ["sessions", "shuffled"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_time_bias_bursts_and_unsorted_times(dtype, timestamps):
+    """Bursts of events far apart (tiles spanning many buckets next to tiles with one), and
+    unsorted times (gaps of both signs in a tile), over several tiles."""
+    p = Problem((100, 70, 0, 1), max_seq_len=100, heads=2, dqk=16, dv=8, alpha=0.5, use_pos=False,
+                use_time=True, dtype=dtype, timestamps=timestamps, seed=14)
     check_triton_against_reference(p)
 
 
@@ -465,6 +503,34 @@ def test_triton_custom_ops_opcheck():
         torch.library.opcheck(torch.ops.hstu_kernels.hstu_attention_bwd.default,
                               (grad_out, q.detach(), k.detach(), v.detach(), x.seq_offsets, p.max_seq_len, p.alpha,
                                *(b.detach() if b.is_floating_point() else b for b in biases), True, True, deterministic))
+
+
+@needs_triton
+def test_triton_eager_path_equals_custom_op():
+    """Eager calls skip the custom op's dispatch; outputs and every gradient are bitwise the op's
+    (deterministic mode: the bias gradients' atomics would add in a different order on a GPU)."""
+    module = importlib.import_module(TRITON_MODULE)
+    p = Problem((40, 0, 1, 9), max_seq_len=40, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=13)
+    x = make_inputs(p, torch.float32)
+    leaves = [x.q, x.k, x.v, x.pos_weight, x.time_weight]
+    biases = dict(q_timestamps=x.q_timestamps, k_timestamps=x.k_timestamps)
+
+    def eager(q, k, v, pos_weight, time_weight):
+        return module.hstu_attention_triton(q, k, v, x.seq_offsets, p.max_seq_len, p.alpha,
+                                            pos_weight=pos_weight, time_weight=time_weight, **biases)
+
+    def custom_op(q, k, v, pos_weight, time_weight):
+        return torch.ops.hstu_kernels.hstu_attention_fwd(q, k, v, x.seq_offsets, p.max_seq_len, p.alpha,
+                                                         x.q_timestamps, x.k_timestamps, pos_weight, time_weight)
+
+    results = []
+    with deterministic_algorithms():
+        for call in (eager, custom_op):
+            inputs = [t.detach().requires_grad_() for t in leaves]
+            out = call(*inputs)
+            results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
+    for name, a, b in zip(["out", "q", "k", "v", "pos_weight", "time_weight"], *results):
+        assert torch.equal(a, b), f"{name}: eager path and custom op differ"
 
 
 @needs_triton
