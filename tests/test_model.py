@@ -117,18 +117,31 @@ def test_triton_attention_flag_gives_the_same_loss_curve():
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_model_does_not_recompile_per_jagged_shape():
-    """model.compile=true compiles with dynamic shapes: new batch sizes and token counts reuse the graphs."""
+@pytest.mark.parametrize("triton_attention", [False, True])
+def test_compiled_model_does_not_recompile_per_jagged_shape(triton_attention):
+    """model.compile=true compiles with dynamic shapes and no graph break: new batch sizes and token
+    counts reuse the graphs."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    model = build(HSTU, shared_negatives=True)
-    for part in (model.embedding, model.encoder, model.loss):
-        part.compile(dynamic=True, backend="eager")  # RecModule uses the default backend; eager keeps CI fast
+    model = build(HSTU, kernels={"hstu_hierarchical_attention": triton_attention}, shared_negatives=True)
+    model.training_loss(make_batch([4, 2], seed=9)).backward()  # eager first step, as RecModule does
+    model.compile_parts(backend="eager")  # RecModule uses the default backend; eager keeps CI fast
     dynamo.reset()
     counters.clear()
     for seed, lengths in enumerate([[5, 3], [7, 1, 4], [MAX_LEN, 2, 6, 9], [3, 3, 3, 3, 3]]):
         model.training_loss(make_batch(lengths, seed=seed)).backward()
     frames = counters["stats"]["unique_graphs"]
     assert 0 < frames <= 6, f"{frames} graphs compiled for 4 batches: shapes are being specialised"
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+
+
+def test_rec_module_compiles_after_its_first_training_batch():
+    from hstu.module import RecModule
+
+    module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3}, compile=True)
+    parts = (module.model.embedding, module.model.encoder, module.model.loss)
+    assert all(p._compiled_call_impl is None for p in parts)
+    module.on_train_batch_end(None, make_batch([3, 2]), 0)
+    assert all(p._compiled_call_impl is not None for p in parts)

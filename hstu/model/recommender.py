@@ -44,6 +44,15 @@ class SequentialRecommender(nn.Module):
         self.encoder = instantiate(dict(encoder), dim=dim, max_seq_len=max_seq_len, manager=self.manager)
         self.loss = RecLoss(self.manager, **loss)
 
+    def compile_parts(self, **compile_kwargs) -> None:
+        """torch.compile the embedding, encoder and loss with dynamic shapes (jagged batches change
+        the token count every step: compile once, not per shape). Call it after one eager forward:
+        the operator manager decides each operator's backend on its first call (imports, device and
+        dtype checks), which cannot be traced; inside a trace that decision would break the graph in
+        the encoder's block loop, and dynamo would then run the whole encoder eagerly."""
+        for part in (self.embedding, self.encoder, self.loss):
+            part.compile(dynamic=True, **compile_kwargs)
+
     @property
     def item_table(self) -> torch.Tensor:
         return self.embedding.item_table
