@@ -233,7 +233,8 @@ class Recommender:
             seen_offsets=_offsets(seen_lengths),
         )
         with torch.no_grad():
-            scores, ids, _ = self.model.recommend(batch.to(self.device), k)
+            checked = batch.check(self.model.max_seq_len, self.model.num_items)  # on the CPU: no GPU sync
+            scores, ids, _ = self.model.recommend(checked.to(self.device), k)
         return [
             [(self.item_original_ids[i - 1], s) for i, s in zip(row_ids, row_scores) if i > 0]
             for row_ids, row_scores in zip(ids.tolist(), scores.tolist())

@@ -29,12 +29,16 @@ def hstu_attention(
     pos_weight: torch.Tensor | None = None,
     time_weight: torch.Tensor | None = None,
     backend: Backend = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Jagged causal HSTU attention: out[s+i] = sum_{j<=i} SiLU(alpha q.k + rab(i,j)) / max_seq_len * v[s+j].
 
     q, k [L, H, dqk], v [L, H, dv]; rab = pos_weight[max_seq_len-1+j-i] + time_weight[bucket(|t_q(i)-t_k(j)|)].
+    ``validate=False`` skips the checks of the offsets' values, which wait for the GPU: for callers
+    that checked their batch once (the model does, see ``JaggedBatch.check``).
     """
-    check_attention_inputs(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight)
+    check_attention_inputs(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
+                           validate)
     choice = resolve_backend("hstu_hierarchical_attention", backend, (q, k, v))
     if choice == "triton":
         from hstu_kernels.triton.hstu_attention import hstu_attention_triton as impl
@@ -47,8 +51,10 @@ def hstu_attention(
     )
 
 
-def check_attention_inputs(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight):
-    """Shape/dtype checks shared by every backend (cheap; the length check syncs once, eagerly only)."""
+def check_attention_inputs(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
+                           validate=True):
+    """Shape/dtype checks shared by every backend; with ``validate``, the offsets' values too (one host
+    sync, eagerly only)."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [L, H, dqk] and v [L, H, dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -68,7 +74,7 @@ def check_attention_inputs(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_ti
         raise ValueError(f"pos_weight must be [2*max_seq_len-1={2 * max_seq_len - 1}], got {tuple(pos_weight.shape)}")
     if time_weight is not None and time_weight.dim() != 1:
         raise ValueError("time_weight must be 1-D [num_buckets]")
-    if not torch.compiler.is_compiling():  # one host sync for every offset check
+    if validate and not torch.compiler.is_compiling():  # one host sync for every offset check
         lengths = seq_offsets[1:] - seq_offsets[:-1]
         if lengths.numel():
             first, last, shortest, longest = torch.stack(
@@ -117,13 +123,17 @@ def sequence_fusion(
     seed: int | None = None,
     position_from_end: bool = False,
     backend: Backend = None,
+    validate: bool = True,
 ) -> torch.Tensor:
-    """Input stage -> [L, D]: item_table[ids] * scale + pos_table[p] + sum_s time_tables[s][bucket_s], dropout."""
+    """Input stage -> [L, D]: item_table[ids] * scale + pos_table[p] + sum_s time_tables[s][bucket_s], dropout.
+
+    ``validate=False`` skips the checks of offsets and ids that wait for the GPU (as in ``hstu_attention``).
+    """
     resolve_backend("hierarchical_sequence_fusion", backend, (item_table,))
     return reference.sequence_fusion(
         item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables,
         scale=scale, time_scales=time_scales, dropout_p=dropout_p, training=training,
-        seed=seed, position_from_end=position_from_end,
+        seed=seed, position_from_end=position_from_end, validate=validate,
     )
 
 

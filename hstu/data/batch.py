@@ -23,6 +23,37 @@ class JaggedBatch:
     user_ids: torch.Tensor  # int64 [B]   contiguous user index
     seen_ids: torch.Tensor | None = None  # int64 [S] eval only: items to mask when ranking (full history)
     seen_offsets: torch.Tensor | None = None  # int64 [B+1] jagged offsets of seen_ids
+    checked: bool = False  # check() passed: the model's operators then skip their own checks
+
+    def check(self, max_seq_len: int, num_items: int) -> "JaggedBatch":
+        """The batch, marked checked, or a ValueError naming the field that breaks the layout.
+
+        One host read of a few scalars (free before the batch moves to the GPU, which is where
+        RecModule calls it): the operators then skip the per-call checks that would each wait
+        for the GPU.
+        """
+        num_tokens, batch_size = self.item_ids.shape[0], self.seq_offsets.shape[0] - 1
+        for name, t, size in (("timestamps", self.timestamps, num_tokens), ("targets", self.targets, batch_size),
+                              ("target_timestamps", self.target_timestamps, batch_size),
+                              ("user_ids", self.user_ids, batch_size)):
+            if t.shape != (size,):
+                raise ValueError(f"JaggedBatch.{name}: expected shape ({size},), got {tuple(t.shape)}")
+        lengths = self.seq_offsets[1:] - self.seq_offsets[:-1]
+        none = torch.zeros((), dtype=torch.int64, device=self.seq_offsets.device)
+        ids = torch.cat([self.item_ids, self.targets]).long()
+        first, last, shortest, longest, lowest, highest = torch.stack([
+            self.seq_offsets[0].long(), self.seq_offsets[-1].long(),
+            lengths.min().long() if batch_size else none, lengths.max().long() if batch_size else none,
+            ids.min() if ids.numel() else none, ids.max() if ids.numel() else none,
+        ]).tolist()
+        if first != 0 or last != num_tokens or shortest < 0:
+            raise ValueError(f"JaggedBatch.seq_offsets: must start at 0, end at {num_tokens} and not decrease; "
+                             f"got first {first}, last {last}, shortest sequence {shortest}")
+        if longest > max_seq_len:
+            raise ValueError(f"JaggedBatch.seq_offsets: a sequence of {longest} items exceeds max_seq_len={max_seq_len}")
+        if lowest < 0 or highest > num_items:
+            raise ValueError(f"JaggedBatch.item_ids/targets: ids must lie in [0, {num_items}]; got [{lowest}, {highest}]")
+        return replace(self, checked=True)
 
     @property
     def batch_size(self) -> int:

@@ -48,4 +48,5 @@ class InputEmbedding(nn.Module):
             item_ids, timestamps, seq_offsets, self.item_table, self.pos_table, list(self.time_tables),
             scale=math.sqrt(self.dim), time_scales=self.time_scales, dropout_p=self.dropout,
             training=self.training, position_from_end=self.position_from_end, backend=self.manager,
+            validate=False,  # the batch was checked once (SequentialRecommender.encode)
         )

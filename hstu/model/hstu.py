@@ -63,6 +63,7 @@ class STULayer(nn.Module):
             q_timestamps=q_timestamps if self.time_weight is not None else None,
             k_timestamps=k_timestamps if self.time_weight is not None else None,
             pos_weight=self.pos_weight, time_weight=self.time_weight, backend=self.manager,
+            validate=False,  # the batch was checked once (SequentialRecommender.encode)
         )
         return hstu_kernels.attention_output(
             x, attn.reshape(L, hdv), u, self.out.weight, self.out.bias,

@@ -39,7 +39,7 @@ def time_scale_buckets(
     return torch.div(age, width_seconds, rounding_mode="floor").clamp_max(num_buckets - 1)
 
 
-def _check_inputs(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales):
+def _check_inputs(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales, validate):
     if item_ids.dim() != 1 or item_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sequence_fusion: item_ids must be a 1-D integer tensor [L]; got {item_ids.dtype} {tuple(item_ids.shape)}")
     if timestamps.shape != item_ids.shape or timestamps.dtype != torch.int64:
@@ -63,7 +63,7 @@ def _check_inputs(item_ids, timestamps, seq_offsets, item_table, pos_table, time
             raise ValueError(
                 f"sequence_fusion: time_tables[{s}] must be [{num_buckets}, {item_table.shape[1]}]; got {tuple(table.shape)}"
             )
-    if torch.compiler.is_compiling():
+    if not validate or torch.compiler.is_compiling():  # the checks below wait for the GPU
         return
     if int(seq_offsets[0]) != 0 or int(seq_offsets[-1]) != item_ids.shape[0]:
         raise ValueError(f"sequence_fusion: seq_offsets must start at 0 and end at L={item_ids.shape[0]}")
@@ -94,14 +94,16 @@ def sequence_fusion(
     training: bool,
     seed: int | None = None,
     position_from_end: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """[L, D]: item_table[id] * scale + pos_table[p] + sum_s time_tables[s][bucket_s(t_last - t)], then dropout.
 
     p counts from the sequence's first token (or its most recent one with ``position_from_end``);
     bucket_s = min(floor((t_last - t) / width_s), n_s - 1) for ``time_scales[s] = (width_s, n_s)``, with
     t_last the sequence's last timestamp. ``seed`` as in ``attention_output`` (None: torch's RNG).
+    ``validate=False`` skips the checks of offsets and ids that read values back from the device.
     """
-    _check_inputs(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales)
+    _check_inputs(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales, validate)
     position, last_token = token_positions(seq_offsets, item_ids.shape[0], position_from_end)
     fused = F.embedding(item_ids, item_table) * scale + F.embedding(position, pos_table)
     for (width, num_buckets), table in zip(time_scales, time_tables):
