@@ -233,7 +233,7 @@ class Recommender:
             seen_offsets=_offsets(seen_lengths),
         )
         with torch.no_grad():
-            checked = batch.check(self.model.max_seq_len, self.model.num_items)  # on the CPU: no GPU sync
+            checked = batch.check(self.model.max_seq_len, self.model.num_items)  # on the CPU: no GPU wait
             scores, ids, _ = self.model.recommend(checked.to(self.device), k)
         return [
             [(self.item_original_ids[i - 1], s) for i, s in zip(row_ids, row_scores) if i > 0]

@@ -51,10 +51,6 @@ class RecModule(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
         return loss
 
-    def on_before_batch_transfer(self, batch: JaggedBatch, dataloader_idx: int) -> JaggedBatch:
-        # Checked while still on the CPU, where reading its values back costs no GPU sync.
-        return batch.check(self.model.max_seq_len, self.model.num_items)
-
     def on_train_batch_end(self, outputs, batch: JaggedBatch, batch_idx: int) -> None:
         if self._compile_pending:
             self.model.compile_parts()

@@ -500,6 +500,9 @@ def test_examples_and_batches_follow_the_rules(lengths, protocol, max_seq_len):
         with_seen = split != "train"
         batch = make_batch(sequences, chosen.users, chosen.target_positions, max_seq_len=max_seq_len, with_seen=with_seen)
         offsets = batch.seq_offsets.tolist()
+        lengths = [e - s for s, e in zip(offsets, offsets[1:])]
+        ids = batch.item_ids.tolist() + batch.targets.tolist()
+        assert batch.extent == (max(lengths), max(ids))  # read on the CPU, for the model's check
         for b, (user, history, target) in enumerate(expected):
             assert batch.user_ids[b] == user and batch.targets[b] == target
             assert batch.item_ids[offsets[b]:offsets[b + 1]].tolist() == history[-max_seq_len:]

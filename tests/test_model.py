@@ -152,37 +152,34 @@ def test_batch_check_names_the_broken_field():
 
     good = make_batch([3, 0, 2])
     checked = good.check(MAX_LEN, NUM_ITEMS)
-    assert checked.checked and not good.checked
+    assert checked.extent == (3, int(torch.cat([good.item_ids, good.targets]).max())) and good.extent is None
     broken = {
         "seq_offsets: must start at 0": replace(good, seq_offsets=torch.tensor([0, 3, 3, 4])),
         "seq_offsets: must start at 0, end at 5 and not decrease": replace(good, seq_offsets=torch.tensor([0, 3, 2, 5])),
         "exceeds max_seq_len=2": good,
         "item_ids/targets: ids must lie in": replace(good, targets=torch.tensor([1, NUM_ITEMS + 1, 2])),
+        "item_ids/targets: ids must be >= 0": replace(good, targets=torch.tensor([1, -1, 2])),
         "JaggedBatch.timestamps: expected shape": replace(good, timestamps=good.timestamps[:-1]),
     }
     for message, batch in broken.items():
         with pytest.raises(ValueError, match=message):
             batch.check(2 if "max_seq_len" in message else MAX_LEN, NUM_ITEMS)
+    # A checked batch is held to each caller's limits from its recorded extent alone.
+    with pytest.raises(ValueError, match="exceeds max_seq_len=2"):
+        checked.check(2, NUM_ITEMS)
 
 
-def test_model_checks_each_batch_once_and_its_operators_skip_their_checks(monkeypatch):
-    """encode() checks an unchecked batch itself; the attention op is then called with validate=False."""
+def test_model_checks_each_batch_and_its_operators_skip_their_checks(monkeypatch):
+    """encode() checks every batch against the model's limits; the attention op then gets validate=False."""
     import hstu_kernels.functional as functional
 
     model = build(HSTU, shared_negatives=True)
     with pytest.raises(ValueError, match="JaggedBatch.seq_offsets"):
         model.training_loss(make_batch([MAX_LEN + 1, 2]))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):  # checked for a looser limit elsewhere
+        model.training_loss(make_batch([MAX_LEN + 1, 2]).check(MAX_LEN + 1, NUM_ITEMS))
     flags = []
     check = functional.check_attention_inputs
     monkeypatch.setattr(functional, "check_attention_inputs", lambda *a: flags.append(a[-1]) or check(*a))
     model.training_loss(make_batch([4, 2]))
     assert flags == [False] * HSTU["num_blocks"]
-
-
-def test_rec_module_checks_batches_before_they_move_to_the_device():
-    from hstu.module import RecModule
-
-    module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3})
-    assert module.on_before_batch_transfer(make_batch([3, 2]), 0).checked
-    with pytest.raises(ValueError, match="exceeds max_seq_len"):
-        module.on_before_batch_transfer(make_batch([MAX_LEN + 1]), 0)

@@ -23,15 +23,23 @@ class JaggedBatch:
     user_ids: torch.Tensor  # int64 [B]   contiguous user index
     seen_ids: torch.Tensor | None = None  # int64 [S] eval only: items to mask when ranking (full history)
     seen_offsets: torch.Tensor | None = None  # int64 [B+1] jagged offsets of seen_ids
-    checked: bool = False  # check() passed: the model's operators then skip their own checks
+    extent: tuple[int, int] | None = None  # (longest sequence, largest id), read by check()
 
     def check(self, max_seq_len: int, num_items: int) -> "JaggedBatch":
-        """The batch, marked checked, or a ValueError naming the field that breaks the layout.
-
-        One host read of a few scalars (free before the batch moves to the GPU, which is where
-        RecModule calls it): the operators then skip the per-call checks that would each wait
-        for the GPU.
+        """The batch with its ``extent``, or a ValueError naming the field that breaks the layout
+        or the limits. The first call reads a few numbers back from the batch's device (free on the
+        CPU, where the data loader calls it); later calls only compare the recorded extent, so the
+        model can check every batch without waiting for the GPU.
         """
+        batch = self if self.extent is not None else self._read_extent()
+        longest, highest = batch.extent
+        if longest > max_seq_len:
+            raise ValueError(f"JaggedBatch.seq_offsets: a sequence of {longest} items exceeds max_seq_len={max_seq_len}")
+        if highest > num_items:
+            raise ValueError(f"JaggedBatch.item_ids/targets: ids must lie in [0, {num_items}]; the largest is {highest}")
+        return batch
+
+    def _read_extent(self) -> "JaggedBatch":
         num_tokens, batch_size = self.item_ids.shape[0], self.seq_offsets.shape[0] - 1
         for name, t, size in (("timestamps", self.timestamps, num_tokens), ("targets", self.targets, batch_size),
                               ("target_timestamps", self.target_timestamps, batch_size),
@@ -45,15 +53,13 @@ class JaggedBatch:
             self.seq_offsets[0].long(), self.seq_offsets[-1].long(),
             lengths.min().long() if batch_size else none, lengths.max().long() if batch_size else none,
             ids.min() if ids.numel() else none, ids.max() if ids.numel() else none,
-        ]).tolist()
+        ]).tolist()  # the one host read
         if first != 0 or last != num_tokens or shortest < 0:
             raise ValueError(f"JaggedBatch.seq_offsets: must start at 0, end at {num_tokens} and not decrease; "
                              f"got first {first}, last {last}, shortest sequence {shortest}")
-        if longest > max_seq_len:
-            raise ValueError(f"JaggedBatch.seq_offsets: a sequence of {longest} items exceeds max_seq_len={max_seq_len}")
-        if lowest < 0 or highest > num_items:
-            raise ValueError(f"JaggedBatch.item_ids/targets: ids must lie in [0, {num_items}]; got [{lowest}, {highest}]")
-        return replace(self, checked=True)
+        if lowest < 0:
+            raise ValueError(f"JaggedBatch.item_ids/targets: ids must be >= 0; the smallest is {lowest}")
+        return replace(self, extent=(longest, highest))
 
     @property
     def batch_size(self) -> int:

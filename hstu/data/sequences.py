@@ -161,4 +161,4 @@ def make_batch(
         seen, seen_offsets = _ranges(begin, target_positions)
         batch.seen_ids = torch.from_numpy(sequences.item_ids[seen])
         batch.seen_offsets = torch.from_numpy(seen_offsets)
-    return batch
+    return batch.check(max_seq_len, sequences.num_items)  # on the CPU: the model's check then reads nothing

@@ -60,11 +60,11 @@ class SequentialRecommender(nn.Module):
     def encode(self, batch: JaggedBatch) -> torch.Tensor:
         """[L, D] L2-normalised states; state i summarises history items 0..i.
 
-        The batch is checked here unless it was already (``JaggedBatch.check``); the embedding and
-        encoder trust it, so their operators skip per-call checks that would wait for the GPU.
+        The batch is checked here against the model's limits (``JaggedBatch.check``: no GPU wait when
+        the data loader checked it already); the embedding and encoder trust it, so their operators
+        skip the per-call checks that would each wait for the GPU.
         """
-        if not batch.checked:
-            batch.check(self.max_seq_len, self.num_items)
+        batch.check(self.max_seq_len, self.num_items)
         x = self.embedding(batch.item_ids, batch.timestamps, batch.seq_offsets)
         x = self.encoder(x, batch.seq_offsets, batch.timestamps, batch.target_timestamps)
         return F.normalize(x, dim=-1, eps=1e-6)
