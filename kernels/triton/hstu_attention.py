@@ -13,6 +13,11 @@ How it computes, and why:
 - No softmax, so no row statistics: the backward recomputes S = alpha q k^T + rab per tile.
 - Forward grid (batch*heads, query blocks), last (longest) query blocks launched first; only the
   diagonal tile of each row block is masked, the tiles left of it run without masks.
+- The bias is shared across heads, and its time-bucket lookup costs more than the rest of a score
+  element. With a bias, each program of the forward, dK/dV and dQ kernels serves a group of up to
+  four heads (``HEADS``, a divisor of the head count): the bias tile is computed once per tile for
+  the group, and each head keeps its own accumulators. Register pressure bounds the group (four
+  heads in the forward, two in the backward kernels at head dims <= 64; one above).
 - Backward: one kernel per key block gives dK, dV (dS^T Q and P^T dO); a second per query block
   recomputes dS and gives dQ = alpha dS K. (dQ by fp32 atomics from the first kernel, 5 matmuls
   instead of 7, measured 2-4x slower on an H200: atomic traffic.)
@@ -29,8 +34,9 @@ How it computes, and why:
   or one below, then corrected by one integer comparison with the shared threshold table. A
   pre-pass flags sequences whose timestamps lie within 2^30 of their first key timestamp: their
   gaps are taken in int32 with a fused [threshold, weight, next weight] table, others in int64.
-- Bias tables are read with ``ld.global.nc`` (see ``_gather``), SiLU in bf16 with one
-  ``tanh.approx`` (half the special-function work of exp + reciprocal; error far below bf16).
+- Bias tables are read with ``ld.global.nc`` (see ``_gather``; the fused time-table row in one
+  16-byte read), SiLU in bf16 with one ``tanh.approx`` (half the special-function work of exp +
+  reciprocal; error far below bf16), and the bucket's floor by a rounding add, not a conversion.
 - Every bias index is clamped into its table, so malformed inputs cannot read out of bounds.
 """
 from __future__ import annotations
@@ -104,22 +110,44 @@ def _log2(x, PTX_MATH: tl.constexpr):
 
 
 @triton.jit
-def _gather(ptrs, PTX_MATH: tl.constexpr):
-    """Element-wise load from a small read-only table (fp32 / int32 / int64).
+def _gather(table, index, PTX_MATH: tl.constexpr):
+    """table[index]: element-wise reads of a small read-only table (fp32 / int32 / int64) at int32 indices.
 
-    On the GPU an opaque ``ld.global.nc``: the software pipeliner would otherwise turn these
-    per-element gathers into 4-byte async copies that bypass L1 (measured ~20x slower forward).
+    On the GPU an opaque ``ld.global.nc`` whose address is formed inside the asm from the scalar
+    base: the software pipeliner would otherwise turn these gathers into 4-byte async copies that
+    bypass L1 (measured ~20x slower forward), and a tile of 64-bit addresses would cost two
+    registers per element.
     """
     if PTX_MATH:
-        if ptrs.dtype.element_ty == tl.int64:
-            x = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs],
-                                          dtype=tl.int64, is_pure=True, pack=1)
+        base = table + tl.zeros_like(index)  # the same address in every element: one register pair
+        if table.dtype.element_ty == tl.int64:
+            x = tl.inline_asm_elementwise(
+                "{ .reg .u64 a; mad.wide.s32 a, $2, 8, $1; ld.global.nc.b64 $0, [a]; }", "=l,l,r",
+                [base, index], dtype=tl.int64, is_pure=True, pack=1)
         else:
-            x = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
-                                          dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+            x = tl.inline_asm_elementwise(
+                "{ .reg .u64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.b32 $0, [a]; }", "=r,l,r",
+                [base, index], dtype=table.dtype.element_ty, is_pure=True, pack=1)
     else:
-        x = tl.load(ptrs)
+        x = tl.load(table + index)
     return x
+
+
+@triton.jit
+def _gather_time_row(time_table, row, PTX_MATH: tl.constexpr):
+    """(threshold, weight below, weight above) of fused time-table rows: one 16-byte read each on the GPU."""
+    if PTX_MATH:
+        base = time_table + tl.zeros_like(row)
+        threshold, below, above = tl.inline_asm_elementwise(
+            "{ .reg .u64 a; .reg .b32 pad; mad.wide.s32 a, $4, 16, $3; "
+            "ld.global.nc.v4.b32 {$0, $1, $2, pad}, [a]; }",
+            "=r,=r,=r,l,r", [base, row], dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        entry = time_table + row * TIME_TABLE_WIDTH
+        threshold = tl.load(entry)
+        below = tl.load(entry + 1)
+        above = tl.load(entry + 2)
+    return threshold, below.to(tl.float32, bitcast=True), above.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -152,17 +180,27 @@ def _sequence_span(seq_offsets, batch):
 
 @triton.jit
 def _bucket_guess(gap, PTX_MATH: tl.constexpr):
-    """floor(log2(gap) * LOG2_TO_BUCKET - margin): the exact bucket of the gap or one below it."""
-    estimate = _log2(tl.maximum(gap.to(tl.float32), 1.0), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
-    return estimate.to(tl.int32)
+    """max(floor(log2(gap) * LOG2_TO_BUCKET - margin), 0): the exact bucket of the gap or one below it."""
+    if PTX_MATH:
+        # lg2(0) = -inf clamps to 0 below. The floor is an add of 1.5 * 2^23 rounded toward -inf,
+        # which leaves the integer in the low mantissa bits: a full-rate add where a float-to-int
+        # conversion would take the 16-per-clock pipe that SiLU's tanh and lg2 already load.
+        estimate = _log2(gap.to(tl.float32), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
+        shifted = tl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=r,r", [tl.maximum(estimate, 0.0)],
+                                            dtype=tl.float32, is_pure=True, pack=1)
+        guess = shifted.to(tl.int32, bitcast=True) - 0x4B400000
+    else:
+        estimate = _log2(tl.maximum(gap.to(tl.float32), 1.0), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
+        guess = estimate.to(tl.int32)
+    return guess
 
 
 @triton.jit
 def _time_bias_int64(gap, thresholds, time_weight, num_buckets, PTX_MATH: tl.constexpr):
     """(time bias, bucket) for any int64 gap: guess, then one comparison with the next threshold."""
     guess = tl.minimum(_bucket_guess(gap, PTX_MATH), num_buckets - 1)
-    bucket = tl.minimum(guess + (gap >= _gather(thresholds + guess + 1, PTX_MATH)).to(tl.int32), num_buckets - 1)
-    return _gather(time_weight + bucket, PTX_MATH), bucket
+    bucket = tl.minimum(guess + (gap >= _gather(thresholds, guess + 1, PTX_MATH)).to(tl.int32), num_buckets - 1)
+    return _gather(time_weight, bucket, PTX_MATH), bucket
 
 
 @triton.jit
@@ -170,10 +208,8 @@ def _time_bias_int32(gap, time_table, num_buckets, PTX_MATH: tl.constexpr):
     """(time bias, bucket) for 0 <= gap < 2^31 from the fused table (see ``_time_table_kernel``):
     one address feeds the threshold and both candidate weights, and guess <= 71 needs no clamp."""
     guess = _bucket_guess(gap, PTX_MATH)
-    row = time_table + guess * TIME_TABLE_WIDTH
-    above = gap >= _gather(row, PTX_MATH)
-    below_weight = _gather(row + 1, PTX_MATH).to(tl.float32, bitcast=True)
-    above_weight = _gather(row + 2, PTX_MATH).to(tl.float32, bitcast=True)
+    threshold, below_weight, above_weight = _gather_time_row(time_table, guess, PTX_MATH)
+    above = gap >= threshold
     bucket = tl.minimum(guess + above.to(tl.int32), num_buckets - 1)
     return tl.where(above, above_weight, below_weight), bucket
 
@@ -196,7 +232,7 @@ def _relative_bias(
     if HAS_POS:
         last = max_seq_len - 1
         rel = tl.minimum(k_pos, last) - tl.minimum(q_pos, last) + last
-        bias += _gather(pos_weight + rel, PTX_MATH)
+        bias += _gather(pos_weight, rel, PTX_MATH)
     if HAS_TIME:
         if gaps_fit_int32:
             time_bias, time_bucket = _time_bias_int32(tl.abs(q_rel - k_rel), time_table, num_buckets, PTX_MATH)
@@ -297,26 +333,19 @@ def _query_time_context(q_timestamps, k_timestamps, gaps_fit, batch, seq_start, 
 
 
 @triton.jit
-def _forward_tile(
-    acc, q, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len,
-    stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+def _forward_head_tile(
+    acc, q, q_pos, bias, k_base, v_base, offs_n, cols_ok,
+    stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
-    """acc += SiLU(alpha q k^T + rab) v for one key block (causal mask only on the diagonal)."""
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    cols_ok = offs_n < seq_len
+    """acc += SiLU(alpha q k^T + bias) v for one head and key block (causal mask only on the diagonal)."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
                    cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
-    if HAS_POS or HAS_TIME:
-        bias, _ = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
-                             pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-                             HAS_POS, HAS_TIME, PTX_MATH, False)
+    if HAS_BIAS:
         s += bias
     p = _silu(s, FAST_SILU)
     if DIAGONAL:
@@ -324,6 +353,104 @@ def _forward_tile(
     v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
                    cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
     return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _forward_key_block(
+    acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref,
+    gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d, stride_v_l, stride_v_h, stride_v_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """One key block for the program's HEADS heads (1-4); the bias tile is computed once for all."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    cols_ok = offs_n < seq_len
+    bias = 0.0
+    if HAS_POS or HAS_TIME:
+        bias, _ = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                             pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                             HAS_POS, HAS_TIME, PTX_MATH, False)
+    acc0 = _forward_head_tile(acc0, q0, q_pos, bias, k_base, v_base, offs_n, cols_ok,
+                              stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                              HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 1:
+        acc1 = _forward_head_tile(acc1, q1, q_pos, bias, k_base + stride_k_h, v_base + stride_v_h, offs_n, cols_ok,
+                                  stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                                  HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 2:
+        acc2 = _forward_head_tile(acc2, q2, q_pos, bias, k_base + 2 * stride_k_h, v_base + 2 * stride_v_h, offs_n,
+                                  cols_ok, stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK,
+                                  BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 3:
+        acc3 = _forward_head_tile(acc3, q3, q_pos, bias, k_base + 3 * stride_k_h, v_base + 3 * stride_v_h, offs_n,
+                                  cols_ok, stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK,
+                                  BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_head_rows(base, acc, offs_m, rows_ok, stride_l, stride_d, scale, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store rows offs_m of one head's [rows, D] result, scaled, in the destination's dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + offs_m[:, None] * stride_l + offs_d[None, :] * stride_d
+    tl.store(ptrs, (acc * scale).to(base.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _load_head_slots(ptrs, stride_h, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr):
+    """The [rows, BLOCK_D] tile of each head of the program's group (``HEADS`` of the four slots;
+    slots past it repeat slot 0 and are never used)."""
+    t0 = _load_tile(ptrs, rows_ok, cols, D, BLOCK_D, True)
+    t1 = t0
+    t2 = t0
+    t3 = t0
+    if HEADS > 1:
+        t1 = _load_tile(ptrs + stride_h, rows_ok, cols, D, BLOCK_D, True)
+    if HEADS > 2:
+        t2 = _load_tile(ptrs + 2 * stride_h, rows_ok, cols, D, BLOCK_D, True)
+    if HEADS > 3:
+        t3 = _load_tile(ptrs + 3 * stride_h, rows_ok, cols, D, BLOCK_D, True)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _load_head_slot_pairs(a_ptrs, a_stride_h, a_cols, DA: tl.constexpr, BLOCK_A: tl.constexpr,
+                          b_ptrs, b_stride_h, b_cols, DB: tl.constexpr, BLOCK_B: tl.constexpr,
+                          rows_ok, HEADS: tl.constexpr):
+    """Two tiles per head of the group (k and v, or q and dO), head by head, as ``_load_head_slots``."""
+    a0 = _load_tile(a_ptrs, rows_ok, a_cols, DA, BLOCK_A, True)
+    b0 = _load_tile(b_ptrs, rows_ok, b_cols, DB, BLOCK_B, True)
+    a1 = a0
+    b1 = b0
+    a2 = a0
+    b2 = b0
+    a3 = a0
+    b3 = b0
+    if HEADS > 1:
+        a1 = _load_tile(a_ptrs + a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
+        b1 = _load_tile(b_ptrs + b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
+    if HEADS > 2:
+        a2 = _load_tile(a_ptrs + 2 * a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
+        b2 = _load_tile(b_ptrs + 2 * b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
+    if HEADS > 3:
+        a3 = _load_tile(a_ptrs + 3 * a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
+        b3 = _load_tile(b_ptrs + 3 * b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
+    return a0, b0, a1, b1, a2, b2, a3, b3
+
+
+@triton.jit
+def _store_head_slots(base, stride_h, acc0, acc1, acc2, acc3, offs_m, rows_ok, stride_l, stride_d, scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr):
+    """Store the group's per-head results (slot s at head offset s), scaled, in the destination's dtype."""
+    _store_head_rows(base, acc0, offs_m, rows_ok, stride_l, stride_d, scale, D, BLOCK_D)
+    if HEADS > 1:
+        _store_head_rows(base + stride_h, acc1, offs_m, rows_ok, stride_l, stride_d, scale, D, BLOCK_D)
+    if HEADS > 2:
+        _store_head_rows(base + 2 * stride_h, acc2, offs_m, rows_ok, stride_l, stride_d, scale, D, BLOCK_D)
+    if HEADS > 3:
+        _store_head_rows(base + 3 * stride_h, acc3, offs_m, rows_ok, stride_l, stride_d, scale, D, BLOCK_D)
 
 
 @triton.jit
@@ -336,14 +463,15 @@ def _hstu_attention_fwd_kernel(
     stride_o_l, stride_o_h, stride_o_d,
     num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Axis 1 counts down so that the last query blocks (most key blocks) start first.
+    # Grid (batch * head groups, query blocks); axis 1 counts down so that the last query blocks
+    # (most key blocks) start first. A program serves HEADS consecutive heads.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    pid_bh = tl.program_id(0)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
+    num_groups = num_heads // HEADS
+    batch = tl.program_id(0) // num_groups
+    head = (tl.program_id(0) % num_groups) * HEADS
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK_M
     if m_start >= seq_len:
@@ -352,52 +480,47 @@ def _hstu_attention_fwd_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < seq_len
     offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + seq_start * stride_q_l + head * stride_q_h
-                   + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
-                   rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
+    q_ptrs = (Q + seq_start * stride_q_l + head * stride_q_h
+              + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d)
+    q0, q1, q2, q3 = _load_head_slots(q_ptrs, stride_q_h, rows_ok, offs_dqk, DQK, BLOCK_DQK, HEADS)
     q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
         q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
     k_base = K + seq_start * stride_k_l + head * stride_k_h
     v_base = V + seq_start * stride_v_l + head * stride_v_h
     k_ts_base = k_timestamps + seq_start
 
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     for n_start in range(0, m_start, BLOCK_N):
-        acc = _forward_tile(acc, q, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
-                            n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-                            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_POS, HAS_TIME,
-                            FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+        acc0, acc1, acc2, acc3 = _forward_key_block(
+            acc0, acc1, acc2, acc3, q0, q1, q2, q3, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref,
+            gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d, stride_v_l, stride_v_h, stride_v_d,
+            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
     for n_start in range(m_start, tl.minimum(m_start + BLOCK_M, seq_len), BLOCK_N):
-        acc = _forward_tile(acc, q, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
-                            n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-                            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_POS, HAS_TIME,
-                            FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+        acc0, acc1, acc2, acc3 = _forward_key_block(
+            acc0, acc1, acc2, acc3, q0, q1, q2, q3, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref,
+            gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d, stride_v_l, stride_v_h, stride_v_d,
+            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
 
-    out_ptrs = (Out + seq_start * stride_o_l + head * stride_o_h
-                + offs_m[:, None] * stride_o_l + offs_dv[None, :] * stride_o_d)
-    out_mask = rows_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(out_ptrs, (acc * inv_max_seq_len).to(Out.dtype.element_ty), mask=out_mask)
+    _store_head_slots(Out + seq_start * stride_o_l + head * stride_o_h, stride_o_h, acc0, acc1, acc2, acc3,
+                      offs_m, rows_ok, stride_o_l, stride_o_d, inv_max_seq_len, DV, BLOCK_DV, HEADS)
 
 
 # --------------------------------------------------------------------------------------------
 # Backward, kernel 1: dK and dV per key block
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _key_block_tile(
-    dk, dv, k, v, k_pos, cols_ok, q_base, do_base, m_start, seq_len,
-    q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
-    stride_q_l, stride_q_d, stride_do_l, stride_do_d,
-    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+def _key_head_tile(
+    dk, dv, k, v, k_pos, bias_t, q_base, do_base, offs_m, rows_ok,
+    stride_q_l, stride_q_d, stride_do_l, stride_do_d, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
-    """One query block against this key block, in transposed form (rows = keys)."""
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    rows_ok = offs_m < seq_len
+    """One head: a query block against this key block, in transposed form (rows = keys)."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     # Query rows past the sequence load as zeros: with dO = 0 they add nothing to dK, dV.
@@ -406,16 +529,8 @@ def _key_block_tile(
     do = _load_tile(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
                     rows_ok, offs_dv, DV, BLOCK_DV, True)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * alpha  # [keys, queries]
-    if HAS_POS or HAS_TIME:
-        q_ts = 0
-        q_rel = 0
-        if HAS_TIME:
-            q_ts = tl.load(q_ts_base + offs_m, mask=rows_ok, other=0)
-            q_rel = (q_ts - ts_ref).to(tl.int32)
-        bias, _ = _tile_bias(offs_m, k_pos, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
-                             pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-                             HAS_POS, HAS_TIME, PTX_MATH, True)
-        s_t += bias
+    if HAS_BIAS:
+        s_t += bias_t
     sig = _sigmoid(s_t, FAST_SILU)
     p_t = s_t * sig
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -425,9 +540,51 @@ def _key_block_tile(
         p_t = tl.where(causal, p_t, 0.0)
         ds_t = tl.where(causal, ds_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    ds_t = ds_t.to(q.dtype)
-    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _key_query_block(
+    dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, v0, k1, v1, k2, v2, k3, v3,
+    k_pos, cols_ok, q_base, do_base, m_start, seq_len, q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
+    stride_q_l, stride_q_h, stride_q_d, stride_do_l, stride_do_h, stride_do_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """One query block for the program's HEADS heads; the bias tile is computed once for all."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    rows_ok = offs_m < seq_len
+    bias_t = 0.0
+    if HAS_POS or HAS_TIME:
+        q_ts = 0
+        q_rel = 0
+        if HAS_TIME:
+            q_ts = tl.load(q_ts_base + offs_m, mask=rows_ok, other=0)
+            q_rel = (q_ts - ts_ref).to(tl.int32)
+        bias_t, _ = _tile_bias(offs_m, k_pos, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
+                               pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                               HAS_POS, HAS_TIME, PTX_MATH, True)
+    dk0, dv0 = _key_head_tile(dk0, dv0, k0, v0, k_pos, bias_t, q_base, do_base, offs_m, rows_ok,
+                              stride_q_l, stride_q_d, stride_do_l, stride_do_d, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                              HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 1:
+        dk1, dv1 = _key_head_tile(dk1, dv1, k1, v1, k_pos, bias_t, q_base + stride_q_h, do_base + stride_do_h,
+                                  offs_m, rows_ok, stride_q_l, stride_q_d, stride_do_l, stride_do_d, alpha,
+                                  DQK, DV, BLOCK_DQK, BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 2:
+        dk2, dv2 = _key_head_tile(dk2, dv2, k2, v2, k_pos, bias_t, q_base + 2 * stride_q_h,
+                                  do_base + 2 * stride_do_h, offs_m, rows_ok,
+                                  stride_q_l, stride_q_d, stride_do_l, stride_do_d, alpha,
+                                  DQK, DV, BLOCK_DQK, BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 3:
+        dk3, dv3 = _key_head_tile(dk3, dv3, k3, v3, k_pos, bias_t, q_base + 3 * stride_q_h,
+                                  do_base + 3 * stride_do_h, offs_m, rows_ok,
+                                  stride_q_l, stride_q_d, stride_do_l, stride_do_d, alpha,
+                                  DQK, DV, BLOCK_DQK, BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    return dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3
 
 
 @triton.jit
@@ -442,14 +599,15 @@ def _hstu_attention_bwd_dkdv_kernel(
     stride_dv_l, stride_dv_h, stride_dv_d,
     num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Key block 0 sees every query block: natural order already starts with the heaviest.
+    # Grid (batch * head groups, key blocks); key block 0 sees every query block, so the natural
+    # order already starts with the heaviest. A program serves HEADS consecutive heads.
     pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(0)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
+    num_groups = num_heads // HEADS
+    batch = tl.program_id(0) // num_groups
+    head = (tl.program_id(0) % num_groups) * HEADS
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
     n_start = pid_n * BLOCK_N
     if n_start >= seq_len:
@@ -459,12 +617,12 @@ def _hstu_attention_bwd_dkdv_kernel(
     cols_ok = offs_n < seq_len
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + seq_start * stride_k_l + head * stride_k_h
-                   + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
-                   cols_ok, offs_dqk, DQK, BLOCK_DQK, True)
-    v = _load_tile(V + seq_start * stride_v_l + head * stride_v_h
-                   + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
-                   cols_ok, offs_dv, DV, BLOCK_DV, True)
+    k_ptrs = (K + seq_start * stride_k_l + head * stride_k_h
+              + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d)
+    v_ptrs = (V + seq_start * stride_v_l + head * stride_v_h
+              + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d)
+    k0, v0, k1, v1, k2, v2, k3, v3 = _load_head_slot_pairs(k_ptrs, stride_k_h, offs_dqk, DQK, BLOCK_DQK,
+                                                           v_ptrs, stride_v_h, offs_dv, DV, BLOCK_DV, cols_ok, HEADS)
     ts_ref = 0
     gaps_fit_int32 = False
     if HAS_TIME:
@@ -474,31 +632,50 @@ def _hstu_attention_bwd_dkdv_kernel(
     do_base = dO + seq_start * stride_do_l + head * stride_do_h
     q_ts_base = q_timestamps + seq_start
     k_ts_base = k_timestamps + seq_start
-    dq_scale = alpha * inv_max_seq_len
 
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk1 = dk0
+    dv1 = dv0
+    dk2 = dk0
+    dv2 = dv0
+    dk3 = dk0
+    dv3 = dv0
     for m_start in range(n_start, tl.minimum(n_start + BLOCK_N, seq_len), BLOCK_M):
-        dk, dv = _key_block_tile(dk, dv, k, v, offs_n, cols_ok, q_base, do_base, m_start, seq_len,
-                                 q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
-                                 stride_q_l, stride_q_d, stride_do_l, stride_do_d,
-                                 alpha, pos_weight, time_weight, thresholds, time_table,
-                                 max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M,
-                                 HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+        dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _key_query_block(
+            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, v0, k1, v1, k2, v2, k3, v3,
+            offs_n, cols_ok, q_base, do_base, m_start, seq_len, q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
+            stride_q_l, stride_q_h, stride_q_d, stride_do_l, stride_do_h, stride_do_d,
+            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
     for m_start in range(n_start + BLOCK_N, seq_len, BLOCK_M):
-        dk, dv = _key_block_tile(dk, dv, k, v, offs_n, cols_ok, q_base, do_base, m_start, seq_len,
-                                 q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
-                                 stride_q_l, stride_q_d, stride_do_l, stride_do_d,
-                                 alpha, pos_weight, time_weight, thresholds, time_table,
-                                 max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M,
-                                 HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+        dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _key_query_block(
+            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, v0, k1, v1, k2, v2, k3, v3,
+            offs_n, cols_ok, q_base, do_base, m_start, seq_len, q_ts_base, k_ts_base, ts_ref, gaps_fit_int32,
+            stride_q_l, stride_q_h, stride_q_d, stride_do_l, stride_do_h, stride_do_d,
+            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
 
-    dk_ptrs = (dK + seq_start * stride_dk_l + head * stride_dk_h
-               + offs_n[:, None] * stride_dk_l + offs_dqk[None, :] * stride_dk_d)
-    dv_ptrs = (dV + seq_start * stride_dv_l + head * stride_dv_h
-               + offs_n[:, None] * stride_dv_l + offs_dv[None, :] * stride_dv_d)
-    tl.store(dk_ptrs, (dk * dq_scale).to(dK.dtype.element_ty), mask=cols_ok[:, None] & (offs_dqk[None, :] < DQK))
-    tl.store(dv_ptrs, (dv * inv_max_seq_len).to(dV.dtype.element_ty), mask=cols_ok[:, None] & (offs_dv[None, :] < DV))
+    dk_base = dK + seq_start * stride_dk_l + head * stride_dk_h
+    dv_base = dV + seq_start * stride_dv_l + head * stride_dv_h
+    dk_scale = alpha * inv_max_seq_len
+    _store_head_rows(dk_base, dk0, offs_n, cols_ok, stride_dk_l, stride_dk_d, dk_scale, DQK, BLOCK_DQK)
+    _store_head_rows(dv_base, dv0, offs_n, cols_ok, stride_dv_l, stride_dv_d, inv_max_seq_len, DV, BLOCK_DV)
+    if HEADS > 1:
+        _store_head_rows(dk_base + stride_dk_h, dk1, offs_n, cols_ok, stride_dk_l, stride_dk_d, dk_scale,
+                         DQK, BLOCK_DQK)
+        _store_head_rows(dv_base + stride_dv_h, dv1, offs_n, cols_ok, stride_dv_l, stride_dv_d, inv_max_seq_len,
+                         DV, BLOCK_DV)
+    if HEADS > 2:
+        _store_head_rows(dk_base + 2 * stride_dk_h, dk2, offs_n, cols_ok, stride_dk_l, stride_dk_d, dk_scale,
+                         DQK, BLOCK_DQK)
+        _store_head_rows(dv_base + 2 * stride_dv_h, dv2, offs_n, cols_ok, stride_dv_l, stride_dv_d,
+                         inv_max_seq_len, DV, BLOCK_DV)
+    if HEADS > 3:
+        _store_head_rows(dk_base + 3 * stride_dk_h, dk3, offs_n, cols_ok, stride_dk_l, stride_dk_d, dk_scale,
+                         DQK, BLOCK_DQK)
+        _store_head_rows(dv_base + 3 * stride_dv_h, dv3, offs_n, cols_ok, stride_dv_l, stride_dv_d,
+                         inv_max_seq_len, DV, BLOCK_DV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,32 +694,58 @@ def _score_grad(q, do, k, v, bias, alpha,
 
 
 @triton.jit
-def _query_block_tile(
-    dq, q, do, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len,
-    stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+def _query_head_tile(
+    dq, q, do, q_pos, bias, k_base, v_base, offs_n, cols_ok,
+    stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
-    """dq += dS k for one key block."""
-    offs_n = n_start + tl.arange(0, BLOCK)
-    cols_ok = offs_n < seq_len
+    """dq += dS k for one head and key block."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
                    cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
     v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
                    cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
+    ds = _score_grad(q, do, k, v, bias, alpha, HAS_BIAS, FAST_SILU, DOT_PRECISION)
+    if DIAGONAL:
+        ds = tl.where(offs_n[None, :] <= q_pos[:, None], ds, 0.0)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _query_key_block(
+    dq0, dq1, dq2, dq3, q0, q1, q2, q3, do0, do1, do2, do3, q_pos, q_ts, q_rel, k_base, v_base, k_ts_base,
+    ts_ref, gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d, stride_v_l, stride_v_h,
+    stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """One key block for the program's HEADS heads; the bias tile is computed once for all."""
+    offs_n = n_start + tl.arange(0, BLOCK)
+    cols_ok = offs_n < seq_len
     bias = 0.0
     if HAS_POS or HAS_TIME:
         bias, _ = _tile_bias(q_pos, offs_n, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32, cols_ok,
                              pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
                              HAS_POS, HAS_TIME, PTX_MATH, False)
-    ds = _score_grad(q, do, k, v, bias, alpha, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION)
-    if DIAGONAL:
-        ds = tl.where(offs_n[None, :] <= q_pos[:, None], ds, 0.0)
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq0 = _query_head_tile(dq0, q0, do0, q_pos, bias, k_base, v_base, offs_n, cols_ok,
+                           stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                           HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 1:
+        dq1 = _query_head_tile(dq1, q1, do1, q_pos, bias, k_base + stride_k_h, v_base + stride_v_h, offs_n, cols_ok,
+                               stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                               HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 2:
+        dq2 = _query_head_tile(dq2, q2, do2, q_pos, bias, k_base + 2 * stride_k_h, v_base + 2 * stride_v_h, offs_n,
+                               cols_ok, stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK,
+                               BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    if HEADS > 3:
+        dq3 = _query_head_tile(dq3, q3, do3, q_pos, bias, k_base + 3 * stride_k_h, v_base + 3 * stride_v_h, offs_n,
+                               cols_ok, stride_k_l, stride_k_d, stride_v_l, stride_v_d, alpha, DQK, DV, BLOCK_DQK,
+                               BLOCK_DV, HAS_POS or HAS_TIME, FAST_SILU, DOT_PRECISION, DIAGONAL)
+    return dq0, dq1, dq2, dq3
 
 
 @triton.jit
@@ -556,12 +759,15 @@ def _hstu_attention_bwd_dq_kernel(
     stride_dq_l, stride_dq_h, stride_dq_d,
     num_heads, max_seq_len, num_buckets, alpha, dq_scale,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    BLOCK: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Grid (batch * head groups, query blocks), last query blocks first; HEADS consecutive heads
+    # per program.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    batch = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
+    num_groups = num_heads // HEADS
+    batch = tl.program_id(0) // num_groups
+    head = (tl.program_id(0) % num_groups) * HEADS
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK
     if m_start >= seq_len:
@@ -573,33 +779,37 @@ def _hstu_attention_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
         q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
-    q = _load_tile(Q + seq_start * stride_q_l + head * stride_q_h
-                   + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
-                   rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
-    do = _load_tile(dO + seq_start * stride_do_l + head * stride_do_h
-                    + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
-                    rows_ok, offs_dv, DV, BLOCK_DV, True)
+    q_ptrs = (Q + seq_start * stride_q_l + head * stride_q_h
+              + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d)
+    do_ptrs = (dO + seq_start * stride_do_l + head * stride_do_h
+               + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d)
+    q0, do0, q1, do1, q2, do2, q3, do3 = _load_head_slot_pairs(q_ptrs, stride_q_h, offs_dqk, DQK, BLOCK_DQK,
+                                                               do_ptrs, stride_do_h, offs_dv, DV, BLOCK_DV,
+                                                               rows_ok, HEADS)
     k_base = K + seq_start * stride_k_l + head * stride_k_h
     v_base = V + seq_start * stride_v_l + head * stride_v_h
     k_ts_base = k_timestamps + seq_start
-    dq = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
+
+    dq0 = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
+    dq1 = dq0
+    dq2 = dq0
+    dq3 = dq0
     for n_start in range(0, m_start, BLOCK):
-        dq = _query_block_tile(
-            dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
-            n_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
+        dq0, dq1, dq2, dq3 = _query_key_block(
+            dq0, dq1, dq2, dq3, q0, q1, q2, q3, do0, do1, do2, do3, offs_m, q_ts, q_rel, k_base, v_base,
+            k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d,
+            stride_v_l, stride_v_h, stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table,
+            max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HEADS, HAS_POS, HAS_TIME,
             FAST_SILU, PTX_MATH, DOT_PRECISION, False)
-    dq = _query_block_tile(
-        dq, q, do, offs_m, q_ts, q_rel, k_base, v_base, k_ts_base, ts_ref, gaps_fit_int32,
-        m_start, seq_len, stride_k_l, stride_k_d, stride_v_l, stride_v_d,
-        alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME,
+    dq0, dq1, dq2, dq3 = _query_key_block(
+        dq0, dq1, dq2, dq3, q0, q1, q2, q3, do0, do1, do2, do3, offs_m, q_ts, q_rel, k_base, v_base,
+        k_ts_base, ts_ref, gaps_fit_int32, m_start, seq_len, stride_k_l, stride_k_h, stride_k_d,
+        stride_v_l, stride_v_h, stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table,
+        max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HEADS, HAS_POS, HAS_TIME,
         FAST_SILU, PTX_MATH, DOT_PRECISION, True)
-    dq_ptrs = (dQ + seq_start * stride_dq_l + head * stride_dq_h
-               + offs_m[:, None] * stride_dq_l + offs_dqk[None, :] * stride_dq_d)
-    tl.store(dq_ptrs, (dq * dq_scale).to(dQ.dtype.element_ty),
-             mask=rows_ok[:, None] & (offs_dqk[None, :] < DQK))
+
+    _store_head_slots(dQ + seq_start * stride_dq_l + head * stride_dq_h, stride_dq_h, dq0, dq1, dq2, dq3,
+                      offs_m, rows_ok, stride_dq_l, stride_dq_d, dq_scale, DQK, BLOCK_DQK, HEADS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,7 +884,10 @@ def _add_position_segment(dpos_row, index_start, segment, max_seq_len,
 
 @triton.jit
 def _accumulate_time_grads(hist, ds, bucket, valid, num_buckets, NB_BLOCK: tl.constexpr):
-    """hist[t] += sum of ds over the tile's elements in bucket t, one pass per bucket present."""
+    """hist[t] += sum of ds over the tile's elements in bucket t, one pass per bucket present.
+
+    (Run-length sums along rows with one atomic per run were tried: 3x slower from contention on
+    the few buckets, and less exact, since runs come out as differences of prefix sums.)"""
     lowest = tl.min(tl.where(valid, bucket, num_buckets))
     highest = tl.max(tl.where(valid, bucket, -1))
     bins = tl.arange(0, NB_BLOCK)
@@ -771,45 +984,51 @@ def _block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# Block sizes, warps and pipeline depth per kernel, from H200 timings (notes/attention_kernel.md):
-# bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); the key-block
-# kernel 64x128 tiles at d=128 (128 keys held, 64 queries streamed) and 64x64 up to d=64; the
-# query-block kernel 64x64 tiles; the bias-gradient kernel 64x64 tiles with 4 warps (32x32 tiles
-# have fewer buckets per tile but were 1.3x slower at (16, 4096, 4, 64), 16x16 1.6x).
+# Block sizes, warps, pipeline depth and heads per program (HEADS, an upper bound: see
+# ``_heads_per_program``) per kernel, from H200 timings (kernels/triton/hstu_attention_notes.md).
+# Without a bias: bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); the
+# key-block kernel 64x128 tiles at d=128 (128 keys held, 64 queries streamed) and 64x64 up to d=64;
+# the query-block kernel 64x64 tiles; one head per program. With a bias, a program serves up to four
+# heads so that the bias tile (the time-bucket lookup costs about three times the rest of a score
+# element) is computed once for all of them; the extra accumulators bound the group at wider heads.
 def _forward_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
     if interpreter_active():
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if block_d <= 64 and has_bias:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, HEADS=1)
+    if has_bias and block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEADS=4)
     if block_d <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEADS=1)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEADS=1)
 
 
 def _dkdv_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
     if interpreter_active():
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1)
+    if has_bias and block_d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=2)
     if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEADS=1)
     if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2 if has_bias else 3)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2 if has_bias else 3, HEADS=1)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2, HEADS=1)
 
 
-def _dq_config(block_d: int, dtype: torch.dtype) -> dict:
+def _dq_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
     if interpreter_active():
-        return dict(BLOCK=32, num_warps=4, num_stages=1)
+        return dict(BLOCK=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
-        return dict(BLOCK=32, num_warps=4, num_stages=2)
+        return dict(BLOCK=32, num_warps=4, num_stages=2, HEADS=1)
+    if has_bias and block_d <= 64:
+        return dict(BLOCK=64, num_warps=4, num_stages=2, HEADS=2)
     if block_d <= 64:
-        return dict(BLOCK=64, num_warps=4, num_stages=3)
+        return dict(BLOCK=64, num_warps=4, num_stages=3, HEADS=1)
     if block_d <= 128:
-        return dict(BLOCK=64, num_warps=4, num_stages=2)
-    return dict(BLOCK=32, num_warps=8, num_stages=2)
+        return dict(BLOCK=64, num_warps=4, num_stages=2, HEADS=1)
+    return dict(BLOCK=32, num_warps=8, num_stages=2, HEADS=1)
 
 
 def _bias_grad_config(block_d: int, dtype: torch.dtype) -> dict:
@@ -818,6 +1037,11 @@ def _bias_grad_config(block_d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32 or block_d > 128:
         return dict(BLOCK=32, num_warps=4, num_stages=2)
     return dict(BLOCK=64, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+
+
+def _heads_per_program(num_heads: int, limit: int) -> int:
+    """The largest group of at most ``limit`` (<= 4) heads that divides num_heads."""
+    return next(g for g in (4, 3, 2, 1) if g <= limit and num_heads % g == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -894,13 +1118,14 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
     bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
     block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
     cfg = _forward_config(max(block_dqk, block_dv), q.dtype, bias.has_pos or bias.has_time)
-    grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg["BLOCK_M"]))
+    heads = _heads_per_program(num_heads, cfg["HEADS"])
+    grid = (batch * (num_heads // heads), triton.cdiv(max_seq_len, cfg["BLOCK_M"]))
     _hstu_attention_fwd_kernel[grid](
         q, k, v, out, seq_offsets, *bias.pointers(),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         num_heads, max_seq_len, bias.num_buckets, float(alpha), 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
         HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
         FAST_SILU=_use_fast_silu(q.dtype), PTX_MATH=not interpreter_active(), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -933,25 +1158,27 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
     inv_max_seq_len = 1.0 / max_seq_len
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
-    cfg = _dkdv_config(block_d, q.dtype, bias.has_pos or bias.has_time)
-    grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg["BLOCK_N"]))
+    has_bias = bias.has_pos or bias.has_time
+    cfg = _dkdv_config(block_d, q.dtype, has_bias)
+    heads = _heads_per_program(num_heads, cfg["HEADS"])
+    grid = (batch * (num_heads // heads), triton.cdiv(max_seq_len, cfg["BLOCK_N"]))
     _hstu_attention_bwd_dkdv_kernel[grid](
         q, k, v, grad_out, dk, dv, seq_offsets, *bias.pointers(),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len,
         DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
         HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(),
         DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
-    cfg = _dq_config(block_d, q.dtype)
-    grid = (batch * num_heads, triton.cdiv(max_seq_len, cfg["BLOCK"]))
-    _hstu_attention_bwd_dq_kernel[grid](
+    cfg = _dq_config(block_d, q.dtype, has_bias)
+    heads = _heads_per_program(num_heads, cfg["HEADS"])
+    _hstu_attention_bwd_dq_kernel[(batch * (num_heads // heads), triton.cdiv(max_seq_len, cfg["BLOCK"]))](
         q, k, v, grad_out, dq, seq_offsets, *bias.pointers(),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         num_heads, max_seq_len, bias.num_buckets, float(alpha), float(alpha) * inv_max_seq_len,
-        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK=cfg["BLOCK"],
+        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK=cfg["BLOCK"], HEADS=heads,
         HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
         FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(), DOT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

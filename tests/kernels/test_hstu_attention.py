@@ -489,6 +489,22 @@ def test_triton_deterministic_mode_poisoned_memory_and_bitwise_repeatable():
 
 
 @needs_triton
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("heads", [4, 6])
+def test_triton_head_groups_share_the_bias_tile(heads, deterministic):
+    """With a bias, a program serves a group of up to four heads (one bias tile for all): 4 heads
+    make one group of 4, 6 heads two groups of 3, whose bias-gradient sums meet across programs."""
+    p = Problem((70, 0, 1, 33), max_seq_len=70, heads=heads, dqk=8, dv=16, alpha=0.6, use_pos=True,
+                use_time=True, timestamps="sessions", seed=15)
+    with deterministic_algorithms() if deterministic else contextlib.nullcontext():
+        got = run(p, "triton", p.dtype)
+    ref = run(p, "reference", torch.float64)
+    torch_same = run(p, "reference", p.dtype)
+    for name in ref:
+        assert_within_rule(name, got[name], torch_same[name], ref[name])
+
+
+@needs_triton
 def test_triton_custom_ops_opcheck():
     """torch.library.opcheck on the forward and backward custom ops (schema, fake, autograd, AOT dispatch)."""
     importlib.import_module(TRITON_MODULE)  # registers hstu_kernels::hstu_attention_fwd / _bwd
