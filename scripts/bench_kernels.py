@@ -142,11 +142,14 @@ def build_attention(shape, dtype, device, options) -> Case:
         q_ts, k_ts = increasing_timestamps(g, lengths, device)
     leaves = [t for t in (q, k, v, pos_weight, time_weight) if t is not None]
 
+    direct = {}  # backend -> function, resolved once per case as a model resolves it once when built
+
     def call(backend: str) -> torch.Tensor:
         if options.call == "direct":  # the backend itself: no input validation, whose checks sync the GPU
-            impl = triton_attention((q, k, v)) if backend == "triton" else reference.hstu_attention
-            return impl(q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
-                        pos_weight=pos_weight, time_weight=time_weight)
+            if backend not in direct:
+                direct[backend] = triton_attention((q, k, v)) if backend == "triton" else reference.hstu_attention
+            return direct[backend](q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
+                                   pos_weight=pos_weight, time_weight=time_weight)
         return hstu_kernels.hstu_attention(
             q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
             pos_weight=pos_weight, time_weight=time_weight, backend=backend,
