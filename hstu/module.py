@@ -36,8 +36,8 @@ class RecModule(L.LightningModule):
             num_items, max_seq_len, dim, input_dropout, encoder, loss, kernels, kernel_fallback,
             time_scales, position_from_end,
         )
-        # Compiled after the first training batch, which runs eagerly (see compile_parts).
-        self._compile_pending = compile
+        if compile:
+            self.model.compile_parts()
         self.eval_ks = tuple(eval_ks)
         self.val_metrics = RetrievalMetrics(ks=self.eval_ks)
         self.test_metrics = RetrievalMetrics(ks=self.eval_ks)
@@ -50,11 +50,6 @@ class RecModule(L.LightningModule):
         loss = self.model.training_loss(batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
         return loss
-
-    def on_train_batch_end(self, outputs, batch: JaggedBatch, batch_idx: int) -> None:
-        if self._compile_pending:
-            self.model.compile_parts()
-            self._compile_pending = False
 
     def _rank(self, batch: JaggedBatch, metrics: RetrievalMetrics) -> None:
         _, _, target_rank = self.model.recommend(batch, k=max(self.eval_ks), with_target_rank=True)

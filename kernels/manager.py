@@ -5,6 +5,11 @@ with real inputs whether the Triton kernel can run there (Triton importable,
 kernel implemented, tensors on CUDA or the Triton interpreter active, dtype and
 shape supported). When it cannot, it falls back to the PyTorch reference and
 warns once per operator (``fallback="warn"``) or raises (``fallback="error"``).
+
+What does not depend on inputs (Triton installed, the kernel module imported, a GPU or the
+interpreter) is settled when the manager is built, so that the first-call decision is plain
+checks of devices, dtypes and shapes: a ``torch.compile`` trace runs through it without a
+graph break, even when the model's very first call is compiled.
 """
 from __future__ import annotations
 
@@ -79,6 +84,15 @@ class TritonOperatorManager:
             for op in OPERATORS
         }
         self._decisions: dict[tuple, str] = {}
+        # Input-independent facts, settled now (imports and environment reads cannot be traced).
+        self._interpreter = interpreter_active()
+        self._static: dict[str, tuple[bool, str]] = {}
+        self._modules: dict = {}
+        for op, stats in self._stats.items():
+            if stats.requested == "triton":
+                self._static[op] = self.availability(op)
+                if self._static[op][0]:
+                    self._modules[op] = importlib.import_module(TRITON_MODULES[op])
 
     # ---- static availability -------------------------------------------------------
     @staticmethod
@@ -101,11 +115,7 @@ class TritonOperatorManager:
         ok, reason = cls.availability(op)
         if not ok:
             return reason
-        devices = {t.device.type for t in tensors}
-        if devices != {"cuda"} and not (devices == {"cpu"} and interpreter_active()):
-            return f"inputs on {sorted(devices)}; Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-        module = importlib.import_module(TRITON_MODULES[op])
-        return module.unsupported_reason(tensors)
+        return _input_reason(importlib.import_module(TRITON_MODULES[op]), tensors, interpreter_active())
 
     # ---- per-call resolution ---------------------------------------------------------
     def backend(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
@@ -122,18 +132,24 @@ class TritonOperatorManager:
         self._count(stats, choice)
         return choice
 
-    @torch.compiler.disable  # imports and host checks: run eagerly, once per (op, device, dtype)
     def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
-        reason = self.unsupported_reason(op, tensors)
+        """Checks of tensor metadata only (traceable); the input-independent part was settled in __init__."""
+        available, reason = self._static[op]
+        if available:
+            reason = _input_reason(self._modules[op], tensors, self._interpreter)
         if reason is None:
             return "triton"
+        self._fall_back(op, reason)
+        return "reference"
+
+    @torch.compiler.disable  # logging breaks a trace; only the fallback path comes here
+    def _fall_back(self, op: str, reason: str) -> None:
         msg = f"Triton operator '{op}' cannot run: {reason}"
         if self.fallback == "error":
             raise TritonUnavailableError(msg + " (model.kernel_fallback=error)")
         if self._stats[op].fallback_reason is None:
             log.warning("%s; falling back to the PyTorch reference", msg)
         self._stats[op].fallback_reason = reason
-        return "reference"
 
     @staticmethod
     def _count(stats: OperatorStats, choice: str) -> None:
@@ -163,6 +179,14 @@ class TritonOperatorManager:
                 + (f" FALLBACK: {s.fallback_reason}" if s.fallback_reason else "")
             )
         return "\n".join(lines)
+
+
+def _input_reason(module, tensors: Sequence[torch.Tensor], interpreter: bool) -> str | None:
+    """Why the kernel in ``module`` cannot run on these tensors: their devices, then the module's own limits."""
+    devices = {t.device.type for t in tensors}
+    if devices != {"cuda"} and not (devices == {"cpu"} and interpreter):
+        return f"inputs on {sorted(devices)}; Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    return module.unsupported_reason(tensors)
 
 
 def _check_op(op: str) -> None:

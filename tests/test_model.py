@@ -1,4 +1,6 @@
 """Model forward/backward shapes, flags that keep parameter names, reference vs Triton training curves."""
+import importlib
+
 import pytest
 import torch
 
@@ -137,14 +139,33 @@ def test_compiled_model_does_not_recompile_per_jagged_shape(triton_attention):
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
 
 
-def test_rec_module_compiles_after_its_first_training_batch():
+def test_rec_module_compiles_its_parts_when_built():
     from hstu.module import RecModule
 
     module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3}, compile=True)
     parts = (module.model.embedding, module.model.encoder, module.model.loss)
-    assert all(p._compiled_call_impl is None for p in parts)
-    module.on_train_batch_end(None, make_batch([3, 2]), 0)
     assert all(p._compiled_call_impl is not None for p in parts)
+
+
+def test_model_compiled_before_its_first_call_runs_triton_without_graph_break(monkeypatch):
+    """The manager decides the attention backend on the first call, inside the trace here: the
+    decision must trace (imports and environment were settled when the manager was built)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    kernel_module = importlib.import_module("hstu_kernels.triton.hstu_attention")
+    launches = []
+    launcher = kernel_module.hstu_attention_forward
+    monkeypatch.setattr(kernel_module, "hstu_attention_forward", lambda *a: launches.append(1) or launcher(*a))
+    torch.manual_seed(0)
+    model = build(HSTU, kernels={"hstu_hierarchical_attention": True}, shared_negatives=True)
+    model.compile_parts(backend="eager")
+    dynamo.reset()
+    counters.clear()
+    model.training_loss(make_batch([4, 2, 5], seed=3)).backward()
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert launches, "the compiled model did not run the Triton attention"
+    assert not model.manager.fallbacks()
 
 
 def test_batch_check_names_the_broken_field():

@@ -46,10 +46,8 @@ class SequentialRecommender(nn.Module):
 
     def compile_parts(self, **compile_kwargs) -> None:
         """torch.compile the embedding, encoder and loss with dynamic shapes (jagged batches change
-        the token count every step: compile once, not per shape). Call it after one eager forward:
-        the operator manager decides each operator's backend on its first call (imports, device and
-        dtype checks), which cannot be traced; inside a trace that decision would break the graph in
-        the encoder's block loop, and dynamo would then run the whole encoder eagerly."""
+        the token count every step: compile once, not per shape). The operator manager's first-call
+        backend decision traces (its imports ran when it was built), so no eager call is needed first."""
         for part in (self.embedding, self.encoder, self.loss):
             part.compile(dynamic=True, **compile_kwargs)
 

@@ -69,6 +69,10 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton settles interpreter or compiler when a kernel is defined, i.e. when this module is imported.
+KERNELS_INTERPRETED = interpreter_active()
+
+
 # --------------------------------------------------------------------------------------------
 # Element-wise pieces
 # --------------------------------------------------------------------------------------------
@@ -1334,7 +1338,7 @@ def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     q, k, v = tensors[:3]
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
-    if q.dtype == torch.bfloat16 and interpreter_active():
+    if q.dtype == torch.bfloat16 and KERNELS_INTERPRETED:
         return "bfloat16 under TRITON_INTERPRET (the interpreter computes bf16 wrongly)"
     if q.dim() != 3 or v.dim() != 3:
         return "expected q, k [L, H, dqk] and v [L, H, dv]"
