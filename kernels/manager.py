@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import asdict, dataclass
+from types import ModuleType
 from typing import Mapping, Sequence
 
 import torch
@@ -87,7 +88,7 @@ class TritonOperatorManager:
         # Input-independent facts, settled now (imports and environment reads cannot be traced).
         self._interpreter = interpreter_active()
         self._static: dict[str, tuple[bool, str]] = {}
-        self._modules: dict = {}
+        self._modules: dict[str, ModuleType] = {}
         for op, stats in self._stats.items():
             if stats.requested == "triton":
                 self._static[op] = self.availability(op)

@@ -128,7 +128,7 @@ def test_compiled_model_does_not_recompile_per_jagged_shape(triton_attention):
 
     torch.manual_seed(0)
     model = build(HSTU, kernels={"hstu_hierarchical_attention": triton_attention}, shared_negatives=True)
-    model.training_loss(make_batch([4, 2], seed=9)).backward()  # eager first step, as RecModule does
+    model.training_loss(make_batch([4, 2], seed=9)).backward()  # one eager step first; the case without it is the test below
     model.compile_parts(backend="eager")  # RecModule uses the default backend; eager keeps CI fast
     dynamo.reset()
     counters.clear()
