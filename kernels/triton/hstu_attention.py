@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from hstu_kernels.manager import interpreter_active
 from hstu_kernels.time_buckets import BUCKET_LOG_BASE, bucket_thresholds
 
 MAX_HEAD_DIM = 256
@@ -63,10 +63,6 @@ BUCKET_GUESS_MARGIN = tl.constexpr(1e-3)
 TIME_TABLE_ROWS = 128
 TIME_TABLE_WIDTH = tl.constexpr(4)
 NEG_LOG2_E = tl.constexpr(-1.4426950408889634)
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Triton settles interpreter or compiler when a kernel is defined, i.e. when this module is imported.
