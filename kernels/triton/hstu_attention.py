@@ -18,12 +18,16 @@ How it computes, and why:
   four heads (``HEADS``, a divisor of the head count): the bias tile is computed once per tile for
   the group, and each head keeps its own accumulators. Register pressure bounds the group (four
   heads in the forward, two in the backward kernels at head dims <= 64; one above).
-- Backward: one kernel per key block gives dK, dV (dS^T Q and P^T dO); a second per query block
-  recomputes dS and gives dQ = alpha dS K. (dQ by fp32 atomics from the first kernel, 5 matmuls
-  instead of 7, measured 2-4x slower on an H200: atomic traffic.)
-- Bias gradients depend on dS summed over heads only, so a third kernel, one program per
+- Backward: programs per key block give dK, dV (dS^T Q and P^T dO); programs per query block
+  recompute dS and give dQ = alpha dS K. (dQ by fp32 atomics from the key-block programs, 5
+  matmuls instead of 7, measured 2-4x slower on an H200: atomic traffic.)
+- Bias gradients depend on dS summed over heads only, so a third kind of program, one per
   (sequence, query block), recomputes dS for every head of a tile and reduces the sum once: the
   bias lookup and both reductions run once per tile instead of once per head and tile.
+- The three kinds of programs are parts of one kernel. Up to ``MERGED_BACKWARD_MAX_SEQ_LEN`` they
+  share one launch (host time per launch is what sets the pace at the model's shapes); above it
+  each part has a launch of its own. The time-bias pre-pass runs once per forward and its table is
+  kept for the backward.
 - Position-bias gradient: the diagonal sums of each dS tile, taken by skewing the tile
   (row i rotated by i, ``tl.gather``) and summing columns; consecutive tiles of a row block
   share half their diagonals, so one segment per tile goes out (atomics, or a per-program row
@@ -588,8 +592,8 @@ def _key_query_block(
 
 
 @triton.jit
-def _hstu_attention_bwd_dkdv_kernel(
-    Q, K, V, dO, dK, dV, seq_offsets,
+def _dkdv_program(
+    group_pid, pid_n, Q, K, V, dO, dK, dV, seq_offsets,
     pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
     stride_q_l, stride_q_h, stride_q_d,
     stride_k_l, stride_k_h, stride_k_d,
@@ -602,12 +606,12 @@ def _hstu_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Grid (batch * head groups, key blocks); key block 0 sees every query block, so the natural
-    # order already starts with the heaviest. A program serves HEADS consecutive heads.
-    pid_n = tl.program_id(1)
+    """dK and dV of key block ``pid_n`` for (sequence, group of HEADS consecutive heads) ``group_pid``.
+    Programs run key block 0 of every group first: it sees every query block, so the heaviest
+    start first."""
     num_groups = num_heads // HEADS
-    batch = tl.program_id(0) // num_groups
-    head = (tl.program_id(0) % num_groups) * HEADS
+    batch = group_pid // num_groups
+    head = (group_pid % num_groups) * HEADS
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
     n_start = pid_n * BLOCK_N
     if n_start >= seq_len:
@@ -749,8 +753,8 @@ def _query_key_block(
 
 
 @triton.jit
-def _hstu_attention_bwd_dq_kernel(
-    Q, K, V, dO, dQ, seq_offsets,
+def _dq_program(
+    group_pid, block_pid, num_blocks, Q, K, V, dO, dQ, seq_offsets,
     pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
     stride_q_l, stride_q_h, stride_q_d,
     stride_k_l, stride_k_h, stride_k_d,
@@ -762,12 +766,12 @@ def _hstu_attention_bwd_dq_kernel(
     BLOCK: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Grid (batch * head groups, query blocks), last query blocks first; HEADS consecutive heads
-    # per program.
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    """dQ of a query block for (sequence, group of HEADS consecutive heads) ``group_pid``; block_pid
+    counts from the last of ``num_blocks`` query blocks (most key blocks), so the heaviest start first."""
+    pid_m = num_blocks - 1 - block_pid
     num_groups = num_heads // HEADS
-    batch = tl.program_id(0) // num_groups
-    head = (tl.program_id(0) % num_groups) * HEADS
+    batch = group_pid // num_groups
+    head = (group_pid % num_groups) * HEADS
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK
     if m_start >= seq_len:
@@ -898,8 +902,8 @@ def _accumulate_time_grads(hist, ds, bucket, valid, num_buckets, NB_BLOCK: tl.co
 
 
 @triton.jit
-def _hstu_attention_bwd_bias_kernel(
-    Q, K, V, dO, seq_offsets,
+def _bias_grad_program(
+    batch, block_pid, num_m_blocks, Q, K, V, dO, seq_offsets,
     pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
     dpos_acc, dtime_acc,
     stride_q_l, stride_q_h, stride_q_d,
@@ -912,17 +916,17 @@ def _hstu_attention_bwd_bias_kernel(
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One program per (sequence, query block) sums dS over the heads, so the bias and both
-    # reductions run once per tile, not once per head. Deterministic: the program writes its own
-    # partial rows (summed by torch in a fixed order); otherwise atomics into the gradients.
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    batch = tl.program_id(0)
+    """Bias gradients of one query block of sequence ``batch`` (block_pid counts from the last of
+    ``num_m_blocks``): dS summed over the heads, so the bias and both reductions run once per tile,
+    not once per head. Deterministic: the program writes its own partial rows (summed by torch in
+    a fixed order); otherwise atomics into the gradients."""
+    pid_m = num_m_blocks - 1 - block_pid
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK
     if m_start >= seq_len:
         return
     if DETERMINISTIC:
-        partial_row = (batch * tl.num_programs(1) + pid_m).to(tl.int64)
+        partial_row = (batch * num_m_blocks + pid_m).to(tl.int64)
         dpos_row = dpos_acc + partial_row * max_seq_len
         dtime_row = dtime_acc + partial_row * num_buckets
     else:
@@ -978,6 +982,97 @@ def _hstu_attention_bwd_bias_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Backward: one kernel, three kinds of programs
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _grid_position(local_pid, num_columns, num_rows, SHARED_LAUNCH: tl.constexpr):
+    """(column, row, number of rows) of a program in its part's (groups x blocks) grid: from its
+    index within the part when parts share a 1-D launch, else the launch's own 2-D grid."""
+    if SHARED_LAUNCH:
+        column = local_pid % num_columns
+        row = local_pid // num_columns
+        rows = num_rows
+    else:
+        column = tl.program_id(0)
+        row = tl.program_id(1)
+        rows = tl.num_programs(1)
+    return column, row, rows
+
+
+@triton.jit
+def _hstu_attention_bwd_kernel(
+    Q, K, V, dO, dQ, dK, dV, seq_offsets,
+    pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+    dpos_acc, dtime_acc,
+    stride_q_l, stride_q_h, stride_q_d,
+    stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d,
+    stride_do_l, stride_do_h, stride_do_d,
+    stride_dq_l, stride_dq_h, stride_dq_d,
+    stride_dk_l, stride_dk_h, stride_dk_d,
+    stride_dv_l, stride_dv_h, stride_dv_d,
+    num_sequences, num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len, dq_scale,
+    dkdv_programs, dq_programs,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    RUN_DKDV: tl.constexpr, DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DKDV_HEADS: tl.constexpr,
+    RUN_DQ: tl.constexpr, DQ_BLOCK: tl.constexpr, DQ_HEADS: tl.constexpr,
+    RUN_BIAS_GRAD: tl.constexpr, BIAS_BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The parts of the backward that RUN_* select. One part: a 2-D grid (groups x blocks) of its
+    own. Several (they read the same inputs and write disjoint outputs): a 1-D grid where the first
+    ``dkdv_programs`` programs compute dK, dV, the next ``dq_programs`` dQ, the rest the bias
+    gradients."""
+    SHARED_LAUNCH: tl.constexpr = RUN_DKDV + RUN_DQ + RUN_BIAS_GRAD > 1
+    pid = tl.program_id(0)
+    if SHARED_LAUNCH:
+        dq_start = dkdv_programs
+        bias_start = dkdv_programs + dq_programs
+        in_dkdv = pid < dq_start
+        in_dq = (pid >= dq_start) & (pid < bias_start)
+    else:  # no runtime branch around the part
+        dq_start = 0
+        bias_start = 0
+        in_dkdv = RUN_DKDV
+        in_dq = RUN_DQ
+    if RUN_DKDV and in_dkdv:
+        group, block, _ = _grid_position(pid, num_sequences * (num_heads // DKDV_HEADS), 0, SHARED_LAUNCH)
+        _dkdv_program(
+            group, block, Q, K, V, dO, dK, dV, seq_offsets,
+            pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+            stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+            stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+            stride_dk_l, stride_dk_h, stride_dk_d, stride_dv_l, stride_dv_h, stride_dv_d,
+            num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, DKDV_BLOCK_M, DKDV_BLOCK_N, DKDV_HEADS, HAS_POS, HAS_TIME,
+            FAST_SILU, PTX_MATH, DOT_PRECISION)
+    elif RUN_DQ and in_dq:
+        group, block, blocks = _grid_position(pid - dq_start, num_sequences * (num_heads // DQ_HEADS),
+                                              tl.cdiv(max_seq_len, DQ_BLOCK), SHARED_LAUNCH)
+        _dq_program(
+            group, block, blocks, Q, K, V, dO, dQ, seq_offsets,
+            pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+            stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+            stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+            stride_dq_l, stride_dq_h, stride_dq_d,
+            num_heads, max_seq_len, num_buckets, alpha, dq_scale,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, DQ_BLOCK, DQ_HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION)
+    elif RUN_BIAS_GRAD:
+        sequence, block, blocks = _grid_position(pid - bias_start, num_sequences, tl.cdiv(max_seq_len, BIAS_BLOCK),
+                                                 SHARED_LAUNCH)
+        _bias_grad_program(
+            sequence, block, blocks, Q, K, V, dO, seq_offsets,
+            pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
+            dpos_acc, dtime_acc,
+            stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+            stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+            num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BIAS_BLOCK, NB_BLOCK, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+            DETERMINISTIC, FAST_SILU, PTX_MATH, DOT_PRECISION)
+
+
+# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 def _block_dim(d: int) -> int:
@@ -992,7 +1087,7 @@ def _block_dim(d: int) -> int:
 # heads so that the bias tile (the time-bucket lookup costs about three times the rest of a score
 # element) is computed once for all of them; the extra accumulators bound the group at wider heads.
 def _forward_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
-    if interpreter_active():
+    if KERNELS_INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, HEADS=1)
@@ -1004,7 +1099,7 @@ def _forward_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
 
 
 def _dkdv_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
-    if interpreter_active():
+    if KERNELS_INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1)
@@ -1018,7 +1113,7 @@ def _dkdv_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
 
 
 def _dq_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
-    if interpreter_active():
+    if KERNELS_INTERPRETED:
         return dict(BLOCK=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
         return dict(BLOCK=32, num_warps=4, num_stages=2, HEADS=1)
@@ -1032,11 +1127,17 @@ def _dq_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
 
 
 def _bias_grad_config(block_d: int, dtype: torch.dtype) -> dict:
-    if interpreter_active():
+    if KERNELS_INTERPRETED:
         return dict(BLOCK=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or block_d > 128:
         return dict(BLOCK=32, num_warps=4, num_stages=2)
     return dict(BLOCK=64, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+
+
+# The backward's parts share one launch up to this max_seq_len. H200, bf16, d <= 64: at N = 200 one
+# launch took 0.06-0.23 ms against 0.09-0.49 ms for separate launches (host-bound); at N >= 1024
+# separate launches ran 5-17% faster on the GPU (kernel notes, "One launch for the backward").
+MERGED_BACKWARD_MAX_SEQ_LEN = 512
 
 
 def _heads_per_program(num_heads: int, limit: int) -> int:
@@ -1060,7 +1161,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _use_fast_silu(dtype: torch.dtype) -> bool:
     """tanh.approx SiLU for bf16 on the GPU (error far under bf16 rounding); exact elsewhere."""
-    return dtype == torch.bfloat16 and not interpreter_active()
+    return dtype == torch.bfloat16 and not KERNELS_INTERPRETED
 
 
 def _check_index_range(max_seq_len: int, *tensors: torch.Tensor) -> None:
@@ -1072,10 +1173,27 @@ def _check_index_range(max_seq_len: int, *tensors: torch.Tensor) -> None:
             )
 
 
-class _BiasArgs:
-    """Kernel arguments for the optional biases (placeholders where a bias is absent)."""
+def time_bias_context(q_timestamps, k_timestamps, seq_offsets, time_weight):
+    """The time-bias pre-pass (``_time_table_kernel``) -> (fused int32 time table, per-sequence
+    int32-gaps flags). Run once per forward and kept for the backward."""
+    thresholds = _threshold_table(time_weight.numel(), time_weight.device)
+    batch = seq_offsets.numel() - 1
+    gaps_fit = torch.empty(max(batch, 0), dtype=torch.int32, device=seq_offsets.device)
+    time_table = torch.empty((TIME_TABLE_ROWS, 4), dtype=torch.int32, device=time_weight.device)
+    _time_table_kernel[(max(batch, 0) + 1,)](
+        q_timestamps.contiguous(), k_timestamps.contiguous(), seq_offsets.contiguous(), thresholds,
+        time_weight.float().contiguous(), time_weight.numel(), gaps_fit, time_table,
+        BLOCK=1024, TABLE_ROWS=TIME_TABLE_ROWS, num_warps=4,
+    )
+    return time_table, gaps_fit
 
-    def __init__(self, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight):
+
+class _BiasArgs:
+    """Kernel arguments for the optional biases (placeholders where a bias is absent). The time
+    table and flags come from ``time_bias_context`` (computed here when not given)."""
+
+    def __init__(self, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight,
+                 time_table=None, gaps_fit=None):
         placeholder = seq_offsets
         self.has_pos = pos_weight is not None
         self.has_time = time_weight is not None
@@ -1087,14 +1205,9 @@ class _BiasArgs:
             self.q_timestamps = q_timestamps.contiguous()
             self.k_timestamps = k_timestamps.contiguous()
             self.thresholds = _threshold_table(self.num_buckets, time_weight.device)
-            batch = seq_offsets.numel() - 1
-            self.gaps_fit = torch.empty(batch, dtype=torch.int32, device=seq_offsets.device)
-            self.time_table = torch.empty((TIME_TABLE_ROWS, 4), dtype=torch.int32, device=time_weight.device)
-            _time_table_kernel[(batch + 1,)](
-                self.q_timestamps, self.k_timestamps, seq_offsets, self.thresholds, self.time_weight,
-                self.num_buckets, self.gaps_fit, self.time_table, BLOCK=1024, TABLE_ROWS=TIME_TABLE_ROWS,
-                num_warps=4,
-            )
+            if time_table is None or gaps_fit is None:
+                time_table, gaps_fit = time_bias_context(q_timestamps, k_timestamps, seq_offsets, time_weight)
+            self.time_table, self.gaps_fit = time_table, gaps_fit
         else:
             self.time_weight = self.q_timestamps = self.k_timestamps = placeholder
             self.thresholds = self.time_table = self.gaps_fit = placeholder
@@ -1105,8 +1218,10 @@ class _BiasArgs:
 
 
 def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
-                           q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None):
-    """Launch the forward kernel -> out [L, H, dv] in v's dtype."""
+                           q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
+                           time_table=None, gaps_fit=None):
+    """Launch the forward kernel -> out [L, H, dv] in v's dtype (time_table, gaps_fit: see
+    ``time_bias_context``; computed here when absent)."""
     num_tokens, num_heads, dqk = q.shape
     dv = v.shape[-1]
     out = torch.empty((num_tokens, num_heads, dv), dtype=v.dtype, device=v.device)
@@ -1115,7 +1230,7 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
         return out
     _check_index_range(max_seq_len, q, k, v, out)
     seq_offsets = seq_offsets.contiguous()
-    bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
+    bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
     block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
     cfg = _forward_config(max(block_dqk, block_dv), q.dtype, bias.has_pos or bias.has_time)
     heads = _heads_per_program(num_heads, cfg["HEADS"])
@@ -1127,7 +1242,7 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
         HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
-        FAST_SILU=_use_fast_silu(q.dtype), PTX_MATH=not interpreter_active(), DOT_PRECISION=_dot_precision(q.dtype),
+        FAST_SILU=_use_fast_silu(q.dtype), PTX_MATH=not KERNELS_INTERPRETED, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -1135,7 +1250,7 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
 
 def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                             q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
-                            pos_grad=False, time_grad=False, deterministic=False):
+                            pos_grad=False, time_grad=False, deterministic=False, time_table=None, gaps_fit=None):
     """Launch the backward kernels -> (dq, dk, dv, dpos [2N-1] or [0], dtime [NB] or [0])."""
     num_tokens, num_heads, dqk = q.shape
     dv_dim = v.shape[-1]
@@ -1150,7 +1265,7 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                 time_weight.new_zeros(time_weight.shape) if time_grad else q.new_empty(0))
     _check_index_range(max_seq_len, q, k, v, grad_out, dk, dv)
     seq_offsets = seq_offsets.contiguous()
-    bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
+    bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
     block_dqk, block_dv = _block_dim(dqk), _block_dim(dv_dim)
     block_d = max(block_dqk, block_dv)
     fast_silu = _use_fast_silu(q.dtype)
@@ -1159,52 +1274,53 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     has_bias = bias.has_pos or bias.has_time
-    cfg = _dkdv_config(block_d, q.dtype, has_bias)
-    heads = _heads_per_program(num_heads, cfg["HEADS"])
-    grid = (batch * (num_heads // heads), triton.cdiv(max_seq_len, cfg["BLOCK_N"]))
-    _hstu_attention_bwd_dkdv_kernel[grid](
-        q, k, v, grad_out, dk, dv, seq_offsets, *bias.pointers(),
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len,
-        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
-        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(),
-        DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    dkdv_cfg = _dkdv_config(block_d, q.dtype, has_bias)
+    dkdv_heads = _heads_per_program(num_heads, dkdv_cfg["HEADS"])
+    dq_cfg = _dq_config(block_d, q.dtype, has_bias)
+    dq_heads = _heads_per_program(num_heads, dq_cfg["HEADS"])
+    bias_cfg = _bias_grad_config(block_d, q.dtype)
+    parts = {  # part -> (its config, its grid: (groups, blocks))
+        "DKDV": (dkdv_cfg, (batch * (num_heads // dkdv_heads), triton.cdiv(max_seq_len, dkdv_cfg["BLOCK_N"]))),
+        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), triton.cdiv(max_seq_len, dq_cfg["BLOCK"]))),
+    }
+    dpos_acc = dtime_acc = seq_offsets  # placeholders without bias gradients
+    if pos_grad or time_grad:
+        num_m_blocks = triton.cdiv(max_seq_len, bias_cfg["BLOCK"])
+        parts["BIAS_GRAD"] = (bias_cfg, (batch, num_m_blocks))
+        f32 = dict(dtype=torch.float32, device=q.device)
+        if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
+            dpos_acc = torch.zeros((batch * num_m_blocks, max_seq_len) if pos_grad else (1,), **f32)
+            dtime_acc = torch.zeros((batch * num_m_blocks, bias.num_buckets) if time_grad else (1,), **f32)
+        else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
+            dpos_acc = torch.zeros(2 * max_seq_len - 1 if pos_grad else 1, **f32)
+            dtime_acc = torch.zeros(bias.num_buckets if time_grad else 1, **f32)
 
-    cfg = _dq_config(block_d, q.dtype, has_bias)
-    heads = _heads_per_program(num_heads, cfg["HEADS"])
-    _hstu_attention_bwd_dq_kernel[(batch * (num_heads // heads), triton.cdiv(max_seq_len, cfg["BLOCK"]))](
-        q, k, v, grad_out, dq, seq_offsets, *bias.pointers(),
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        num_heads, max_seq_len, bias.num_buckets, float(alpha), float(alpha) * inv_max_seq_len,
-        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK=cfg["BLOCK"], HEADS=heads,
-        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
-        FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(), DOT_PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    # Short sequences: parts with the same warps and stages share a launch (all of them at head dims
+    # <= 64), which saves host time per launch. Long ones: one launch per part, measured faster.
+    launches: dict[tuple[int, int, str], list[str]] = {}
+    for name, (cfg, _) in parts.items():
+        alone = "" if max_seq_len <= MERGED_BACKWARD_MAX_SEQ_LEN else name
+        launches.setdefault((cfg["num_warps"], cfg["num_stages"], alone), []).append(name)
+    for (num_warps, num_stages, _), names in launches.items():
+        programs = {name: math.prod(parts[name][1]) if name in names else 0 for name in ("DKDV", "DQ", "BIAS_GRAD")}
+        grid = parts[names[0]][1] if len(names) == 1 else (sum(programs.values()),)
+        _hstu_attention_bwd_kernel[grid](
+            q, k, v, grad_out, dq, dk, dv, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            batch, num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len, float(alpha) * inv_max_seq_len,
+            programs["DKDV"], programs["DQ"],
+            DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+            RUN_DKDV="DKDV" in names, DKDV_BLOCK_M=dkdv_cfg["BLOCK_M"], DKDV_BLOCK_N=dkdv_cfg["BLOCK_N"],
+            DKDV_HEADS=dkdv_heads, RUN_DQ="DQ" in names, DQ_BLOCK=dq_cfg["BLOCK"], DQ_HEADS=dq_heads,
+            RUN_BIAS_GRAD="BIAS_GRAD" in names, BIAS_BLOCK=bias_cfg["BLOCK"],
+            NB_BLOCK=triton.next_power_of_2(bias.num_buckets),
+            HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
+            DETERMINISTIC=deterministic, FAST_SILU=fast_silu, PTX_MATH=not KERNELS_INTERPRETED,
+            DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        )
     if not (pos_grad or time_grad):
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
 
-    cfg = _bias_grad_config(block_d, q.dtype)
-    num_m_blocks = triton.cdiv(max_seq_len, cfg["BLOCK"])
-    f32 = dict(dtype=torch.float32, device=q.device)
-    if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
-        dpos_acc = torch.zeros((batch * num_m_blocks, max_seq_len) if pos_grad else (1,), **f32)
-        dtime_acc = torch.zeros((batch * num_m_blocks, bias.num_buckets) if time_grad else (1,), **f32)
-    else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
-        dpos_acc = torch.zeros(2 * max_seq_len - 1 if pos_grad else 1, **f32)
-        dtime_acc = torch.zeros(bias.num_buckets if time_grad else 1, **f32)
-    _hstu_attention_bwd_bias_kernel[(batch, num_m_blocks)](
-        q, k, v, grad_out, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-        num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len,
-        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        BLOCK=cfg["BLOCK"], NB_BLOCK=triton.next_power_of_2(bias.num_buckets),
-        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
-        DETERMINISTIC=deterministic, FAST_SILU=fast_silu, PTX_MATH=not interpreter_active(), DOT_PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
     dpos_out = dtime_out = None
     if pos_grad:
         if deterministic:
@@ -1223,20 +1339,34 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
 # --------------------------------------------------------------------------------------------
 # torch.library custom ops (torch.compile sees opaque ops with fake shapes and a registered VJP)
 # --------------------------------------------------------------------------------------------
+@torch.library.custom_op("hstu_kernels::hstu_attention_time_context", mutates_args=())
+def hstu_attention_time_context(
+    q_timestamps: torch.Tensor, k_timestamps: torch.Tensor, seq_offsets: torch.Tensor, time_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return time_bias_context(q_timestamps, k_timestamps, seq_offsets, time_weight)
+
+
+@hstu_attention_time_context.register_fake
+def _hstu_attention_time_context_fake(q_timestamps, k_timestamps, seq_offsets, time_weight):
+    return (seq_offsets.new_empty((TIME_TABLE_ROWS, 4), dtype=torch.int32),
+            seq_offsets.new_empty((seq_offsets.shape[0] - 1,), dtype=torch.int32))
+
+
 @torch.library.custom_op("hstu_kernels::hstu_attention_fwd", mutates_args=())
 def hstu_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
     max_seq_len: int, alpha: float,
     q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
     pos_weight: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
+    time_table: Optional[torch.Tensor], gaps_fit: Optional[torch.Tensor],
 ) -> torch.Tensor:
     return hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
-                                  q_timestamps, k_timestamps, pos_weight, time_weight)
+                                  q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
 
 
 @hstu_attention_fwd.register_fake
 def _hstu_attention_fwd_fake(q, k, v, seq_offsets, max_seq_len, alpha,
-                             q_timestamps, k_timestamps, pos_weight, time_weight):
+                             q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
@@ -1247,39 +1377,42 @@ def hstu_attention_bwd(
     q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
     pos_weight: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
     pos_grad: bool, time_grad: bool, deterministic: bool,
+    time_table: Optional[torch.Tensor], gaps_fit: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                                    q_timestamps, k_timestamps, pos_weight, time_weight,
-                                   pos_grad, time_grad, deterministic)
+                                   pos_grad, time_grad, deterministic, time_table, gaps_fit)
 
 
 @hstu_attention_bwd.register_fake
 def _hstu_attention_bwd_fake(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                              q_timestamps, k_timestamps, pos_weight, time_weight,
-                             pos_grad, time_grad, deterministic):
+                             pos_grad, time_grad, deterministic, time_table, gaps_fit):
     dpos = pos_weight.new_empty(pos_weight.shape) if pos_grad and pos_weight is not None else q.new_empty(0)
     dtime = time_weight.new_empty(time_weight.shape) if time_grad and time_weight is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpos, dtime
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight = inputs
-    ctx.save_for_backward(q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight)
+    (q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
+     time_table, gaps_fit) = inputs
+    ctx.save_for_backward(q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight,
+                          time_table, gaps_fit)
     ctx.max_seq_len = max_seq_len
     ctx.alpha = alpha
 
 
 def _gradients(ctx, grad_out, backward_op):
-    q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight = ctx.saved_tensors
+    q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit = ctx.saved_tensors
     needs = ctx.needs_input_grad
     pos_grad, time_grad = bool(needs[8]), bool(needs[9])
     dq, dk, dv, dpos, dtime = backward_op(
         grad_out, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha,
         q_timestamps, k_timestamps, pos_weight, time_weight,
-        pos_grad, time_grad, torch.are_deterministic_algorithms_enabled(),
+        pos_grad, time_grad, torch.are_deterministic_algorithms_enabled(), time_table, gaps_fit,
     )
     return (dq, dk, dv, None, None, None, None, None,
-            dpos if pos_grad else None, dtime if time_grad else None)
+            dpos if pos_grad else None, dtime if time_grad else None, None, None)
 
 
 def _backward(ctx, grad_out):
@@ -1295,8 +1428,10 @@ class _EagerAttention(torch.autograd.Function):
     a torch.compile trace goes through the custom op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight):
-        inputs = (q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight)
+    def forward(ctx, q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
+                time_table, gaps_fit):
+        inputs = (q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
+                  time_table, gaps_fit)
         out = hstu_attention_forward(*inputs)
         _setup_context(ctx, inputs, out)
         return out
@@ -1323,10 +1458,16 @@ def hstu_attention_triton(
     time_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Jagged causal HSTU attention on Triton -> [L, H, dv] in v's dtype (inputs checked by the caller)."""
+    compiling = torch.compiler.is_compiling()
+    time_table = gaps_fit = None
     if time_weight is None:
         q_timestamps = k_timestamps = None
-    op = hstu_attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
-    return op(q, k, v, seq_offsets, int(max_seq_len), float(alpha), q_timestamps, k_timestamps, pos_weight, time_weight)
+    else:  # the time-bias pre-pass, once for the forward and the backward
+        context = hstu_attention_time_context if compiling else time_bias_context
+        time_table, gaps_fit = context(q_timestamps, k_timestamps, seq_offsets, time_weight.detach())
+    op = hstu_attention_fwd if compiling else _EagerAttention.apply
+    return op(q, k, v, seq_offsets, int(max_seq_len), float(alpha), q_timestamps, k_timestamps, pos_weight, time_weight,
+              time_table, gaps_fit)
 
 
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:

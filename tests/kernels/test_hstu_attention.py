@@ -507,18 +507,24 @@ def test_triton_head_groups_share_the_bias_tile(heads, deterministic):
 @needs_triton
 def test_triton_custom_ops_opcheck():
     """torch.library.opcheck on the forward and backward custom ops (schema, fake, autograd, AOT dispatch)."""
-    importlib.import_module(TRITON_MODULE)  # registers hstu_kernels::hstu_attention_fwd / _bwd
+    importlib.import_module(TRITON_MODULE)  # registers hstu_kernels::hstu_attention_fwd / _bwd / _time_context
+    ops = torch.ops.hstu_kernels
     p = Problem((6, 0, 1, 9), max_seq_len=9, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=6)
     x = make_inputs(p, torch.float32)
     q, k, v = (t.detach().requires_grad_() for t in (x.q, x.k, x.v))
     biases = (x.q_timestamps, x.k_timestamps, x.pos_weight, x.time_weight)
-    torch.library.opcheck(torch.ops.hstu_kernels.hstu_attention_fwd.default,
-                          (q, k, v, x.seq_offsets, p.max_seq_len, p.alpha, *biases))
+    context_args = (x.q_timestamps, x.k_timestamps, x.seq_offsets, x.time_weight.detach())
+    torch.library.opcheck(ops.hstu_attention_time_context.default, context_args)
+    time_context = ops.hstu_attention_time_context(*context_args)
+    for context in ((None, None), time_context):  # the table computed inside, or given
+        torch.library.opcheck(ops.hstu_attention_fwd.default,
+                              (q, k, v, x.seq_offsets, p.max_seq_len, p.alpha, *biases, *context))
     grad_out = torch.randn(q.shape[0], p.heads, p.dv, device=DEVICE)
     for deterministic in (False, True):
-        torch.library.opcheck(torch.ops.hstu_kernels.hstu_attention_bwd.default,
+        torch.library.opcheck(ops.hstu_attention_bwd.default,
                               (grad_out, q.detach(), k.detach(), v.detach(), x.seq_offsets, p.max_seq_len, p.alpha,
-                               *(b.detach() if b.is_floating_point() else b for b in biases), True, True, deterministic))
+                               *(b.detach() if b.is_floating_point() else b for b in biases), True, True, deterministic,
+                               *time_context))
 
 
 @needs_triton
@@ -537,7 +543,8 @@ def test_triton_eager_path_equals_custom_op():
 
     def custom_op(q, k, v, pos_weight, time_weight):
         return torch.ops.hstu_kernels.hstu_attention_fwd(q, k, v, x.seq_offsets, p.max_seq_len, p.alpha,
-                                                         x.q_timestamps, x.k_timestamps, pos_weight, time_weight)
+                                                         x.q_timestamps, x.k_timestamps, pos_weight, time_weight,
+                                                         None, None)
 
     results = []
     with deterministic_algorithms():
@@ -547,6 +554,34 @@ def test_triton_eager_path_equals_custom_op():
             results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
     for name, a, b in zip(["out", "q", "k", "v", "pos_weight", "time_weight"], *results):
         assert torch.equal(a, b), f"{name}: eager path and custom op differ"
+
+
+@needs_triton
+def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
+    """Short sequences run dK/dV, dQ and the bias gradients in one launch, long ones one launch per
+    part (``MERGED_BACKWARD_MAX_SEQ_LEN``): both give the same gradients, bitwise (deterministic mode)."""
+    module = importlib.import_module(TRITON_MODULE)
+    kernel, grids = module._hstu_attention_bwd_kernel, []
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, "_hstu_attention_bwd_kernel", CountingKernel())
+    p = Problem((40, 0, 1, 9), max_seq_len=40, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=15)
+    results, launches = [], []
+    with deterministic_algorithms():
+        for limit in (p.max_seq_len, p.max_seq_len - 1):
+            monkeypatch.setattr(module, "MERGED_BACKWARD_MAX_SEQ_LEN", limit)
+            grids.clear()
+            results.append(run(p, "triton", torch.float32))
+            launches.append([len(grid) for grid in grids])
+    assert launches == [[1], [2, 2, 2]], f"grids of the backward launches: {launches}"
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), f"{name}: one launch and separate launches differ"
+    assert_within_rule("grad_q", results[1]["grad_q"], run(p, "reference", torch.float32)["grad_q"],
+                       run(p, "reference", torch.float64)["grad_q"])
 
 
 @needs_triton
