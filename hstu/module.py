@@ -26,6 +26,7 @@ class RecModule(L.LightningModule):
         kernels: Mapping[str, bool] | None = None,
         kernel_fallback: str = "warn",
         compile: bool = False,
+        backward_on_caller_thread: bool = False,
         eval_ks: Sequence[int] = (10, 50, 200),
         time_scales: Sequence[Sequence[int]] = (),
         position_from_end: bool = False,
@@ -50,6 +51,13 @@ class RecModule(L.LightningModule):
         loss = self.model.training_loss(batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """With ``backward_on_caller_thread``, autograd runs the backward on this thread instead of
+        handing it to its per-device worker thread: at small shapes the handoff and the Python in the
+        backward (kernel launchers) running on that other thread cost host time every step."""
+        with torch.autograd.set_multithreading_enabled(not self.hparams.backward_on_caller_thread):
+            super().backward(loss, *args, **kwargs)
 
     def _rank(self, batch: JaggedBatch, metrics: RetrievalMetrics) -> None:
         _, _, target_rank = self.model.recommend(batch, k=max(self.eval_ks), with_target_rank=True)

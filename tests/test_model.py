@@ -147,6 +147,20 @@ def test_rec_module_compiles_its_parts_when_built():
     assert all(p._compiled_call_impl is not None for p in parts)
 
 
+@pytest.mark.parametrize("on_caller_thread", [False, True])
+def test_rec_module_backward_thread_follows_its_flag(on_caller_thread):
+    """``backward_on_caller_thread`` turns autograd's worker threads off for the module's backward
+    only: the flag is seen inside the backward and restored after it."""
+    from hstu.module import RecModule
+
+    module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3}, backward_on_caller_thread=on_caller_thread)
+    seen = []
+    module.model.embedding.item_table.register_hook(lambda grad: seen.append(torch._C._is_multithreading_enabled()))
+    module.backward(module.model.training_loss(make_batch([4, 2, 5], seed=3)))
+    assert seen == [not on_caller_thread]
+    assert torch._C._is_multithreading_enabled()
+
+
 def test_model_compiled_before_its_first_call_runs_triton_without_graph_break(monkeypatch):
     """The manager decides the attention backend on the first call, inside the trace here: the
     decision must trace (imports and environment were settled when the manager was built)."""
