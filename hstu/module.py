@@ -54,8 +54,9 @@ class RecModule(L.LightningModule):
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """With ``backward_on_caller_thread``, autograd runs the backward on this thread instead of
-        handing it to its per-device worker thread: at small shapes the handoff and the Python in the
-        backward (kernel launchers) running on that other thread cost host time every step."""
+        handing it to its per-device worker thread. The handoff and the backward's Python (kernel
+        launchers) on that thread cost host time in microbenchmarks; end to end the gain varied
+        from machine to machine (BENCHMARKS.md)."""
         with torch.autograd.set_multithreading_enabled(not self.hparams.backward_on_caller_thread):
             super().backward(loss, *args, **kwargs)
 
