@@ -515,7 +515,7 @@ def _hstu_attention_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, kernel 1: dK and dV per key block
+# Backward, part 1: dK and dV per key block
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _key_head_tile(
@@ -683,7 +683,7 @@ def _dkdv_program(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, kernel 2: dQ per query block
+# Backward, part 2: dQ per query block
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _score_grad(q, do, k, v, bias, alpha,
@@ -817,7 +817,7 @@ def _dq_program(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, kernel 3: bias gradients from the head-summed dS, per (sequence, query block)
+# Backward, part 3: bias gradients from the head-summed dS, per (sequence, query block)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _head_summed_score_grad(
@@ -1251,7 +1251,8 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
 def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                             q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
                             pos_grad=False, time_grad=False, deterministic=False, time_table=None, gaps_fit=None):
-    """Launch the backward kernels -> (dq, dk, dv, dpos [2N-1] or [0], dtime [NB] or [0])."""
+    """Launch the backward's parts (together up to ``MERGED_BACKWARD_MAX_SEQ_LEN``, else one launch each)
+    -> (dq, dk, dv, dpos [2N-1] or [0], dtime [NB] or [0])."""
     num_tokens, num_heads, dqk = q.shape
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
