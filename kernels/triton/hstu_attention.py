@@ -1134,9 +1134,9 @@ def _bias_grad_config(block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK=64, num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
 
-# The backward's parts share one launch up to this max_seq_len. H200, bf16, d <= 64: at N = 200 one
+# The backward's parts share one launch up to this max_seq_len. H200, bf16: at N = 200 (d = 25-64) one
 # launch took 0.06-0.23 ms against 0.09-0.49 ms for separate launches (host-bound); at N >= 1024
-# separate launches ran 5-17% faster on the GPU (kernel notes, "One launch for the backward").
+# (d = 64, 128) it ran 4-17% slower on the GPU (kernel notes, "One launch for the backward").
 MERGED_BACKWARD_MAX_SEQ_LEN = 512
 
 
