@@ -42,6 +42,8 @@ How it computes, and why:
   16-byte read), SiLU in bf16 with one ``tanh.approx`` (half the special-function work of exp +
   reciprocal; error far below bf16), and the bucket's floor by a rounding add, not a conversion.
 - Every bias index is clamped into its table, so malformed inputs cannot read out of bounds.
+- Launch plans (grids and compile-time arguments) are cached per problem shape: at the model's
+  sizes host time per launch, not the GPU, sets the pace.
 """
 from __future__ import annotations
 
@@ -1075,8 +1077,14 @@ def _hstu_attention_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    """The power-of-2 tile width (at least 16) that holds a head dim. Plain ints here and in ``_cdiv``:
+    Triton's ``next_power_of_2`` and ``cdiv`` cost microseconds a call on the host in recent versions."""
+    return max(16, 1 << (d - 1).bit_length())
 
 
 # Block sizes, warps, pipeline depth and heads per program (HEADS, an upper bound: see
@@ -1164,13 +1172,11 @@ def _use_fast_silu(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and not KERNELS_INTERPRETED
 
 
-def _check_index_range(max_seq_len: int, *tensors: torch.Tensor) -> None:
+def _check_index_range(max_seq_len: int, row_strides: Sequence[int]) -> None:
     # In-sequence offsets are 32-bit in the kernels: row * row_stride must fit.
-    for t in tensors:
-        if max_seq_len * max(abs(t.stride(0)), 1) >= 2**31:
-            raise ValueError(
-                f"hstu_attention.py: max_seq_len {max_seq_len} x row stride {t.stride(0)} overflows 32-bit offsets"
-            )
+    widest = max(map(abs, row_strides))
+    if max_seq_len * widest >= 2**31:
+        raise ValueError(f"hstu_attention.py: max_seq_len {max_seq_len} x row stride {widest} overflows 32-bit offsets")
 
 
 def time_bias_context(q_timestamps, k_timestamps, seq_offsets, time_weight):
@@ -1217,6 +1223,23 @@ class _BiasArgs:
                 self.thresholds, self.time_table, self.gaps_fit)
 
 
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: int, dtype: torch.dtype,
+                  has_pos: bool, has_time: bool, precision: str) -> tuple[tuple[int, int], dict]:
+    """(grid, compile-time arguments) of the forward launch, settled once per problem shape: at the
+    model's sizes the host time of a launch, not the GPU, sets the pace."""
+    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
+    cfg = _forward_config(max(block_dqk, block_dv), dtype, has_pos or has_time)
+    heads = _heads_per_program(num_heads, cfg["HEADS"])
+    grid = (batch * (num_heads // heads), _cdiv(max_seq_len, cfg["BLOCK_M"]))
+    return grid, dict(
+        DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads, HAS_POS=has_pos, HAS_TIME=has_time,
+        FAST_SILU=_use_fast_silu(dtype), PTX_MATH=not KERNELS_INTERPRETED, DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
 def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
                            q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
                            time_table=None, gaps_fit=None):
@@ -1228,24 +1251,63 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
     batch = seq_offsets.numel() - 1
     if num_tokens == 0 or batch <= 0 or num_heads == 0 or max_seq_len <= 0:
         return out
-    _check_index_range(max_seq_len, q, k, v, out)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
+    _check_index_range(max_seq_len, strides[::3])
     seq_offsets = seq_offsets.contiguous()
     bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
-    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
-    cfg = _forward_config(max(block_dqk, block_dv), q.dtype, bias.has_pos or bias.has_time)
-    heads = _heads_per_program(num_heads, cfg["HEADS"])
-    grid = (batch * (num_heads // heads), triton.cdiv(max_seq_len, cfg["BLOCK_M"]))
+    grid, constants = _forward_plan(batch, num_heads, max_seq_len, dqk, dv, q.dtype, bias.has_pos, bias.has_time,
+                                    _dot_precision(q.dtype))
     _hstu_attention_fwd_kernel[grid](
-        q, k, v, out, seq_offsets, *bias.pointers(),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        num_heads, max_seq_len, bias.num_buckets, float(alpha), 1.0 / max_seq_len,
-        DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
-        HAS_POS=bias.has_pos, HAS_TIME=bias.has_time,
-        FAST_SILU=_use_fast_silu(q.dtype), PTX_MATH=not KERNELS_INTERPRETED, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q, k, v, out, seq_offsets, *bias.pointers(), *strides,
+        num_heads, max_seq_len, bias.num_buckets, float(alpha), 1.0 / max_seq_len, **constants,
     )
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: int, dtype: torch.dtype,
+                   has_pos: bool, has_time: bool, pos_grad: bool, time_grad: bool, num_buckets: int,
+                   deterministic: bool, precision: str, merged_max_seq_len: int):
+    """The backward's launches, settled once per problem shape -> (launches, query blocks of the
+    bias-gradient part). Each launch is (grid, programs of the dK/dV part, programs of the dQ part,
+    compile-time arguments). Parts with the same warps and stages share a launch when max_seq_len <=
+    ``merged_max_seq_len`` (all of them at head dims <= 64); otherwise each part has its own."""
+    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
+    block_d = max(block_dqk, block_dv)
+    has_bias = has_pos or has_time
+    dkdv_cfg = _dkdv_config(block_d, dtype, has_bias)
+    dkdv_heads = _heads_per_program(num_heads, dkdv_cfg["HEADS"])
+    dq_cfg = _dq_config(block_d, dtype, has_bias)
+    dq_heads = _heads_per_program(num_heads, dq_cfg["HEADS"])
+    bias_cfg = _bias_grad_config(block_d, dtype)
+    bias_blocks = _cdiv(max_seq_len, bias_cfg["BLOCK"])
+    parts = {  # part -> (its config, its grid: (groups, blocks))
+        "DKDV": (dkdv_cfg, (batch * (num_heads // dkdv_heads), _cdiv(max_seq_len, dkdv_cfg["BLOCK_N"]))),
+        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), _cdiv(max_seq_len, dq_cfg["BLOCK"]))),
+    }
+    if pos_grad or time_grad:
+        parts["BIAS_GRAD"] = (bias_cfg, (batch, bias_blocks))
+    constants = dict(
+        DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        DKDV_BLOCK_M=dkdv_cfg["BLOCK_M"], DKDV_BLOCK_N=dkdv_cfg["BLOCK_N"], DKDV_HEADS=dkdv_heads,
+        DQ_BLOCK=dq_cfg["BLOCK"], DQ_HEADS=dq_heads, BIAS_BLOCK=bias_cfg["BLOCK"],
+        NB_BLOCK=1 << (num_buckets - 1).bit_length(),
+        HAS_POS=has_pos, HAS_TIME=has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
+        DETERMINISTIC=deterministic, FAST_SILU=_use_fast_silu(dtype), PTX_MATH=not KERNELS_INTERPRETED,
+        DOT_PRECISION=precision,
+    )
+    shared: dict[tuple[int, int, str], list[str]] = {}
+    for name, (cfg, _) in parts.items():
+        alone = "" if max_seq_len <= merged_max_seq_len else name
+        shared.setdefault((cfg["num_warps"], cfg["num_stages"], alone), []).append(name)
+    launches = []
+    for (num_warps, num_stages, _), names in shared.items():
+        programs = {name: math.prod(parts[name][1]) if name in names else 0 for name in ("DKDV", "DQ", "BIAS_GRAD")}
+        grid = parts[names[0]][1] if len(names) == 1 else (sum(programs.values()),)
+        launches.append((grid, programs["DKDV"], programs["DQ"], dict(
+            constants, RUN_DKDV="DKDV" in names, RUN_DQ="DQ" in names, RUN_BIAS_GRAD="BIAS_GRAD" in names,
+            num_warps=num_warps, num_stages=num_stages)))
+    return tuple(launches), bias_blocks
 
 
 def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
@@ -1264,60 +1326,32 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_(),
                 pos_weight.new_zeros(pos_weight.shape) if pos_grad else q.new_empty(0),
                 time_weight.new_zeros(time_weight.shape) if time_grad else q.new_empty(0))
-    _check_index_range(max_seq_len, q, k, v, grad_out, dk, dv)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride())
+    _check_index_range(max_seq_len, strides[::3])
     seq_offsets = seq_offsets.contiguous()
     bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
-    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv_dim)
-    block_d = max(block_dqk, block_dv)
-    fast_silu = _use_fast_silu(q.dtype)
-    precision = _dot_precision(q.dtype)
-    inv_max_seq_len = 1.0 / max_seq_len
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-    has_bias = bias.has_pos or bias.has_time
-    dkdv_cfg = _dkdv_config(block_d, q.dtype, has_bias)
-    dkdv_heads = _heads_per_program(num_heads, dkdv_cfg["HEADS"])
-    dq_cfg = _dq_config(block_d, q.dtype, has_bias)
-    dq_heads = _heads_per_program(num_heads, dq_cfg["HEADS"])
-    bias_cfg = _bias_grad_config(block_d, q.dtype)
-    parts = {  # part -> (its config, its grid: (groups, blocks))
-        "DKDV": (dkdv_cfg, (batch * (num_heads // dkdv_heads), triton.cdiv(max_seq_len, dkdv_cfg["BLOCK_N"]))),
-        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), triton.cdiv(max_seq_len, dq_cfg["BLOCK"]))),
-    }
+    launches, bias_blocks = _backward_plan(
+        batch, num_heads, max_seq_len, dqk, dv_dim, q.dtype, bias.has_pos, bias.has_time, pos_grad, time_grad,
+        bias.num_buckets, deterministic, _dot_precision(q.dtype), MERGED_BACKWARD_MAX_SEQ_LEN)
     dpos_acc = dtime_acc = seq_offsets  # placeholders without bias gradients
-    if pos_grad or time_grad:
-        num_m_blocks = triton.cdiv(max_seq_len, bias_cfg["BLOCK"])
-        parts["BIAS_GRAD"] = (bias_cfg, (batch, num_m_blocks))
-        f32 = dict(dtype=torch.float32, device=q.device)
-        if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
-            dpos_acc = torch.zeros((batch * num_m_blocks, max_seq_len) if pos_grad else (1,), **f32)
-            dtime_acc = torch.zeros((batch * num_m_blocks, bias.num_buckets) if time_grad else (1,), **f32)
-        else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
-            dpos_acc = torch.zeros(2 * max_seq_len - 1 if pos_grad else 1, **f32)
-            dtime_acc = torch.zeros(bias.num_buckets if time_grad else 1, **f32)
-
-    # Short sequences: parts with the same warps and stages share a launch (all of them at head dims
-    # <= 64), which saves host time per launch. Long ones: one launch per part, measured faster.
-    launches: dict[tuple[int, int, str], list[str]] = {}
-    for name, (cfg, _) in parts.items():
-        alone = "" if max_seq_len <= MERGED_BACKWARD_MAX_SEQ_LEN else name
-        launches.setdefault((cfg["num_warps"], cfg["num_stages"], alone), []).append(name)
-    for (num_warps, num_stages, _), names in launches.items():
-        programs = {name: math.prod(parts[name][1]) if name in names else 0 for name in ("DKDV", "DQ", "BIAS_GRAD")}
-        grid = parts[names[0]][1] if len(names) == 1 else (sum(programs.values()),)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
+        if pos_grad:
+            dpos_acc = torch.zeros((batch * bias_blocks, max_seq_len), **f32)
+        if time_grad:
+            dtime_acc = torch.zeros((batch * bias_blocks, bias.num_buckets), **f32)
+    else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
+        if pos_grad:
+            dpos_acc = torch.zeros(2 * max_seq_len - 1, **f32)
+        if time_grad:
+            dtime_acc = torch.zeros(bias.num_buckets, **f32)
+    alpha, inv_max_seq_len = float(alpha), 1.0 / max_seq_len
+    for grid, dkdv_programs, dq_programs, constants in launches:
         _hstu_attention_bwd_kernel[grid](
-            q, k, v, grad_out, dq, dk, dv, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-            batch, num_heads, max_seq_len, bias.num_buckets, float(alpha), inv_max_seq_len, float(alpha) * inv_max_seq_len,
-            programs["DKDV"], programs["DQ"],
-            DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-            RUN_DKDV="DKDV" in names, DKDV_BLOCK_M=dkdv_cfg["BLOCK_M"], DKDV_BLOCK_N=dkdv_cfg["BLOCK_N"],
-            DKDV_HEADS=dkdv_heads, RUN_DQ="DQ" in names, DQ_BLOCK=dq_cfg["BLOCK"], DQ_HEADS=dq_heads,
-            RUN_BIAS_GRAD="BIAS_GRAD" in names, BIAS_BLOCK=bias_cfg["BLOCK"],
-            NB_BLOCK=triton.next_power_of_2(bias.num_buckets),
-            HAS_POS=bias.has_pos, HAS_TIME=bias.has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
-            DETERMINISTIC=deterministic, FAST_SILU=fast_silu, PTX_MATH=not KERNELS_INTERPRETED,
-            DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, grad_out, dq, dk, dv, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc, *strides,
+            batch, num_heads, max_seq_len, bias.num_buckets, alpha, inv_max_seq_len, alpha * inv_max_seq_len,
+            dkdv_programs, dq_programs, **constants,
         )
     if not (pos_grad or time_grad):
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)

@@ -585,6 +585,17 @@ def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
 
 
 @needs_triton
+def test_launcher_integer_helpers_match_triton():
+    """The launchers' plain-int tile width and ceiling division (cheaper on the host) equal Triton's."""
+    import triton
+
+    module = importlib.import_module(TRITON_MODULE)
+    assert [module._block_dim(d) for d in range(1, 300)] == [max(16, triton.next_power_of_2(d)) for d in range(1, 300)]
+    pairs = [(a, b) for a in range(0, 600, 7) for b in (1, 16, 32, 64, 128)]
+    assert [module._cdiv(a, b) for a, b in pairs] == [triton.cdiv(a, b) for a, b in pairs]
+
+
+@needs_triton
 def test_triton_compiled_forward_backward_matches_eager():
     """torch.compile(fullgraph=True) of a function calling the Triton backend: one graph, same numbers."""
     p = Problem((7, 0, 1, 12), max_seq_len=12, heads=2, dqk=16, dv=16, alpha=0.8, use_pos=True, use_time=True, seed=8)
