@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEER_DIR = REPO / ".peers" / "generative-recommenders"
 DEFAULT_CSV = REPO / "BENCHMARKS.csv"
 CSV_FIELDS = [
-    "date", "op", "provider", "mode", "shape", "dtype", "bias", "call", "ms", "rate", "rate_unit",
+    "date", "op", "provider", "mode", "shape", "dtype", "bias", "call", "backward_thread", "ms", "rate", "rate_unit",
     "card", "torch", "triton", "note",
 ]
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -407,7 +407,8 @@ def run_peer_in_child(spec: OpSpec, shape, args, modes, case: Case) -> list[Resu
     command = [
         sys.executable, str(Path(__file__).resolve()), "--op", spec.name, "--shapes", ",".join(map(str, shape)),
         "--dtype", args.dtype, "--bias", args.bias, "--mode", ",".join(modes), "--seed", str(args.seed),
-        "--warmup", str(args.warmup), "--rep", str(args.rep), "--call", args.call, "--peer-worker",
+        "--warmup", str(args.warmup), "--rep", str(args.rep), "--call", args.call,
+        "--backward-thread", args.backward_thread, "--peer-worker",
     ]
     try:
         child = subprocess.run(command, capture_output=True, text=True, timeout=args.peer_timeout)
@@ -522,7 +523,7 @@ def append_csv(path: Path, spec: OpSpec, rows, args) -> None:
                 writer.writerow({
                     "date": today, "op": spec.name, "provider": r.provider, "mode": r.mode, "shape": label,
                     "dtype": args.dtype, "bias": args.bias if spec.uses_bias else "-", "call": args.call,
-                    "ms": f"{r.ms:.5f}" if r.ms else "", "rate": f"{rate:.5g}" if rate else "",
+                    "backward_thread": args.backward_thread, "ms": f"{r.ms:.5f}" if r.ms else "", "rate": f"{rate:.5g}" if rate else "",
                     "rate_unit": spec.rate_unit, "card": card, "torch": torch_version, "triton": triton_version,
                     "note": r.note,
                 })
@@ -546,6 +547,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--call", default="api", choices=["api", "direct"],
                         help="api: hstu_kernels.<op>(backend=...), whose input checks sync the GPU each call; "
                              "direct: the backend function itself (attention only), as a compiled model runs it")
+    parser.add_argument("--backward-thread", default="worker", choices=["worker", "caller"],
+                        help="worker: autograd's CUDA device thread runs the backward (PyTorch's default); caller: "
+                             "the calling thread does (torch.autograd.set_multithreading_enabled(False)), as "
+                             "model.backward_on_caller_thread=true trains")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compiled' provider")
     parser.add_argument("--peer-timeout", type=int, default=900, help="seconds for the peer's child process per shape")
     parser.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
@@ -574,6 +579,12 @@ def parse_modes(spec: OpSpec, text: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float], list[Result]]]:
     args = parse_args(argv)
+    # Autograd's threading is thread-local state: set for this (single-threaded) harness, restored after.
+    with torch.autograd.set_multithreading_enabled(args.backward_thread == "worker"):
+        return run_benchmark(args)
+
+
+def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float], list[Result]]]:
     spec = OPERATORS[args.op]
     shapes, modes = parse_shapes(spec, args.shapes), parse_modes(spec, args.mode)
     if args.peer_worker:

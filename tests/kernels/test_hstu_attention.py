@@ -679,9 +679,11 @@ def test_bench_harness_writes_csv_rows(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     csv_path = tmp_path / "bench.csv"
     bench.main(["--op", OP, "--shapes", "2,16,2,8", "--providers", "reference", "--mode", "fwd+bwd",
-                "--bias", "both", "--dtype", "fp32", "--csv", str(csv_path), "--rep", "5", "--warmup", "1"])
+                "--bias", "both", "--dtype", "fp32", "--csv", str(csv_path), "--rep", "5", "--warmup", "1",
+                "--backward-thread", "caller"])
+    assert torch.autograd.is_multithreading_enabled(), "the harness left autograd's threading changed"
     lines = csv_path.read_text().splitlines()
     header = lines[0].split(",")
     row = dict(zip(header, lines[1].split(",")))
     assert len(lines) == 2 and row["op"] == OP and row["provider"] == "reference" and row["bias"] == "both"
-    assert float(row["ms"]) > 0 and float(row["rate"]) > 0
+    assert row["backward_thread"] == "caller" and float(row["ms"]) > 0 and float(row["rate"]) > 0
