@@ -26,7 +26,7 @@ class RecModule(L.LightningModule):
         kernels: Mapping[str, bool] | None = None,
         kernel_fallback: str = "warn",
         compile: bool = False,
-        backward_on_caller_thread: bool = False,
+        backward_on_caller_thread: bool = True,
         eval_ks: Sequence[int] = (10, 50, 200),
         time_scales: Sequence[Sequence[int]] = (),
         position_from_end: bool = False,
@@ -53,10 +53,11 @@ class RecModule(L.LightningModule):
         return loss
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """With ``backward_on_caller_thread``, autograd runs the backward on this thread instead of
-        handing it to its per-device worker thread. The handoff and the backward's Python (kernel
-        launchers) on that thread cost host time in microbenchmarks; end to end the gain varied
-        from machine to machine (BENCHMARKS.md)."""
+        """With ``backward_on_caller_thread`` (the default), autograd runs the backward on this thread
+        instead of handing it to its per-device worker thread. On one GPU the handoff buys nothing and
+        costs host time: the attention's forward+backward ran 1.0-3.2x as fast on the caller thread
+        at the model's shapes, never slower; end to end, five paired runs gave -27% to +36%, median +19%
+        (BENCHMARKS.md, "The backward thread")."""
         with torch.autograd.set_multithreading_enabled(not self.hparams.backward_on_caller_thread):
             super().backward(loss, *args, **kwargs)
 
