@@ -557,6 +557,28 @@ def test_triton_eager_path_equals_custom_op():
 
 
 @needs_triton
+@pytest.mark.parametrize("frozen", ["pos_weight", "time_weight"])
+def test_triton_with_one_bias_table_frozen(frozen):
+    """A bias table that does not require grad (frozen while the other trains) gets no gradient
+    part for itself; everything else matches the reference."""
+    p = Problem((9, 0, 1, 40), max_seq_len=40, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=21)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        x = make_inputs(p, dtype)
+        x.leaves.pop(frozen).requires_grad_(False)
+        out = hstu_kernels.hstu_attention(x.q, x.k, x.v, x.seq_offsets, p.max_seq_len, p.alpha,
+                                          q_timestamps=x.q_timestamps, k_timestamps=x.k_timestamps,
+                                          pos_weight=x.pos_weight, time_weight=x.time_weight, backend=backend)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out)
+        grads = torch.autograd.grad(out, list(x.leaves.values()), grad_out)
+        results[backend, dtype] = {"out": out.detach(), **{f"grad_{n}": g for n, g in zip(x.leaves, grads)}}
+    ours, same_dtype, exact = (results[key] for key in results)
+    assert set(ours) == {"out", "grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_time_weight"} - {f"grad_{frozen}"}
+    for name in ours:
+        assert_within_rule(name, ours[name], same_dtype[name], exact[name])
+
+
+@needs_triton
 def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
     """Short sequences run dK/dV, dQ and the bias gradients in one launch, long ones one launch per
     part (``MERGED_BACKWARD_MAX_SEQ_LEN``): both give the same gradients, bitwise (deterministic mode)."""
