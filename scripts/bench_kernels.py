@@ -2,7 +2,7 @@
 
     python scripts/bench_kernels.py --op hstu_hierarchical_attention [--shapes 64,1024,4,64 ...]
         [--dtype bf16] [--mode fwd,bwd,fwd+bwd] [--bias none|pos|time|both]
-        [--providers triton,reference,compiled,peer] [--csv BENCHMARKS.csv]
+        [--providers triton,reference,compiled,peer] [--backward-thread worker|caller] [--csv BENCHMARKS.csv]
 
 Providers run in this process on the same seeded inputs, except ``peer`` (Meta's generative-recommenders
 Triton HSTU attention, imported from the git-ignored ``.peers/generative-recommenders``), which runs in
@@ -549,8 +549,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "direct: the backend function itself (attention only), as a compiled model runs it")
     parser.add_argument("--backward-thread", default="worker", choices=["worker", "caller"],
                         help="worker: autograd's CUDA device thread runs the backward (PyTorch's default); caller: "
-                             "the calling thread does (torch.autograd.set_multithreading_enabled(False)), as "
-                             "model.backward_on_caller_thread=true trains")
+                             "the calling thread does (torch.autograd.set_multithreading_enabled(False)), as the "
+                             "training loop does by default (model.backward_on_caller_thread)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compiled' provider")
     parser.add_argument("--peer-timeout", type=int, default=900, help="seconds for the peer's child process per shape")
     parser.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
