@@ -725,11 +725,11 @@ def _query_key_block(
     ts_ref, gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d, stride_v_l, stride_v_h,
     stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
     """One key block for the program's HEADS heads; the bias tile is computed once for all."""
-    offs_n = n_start + tl.arange(0, BLOCK)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     cols_ok = offs_n < seq_len
     bias = 0.0
     if HAS_POS or HAS_TIME:
@@ -765,21 +765,22 @@ def _dq_program(
     stride_dq_l, stride_dq_h, stride_dq_d,
     num_heads, max_seq_len, num_buckets, alpha, dq_scale,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of a query block for (sequence, group of HEADS consecutive heads) ``group_pid``; block_pid
-    counts from the last of ``num_blocks`` query blocks (most key blocks), so the heaviest start first."""
+    """dQ of a query block (BLOCK_M rows; key blocks of BLOCK_N, which divides BLOCK_M) for
+    (sequence, group of HEADS consecutive heads) ``group_pid``; block_pid counts from the last of
+    ``num_blocks`` query blocks (most key blocks), so the heaviest start first."""
     pid_m = num_blocks - 1 - block_pid
     num_groups = num_heads // HEADS
     batch = group_pid // num_groups
     head = (group_pid % num_groups) * HEADS
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
-    m_start = pid_m * BLOCK
+    m_start = pid_m * BLOCK_M
     if m_start >= seq_len:
         return
 
-    offs_m = m_start + tl.arange(0, BLOCK)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < seq_len
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -796,23 +797,24 @@ def _dq_program(
     v_base = V + seq_start * stride_v_l + head * stride_v_h
     k_ts_base = k_timestamps + seq_start
 
-    dq0 = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     dq1 = dq0
     dq2 = dq0
     dq3 = dq0
-    for n_start in range(0, m_start, BLOCK):
+    for n_start in range(0, m_start, BLOCK_N):
         dq0, dq1, dq2, dq3 = _query_key_block(
             dq0, dq1, dq2, dq3, q0, q1, q2, q3, do0, do1, do2, do3, offs_m, q_ts, q_rel, k_base, v_base,
             k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d,
             stride_v_l, stride_v_h, stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table,
-            max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HEADS, HAS_POS, HAS_TIME,
+            max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME,
             FAST_SILU, PTX_MATH, DOT_PRECISION, False)
-    dq0, dq1, dq2, dq3 = _query_key_block(
-        dq0, dq1, dq2, dq3, q0, q1, q2, q3, do0, do1, do2, do3, offs_m, q_ts, q_rel, k_base, v_base,
-        k_ts_base, ts_ref, gaps_fit_int32, m_start, seq_len, stride_k_l, stride_k_h, stride_k_d,
-        stride_v_l, stride_v_h, stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table,
-        max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HEADS, HAS_POS, HAS_TIME,
-        FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    for n_start in range(m_start, tl.minimum(m_start + BLOCK_M, seq_len), BLOCK_N):
+        dq0, dq1, dq2, dq3 = _query_key_block(
+            dq0, dq1, dq2, dq3, q0, q1, q2, q3, do0, do1, do2, do3, offs_m, q_ts, q_rel, k_base, v_base,
+            k_ts_base, ts_ref, gaps_fit_int32, n_start, seq_len, stride_k_l, stride_k_h, stride_k_d,
+            stride_v_l, stride_v_h, stride_v_d, alpha, pos_weight, time_weight, thresholds, time_table,
+            max_seq_len, num_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME,
+            FAST_SILU, PTX_MATH, DOT_PRECISION, True)
 
     _store_head_slots(dQ + seq_start * stride_dq_l + head * stride_dq_h, stride_dq_h, dq0, dq1, dq2, dq3,
                       offs_m, rows_ok, stride_dq_l, stride_dq_d, dq_scale, DQK, BLOCK_DQK, HEADS)
@@ -1017,7 +1019,7 @@ def _hstu_attention_bwd_kernel(
     dkdv_programs, dq_programs,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     RUN_DKDV: tl.constexpr, DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DKDV_HEADS: tl.constexpr,
-    RUN_DQ: tl.constexpr, DQ_BLOCK: tl.constexpr, DQ_HEADS: tl.constexpr,
+    RUN_DQ: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr, DQ_HEADS: tl.constexpr,
     RUN_BIAS_GRAD: tl.constexpr, BIAS_BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
     DETERMINISTIC: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -1051,7 +1053,7 @@ def _hstu_attention_bwd_kernel(
             FAST_SILU, PTX_MATH, DOT_PRECISION)
     elif RUN_DQ and in_dq:
         group, block, blocks = _grid_position(pid - dq_start, num_sequences * (num_heads // DQ_HEADS),
-                                              tl.cdiv(max_seq_len, DQ_BLOCK), SHARED_LAUNCH)
+                                              tl.cdiv(max_seq_len, DQ_BLOCK_M), SHARED_LAUNCH)
         _dq_program(
             group, block, blocks, Q, K, V, dO, dQ, seq_offsets,
             pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
@@ -1059,7 +1061,7 @@ def _hstu_attention_bwd_kernel(
             stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
             stride_dq_l, stride_dq_h, stride_dq_d,
             num_heads, max_seq_len, num_buckets, alpha, dq_scale,
-            DQK, DV, BLOCK_DQK, BLOCK_DV, DQ_BLOCK, DQ_HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION)
+            DQK, DV, BLOCK_DQK, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, DQ_HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION)
     elif RUN_BIAS_GRAD:
         sequence, block, blocks = _grid_position(pid - bias_start, num_sequences, tl.cdiv(max_seq_len, BIAS_BLOCK),
                                                  SHARED_LAUNCH)
@@ -1089,11 +1091,12 @@ def _block_dim(d: int) -> int:
 
 # Block sizes, warps, pipeline depth and heads per program (HEADS, an upper bound: see
 # ``_heads_per_program``) per kernel, from H200 timings (kernels/triton/hstu_attention_notes.md).
-# Without a bias: bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); the
-# key-block kernel 64x128 tiles at d=128 (128 keys held, 64 queries streamed) and 64x64 up to d=64;
-# the query-block kernel 64x64 tiles; one head per program. With a bias, a program serves up to four
-# heads so that the bias tile (the time-bucket lookup costs about three times the rest of a score
-# element) is computed once for all of them; the extra accumulators bound the group at wider heads.
+# Without a bias: bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); up
+# to d=128 the key-block kernel holds 64 keys and streams 32 queries, and the query-block kernel,
+# when launched alone, holds 128 queries and streams 64 keys (64x64 in the shared launch); one head
+# per program. With a bias, a program serves up to four heads so that the bias tile (the
+# time-bucket lookup costs about three times the rest of a score element) is computed once for all
+# of them; the extra accumulators bound the group at wider heads.
 def _forward_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
     if KERNELS_INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=4)
@@ -1112,26 +1115,30 @@ def _dkdv_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1)
     if has_bias and block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=2)
-    if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEADS=1)
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=2)
+    if has_bias and block_d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1)
     if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2 if has_bias else 3, HEADS=1)
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, HEADS=1)
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2, HEADS=1)
 
 
-def _dq_config(block_d: int, dtype: torch.dtype, has_bias: bool) -> dict:
+def _dq_config(block_d: int, dtype: torch.dtype, has_bias: bool, own_launch: bool) -> dict:
+    """``own_launch``: the dQ part is launched alone (long sequences); its taller query blocks
+    would otherwise split the one launch that short sequences share (different warps)."""
     if KERNELS_INTERPRETED:
-        return dict(BLOCK=32, num_warps=4, num_stages=1, HEADS=4)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=4)
     if dtype == torch.float32:
-        return dict(BLOCK=32, num_warps=4, num_stages=2, HEADS=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, HEADS=1)
     if has_bias and block_d <= 64:
-        return dict(BLOCK=64, num_warps=4, num_stages=2, HEADS=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=2)
+    if own_launch and not has_bias and block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEADS=1)
     if block_d <= 64:
-        return dict(BLOCK=64, num_warps=4, num_stages=3, HEADS=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEADS=1)
     if block_d <= 128:
-        return dict(BLOCK=64, num_warps=4, num_stages=2, HEADS=1)
-    return dict(BLOCK=32, num_warps=8, num_stages=2, HEADS=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2, HEADS=1)
 
 
 def _bias_grad_config(block_d: int, dtype: torch.dtype) -> dict:
@@ -1277,20 +1284,20 @@ def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: i
     has_bias = has_pos or has_time
     dkdv_cfg = _dkdv_config(block_d, dtype, has_bias)
     dkdv_heads = _heads_per_program(num_heads, dkdv_cfg["HEADS"])
-    dq_cfg = _dq_config(block_d, dtype, has_bias)
+    dq_cfg = _dq_config(block_d, dtype, has_bias, max_seq_len > merged_max_seq_len)
     dq_heads = _heads_per_program(num_heads, dq_cfg["HEADS"])
     bias_cfg = _bias_grad_config(block_d, dtype)
     bias_blocks = _cdiv(max_seq_len, bias_cfg["BLOCK"])
     parts = {  # part -> (its config, its grid: (groups, blocks))
         "DKDV": (dkdv_cfg, (batch * (num_heads // dkdv_heads), _cdiv(max_seq_len, dkdv_cfg["BLOCK_N"]))),
-        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), _cdiv(max_seq_len, dq_cfg["BLOCK"]))),
+        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), _cdiv(max_seq_len, dq_cfg["BLOCK_M"]))),
     }
     if pos_grad or time_grad:
         parts["BIAS_GRAD"] = (bias_cfg, (batch, bias_blocks))
     constants = dict(
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         DKDV_BLOCK_M=dkdv_cfg["BLOCK_M"], DKDV_BLOCK_N=dkdv_cfg["BLOCK_N"], DKDV_HEADS=dkdv_heads,
-        DQ_BLOCK=dq_cfg["BLOCK"], DQ_HEADS=dq_heads, BIAS_BLOCK=bias_cfg["BLOCK"],
+        DQ_BLOCK_M=dq_cfg["BLOCK_M"], DQ_BLOCK_N=dq_cfg["BLOCK_N"], DQ_HEADS=dq_heads, BIAS_BLOCK=bias_cfg["BLOCK"],
         NB_BLOCK=1 << (num_buckets - 1).bit_length(),
         HAS_POS=has_pos, HAS_TIME=has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
         DETERMINISTIC=deterministic, FAST_SILU=_use_fast_silu(dtype), PTX_MATH=not KERNELS_INTERPRETED,

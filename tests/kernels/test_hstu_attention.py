@@ -607,6 +607,24 @@ def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_triton_dq_query_blocks_span_two_key_blocks(monkeypatch, use_bias):
+    """dQ with query blocks twice as tall as its key blocks (as on the GPU at d <= 64 without a
+    bias): two masked key blocks on the diagonal of each query block, the second cut by the
+    sequence end. The interpreter's own plan uses square blocks."""
+    module = importlib.import_module(TRITON_MODULE)
+    monkeypatch.setattr(module, "_dq_config",
+                        lambda *args: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=2))
+    module._backward_plan.cache_clear()
+    try:
+        p = Problem((70, 0, 33, 1, 64, 40), max_seq_len=70, heads=2, dqk=25, dv=16, alpha=0.5,
+                    use_pos=use_bias, use_time=use_bias, seed=16)
+        check_triton_against_reference(p)
+    finally:
+        module._backward_plan.cache_clear()
+
+
+@needs_triton
 def test_launcher_integer_helpers_match_triton():
     """The launchers' plain-int tile width and ceiling division (cheaper on the host) equal Triton's."""
     import triton
