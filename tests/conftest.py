@@ -21,6 +21,9 @@ settings.register_profile(
 # On the GPU most examples compile new kernel variants (head dims, dtype, biases, specialisations:
 # several seconds each), so the profile keeps to what a test run can afford.
 settings.register_profile("gpu", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# One of several pytest processes run side by side (each draws its own examples): a single
+# hypothesis test does not spread over pytest-xdist workers, and its compilations are CPU-bound.
+settings.register_profile("gpu-shard", max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
 
 
