@@ -1061,7 +1061,8 @@ def _hstu_attention_bwd_kernel(
             stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
             stride_dq_l, stride_dq_h, stride_dq_d,
             num_heads, max_seq_len, num_buckets, alpha, dq_scale,
-            DQK, DV, BLOCK_DQK, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, DQ_HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION)
+            DQK, DV, BLOCK_DQK, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, DQ_HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH,
+            DOT_PRECISION)
     elif RUN_BIAS_GRAD:
         sequence, block, blocks = _grid_position(pid - bias_start, num_sequences, tl.cdiv(max_seq_len, BIAS_BLOCK),
                                                  SHARED_LAUNCH)

@@ -609,9 +609,9 @@ def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_triton_dq_query_blocks_span_two_key_blocks(monkeypatch, use_bias):
-    """dQ with query blocks twice as tall as its key blocks (as on the GPU at d <= 64 without a
-    bias): two masked key blocks on the diagonal of each query block, the second cut by the
-    sequence end. The interpreter's own plan uses square blocks."""
+    """dQ with query blocks twice as tall as its key blocks (as on the GPU without a bias when dQ
+    has its own launch): two masked key blocks on the diagonal of each query block, the second cut
+    by the sequence end. The interpreter's own plan uses square blocks."""
     module = importlib.import_module(TRITON_MODULE)
     monkeypatch.setattr(module, "_dq_config",
                         lambda *args: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=2))
