@@ -607,6 +607,26 @@ def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("heads, dim", [(2, 25), (1, 50), (2, 32), (4, 64)])
+def test_gpu_plan_shares_one_backward_launch_at_model_sizes(monkeypatch, bias, heads, dim):
+    """With the GPU's block configs (no GPU needed: only the plan is built), the backward of the
+    model's sizes (N = 200, head dims <= 64) is one launch, since it is host-bound there; at
+    N = 4096 each part has its own. A part whose warps or stages differ would add a launch."""
+    module = importlib.import_module(TRITON_MODULE)
+    monkeypatch.setattr(module, "KERNELS_INTERPRETED", False)
+    module._backward_plan.cache_clear()
+    try:
+        for max_seq_len, expected in ((200, 1), (4096, 3 if bias else 2)):
+            launches, _ = module._backward_plan(
+                128, heads, max_seq_len, dim, dim, torch.bfloat16, bias, bias, bias, bias, 129, False, "tf32",
+                module.MERGED_BACKWARD_MAX_SEQ_LEN)
+            assert len(launches) == expected, f"N={max_seq_len}: {len(launches)} backward launches"
+    finally:
+        module._backward_plan.cache_clear()
+
+
+@needs_triton
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_triton_dq_query_blocks_span_two_key_blocks(monkeypatch, use_bias):
     """dQ with query blocks twice as tall as its key blocks (as on the GPU without a bias when dQ
