@@ -22,18 +22,20 @@ How it computes, and why:
   recompute dS and give dQ = alpha dS K. (dQ by fp32 atomics from the key-block programs, 5
   matmuls instead of 7, measured 2-4x slower on an H200: atomic traffic.)
 - Bias gradients depend on dS summed over heads only, so a third kind of program, one per
-  (sequence, query block), recomputes dS for every head of a tile and reduces the sum once: the
+  (sequence, block diagonal), recomputes dS for every head of a tile and reduces the sum once: the
   bias lookup and both reductions run once per tile instead of once per head and tile.
 - The three kinds of programs are parts of one kernel. Up to ``MERGED_BACKWARD_MAX_SEQ_LEN`` they
   share one launch (host time per launch is what sets the pace at the model's shapes); above it
   each part has a launch of its own. The time-bias pre-pass runs once per forward and its table is
   kept for the backward.
 - Position-bias gradient: the diagonal sums of each dS tile, taken by skewing the tile
-  (row i rotated by i, ``tl.gather``) and summing columns; consecutive tiles of a row block
-  share half their diagonals, so one segment per tile goes out (atomics, or a per-program row
-  of a partial buffer reduced in a fixed order when deterministic algorithms are on).
+  (row i rotated by i, ``tl.gather``) and summing columns. All tiles of a block diagonal cover the
+  same two stretches of the position table, so a program sums them in registers.
 - Time-bias gradient: a per-tile pass over each bucket present in the tile, into a register
-  histogram that goes out once per program (atomics, or the program's own partial row).
+  histogram.
+- Each bias-gradient program writes its sums once to its own partial row, and a small kernel adds
+  the rows up in a fixed order: no atomics anywhere in the backward, so gradients are the same
+  every run, and the extra memory is O(L).
 - Time buckets are exact: a float log2 guess, lowered by a margin so that it is the true bucket
   or one below, then corrected by one integer comparison with the shared threshold table. A
   pre-pass flags sequences whose timestamps lie within 2^30 of their first key timestamp: their
@@ -859,35 +861,15 @@ def _head_summed_score_grad(
 
 
 @triton.jit
-def _emit_position_grads(ds, carry, dpos_row, index_start, max_seq_len, scale,
-                         BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    """Add this tile's diagonal sums to the position-bias gradient; returns the carried half.
-
-    Rotating row i of the tile left by i puts diagonal r = j - i into column r (r >= 0) or
-    column r + BLOCK (r < 0). The r < 0 half completes the segment the previous key block
-    started (``carry``) and goes out now; the r >= 0 half is carried to the next key block.
-    ``index_start`` is the table index of this tile's lowest diagonal.
-    """
+def _diagonal_sums(ds, BLOCK: tl.constexpr):
+    """(lower, upper) sums of a tile's diagonals r = j - i: lower[c] of r = c - BLOCK, upper[c] of
+    r = c. Rotating row i left by i puts diagonal c in column c of rows i < BLOCK - c, and
+    diagonal c - BLOCK in the other rows of that column."""
     rows = tl.arange(0, BLOCK)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     skewed = tl.gather(ds, (rows + cols) & (BLOCK - 1), axis=1)
     lower = tl.sum(tl.where(rows + cols >= BLOCK, skewed, 0.0), axis=0)
-    upper = tl.sum(skewed, axis=0) - lower
-    _add_position_segment(dpos_row, index_start, (lower + carry) * scale, max_seq_len, BLOCK, DETERMINISTIC)
-    return upper
-
-
-@triton.jit
-def _add_position_segment(dpos_row, index_start, segment, max_seq_len,
-                          BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    # Only j - i <= 0 occurs (causal), so the accumulator holds table indices 0..max_seq_len-1.
-    index = index_start + tl.arange(0, BLOCK)
-    ok = (index >= 0) & (index < max_seq_len)
-    if DETERMINISTIC:
-        # The program owns this row and its segments do not overlap: each index is written once.
-        tl.store(dpos_row + index, segment, mask=ok)
-    else:
-        tl.atomic_add(dpos_row + index, segment, mask=ok)
+    return lower, tl.sum(skewed, axis=0) - lower
 
 
 @triton.jit
@@ -906,10 +888,50 @@ def _accumulate_time_grads(hist, ds, bucket, valid, num_buckets, NB_BLOCK: tl.co
 
 
 @triton.jit
+def _bias_grad_tile(
+    lower, upper, hist, m_start, n_start, q_base, do_base, k_base, v_base, q_ts_base, k_ts_base, ts_ref,
+    gaps_fit_int32, seq_len, num_heads,
+    stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+    alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """Query block m_start against key block n_start: its diagonal sums added to (lower, upper),
+    its time-bucket sums to hist."""
+    offs_m = m_start + tl.arange(0, BLOCK)
+    rows_ok = offs_m < seq_len
+    q_ts = 0
+    q_rel = 0
+    if HAS_TIME:
+        q_ts = tl.load(q_ts_base + offs_m, mask=rows_ok, other=0)
+        q_rel = (q_ts - ts_ref).to(tl.int32)
+    ds, bucket = _head_summed_score_grad(
+        q_base, do_base, k_base, v_base, offs_m, rows_ok, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32,
+        n_start, seq_len, num_heads,
+        stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+        stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+        alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, DIAGONAL)
+    if POS_GRAD:
+        tile_lower, tile_upper = _diagonal_sums(ds, BLOCK)
+        lower += tile_lower
+        upper += tile_upper
+    if TIME_GRAD:
+        valid = rows_ok[:, None]
+        if DIAGONAL:
+            valid = valid & (tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None])
+        hist = _accumulate_time_grads(hist, ds, bucket, valid, num_buckets, NB_BLOCK)
+    return lower, upper, hist
+
+
+@triton.jit
 def _bias_grad_program(
-    batch, block_pid, num_m_blocks, Q, K, V, dO, seq_offsets,
+    batch, offset, num_offsets, Q, K, V, dO, seq_offsets,
     pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
-    dpos_acc, dtime_acc,
+    dpos_part, dtime_part,
     stride_q_l, stride_q_h, stride_q_d,
     stride_k_l, stride_k_h, stride_k_d,
     stride_v_l, stride_v_h, stride_v_d,
@@ -917,72 +939,100 @@ def _bias_grad_program(
     num_heads, max_seq_len, num_buckets, alpha, bias_grad_scale,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
     FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Bias gradients of one query block of sequence ``batch`` (block_pid counts from the last of
-    ``num_m_blocks``): dS summed over the heads, so the bias and both reductions run once per tile,
-    not once per head. Deterministic: the program writes its own partial rows (summed by torch in
-    a fixed order); otherwise atomics into the gradients."""
-    pid_m = num_m_blocks - 1 - block_pid
+    """Bias gradients from the tiles on block diagonal ``offset`` of sequence ``batch``: every
+    query block m against key block m - offset (offset 0, the longest, first). dS is summed over
+    the heads, so the bias and both reductions run once per tile, not once per head. All tiles of
+    a block diagonal add to the same two BLOCK-long stretches of the position table, so the program
+    sums them in registers and writes them once, with its time-bucket histogram, to its own partial
+    row (written whole, even without tiles): no atomics, the same result every run, O(L) memory.
+    ``_bias_grad_sum_kernel`` adds the rows up."""
     seq_start, seq_len = _sequence_span(seq_offsets, batch)
-    m_start = pid_m * BLOCK
-    if m_start >= seq_len:
-        return
-    if DETERMINISTIC:
-        partial_row = (batch * num_m_blocks + pid_m).to(tl.int64)
-        dpos_row = dpos_acc + partial_row * max_seq_len
-        dtime_row = dtime_acc + partial_row * num_buckets
-    else:
-        dpos_row = dpos_acc
-        dtime_row = dtime_acc
-
-    offs_m = m_start + tl.arange(0, BLOCK)
-    rows_ok = offs_m < seq_len
-    q_ts, q_rel, ts_ref, gaps_fit_int32 = _query_time_context(
-        q_timestamps, k_timestamps, gaps_fit, batch, seq_start, offs_m, rows_ok, HAS_TIME)
+    ts_ref = 0
+    gaps_fit_int32 = False
+    if HAS_TIME:
+        ts_ref = tl.load(k_timestamps + seq_start, mask=seq_len > 0, other=0)
+        gaps_fit_int32 = tl.load(gaps_fit + batch) != 0
     q_base = Q + seq_start * stride_q_l
     do_base = dO + seq_start * stride_do_l
     k_base = K + seq_start * stride_k_l
     v_base = V + seq_start * stride_v_l
+    q_ts_base = q_timestamps + seq_start
     k_ts_base = k_timestamps + seq_start
+    lower = tl.zeros([BLOCK], dtype=tl.float32)
+    upper = tl.zeros([BLOCK], dtype=tl.float32)
     hist = tl.zeros([NB_BLOCK], dtype=tl.float32)
-    carry = tl.zeros([BLOCK], dtype=tl.float32)
-    for n_start in range(0, m_start, BLOCK):
-        ds, bucket = _head_summed_score_grad(
-            q_base, do_base, k_base, v_base, offs_m, rows_ok, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32,
-            n_start, seq_len, num_heads,
-            stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
-            stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
-            alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
-        if POS_GRAD:
-            carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 + n_start - m_start - BLOCK,
-                                         max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
-        if TIME_GRAD:
-            hist = _accumulate_time_grads(hist, ds, bucket, rows_ok[:, None], num_buckets, NB_BLOCK)
-    ds, bucket = _head_summed_score_grad(
-        q_base, do_base, k_base, v_base, offs_m, rows_ok, q_ts, q_rel, k_ts_base, ts_ref, gaps_fit_int32,
-        m_start, seq_len, num_heads,
-        stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
-        stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
-        alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    if offset == 0:
+        for m_start in range(0, seq_len, BLOCK):
+            lower, upper, hist = _bias_grad_tile(
+                lower, upper, hist, m_start, m_start, q_base, do_base, k_base, v_base, q_ts_base, k_ts_base, ts_ref,
+                gaps_fit_int32, seq_len, num_heads,
+                stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+                stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+                alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, NB_BLOCK, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+                FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    else:
+        for m_start in range(offset * BLOCK, seq_len, BLOCK):
+            lower, upper, hist = _bias_grad_tile(
+                lower, upper, hist, m_start, m_start - offset * BLOCK, q_base, do_base, k_base, v_base, q_ts_base,
+                k_ts_base, ts_ref, gaps_fit_int32, seq_len, num_heads,
+                stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
+                stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
+                alpha, pos_weight, time_weight, thresholds, time_table, max_seq_len, num_buckets,
+                DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, NB_BLOCK, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+                FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+    row = (batch * num_offsets + offset).to(tl.int64)
     if POS_GRAD:
-        carry = _emit_position_grads(ds, carry, dpos_row, max_seq_len - 1 - BLOCK,
-                                     max_seq_len, bias_grad_scale, BLOCK, DETERMINISTIC)
-        # What remains is diagonal r = 0 (table index max_seq_len - 1) and r > 0, all zero.
-        _add_position_segment(dpos_row, max_seq_len - 1, carry * bias_grad_scale, max_seq_len,
-                              BLOCK, DETERMINISTIC)
+        cols = tl.arange(0, BLOCK)
+        tl.store(dpos_part + row * (2 * BLOCK) + cols, lower * bias_grad_scale)
+        tl.store(dpos_part + row * (2 * BLOCK) + BLOCK + cols, upper * bias_grad_scale)
     if TIME_GRAD:
-        diagonal_valid = rows_ok[:, None] & (tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None])
-        hist = _accumulate_time_grads(hist, ds, bucket, diagonal_valid, num_buckets, NB_BLOCK)
         bins = tl.arange(0, NB_BLOCK)
-        hist *= bias_grad_scale
-        if DETERMINISTIC:
-            tl.store(dtime_row + bins, hist, mask=bins < num_buckets)
-        else:
-            tl.atomic_add(dtime_row + bins, hist, mask=bins < num_buckets)
+        tl.store(dtime_part + row * num_buckets + bins, hist * bias_grad_scale, mask=bins < num_buckets)
+
+
+@triton.jit
+def _bias_grad_sum_kernel(dpos_part, dtime_part, dpos, dtime, num_sequences, num_offsets, max_seq_len, num_buckets,
+                          POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                          CHUNK: tl.constexpr, ROWS: tl.constexpr, NB_BLOCK: tl.constexpr):
+    """The bias gradients from the partial rows of ``_bias_grad_program``, summed over sequences in
+    a fixed order. Programs 0, 1, ..: CHUNK entries each of dpos, whose index x holds diagonal
+    r = x - (max_seq_len - 1) = -offset * BLOCK + c: the upper stretch of block diagonal ``offset``
+    and the lower stretch of ``offset - 1``. The last program: dtime."""
+    pid = tl.program_id(0)
+    if TIME_GRAD and pid == tl.num_programs(0) - 1:
+        bins = tl.arange(0, NB_BLOCK)
+        rows = tl.arange(0, ROWS)
+        bucket_sums = tl.zeros([NB_BLOCK], dtype=tl.float32)
+        for start in range(0, num_sequences * num_offsets, ROWS):
+            row = (start + rows).to(tl.int64)
+            part = tl.load(dtime_part + row[:, None] * num_buckets + bins[None, :],
+                           mask=(row[:, None] < num_sequences * num_offsets) & (bins[None, :] < num_buckets), other=0.0)
+            bucket_sums += tl.sum(part, axis=0)
+        tl.store(dtime + bins, bucket_sums, mask=bins < num_buckets)
+    elif POS_GRAD:
+        x = pid * CHUNK + tl.arange(0, CHUNK)
+        r = x - (max_seq_len - 1)
+        causal = r <= 0  # diagonals j > i do not occur
+        offset = tl.where(causal, (BLOCK - 1 - r) // BLOCK, 0)
+        c = r + offset * BLOCK
+        upper_at = offset * (2 * BLOCK) + BLOCK + c
+        lower_at = (offset - 1) * (2 * BLOCK) + c
+        has_upper = causal & (offset < num_offsets)
+        has_lower = causal & (offset >= 1) & (offset - 1 < num_offsets)
+        rows = tl.arange(0, ROWS)
+        diagonal_sums = tl.zeros([CHUNK], dtype=tl.float32)
+        for start in range(0, num_sequences, ROWS):
+            sequence = start + rows
+            base = (sequence * num_offsets).to(tl.int64)[:, None] * (2 * BLOCK)
+            ok = (sequence < num_sequences)[:, None]
+            stretch = tl.load(dpos_part + base + upper_at[None, :], mask=ok & has_upper[None, :], other=0.0)
+            stretch += tl.load(dpos_part + base + lower_at[None, :], mask=ok & has_lower[None, :], other=0.0)
+            diagonal_sums += tl.sum(stretch, axis=0)
+        tl.store(dpos + x, diagonal_sums, mask=x < 2 * max_seq_len - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1007,7 +1057,7 @@ def _grid_position(local_pid, num_columns, num_rows, SHARED_LAUNCH: tl.constexpr
 def _hstu_attention_bwd_kernel(
     Q, K, V, dO, dQ, dK, dV, seq_offsets,
     pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
-    dpos_acc, dtime_acc,
+    dpos_part, dtime_part,
     stride_q_l, stride_q_h, stride_q_d,
     stride_k_l, stride_k_h, stride_k_d,
     stride_v_l, stride_v_h, stride_v_d,
@@ -1022,7 +1072,7 @@ def _hstu_attention_bwd_kernel(
     RUN_DQ: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr, DQ_HEADS: tl.constexpr,
     RUN_BIAS_GRAD: tl.constexpr, BIAS_BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The parts of the backward that RUN_* select. One part: a 2-D grid (groups x blocks) of its
     own. Several (they read the same inputs and write disjoint outputs): a 1-D grid where the first
@@ -1069,12 +1119,12 @@ def _hstu_attention_bwd_kernel(
         _bias_grad_program(
             sequence, block, blocks, Q, K, V, dO, seq_offsets,
             pos_weight, time_weight, q_timestamps, k_timestamps, thresholds, time_table, gaps_fit,
-            dpos_acc, dtime_acc,
+            dpos_part, dtime_part,
             stride_q_l, stride_q_h, stride_q_d, stride_k_l, stride_k_h, stride_k_d,
             stride_v_l, stride_v_h, stride_v_d, stride_do_l, stride_do_h, stride_do_d,
             num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BIAS_BLOCK, NB_BLOCK, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-            DETERMINISTIC, FAST_SILU, PTX_MATH, DOT_PRECISION)
+            FAST_SILU, PTX_MATH, DOT_PRECISION)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1156,6 +1206,10 @@ def _bias_grad_config(block_d: int, dtype: torch.dtype, own_launch: bool) -> dic
 # launch took 0.06-0.23 ms against 0.09-0.49 ms for separate launches (host-bound); at N >= 1024
 # (d = 64, 128) it ran 4-17% slower on the GPU (kernel notes, "One launch for the backward").
 MERGED_BACKWARD_MAX_SEQ_LEN = 512
+
+# The bias-gradient sum: dpos entries per program, and partial rows read per step.
+BIAS_SUM_CHUNK = 128
+BIAS_SUM_ROWS = 16
 
 
 def _heads_per_program(num_heads: int, limit: int) -> int:
@@ -1277,9 +1331,9 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: int, dtype: torch.dtype,
                    has_pos: bool, has_time: bool, pos_grad: bool, time_grad: bool, num_buckets: int,
-                   deterministic: bool, precision: str, merged_max_seq_len: int):
-    """The backward's launches, settled once per problem shape -> (launches, query blocks of the
-    bias-gradient part). Each launch is (grid, programs of the dK/dV part, programs of the dQ part,
+                   precision: str, merged_max_seq_len: int):
+    """The backward's launches, settled once per problem shape -> (launches, block size and block
+    diagonals of the bias-gradient part). Each launch is (grid, programs of the dK/dV part, programs of the dQ part,
     compile-time arguments). Parts with the same warps and stages share a launch when max_seq_len <=
     ``merged_max_seq_len`` (all of them at head dims <= 64); otherwise each part has its own."""
     block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
@@ -1303,7 +1357,7 @@ def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: i
         DQ_BLOCK_M=dq_cfg["BLOCK_M"], DQ_BLOCK_N=dq_cfg["BLOCK_N"], DQ_HEADS=dq_heads, BIAS_BLOCK=bias_cfg["BLOCK"],
         NB_BLOCK=1 << (num_buckets - 1).bit_length(),
         HAS_POS=has_pos, HAS_TIME=has_time, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
-        DETERMINISTIC=deterministic, FAST_SILU=_use_fast_silu(dtype), PTX_MATH=not KERNELS_INTERPRETED,
+        FAST_SILU=_use_fast_silu(dtype), PTX_MATH=not KERNELS_INTERPRETED,
         DOT_PRECISION=precision,
     )
     shared: dict[tuple[int, int, str], list[str]] = {}
@@ -1317,14 +1371,14 @@ def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: i
         launches.append((grid, programs["DKDV"], programs["DQ"], dict(
             constants, RUN_DKDV="DKDV" in names, RUN_DQ="DQ" in names, RUN_BIAS_GRAD="BIAS_GRAD" in names,
             num_warps=num_warps, num_stages=num_stages)))
-    return tuple(launches), bias_blocks
+    return tuple(launches), bias_cfg["BLOCK"], bias_blocks
 
 
 def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                             q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
-                            pos_grad=False, time_grad=False, deterministic=False, time_table=None, gaps_fit=None):
+                            pos_grad=False, time_grad=False, time_table=None, gaps_fit=None):
     """Launch the backward's parts (together up to ``MERGED_BACKWARD_MAX_SEQ_LEN``, else one launch each)
-    -> (dq, dk, dv, dpos [2N-1] or [0], dtime [NB] or [0])."""
+    -> (dq, dk, dv, dpos [2N-1] or [0], dtime [NB] or [0]). No atomics: the same result every run."""
     num_tokens, num_heads, dqk = q.shape
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -1341,44 +1395,37 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
     _check_index_range(max_seq_len, strides[::3])
     seq_offsets = seq_offsets.contiguous()
     bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
-    launches, bias_blocks = _backward_plan(
+    launches, bias_block, bias_blocks = _backward_plan(
         batch, num_heads, max_seq_len, dqk, dv_dim, q.dtype, bias.has_pos, bias.has_time, pos_grad, time_grad,
-        bias.num_buckets, deterministic, _dot_precision(q.dtype), MERGED_BACKWARD_MAX_SEQ_LEN)
-    dpos_acc = dtime_acc = seq_offsets  # placeholders without bias gradients
+        bias.num_buckets, _dot_precision(q.dtype), MERGED_BACKWARD_MAX_SEQ_LEN)
+    # One partial row per (sequence, block diagonal), each written whole by its program.
     f32 = dict(dtype=torch.float32, device=q.device)
-    if deterministic:  # one partial row per (sequence, query block), summed in a fixed order below
-        if pos_grad:
-            dpos_acc = torch.zeros((batch * bias_blocks, max_seq_len), **f32)
-        if time_grad:
-            dtime_acc = torch.zeros((batch * bias_blocks, bias.num_buckets), **f32)
-    else:  # atomics straight into the gradients (position index max_seq_len - 1 + j - i, j <= i)
-        if pos_grad:
-            dpos_acc = torch.zeros(2 * max_seq_len - 1, **f32)
-        if time_grad:
-            dtime_acc = torch.zeros(bias.num_buckets, **f32)
+    dpos_part = dtime_part = dpos = dtime = seq_offsets  # placeholders without bias gradients
+    if pos_grad:
+        dpos_part = torch.empty((batch * bias_blocks, 2 * bias_block), **f32)
+        dpos = torch.empty(2 * max_seq_len - 1, **f32)
+    if time_grad:
+        dtime_part = torch.empty((batch * bias_blocks, bias.num_buckets), **f32)
+        dtime = torch.empty(bias.num_buckets, **f32)
     alpha, inv_max_seq_len = float(alpha), 1.0 / max_seq_len
     for grid, dkdv_programs, dq_programs, constants in launches:
         _hstu_attention_bwd_kernel[grid](
-            q, k, v, grad_out, dq, dk, dv, seq_offsets, *bias.pointers(), dpos_acc, dtime_acc, *strides,
+            q, k, v, grad_out, dq, dk, dv, seq_offsets, *bias.pointers(), dpos_part, dtime_part, *strides,
             batch, num_heads, max_seq_len, bias.num_buckets, alpha, inv_max_seq_len, alpha * inv_max_seq_len,
             dkdv_programs, dq_programs, **constants,
         )
     if not (pos_grad or time_grad):
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
 
-    dpos_out = dtime_out = None
-    if pos_grad:
-        if deterministic:
-            dpos_out = torch.zeros(2 * max_seq_len - 1, **f32)
-            dpos_out[:max_seq_len] = dpos_acc.sum(0)
-        else:
-            dpos_out = dpos_acc
-        dpos_out = dpos_out.to(pos_weight.dtype)
-    if time_grad:
-        dtime_out = (dtime_acc.sum(0) if deterministic else dtime_acc).to(time_weight.dtype)
+    pos_programs = _cdiv(2 * max_seq_len - 1, BIAS_SUM_CHUNK) if pos_grad else 0
+    _bias_grad_sum_kernel[(pos_programs + int(time_grad),)](
+        dpos_part, dtime_part, dpos, dtime, batch, bias_blocks, max_seq_len, bias.num_buckets,
+        POS_GRAD=pos_grad, TIME_GRAD=time_grad, BLOCK=bias_block, CHUNK=BIAS_SUM_CHUNK, ROWS=BIAS_SUM_ROWS,
+        NB_BLOCK=1 << (bias.num_buckets - 1).bit_length(), num_warps=4,
+    )
     return (dq, dk, dv,
-            q.new_empty(0) if dpos_out is None else dpos_out,
-            q.new_empty(0) if dtime_out is None else dtime_out)
+            dpos.to(pos_weight.dtype) if pos_grad else q.new_empty(0),
+            dtime.to(time_weight.dtype) if time_grad else q.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1421,18 +1468,18 @@ def hstu_attention_bwd(
     max_seq_len: int, alpha: float,
     q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
     pos_weight: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
-    pos_grad: bool, time_grad: bool, deterministic: bool,
+    pos_grad: bool, time_grad: bool,
     time_table: Optional[torch.Tensor], gaps_fit: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                                    q_timestamps, k_timestamps, pos_weight, time_weight,
-                                   pos_grad, time_grad, deterministic, time_table, gaps_fit)
+                                   pos_grad, time_grad, time_table, gaps_fit)
 
 
 @hstu_attention_bwd.register_fake
 def _hstu_attention_bwd_fake(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
                              q_timestamps, k_timestamps, pos_weight, time_weight,
-                             pos_grad, time_grad, deterministic, time_table, gaps_fit):
+                             pos_grad, time_grad, time_table, gaps_fit):
     dpos = pos_weight.new_empty(pos_weight.shape) if pos_grad and pos_weight is not None else q.new_empty(0)
     dtime = time_weight.new_empty(time_weight.shape) if time_grad and time_weight is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpos, dtime
@@ -1454,7 +1501,7 @@ def _gradients(ctx, grad_out, backward_op):
     dq, dk, dv, dpos, dtime = backward_op(
         grad_out, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha,
         q_timestamps, k_timestamps, pos_weight, time_weight,
-        pos_grad, time_grad, torch.are_deterministic_algorithms_enabled(), time_table, gaps_fit,
+        pos_grad, time_grad, time_table, gaps_fit,
     )
     return (dq, dk, dv, None, None, None, None, None,
             dpos if pos_grad else None, dtime if time_grad else None, None, None)

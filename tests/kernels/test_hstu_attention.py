@@ -473,8 +473,9 @@ def deterministic_algorithms():
 
 @needs_triton
 def test_triton_deterministic_mode_poisoned_memory_and_bitwise_repeatable():
-    """In deterministic mode torch.empty fills new memory with NaN, which poisons every output buffer
-    the op allocates: each element must be written (NaN-free and right). Two runs give identical bits."""
+    """In deterministic mode torch.empty fills new memory with NaN, which poisons every output and
+    partial buffer the op allocates: each element must be written (NaN-free and right). Two runs
+    give identical bits."""
     p = Problem((11, 0, 1, 20, 20), max_seq_len=20, heads=2, dqk=16, dv=8, alpha=0.9, use_pos=True, use_time=True,
                 seed=4)
     with deterministic_algorithms():
@@ -489,15 +490,13 @@ def test_triton_deterministic_mode_poisoned_memory_and_bitwise_repeatable():
 
 
 @needs_triton
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 @pytest.mark.parametrize("heads", [4, 6])
-def test_triton_head_groups_share_the_bias_tile(heads, deterministic):
+def test_triton_head_groups_share_the_bias_tile(heads):
     """With a bias, a program serves a group of up to four heads (one bias tile for all): 4 heads
-    make one group of 4, 6 heads two groups of 3, whose bias-gradient sums meet across programs."""
+    make one group of 4, 6 heads two groups of 3."""
     p = Problem((70, 0, 1, 33), max_seq_len=70, heads=heads, dqk=8, dv=16, alpha=0.6, use_pos=True,
                 use_time=True, timestamps="sessions", seed=15)
-    with deterministic_algorithms() if deterministic else contextlib.nullcontext():
-        got = run(p, "triton", p.dtype)
+    got = run(p, "triton", p.dtype)
     ref = run(p, "reference", torch.float64)
     torch_same = run(p, "reference", p.dtype)
     for name in ref:
@@ -520,17 +519,14 @@ def test_triton_custom_ops_opcheck():
         torch.library.opcheck(ops.hstu_attention_fwd.default,
                               (q, k, v, x.seq_offsets, p.max_seq_len, p.alpha, *biases, *context))
     grad_out = torch.randn(q.shape[0], p.heads, p.dv, device=DEVICE)
-    for deterministic in (False, True):
-        torch.library.opcheck(ops.hstu_attention_bwd.default,
-                              (grad_out, q.detach(), k.detach(), v.detach(), x.seq_offsets, p.max_seq_len, p.alpha,
-                               *(b.detach() if b.is_floating_point() else b for b in biases), True, True, deterministic,
-                               *time_context))
+    torch.library.opcheck(ops.hstu_attention_bwd.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), x.seq_offsets, p.max_seq_len, p.alpha,
+                           *(b.detach() if b.is_floating_point() else b for b in biases), True, True, *time_context))
 
 
 @needs_triton
 def test_triton_eager_path_equals_custom_op():
-    """Eager calls skip the custom op's dispatch; outputs and every gradient are bitwise the op's
-    (deterministic mode: the bias gradients' atomics would add in a different order on a GPU)."""
+    """Eager calls skip the custom op's dispatch; outputs and every gradient are bitwise the op's."""
     module = importlib.import_module(TRITON_MODULE)
     p = Problem((40, 0, 1, 9), max_seq_len=40, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=13)
     x = make_inputs(p, torch.float32)
@@ -547,11 +543,10 @@ def test_triton_eager_path_equals_custom_op():
                                                          None, None)
 
     results = []
-    with deterministic_algorithms():
-        for call in (eager, custom_op):
-            inputs = [t.detach().requires_grad_() for t in leaves]
-            out = call(*inputs)
-            results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
+    for call in (eager, custom_op):
+        inputs = [t.detach().requires_grad_() for t in leaves]
+        out = call(*inputs)
+        results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
     for name, a, b in zip(["out", "q", "k", "v", "pos_weight", "time_weight"], *results):
         assert torch.equal(a, b), f"{name}: eager path and custom op differ"
 
@@ -581,7 +576,7 @@ def test_triton_with_one_bias_table_frozen(frozen):
 @needs_triton
 def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
     """Short sequences run dK/dV, dQ and the bias gradients in one launch, long ones one launch per
-    part (``MERGED_BACKWARD_MAX_SEQ_LEN``): both give the same gradients, bitwise (deterministic mode)."""
+    part (``MERGED_BACKWARD_MAX_SEQ_LEN``): both give the same gradients, bitwise."""
     module = importlib.import_module(TRITON_MODULE)
     kernel, grids = module._hstu_attention_bwd_kernel, []
 
@@ -593,12 +588,11 @@ def test_triton_backward_parts_in_one_launch_or_one_each(monkeypatch):
     monkeypatch.setattr(module, "_hstu_attention_bwd_kernel", CountingKernel())
     p = Problem((40, 0, 1, 9), max_seq_len=40, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=15)
     results, launches = [], []
-    with deterministic_algorithms():
-        for limit in (p.max_seq_len, p.max_seq_len - 1):
-            monkeypatch.setattr(module, "MERGED_BACKWARD_MAX_SEQ_LEN", limit)
-            grids.clear()
-            results.append(run(p, "triton", torch.float32))
-            launches.append([len(grid) for grid in grids])
+    for limit in (p.max_seq_len, p.max_seq_len - 1):
+        monkeypatch.setattr(module, "MERGED_BACKWARD_MAX_SEQ_LEN", limit)
+        grids.clear()
+        results.append(run(p, "triton", torch.float32))
+        launches.append([len(grid) for grid in grids])
     assert launches == [[1], [2, 2, 2]], f"grids of the backward launches: {launches}"
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), f"{name}: one launch and separate launches differ"
@@ -618,8 +612,8 @@ def test_gpu_plan_shares_one_backward_launch_at_model_sizes(monkeypatch, bias, h
     module._backward_plan.cache_clear()
     try:
         for max_seq_len, expected in ((200, 1), (4096, 3 if bias else 2)):
-            launches, _ = module._backward_plan(
-                128, heads, max_seq_len, dim, dim, torch.bfloat16, bias, bias, bias, bias, 129, False, "tf32",
+            launches, _, _ = module._backward_plan(
+                128, heads, max_seq_len, dim, dim, torch.bfloat16, bias, bias, bias, bias, 129, "tf32",
                 module.MERGED_BACKWARD_MAX_SEQ_LEN)
             assert len(launches) == expected, f"N={max_seq_len}: {len(launches)} backward launches"
     finally:
@@ -720,13 +714,13 @@ def test_gpu_long_sequences(dtype):
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_deterministic_at_full_size(dtype):
+def test_gpu_bitwise_repeatable_at_full_size(dtype):
+    """No atomics in the backward: two runs give the same bits without deterministic mode."""
     p = Problem(uniform_lengths(16, 1024, 0.5, seed=3), max_seq_len=1024, heads=4, dqk=64, dv=64, alpha=0.125,
                 use_pos=True, use_time=True, dtype=dtype, seed=10)
-    with deterministic_algorithms():
-        first, second = run(p, "triton", dtype), run(p, "triton", dtype)
+    first, second = run(p, "triton", dtype), run(p, "triton", dtype)
     for name in first:
-        assert torch.equal(first[name], second[name]), f"{name} differs between two deterministic runs"
+        assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
 
 
 # ---------------------------------------------------------------------------------------------
