@@ -16,7 +16,8 @@ from torchmetrics import Metric
 class RetrievalMetrics(Metric):
     """HR@K, NDCG@K for each K in ``ks``, and MRR, over queries with exactly one relevant item.
 
-    ``update(target_rank)`` takes int ranks [B], 1 = best. With one relevant item, HR@K = 1[rank <= K],
+    ``update(target_rank)`` takes int ranks [B], 1 = best; ``validate=False`` skips the check that
+    they are (a host read), as the model does with the ranks ``topk_items`` computes. With one relevant item, HR@K = 1[rank <= K],
     NDCG@K = 1[rank <= K] / log2(rank + 1) and MRR = 1 / rank, each averaged over queries.
     ``compute()`` returns {"hr@10": ..., "ndcg@10": ..., ..., "mrr": ...} as float64 scalars (NaN before
     any update).
@@ -26,8 +27,9 @@ class RetrievalMetrics(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, ks: Sequence[int] = (10, 50, 200), **kwargs):
+    def __init__(self, ks: Sequence[int] = (10, 50, 200), validate: bool = True, **kwargs):
         super().__init__(**kwargs)
+        self.validate = validate
         if not ks or any(int(k) < 1 for k in ks) or len(set(ks)) != len(ks):
             raise ValueError(f"RetrievalMetrics: ks must be distinct positive cut-offs, got {list(ks)}")
         self.ks = tuple(int(k) for k in ks)
@@ -44,7 +46,7 @@ class RetrievalMetrics(Metric):
                 f"RetrievalMetrics.update: target_rank must be an integer tensor [B]; "
                 f"got {target_rank.dtype} {tuple(target_rank.shape)}"
             )
-        if target_rank.numel() and int(target_rank.min()) < 1:
+        if self.validate and target_rank.numel() and int(target_rank.min()) < 1:  # a host read
             raise ValueError(f"RetrievalMetrics.update: ranks start at 1; got {int(target_rank.min())}")
         rank = target_rank.to(torch.float64)
         self.count += target_rank.numel()

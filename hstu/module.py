@@ -40,8 +40,8 @@ class RecModule(L.LightningModule):
         if compile:
             self.model.compile_parts()
         self.eval_ks = tuple(eval_ks)
-        self.val_metrics = RetrievalMetrics(ks=self.eval_ks)
-        self.test_metrics = RetrievalMetrics(ks=self.eval_ks)
+        self.val_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
+        self.test_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
 
     @property
     def manager(self):

@@ -88,7 +88,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "kernels": {
             "flags": dict(cfg.model.kernels),
             "fallbacks": module.manager.fallbacks(),
-            "stats": module.manager.stats(),
+            "availability": module.manager.get_operator_availability(),
+            "stats": module.manager.get_stats(),
         },
         "data": datamodule.stats,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -1,54 +1,47 @@
 """TritonOperatorManager: which backend each operator runs, why, and how often.
 
-Flags say which operators *ask* for Triton; the manager decides at the first call
-with real inputs whether the Triton kernel can run there (Triton importable,
-kernel implemented, tensors on CUDA or the Triton interpreter active, dtype and
-shape supported). When it cannot, it falls back to the PyTorch reference and
-warns once per operator (``fallback="warn"``) or raises (``fallback="error"``).
+Flags say which operators *ask* for Triton; the manager decides at the first call with real inputs
+whether the Triton kernel can run there (Triton importable, kernel written, tensors on CUDA or the
+Triton interpreter active, the module's own ``unsupported_reason``). When it cannot, it falls back to
+the PyTorch reference and warns once per operator (``fallback="warn"``) or raises (``"error"``).
+:meth:`TritonOperatorManager.implementation` hands back the function to call, so no call site can
+run one backend while another is counted.
 
 What does not depend on inputs (Triton installed, the kernel module imported, a GPU or the
-interpreter) is settled when the manager is built, so that the first-call decision is plain
-checks of devices, dtypes and shapes: a ``torch.compile`` trace runs through it without a
-graph break, even when the model's very first call is compiled.
+interpreter) is settled when the manager is built, so that the first-call decision is plain checks
+of devices, dtypes and trailing dimensions: a ``torch.compile`` trace runs through it without a
+graph break. Decisions are cached per operator on exactly those properties of the inputs.
+
+What a "call" is: one execution of an operator's forward. Eager calls are counted as they are
+dispatched. Inside a ``torch.compile`` trace or a CUDA-graph capture the dispatch runs once while the
+graph it lands in runs many times, with no Python: such dispatches are recorded for the innermost
+open :meth:`region`, and every execution of that region adds them to the counts, whether it ran
+compiled code or replayed a captured graph. Dispatches traced outside any region are reported as
+``traced`` (seen at trace time, executions unknown).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
-from dataclasses import asdict, dataclass
+import sys
+import time
+from collections import Counter
 from types import ModuleType
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
-
-OPERATORS: tuple[str, ...] = (
-    "hstu_hierarchical_attention",
-    "fused_attention_layernorm",
-    "hierarchical_sequence_fusion",
-    "sequence_recommendation_interaction",
-    "interaction",
-)
-
-# Operator -> module under hstu_kernels.triton that implements it (None: not written yet).
-# Each module defines ``unsupported_reason(tensors) -> str | None`` for input-specific limits.
-TRITON_MODULES: dict[str, str | None] = {
-    "hstu_hierarchical_attention": "hstu_kernels.triton.hstu_attention",
-    "fused_attention_layernorm": None,
-    "hierarchical_sequence_fusion": None,
-    "sequence_recommendation_interaction": None,
-    "interaction": None,
-}
 
 BACKENDS = ("triton", "reference")
 FALLBACK_POLICIES = ("warn", "error")
 
 
 class TritonUnavailableError(RuntimeError):
-    """A Triton operator was requested with ``fallback="error"`` and cannot run."""
+    """A Triton operator was requested with ``fallback="error"`` (or forced) and cannot run."""
 
 
 def interpreter_active() -> bool:
@@ -61,47 +54,80 @@ def triton_import_error() -> str | None:
     return None
 
 
-@dataclass
-class OperatorStats:
-    requested: str = "reference"
-    triton_calls: int = 0
-    reference_calls: int = 0
-    fallback_reason: str | None = None
+def _specs():
+    from hstu_kernels.registry import REGISTRY  # the registry imports the ops modules, which import this one
+
+    return REGISTRY
+
+
+def _tracing() -> bool:
+    """True inside a torch.compile trace or a CUDA-graph capture: Python here runs once, the graph many times."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _record_at_trace_time(manager: "TritonOperatorManager", op: str, choice: str) -> None:
+    """Record a traced dispatch without entering the graph: a plain call during a CUDA-graph capture,
+    ``comptime`` (run once, at trace time, with no guard and no graph break) inside torch.compile."""
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime
+
+        comptime(_record_from_trace)
+    else:
+        manager._record_traced(op, choice)
+
+
+def _record_from_trace(ctx) -> None:
+    """Runs inside dynamo with the frame of ``_record_at_trace_time``: its locals as real Python values."""
+    def value(name):
+        return ctx.get_local(name)._i_will_not_complain_if_bc_breaks_VariableTracker().value
+
+    value("manager")._record_traced(value("op"), value("choice"))
 
 
 class TritonOperatorManager:
-    """Resolves ``"triton"``/``"reference"`` per operator from flags and inputs."""
+    """Resolves each operator's backend from flags and inputs, and keeps per-operator statistics.
 
-    def __init__(self, enabled: Mapping[str, bool] | None = None, fallback: str = "warn"):
+    ``timing=True`` also times each eager call (CUDA events on a GPU, read only by :meth:`get_stats`;
+    a wall clock on the CPU). With timing off nothing here waits for the device.
+    """
+
+    def __init__(self, enabled: Mapping[str, bool] | None = None, fallback: str = "warn", timing: bool = False):
+        specs = _specs()
         enabled = dict(enabled or {})
-        unknown = sorted(set(enabled) - set(OPERATORS))
+        unknown = sorted(set(enabled) - set(specs))
         if unknown:
-            raise KeyError(f"unknown kernel flag(s) {unknown}; valid keys: {list(OPERATORS)}")
+            raise KeyError(f"unknown kernel flag(s) {unknown}; valid keys: {list(specs)}")
         if fallback not in FALLBACK_POLICIES:
             raise ValueError(f"kernel_fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
         self.fallback = fallback
-        self._stats = {
-            op: OperatorStats(requested="triton" if enabled.get(op, False) else "reference")
-            for op in OPERATORS
-        }
+        self.timing = bool(timing)
+        self._requested = {op: "triton" if enabled.get(op, False) else "reference" for op in specs}
+        self._fallback_reason: dict[str, str] = {}
         self._decisions: dict[tuple, str] = {}
+        self._functions: dict[tuple[str, str, str], Callable] = {}
+        self._calls = {op: Counter() for op in specs}
+        self._traced = {op: Counter() for op in specs}
+        self._regions: list[tuple[str, Counter, Counter]] = []  # (name, traced now, counted eagerly now)
+        self._templates: dict[str, Counter] = {}
+        self._timings: dict[str, list] = {op: [] for op in specs}
         # Input-independent facts, settled now (imports and environment reads cannot be traced).
         self._interpreter = interpreter_active()
         self._static: dict[str, tuple[bool, str]] = {}
         self._modules: dict[str, ModuleType] = {}
-        for op, stats in self._stats.items():
-            if stats.requested == "triton":
+        for op, requested in self._requested.items():
+            if requested == "triton":
                 self._static[op] = self.availability(op)
                 if self._static[op][0]:
-                    self._modules[op] = importlib.import_module(TRITON_MODULES[op])
+                    self._modules[op] = importlib.import_module(specs[op].triton_module)
 
-    # ---- static availability -------------------------------------------------------
+    # ---- availability ---------------------------------------------------------------------
     @staticmethod
     def availability(op: str) -> tuple[bool, str]:
         """(available, reason) for the Triton backend of ``op``, before seeing inputs."""
-        _check_op(op)
-        module = TRITON_MODULES[op]
-        if module is None:
+        spec = _spec(op)
+        if not spec.triton:
             return False, "not implemented yet"
         err = triton_import_error()
         if err:
@@ -116,21 +142,53 @@ class TritonOperatorManager:
         ok, reason = cls.availability(op)
         if not ok:
             return reason
-        return _input_reason(importlib.import_module(TRITON_MODULES[op]), tensors, interpreter_active())
+        return _input_reason(importlib.import_module(_spec(op).triton_module), tensors, interpreter_active())
 
-    # ---- per-call resolution ---------------------------------------------------------
+    def get_operator_availability(self) -> dict[str, dict]:
+        """Per operator: whether Triton was requested, whether it can run here and why; and, once it
+        has been called, the backend the manager chose (with the fallback reason, if any)."""
+        out = {}
+        for op, requested in self._requested.items():
+            available, reason = self._static.get(op) or self.availability(op)
+            chosen = sorted({choice for (name, *_), choice in self._decisions.items() if name == op})
+            out[op] = {
+                "requested": requested,
+                "available": available,
+                "reason": reason,
+                "chosen": chosen[0] if len(chosen) == 1 else (chosen or None),
+                "fallback_reason": self._fallback_reason.get(op),
+            }
+        return out
+
+    # ---- per-call resolution ----------------------------------------------------------------
+    def implementation(self, op: str, function: str, tensors: Sequence[torch.Tensor]) -> Callable:
+        """The function that computes ``hstu_kernels.<function>`` of operator ``op`` on these inputs
+        (Triton or reference), counted as one call."""
+        choice = self.backend(op, tensors)
+        key = (op, function, choice)
+        impl = self._functions.get(key)
+        if impl is None:
+            impl = resolve_function(op, function, choice)
+            self._functions[key] = impl
+        if self.timing and not _tracing():
+            return self._timed(op, impl, tensors[0].device)
+        return impl
+
     def backend(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
-        """The backend ``op`` runs with on these inputs; decided once per (device, dtype)."""
-        stats = self._stats[op]
-        if stats.requested == "reference":
-            self._count(stats, "reference")
-            return "reference"
-        key = (op, tuple((t.device.type, t.dtype) for t in tensors))
-        choice = self._decisions.get(key)
-        if choice is None:
-            choice = self._decide(op, tensors)
-            self._decisions[key] = choice
-        self._count(stats, choice)
+        """The backend ``op`` runs with on these inputs (decided once per device, dtype and trailing
+        dims of each tensor), counted as one call."""
+        if self._requested[op] == "reference":
+            choice = "reference"
+        else:
+            key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
+            choice = self._decisions.get(key)
+            if choice is None:
+                choice = self._decide(op, tensors)
+                self._decisions[key] = choice
+        if _tracing():
+            _record_at_trace_time(self, op, choice)
+        else:
+            self._count(op, choice, 1)
         return choice
 
     def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
@@ -148,38 +206,114 @@ class TritonOperatorManager:
         msg = f"Triton operator '{op}' cannot run: {reason}"
         if self.fallback == "error":
             raise TritonUnavailableError(msg + " (model.kernel_fallback=error)")
-        if self._stats[op].fallback_reason is None:
+        if op not in self._fallback_reason:
             log.warning("%s; falling back to the PyTorch reference", msg)
-        self._stats[op].fallback_reason = reason
+        self._fallback_reason[op] = reason
 
-    @staticmethod
-    def _count(stats: OperatorStats, choice: str) -> None:
-        # Reading a counter inside a torch.compile trace would put its value in a guard
-        # and recompile every step: calls made by compiled graphs are not counted.
-        if torch.compiler.is_compiling():
-            return
-        if choice == "triton":
-            stats.triton_calls += 1
+    # ---- counting ---------------------------------------------------------------------------
+    def _count(self, op: str, choice: str, times: int) -> None:
+        self._calls[op][choice] += times
+        if self._regions:
+            self._regions[-1][2][(op, choice)] += times
+
+    def _record_traced(self, op: str, choice: str) -> None:
+        if self._regions:
+            self._regions[-1][1][(op, choice)] += 1
         else:
-            stats.reference_calls += 1
+            self._traced[op][choice] += 1
 
-    def stats(self) -> dict[str, dict]:
-        return {op: asdict(s) for op, s in self._stats.items()}
+    @contextlib.contextmanager
+    def region(self, name: str, executes: bool = True) -> Iterator[None]:
+        """Count the operator calls of a compiled or captured callable run inside this block.
+
+        The dispatches traced (or captured) during an execution become the region's calls per
+        execution; each execution that ran without Python dispatch (compiled code, a graph replay)
+        adds them. ``executes=False`` for a block that only captures (a CUDA-graph capture runs nothing).
+        """
+        self._regions.append((name, Counter(), Counter()))
+        try:
+            yield
+        finally:
+            _, traced, eager = self._regions.pop()
+            if traced:
+                self._templates[name] = traced
+            if executes and not eager:
+                for (op, choice), times in self._templates.get(name, Counter()).items():
+                    if self._regions and _tracing():
+                        self._regions[-1][1][(op, choice)] += times
+                    else:
+                        self._count(op, choice, times)
+
+    def _timed(self, op: str, impl: Callable, device: torch.device) -> Callable:
+        records = self._timings[op]
+
+        def timed(*args, **kwargs):
+            if device.type == "cuda":
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = impl(*args, **kwargs)
+                stop.record()
+                records.append((start, stop))
+            else:
+                begin = time.perf_counter()
+                out = impl(*args, **kwargs)
+                records.append((time.perf_counter() - begin) * 1e3)
+            return out
+
+        return timed
+
+    # ---- reports ----------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, dict]:
+        """Per operator: requested backend, calls per backend (see the module docstring), dispatches
+        traced outside any region, the fallback reason, and with ``timing`` the forward time in ms."""
+        out = {}
+        for op, requested in self._requested.items():
+            calls = self._calls[op]
+            entry = {
+                "requested": requested,
+                "calls": {backend: int(calls[backend]) for backend in BACKENDS},
+                "traced": {backend: int(n) for backend, n in self._traced[op].items()},
+                "fallback_reason": self._fallback_reason.get(op),
+            }
+            if self.timing:
+                entry["timing_ms"] = _summarise_times(self._timings[op])
+            out[op] = entry
+        return out
 
     def fallbacks(self) -> dict[str, str]:
-        return {op: s.fallback_reason for op, s in self._stats.items() if s.fallback_reason}
+        return dict(self._fallback_reason)
 
     def report(self) -> str:
         lines = []
-        for op in OPERATORS:
-            s = self._stats[op]
-            ok, why = self.availability(op)
+        availability = self.get_operator_availability()
+        for op, stats in self.get_stats().items():
+            info = availability[op]
+            calls = stats["calls"]
             lines.append(
-                f"{op:38s} requested={s.requested:9s} triton_available={str(ok):5s} ({why})"
-                f" calls triton={s.triton_calls} reference={s.reference_calls}"
-                + (f" FALLBACK: {s.fallback_reason}" if s.fallback_reason else "")
+                f"{op:38s} requested={stats['requested']:9s} triton_available={str(info['available']):5s} "
+                f"({info['reason']}) calls triton={calls['triton']} reference={calls['reference']}"
+                + (f" FALLBACK: {stats['fallback_reason']}" if stats["fallback_reason"] else "")
             )
         return "\n".join(lines)
+
+
+def _summarise_times(records: list) -> dict[str, float] | None:
+    if not records:
+        return None
+    if isinstance(records[0], tuple):
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(stop) for start, stop in records]
+    else:
+        times = list(records)
+    times.sort()
+    return {"count": len(times), "total": sum(times), "median": times[len(times) // 2]}
+
+
+def _spec(op: str):
+    specs = _specs()
+    if op not in specs:
+        raise KeyError(f"unknown operator {op!r}; valid: {list(specs)}")
+    return specs[op]
 
 
 def _input_reason(module, tensors: Sequence[torch.Tensor], interpreter: bool) -> str | None:
@@ -190,33 +324,51 @@ def _input_reason(module, tensors: Sequence[torch.Tensor], interpreter: bool) ->
     return module.unsupported_reason(tensors)
 
 
-def _check_op(op: str) -> None:
-    if op not in OPERATORS:
-        raise KeyError(f"unknown operator {op!r}; valid: {list(OPERATORS)}")
+_FUNCTIONS: dict[tuple[str, str, str], Callable] = {}
+
+
+def resolve_function(op: str, function: str, backend: str) -> Callable:
+    """``hstu_kernels.<reference|triton>.<module>.<function>`` of operator ``op``. Inside a torch.compile
+    trace the module must already be imported (the registry imports every reference module; a
+    manager imports the Triton modules it was asked for), since a trace cannot import."""
+    key = (op, function, backend)
+    impl = _FUNCTIONS.get(key)
+    if impl is None:
+        spec = _spec(op)
+        if function not in spec.functions:
+            raise KeyError(f"operator {op!r} has no function {function!r}; it has {list(spec.functions)}")
+        name = spec.triton_module if backend == "triton" else spec.reference_module
+        module = sys.modules.get(name) if torch.compiler.is_compiling() else importlib.import_module(name)
+        if module is None:
+            raise RuntimeError(f"{name} is not imported: call {function} once outside torch.compile first")
+        impl = _FUNCTIONS[key] = getattr(module, function)
+    return impl
 
 
 _default_manager: TritonOperatorManager | None = None
 
 
 def default_manager() -> TritonOperatorManager:
-    """Used when a functional op is called with ``backend=None`` outside a model:
-    every operator asks for Triton and falls back silently-but-logged to the reference."""
+    """Used when an operator is called with ``backend=None`` outside a model: every operator asks
+    for Triton and falls back, with one logged warning, to the reference."""
     global _default_manager
     if _default_manager is None:
-        _default_manager = TritonOperatorManager({op: True for op in OPERATORS}, fallback="warn")
+        _default_manager = TritonOperatorManager({op: True for op in _specs()}, fallback="warn")
     return _default_manager
 
 
-def resolve_backend(op: str, backend: "str | TritonOperatorManager | None", tensors: Sequence[torch.Tensor]) -> str:
-    """Turn the ``backend=`` argument of a functional op into "triton" or "reference"."""
+def implementation(op: str, function: str, backend: "str | TritonOperatorManager | None",
+                   tensors: Sequence[torch.Tensor]) -> Callable:
+    """The function to call for the ``backend=`` argument of a public operator function: a manager's
+    choice, the default manager's (None), or the backend forced by name ("triton" raises if it cannot run)."""
     if isinstance(backend, TritonOperatorManager):
-        return backend.backend(op, tensors)
+        return backend.implementation(op, function, tensors)
     if backend is None:
-        return default_manager().backend(op, tensors)
+        return default_manager().implementation(op, function, tensors)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, a TritonOperatorManager or None; got {backend!r}")
     if backend == "triton" and not torch.compiler.is_compiling():  # checked by the eager call; a trace cannot import
         reason = TritonOperatorManager.unsupported_reason(op, tensors)
         if reason is not None:
             raise TritonUnavailableError(f"Triton operator '{op}' cannot run: {reason}")
-    return backend
+    return resolve_function(op, function, backend)

@@ -1,8 +1,8 @@
-"""Time the HSTU operators: ours (Triton) against the PyTorch reference, torch.compile of it, and a peer.
+"""Time the HSTU operators: ours (Triton) against the PyTorch reference, plain eager ops, torch.compile, and a peer.
 
     python scripts/bench_kernels.py --op hstu_hierarchical_attention [--shapes 64,1024,4,64 ...]
-        [--dtype bf16] [--mode fwd,bwd,fwd+bwd] [--bias none|pos|time|both]
-        [--providers triton,reference,compiled,peer] [--backward-thread worker|caller] [--csv BENCHMARKS.csv]
+        [--dtype bf16] [--mode fwd,bwd,fwd+bwd] [--bias none|pos|time|both] [--call api|api-unchecked|direct]
+        [--providers triton,reference,eager,compiled,peer] [--backward-thread worker|caller] [--csv BENCHMARKS.csv]
 
 Providers run in this process on the same seeded inputs, except ``peer`` (Meta's generative-recommenders
 Triton HSTU attention, imported from the git-ignored ``.peers/generative-recommenders``), which runs in
@@ -10,9 +10,10 @@ a child process per shape because a crash there (an illegal memory access) poiso
 Times are medians of ``triton.testing.do_bench`` on CUDA (a perf_counter median on CPU, where Triton
 runs in the interpreter). ``bwd`` times the backward alone (graph retained), ``fwd`` a training forward
 (inputs require grad). A provider that cannot run (not implemented, OOM, error) gets its reason in the
-table and in the CSV. Each operator registers in ``OPERATORS`` its shape fields, default shapes and a
-case builder (seeded inputs, how to call each backend, the peer if any, FLOPs or bytes per mode); an
-operator without a Triton backend still compares reference and compiled.
+table and in the CSV. The operators and their cases come from the registry (``hstu_kernels.registry``):
+each spec's ``bench`` holds its shape fields, target shapes and a case builder (seeded inputs, how to
+call each backend, the peer's inputs if any, FLOPs or bytes per mode); an operator without a Triton
+backend still compares its baselines.
 """
 from __future__ import annotations
 
@@ -40,252 +41,28 @@ CSV_FIELDS = [
     "date", "op", "provider", "mode", "shape", "dtype", "bias", "call", "backward_thread", "ms", "rate", "rate_unit",
     "card", "torch", "triton", "note",
 ]
-MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BASELINES = ("reference", "compiled", "peer")
+PROVIDERS = ("triton", "reference", "eager", "compiled", "peer")
+BASELINES = ("reference", "eager", "compiled", "peer")
 PEER_RESULT_TAG = "PEER_RESULT "
 
 if not torch.cuda.is_available():  # Triton kernels can only run interpreted here; set before they are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import hstu_kernels  # noqa: E402
-from hstu_kernels import reference  # noqa: E402
+from hstu_kernels.benchmarking import ProviderUnavailable  # noqa: E402
+from hstu_kernels.spec import MODES, BenchCase, OperatorSpec  # noqa: E402
 
 
-class ProviderUnavailable(Exception):
-    """A provider cannot run this case; the message is the reason shown in the table."""
-
-
-@dataclass
-class Case:
-    """Inputs of one benchmark shape and how to call each backend on them."""
-
-    shape: tuple[int, ...]
-    call: Callable[[str], torch.Tensor]  # backend name ("triton" / "reference") -> output
-    leaves: list[torch.Tensor]  # tensors that receive gradients (reset between timed runs)
-    work: dict[str, float]  # mode -> FLOPs or bytes, in units of ``OpSpec.rate_unit``
-    peer_call: Callable[[], torch.Tensor] | None = None
-    peer_skip_reason: str | None = "no peer implementation of this operator"
-    checksum: float = 0.0  # identifies the inputs, to check that the peer's child process saw the same
-
-
-@dataclass
-class OpSpec:
-    name: str
-    shape_fields: tuple[str, ...]
-    default_shapes: list[tuple[int, ...]]
-    build: Callable[[tuple[int, ...], torch.dtype, torch.device, argparse.Namespace], Case]  # shape, dtype, device, options
-    rate_unit: str = "TFLOP/s"  # or "GB/s"
-    modes: tuple[str, ...] = MODES
-    uses_bias: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# Input helpers
-# ---------------------------------------------------------------------------------------------
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def random_values(g: torch.Generator, *shape, dtype, device, scale=0.5, requires_grad=True) -> torch.Tensor:
-    """Seeded normal values drawn on the CPU (identical on every device and in every process)."""
-    x = (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
-    return x.requires_grad_(requires_grad)
-
-
-def jagged_lengths(g: torch.Generator, batch: int, max_len: int) -> torch.Tensor:
-    """Uniform lengths in [0.5N, N] for N <= 1024 and in [0.9N, N] above (issue 3's target shapes)."""
-    low = math.ceil((0.5 if max_len <= 1024 else 0.9) * max_len)
-    return torch.randint(low, max_len + 1, (batch,), generator=g)
-
-
-def offsets_of(lengths: torch.Tensor, device) -> torch.Tensor:
-    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)
-
-
-def increasing_timestamps(g: torch.Generator, lengths: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_timestamps, k_timestamps) int64: per sequence, event times with log-spread gaps; q = next event."""
-    count = int(lengths.sum()) + len(lengths)
-    magnitude = torch.pow(10.0, torch.randint(0, 7, (count,), generator=g).double())
-    gaps = (torch.rand(count, generator=g, dtype=torch.float64) * magnitude).to(torch.int64)
-    q_parts, k_parts, start = [], [], 0
-    for n in lengths.tolist():
-        times = 1_700_000_000 + gaps[start:start + n + 1].cumsum(0)
-        k_parts.append(times[:n])
-        q_parts.append(times[1:])
-        start += n + 1
-    return torch.cat(q_parts).to(device), torch.cat(k_parts).to(device)
-
-
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
-# ---------------------------------------------------------------------------------------------
-# Operators
-# ---------------------------------------------------------------------------------------------
-def build_attention(shape, dtype, device, options) -> Case:
-    """(B, N, H, d): jagged q, k, v [L, H, d]; pos/time bias tables in float32 (model parameters)."""
-    batch, max_len, heads, dim = shape
-    bias = options.bias
-    g = seeded(options.seed)
-    lengths = jagged_lengths(g, batch, max_len)
-    offsets = offsets_of(lengths, device)
-    total = int(lengths.sum())
-    q, k, v = (random_values(g, total, heads, dim, dtype=dtype, device=device) for _ in range(3))
-    alpha = 1.0 / math.sqrt(dim)
-    pos_weight = time_weight = q_ts = k_ts = None
-    if bias in ("pos", "both"):
-        pos_weight = random_values(g, 2 * max_len - 1, dtype=torch.float32, device=device, scale=0.1)
-    if bias in ("time", "both"):
-        time_weight = random_values(g, 129, dtype=torch.float32, device=device, scale=0.1)
-        q_ts, k_ts = increasing_timestamps(g, lengths, device)
-    leaves = [t for t in (q, k, v, pos_weight, time_weight) if t is not None]
-
-    direct = {}  # backend -> function, resolved once per case as a model resolves it once when built
-
-    def call(backend: str) -> torch.Tensor:
-        if options.call == "direct":  # the backend itself: no input validation, whose checks sync the GPU
-            if backend not in direct:
-                direct[backend] = triton_attention((q, k, v)) if backend == "triton" else reference.hstu_attention
-            return direct[backend](q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
-                                   pos_weight=pos_weight, time_weight=time_weight)
-        return hstu_kernels.hstu_attention(
-            q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
-            pos_weight=pos_weight, time_weight=time_weight, backend=backend,
-        )
-
-    causal_pairs = float((lengths * (lengths + 1) // 2).sum())
-    forward_flops = 4 * causal_pairs * heads * dim  # two matmuls over the causal triangle
-    work = {"fwd": forward_flops, "bwd": 2.5 * forward_flops, "fwd+bwd": 3.5 * forward_flops}
-
-    def peer_call() -> torch.Tensor:
-        return peer_attention()(N=max_len, alpha=alpha, q=q, k=k, v=v, seq_offsets=offsets)
-
-    peer_skip = None if bias == "none" else "the peer has no relative attention bias (runs with --bias none only)"
-
-    checksum = float(sum(t.detach().double().sum() for t in leaves))
-    return Case(tuple(shape), call, leaves, work, peer_call if peer_skip is None else None, peer_skip, checksum)
-
-
-def build_attention_output(shape, dtype, device, options) -> Case:
-    """(B, N, D, HDV): x + Dropout(LayerNorm(attn) * u) @ W.T + b over the jagged tokens."""
-    batch, max_len, model_dim, attn_dim = shape
-    g = seeded(options.seed)
-    total = int(jagged_lengths(g, batch, max_len).sum())
-    x = random_values(g, total, model_dim, dtype=dtype, device=device)
-    attn, u = (random_values(g, total, attn_dim, dtype=dtype, device=device) for _ in range(2))
-    weight = random_values(g, model_dim, attn_dim, dtype=dtype, device=device, scale=0.02)
-    bias_vec = random_values(g, model_dim, dtype=dtype, device=device, scale=0.02)
-    leaves = [x, attn, u, weight, bias_vec]
-
-    def call(backend: str) -> torch.Tensor:
-        return hstu_kernels.attention_output(x, attn, u, weight, bias_vec, dropout_p=0.2, training=True, seed=0, backend=backend)
-
-    flops = 2.0 * total * model_dim * attn_dim
-    return Case(tuple(shape), call, leaves, {"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
-
-
-TIME_SCALES = [(3600, 24), (86400, 30), (604800, 52)]  # the multi-scale experiment config: hour, day, week
-
-
-def build_sequence_fusion(shape, dtype, device, options) -> Case:
-    """(B, N, D, items): item gather * sqrt(D) + position + hour/day/week time embeddings, dropout."""
-    batch, max_len, dim, num_items = shape
-    g = seeded(options.seed)
-    lengths = jagged_lengths(g, batch, max_len)
-    total = int(lengths.sum())
-    item_ids = torch.randint(0, num_items, (total,), generator=g).to(device)
-    _, timestamps = increasing_timestamps(g, lengths, device)
-    offsets = offsets_of(lengths, device)
-    item_table = random_values(g, num_items, dim, dtype=dtype, device=device)
-    pos_table = random_values(g, max_len, dim, dtype=dtype, device=device)
-    time_tables = [random_values(g, n, dim, dtype=dtype, device=device) for _, n in TIME_SCALES]
-
-    def call(backend: str) -> torch.Tensor:
-        return hstu_kernels.sequence_fusion(
-            item_ids, timestamps, offsets, item_table, pos_table, time_tables, scale=math.sqrt(dim),
-            time_scales=TIME_SCALES, dropout_p=0.2, training=True, seed=0, backend=backend,
-        )
-
-    # Rows gathered (item, position, 3 time tables) and written, per token.
-    moved = total * dim * element_size(dtype) * (2 + len(TIME_SCALES) + 1)
-    return Case(tuple(shape), call, [item_table, pos_table, *time_tables], {"fwd": moved, "bwd": 2 * moved, "fwd+bwd": 3 * moved})
-
-
-def build_sampled_softmax(shape, dtype, device, options) -> Case:
-    """(M, D, R, items): sampled softmax over M rows with R shared-per-row negatives."""
-    rows, dim, negatives, num_items = shape
-    g = seeded(options.seed)
-    states = random_values(g, rows, dim, dtype=dtype, device=device)
-    item_table = random_values(g, num_items, dim, dtype=dtype, device=device)
-    pos_ids = torch.randint(0, num_items, (rows,), generator=g).to(device)
-    neg_ids = torch.randint(0, num_items, (rows, negatives), generator=g).to(device)
-
-    def call(backend: str) -> torch.Tensor:
-        return hstu_kernels.sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature=0.05, backend=backend)
-
-    moved = rows * (negatives + 2) * dim * element_size(dtype)  # gathered item rows + states
-    return Case(tuple(shape), call, [states, item_table], {"fwd": moved, "bwd": 2 * moved, "fwd+bwd": 3 * moved})
-
-
-def build_topk(shape, dtype, device, options) -> Case:
-    """(B, D, items, K): score every item for B queries, mask 50 seen items each, keep the top K."""
-    queries_n, dim, num_items, top = shape
-    g = seeded(options.seed)
-    queries = random_values(g, queries_n, dim, dtype=dtype, device=device, requires_grad=False)
-    item_table = random_values(g, num_items, dim, dtype=dtype, device=device, requires_grad=False)
-    seen = min(50, num_items - 1)
-    exclude_ids = torch.randint(0, num_items, (queries_n * seen,), generator=g).to(device)
-    exclude_offsets = torch.arange(0, queries_n * seen + 1, seen).to(device)
-    target_ids = torch.randint(0, num_items, (queries_n,), generator=g).to(device)
-
-    def call(backend: str) -> torch.Tensor:
-        scores, _, _ = hstu_kernels.topk_items(
-            queries, item_table, top, exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,
-            target_ids=target_ids, backend=backend,
-        )
-        return scores
-
-    return Case(tuple(shape), call, [], {"fwd": 2.0 * queries_n * num_items * dim})
-
-
-OPERATORS: dict[str, OpSpec] = {
-    spec.name: spec
-    for spec in [
-        OpSpec(
-            "hstu_hierarchical_attention", ("B", "N", "H", "d"),
-            [(64, 1024, 4, 64), (16, 4096, 4, 64), (8, 8192, 4, 64), (16, 4096, 4, 128), (8, 8192, 4, 128),
-             (128, 200, 2, 25), (128, 200, 1, 50), (128, 200, 2, 32), (128, 200, 4, 64)],
-            build_attention, uses_bias=True,
-        ),
-        OpSpec("fused_attention_layernorm", ("B", "N", "D", "HDV"),
-               [(128, 200, 50, 50), (64, 1024, 256, 256), (32, 4096, 512, 512)], build_attention_output),
-        OpSpec("hierarchical_sequence_fusion", ("B", "N", "D", "items"),
-               [(128, 200, 50, 3706), (64, 1024, 256, 1_000_000)], build_sequence_fusion, rate_unit="GB/s"),
-        OpSpec("sequence_recommendation_interaction", ("M", "D", "R", "items"),
-               [(25600, 50, 128, 3706), (65536, 256, 128, 1_000_000)], build_sampled_softmax, rate_unit="GB/s"),
-        OpSpec("interaction", ("B", "D", "items", "K"),
-               [(128, 50, 3706, 200), (1024, 256, 1_000_000, 200)], build_topk, modes=("fwd",)),
-    ]
-}
-
-
-def triton_attention(tensors: Sequence[torch.Tensor]) -> Callable:
-    """Our Triton attention function, or ProviderUnavailable with the manager's reason."""
-    reason = hstu_kernels.TritonOperatorManager.unsupported_reason("hstu_hierarchical_attention", tensors)
-    if reason is not None:
-        raise ProviderUnavailable(reason)
-    from hstu_kernels.triton.hstu_attention import hstu_attention_triton
-
-    return hstu_attention_triton
+OPERATORS = hstu_kernels.REGISTRY
 
 
 # ---------------------------------------------------------------------------------------------
 # The peer (black box: called through its public entry point only)
 # ---------------------------------------------------------------------------------------------
 def peer_attention() -> Callable:
-    """Meta's ``triton_hstu_mha`` from .peers/generative-recommenders (jagged, causal, no bias)."""
+    """Meta's ``triton_hstu_mha`` from .peers/generative-recommenders (jagged, causal, no bias), called
+    with a case's ``peer_inputs``."""
     if not PEER_DIR.is_dir():
         raise ProviderUnavailable(f"peer not checked out at {PEER_DIR}")
     if str(PEER_DIR) not in sys.path:
@@ -294,7 +71,11 @@ def peer_attention() -> Callable:
         from generative_recommenders.ops.triton.triton_hstu_attention import triton_hstu_mha
     except Exception as exc:  # missing optional dependencies of the peer, API moved, ...
         raise ProviderUnavailable(f"cannot import the peer: {type(exc).__name__}: {exc}") from exc
-    return triton_hstu_mha
+    return lambda max_seq_len, alpha, q, k, v, seq_offsets: triton_hstu_mha(
+        N=max_seq_len, alpha=alpha, q=q, k=k, v=v, seq_offsets=seq_offsets)
+
+
+PEERS = {"hstu_hierarchical_attention": peer_attention}  # operator -> loader of its peer's entry point
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,18 +123,26 @@ def timed_function(forward: Callable[[], torch.Tensor], mode: str) -> Callable[[
     return lambda: forward().backward(grad)
 
 
-def provider_forward(case: Case, provider: str, compile_mode: str) -> Callable[[], torch.Tensor]:
+def provider_forward(spec: OperatorSpec, case: BenchCase, provider: str, compile_mode: str) -> Callable[[], torch.Tensor]:
+    """``eager`` is the operator in plain PyTorch ops where the case defines that form (e.g. torch's own
+    dropout instead of the seeded one); ``compiled`` is torch.compile of the eager form, else of the reference."""
     if provider in ("triton", "reference"):
         return lambda: case.call(provider)
+    if provider == "eager":
+        if case.eager_call is None:
+            raise ProviderUnavailable("no eager form apart from the reference")
+        return case.eager_call
     if provider == "compiled":
-        compiled = torch.compile(lambda: case.call("reference"), dynamic=False, mode=compile_mode)
-        return compiled
+        eager = case.eager_call or (lambda: case.call("reference"))
+        return torch.compile(eager, dynamic=False, mode=compile_mode)
     if provider == "peer":
-        if case.peer_call is None:
+        if case.peer_inputs is None:
             raise ProviderUnavailable(case.peer_skip_reason)
-        peer_attention()
-        return case.peer_call
-    raise ValueError(f"unknown provider {provider!r}; valid: triton, reference, compiled, peer")
+        if spec.key not in PEERS:
+            raise ProviderUnavailable("no peer implementation of this operator")
+        peer = PEERS[spec.key]()
+        return lambda: peer(**case.peer_inputs)
+    raise ValueError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDERS)}")
 
 
 def short_error(exc: BaseException) -> str:
@@ -378,12 +167,13 @@ class Result:
     max_diff: float | None = None  # max |out - out_reference| of the first forward
 
 
-def run_provider(case: Case, provider: str, modes: Sequence[str], args, reference_out) -> tuple[list[Result], torch.Tensor | None]:
+def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequence[str], args,
+                 reference_out) -> tuple[list[Result], torch.Tensor | None]:
     """Time one provider in every mode; a failure becomes the reason of each remaining mode.
     Returns the results and the provider's first (detached) output."""
     results, first_out = [], None
     try:
-        forward = provider_forward(case, provider, args.compile_mode)
+        forward = provider_forward(spec, case, provider, args.compile_mode)
         first_out = forward().detach()
         max_diff = None
         if reference_out is not None and first_out.shape == reference_out.shape:
@@ -400,12 +190,12 @@ def run_provider(case: Case, provider: str, modes: Sequence[str], args, referenc
     return results, first_out
 
 
-def run_peer_in_child(spec: OpSpec, shape, args, modes, case: Case) -> list[Result]:
+def run_peer_in_child(spec: OperatorSpec, shape, args, modes, case: BenchCase) -> list[Result]:
     """Run the peer for one shape in a fresh process; its crash cannot touch this process's CUDA context."""
-    if case.peer_call is None:
+    if case.peer_inputs is None:
         return [Result("peer", mode, note=case.peer_skip_reason) for mode in modes]
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--op", spec.name, "--shapes", ",".join(map(str, shape)),
+        sys.executable, str(Path(__file__).resolve()), "--op", spec.key, "--shapes", ",".join(map(str, shape)),
         "--dtype", args.dtype, "--bias", args.bias, "--mode", ",".join(modes), "--seed", str(args.seed),
         "--warmup", str(args.warmup), "--rep", str(args.rep), "--call", args.call,
         "--backward-thread", args.backward_thread, "--peer-worker",
@@ -427,17 +217,17 @@ def run_peer_in_child(spec: OpSpec, shape, args, modes, case: Case) -> list[Resu
     return results
 
 
-def peer_worker(spec: OpSpec, shape, args, modes) -> None:
+def peer_worker(spec: OperatorSpec, shape, args, modes) -> None:
     """Child side of run_peer_in_child: time the peer, print one tagged JSON line per mode.
     max_diff is against our Triton output when that runs here (a check that the peer is called right)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    case = spec.build(shape, DTYPES[args.dtype], device, args)
+    case = spec.bench.build(shape, DTYPES[args.dtype], device, args)
     try:
         with torch.no_grad():
             ours = case.call("triton")
     except Exception:  # our kernel unavailable here: no cross-check
         ours = None
-    results, _ = run_provider(case, "peer", modes, args, ours)
+    results, _ = run_provider(spec, case, "peer", modes, args, ours)
     for result in results:
         print(PEER_RESULT_TAG + json.dumps({"mode": result.mode, "ms": result.ms, "note": result.note,
                                             "max_diff": result.max_diff, "checksum": case.checksum}), flush=True)
@@ -462,10 +252,10 @@ def library_versions() -> tuple[str, str]:
     return torch.__version__, triton_version
 
 
-def rate_of(spec: OpSpec, work: dict[str, float], mode: str, ms: float | None) -> float | None:
+def rate_of(spec: OperatorSpec, work: dict[str, float], mode: str, ms: float | None) -> float | None:
     if ms is None or mode not in work:
         return None
-    scale = 1e12 if spec.rate_unit == "TFLOP/s" else 1e9
+    scale = 1e12 if spec.bench.rate_unit == "TFLOP/s" else 1e9
     return work[mode] / (ms * 1e-3) / scale
 
 
@@ -477,12 +267,12 @@ def speedup_note(results: list[Result], result: Result) -> str:
     return f"{result.ms / ours.ms:.3g}x"
 
 
-def shape_label(spec: OpSpec, shape) -> str:
+def shape_label(spec: OperatorSpec, shape) -> str:
     return "x".join(map(str, shape))
 
 
-def print_table(spec: OpSpec, rows: list[tuple[str, dict[str, float], list[Result]]], args) -> None:
-    header = ["shape " + "x".join(spec.shape_fields), "mode", "provider", "ms", spec.rate_unit,
+def print_table(spec: OperatorSpec, rows: list[tuple[str, dict[str, float], list[Result]]], args) -> None:
+    header = ["shape " + "x".join(spec.bench.shape_fields), "mode", "provider", "ms", spec.bench.rate_unit,
               "triton speed-up", "max|diff| vs reference", "note"]
     lines = []
     for label, work, results in rows:
@@ -492,7 +282,7 @@ def print_table(spec: OpSpec, rows: list[tuple[str, dict[str, float], list[Resul
                 label, r.mode, r.provider, f"{r.ms:.4f}" if r.ms else "-", f"{rate:.4g}" if rate else "-",
                 speedup_note(results, r), f"{r.max_diff:.2e}" if r.max_diff is not None else "", r.note,
             ])
-    title = f"{spec.name} | {args.dtype} | bias={args.bias if spec.uses_bias else '-'} | call={args.call} | {card_name()}"
+    title = f"{spec.key} | {args.dtype} | bias={args.bias if spec.bench.uses_bias else '-'} | call={args.call} | {card_name()}"
     try:
         from rich.console import Console
         from rich.table import Table
@@ -509,7 +299,7 @@ def print_table(spec: OpSpec, rows: list[tuple[str, dict[str, float], list[Resul
             print(" | ".join(line))
 
 
-def append_csv(path: Path, spec: OpSpec, rows, args) -> None:
+def append_csv(path: Path, spec: OperatorSpec, rows, args) -> None:
     torch_version, triton_version = library_versions()
     card, today = card_name(), datetime.date.today().isoformat()
     new_file = not path.exists() or path.stat().st_size == 0
@@ -521,10 +311,10 @@ def append_csv(path: Path, spec: OpSpec, rows, args) -> None:
             for r in results:
                 rate = rate_of(spec, work, r.mode, r.ms)
                 writer.writerow({
-                    "date": today, "op": spec.name, "provider": r.provider, "mode": r.mode, "shape": label,
-                    "dtype": args.dtype, "bias": args.bias if spec.uses_bias else "-", "call": args.call,
+                    "date": today, "op": spec.key, "provider": r.provider, "mode": r.mode, "shape": label,
+                    "dtype": args.dtype, "bias": args.bias if spec.bench.uses_bias else "-", "call": args.call,
                     "backward_thread": args.backward_thread, "ms": f"{r.ms:.5f}" if r.ms else "", "rate": f"{rate:.5g}" if rate else "",
-                    "rate_unit": spec.rate_unit, "card": card, "torch": torch_version, "triton": triton_version,
+                    "rate_unit": spec.bench.rate_unit, "card": card, "torch": torch_version, "triton": triton_version,
                     "note": r.note,
                 })
 
@@ -539,13 +329,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--mode", default="fwd,bwd,fwd+bwd", help="comma-separated subset of fwd, bwd, fwd+bwd")
     parser.add_argument("--bias", default="none", choices=["none", "pos", "time", "both"], help="attention only")
-    parser.add_argument("--providers", default="triton,reference,compiled,peer")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--csv", default=str(DEFAULT_CSV), help="file to append rows to ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=float, default=100, help="do_bench repetition time, ms")
-    parser.add_argument("--call", default="api", choices=["api", "direct"],
-                        help="api: hstu_kernels.<op>(backend=...), whose input checks sync the GPU each call; "
+    parser.add_argument("--call", default="api", choices=["api", "api-unchecked", "direct"],
+                        help="api: hstu_kernels.<op>(backend=...) with its input checks, some of which read the "
+                             "device each call; api-unchecked: the same with validate=False, as the model calls it; "
                              "direct: the backend function itself (attention only), as a compiled model runs it")
     parser.add_argument("--backward-thread", default="worker", choices=["worker", "caller"],
                         help="worker: autograd's CUDA device thread runs the backward (PyTorch's default); caller: "
@@ -557,24 +348,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_shapes(spec: OpSpec, texts: Sequence[str] | None) -> list[tuple[int, ...]]:
+def parse_shapes(spec: OperatorSpec, texts: Sequence[str] | None) -> list[tuple[int, ...]]:
     if not texts:
-        return spec.default_shapes
+        return list(spec.bench.default_shapes)
     shapes = []
     for text in texts:
         shape = tuple(int(part) for part in text.split(","))
-        if len(shape) != len(spec.shape_fields):
-            raise SystemExit(f"--shapes {text!r}: {spec.name} takes {','.join(spec.shape_fields)}")
+        if len(shape) != len(spec.bench.shape_fields):
+            raise SystemExit(f"--shapes {text!r}: {spec.key} takes {','.join(spec.bench.shape_fields)}")
         shapes.append(shape)
     return shapes
 
 
-def parse_modes(spec: OpSpec, text: str) -> list[str]:
+def parse_modes(spec: OperatorSpec, text: str) -> list[str]:
     modes = [m for m in text.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"--mode {text!r}: unknown {unknown}; valid: {', '.join(MODES)}")
-    return [m for m in modes if m in spec.modes]
+    return [m for m in modes if m in spec.bench.modes]
 
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float], list[Result]]]:
@@ -586,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float],
 
 def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float], list[Result]]]:
     spec = OPERATORS[args.op]
+    args.validate = args.call == "api"  # read by the operators' case builders
     shapes, modes = parse_shapes(spec, args.shapes), parse_modes(spec, args.mode)
     if args.peer_worker:
         peer_worker(spec, shapes[0], args, modes)
@@ -596,13 +388,13 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for shape in shapes:
-        case = spec.build(shape, DTYPES[args.dtype], device, args)
+        case = spec.bench.build(shape, DTYPES[args.dtype], device, args)
         results, reference_out = [], None
         for provider in providers:
             if provider == "peer":
                 results += run_peer_in_child(spec, shape, args, modes, case)
                 continue
-            provider_results, first_out = run_provider(case, provider, modes, args, reference_out)
+            provider_results, first_out = run_provider(spec, case, provider, modes, args, reference_out)
             results += provider_results
             if provider == "reference":
                 reference_out = first_out

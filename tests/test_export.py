@@ -224,7 +224,7 @@ def test_loads_under_other_kernel_flags(export_dir, recommender, datamodule, fla
     other = Recommender.from_export(export_dir, kernels=flags, kernel_fallback="warn")
     histories, _ = _test_histories(datamodule, range(4))
     _assert_same_top_k(other.recommend(histories, k=5), recommender.recommend(histories, k=5), atol=1e-5)
-    stats = other.model.manager.stats()
+    stats = other.model.manager.get_stats()
     assert all(stats[op]["requested"] == "triton" for op in flags)
 
 

@@ -7,14 +7,12 @@ bias + log-bucketed time bias; y = x + Linear(Dropout(LayerNorm(A v) * u)).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import hstu_kernels
 from hstu_kernels import TritonOperatorManager
+from hstu_kernels.jagged import next_in_sequence
 from hstu_kernels.time_buckets import DEFAULT_NUM_BUCKETS
-
-from hstu.model.jagged import next_in_sequence
 
 LAYER_NORM_EPS = 1e-6
 
@@ -55,7 +53,7 @@ class STULayer(nn.Module):
     def forward(self, x, seq_offsets, q_timestamps, k_timestamps):
         L, H = x.shape[0], self.num_heads
         hdv, hdqk = H * self.dv, H * self.dqk
-        uvqk = F.silu(F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS) @ self.uvqk)
+        uvqk = hstu_kernels.attention_input(x, self.uvqk, eps=LAYER_NORM_EPS, backend=self.manager)
         u, v, q, k = torch.split(uvqk, [hdv, hdv, hdqk, hdqk], dim=-1)
         attn = hstu_kernels.hstu_attention(
             q.view(L, H, self.dqk), k.view(L, H, self.dqk), v.view(L, H, self.dv),
@@ -67,7 +65,7 @@ class STULayer(nn.Module):
         )
         return hstu_kernels.attention_output(
             x, attn.reshape(L, hdv), u, self.out.weight, self.out.bias,
-            dropout_p=self.dropout, training=self.training, eps=LAYER_NORM_EPS, backend=self.manager,
+            dropout_p=self.dropout, training=self.training, eps=LAYER_NORM_EPS, backend=self.manager, validate=False,
         )
 
 

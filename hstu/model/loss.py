@@ -31,9 +31,9 @@ class RecLoss(nn.Module):
         """states [M, D], pos_ids [M] in 1..num_items, item_table [num_items + 1, D] (row 0 = padding)."""
         if self.kind == "full":
             return hstu_kernels.full_softmax_loss(
-                states, pos_ids - 1, item_table[1:], temperature=self.temperature, backend=self.manager)
+                states, pos_ids - 1, item_table[1:], temperature=self.temperature, backend=self.manager, validate=False)
         num_items = item_table.shape[0] - 1
         shape = (self.num_negatives,) if self.shared_negatives else (states.shape[0], self.num_negatives)
         neg_ids = torch.randint(1, num_items + 1, shape, device=states.device)
         return hstu_kernels.sampled_softmax_loss(
-            states, pos_ids, neg_ids, item_table, temperature=self.temperature, backend=self.manager)
+            states, pos_ids, neg_ids, item_table, temperature=self.temperature, backend=self.manager, validate=False)

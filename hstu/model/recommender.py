@@ -14,10 +14,10 @@ from torch import nn
 
 import hstu_kernels
 from hstu_kernels import TritonOperatorManager
+from hstu_kernels.jagged import last_index, next_in_sequence
 
 from hstu.data.batch import JaggedBatch
 from hstu.model.embedding import InputEmbedding
-from hstu.model.jagged import last_index, next_in_sequence
 from hstu.model.loss import RecLoss
 
 
@@ -89,5 +89,6 @@ class SequentialRecommender(nn.Module):
             queries.float(), self.item_table[1:].float(), min(k, self.num_items),
             exclude_ids=exclude - 1, exclude_offsets=exclude_offsets,
             target_ids=batch.targets - 1 if with_target_rank else None, backend=self.manager,
+            validate=False,  # the batch was checked once (encode)
         )
         return scores, ids + 1, rank

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu_kernels import TritonOperatorManager
+from hstu_kernels.jagged import from_padded, padded_rows, to_padded
 
-from hstu.model.jagged import positions, segment_ids, to_padded
 
 
 class SASRecBlock(nn.Module):
@@ -58,9 +58,8 @@ class SASRecEncoder(nn.Module):
 
     def forward(self, x, seq_offsets, timestamps, target_timestamps):
         B, N = seq_offsets.numel() - 1, self.max_seq_len
-        seg = segment_ids(seq_offsets, x.shape[0])
-        pos = positions(seq_offsets, seg)
-        h = to_padded(x, seg, pos, B, N)
+        rows = padded_rows(seq_offsets, x.shape[0], N)
+        h = to_padded(x, rows, B, N)
         lengths = (seq_offsets[1:] - seq_offsets[:-1])
         valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None]  # [B, N]
         causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
@@ -70,4 +69,4 @@ class SASRecEncoder(nn.Module):
         h = h * pad_mask
         for block in self.blocks:
             h = block(h, attn_mask[:, None], pad_mask)
-        return self.final_norm(h)[seg, pos]
+        return from_padded(self.final_norm(h), rows)

@@ -6,8 +6,9 @@ For sequence b (tokens s..s+n-1) and 0 <= j <= i < n:
 
 Layers, after Liger-Kernel: ``@triton.jit`` kernels -> launchers (block sizes per head dim and
 dtype) -> ``torch.library`` custom ops ``hstu_kernels::hstu_attention_fwd`` / ``_bwd`` with fake and
-autograd registrations (so ``torch.compile`` traces through without graph breaks) ->
-``hstu_attention_triton``, called by ``hstu_kernels.hstu_attention`` after its input checks.
+autograd registrations (``hstu_kernels.custom_op``: ``torch.compile`` traces through without graph
+breaks; eager calls skip the dispatcher) -> ``hstu_attention``, which ``hstu_kernels.hstu_attention``
+dispatches to after its input checks.
 
 How it computes, and why:
 - No softmax, so no row statistics: the backward recomputes S = alpha q k^T + rab per tile.
@@ -57,7 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hstu_kernels.manager import interpreter_active
+from hstu_kernels.custom_op import autograd_custom_op
+from hstu_kernels.triton.common import (
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, gather, load_tile, log2, sequence_span, sigmoid, silu,
+)
 from hstu_kernels.time_buckets import BUCKET_LOG_BASE, bucket_thresholds
 
 MAX_HEAD_DIM = 256
@@ -70,77 +74,12 @@ BUCKET_GUESS_MARGIN = tl.constexpr(1e-3)
 # Fused int32 time table: gaps below 2^31 give guesses 0..71 (log2(2^31) * LOG2_TO_BUCKET < 72).
 TIME_TABLE_ROWS = 128
 TIME_TABLE_WIDTH = tl.constexpr(4)
-NEG_LOG2_E = tl.constexpr(-1.4426950408889634)
 
-
-# Triton settles interpreter or compiler when a kernel is defined, i.e. when this module is imported.
-KERNELS_INTERPRETED = interpreter_active()
 
 
 # --------------------------------------------------------------------------------------------
 # Element-wise pieces
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _sigmoid(x, FAST_SILU: tl.constexpr):
-    """sigmoid(x) in fp32; FAST_SILU uses one tanh.approx (one special-function op instead of two)."""
-    if FAST_SILU:
-        t = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32, is_pure=True, pack=1
-        )
-        sig = 0.5 + 0.5 * t
-    else:
-        sig = 1.0 / (1.0 + tl.exp2(x * NEG_LOG2_E))
-    return sig
-
-
-@triton.jit
-def _silu(x, FAST_SILU: tl.constexpr):
-    """SiLU(x) = x * sigmoid(x) in fp32; FAST_SILU: h + h * tanh(h), h = x / 2 (one tanh.approx)."""
-    if FAST_SILU:
-        half = 0.5 * x
-        t = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [half], dtype=tl.float32, is_pure=True, pack=1
-        )
-        y = half + half * t
-    else:
-        y = x / (1.0 + tl.exp2(x * NEG_LOG2_E))
-    return y
-
-
-@triton.jit
-def _log2(x, PTX_MATH: tl.constexpr):
-    """log2 of positive x; on the GPU one lg2.approx (abs. error ~2^-22, far inside the bucket margin)."""
-    if PTX_MATH:
-        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        y = tl.log2(x)
-    return y
-
-
-@triton.jit
-def _gather(table, index, PTX_MATH: tl.constexpr):
-    """table[index]: element-wise reads of a small read-only table (fp32 / int32 / int64) at int32 indices.
-
-    On the GPU an opaque ``ld.global.nc`` whose address is formed inside the asm from the scalar
-    base: the software pipeliner would otherwise turn these gathers into 4-byte async copies that
-    bypass L1 (measured ~20x slower forward), and a tile of 64-bit addresses would cost two
-    registers per element.
-    """
-    if PTX_MATH:
-        base = table + tl.zeros_like(index)  # the same address in every element: one register pair
-        if table.dtype.element_ty == tl.int64:
-            x = tl.inline_asm_elementwise(
-                "{ .reg .u64 a; mad.wide.s32 a, $2, 8, $1; ld.global.nc.b64 $0, [a]; }", "=l,l,r",
-                [base, index], dtype=tl.int64, is_pure=True, pack=1)
-        else:
-            x = tl.inline_asm_elementwise(
-                "{ .reg .u64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.b32 $0, [a]; }", "=r,l,r",
-                [base, index], dtype=table.dtype.element_ty, is_pure=True, pack=1)
-    else:
-        x = tl.load(table + index)
-    return x
-
-
 @triton.jit
 def _gather_time_row(time_table, row, PTX_MATH: tl.constexpr):
     """(threshold, weight below, weight above) of fused time-table rows: one 16-byte read each on the GPU."""
@@ -159,46 +98,18 @@ def _gather_time_row(time_table, row, PTX_MATH: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile, zero-filled outside rows_ok (if CHECK_ROWS) and past column D.
-
-    Masks are only emitted where needed: a column mask on a power-of-2 head dim would stop
-    the loads from being vectorised.
-    """
-    if CHECK_ROWS:
-        if D == BLOCK_D:
-            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < D), other=0.0)
-    else:
-        if D == BLOCK_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
-    return x
-
-
-@triton.jit
-def _sequence_span(seq_offsets, batch):
-    """(first token, as int64 for row offsets; length, as int32) of sequence ``batch``."""
-    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
-    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
-    return seq_start, seq_len
-
-
-@triton.jit
 def _bucket_guess(gap, PTX_MATH: tl.constexpr):
     """max(floor(log2(gap) * LOG2_TO_BUCKET - margin), 0): the exact bucket of the gap or one below it."""
     if PTX_MATH:
         # lg2(0) = -inf clamps to 0 below. The floor is an add of 1.5 * 2^23 rounded toward -inf,
         # which leaves the integer in the low mantissa bits: a full-rate add where a float-to-int
         # conversion would take the 16-per-clock pipe that SiLU's tanh and lg2 already load.
-        estimate = _log2(gap.to(tl.float32), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
+        estimate = log2(gap.to(tl.float32), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
         shifted = tl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=r,r", [tl.maximum(estimate, 0.0)],
                                             dtype=tl.float32, is_pure=True, pack=1)
         guess = shifted.to(tl.int32, bitcast=True) - 0x4B400000
     else:
-        estimate = _log2(tl.maximum(gap.to(tl.float32), 1.0), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
+        estimate = log2(tl.maximum(gap.to(tl.float32), 1.0), PTX_MATH) * LOG2_TO_BUCKET - BUCKET_GUESS_MARGIN
         guess = estimate.to(tl.int32)
     return guess
 
@@ -207,8 +118,8 @@ def _bucket_guess(gap, PTX_MATH: tl.constexpr):
 def _time_bias_int64(gap, thresholds, time_weight, num_buckets, PTX_MATH: tl.constexpr):
     """(time bias, bucket) for any int64 gap: guess, then one comparison with the next threshold."""
     guess = tl.minimum(_bucket_guess(gap, PTX_MATH), num_buckets - 1)
-    bucket = tl.minimum(guess + (gap >= _gather(thresholds, guess + 1, PTX_MATH)).to(tl.int32), num_buckets - 1)
-    return _gather(time_weight, bucket, PTX_MATH), bucket
+    bucket = tl.minimum(guess + (gap >= gather(thresholds, guess + 1, PTX_MATH)).to(tl.int32), num_buckets - 1)
+    return gather(time_weight, bucket, PTX_MATH), bucket
 
 
 @triton.jit
@@ -240,7 +151,7 @@ def _relative_bias(
     if HAS_POS:
         last = max_seq_len - 1
         rel = tl.minimum(k_pos, last) - tl.minimum(q_pos, last) + last
-        bias += _gather(pos_weight, rel, PTX_MATH)
+        bias += gather(pos_weight, rel, PTX_MATH)
     if HAS_TIME:
         if gaps_fit_int32:
             time_bias, time_bucket = _time_bias_int32(tl.abs(q_rel - k_rel), time_table, num_buckets, PTX_MATH)
@@ -350,15 +261,15 @@ def _forward_head_tile(
     """acc += SiLU(alpha q k^T + bias) v for one head and key block (causal mask only on the diagonal)."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+    k = load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
                    cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
     if HAS_BIAS:
         s += bias
-    p = _silu(s, FAST_SILU)
+    p = silu(s, FAST_SILU)
     if DIAGONAL:
         p = tl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
-    v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+    v = load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
                    cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
     return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
@@ -410,16 +321,16 @@ def _store_head_rows(base, acc, offs_m, rows_ok, stride_l, stride_d, scale, D: t
 def _load_head_slots(ptrs, stride_h, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr):
     """The [rows, BLOCK_D] tile of each head of the program's group (``HEADS`` of the four slots;
     slots past it repeat slot 0 and are never used)."""
-    t0 = _load_tile(ptrs, rows_ok, cols, D, BLOCK_D, True)
+    t0 = load_tile(ptrs, rows_ok, cols, D, BLOCK_D, True)
     t1 = t0
     t2 = t0
     t3 = t0
     if HEADS > 1:
-        t1 = _load_tile(ptrs + stride_h, rows_ok, cols, D, BLOCK_D, True)
+        t1 = load_tile(ptrs + stride_h, rows_ok, cols, D, BLOCK_D, True)
     if HEADS > 2:
-        t2 = _load_tile(ptrs + 2 * stride_h, rows_ok, cols, D, BLOCK_D, True)
+        t2 = load_tile(ptrs + 2 * stride_h, rows_ok, cols, D, BLOCK_D, True)
     if HEADS > 3:
-        t3 = _load_tile(ptrs + 3 * stride_h, rows_ok, cols, D, BLOCK_D, True)
+        t3 = load_tile(ptrs + 3 * stride_h, rows_ok, cols, D, BLOCK_D, True)
     return t0, t1, t2, t3
 
 
@@ -428,8 +339,8 @@ def _load_head_slot_pairs(a_ptrs, a_stride_h, a_cols, DA: tl.constexpr, BLOCK_A:
                           b_ptrs, b_stride_h, b_cols, DB: tl.constexpr, BLOCK_B: tl.constexpr,
                           rows_ok, HEADS: tl.constexpr):
     """Two tiles per head of the group (k and v, or q and dO), head by head, as ``_load_head_slots``."""
-    a0 = _load_tile(a_ptrs, rows_ok, a_cols, DA, BLOCK_A, True)
-    b0 = _load_tile(b_ptrs, rows_ok, b_cols, DB, BLOCK_B, True)
+    a0 = load_tile(a_ptrs, rows_ok, a_cols, DA, BLOCK_A, True)
+    b0 = load_tile(b_ptrs, rows_ok, b_cols, DB, BLOCK_B, True)
     a1 = a0
     b1 = b0
     a2 = a0
@@ -437,14 +348,14 @@ def _load_head_slot_pairs(a_ptrs, a_stride_h, a_cols, DA: tl.constexpr, BLOCK_A:
     a3 = a0
     b3 = b0
     if HEADS > 1:
-        a1 = _load_tile(a_ptrs + a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
-        b1 = _load_tile(b_ptrs + b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
+        a1 = load_tile(a_ptrs + a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
+        b1 = load_tile(b_ptrs + b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
     if HEADS > 2:
-        a2 = _load_tile(a_ptrs + 2 * a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
-        b2 = _load_tile(b_ptrs + 2 * b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
+        a2 = load_tile(a_ptrs + 2 * a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
+        b2 = load_tile(b_ptrs + 2 * b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
     if HEADS > 3:
-        a3 = _load_tile(a_ptrs + 3 * a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
-        b3 = _load_tile(b_ptrs + 3 * b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
+        a3 = load_tile(a_ptrs + 3 * a_stride_h, rows_ok, a_cols, DA, BLOCK_A, True)
+        b3 = load_tile(b_ptrs + 3 * b_stride_h, rows_ok, b_cols, DB, BLOCK_B, True)
     return a0, b0, a1, b1, a2, b2, a3, b3
 
 
@@ -480,7 +391,7 @@ def _hstu_attention_fwd_kernel(
     num_groups = num_heads // HEADS
     batch = tl.program_id(0) // num_groups
     head = (tl.program_id(0) % num_groups) * HEADS
-    seq_start, seq_len = _sequence_span(seq_offsets, batch)
+    seq_start, seq_len = sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK_M
     if m_start >= seq_len:
         return
@@ -532,14 +443,14 @@ def _key_head_tile(
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     # Query rows past the sequence load as zeros: with dO = 0 they add nothing to dK, dV.
-    q = _load_tile(q_base + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+    q = load_tile(q_base + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
                    rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
-    do = _load_tile(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+    do = load_tile(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
                     rows_ok, offs_dv, DV, BLOCK_DV, True)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * alpha  # [keys, queries]
     if HAS_BIAS:
         s_t += bias_t
-    sig = _sigmoid(s_t, FAST_SILU)
+    sig = sigmoid(s_t, FAST_SILU)
     p_t = s_t * sig
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = dp_t * (sig + p_t * (1.0 - sig))  # SiLU'(s) = sig * (1 + s * (1 - sig))
@@ -616,7 +527,7 @@ def _dkdv_program(
     num_groups = num_heads // HEADS
     batch = group_pid // num_groups
     head = (group_pid % num_groups) * HEADS
-    seq_start, seq_len = _sequence_span(seq_offsets, batch)
+    seq_start, seq_len = sequence_span(seq_offsets, batch)
     n_start = pid_n * BLOCK_N
     if n_start >= seq_len:
         return
@@ -696,7 +607,7 @@ def _score_grad(q, do, k, v, bias, alpha,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
     if HAS_BIAS:
         s += bias
-    sig = _sigmoid(s, FAST_SILU)
+    sig = sigmoid(s, FAST_SILU)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     return dp * (sig + s * sig * (1.0 - sig))
 
@@ -711,9 +622,9 @@ def _query_head_tile(
     """dq += dS k for one head and key block."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+    k = load_tile(k_base + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
                    cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
-    v = _load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+    v = load_tile(v_base + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
                    cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
     ds = _score_grad(q, do, k, v, bias, alpha, HAS_BIAS, FAST_SILU, DOT_PRECISION)
     if DIAGONAL:
@@ -777,7 +688,7 @@ def _dq_program(
     num_groups = num_heads // HEADS
     batch = group_pid // num_groups
     head = (group_pid % num_groups) * HEADS
-    seq_start, seq_len = _sequence_span(seq_offsets, batch)
+    seq_start, seq_len = sequence_span(seq_offsets, batch)
     m_start = pid_m * BLOCK_M
     if m_start >= seq_len:
         return
@@ -846,13 +757,13 @@ def _head_summed_score_grad(
                               HAS_POS, HAS_TIME, PTX_MATH, False)
     ds_sum = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for head in range(num_heads):
-        q = _load_tile(q_base + head * stride_q_h + q_pos[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
+        q = load_tile(q_base + head * stride_q_h + q_pos[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d,
                        rows_ok, offs_dqk, DQK, BLOCK_DQK, True)
-        do = _load_tile(do_base + head * stride_do_h + q_pos[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+        do = load_tile(do_base + head * stride_do_h + q_pos[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
                         rows_ok, offs_dv, DV, BLOCK_DV, True)
-        k = _load_tile(k_base + head * stride_k_h + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
+        k = load_tile(k_base + head * stride_k_h + offs_n[:, None] * stride_k_l + offs_dqk[None, :] * stride_k_d,
                        cols_ok, offs_dqk, DQK, BLOCK_DQK, DIAGONAL)
-        v = _load_tile(v_base + head * stride_v_h + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
+        v = load_tile(v_base + head * stride_v_h + offs_n[:, None] * stride_v_l + offs_dv[None, :] * stride_v_d,
                        cols_ok, offs_dv, DV, BLOCK_DV, DIAGONAL)
         ds_sum += _score_grad(q, do, k, v, bias, alpha, True, FAST_SILU, DOT_PRECISION)
     if DIAGONAL:
@@ -949,7 +860,7 @@ def _bias_grad_program(
     sums them in registers and writes them once, with its time-bucket histogram, to its own partial
     row (written whole, even without tiles): no atomics, the same result every run, O(L) memory.
     ``_bias_grad_sum_kernel`` adds the rows up."""
-    seq_start, seq_len = _sequence_span(seq_offsets, batch)
+    seq_start, seq_len = sequence_span(seq_offsets, batch)
     ts_ref = 0
     gaps_fit_int32 = False
     if HAS_TIME:
@@ -1130,16 +1041,6 @@ def _hstu_attention_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _block_dim(d: int) -> int:
-    """The power-of-2 tile width (at least 16) that holds a head dim. Plain ints here and in ``_cdiv``:
-    Triton's ``next_power_of_2`` and ``cdiv`` cost microseconds a call on the host in recent versions."""
-    return max(16, 1 << (d - 1).bit_length())
-
-
 # Block sizes, warps, pipeline depth and heads per program (HEADS, an upper bound: see
 # ``_heads_per_program``) per kernel, from H200 timings (kernels/triton/hstu_attention_notes.md).
 # Without a bias: bf16 at d=128 the forward runs 128x64 tiles with 3 stages (407-431 TFLOP/s); up
@@ -1225,12 +1126,6 @@ def _threshold_table(num_buckets: int, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _use_fast_silu(dtype: torch.dtype) -> bool:
     """tanh.approx SiLU for bf16 on the GPU (error far under bf16 rounding); exact elsewhere."""
     return dtype == torch.bfloat16 and not KERNELS_INTERPRETED
@@ -1292,10 +1187,10 @@ def _forward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: in
                   has_pos: bool, has_time: bool, precision: str) -> tuple[tuple[int, int], dict]:
     """(grid, compile-time arguments) of the forward launch, settled once per problem shape: at the
     model's sizes the host time of a launch, not the GPU, sets the pace."""
-    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
+    block_dqk, block_dv = block_dim(dqk), block_dim(dv)
     cfg = _forward_config(max(block_dqk, block_dv), dtype, has_pos or has_time)
     heads = _heads_per_program(num_heads, cfg["HEADS"])
-    grid = (batch * (num_heads // heads), _cdiv(max_seq_len, cfg["BLOCK_M"]))
+    grid = (batch * (num_heads // heads), cdiv(max_seq_len, cfg["BLOCK_M"]))
     return grid, dict(
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads, HAS_POS=has_pos, HAS_TIME=has_time,
@@ -1320,7 +1215,7 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
     seq_offsets = seq_offsets.contiguous()
     bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
     grid, constants = _forward_plan(batch, num_heads, max_seq_len, dqk, dv, q.dtype, bias.has_pos, bias.has_time,
-                                    _dot_precision(q.dtype))
+                                    dot_precision(q.dtype))
     _hstu_attention_fwd_kernel[grid](
         q, k, v, out, seq_offsets, *bias.pointers(), *strides,
         num_heads, max_seq_len, bias.num_buckets, float(alpha), 1.0 / max_seq_len, **constants,
@@ -1336,7 +1231,7 @@ def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: i
     diagonals of the bias-gradient part). Each launch is (grid, programs of the dK/dV part, programs of the dQ part,
     compile-time arguments). Parts with the same warps and stages share a launch when max_seq_len <=
     ``merged_max_seq_len`` (all of them at head dims <= 64); otherwise each part has its own."""
-    block_dqk, block_dv = _block_dim(dqk), _block_dim(dv)
+    block_dqk, block_dv = block_dim(dqk), block_dim(dv)
     block_d = max(block_dqk, block_dv)
     has_bias = has_pos or has_time
     dkdv_cfg = _dkdv_config(block_d, dtype, has_bias)
@@ -1344,10 +1239,10 @@ def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: i
     dq_cfg = _dq_config(block_d, dtype, has_bias, max_seq_len > merged_max_seq_len)
     dq_heads = _heads_per_program(num_heads, dq_cfg["HEADS"])
     bias_cfg = _bias_grad_config(block_d, dtype, max_seq_len > merged_max_seq_len)
-    bias_blocks = _cdiv(max_seq_len, bias_cfg["BLOCK"])
+    bias_blocks = cdiv(max_seq_len, bias_cfg["BLOCK"])
     parts = {  # part -> (its config, its grid: (groups, blocks))
-        "DKDV": (dkdv_cfg, (batch * (num_heads // dkdv_heads), _cdiv(max_seq_len, dkdv_cfg["BLOCK_N"]))),
-        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), _cdiv(max_seq_len, dq_cfg["BLOCK_M"]))),
+        "DKDV": (dkdv_cfg, (batch * (num_heads // dkdv_heads), cdiv(max_seq_len, dkdv_cfg["BLOCK_N"]))),
+        "DQ": (dq_cfg, (batch * (num_heads // dq_heads), cdiv(max_seq_len, dq_cfg["BLOCK_M"]))),
     }
     if pos_grad or time_grad:
         parts["BIAS_GRAD"] = (bias_cfg, (batch, bias_blocks))
@@ -1397,7 +1292,7 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
     bias = _BiasArgs(seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
     launches, bias_block, bias_blocks = _backward_plan(
         batch, num_heads, max_seq_len, dqk, dv_dim, q.dtype, bias.has_pos, bias.has_time, pos_grad, time_grad,
-        bias.num_buckets, _dot_precision(q.dtype), MERGED_BACKWARD_MAX_SEQ_LEN)
+        bias.num_buckets, dot_precision(q.dtype), MERGED_BACKWARD_MAX_SEQ_LEN)
     # One partial row per (sequence, block diagonal), each written whole by its program.
     f32 = dict(dtype=torch.float32, device=q.device)
     dpos_part = dtime_part = dpos = dtime = seq_offsets  # placeholders without bias gradients
@@ -1417,7 +1312,7 @@ def hstu_attention_backward(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
     if not (pos_grad or time_grad):
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
 
-    pos_programs = _cdiv(2 * max_seq_len - 1, BIAS_SUM_CHUNK) if pos_grad else 0
+    pos_programs = cdiv(2 * max_seq_len - 1, BIAS_SUM_CHUNK) if pos_grad else 0
     _bias_grad_sum_kernel[(pos_programs + int(time_grad),)](
         dpos_part, dtime_part, dpos, dtime, batch, bias_blocks, max_seq_len, bias.num_buckets,
         POS_GRAD=pos_grad, TIME_GRAD=time_grad, BLOCK=bias_block, CHUNK=BIAS_SUM_CHUNK, ROWS=BIAS_SUM_ROWS,
@@ -1444,8 +1339,7 @@ def _hstu_attention_time_context_fake(q_timestamps, k_timestamps, seq_offsets, t
             seq_offsets.new_empty((seq_offsets.shape[0] - 1,), dtype=torch.int32))
 
 
-@torch.library.custom_op("hstu_kernels::hstu_attention_fwd", mutates_args=())
-def hstu_attention_fwd(
+def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
     max_seq_len: int, alpha: float,
     q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
@@ -1456,14 +1350,12 @@ def hstu_attention_fwd(
                                   q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit)
 
 
-@hstu_attention_fwd.register_fake
-def _hstu_attention_fwd_fake(q, k, v, seq_offsets, max_seq_len, alpha,
-                             q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit):
+def _attention_fwd_fake(q, k, v, seq_offsets, max_seq_len, alpha,
+                        q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
-@torch.library.custom_op("hstu_kernels::hstu_attention_bwd", mutates_args=())
-def hstu_attention_bwd(
+def _attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
     max_seq_len: int, alpha: float,
     q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
@@ -1476,10 +1368,9 @@ def hstu_attention_bwd(
                                    pos_grad, time_grad, time_table, gaps_fit)
 
 
-@hstu_attention_bwd.register_fake
-def _hstu_attention_bwd_fake(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
-                             q_timestamps, k_timestamps, pos_weight, time_weight,
-                             pos_grad, time_grad, time_table, gaps_fit):
+def _attention_bwd_fake(grad_out, q, k, v, seq_offsets, max_seq_len, alpha,
+                        q_timestamps, k_timestamps, pos_weight, time_weight,
+                        pos_grad, time_grad, time_table, gaps_fit):
     dpos = pos_weight.new_empty(pos_weight.shape) if pos_grad and pos_weight is not None else q.new_empty(0)
     dtime = time_weight.new_empty(time_weight.shape) if time_grad and time_weight is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpos, dtime
@@ -1494,11 +1385,12 @@ def _setup_context(ctx, inputs, output):
     ctx.alpha = alpha
 
 
-def _gradients(ctx, grad_out, backward_op):
+def _gradients(ctx, grad_outputs, backward):
+    (grad_out,) = grad_outputs
     q, k, v, seq_offsets, q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit = ctx.saved_tensors
     needs = ctx.needs_input_grad
     pos_grad, time_grad = bool(needs[8]), bool(needs[9])
-    dq, dk, dv, dpos, dtime = backward_op(
+    dq, dk, dv, dpos, dtime = backward(
         grad_out, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha,
         q_timestamps, k_timestamps, pos_weight, time_weight,
         pos_grad, time_grad, time_table, gaps_fit,
@@ -1507,36 +1399,16 @@ def _gradients(ctx, grad_out, backward_op):
             dpos if pos_grad else None, dtime if time_grad else None, None, None)
 
 
-def _backward(ctx, grad_out):
-    return _gradients(ctx, grad_out, hstu_attention_bwd)
-
-
-torch.library.register_autograd("hstu_kernels::hstu_attention_fwd", _backward, setup_context=_setup_context)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The custom op's launchers and VJP without its dispatch, which costs tens of microseconds of
-    host time a call: as much as the kernels themselves at the model's shapes. Eager mode only;
-    a torch.compile trace goes through the custom op."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
-                time_table, gaps_fit):
-        inputs = (q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
-                  time_table, gaps_fit)
-        out = hstu_attention_forward(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _gradients(ctx, grad_out, hstu_attention_backward)
+_attention = autograd_custom_op(
+    "hstu_attention", forward=_attention_fwd, forward_fake=_attention_fwd_fake, backward=_attention_bwd,
+    backward_fake=_attention_bwd_fake, setup_context=_setup_context, gradients=_gradients,
+)
 
 
 # --------------------------------------------------------------------------------------------
-# Entry points used by hstu_kernels.functional and the operator manager
+# The Triton backend of hstu_kernels.hstu_attention (called through the operator registry)
 # --------------------------------------------------------------------------------------------
-def hstu_attention_triton(
+def hstu_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -1557,9 +1429,8 @@ def hstu_attention_triton(
     else:  # the time-bias pre-pass, once for the forward and the backward
         context = hstu_attention_time_context if compiling else time_bias_context
         time_table, gaps_fit = context(q_timestamps, k_timestamps, seq_offsets, time_weight.detach())
-    op = hstu_attention_fwd if compiling else _EagerAttention.apply
-    return op(q, k, v, seq_offsets, int(max_seq_len), float(alpha), q_timestamps, k_timestamps, pos_weight, time_weight,
-              time_table, gaps_fit)
+    return _attention(q, k, v, seq_offsets, int(max_seq_len), float(alpha), q_timestamps, k_timestamps, pos_weight,
+                      time_weight, time_table, gaps_fit)
 
 
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:

@@ -1,12 +1,21 @@
-"""TritonOperatorManager: flags, availability reasons, fallback policy, stats."""
+"""TritonOperatorManager: flags, availability reasons, fallback policy, the function it hands back, and
+what it counts as a call in eager code, inside torch.compile and inside a captured region."""
 import logging
 
 import pytest
 import torch
 
 import hstu_kernels
-from hstu_kernels import OPERATORS, TritonOperatorManager, TritonUnavailableError
-from hstu_kernels.manager import TRITON_MODULES
+from hstu_kernels import OPERATORS, REGISTRY, TritonOperatorManager, TritonUnavailableError
+from hstu_kernels.manager import resolve_function
+
+UNWRITTEN = [op for op, spec in REGISTRY.items() if not spec.triton]
+ATTENTION = "hstu_hierarchical_attention"
+
+
+def attention_inputs(heads=1, dim=4, tokens=5):
+    q = torch.randn(tokens, heads, dim)
+    return q, q.clone(), q.clone(), torch.tensor([0, 2, tokens])
 
 
 def test_unknown_flag_is_named():
@@ -19,22 +28,30 @@ def test_bad_fallback_policy():
         TritonOperatorManager({}, fallback="ignore")
 
 
-def test_flags_off_use_reference_and_count():
+def test_flags_off_hand_back_the_reference_and_count():
     m = TritonOperatorManager({})
     x = torch.randn(3)
-    assert all(m.backend(op, (x,)) == "reference" for op in OPERATORS)
-    assert all(s["reference_calls"] == 1 and s["requested"] == "reference" for s in m.stats().values())
+    for op, spec in REGISTRY.items():
+        for function in spec.functions:
+            assert m.implementation(op, function, (x,)) is resolve_function(op, function, "reference")
+    stats = m.get_stats()
+    assert all(s["calls"]["reference"] == len(REGISTRY[op].functions) and s["requested"] == "reference"
+               for op, s in stats.items())
     assert m.fallbacks() == {}
 
 
-@pytest.mark.parametrize("op", [op for op in OPERATORS if TRITON_MODULES[op] is None])
+@pytest.mark.parametrize("op", UNWRITTEN)
 def test_unwritten_operator_reports_not_implemented(op):
     ok, reason = TritonOperatorManager.availability(op)
     assert not ok and reason == "not implemented yet"
+    availability = TritonOperatorManager({op: True}).get_operator_availability()[op]
+    assert availability["requested"] == "triton" and not availability["available"]
+    assert availability["reason"] == "not implemented yet"
 
 
+@pytest.mark.skipif(not UNWRITTEN, reason="every operator has its Triton backend")
 def test_warn_fallback_logs_once_and_records(caplog):
-    op = next(op for op in OPERATORS if TRITON_MODULES[op] is None)
+    op = UNWRITTEN[0]
     m = TritonOperatorManager({op: True}, fallback="warn")
     x = torch.randn(3)
     with caplog.at_level(logging.WARNING, logger="hstu_kernels.manager"):
@@ -42,27 +59,99 @@ def test_warn_fallback_logs_once_and_records(caplog):
         assert m.backend(op, (x,)) == "reference"
     assert sum(op in r.getMessage() for r in caplog.records) == 1
     assert m.fallbacks() == {op: "not implemented yet"}
-    assert m.stats()[op]["reference_calls"] == 2 and m.stats()[op]["requested"] == "triton"
+    stats = m.get_stats()[op]
+    assert stats["calls"]["reference"] == 2 and stats["requested"] == "triton"
+    assert stats["fallback_reason"] == "not implemented yet"
+    assert m.get_operator_availability()[op]["chosen"] == "reference"
     assert "FALLBACK" in m.report()
 
 
+@pytest.mark.skipif(not UNWRITTEN, reason="every operator has its Triton backend")
 def test_error_fallback_raises():
-    op = next(op for op in OPERATORS if TRITON_MODULES[op] is None)
-    m = TritonOperatorManager({op: True}, fallback="error")
+    m = TritonOperatorManager({UNWRITTEN[0]: True}, fallback="error")
     with pytest.raises(TritonUnavailableError, match="not implemented yet"):
-        m.backend(op, (torch.randn(3),))
+        m.backend(UNWRITTEN[0], (torch.randn(3),))
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the static check passes")
-    ok, reason = TritonOperatorManager.availability("hstu_hierarchical_attention")
+    ok, reason = TritonOperatorManager.availability(ATTENTION)
     assert not ok and "TRITON_INTERPRET" in reason
+
+
+def test_decisions_key_on_the_trailing_dims_the_kernel_checks(monkeypatch):
+    """A head dim the kernel refuses must not reuse the decision made for a supported one."""
+    m = TritonOperatorManager({ATTENTION: True})
+    module = m._modules[ATTENTION]
+    monkeypatch.setattr(module, "MAX_HEAD_DIM", 8)
+    assert m.backend(ATTENTION, attention_inputs(dim=8)[:3]) == "triton"
+    assert m.backend(ATTENTION, attention_inputs(dim=16)[:3]) == "reference"
+    assert "head dim 16 > 8" in m.fallbacks()[ATTENTION]
 
 
 def test_forced_backend_validation():
     with pytest.raises(ValueError, match="backend must be"):
         hstu_kernels.topk_items(torch.randn(2, 4), torch.randn(5, 4), 2, backend="cuda")
-    with pytest.raises(TritonUnavailableError):
-        hstu_kernels.topk_items(torch.randn(2, 4), torch.randn(5, 4), 2, backend="triton")
+    if UNWRITTEN:
+        op = UNWRITTEN[0]
+        function = REGISTRY[op].functions[0]
+        with pytest.raises(TritonUnavailableError, match="not implemented yet"):
+            hstu_kernels.manager.implementation(op, function, "triton", (torch.randn(2, 4),))
+
+
+def test_calls_traced_by_torch_compile_are_counted_per_region_execution():
+    """Under torch.compile no Python runs after the trace: a region adds its traced calls per execution,
+    and calls traced outside any region are reported apart, never as executions."""
+    m = TritonOperatorManager({})
+    q, k, v, offsets = attention_inputs()
+
+    def two_calls(q):
+        out = hstu_kernels.hstu_attention(q, k, v, offsets, 5, 1.0, backend=m, validate=False)
+        return hstu_kernels.hstu_attention(out, k, v, offsets, 5, 1.0, backend=m, validate=False)
+
+    compiled = torch.compile(two_calls, backend="eager", fullgraph=True, dynamic=False)
+    for _ in range(3):
+        with m.region("step"):
+            compiled(q)
+    assert m.get_stats()[ATTENTION]["calls"]["reference"] == 6
+    with m.region("step"):  # eager: each dispatch counts once, the template is not added on top
+        two_calls(q)
+    assert m.get_stats()[ATTENTION]["calls"]["reference"] == 8
+    loose = torch.compile(lambda q: two_calls(q) + 1, backend="eager", fullgraph=True, dynamic=False)
+    loose(q)
+    loose(q)
+    stats = m.get_stats()[ATTENTION]
+    assert stats["calls"]["reference"] == 8 and stats["traced"] == {"reference": 2}
+
+
+def test_a_capture_only_region_records_and_replays_add():
+    """A region that only captures (executes=False) records the calls per replay without counting them."""
+    m = TritonOperatorManager({})
+    with m.region("graph", executes=False):
+        m._record_traced(ATTENTION, "reference")  # what a dispatch does during a CUDA-graph capture
+    assert m.get_stats()[ATTENTION]["calls"]["reference"] == 0
+    for _ in range(4):
+        with m.region("graph"):
+            pass  # graph.replay(): no Python dispatch
+    assert m.get_stats()[ATTENTION]["calls"]["reference"] == 4
+
+
+def test_timing_off_never_touches_the_clock_and_on_reports_times():
+    q, k, v, offsets = attention_inputs()
+    plain = TritonOperatorManager({})
+    assert plain.implementation(ATTENTION, "hstu_attention", (q, k, v)) is resolve_function(
+        ATTENTION, "hstu_attention", "reference")
+    assert "timing_ms" not in plain.get_stats()[ATTENTION]
+    timed = TritonOperatorManager({}, timing=True)
+    for _ in range(3):
+        hstu_kernels.hstu_attention(q, k, v, offsets, 5, 1.0, backend=timed)
+    timing = timed.get_stats()[ATTENTION]["timing_ms"]
+    assert timing["count"] == 3 and timing["total"] > 0
+    assert timed.get_stats()["interaction"]["timing_ms"] is None
+
+
+def test_every_operator_is_listed_in_availability_and_stats():
+    m = TritonOperatorManager({op: True for op in OPERATORS})
+    assert list(m.get_operator_availability()) == list(OPERATORS) == list(m.get_stats())

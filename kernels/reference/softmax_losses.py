@@ -9,27 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-6
-
-
-def l2_normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """x / max(||x||, eps) over the last dim, the norm taken in at least float32; a zero vector stays zero."""
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    inverse_norm = torch.rsqrt(wide.square().sum(-1, keepdim=True).clamp_min(eps * eps))
-    return (wide * inverse_norm).to(x.dtype)
-
-
-def _check_common(name, states, pos_ids, item_table, temperature):
-    if states.dim() != 2 or item_table.dim() != 2 or states.shape[1] != item_table.shape[1]:
-        raise ValueError(
-            f"{name}: states [M, D] and item_table [N, D] must share D; got {tuple(states.shape)} and {tuple(item_table.shape)}"
-        )
-    if states.shape[0] == 0:
-        raise ValueError(f"{name}: no rows to score (M = 0); the mean over rows is undefined")
-    if pos_ids.shape != (states.shape[0],) or pos_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: pos_ids must be integer [M={states.shape[0]}]; got {pos_ids.dtype} {tuple(pos_ids.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+from hstu_kernels.normalize import l2_normalize
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,13 +31,7 @@ def sampled_softmax_loss(
     matmul, no [M, R, D] gather). A negative equal to its row's positive is masked out (logit -inf);
     a negative drawn twice counts twice.
     """
-    _check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature)
     shared = neg_ids.dim() == 1
-    per_row = neg_ids.dim() == 2 and neg_ids.shape[0] == states.shape[0]
-    if neg_ids.dtype not in (torch.int32, torch.int64) or not (shared or per_row):
-        raise ValueError(
-            f"sampled_softmax_loss: neg_ids must be integer [M={states.shape[0]}, R] or [R]; got {neg_ids.dtype} {tuple(neg_ids.shape)}"
-        )
     positives = F.embedding(pos_ids, item_table)
     negatives = F.embedding(neg_ids, item_table)  # [R, D] shared, [M, R, D] per row
     if l2_norm:
@@ -85,7 +59,6 @@ def full_softmax_loss(
 
     Every row is scored, row 0 included: the caller passes the table it wants scored.
     """
-    _check_common("full_softmax_loss", states, pos_ids, item_table, temperature)
     if l2_norm:
         states, item_table = l2_normalize(states), l2_normalize(item_table)
     logits = (states @ item_table.T).to(_softmax_dtype(states.dtype)) / temperature

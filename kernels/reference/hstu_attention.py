@@ -7,7 +7,7 @@ Computed padded: the jagged tokens are scattered into a dense [B, max_seq_len, H
 index arithmetic (no Python loop over sequences, so torch.compile sees one static graph), attention
 runs as batched matmuls under a causal mask, and the valid rows are gathered back. It is the source
 of truth for tests (float64 inputs give the float64 reference) and the eager / torch.compile baseline
-of ``scripts/bench_kernels.py``. Inputs are validated by ``hstu_kernels.hstu_attention``; a sequence
+of ``scripts/bench_kernels.py``. Inputs are checked by ``hstu_kernels.hstu_attention``; a sequence
 longer than ``max_seq_len`` must not reach this function.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hstu_kernels.jagged import from_padded, padded_rows, to_padded
 from hstu_kernels.time_buckets import time_bucket
 
 
@@ -51,23 +52,6 @@ class BiasTableLookup(torch.autograd.Function):
         else:
             grad_table = torch.bincount(flat_index, weights=flat_grad, minlength=ctx.table_size)
         return grad_table.to(ctx.table_dtype), None
-
-
-def jagged_to_padded_rows(seq_offsets: torch.Tensor, num_tokens: int, max_seq_len: int) -> torch.Tensor:
-    """Row of each jagged token in the flattened padded layout [B * max_seq_len]: b * max_seq_len + position."""
-    offsets = seq_offsets.to(torch.int64)
-    token = torch.arange(num_tokens, device=offsets.device, dtype=torch.int64)
-    # right=True skips empty sequences: the token belongs to the last sequence starting at or before it.
-    sequence = torch.searchsorted(offsets, token, right=True) - 1
-    position = token - offsets[sequence]
-    return sequence * max_seq_len + position
-
-
-def to_padded(values: torch.Tensor, rows: torch.Tensor, batch: int, max_seq_len: int) -> torch.Tensor:
-    """[L, ...] jagged -> [B, max_seq_len, ...] zero-padded (differentiable; backward is a gather)."""
-    padded = values.new_zeros((batch * max_seq_len,) + tuple(values.shape[1:]))
-    padded = padded.index_copy(0, rows, values)
-    return padded.view((batch, max_seq_len) + tuple(values.shape[1:]))
 
 
 def relative_attention_bias(
@@ -110,9 +94,9 @@ def hstu_attention(
     q, k [L, H, dqk], v [L, H, dv]; seq_offsets [B+1]; timestamps int64 [L]; pos_weight
     [2*max_seq_len-1]; time_weight [NB]. Each bias term is added only when its weight is given.
     """
-    num_tokens, num_heads, _ = q.shape
+    num_tokens = q.shape[0]
     batch = seq_offsets.numel() - 1
-    rows = jagged_to_padded_rows(seq_offsets, num_tokens, max_seq_len)
+    rows = padded_rows(seq_offsets, num_tokens, max_seq_len)
 
     # [B, N, H, d] -> [B, H, N, d] for batched matmuls over (sequence, head).
     padded_q = to_padded(q, rows, batch, max_seq_len).transpose(1, 2)
@@ -138,5 +122,4 @@ def hstu_attention(
     weights = torch.where(causal, F.silu(scores), 0.0) / max_seq_len
     padded_out = torch.matmul(weights.to(v.dtype), padded_v)  # [B, H, N, dv]
 
-    dense_out = padded_out.transpose(1, 2).reshape(batch * max_seq_len, num_heads, v.shape[-1])
-    return dense_out.index_select(0, rows)
+    return from_padded(padded_out.transpose(1, 2), rows)

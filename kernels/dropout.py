@@ -1,9 +1,14 @@
-"""Reference of the HSTU block epilogue ``x + Dropout(LayerNorm(attn) * u) @ weight.T + bias``.
+"""Dropout shared by every operator: torch's own, or a seeded mask that a kernel can regenerate.
 
-Also home of the dropout shared by the references (``dropout``). With a seed, its mask is a pure
-function of (seed, element index), defined here as Triton's ``tl.rand(seed, offsets) >= p`` with
-``offsets`` the row-major element index. A Triton kernel can therefore regenerate the very same
-mask inside its forward and backward without storing it, and the mask is identical on every device.
+With a seed, the mask is a pure function of (seed, element index), defined as Triton's
+``tl.rand(seed, offsets) >= p`` with ``offsets`` the row-major element index. A Triton kernel can
+therefore regenerate the very same mask inside its forward and backward without storing it, and the
+mask is identical on every device.
+
+A seed is a Python int or an int64 device tensor. Training passes device tensors drawn from torch's
+own generator (:func:`draw_seed`): a captured CUDA graph then draws a new seed, hence a new mask, on
+every replay, where a Python int would be frozen into the graph (and would recompile a
+``torch.compile`` graph whenever it changed).
 """
 from __future__ import annotations
 
@@ -20,6 +25,23 @@ _PHILOX_ROUNDS = 10
 _UINT32_MASK = 0xFFFFFFFF
 # triton.language.random.uint_to_uniform_float: the largest scale with (2**31 - 1) * scale < 1 in float32.
 _INT31_TO_UNIT_SCALE = 4.6566127342e-10
+# Seeds drawn by draw_seed lie in [0, SEED_BOUND).
+SEED_BOUND = 2**62
+
+def draw_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh int64 seed on ``device`` from torch's generator there (CUDA-graph safe, no host read)."""
+    return torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=device)
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``seed`` as an int64 0-d tensor on ``device`` (a tensor seed is only moved, never read)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"a dropout seed tensor must be one int64 value; got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(()).to(device)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"dropout seed must be in [0, 2**63), got {seed}")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
 
 
 def _mul_hi_lo(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,25 +54,25 @@ def _mul_hi_lo(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return hi, lo
 
 
-def philox_uniform(seed: int, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
+def philox_uniform(seed: int | torch.Tensor, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
     """float32 [numel] in [0, 1): element i equals ``triton.language.rand(seed, i)`` bit for bit.
 
     Counter = (i mod 2**32, i >> 32, 0, 0), key = (seed mod 2**32, seed >> 32), first output word
     folded to 31 bits and scaled as Triton does. Computed with int64 tensor ops, so any device works.
     """
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"dropout seed must be in [0, 2**63), got {seed}")
-    return _philox_uniform_op(seed, numel, torch.device("cpu" if device is None else device))
+    device = torch.device("cpu" if device is None else device)
+    return _philox_uniform_op(seed_tensor(seed, device), numel, device)
 
 
 # An opaque custom op so that torch.compile calls it as one unit: Inductor would inline the ten
 # rounds into one expression whose tracing cost doubles every round (minutes to compile).
 @torch.library.custom_op("hstu_kernels::philox_uniform", mutates_args=())
-def _philox_uniform_op(seed: int, numel: int, device: torch.device) -> torch.Tensor:
+def _philox_uniform_op(seed: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
     index = torch.arange(numel, dtype=torch.int64, device=device)
     c0, c1 = index & _UINT32_MASK, index >> 32
     c2 = torch.zeros_like(index)
     c3 = torch.zeros_like(index)
+    seed = seed.to(device)
     k0, k1 = seed & _UINT32_MASK, seed >> 32
     for _ in range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
@@ -64,23 +86,27 @@ def _philox_uniform_op(seed: int, numel: int, device: torch.device) -> torch.Ten
 
 
 @_philox_uniform_op.register_fake
-def _(seed: int, numel: int, device: torch.device) -> torch.Tensor:
+def _(seed: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
-def seeded_dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device=None) -> torch.Tensor:
+def seeded_dropout_mask(shape, p: float, seed: int | torch.Tensor, device=None) -> torch.Tensor:
     """bool mask of ``shape``: element at row-major index i is kept iff philox_uniform(seed)[i] >= p (float32)."""
     numel = 1
     for size in shape:
         numel *= size
     uniform = philox_uniform(seed, numel, device)
-    return (uniform >= torch.tensor(p, dtype=torch.float32, device=device)).reshape(shape)
+    return (uniform >= torch.tensor(p, dtype=torch.float32, device=uniform.device)).reshape(shape)
 
 
-def dropout(x: torch.Tensor, p: float, training: bool, seed: int | None) -> torch.Tensor:
-    """Inverted dropout: ``F.dropout`` (torch's RNG) when seed is None, else the seeded Philox mask."""
+def check_dropout_p(p: float) -> None:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {p}")
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, seed: int | torch.Tensor | None) -> torch.Tensor:
+    """Inverted dropout: ``F.dropout`` (torch's RNG) when seed is None, else the seeded Philox mask."""
+    check_dropout_p(p)
     if not training or p == 0.0:
         return x
     if seed is None:
@@ -89,35 +115,3 @@ def dropout(x: torch.Tensor, p: float, training: bool, seed: int | None) -> torc
         return torch.zeros_like(x)
     keep = seeded_dropout_mask(x.shape, p, seed, x.device)
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
-
-
-def attention_output(
-    x: torch.Tensor,
-    attn: torch.Tensor,
-    u: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    dropout_p: float,
-    training: bool,
-    eps: float = 1e-6,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """x + Dropout(LayerNorm(attn) * u) @ weight.T + bias; x [L, D], attn and u [L, H*dv], weight [D, H*dv].
-
-    LayerNorm normalises the last dim with no affine parameters. ``seed`` None draws the dropout mask
-    from torch's RNG; an int gives the reproducible mask of ``seeded_dropout_mask``.
-    """
-    if attn.dim() != 2 or u.shape != attn.shape:
-        raise ValueError(f"attention_output: attn and u must both be [L, H*dv]; got {tuple(attn.shape)} and {tuple(u.shape)}")
-    if x.dim() != 2 or x.shape[0] != attn.shape[0]:
-        raise ValueError(f"attention_output: x must be [L={attn.shape[0]}, D]; got {tuple(x.shape)}")
-    if weight.shape != (x.shape[1], attn.shape[1]):
-        raise ValueError(
-            f"attention_output: weight must be [D={x.shape[1]}, H*dv={attn.shape[1]}]; got {tuple(weight.shape)}"
-        )
-    if bias is not None and bias.shape != (x.shape[1],):
-        raise ValueError(f"attention_output: bias must be [D={x.shape[1]}] or None; got {tuple(bias.shape)}")
-    gated = F.layer_norm(attn, attn.shape[-1:], eps=eps) * u
-    gated = dropout(gated, dropout_p, training, seed)
-    return x + F.linear(gated, weight, bias)

@@ -1,0 +1,131 @@
+"""Operator ``hstu_hierarchical_attention``: jagged causal HSTU attention with relative biases."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hstu_kernels.benchmarking import (
+    increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded, triton_function,
+)
+from hstu_kernels.jagged import check_offsets
+from hstu_kernels.manager import implementation
+from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
+
+KEY = "hstu_hierarchical_attention"
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    time_weight: torch.Tensor | None = None,
+    backend=None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Jagged causal HSTU attention: out[s+i] = sum_{j<=i} SiLU(alpha q.k + rab(i,j)) / max_seq_len * v[s+j].
+
+    q, k [L, H, dqk], v [L, H, dv]; rab = pos_weight[max_seq_len-1+j-i] + time_weight[bucket(|t_q(i)-t_k(j)|)].
+    ``validate=False`` skips the checks of the offsets' values, which wait for the GPU: for callers
+    that checked their batch once (the model does, see ``JaggedBatch.check``).
+    """
+    check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
+                         validate)
+    impl = implementation(KEY, "hstu_attention", backend, (q, k, v))
+    return impl(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps=q_timestamps, k_timestamps=k_timestamps,
+                pos_weight=pos_weight, time_weight=time_weight)
+
+
+def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
+                         validate=True):
+    """Shapes and dtypes always; with ``validate``, the offsets' values too (one host read)."""
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"hstu_attention: expected q, k [L, H, dqk] and v [L, H, dv]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"hstu_attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError("hstu_attention: seq_offsets must be a 1-D int32/int64 tensor [B+1]")
+    if (q_timestamps is None) != (k_timestamps is None):
+        raise ValueError("hstu_attention: q_timestamps and k_timestamps are given together")
+    if time_weight is not None and q_timestamps is None:
+        raise ValueError("hstu_attention: time_weight needs q_timestamps and k_timestamps")
+    if q_timestamps is not None:
+        if q_timestamps.dtype != torch.int64 or k_timestamps.dtype != torch.int64:
+            raise TypeError("hstu_attention: timestamps must be int64 (differences are taken in int64)")
+        if q_timestamps.shape != (q.shape[0],) or k_timestamps.shape != (q.shape[0],):
+            raise ValueError(f"hstu_attention: timestamps must be [L={q.shape[0]}]")
+    if pos_weight is not None and pos_weight.shape != (2 * max_seq_len - 1,):
+        raise ValueError(f"hstu_attention: pos_weight must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
+                         f"got {tuple(pos_weight.shape)}")
+    if time_weight is not None and time_weight.dim() != 1:
+        raise ValueError("hstu_attention: time_weight must be 1-D [num_buckets]")
+    if validate:
+        check_offsets(seq_offsets, q.shape[0], max_seq_len, "hstu_attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark cases: (B, N, H, d), jagged lengths in [0.5N, N] (N <= 1024) or [0.9N, N]
+# ---------------------------------------------------------------------------------------------
+def build_bench_case(shape, dtype, device, options) -> BenchCase:
+    """Jagged q, k, v [L, H, d]; pos/time bias tables in float32 (model parameters) per ``options.bias``."""
+    batch, max_len, heads, dim = shape
+    bias = options.bias
+    g = seeded(options.seed)
+    lengths = jagged_lengths(g, batch, max_len)
+    offsets = offsets_of(lengths, device)
+    total = int(lengths.sum())
+    q, k, v = (random_values(g, total, heads, dim, dtype=dtype, device=device) for _ in range(3))
+    alpha = 1.0 / math.sqrt(dim)
+    pos_weight = time_weight = q_ts = k_ts = None
+    if bias in ("pos", "both"):
+        pos_weight = random_values(g, 2 * max_len - 1, dtype=torch.float32, device=device, scale=0.1)
+    if bias in ("time", "both"):
+        time_weight = random_values(g, 129, dtype=torch.float32, device=device, scale=0.1)
+        q_ts, k_ts = increasing_timestamps(g, lengths, device)
+    leaves = [t for t in (q, k, v, pos_weight, time_weight) if t is not None]
+    direct = {}  # backend -> function, resolved once per case as a model resolves it once when built
+
+    def call(backend: str) -> torch.Tensor:
+        if options.call == "direct":  # the backend itself: no input checks
+            if backend not in direct:
+                direct[backend] = triton_function(KEY, "hstu_attention", (q, k, v)) if backend == "triton" else \
+                    implementation(KEY, "hstu_attention", "reference", (q, k, v))
+            return direct[backend](q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
+                                   pos_weight=pos_weight, time_weight=time_weight)
+        return hstu_attention(q, k, v, offsets, max_len, alpha, q_timestamps=q_ts, k_timestamps=k_ts,
+                              pos_weight=pos_weight, time_weight=time_weight, backend=backend,
+                              validate=options.validate)
+
+    causal_pairs = float((lengths * (lengths + 1) // 2).sum())
+    forward_flops = 4 * causal_pairs * heads * dim  # two matmuls over the causal triangle
+    work = {"fwd": forward_flops, "bwd": 2.5 * forward_flops, "fwd+bwd": 3.5 * forward_flops}
+    peer_skip = None if bias == "none" else "the peer has no relative attention bias (runs with --bias none only)"
+    checksum = float(sum(t.detach().double().sum() for t in leaves))
+    peer = dict(max_seq_len=max_len, alpha=alpha, q=q, k=k, v=v, seq_offsets=offsets)
+    return BenchCase(tuple(shape), call, leaves, work, peer_inputs=peer if peer_skip is None else None,
+                     peer_skip_reason=peer_skip, checksum=checksum)
+
+
+SPEC = OperatorSpec(
+    key=KEY,
+    summary="jagged causal SiLU(alpha q.k + rab) / N @ v; relative position and log-bucketed time biases in-kernel",
+    module="hstu_attention",
+    functions=("hstu_attention",),
+    triton=True,
+    bench=BenchSpec(
+        shape_fields=("B", "N", "H", "d"),
+        default_shapes=((64, 1024, 4, 64), (16, 4096, 4, 64), (8, 8192, 4, 64), (16, 4096, 4, 128),
+                        (8, 8192, 4, 128), (128, 200, 2, 25), (128, 200, 1, 50), (128, 200, 2, 32),
+                        (128, 200, 4, 64)),
+        build=build_bench_case,
+        uses_bias=True,
+    ),
+)

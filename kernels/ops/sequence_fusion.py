@@ -1,0 +1,126 @@
+"""Operator ``hierarchical_sequence_fusion``: the HSTU input stage over jagged sequences."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from hstu_kernels.benchmarking import element_size, increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded
+from hstu_kernels.dropout import check_dropout_p
+from hstu_kernels.jagged import check_offsets
+from hstu_kernels.manager import implementation
+from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
+
+KEY = "hierarchical_sequence_fusion"
+
+
+def sequence_fusion(
+    item_ids: torch.Tensor,
+    timestamps: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    item_table: torch.Tensor,
+    pos_table: torch.Tensor,
+    time_tables: Sequence[torch.Tensor],
+    *,
+    scale: float,
+    time_scales: Sequence[tuple[int, int]],
+    dropout_p: float,
+    training: bool,
+    seed: int | torch.Tensor | None = None,
+    position_from_end: bool = False,
+    backend=None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """[L, D]: item_table[id] * scale + pos_table[p] + sum_s time_tables[s][bucket_s(t_last - t)], then dropout.
+
+    p counts from the sequence's first token (or its most recent one with ``position_from_end``);
+    bucket_s = min(floor((t_last - t) / width_s), n_s - 1) for ``time_scales[s] = (width_s, n_s)``, with
+    t_last the sequence's last timestamp. ``seed`` as in ``attention_output``.
+    ``validate=False`` skips the checks of offsets and ids that read values back from the device.
+    """
+    time_tables = list(time_tables)
+    check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales,
+                          dropout_p, validate)
+    impl = implementation(KEY, "sequence_fusion", backend, (item_table, pos_table))
+    return impl(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, scale=scale,
+                time_scales=time_scales, dropout_p=dropout_p, training=training, seed=seed,
+                position_from_end=position_from_end)
+
+
+def check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales,
+                          dropout_p, validate):
+    if item_ids.dim() != 1 or item_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"sequence_fusion: item_ids must be a 1-D integer tensor [L]; got {item_ids.dtype} {tuple(item_ids.shape)}")
+    if timestamps.shape != item_ids.shape or timestamps.dtype != torch.int64:
+        raise ValueError(
+            f"sequence_fusion: timestamps must be int64 [L={item_ids.shape[0]}] (seconds, differences taken in int64); "
+            f"got {timestamps.dtype} {tuple(timestamps.shape)}"
+        )
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError("sequence_fusion: seq_offsets must be a 1-D int32/int64 tensor [B+1]")
+    if item_table.dim() != 2 or pos_table.dim() != 2 or pos_table.shape[1] != item_table.shape[1]:
+        raise ValueError(
+            f"sequence_fusion: item_table [N, D] and pos_table [max_seq_len, D] must share D; "
+            f"got {tuple(item_table.shape)} and {tuple(pos_table.shape)}"
+        )
+    if len(time_tables) != len(time_scales):
+        raise ValueError(f"sequence_fusion: {len(time_tables)} time_tables for {len(time_scales)} time_scales")
+    for s, ((width, num_buckets), table) in enumerate(zip(time_scales, time_tables)):
+        if width <= 0 or num_buckets <= 0:
+            raise ValueError(f"sequence_fusion: time_scales[{s}] = ({width}, {num_buckets}) needs width > 0 and buckets > 0")
+        if table.shape != (num_buckets, item_table.shape[1]):
+            raise ValueError(
+                f"sequence_fusion: time_tables[{s}] must be [{num_buckets}, {item_table.shape[1]}]; got {tuple(table.shape)}"
+            )
+    check_dropout_p(dropout_p)
+    if not validate or torch.compiler.is_compiling():  # the checks below wait for the GPU
+        return
+    check_offsets(seq_offsets, item_ids.shape[0], pos_table.shape[0], "sequence_fusion")
+    if item_ids.numel():
+        lowest, highest = torch.stack([item_ids.min(), item_ids.max()]).tolist()
+        if lowest < 0 or highest >= item_table.shape[0]:
+            raise ValueError(f"sequence_fusion: item ids must lie in [0, {item_table.shape[0]}); got [{lowest}, {highest}]")
+
+
+TIME_SCALES = ((3600, 24), (86400, 30), (604800, 52))  # hour x 24, day x 30, week x 52
+
+
+def build_bench_case(shape, dtype, device, options) -> BenchCase:
+    """(B, N, D, items): item gather * sqrt(D) + position + hour/day/week time embeddings, dropout."""
+    batch, max_len, dim, num_items = shape
+    g = seeded(options.seed)
+    lengths = jagged_lengths(g, batch, max_len)
+    total = int(lengths.sum())
+    item_ids = torch.randint(0, num_items, (total,), generator=g).to(device)
+    _, timestamps = increasing_timestamps(g, lengths, device)
+    offsets = offsets_of(lengths, device)
+    item_table = random_values(g, num_items, dim, dtype=dtype, device=device)
+    pos_table = random_values(g, max_len, dim, dtype=dtype, device=device)
+    time_tables = [random_values(g, n, dim, dtype=dtype, device=device) for _, n in TIME_SCALES]
+
+    def call(backend: str) -> torch.Tensor:
+        return sequence_fusion(
+            item_ids, timestamps, offsets, item_table, pos_table, time_tables, scale=math.sqrt(dim),
+            time_scales=TIME_SCALES, dropout_p=0.2, training=True, seed=0, backend=backend,
+        )
+
+    # Rows gathered (item, position, 3 time tables) and written, per token.
+    moved = total * dim * element_size(dtype) * (2 + len(TIME_SCALES) + 1)
+    return BenchCase(tuple(shape), call, [item_table, pos_table, *time_tables],
+                     {"fwd": moved, "bwd": 2 * moved, "fwd+bwd": 3 * moved})
+
+
+SPEC = OperatorSpec(
+    key=KEY,
+    summary="input stage: item gather * sqrt(D) + position (+ multi-scale time) embeddings, dropout",
+    module="sequence_fusion",
+    functions=("sequence_fusion",),
+    triton=False,
+    bench=BenchSpec(
+        shape_fields=("B", "N", "D", "items"),
+        default_shapes=((128, 200, 50, 3706), (64, 1024, 256, 1_000_000)),
+        build=build_bench_case,
+        rate_unit="GB/s",
+    ),
+)

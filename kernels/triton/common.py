@@ -1,0 +1,131 @@
+"""Triton pieces shared by the operators' kernels: element-wise math, table reads, tile loads, jagged
+spans, and the host-side integer helpers of the launchers.
+
+``KERNELS_INTERPRETED`` is settled at import: Triton picks interpreter or compiler when a kernel is
+defined, and the launchers choose block sizes (and whether PTX inline assembly may be used) from it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu_kernels.manager import interpreter_active
+
+KERNELS_INTERPRETED = interpreter_active()
+NEG_LOG2_E = tl.constexpr(-1.4426950408889634)
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise math
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def sigmoid(x, FAST_SILU: tl.constexpr):
+    """sigmoid(x) in fp32; FAST_SILU uses one tanh.approx (one special-function op instead of two)."""
+    if FAST_SILU:
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32, is_pure=True, pack=1
+        )
+        sig = 0.5 + 0.5 * t
+    else:
+        sig = 1.0 / (1.0 + tl.exp2(x * NEG_LOG2_E))
+    return sig
+
+
+@triton.jit
+def silu(x, FAST_SILU: tl.constexpr):
+    """SiLU(x) = x * sigmoid(x) in fp32; FAST_SILU: h + h * tanh(h), h = x / 2 (one tanh.approx)."""
+    if FAST_SILU:
+        half = 0.5 * x
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [half], dtype=tl.float32, is_pure=True, pack=1
+        )
+        y = half + half * t
+    else:
+        y = x / (1.0 + tl.exp2(x * NEG_LOG2_E))
+    return y
+
+
+@triton.jit
+def log2(x, PTX_MATH: tl.constexpr):
+    """log2 of positive x; on the GPU one lg2.approx (abs. error ~2^-22)."""
+    if PTX_MATH:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def gather(table, index, PTX_MATH: tl.constexpr):
+    """table[index]: element-wise reads of a small read-only table (fp32 / int32 / int64) at int32 indices.
+
+    On the GPU an opaque ``ld.global.nc`` whose address is formed inside the asm from the scalar
+    base: the software pipeliner would otherwise turn these gathers into 4-byte async copies that
+    bypass L1 (measured ~20x slower attention forward), and a tile of 64-bit addresses would cost two
+    registers per element.
+    """
+    if PTX_MATH:
+        base = table + tl.zeros_like(index)  # the same address in every element: one register pair
+        if table.dtype.element_ty == tl.int64:
+            x = tl.inline_asm_elementwise(
+                "{ .reg .u64 a; mad.wide.s32 a, $2, 8, $1; ld.global.nc.b64 $0, [a]; }", "=l,l,r",
+                [base, index], dtype=tl.int64, is_pure=True, pack=1)
+        else:
+            x = tl.inline_asm_elementwise(
+                "{ .reg .u64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.b32 $0, [a]; }", "=r,l,r",
+                [base, index], dtype=table.dtype.element_ty, is_pure=True, pack=1)
+    else:
+        x = tl.load(table + index)
+    return x
+
+
+@triton.jit
+def load_tile(ptrs, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, zero-filled outside rows_ok (if CHECK_ROWS) and past column D.
+
+    Masks are only emitted where needed: a column mask on a power-of-2 width would stop the loads
+    from being vectorised.
+    """
+    if CHECK_ROWS:
+        if D == BLOCK_D:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < D), other=0.0)
+    else:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
+def sequence_span(seq_offsets, batch):
+    """(first token, as int64 for row offsets; length, as int32) of jagged sequence ``batch``."""
+    seq_start = tl.load(seq_offsets + batch).to(tl.int64)
+    seq_len = (tl.load(seq_offsets + batch + 1).to(tl.int64) - seq_start).to(tl.int32)
+    return seq_start, seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher helpers (plain ints: Triton's ``cdiv`` and ``next_power_of_2`` cost microseconds a call
+# on the host in recent versions, as much as a small kernel)
+# --------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_dim(d: int, minimum: int = 16) -> int:
+    """The power-of-2 tile width (at least ``minimum``) that holds ``d`` columns."""
+    return max(minimum, 1 << (d - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: IEEE fp32 where fp32 is promised (TF32 off), else TF32."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -1,0 +1,97 @@
+"""The registry is the single source of truth: every operator has its flag, its config file, its
+reference, its Triton module (where declared), its tests and a benchmark case that builds."""
+import argparse
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import hstu_kernels
+from hstu_kernels import OPERATORS, REGISTRY
+
+REPO = Path(__file__).resolve().parents[2]
+TRITON_CONF = REPO / "conf" / "triton"
+
+
+def test_operator_keys_are_the_five_flag_keys():
+    assert OPERATORS == ("hstu_hierarchical_attention", "fused_attention_layernorm", "hierarchical_sequence_fusion",
+                         "sequence_recommendation_interaction", "interaction")
+
+
+def test_kernel_flags_schema_is_derived_from_the_registry():
+    from hstu.config import KernelFlags
+
+    assert [(f.name, f.type, f.default) for f in fields(KernelFlags)] == [(op, bool, False) for op in OPERATORS]
+
+
+def test_conf_triton_has_one_file_per_operator_plus_all_and_none():
+    assert {p.stem for p in TRITON_CONF.glob("*.yaml")} == set(OPERATORS) | {"all", "none"}
+    for op in OPERATORS:
+        text = (TRITON_CONF / f"{op}.yaml").read_text()
+        assert text.startswith("# @package model.kernels") and yaml.safe_load(text) == {op: True}
+    assert yaml.safe_load((TRITON_CONF / "all.yaml").read_text()) == {op: True for op in OPERATORS}
+    assert yaml.safe_load((TRITON_CONF / "none.yaml").read_text()) == {op: False for op in OPERATORS}
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+def test_each_function_has_a_public_entry_a_reference_and_its_triton_twin(op):
+    spec = REGISTRY[op]
+    reference = importlib.import_module(spec.reference_module)
+    triton = importlib.import_module(spec.triton_module) if spec.triton else None
+    assert spec.triton == (importlib.util.find_spec(spec.triton_module) is not None)
+    for name in spec.functions:
+        public = getattr(hstu_kernels, name)
+        assert public.__module__ == f"hstu_kernels.ops.{spec.module}"
+        public_params = inspect.signature(public).parameters
+        assert {"backend", "validate"} <= set(public_params)
+        implementations = [getattr(reference, name)] + ([getattr(triton, name)] if triton else [])
+        for impl in implementations:  # the same arguments as the public function, less dispatch options
+            expected = [p for p in public_params if p not in ("backend", "validate")]
+            assert list(inspect.signature(impl).parameters)[:len(expected)] == expected, impl
+    if triton is not None:
+        assert callable(triton.unsupported_reason)
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+def test_each_operator_has_its_test_file(op):
+    assert (REPO / REGISTRY[op].test_file).is_file()
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+def test_each_bench_case_builds_at_a_tiny_shape(op):
+    bench = REGISTRY[op].bench
+    shape = tuple(max(2, min(s, 8)) for s in bench.default_shapes[0])
+    options = argparse.Namespace(seed=0, bias="both", call="api", validate=True)
+    case = bench.build(shape, torch.float32, torch.device("cpu"), options)
+    out = case.call("reference")
+    assert torch.is_tensor(out) and set(case.work) >= set(bench.modes)
+
+
+def load_harness(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_kernels", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+def test_bench_harness_runs_every_operator_and_writes_csv_rows(op, tmp_path, monkeypatch):
+    bench = load_harness(monkeypatch)
+    assert bench.OPERATORS is REGISTRY
+    shape = ",".join(str(max(2, min(s, 8))) for s in REGISTRY[op].bench.default_shapes[0])
+    mode = "fwd+bwd" if "fwd+bwd" in REGISTRY[op].bench.modes else "fwd"
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--op", op, "--shapes", shape, "--providers", "reference", "--mode", mode, "--bias", "both",
+                "--dtype", "fp32", "--csv", str(csv_path), "--rep", "5", "--warmup", "1", "--backward-thread", "caller"])
+    assert torch.autograd.is_multithreading_enabled(), "the harness left autograd's threading changed"
+    lines = csv_path.read_text().splitlines()
+    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert len(lines) == 2 and row["op"] == op and row["provider"] == "reference" and row["mode"] == mode
+    assert row["backward_thread"] == "caller" and float(row["ms"]) > 0 and float(row["rate"]) > 0
