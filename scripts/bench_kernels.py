@@ -39,10 +39,10 @@ PEER_DIR = REPO / ".peers" / "generative-recommenders"
 DEFAULT_CSV = REPO / "BENCHMARKS.csv"
 CSV_FIELDS = [
     "date", "op", "provider", "mode", "shape", "dtype", "bias", "call", "backward_thread", "ms", "rate", "rate_unit",
-    "card", "torch", "triton", "note",
+    "card", "torch", "triton", "note", "variant", "peak_mb",
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PROVIDERS = ("triton", "reference", "eager", "compiled", "peer")
+PROVIDERS = ("triton", "reference", "eager", "compiled", "peer", "copy")
 BASELINES = ("reference", "eager", "compiled", "peer")
 PEER_RESULT_TAG = "PEER_RESULT "
 
@@ -135,6 +135,8 @@ def provider_forward(spec: OperatorSpec, case: BenchCase, provider: str, compile
     if provider == "compiled":
         eager = case.eager_call or (lambda: case.call("reference"))
         return torch.compile(eager, dynamic=False, mode=compile_mode)
+    if provider == "copy":
+        return copy_of_same_bytes(spec, case)
     if provider == "peer":
         if case.peer_inputs is None:
             raise ProviderUnavailable(case.peer_skip_reason)
@@ -143,6 +145,17 @@ def provider_forward(spec: OperatorSpec, case: BenchCase, provider: str, compile
         peer = PEERS[spec.key]()
         return lambda: peer(**case.peer_inputs)
     raise ValueError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDERS)}")
+
+
+def copy_of_same_bytes(spec: OperatorSpec, case: BenchCase) -> Callable[[], torch.Tensor]:
+    """A device copy that reads and writes as many bytes as the case's forward moves: the bandwidth
+    a memory-bound kernel is held against (timed in fwd mode only; its rate column is copy GB/s)."""
+    if spec.bench.rate_unit != "GB/s":
+        raise ProviderUnavailable("copy bandwidth applies to memory-bound operators (GB/s)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = torch.empty(int(case.work["fwd"] // 2), dtype=torch.uint8, device=device).random_()
+    target = torch.empty_like(source)
+    return lambda: target.copy_(source)
 
 
 def short_error(exc: BaseException) -> str:
@@ -165,6 +178,21 @@ class Result:
     ms: float | None = None
     note: str = ""
     max_diff: float | None = None  # max |out - out_reference| of the first forward
+    peak_mb: float | None = None  # device memory allocated beyond the inputs during one timed call (CUDA)
+
+
+def extra_peak_mb(fn: Callable[[], object], leaves: Sequence[torch.Tensor]) -> float | None:
+    """Peak device memory one call allocates beyond what was allocated before it, in MB (CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequence[str], args,
@@ -176,11 +204,12 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
         forward = provider_forward(spec, case, provider, args.compile_mode)
         first_out = forward().detach()
         max_diff = None
-        if reference_out is not None and first_out.shape == reference_out.shape:
+        if provider != "copy" and reference_out is not None and first_out.shape == reference_out.shape:
             max_diff = (first_out.float() - reference_out.float()).abs().max().item() if first_out.numel() else 0.0
-        for mode in modes:
-            ms = median_ms(timed_function(forward, mode), case.leaves, args.warmup, args.rep)
-            results.append(Result(provider, mode, ms, max_diff=max_diff))
+        for mode in modes if provider != "copy" else [m for m in modes if m == "fwd"]:
+            timed = timed_function(forward, mode)
+            ms = median_ms(timed, case.leaves, args.warmup, args.rep)
+            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed, case.leaves)))
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)
@@ -197,7 +226,7 @@ def run_peer_in_child(spec: OperatorSpec, shape, args, modes, case: BenchCase) -
     command = [
         sys.executable, str(Path(__file__).resolve()), "--op", spec.key, "--shapes", ",".join(map(str, shape)),
         "--dtype", args.dtype, "--bias", args.bias, "--mode", ",".join(modes), "--seed", str(args.seed),
-        "--warmup", str(args.warmup), "--rep", str(args.rep), "--call", args.call,
+        "--warmup", str(args.warmup), "--rep", str(args.rep), "--call", args.call, "--variant", args.variant,
         "--backward-thread", args.backward_thread, "--peer-worker",
     ]
     try:
@@ -273,16 +302,19 @@ def shape_label(spec: OperatorSpec, shape) -> str:
 
 def print_table(spec: OperatorSpec, rows: list[tuple[str, dict[str, float], list[Result]]], args) -> None:
     header = ["shape " + "x".join(spec.bench.shape_fields), "mode", "provider", "ms", spec.bench.rate_unit,
-              "triton speed-up", "max|diff| vs reference", "note"]
+              "triton speed-up", "max|diff| vs reference", "peak MB", "note"]
     lines = []
     for label, work, results in rows:
         for r in results:
             rate = rate_of(spec, work, r.mode, r.ms)
             lines.append([
                 label, r.mode, r.provider, f"{r.ms:.4f}" if r.ms else "-", f"{rate:.4g}" if rate else "-",
-                speedup_note(results, r), f"{r.max_diff:.2e}" if r.max_diff is not None else "", r.note,
+                speedup_note(results, r), f"{r.max_diff:.2e}" if r.max_diff is not None else "",
+                f"{r.peak_mb:.1f}" if r.peak_mb is not None else "", r.note,
             ])
-    title = f"{spec.key} | {args.dtype} | bias={args.bias if spec.bench.uses_bias else '-'} | call={args.call} | {card_name()}"
+    variant = f" | variant={args.variant}" if args.variant else ""
+    title = (f"{spec.key}{variant} | {args.dtype} | bias={args.bias if spec.bench.uses_bias else '-'} | call={args.call} "
+             f"| {card_name()}")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -315,7 +347,8 @@ def append_csv(path: Path, spec: OperatorSpec, rows, args) -> None:
                     "dtype": args.dtype, "bias": args.bias if spec.bench.uses_bias else "-", "call": args.call,
                     "backward_thread": args.backward_thread, "ms": f"{r.ms:.5f}" if r.ms else "", "rate": f"{rate:.5g}" if rate else "",
                     "rate_unit": spec.bench.rate_unit, "card": card, "torch": torch_version, "triton": triton_version,
-                    "note": r.note,
+                    "note": r.note, "variant": args.variant,
+                    "peak_mb": f"{r.peak_mb:.1f}" if r.peak_mb is not None else "",
                 })
 
 
@@ -343,6 +376,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "the calling thread does (torch.autograd.set_multithreading_enabled(False)), as the "
                              "training loop does by default (model.backward_on_caller_thread)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compiled' provider")
+    parser.add_argument("--variant", default="", help="a part of the operator that its bench cases can time alone "
+                                                       "(named in the operator's ops module); '' for the whole operator")
     parser.add_argument("--peer-timeout", type=int, default=900, help="seconds for the peer's child process per shape")
     parser.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
