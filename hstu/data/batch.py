@@ -23,6 +23,7 @@ class JaggedBatch:
     user_ids: torch.Tensor  # int64 [B]   contiguous user index
     seen_ids: torch.Tensor | None = None  # int64 [S] eval only: items to mask when ranking (full history)
     seen_offsets: torch.Tensor | None = None  # int64 [B+1] jagged offsets of seen_ids
+    token_mask: torch.Tensor | None = None  # bool [L] packed batches only: True for real tokens (hstu.data.packing)
     extent: tuple[int, int] | None = None  # (longest sequence, largest id), read by check()
 
     def check(self, max_seq_len: int, num_items: int) -> "JaggedBatch":

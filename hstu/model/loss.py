@@ -27,13 +27,26 @@ class RecLoss(nn.Module):
         self.temperature = temperature
         self.shared_negatives = shared_negatives
 
-    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
-        """states [M, D], pos_ids [M] in 1..num_items, item_table [num_items + 1, D] (row 0 = padding)."""
+    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, item_table: torch.Tensor,
+                row_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """states [M, D], pos_ids [M] in 1..num_items, item_table [num_items + 1, D] (row 0 = padding).
+
+        ``row_mask`` [M] (packed batches): the mean is over the rows where it is True; the others are
+        left out with ``torch.where`` (a NaN in a padding row cannot reach the sum or the gradients)."""
+        reduction = "mean" if row_mask is None else "none"
+        if row_mask is not None:
+            pos_ids = torch.where(row_mask, pos_ids, 1)
         if self.kind == "full":
-            return hstu_kernels.full_softmax_loss(
-                states, pos_ids - 1, item_table[1:], temperature=self.temperature, backend=self.manager, validate=False)
-        num_items = item_table.shape[0] - 1
-        shape = (self.num_negatives,) if self.shared_negatives else (states.shape[0], self.num_negatives)
-        neg_ids = torch.randint(1, num_items + 1, shape, device=states.device)
-        return hstu_kernels.sampled_softmax_loss(
-            states, pos_ids, neg_ids, item_table, temperature=self.temperature, backend=self.manager, validate=False)
+            loss = hstu_kernels.full_softmax_loss(
+                states, pos_ids - 1, item_table[1:], temperature=self.temperature, reduction=reduction,
+                backend=self.manager, validate=False)
+        else:
+            num_items = item_table.shape[0] - 1
+            shape = (self.num_negatives,) if self.shared_negatives else (states.shape[0], self.num_negatives)
+            neg_ids = torch.randint(1, num_items + 1, shape, device=states.device)
+            loss = hstu_kernels.sampled_softmax_loss(
+                states, pos_ids, neg_ids, item_table, temperature=self.temperature, reduction=reduction,
+                backend=self.manager, validate=False)
+        if row_mask is None:
+            return loss
+        return torch.where(row_mask, loss, 0.0).sum() / row_mask.sum().clamp_min(1)

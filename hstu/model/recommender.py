@@ -71,7 +71,7 @@ class SequentialRecommender(nn.Module):
         """Every history position predicts the next item; the last one predicts the target."""
         states = self.encode(batch)
         next_items = next_in_sequence(batch.item_ids, batch.seq_offsets, batch.targets)
-        return self.loss(states, next_items, self.item_table)
+        return self.loss(states, next_items, self.item_table, row_mask=batch.token_mask)
 
     def user_states(self, batch: JaggedBatch) -> torch.Tensor:
         """[B, D] state after each whole history (zero for an empty history)."""

@@ -19,14 +19,15 @@ def sampled_softmax_loss(
     *,
     temperature: float,
     l2_norm: bool = True,
+    reduction: str = "mean",
     backend=None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Mean over rows of -log softmax(positive | positive + negatives); negatives equal to the positive
-    are masked. neg_ids [M, R] (per row) or [R] (shared by every row)."""
-    check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature)
+    """Mean over rows (``reduction="none"``: each row's) of -log softmax(positive | positive + negatives);
+    negatives equal to the positive are masked. neg_ids [M, R] (per row) or [R] (shared by every row)."""
+    check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction)
     impl = implementation(KEY, "sampled_softmax_loss", backend, (states, item_table))
-    return impl(states, pos_ids, neg_ids, item_table, temperature=temperature, l2_norm=l2_norm)
+    return impl(states, pos_ids, neg_ids, item_table, temperature=temperature, l2_norm=l2_norm, reduction=reduction)
 
 
 def full_softmax_loss(
@@ -36,16 +37,21 @@ def full_softmax_loss(
     *,
     temperature: float,
     l2_norm: bool = True,
+    reduction: str = "mean",
     backend=None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Mean over rows of -log softmax over every row of ``item_table`` (row 0 included: pass the table to score)."""
-    check_common("full_softmax_loss", states, pos_ids, item_table, temperature)
+    """Mean over rows (``reduction="none"``: each row's) of -log softmax over every row of ``item_table``
+    (row 0 included: pass the table to score)."""
+    check_common("full_softmax_loss", states, pos_ids, item_table, temperature, reduction)
     impl = implementation(KEY, "full_softmax_loss", backend, (states, item_table))
-    return impl(states, pos_ids, item_table, temperature=temperature, l2_norm=l2_norm)
+    return impl(states, pos_ids, item_table, temperature=temperature, l2_norm=l2_norm, reduction=reduction)
 
 
-def check_common(name, states, pos_ids, item_table, temperature):
+REDUCTIONS = ("mean", "none")
+
+
+def check_common(name, states, pos_ids, item_table, temperature, reduction):
     if states.dim() != 2 or item_table.dim() != 2 or states.shape[1] != item_table.shape[1]:
         raise ValueError(
             f"{name}: states [M, D] and item_table [N, D] must share D; got {tuple(states.shape)} and {tuple(item_table.shape)}"
@@ -56,10 +62,12 @@ def check_common(name, states, pos_ids, item_table, temperature):
         raise ValueError(f"{name}: pos_ids must be integer [M={states.shape[0]}]; got {pos_ids.dtype} {tuple(pos_ids.shape)}")
     if not temperature > 0:
         raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature):
-    check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature)
+def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction):
+    check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature, reduction)
     shared = neg_ids.dim() == 1
     per_row = neg_ids.dim() == 2 and neg_ids.shape[0] == states.shape[0]
     if neg_ids.dtype not in (torch.int32, torch.int64) or not (shared or per_row):

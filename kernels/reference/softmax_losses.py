@@ -24,8 +24,10 @@ def sampled_softmax_loss(
     *,
     temperature: float,
     l2_norm: bool = True,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean over the M rows of -log softmax of the positive among [positive, negatives].
+    """Mean over the M rows (or each row's, ``reduction="none"``) of -log softmax of the positive among
+    [positive, negatives].
 
     states [M, D]; pos_ids [M]; neg_ids [M, R] (per row) or [R] (shared by every row: one [M, R]
     matmul, no [M, R, D] gather). A negative equal to its row's positive is masked out (logit -inf);
@@ -44,7 +46,8 @@ def sampled_softmax_loss(
     logits = torch.cat([pos_logits, neg_logits], dim=1).to(_softmax_dtype(states.dtype)) / temperature
     accidental_hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1) if shared else neg_ids == pos_ids.unsqueeze(1)
     logits = logits.masked_fill(F.pad(accidental_hits, (1, 0), value=False), float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    losses = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return losses.mean() if reduction == "mean" else losses
 
 
 def full_softmax_loss(
@@ -54,12 +57,14 @@ def full_softmax_loss(
     *,
     temperature: float,
     l2_norm: bool = True,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean over the M rows of -log softmax of the positive among every row of ``item_table``.
+    """Mean over the M rows (or each row's, ``reduction="none"``) of -log softmax of the positive among
+    every row of ``item_table``.
 
     Every row is scored, row 0 included: the caller passes the table it wants scored.
     """
     if l2_norm:
         states, item_table = l2_normalize(states), l2_normalize(item_table)
     logits = (states @ item_table.T).to(_softmax_dtype(states.dtype)) / temperature
-    return F.cross_entropy(logits, pos_ids.to(torch.int64))
+    return F.cross_entropy(logits, pos_ids.to(torch.int64), reduction=reduction)

@@ -1,0 +1,133 @@
+"""One optimisation step (forward, backward, optimizer update) run eagerly or replayed from CUDA graphs.
+
+At ML-1M sizes a step is microseconds of GPU work per kernel and hundreds of kernels: launched one by one
+from Python, the GPU idles most of the step. ``TrainStep`` captures the whole step - packing the batch on
+the device, forward, backward, the optimizer update, the loss sum and the non-finite flag - as one CUDA
+graph per token capacity (``hstu.data.packing``), and replays it: one launch per step.
+
+How a step stays capturable:
+- the batch is assembled on the device from two static [B] index buffers, so a step's inputs are two
+  small copies; nothing reads device values on the host;
+- gradients are zeroed inside the graph (not set to None), so they stay the same static tensors in
+  every graph and between replays;
+- dropout seeds and sampled negatives are drawn from torch's device generator, whose state a captured
+  graph advances on every replay (a Python seed would freeze one mask into the graph);
+- the optimizer is AdamW with ``capturable=True`` (fused where available) and skips its update on the
+  device while ``nonfinite`` is set (``found_inf``); the host reads the flag once per epoch.
+
+The first step of each capacity runs eagerly (on a side stream, as warm-up before capture must) and is
+then captured; later steps of that capacity replay. Operator calls inside the graph are counted by the
+manager per replay (``TritonOperatorManager.region``).
+"""
+from __future__ import annotations
+
+import torch
+
+from hstu.data.batch import JaggedBatch
+from hstu.data.packing import DeviceSequences, PackingLayout, PlannedBatch, pack_batch
+from hstu.model.recommender import SequentialRecommender
+
+
+def make_optimizer(parameters, lr: float, betas, weight_decay: float, device: torch.device, capturable: bool):
+    """AdamW, fused where the device supports it (one multi-tensor kernel instead of a loop over
+    parameters), capturable when its step will be captured in a CUDA graph."""
+    return torch.optim.AdamW(parameters, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=device.type in ("cuda", "cpu"), capturable=capturable)
+
+
+class TrainStep:
+    """Runs training steps for ``model`` and ``optimizer``, keeping the epoch's loss sum and a non-finite
+    flag on the device. ``sequences``/``layout`` serve ``PlannedBatch`` steps (packed on the device);
+    ``JaggedBatch`` steps (the CPU loader's) run eagerly. ``capture`` replays CUDA graphs (CUDA only)."""
+
+    def __init__(self, model: SequentialRecommender, optimizer: torch.optim.Optimizer, *,
+                 sequences: DeviceSequences | None = None, layout: PackingLayout | None = None,
+                 capture: bool = False):
+        device = next(model.parameters()).device
+        if capture and device.type != "cuda":
+            raise ValueError("TrainStep: CUDA-graph capture needs the model on a CUDA device")
+        self.model, self.optimizer = model, optimizer
+        self.sequences, self.layout = sequences, layout
+        self.capture = capture
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.step_index = torch.zeros((), dtype=torch.int64, device=device)
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        optimizer.found_inf = self._found_inf  # read by fused AdamW: the update is skipped while it is 1
+        self.steps = 0  # host count of steps this epoch
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        if sequences is not None:
+            rows = layout.batch_size
+            self._users = torch.zeros(rows, dtype=torch.int64, device=device)
+            self._positions = torch.zeros(rows, dtype=torch.int64, device=device)
+
+    # ---- one step --------------------------------------------------------------------------
+    def __call__(self, batch: PlannedBatch | JaggedBatch) -> None:
+        if isinstance(batch, JaggedBatch):
+            self._eager(batch)
+        else:
+            self._users.copy_(batch.users, non_blocking=True)
+            self._positions.copy_(batch.target_positions, non_blocking=True)
+            graph = self.graphs.get(batch.capacity)
+            if graph is not None:
+                with self.model.manager.region(f"train_step_{batch.capacity}"):
+                    graph.replay()
+            elif self.capture:
+                self._warm_up_and_capture(batch.capacity)
+            else:
+                self._eager(self._packed(batch.capacity))
+        self.steps += 1
+
+    def _packed(self, capacity: int) -> JaggedBatch:
+        return pack_batch(self.sequences, self._users, self._positions, capacity, self.layout)
+
+    def _body(self, batch: JaggedBatch) -> None:
+        """The step: gradients zeroed in place, loss, backward, flag, update, loss sum."""
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.model.training_loss(batch)
+        loss.backward()
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.step_index, self.first_bad_step))
+        self.nonfinite.logical_or_(bad)
+        self._found_inf.copy_(self.nonfinite)
+        self.optimizer.step()
+        self.loss_sum.add_(torch.where(bad, 0.0, loss.detach().double()))
+        self.step_index.add_(1)
+
+    def _eager(self, batch: JaggedBatch) -> None:
+        self._ensure_grads()
+        self._body(batch)
+
+    def _ensure_grads(self) -> None:
+        """Gradients exist before the first step (zeroed in place from then on, in and out of graphs)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def _warm_up_and_capture(self, capacity: int) -> None:
+        """Run this step eagerly on a side stream (warm-up: kernels compiled, optimizer state and
+        workspaces allocated), then capture it for the steps to come (a capture runs nothing)."""
+        self._ensure_grads()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._body(self._packed(capacity))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with self.model.manager.region(f"train_step_{capacity}", executes=False):
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._body(self._packed(capacity))
+        self._pool = graph.pool() if self._pool is None else self._pool
+        self.graphs[capacity] = graph
+
+    # ---- epoch bookkeeping (host reads, once per epoch) -------------------------------------
+    def end_epoch(self) -> tuple[float, int | None]:
+        """(mean loss over the epoch's finite steps, first step with a non-finite loss or None); resets the sums."""
+        loss_sum, first_bad = torch.stack([self.loss_sum, self.first_bad_step.double()]).tolist()
+        mean = loss_sum / max(self.steps, 1)
+        self.loss_sum.zero_()
+        self.steps = 0
+        return mean, (None if first_bad < 0 else int(first_bad))

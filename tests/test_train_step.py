@@ -1,0 +1,98 @@
+"""TrainStep: packed device-side steps train exactly as unpacked eager steps; a non-finite loss sets
+the device flag, skips the update and names its step; CUDA-graph replays match eager steps (GPU)."""
+import numpy as np
+import pytest
+import torch
+
+from hstu.data.packing import DeviceSequences, PackingLayout, PlanCollate
+from hstu.data.sequences import make_batch
+from hstu.model.recommender import SequentialRecommender
+from hstu.train_step import TrainStep, make_optimizer
+from test_packing import HSTU, MAX_LEN, NUM_ITEMS, sequences_of, training_examples
+
+LOSS = {"kind": "full", "temperature": 0.1}
+
+
+def setup(device="cpu", dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    model = SequentialRecommender(NUM_ITEMS, MAX_LEN, 8, dropout, {**HSTU, "dropout": dropout}, LOSS).to(device)
+    optimizer = make_optimizer(model.parameters(), 1e-2, (0.9, 0.98), 0.0, torch.device(device),
+                               capturable=device == "cuda")
+    return model, optimizer
+
+
+def epoch_batches(sequences, examples, layout, seed=5):
+    order = np.random.default_rng(seed).permutation(len(examples))
+    chunks = [order[i:i + layout.batch_size].tolist() for i in range(0, len(order), layout.batch_size)]
+    return chunks, [PlanCollate(examples, layout)(chunk) for chunk in chunks]
+
+
+def test_packed_steps_train_like_unpacked_eager_steps():
+    sequences = sequences_of([12, 3, 9, 20, 7, 2, 15, 11, 4, 6], seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=4, max_seq_len=MAX_LEN, bucket_tokens=8)
+    chunks, plans = epoch_batches(sequences, examples, layout)
+    model_a, opt_a = setup()
+    model_b, opt_b = setup()
+    packed_step = TrainStep(model_a, opt_a, sequences=DeviceSequences.from_sequences(sequences, "cpu"), layout=layout)
+    plain_step = TrainStep(model_b, opt_b)
+    for chunk, plan in zip(chunks, plans):
+        packed_step(plan)
+        plain_step(make_batch(sequences, examples.users[chunk], examples.target_positions[chunk],
+                              max_seq_len=MAX_LEN, with_seen=False))
+    (loss_a, bad_a), (loss_b, bad_b) = packed_step.end_epoch(), plain_step.end_epoch()
+    assert bad_a is None and bad_b is None and loss_a == pytest.approx(loss_b, rel=1e-5)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_nonfinite_loss_sets_the_flag_skips_updates_and_names_the_step():
+    sequences = sequences_of([12, 3, 9, 20, 7, 2], seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=2, max_seq_len=MAX_LEN, bucket_tokens=8)
+    _, plans = epoch_batches(sequences, examples, layout)
+    model, optimizer = setup()
+    step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cpu"), layout=layout)
+    step(plans[0])
+    with torch.no_grad():
+        model.embedding.pos_table[0, 0] = float("nan")  # every later loss is NaN
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for plan in plans[1:]:
+        step(plan)
+    loss, first_bad = step.end_epoch()
+    assert first_bad == 1 and bool(step.nonfinite) and np.isfinite(loss)
+    for name, p in model.named_parameters():  # no update once the flag was set
+        torch.testing.assert_close(p.detach(), frozen[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(dropout):
+    sequences = sequences_of([12, 3, 9, 20, 7, 2, 15, 11, 4, 6, 8, 17], seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=3, max_seq_len=MAX_LEN, bucket_tokens=8)
+    _, plans = epoch_batches(sequences, examples, layout)
+    results = []
+    for capture in (True, False):
+        model, optimizer = setup("cuda", dropout=dropout)
+        step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cuda"),
+                         layout=layout, capture=capture)
+        torch.manual_seed(7)
+        for plan in plans + plans:  # every capacity twice: captured once, then replayed
+            step(plan)
+        results.append((step.end_epoch()[0], [p.detach().clone() for p in model.parameters()], step))
+    (captured_loss, captured_params, captured), (eager_loss, eager_params, _) = results
+    assert captured.graphs, "nothing was captured"
+    if dropout == 0.0:
+        assert captured_loss == pytest.approx(eager_loss, rel=1e-4)
+        for a, b in zip(captured_params, eager_params):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    else:  # replays draw fresh masks: two replays of one graph on the same batch give different losses
+        capacity, graph = next(iter(captured.graphs.items()))
+        plan = next(p for p in plans if p.capacity == capacity)
+        losses = []
+        for _ in range(2):
+            before = captured.loss_sum.clone()
+            captured(plan)
+            losses.append(float(captured.loss_sum - before))
+        assert losses[0] != losses[1]
