@@ -39,7 +39,7 @@ PEER_DIR = REPO / ".peers" / "generative-recommenders"
 DEFAULT_CSV = REPO / "BENCHMARKS.csv"
 CSV_FIELDS = [
     "date", "op", "provider", "mode", "shape", "dtype", "bias", "call", "backward_thread", "ms", "rate", "rate_unit",
-    "card", "torch", "triton", "note", "variant", "peak_mb",
+    "card", "torch", "triton", "note", "variant", "peak_mb", "kernel_ms",
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROVIDERS = ("triton", "reference", "eager", "compiled", "peer", "copy")
@@ -179,6 +179,26 @@ class Result:
     note: str = ""
     max_diff: float | None = None  # max |out - out_reference| of the first forward
     peak_mb: float | None = None  # device memory allocated beyond the inputs during one timed call (CUDA)
+    kernel_ms: float | None = None  # GPU kernel time per call from the profiler (--kernel-time), against ms (wall)
+
+
+def profiled_kernel_ms(fn: Callable[[], object], leaves: Sequence[torch.Tensor], calls: int = 20) -> float | None:
+    """Sum of the GPU kernels' durations per call, from torch.profiler (CUDA only): with ``ms`` (events
+    around back-to-back calls), it tells host-bound calls (ms >> kernel_ms) from GPU-bound ones."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for t in leaves:
+                t.grad = None
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e3 / calls
 
 
 def extra_peak_mb(fn: Callable[[], object], leaves: Sequence[torch.Tensor]) -> float | None:
@@ -209,7 +229,9 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
         for mode in modes if provider != "copy" else [m for m in modes if m == "fwd"]:
             timed = timed_function(forward, mode)
             ms = median_ms(timed, case.leaves, args.warmup, args.rep)
-            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed, case.leaves)))
+            kernel_ms = profiled_kernel_ms(timed, case.leaves) if args.kernel_time else None
+            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed, case.leaves),
+                                  kernel_ms=kernel_ms))
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)
@@ -302,7 +324,7 @@ def shape_label(spec: OperatorSpec, shape) -> str:
 
 def print_table(spec: OperatorSpec, rows: list[tuple[str, dict[str, float], list[Result]]], args) -> None:
     header = ["shape " + "x".join(spec.bench.shape_fields), "mode", "provider", "ms", spec.bench.rate_unit,
-              "triton speed-up", "max|diff| vs reference", "peak MB", "note"]
+              "triton speed-up", "max|diff| vs reference", "peak MB", "kernel ms", "note"]
     lines = []
     for label, work, results in rows:
         for r in results:
@@ -310,7 +332,8 @@ def print_table(spec: OperatorSpec, rows: list[tuple[str, dict[str, float], list
             lines.append([
                 label, r.mode, r.provider, f"{r.ms:.4f}" if r.ms else "-", f"{rate:.4g}" if rate else "-",
                 speedup_note(results, r), f"{r.max_diff:.2e}" if r.max_diff is not None else "",
-                f"{r.peak_mb:.1f}" if r.peak_mb is not None else "", r.note,
+                f"{r.peak_mb:.1f}" if r.peak_mb is not None else "",
+                f"{r.kernel_ms:.4f}" if r.kernel_ms is not None else "", r.note,
             ])
     variant = f" | variant={args.variant}" if args.variant else ""
     title = (f"{spec.key}{variant} | {args.dtype} | bias={args.bias if spec.bench.uses_bias else '-'} | call={args.call} "
@@ -349,6 +372,7 @@ def append_csv(path: Path, spec: OperatorSpec, rows, args) -> None:
                     "rate_unit": spec.bench.rate_unit, "card": card, "torch": torch_version, "triton": triton_version,
                     "note": r.note, "variant": args.variant,
                     "peak_mb": f"{r.peak_mb:.1f}" if r.peak_mb is not None else "",
+                    "kernel_ms": f"{r.kernel_ms:.5f}" if r.kernel_ms is not None else "",
                 })
 
 
@@ -376,6 +400,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "the calling thread does (torch.autograd.set_multithreading_enabled(False)), as the "
                              "training loop does by default (model.backward_on_caller_thread)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compiled' provider")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also profile the GPU kernel time per call (kernel ms column), to compare with wall ms")
     parser.add_argument("--variant", default="", help="a part of the operator that its bench cases can time alone "
                                                        "(named in the operator's ops module); '' for the whole operator")
     parser.add_argument("--peer-timeout", type=int, default=900, help="seconds for the peer's child process per shape")

@@ -145,7 +145,7 @@ def test_rec_module_compiles_its_parts_when_built():
     from hstu.module import RecModule
 
     module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3}, compile=True)
-    parts = (module.model.embedding, module.model.encoder, module.model.loss)
+    parts = (module.model.embedding, *module.model.encoder.blocks, module.model.loss)
     assert all(p._compiled_call_impl is not None for p in parts)
 
 
@@ -225,3 +225,18 @@ def test_model_checks_each_batch_and_its_operators_skip_their_checks(monkeypatch
     q = torch.randn(3, 1, 4)
     hstu_kernels.hstu_attention(q, q, q, torch.tensor([0, 3]), 4, 1.0, backend="reference")  # a checked call
     assert reads == ["hstu_attention"]
+
+
+def test_compiled_parts_count_every_operator_call():
+    """With regional compilation one traced block serves every block: the manager still counts one
+    attention call per block and step, and one embedding and loss call per step."""
+    model = build(HSTU, kernels={"hstu_hierarchical_attention": True}, shared_negatives=True)
+    model.compile_parts(backend="eager")
+    steps = 3
+    for seed in range(steps):
+        model.training_loss(make_batch([4, 2, 5], seed=seed)).backward()
+    calls = {op: sum(s["calls"].values()) for op, s in model.manager.get_stats().items()}
+    blocks = HSTU["num_blocks"]
+    assert calls["hstu_hierarchical_attention"] == steps * blocks
+    assert calls["fused_attention_layernorm"] == steps * blocks * 2  # attention_input and attention_output
+    assert calls["hierarchical_sequence_fusion"] == steps and calls["sequence_recommendation_interaction"] == steps

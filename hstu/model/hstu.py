@@ -6,6 +6,8 @@ bias + log-bucketed time bias; y = x + Linear(Dropout(LayerNorm(A v) * u)).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -78,10 +80,13 @@ class HSTUEncoder(nn.Module):
     def __init__(self, num_blocks: int, **layer_kwargs):
         super().__init__()
         self.blocks = nn.ModuleList(STULayer(**layer_kwargs) for _ in range(num_blocks))
+        self.manager = layer_kwargs["manager"]
+        self.count_regions = False  # set when the blocks are compiled (SequentialRecommender.compile_parts)
 
     def forward(self, x, seq_offsets, timestamps, target_timestamps):
         # Position i predicts the event after it: its query time is that event's timestamp.
         q_timestamps = next_in_sequence(timestamps, seq_offsets, target_timestamps)
         for block in self.blocks:
-            x = block(x, seq_offsets, q_timestamps, timestamps)
+            with self.manager.region("stu_block") if self.count_regions else contextlib.nullcontext():
+                x = block(x, seq_offsets, q_timestamps, timestamps)
         return x

@@ -5,6 +5,7 @@ by every layer. Parameter names do not depend on the flags, so any checkpoint lo
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -43,13 +44,21 @@ class SequentialRecommender(nn.Module):
                                         time_scales, position_from_end)
         self.encoder = instantiate(dict(encoder), dim=dim, max_seq_len=max_seq_len, manager=self.manager)
         self.loss = RecLoss(self.manager, **loss)
+        self.count_regions = False  # set by compile_parts: operator calls are counted per compiled part
 
     def compile_parts(self, **compile_kwargs) -> None:
-        """torch.compile the embedding, encoder and loss with dynamic shapes (jagged batches change
-        the token count every step: compile once, not per shape). The operator manager's first-call
-        backend decision traces (its imports ran when it was built), so no eager call is needed first."""
-        for part in (self.embedding, self.encoder, self.loss):
+        """torch.compile the embedding, each encoder block and the loss with dynamic shapes (jagged batches
+        change the token count every step: compile once, not per shape). Blocks share their code, so one
+        block's graph serves them all (regional compilation: compile time does not grow with depth). The
+        operator manager's first-call backend decision traces (its imports ran when it was built), so no
+        eager call is needed first; its counts follow each compiled part's executions (``region``)."""
+        for part in (self.embedding, *self.encoder.blocks, self.loss):
             part.compile(dynamic=True, **compile_kwargs)
+        self.encoder.count_regions = True
+        self.count_regions = True
+
+    def _region(self, name: str):
+        return self.manager.region(name) if self.count_regions else contextlib.nullcontext()
 
     @property
     def item_table(self) -> torch.Tensor:
@@ -63,7 +72,8 @@ class SequentialRecommender(nn.Module):
         skip the per-call checks that would each wait for the GPU.
         """
         batch.check(self.max_seq_len, self.num_items)
-        x = self.embedding(batch.item_ids, batch.timestamps, batch.seq_offsets)
+        with self._region("embedding"):
+            x = self.embedding(batch.item_ids, batch.timestamps, batch.seq_offsets)
         x = self.encoder(x, batch.seq_offsets, batch.timestamps, batch.target_timestamps)
         return F.normalize(x, dim=-1, eps=1e-6)
 
@@ -71,7 +81,8 @@ class SequentialRecommender(nn.Module):
         """Every history position predicts the next item; the last one predicts the target."""
         states = self.encode(batch)
         next_items = next_in_sequence(batch.item_ids, batch.seq_offsets, batch.targets)
-        return self.loss(states, next_items, self.item_table, row_mask=batch.token_mask)
+        with self._region("loss"):
+            return self.loss(states, next_items, self.item_table, row_mask=batch.token_mask)
 
     def user_states(self, batch: JaggedBatch) -> torch.Tensor:
         """[B, D] state after each whole history (zero for an empty history)."""
