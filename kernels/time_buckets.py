@@ -46,5 +46,15 @@ def time_bucket(delta: torch.Tensor, num_buckets: int = DEFAULT_NUM_BUCKETS) -> 
     """Bucket of |delta| (int64 seconds) -> int64 in [0, num_buckets - 1]."""
     if delta.dtype != torch.int64:
         raise TypeError(f"time differences must be int64 (got {delta.dtype}); float32 loses Unix-second digits")
-    thresholds = bucket_thresholds(num_buckets, delta.device)
+    if torch.compiler.is_compiling():  # a constant of the compiled graph
+        thresholds = bucket_thresholds(num_buckets, delta.device)
+    else:
+        thresholds = _device_thresholds(num_buckets, delta.device)
     return torch.searchsorted(thresholds, delta.abs(), right=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_thresholds(num_buckets: int, device: torch.device) -> torch.Tensor:
+    """The thresholds on ``device``, copied there once: inside a CUDA-graph capture a host-to-device copy
+    is not allowed, so the table must exist before (a warm-up step builds it)."""
+    return bucket_thresholds(num_buckets, device)
