@@ -734,7 +734,7 @@ def _dq_program(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, part 3: bias gradients from the head-summed dS, per (sequence, query block)
+# Backward, part 3: bias gradients from the head-summed dS, per (sequence, block diagonal)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _head_summed_score_grad(

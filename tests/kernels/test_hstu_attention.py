@@ -34,7 +34,7 @@ OP = "hstu_hierarchical_attention"
 TRITON_MODULE = "hstu_kernels.triton.hstu_attention"
 REPO = Path(__file__).resolve().parents[2]
 
-# The interpreter computes bf16 wrongly (DESIGN.md): bf16 only on the GPU.
+# The interpreter computes bf16 wrongly: bf16 only on the GPU.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 HEAD_DIMS = [8, 16, 25, 32, 50, 64] + ([96, 128, 256] if HAS_CUDA else [])
 MAX_TOKENS = 2048 if HAS_CUDA else 64
