@@ -96,3 +96,58 @@ def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(dropout):
             captured(plan)
             losses.append(float(captured.loss_sum - before))
         assert losses[0] != losses[1]
+
+
+def lengths_for_gpu(seed=4, users=60):
+    return np.random.default_rng(seed).integers(2, 40, users).tolist()
+
+
+@pytest.mark.gpu
+def test_replayed_steps_never_synchronise_with_the_host():
+    """Once each capacity is captured, a step is two async copies and a replay: under
+    torch.cuda.set_sync_debug_mode("error") any host-device synchronisation would raise."""
+    sequences = sequences_of(lengths_for_gpu(), seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=8, max_seq_len=MAX_LEN, bucket_tokens=16)
+    _, plans = epoch_batches(sequences, examples, layout)
+    plans = [p.pin_memory().to("cuda", non_blocking=True) for p in plans]
+    model, optimizer = setup("cuda", dropout=0.1)
+    step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cuda"), layout=layout,
+                     capture=True)
+    for plan in plans:
+        step(plan)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for plan in plans:
+            step(plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.end_epoch()[1] is None
+
+
+@pytest.mark.gpu
+def test_compiled_steps_do_not_recompile_across_capacities():
+    """Regional compilation with dynamic shapes: 50 steps over every capacity of an epoch compile each
+    part once, captured or not."""
+    from torch._dynamo.utils import counters
+
+    sequences = sequences_of(lengths_for_gpu(seed=9, users=200), seed=9)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=4, max_seq_len=MAX_LEN, bucket_tokens=8)
+    _, plans = epoch_batches(sequences, examples, layout)
+    plans = [p.pin_memory().to("cuda", non_blocking=True) for p in plans][:50]
+    assert len({p.capacity for p in plans}) >= 3
+    for capture in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model, optimizer = setup("cuda", dropout=0.1)
+        model.compile_parts()
+        step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cuda"),
+                         layout=layout, capture=capture)
+        for plan in plans[:5]:
+            step(plan)
+        graphs = counters["stats"]["unique_graphs"]
+        for plan in plans[5:]:
+            step(plan)
+        assert counters["stats"]["unique_graphs"] == graphs, f"capture={capture}: recompiled"
+        assert not counters["graph_break"], dict(counters["graph_break"])
