@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from hstu.data.batch import JaggedBatch
-from hstu.data.packing import DeviceSequences, PackingLayout, PlannedBatch, pack_batch
+from hstu.data.packing import DeviceSequences, PackingLayout, PlannedBatch, StaticJaggedInput, pack_batch
 from hstu.model.recommender import SequentialRecommender
 
 
@@ -37,8 +37,10 @@ def make_optimizer(parameters, lr: float, betas, weight_decay: float, device: to
 
 class TrainStep:
     """Runs training steps for ``model`` and ``optimizer``, keeping the epoch's loss sum and a non-finite
-    flag on the device. ``sequences``/``layout`` serve ``PlannedBatch`` steps (packed on the device);
-    ``JaggedBatch`` steps (the CPU loader's) run eagerly. ``capture`` replays CUDA graphs (CUDA only)."""
+    flag on the device. Steps take a ``PlannedBatch`` (needs ``sequences``: packed on the device from two
+    index buffers) or a ``JaggedBatch`` (any loader's: copied into static buffers when captured).
+    ``capture`` replays one CUDA graph per capacity of ``layout`` (CUDA only); without it steps run
+    eagerly (planned batches packed, jagged ones as they are)."""
 
     def __init__(self, model: SequentialRecommender, optimizer: torch.optim.Optimizer, *,
                  sequences: DeviceSequences | None = None, layout: PackingLayout | None = None,
@@ -53,35 +55,50 @@ class TrainStep:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.step_index = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_loss = torch.zeros((), dtype=torch.float32, device=device)  # the latest step's (static) loss
         self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
         optimizer.found_inf = self._found_inf  # read by fused AdamW: the update is skipped while it is 1
         self.steps = 0  # host count of steps this epoch
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # (input kind, capacity) -> graph
         self._pool = None
+        if capture and layout is None:
+            raise ValueError("TrainStep: capture needs a PackingLayout (the capacities graphs are captured for)")
         if sequences is not None:
             rows = layout.batch_size
             self._users = torch.zeros(rows, dtype=torch.int64, device=device)
             self._positions = torch.zeros(rows, dtype=torch.int64, device=device)
+        self._jagged = StaticJaggedInput(layout, model.num_items, device) if capture else None
 
     # ---- one step --------------------------------------------------------------------------
     def __call__(self, batch: PlannedBatch | JaggedBatch) -> None:
         if isinstance(batch, JaggedBatch):
-            self._eager(batch)
+            if self.capture:
+                self._run_captured(("jagged", self._jagged.fill(batch)))
+            else:
+                self._eager(batch)
         else:
             self._users.copy_(batch.users, non_blocking=True)
             self._positions.copy_(batch.target_positions, non_blocking=True)
-            graph = self.graphs.get(batch.capacity)
-            if graph is not None:
-                with self.model.manager.region(f"train_step_{batch.capacity}"):
-                    graph.replay()
-            elif self.capture:
-                self._warm_up_and_capture(batch.capacity)
+            if self.capture:
+                self._run_captured(("planned", batch.capacity))
             else:
-                self._eager(self._packed(batch.capacity))
+                self._eager(self._packed(("planned", batch.capacity)))
         self.steps += 1
 
-    def _packed(self, capacity: int) -> JaggedBatch:
-        return pack_batch(self.sequences, self._users, self._positions, capacity, self.layout)
+    def _packed(self, key: tuple[str, int]) -> JaggedBatch:
+        """The packed batch a step reads: from the planned indices, or from the jagged input's buffers."""
+        kind, capacity = key
+        if kind == "planned":
+            return pack_batch(self.sequences, self._users, self._positions, capacity, self.layout)
+        return self._jagged.packed(capacity)
+
+    def _run_captured(self, key: tuple[str, int]) -> None:
+        graph = self.graphs.get(key)
+        if graph is None:
+            self._warm_up_and_capture(key)
+        else:
+            with self.model.manager.region(f"train_step_{key}"):
+                graph.replay()
 
     def _body(self, batch: JaggedBatch) -> None:
         """The step: gradients zeroed in place, loss, backward, flag, update, loss sum."""
@@ -94,6 +111,7 @@ class TrainStep:
         self._found_inf.copy_(self.nonfinite)
         self.optimizer.step()
         self.loss_sum.add_(torch.where(bad, 0.0, loss.detach().double()))
+        self.last_loss.copy_(loss.detach())
         self.step_index.add_(1)
 
     def _eager(self, batch: JaggedBatch) -> None:
@@ -107,21 +125,21 @@ class TrainStep:
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
 
-    def _warm_up_and_capture(self, capacity: int) -> None:
+    def _warm_up_and_capture(self, key: tuple[str, int]) -> None:
         """Run this step eagerly on a side stream (warm-up: kernels compiled, optimizer state and
         workspaces allocated), then capture it for the steps to come (a capture runs nothing)."""
         self._ensure_grads()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._body(self._packed(capacity))
+            self._body(self._packed(key))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with self.model.manager.region(f"train_step_{capacity}", executes=False):
+        with self.model.manager.region(f"train_step_{key}", executes=False):
             with torch.cuda.graph(graph, pool=self._pool):
-                self._body(self._packed(capacity))
+                self._body(self._packed(key))
         self._pool = graph.pool() if self._pool is None else self._pool
-        self.graphs[capacity] = graph
+        self.graphs[key] = graph
 
     # ---- epoch bookkeeping (host reads, once per epoch) -------------------------------------
     def end_epoch(self) -> tuple[float, int | None]:

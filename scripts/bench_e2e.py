@@ -130,8 +130,10 @@ VARIANTS = {
         Variant("trainer-triton-bf16", "+triton=all, bf16 autocast", "trainer", overrides=("+triton=all",)),
         Variant("trainer-compile-triton-bf16", "model.compile=true +triton=all, bf16 autocast", "trainer",
                 overrides=("+triton=all", "model.compile=true")),
-        Variant("trainer-captured", "hstu.training.captured_step, +triton=all, bf16 autocast", "captured",
-                overrides=("+triton=all",)),
+        Variant("trainer-captured", "CUDA-graph captured step (hstu.train_step), +triton=all, bf16 autocast",
+                "captured", overrides=("+triton=all",)),
+        Variant("trainer-captured-compile", "captured step, model.compile=true +triton=all, bf16 autocast",
+                "captured", overrides=("+triton=all", "model.compile=true")),
     )
 }
 YARDSTICK_BASELINE = "yardstick-reduce-overhead"
@@ -366,27 +368,30 @@ def trainer_step(setup: Setup) -> tuple[Callable[[], torch.Tensor], dict]:
 
 
 def captured_step(setup: Setup) -> tuple[Callable[[], torch.Tensor], dict]:
-    """Adapter to the captured training step; the one place to change when its API changes.
+    """This trainer's step as training runs it on one GPU: ``hstu.train_step.TrainStep`` with CUDA-graph
+    capture (one graph per token capacity, fused capturable AdamW inside), under bf16 autocast as
+    Lightning's bf16-mixed precision calls ``training_step``. Batches are copied into the step's static
+    buffers (the trainer's own device-resident batches skip even those copies)."""
+    from hstu.data.packing import PackingLayout
+    from hstu.train_step import TrainStep, make_optimizer
 
-    Expects ``hstu.training.captured_step.build_captured_step(module, optimizer, example_batch)`` to
-    return ``step(batch) -> loss``; the step is called under bf16 autocast as Lightning's bf16-mixed
-    precision would call a manual-optimization ``training_step``.
-    """
-    try:
-        from hstu.training.captured_step import build_captured_step
-    except ImportError as error:
-        raise VariantUnavailable(f"not available: cannot import hstu.training.captured_step ({error})") from error
+    if setup.device.type != "cuda":
+        raise VariantUnavailable("CUDA-graph capture needs a CUDA device")
     module = build_module(setup)
-    optimizer = first_optimizer(module.configure_optimizers())
-    batches = [b.to(setup.device) for b in setup.batches]
-    captured = build_captured_step(module, optimizer, batches[0])
-    pool = itertools.cycle(batches)
+    opt = setup.model_cfg.optimizer
+    optimizer = make_optimizer(module.parameters(), opt.lr, opt.betas, opt.weight_decay, setup.device, capturable=True)
+    layout = PackingLayout(setup.config.batch_size, int(setup.model_cfg.max_seq_len), setup.args.bucket_tokens)
+    train_step = TrainStep(module.model, optimizer, layout=layout, capture=True)
+    pool = itertools.cycle([b.to(setup.device) for b in setup.batches])
+    threaded_backward = not module.hparams.backward_on_caller_thread
 
     def step() -> torch.Tensor:
-        with autocast(setup):
-            return captured(next(pool))
+        with autocast(setup), torch.autograd.set_multithreading_enabled(threaded_backward):
+            train_step(next(pool))
+        return train_step.last_loss
 
-    return step, {"optimizer": describe_optimizer(optimizer), "module": module, "precision": "bf16 autocast"}
+    return step, {"optimizer": describe_optimizer(optimizer), "module": module, "precision": "bf16 autocast",
+                  "bucket_tokens": setup.args.bucket_tokens}
 
 
 def compiled_graphs() -> int | None:
@@ -502,7 +507,8 @@ def run_variant(config: str, variant: str, batches_file: Path, run_dir: Path, ti
     result_file = run_dir / "logs" / f"{config}__{variant}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--config", config, "--variant", variant,
                "--batches-file", str(batches_file), "--result-file", str(result_file), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--seed", str(args.seed), "--yardstick-adamw", args.yardstick_adamw]
+               "--warmup", str(args.warmup), "--seed", str(args.seed), "--yardstick-adamw", args.yardstick_adamw,
+               "--bucket-tokens", str(args.bucket_tokens)]
     if args.trace:
         command += ["--trace-dir", str(run_dir / "traces")]
     if args.no_profile:
@@ -708,6 +714,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-variant-s", type=float, default=30, help="skip a variant when less than this is left")
     parser.add_argument("--yardstick-adamw", default="fused", choices=["fused", "foreach"],
                         help="the yardstick's AdamW implementation on CUDA (foreach on CPU)")
+    parser.add_argument("--bucket-tokens", type=int, default=1024,
+                        help="token capacity step of the captured step's packed batches (data.bucket_tokens)")
     parser.add_argument("--trace", action="store_true", help="keep each variant's profiler trace (traces/*.json.gz)")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the profiled steps: wall time and memory only (no kernel ms, GPU busy, kernels/step)")

@@ -104,3 +104,23 @@ def test_layout_capacity_and_dummies():
     assert [layout.capacity(n) for n in (0, 1, 1024, 1025, 13_800)] == [1024, 1024, 1024, 2048, 14_336]
     with pytest.raises(ValueError, match="bucket_tokens must be >= 1"):
         PackingLayout(8, 10, 0)
+
+
+def test_jagged_batches_copied_into_static_buffers_pack_like_planned_ones():
+    """A captured step fed JaggedBatch objects (any loader's) packs them exactly as device-side planning
+    packs the same examples."""
+    from hstu.data.packing import StaticJaggedInput
+
+    sequences = sequences_of([12, 3, 0, 20, 7, 2, 15], seed=3)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=8, max_seq_len=MAX_LEN, bucket_tokens=16)
+    static = StaticJaggedInput(layout, NUM_ITEMS, torch.device("cpu"))
+    for indices in ([4, 0, 2, 5, 1], [3], [0, 1, 2, 3, 4, 5]):  # later batches overwrite earlier ones
+        plan, planned = packed(sequences, examples, indices, layout)
+        jagged = make_batch(sequences, examples.users[indices], examples.target_positions[indices],
+                            max_seq_len=MAX_LEN, with_seen=False)
+        assert static.fill(jagged) == plan.capacity
+        copied = static.packed(plan.capacity)
+        for name in ("item_ids", "timestamps", "seq_offsets", "targets", "target_timestamps", "token_mask"):
+            assert torch.equal(getattr(copied, name), getattr(planned, name)), name
+        assert torch.equal(copied.user_ids[:len(indices)], planned.user_ids[:len(indices)])

@@ -66,20 +66,26 @@ def test_nonfinite_loss_sets_the_flag_skips_updates_and_names_the_step():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["planned", "jagged"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(dropout):
+def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(kind, dropout):
     sequences = sequences_of([12, 3, 9, 20, 7, 2, 15, 11, 4, 6, 8, 17], seed=4)
     examples = training_examples(sequences)
     layout = PackingLayout(batch_size=3, max_seq_len=MAX_LEN, bucket_tokens=8)
-    _, plans = epoch_batches(sequences, examples, layout)
+    chunks, plans = epoch_batches(sequences, examples, layout)
+    if kind == "planned":
+        batches = plans
+    else:
+        batches = [make_batch(sequences, examples.users[c], examples.target_positions[c], max_seq_len=MAX_LEN,
+                              with_seen=False).to("cuda") for c in chunks]
+    device_sequences = DeviceSequences.from_sequences(sequences, "cuda") if kind == "planned" else None
     results = []
     for capture in (True, False):
         model, optimizer = setup("cuda", dropout=dropout)
-        step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cuda"),
-                         layout=layout, capture=capture)
+        step = TrainStep(model, optimizer, sequences=device_sequences, layout=layout, capture=capture)
         torch.manual_seed(7)
-        for plan in plans + plans:  # every capacity twice: captured once, then replayed
-            step(plan)
+        for batch in batches + batches:  # every capacity twice: captured once, then replayed
+            step(batch)
         results.append((step.end_epoch()[0], [p.detach().clone() for p in model.parameters()], step))
     (captured_loss, captured_params, captured), (eager_loss, eager_params, _) = results
     assert captured.graphs, "nothing was captured"
@@ -88,12 +94,11 @@ def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(dropout):
         for a, b in zip(captured_params, eager_params):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     else:  # replays draw fresh masks: two replays of one graph on the same batch give different losses
-        capacity, graph = next(iter(captured.graphs.items()))
-        plan = next(p for p in plans if p.capacity == capacity)
+        batch = batches[0]
         losses = []
         for _ in range(2):
             before = captured.loss_sum.clone()
-            captured(plan)
+            captured(batch)
             losses.append(float(captured.loss_sum - before))
         assert losses[0] != losses[1]
 

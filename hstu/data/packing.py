@@ -127,14 +127,13 @@ def pack_batch(sequences: DeviceSequences, users: torch.Tensor, target_positions
     token slots: real sequences first, then ``layout.num_dummy`` dummy ones. Static shapes, no host read;
     the caller guarantees capacity - real tokens <= num_dummy * dummy_len (``PackingLayout.capacity`` does)."""
     device = users.device
-    rows, num_dummy, dummy_len = users.shape[0], layout.num_dummy, layout.dummy_len
+    rows, num_dummy = users.shape[0], layout.num_dummy
     begin = sequences.offsets[users]
     target_index = begin + target_positions
     lengths = target_positions.clamp(max=layout.max_seq_len)
     real_offsets = F.pad(lengths.cumsum(0), (1, 0))
     real_tokens = real_offsets[-1]
-    dummy_lengths = (capacity - real_tokens - dummy_len * torch.arange(num_dummy, device=device)).clamp(0, dummy_len)
-    seq_offsets = torch.cat([real_offsets, real_tokens + dummy_lengths.cumsum(0)])
+    seq_offsets = torch.cat([real_offsets, _dummy_offsets(real_tokens, capacity, layout)])
 
     token = torch.arange(capacity, device=device)
     is_real = token < real_tokens
@@ -152,6 +151,60 @@ def pack_batch(sequences: DeviceSequences, users: torch.Tensor, target_positions
         token_mask=is_real,
         extent=(layout.max_seq_len, sequences.num_items),
     )
+
+
+def _dummy_offsets(real_tokens: torch.Tensor, capacity: int, layout: PackingLayout) -> torch.Tensor:
+    """Ends of the dummy sequences that fill ``capacity - real_tokens`` padding tokens (on the device)."""
+    steps = torch.arange(layout.num_dummy, device=real_tokens.device) * layout.dummy_len
+    return real_tokens + (capacity - real_tokens - steps).clamp(0, layout.dummy_len).cumsum(0)
+
+
+class StaticJaggedInput:
+    """Device buffers a captured step reads when its batches come as ``JaggedBatch`` (the CPU loader's,
+    or any caller's): each step copies its batch in (shapes are known on the host), and
+    :meth:`packed` builds the packed batch of one capacity from views of the buffers, in the graph."""
+
+    def __init__(self, layout: PackingLayout, num_items: int, device: torch.device):
+        rows, tokens = layout.batch_size, layout.capacity(layout.batch_size * layout.max_seq_len)
+        self.layout, self.num_items = layout, num_items
+        self.item_ids = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.timestamps = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.real_offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+        self.targets = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.target_timestamps = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.user_ids = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.real_tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+    def fill(self, batch: JaggedBatch) -> int:
+        """Check ``batch`` (free when its loader checked it), copy it in (padding rows and tokens zeroed)
+        and return the capacity it needs."""
+        batch.check(self.layout.max_seq_len, self.num_items)
+        tokens, rows = batch.num_tokens, batch.batch_size
+        if rows > self.layout.batch_size:
+            raise ValueError(f"packing: a batch of {rows} sequences exceeds batch_size={self.layout.batch_size}")
+        for buffer, values, used in ((self.item_ids, batch.item_ids, tokens), (self.timestamps, batch.timestamps, tokens),
+                                     (self.targets, batch.targets, rows),
+                                     (self.target_timestamps, batch.target_timestamps, rows),
+                                     (self.user_ids, batch.user_ids, rows)):
+            buffer[:used].copy_(values, non_blocking=True)
+            buffer[used:].zero_()
+        self.real_offsets[:rows + 1].copy_(batch.seq_offsets, non_blocking=True)
+        self.real_offsets[rows + 1:].fill_(tokens)
+        self.real_tokens.fill_(tokens)
+        return self.layout.capacity(tokens)
+
+    def packed(self, capacity: int) -> JaggedBatch:
+        no_dummy = torch.zeros(self.layout.num_dummy, dtype=torch.int64, device=self.item_ids.device)
+        return JaggedBatch(
+            item_ids=self.item_ids[:capacity],
+            timestamps=self.timestamps[:capacity],
+            seq_offsets=torch.cat([self.real_offsets, _dummy_offsets(self.real_tokens, capacity, self.layout)]),
+            targets=torch.cat([self.targets, no_dummy]),
+            target_timestamps=torch.cat([self.target_timestamps, no_dummy]),
+            user_ids=torch.cat([self.user_ids, no_dummy - 1]),
+            token_mask=torch.arange(capacity, device=self.item_ids.device) < self.real_tokens,
+            extent=(self.layout.max_seq_len, self.num_items),
+        )
 
 
 def unpacked(batch: JaggedBatch, real_sequences: int) -> JaggedBatch:
