@@ -71,7 +71,10 @@ def test_unknown_flag_key_fails_naming_the_key():
         TritonOperatorManager(cfg.model.kernels)
 
 
-def test_non_boolean_flag_fails_naming_key_and_reason():
-    with pytest.raises(ConfigCompositionException, match="model.kernels.interaction=maybe") as info:
-        _compose("model.kernels.interaction=maybe")
-    assert "not a valid bool" in str(info.value.__cause__)
+@pytest.mark.parametrize("value", ["maybe", "2", "1", "yes", "on"])
+def test_non_boolean_flag_fails_naming_key_and_reason(value):
+    """OmegaConf's own booleans read 1, 2, yes and on as true; the flags take only true and false."""
+    with pytest.raises(ConfigCompositionException, match=f"model.kernels.interaction={value}") as info:
+        _compose(f"model.kernels.interaction={value}")
+    assert "is not a boolean" in str(info.value.__cause__)
+    assert _compose("model.kernels.interaction=true").model.kernels.interaction is True
