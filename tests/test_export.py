@@ -326,12 +326,12 @@ def test_run_without_best_checkpoint_needs_ckpt_path(run_dir, tmp_path):
     paper = _copy(run_dir, tmp_path / "paper")
     checkpoint = resolve_checkpoint(load_run(paper))
     metrics = json.loads((paper / "metrics.json").read_text())
-    metrics["best_checkpoint"] = None  # what a data.protocol=paper run records
+    metrics["best_checkpoint"] = metrics["last_checkpoint"] = None  # a run that recorded no checkpoint
     (paper / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(FileNotFoundError, match="ckpt_path="):
         export_run(paper)
     assert (export_run(paper, ckpt_path=checkpoint) / "model.safetensors").is_file()
-    metrics["last_checkpoint"] = str(checkpoint)  # the last weights, once the runner records them
+    metrics["last_checkpoint"] = str(checkpoint)  # what a data.protocol=paper run records: no best, the last
     (paper / "metrics.json").write_text(json.dumps(metrics))
     assert resolve_checkpoint(load_run(paper)) == checkpoint
 

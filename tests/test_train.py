@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import hstu.config  # noqa: F401
-from hstu.baselines import popularity_metrics
+from hstu.baselines import baseline_metrics
 from hstu.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_synthetic_training_beats_popularity(model, tmp_path):
     report = train(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    popular = popularity_metrics(datamodule, "test")
+    popular = baseline_metrics("popularity", datamodule, "test")
     assert report["test"]["ndcg@10"] > 1.5 * popular["ndcg@10"] + 0.02, (report["test"], popular)
     assert report["throughput"]["samples_per_sec"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
