@@ -196,8 +196,15 @@ def _epoch_of(path: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def print_report(report: dict[str, Any], path: Path) -> None:
+def report_console():
+    """A rich console for tables; 120 columns when the output is a file or pipe (rich would wrap at 80)."""
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def print_report(report: dict[str, Any], path: Path) -> None:
     from rich.table import Table
 
     names = list(report["test"] or report["val"])
@@ -212,9 +219,7 @@ def print_report(report: dict[str, Any], path: Path) -> None:
         for split, metrics in per_split.items():
             table.add_row(f"{split}, {baseline.replace('_', ' ')}",
                           *(f"{metrics.get(n, float('nan')):.4f}" for n in names), style="dim")
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe: rich would wrap the table at 80 columns
-        console = Console(width=120)
+    console = report_console()
     console.print(table)
     tp = report["throughput"]
     if tp:
@@ -228,5 +233,5 @@ def print_report(report: dict[str, Any], path: Path) -> None:
         console.print(f"{100 * share:.1f}% of test targets already occur in the user's history (data.repeats="
                       f"{report['data'].get('repeats')}); compare with the repeat-last baseline")
     if report["kernels"]["fallbacks"]:
-        console.print(f"kernel fallbacks: {report['kernels']['fallbacks']}")
-    console.print(f"metrics written to {path}")
+        console.print(f"kernel fallbacks: {report['kernels']['fallbacks']}", soft_wrap=True)
+    console.print(f"metrics written to {path}", soft_wrap=True)
