@@ -30,7 +30,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ValidationError
 from omegaconf.nodes import BooleanNode
 
+from hstu.data.sequences import PROTOCOL_MIN_EVENTS, REPEAT_POLICIES
 from hstu.errors import ConfigError, UserError
+from hstu.model.loss import LOSS_KINDS
 from hstu_kernels import OPERATORS
 from hstu_kernels.manager import FALLBACK_POLICIES
 
@@ -65,16 +67,15 @@ def above(low: float) -> Check:
     return Check(lambda v: v > low, f"must be > {low}")
 
 
-def below(high: int) -> Check:
-    return Check(lambda v: v < high, f"must be < {high}")
-
-
 def probability() -> Check:
     return Check(lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)")
 
 
 def one_of(*choices: str) -> Check:
     return Check(lambda v: v in choices, f"must be one of {list(choices)}")
+
+
+SEED = Check(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)")  # what seed_everything and numpy accept
 
 
 def checked(check: Check, default: Any = MISSING) -> Any:
@@ -95,7 +96,7 @@ class OptimizerConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = checked(one_of("sampled", "full"))
+    kind: str = checked(one_of(*LOSS_KINDS))
     num_negatives: int = checked(at_least(1))
     temperature: float = checked(above(0))
     shared_negatives: bool = MISSING
@@ -149,13 +150,13 @@ class DataConfig:
     source: Any = MISSING
     data_dir: str = MISSING
     max_seq_len: int = checked(at_least(1))
-    protocol: str = checked(one_of("ours", "paper"))
-    repeats: str = checked(one_of("drop_exact", "collapse_consecutive", "keep"))
+    protocol: str = checked(one_of(*PROTOCOL_MIN_EVENTS))
+    repeats: str = checked(one_of(*REPEAT_POLICIES))
     batch_size: int = checked(at_least(1))
     eval_batch_size: int = checked(at_least(1))
     num_workers: int = checked(at_least(0))
     max_users: Optional[int] = checked(at_least(1))
-    seed: int = checked(at_least(0))
+    seed: int = checked(SEED)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class TrainConfig:
     logger: Any = None
     paths: Any = MISSING
     task_name: str = MISSING
-    seed: int = checked(Check(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)"))
+    seed: int = checked(SEED)
     test: bool = MISSING
     ckpt_path: Optional[str] = None
     optimized_metric: Optional[str] = None  # what scripts/train.py returns to a hyperparameter search
@@ -261,10 +262,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_node(node: DictConfig, path: str, errors: list[str]) -> None:
+    keys = [key for key in node.keys() if path or key != "hydra"]  # Hydra checks its own node
     schema = OmegaConf.get_type(node)
     if is_dataclass(schema):
         known = {f.name for f in fields(schema)}
-        unknown = [key for key in node.keys() if key not in known]
+        unknown = [key for key in keys if key not in known]
         if unknown:
             where = f"{path}." if path else ""
             errors += [f"{where}{key}: unknown key; {'the top level' if not path else path} has "
@@ -281,7 +283,7 @@ def _check_node(node: DictConfig, path: str, errors: list[str]) -> None:
             if not check.test(plain):
                 key = _typed_key(raw.get(schema_field.name), f"{path}.{schema_field.name}".lstrip("."))
                 errors.append(f"{key}={_show(plain)}: {check.rule}")
-    for key in node.keys():
+    for key in keys:
         if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
             continue
         child = node[key]

@@ -5,23 +5,27 @@ metrics, samples/s and kernel fallbacks, as ``summary.csv`` in the sweep directo
 It reads the jobs' ``metrics.json`` files when the sweep ends, so it works under any launcher,
 including ones that run jobs elsewhere and capture their output.
 
-:class:`RunDirGuard` stops a new run that was pointed (``hydra.run.dir=...``) at the directory of
-another run, before Hydra writes its ``.hydra/`` files there.
+:class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
+any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
+included), or a new run pointed (``hydra.run.dir=...``) at the directory of another run.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from hstu.errors import ConfigError
+from hstu.config import check_config
+from hstu.errors import UserError
 from hstu.files import write_text_atomically
 from hstu.train import METRICS_FILE, check_run_dir, report_console
 
@@ -29,12 +33,23 @@ SUMMARY_FILE = "summary.csv"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
-class RunDirGuard(Callback):
+class CheckBeforeStart(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, lambda: check_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path")))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig, *more: Callable[[], None]) -> None:
         try:
-            check_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path"))
-        except ConfigError as error:
-            # Hydra turns a callback's exception into a warning and carries on; this must stop the run.
+            check_config(config)
+            for check in more:
+                check()
+        except UserError as error:
+            # Hydra turns a callback's exception into a warning and carries on: this must stop the job.
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                traceback.print_exc()
             sys.stderr.write(f"{error}\n")
             sys.exit(1)
 
