@@ -136,7 +136,8 @@ class EpochLog(_ResumableState):
             if key in logged and (validated or not name.startswith("val_")):
                 row[name] = float(logged[key])
         self.history.append(row)
-        log.info(self.line(row, trainer.max_epochs))
+        if trainer.is_global_zero:
+            log.info(self.line(row, trainer.max_epochs))
 
     @staticmethod
     def line(row: dict[str, float | int], max_epochs: int | None) -> str:

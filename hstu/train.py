@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from hstu.baselines import baseline_metrics
@@ -101,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run directory: %s", out_dir.resolve())
+    if rank_zero_only.rank == 0:
+        log.info("run directory: %s", out_dir.resolve())
     resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir)
     check_run_dir(out_dir, cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
