@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+import hstu.config  # noqa: F401  (registers the config schemas)
 from hstu.data import (
     PROTOCOL_MIN_EVENTS,
     REPEAT_POLICIES,
@@ -761,15 +762,17 @@ def test_trainer_fits_and_tests_under_both_protocols(tmp_path, protocol):
 
 @pytest.mark.parametrize("name", ["ml-1m", "ml-20m", "amzn-books", "interactions", "synthetic"])
 def test_data_configs_instantiate(tmp_path, name):
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    data = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    config = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "model": {"max_seq_len": 50}, "data": data})
-    if OmegaConf.is_missing(config.data.source, "path"):
-        config.data.source.path = str(write(tmp_path, "ratings.csv", "1,2,3,4\n"))
-    dm = instantiate(config.data)
+    overrides = [f"data={name}", f"paths.data_dir={tmp_path}", "model.max_seq_len=50", "seed=7"]
+    if OmegaConf.is_missing(OmegaConf.load(CONF_DIR / f"{name}.yaml").source, "path"):
+        overrides.append(f"data.source.path={write(tmp_path, 'ratings.csv', '1,2,3,4')}")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR.parent)):
+        dm = instantiate(compose("train", overrides=overrides).data)
     assert isinstance(dm, SequenceDataModule)
     assert dm.max_seq_len == 50 and dm.data_dir == tmp_path and dm.protocol == "ours"
+    assert dm.repeats == "drop_exact" and dm.seed == 7  # the run's seed orders the training batches
     expected_source = {"ml-1m": MovieLens1M, "ml-20m": MovieLens20M, "amzn-books": AmazonBooks,
                        "interactions": Interactions, "synthetic": Synthetic}[name]
     assert type(dm.source) is expected_source

@@ -30,7 +30,14 @@ def run(cwd: Path, *overrides: str, data_dir: Path) -> subprocess.CompletedProce
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, *overrides,
-                           f"paths.data_dir={data_dir}"], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+                           f"paths.data_dir={data_dir}"], capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
+                          preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """Python turns SIGINT into KeyboardInterrupt only if it was not ignored at start-up, and a shell
+    that starts pytest in the background (``pytest &``) ignores it for all its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def metrics(run_dir: Path) -> dict:
