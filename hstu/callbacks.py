@@ -1,20 +1,54 @@
-"""Throughput per training epoch: samples/s, real (unpadded) tokens/s and wall time.
+"""Lightning callbacks of a training run: throughput, the console's epoch line, checkpoints that a run
+resumes from exactly, and the stop on a NaN/inf loss.
 
-Measured from the epoch's start to its last training step, with the device synchronised at both
-ends, so it counts every step and no validation (Lightning runs the end-of-epoch validation before
-``on_train_epoch_end``). Lightning's ThroughputMonitor only reports after ``window_size`` steps,
-and ML-1M has about 48 steps an epoch.
+``hstu.train.train`` adds the ones a run cannot do without (:class:`EpochThroughput`,
+:class:`EpochLog`, :class:`RandomState`, :class:`StopOnNonFiniteLoss`, :class:`LastCheckpoint`)
+when the ``callbacks`` config group has none. The states that a resumed run must continue from
+(throughput and epoch records, random number generators) are saved in every checkpoint and
+restored only when fitting resumes: ``trainer.validate/test(ckpt_path=...)`` restore callbacks too,
+and must not rewind them.
 """
 from __future__ import annotations
 
+import logging
+import random
+import sys
 import time
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from hstu.errors import TrainingDivergedError
 
-class EpochThroughput(L.Callback):
+log = logging.getLogger(__name__)
+
+
+class _ResumableState(L.Callback):
+    """A callback whose ``state_dict`` is saved in checkpoints and restored only when fitting resumes."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None and trainer.state.fn == TrainerFn.FITTING:
+            self.restore(state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class EpochThroughput(_ResumableState):
+    """Throughput per training epoch: samples/s, real (unpadded) tokens/s and wall time.
+
+    Measured from the epoch's start to its last training step, with the device synchronised at both
+    ends, so it counts every step and no validation (Lightning runs the end-of-epoch validation before
+    ``on_train_epoch_end``). Lightning's ThroughputMonitor only reports after ``window_size`` steps,
+    and ML-1M has about 48 steps an epoch.
+    """
+
     def __init__(self):
         self.history: list[dict[str, float]] = []
         self._start = 0.0
@@ -58,6 +92,12 @@ class EpochThroughput(L.Callback):
         self.history.append(row)
         pl_module.log_dict({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state["history"]]
+
     def summary(self) -> dict[str, float]:
         """Means over epochs after the first (which pays compilation and warm-up)."""
         rows = self.history[1:] or self.history
@@ -70,3 +110,156 @@ class EpochThroughput(L.Callback):
             "tokens_per_sec": sum(r["tokens_per_sec"] for r in rows) / len(rows),
             "first_epoch_time_s": self.history[0]["epoch_time_s"],
         }
+
+
+class EpochLog(_ResumableState):
+    """One console line per training epoch (loss, samples/s, validation NDCG@10 and HR@10), and the
+    same values kept in ``history`` for metrics.json. Reads what the epoch logged, so it must come
+    after :class:`EpochThroughput` in the callback list."""
+
+    METRICS = {"loss": "train/loss", "samples_per_sec": "train/samples_per_sec", "epoch_time_s": "train/epoch_time_s",
+               "val_ndcg@10": "val/ndcg@10", "val_hr@10": "val/hr@10"}
+
+    def __init__(self):
+        self.history: list[dict[str, float | int]] = []
+        self._validated_epoch: int | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        logged = trainer.callback_metrics
+        validated = self._validated_epoch == trainer.current_epoch  # else val/* are an older epoch's
+        row: dict[str, float | int] = {"epoch": trainer.current_epoch}
+        for name, key in self.METRICS.items():
+            if key in logged and (validated or not name.startswith("val_")):
+                row[name] = float(logged[key])
+        self.history.append(row)
+        if trainer.is_global_zero:
+            log.info(self.line(row, trainer.max_epochs))
+
+    @staticmethod
+    def line(row: dict[str, float | int], max_epochs: int | None) -> str:
+        last = f"/{max_epochs - 1}" if max_epochs and max_epochs > 0 else ""
+        parts = [f"epoch {row['epoch']}{last}", f"loss {row.get('loss', float('nan')):.4f}"]
+        if "val_ndcg@10" in row:
+            parts.append(f"val ndcg@10 {row['val_ndcg@10']:.4f} hr@10 {row.get('val_hr@10', float('nan')):.4f}")
+        if "samples_per_sec" in row:
+            parts.append(f"{row['samples_per_sec']:.0f} samples/s ({row.get('epoch_time_s', float('nan')):.2f} s)")
+        return "  ".join(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state["history"]]
+
+
+class RandomState(_ResumableState):
+    """Saves the random number generators (torch CPU and CUDA, numpy, Python) in every checkpoint and
+    restores them when a run resumes, so dropout and sampled negatives continue as if uninterrupted.
+    Stored as tensors and plain values: checkpoints stay loadable with ``weights_only=True``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state(legacy=False)
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                "pos": int(numpy_state["state"]["pos"]),
+                "has_gauss": int(numpy_state["has_gauss"]),
+                "gauss": float(numpy_state["gauss"]),
+            },
+            "python": random.getstate(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        numpy_state = state["numpy"]
+        np.random.set_state({
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        })
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops the run when a training loss of the epoch was NaN or inf, before any checkpoint of that
+    epoch is written, so the last checkpoint holds the last good weights.
+
+    The module records its losses in a :class:`hstu.guards.NonFiniteLossFlag` (``pl_module.nonfinite``)
+    on the device; this callback reads it once an epoch: when the end-of-epoch validation starts, else
+    at the epoch's end (checkpoint callbacks save after both)."""
+
+    def __init__(self):
+        self._checked_epoch: int | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        flag = getattr(pl_module, "nonfinite", None)
+        if flag is None:
+            return
+        flag.reset(pl_module.device)  # steps are numbered from 0 in each epoch
+        for optimizer in trainer.optimizers:
+            flag.attach(optimizer)
+        self._checked_epoch = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer, pl_module)
+
+    def _check(self, trainer, pl_module) -> None:
+        flag = getattr(pl_module, "nonfinite", None)
+        if flag is None or self._checked_epoch == trainer.current_epoch:
+            return
+        self._checked_epoch = trainer.current_epoch
+        batch = flag.first_bad(lambda t: trainer.strategy.reduce(t, reduce_op="min"))
+        if batch is None:
+            return
+        last = next((c.path for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint) and c.path), None)
+        raise TrainingDivergedError(
+            f"the training loss was NaN or inf at epoch {trainer.current_epoch}, batch {batch}; updates were "
+            "skipped from there and the run stops; "
+            + (f"the last good checkpoint is {last}" if last else "no checkpoint was written before it")
+        )
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt``, rewritten at the end of every epoch: what ``ckpt_path=last`` resumes from.
+
+    A separate callback because Lightning's ``save_last`` on a monitored checkpoint refreshes
+    last.ckpt only in epochs that make its top k."""
+
+    def __init__(self, dirpath: str):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, save_last=False,
+                         enable_version_counter=False)
+
+    @property
+    def path(self) -> str | None:
+        """The checkpoint written last (with no monitor, Lightning records it as the "best")."""
+        return self.best_model_path or None
+
+
+class RichProgressBar(_RichProgressBar):
+    """Lightning's rich progress bar without the logger's version number (``v_num``), and off when the
+    output is not a terminal, where it would print only its final state (:class:`EpochLog` prints a
+    line per epoch either way)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not sys.stdout.isatty():
+            self.disable()
+        super().setup(trainer, pl_module, stage)
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -1,24 +1,329 @@
-"""Structured config schemas registered in Hydra's ConfigStore.
+"""Config schemas, checks and resolvers: what Hydra needs from the framework before a job starts.
 
-``KernelFlags`` holds one boolean per operator of the registry, all false by default. Every model config
-pulls it in at ``model.kernels`` (defaults entry ``/kernel_flags@kernels``), so a typo'd key or a
-non-boolean value fails at composition with the key named; ``+triton=<name>`` (conf/triton/*.yaml,
-``# @package model.kernels``) switches flags on.
+Schemas. Structured configs registered in Hydra's ConfigStore give each key a type, so a value of the
+wrong type fails when Hydra composes the config, with the key named (``model.optimizer.lr=abc``).
+``conf/train.yaml`` extends ``schema/train``; each ``conf/model``, ``conf/model/encoder`` and
+``conf/data`` option extends its schema (``schema/model`` ...); ``model.kernels`` is ``KernelFlags``,
+one boolean per operator of the registry (defaults entry ``/kernel_flags@kernels``; ``+triton=<name>``, conf/triton/*.yaml, switches flags on).
+Boolean fields take only ``true`` or ``false``: OmegaConf would read ``2`` or ``yes`` as true.
+
+Checks. Ranges and choices cannot be typed, so :func:`check_config` tests them (and keys added with
+``+``, which Hydra lets past a schema) before anything is built, naming the key the user typed:
+``data.max_seq_len`` is ``${model.max_seq_len}``, so its error names ``model.max_seq_len``.
+
+Resolver. ``${hstu.new_dir:<path>}`` makes a directory that did not exist (``<path>``, else
+``<path>_1``, ``<path>_2`` ...) and returns it, once per config (cached like Hydra's ``${now:...}``):
+two jobs started in the same second get two run directories.
 """
 from __future__ import annotations
 
-from dataclasses import field, make_dataclass
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ValidationError
+from omegaconf.nodes import BooleanNode
 
+from hstu.data.sequences import PROTOCOL_MIN_EVENTS, REPEAT_POLICIES
+from hstu.errors import ConfigError, UserError
+from hstu.model.loss import LOSS_KINDS
 from hstu_kernels import OPERATORS
+from hstu_kernels.manager import FALLBACK_POLICIES
 
 # One boolean per operator of the registry (hstu_kernels.registry), all off by default.
 KernelFlags = make_dataclass("KernelFlags", [(op, bool, field(default=False)) for op in OPERATORS])
 
 
+# ---- checks attached to schema fields ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """A range or choice rule for one field: ``test(value)`` is true when the value is allowed."""
+
+    test: Callable[[Any], bool]
+    rule: str  # completes "<key>=<value>: ..." when the test fails
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f"must be >= {low}")
+
+
+def above(low: float) -> Check:
+    return Check(lambda v: v > low, f"must be > {low}")
+
+
+def probability() -> Check:
+    return Check(lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)")
+
+
+def one_of(*choices: str) -> Check:
+    return Check(lambda v: v in choices, f"must be one of {list(choices)}")
+
+
+SEED = Check(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)")  # what seed_everything and numpy accept
+
+
+def checked(check: Check, default: Any = MISSING) -> Any:
+    """A schema field with a check (MISSING default: the YAML option must set it)."""
+    return field(default=default, metadata={"check": check})
+
+
+# ---- schemas -------------------------------------------------------------------------------------
+# Defaults live in the YAML files; a schema gives types and checks (MISSING: the YAML must set it).
+
+@dataclass
+class OptimizerConfig:
+    lr: float = checked(above(0))
+    betas: List[float] = checked(Check(lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v),
+                                       "must be two values in [0, 1)"))
+    weight_decay: float = checked(at_least(0))
+
+
+@dataclass
+class LossConfig:
+    kind: str = checked(one_of(*LOSS_KINDS))
+    num_negatives: int = checked(at_least(1))
+    temperature: float = checked(above(0))
+    shared_negatives: bool = MISSING
+
+
+@dataclass
+class HSTUEncoderConfig:
+    _target_: str = MISSING
+    num_blocks: int = checked(at_least(1))
+    num_heads: int = checked(at_least(1))
+    dqk: int = checked(at_least(1))
+    dv: int = checked(at_least(1))
+    dropout: float = checked(probability())
+    alpha: float = MISSING
+    position_bias: bool = MISSING
+    time_bias: bool = MISSING
+    num_time_buckets: int = checked(at_least(1))
+
+
+@dataclass
+class SASRecEncoderConfig:
+    _target_: str = MISSING
+    num_blocks: int = checked(at_least(1))
+    num_heads: int = checked(at_least(1))
+    dropout: float = checked(probability())
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    max_seq_len: int = checked(at_least(1))
+    dim: int = checked(at_least(1))
+    input_dropout: float = checked(probability())
+    time_scales: List[List[int]] = checked(Check(lambda v: all(len(p) == 2 and min(p) >= 1 for p in v),
+                                                 "must be [seconds, buckets] pairs of positive integers"))
+    position_from_end: bool = MISSING
+    kernel_fallback: str = checked(one_of(*FALLBACK_POLICIES))
+    compile: bool = MISSING
+    backward_on_caller_thread: bool = MISSING
+    eval_ks: List[int] = checked(Check(lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 1,
+                                       "must be distinct cut-offs >= 1"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    encoder: Any = MISSING
+    kernels: Any = MISSING
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    source: Any = MISSING
+    data_dir: str = MISSING
+    max_seq_len: int = checked(at_least(1))
+    protocol: str = checked(one_of(*PROTOCOL_MIN_EVENTS))
+    repeats: str = checked(one_of(*REPEAT_POLICIES))
+    batch_size: int = checked(at_least(1))
+    eval_batch_size: int = checked(at_least(1))
+    num_workers: int = checked(at_least(0))
+    max_users: Optional[int] = checked(at_least(1))
+    seed: int = checked(SEED)
+
+
+@dataclass
+class TrainConfig:
+    """The top level of conf/train.yaml: the config groups and the run's own keys."""
+
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: Any = MISSING
+    callbacks: Any = None
+    logger: Any = None
+    paths: Any = MISSING
+    task_name: str = MISSING
+    seed: int = checked(SEED)
+    test: bool = MISSING
+    ckpt_path: Optional[str] = None
+    optimized_metric: Optional[str] = None  # what scripts/train.py returns to a hyperparameter search
+
+
+SCHEMAS = {
+    "schema/train": TrainConfig,
+    "schema/model": ModelConfig,
+    "schema/data": DataConfig,
+    "schema/encoder_hstu": HSTUEncoderConfig,
+    "schema/encoder_sasrec": SASRecEncoderConfig,
+}
+
+
+# ---- booleans that are booleans ------------------------------------------------------------------
+
+class StrictBooleanNode(BooleanNode):
+    """A boolean config value that accepts only true or false (OmegaConf's accepts 1, "yes", "on" ...)."""
+
+    def _validate_and_convert_impl(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        raise ValidationError("Value '$VALUE' is not a boolean (type $VALUE_TYPE): use true or false")
+
+    def __deepcopy__(self, memo: dict) -> "StrictBooleanNode":  # BooleanNode's would copy into a BooleanNode
+        copy = StrictBooleanNode()
+        self._deepcopy_impl(copy, memo)
+        return copy
+
+
+def strict_schema(schema: type) -> DictConfig:
+    """The structured config of ``schema`` with every boolean field (nested ones too) made strict."""
+    node = OmegaConf.structured(schema)
+    _make_booleans_strict(node, schema)
+    return node
+
+
+def _make_booleans_strict(node: DictConfig, schema: type) -> None:
+    raw = OmegaConf.to_container(node, resolve=False)
+    for name, hint in get_type_hints(schema).items():
+        if hint is bool:
+            node[name] = StrictBooleanNode(value=raw[name], is_optional=False)
+        elif is_dataclass(hint):
+            _make_booleans_strict(node[name], hint)
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="kernel_flags", node=KernelFlags)
+    store = ConfigStore.instance()
+    store.store(name="kernel_flags", node=strict_schema(KernelFlags))
+    for name, schema in SCHEMAS.items():
+        group, _, option = name.rpartition("/")
+        store.store(group=group, name=option, node=strict_schema(schema))
+
+
+# ---- checks before anything is built -------------------------------------------------------------
+
+_SIMPLE_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def config_errors(cfg: DictConfig) -> list[str]:
+    """One message per wrong key of a composed config: keys a schema does not have, values outside
+    their range or choices, and combinations that cannot work. Each names the key as typed."""
+    errors: list[str] = []
+    _check_node(cfg, "", errors)
+    metric = cfg.get("optimized_metric")
+    if metric:
+        if OmegaConf.select(cfg, "data.protocol") == "paper":
+            errors.append(f"optimized_metric={metric}: data.protocol=paper has no validation split to measure it "
+                          "on; search with data.protocol=ours")
+        else:
+            ks = OmegaConf.select(cfg, "model.eval_ks") or []
+            known = [f"val/{name}@{k}" for name in ("ndcg", "hr") for k in ks] + ["val/mrr"]
+            if metric not in known:
+                errors.append(f"optimized_metric={metric}: must be one of {known} (a search tunes on validation "
+                              "metrics; test metrics would tune on the test split)")
+    encoder = OmegaConf.select(cfg, "model.encoder")
+    if isinstance(encoder, DictConfig) and OmegaConf.get_type(encoder) is SASRecEncoderConfig:
+        dim, heads = cfg.model.dim, encoder.num_heads
+        if isinstance(dim, int) and isinstance(heads, int) and heads >= 1 and dim % heads:
+            errors.append(f"model.dim={dim}: SASRec needs it divisible by model.encoder.num_heads={heads}")
+    return list(dict.fromkeys(errors))  # a value shared by interpolation is reported once
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing :func:`config_errors`, if there are any."""
+    errors = config_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def _check_node(node: DictConfig, path: str, errors: list[str]) -> None:
+    keys = [key for key in node.keys() if path or key != "hydra"]  # Hydra checks its own node
+    schema = OmegaConf.get_type(node)
+    if is_dataclass(schema):
+        known = {f.name for f in fields(schema)}
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            where = f"{path}." if path else ""
+            errors += [f"{where}{key}: unknown key; {'the top level' if not path else path} has "
+                       f"{sorted(k for k in known if not k.startswith('_'))}" for key in unknown]
+        raw = OmegaConf.to_container(node, resolve=False)
+        for schema_field in fields(schema):
+            check = schema_field.metadata.get("check")
+            if check is None or schema_field.name not in node or OmegaConf.is_missing(node, schema_field.name):
+                continue
+            value = node[schema_field.name]
+            if value is None:
+                continue
+            plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+            if not check.test(plain):
+                key = _typed_key(raw.get(schema_field.name), f"{path}.{schema_field.name}".lstrip("."))
+                errors.append(f"{key}={_show(plain)}: {check.rule}")
+    for key in keys:
+        if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig):
+            _check_node(child, f"{path}.{key}".lstrip("."), errors)
+
+
+def _typed_key(raw: Any, key: str) -> str:
+    """The key whose value the user typed: the target of a plain ``${other.key}`` interpolation."""
+    match = _SIMPLE_INTERPOLATION.match(raw) if isinstance(raw, str) else None
+    return match.group(1) if match else key
+
+
+def _show(value: Any) -> str:
+    return str(value).replace("'", "") if isinstance(value, list) else str(value)
+
+
+# ---- building objects ----------------------------------------------------------------------------
+
+def instantiate_config(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, letting the framework's own errors through as they are (Hydra would
+    wrap them in a message that repeats the class path before the useful line)."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from error.__cause__.__cause__
+        raise
+
+
+# ---- run directories -----------------------------------------------------------------------------
+
+def new_directory(path: str) -> str:
+    """Create and return ``path``, or ``path_1``, ``path_2`` ... if it exists: never one that existed."""
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(10_000):
+        candidate = base if attempt == 0 else base.with_name(f"{base.name}_{attempt}")
+        try:
+            os.mkdir(candidate)  # atomic: of two processes, exactly one creates it
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise ConfigError(f"{base}: 10000 directories of that name exist already")
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("hstu.new_dir", new_directory, use_cache=True, replace=True)
 
 
 register_configs()
+register_resolvers()

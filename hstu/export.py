@@ -23,12 +23,14 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
+from hstu.config import instantiate_config
 from hstu.data.datamodule import SequenceDataModule
+from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
+from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
@@ -57,13 +59,13 @@ class TrainingRun:
             node = OmegaConf.select(self.config, key, throw_on_missing=True)
             return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
         except OmegaConfBaseException as error:
-            raise ValueError(f"{self.config_path}: cannot resolve {key!r} ({error})") from error
+            raise ConfigError(f"{self.config_path}: cannot resolve {key!r} ({error})") from error
 
 
 def load_run(run_dir: str | Path) -> TrainingRun:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir {run_dir} is not a directory")
+        raise MissingFileError(f"run_dir={run_dir}: no such directory")
     metrics_path = run_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     config_path = run_dir / HYDRA_CONFIG_FILE
@@ -73,7 +75,8 @@ def load_run(run_dir: str | Path) -> TrainingRun:
         config_path = metrics_path
         config = OmegaConf.create(metrics["config"])
     else:
-        raise FileNotFoundError(f"{run_dir}: neither {HYDRA_CONFIG_FILE} nor a {METRICS_FILE} with the run's config")
+        raise MissingFileError(f"run_dir={run_dir}: neither {HYDRA_CONFIG_FILE} nor a {METRICS_FILE} with the run's "
+                               "config; is it a training run's directory?")
     # .hydra/config.yaml has ${hydra:runtime.output_dir} here, which only the training job could resolve.
     OmegaConf.update(config, "paths.output_dir", str(run_dir.resolve()), force_add=True)
     return TrainingRun(run_dir, config, config_path, metrics)
@@ -86,13 +89,13 @@ def resolve_checkpoint(run: TrainingRun, ckpt_path: str | Path | None = None) ->
     else:
         recorded = run.metrics.get("best_checkpoint") or run.metrics.get("last_checkpoint")
         if not recorded:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{run.run_dir / METRICS_FILE}: no best_checkpoint (a data.protocol=paper run selects none, "
                 "and an unfinished run writes no metrics.json); pass ckpt_path=<file.ckpt>"
             )
         path = _rerooted(Path(recorded), run)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     return path
 
 
@@ -114,10 +117,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: holds objects that weights_only loading refuses ({error})") from error
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({error})") from error
+    except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader fails on a cut or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written by torch.save): "
+                              f"{str(error).splitlines()[0]}") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
     for key in ("state_dict", "hyper_parameters"):
         if key not in checkpoint:
-            raise KeyError(f"{path}: no {key!r} entry; is it a RecModule checkpoint?")
+            raise CheckpointError(f"{path}: no {key!r} entry; is it a RecModule checkpoint?")
     return checkpoint
 
 
@@ -126,7 +134,7 @@ def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> di
     hparams = checkpoint["hyper_parameters"]
     missing = [key for key in MODEL_KEYS if key not in hparams]
     if missing:
-        raise KeyError(f"{path}: hyper_parameters lack {missing}")
+        raise CheckpointError(f"{path}: hyper_parameters lack {missing}")
     return {key: hparams[key] for key in MODEL_KEYS}
 
 
@@ -143,10 +151,10 @@ def build_datamodule(run: TrainingRun, data_dir: str | None = None) -> SequenceD
     """The run's datamodule, set up (ids assigned as in training); ``data_dir`` overrides where data lives."""
     data_config = run.resolved("data")
     if not isinstance(data_config, dict):
-        raise KeyError(f"{run.config_path}: no 'data' section")
+        raise ConfigError(f"{run.config_path}: no 'data' section")
     if data_dir is not None:
         data_config["data_dir"] = data_dir
-    datamodule = instantiate(data_config, _convert_="all")
+    datamodule = instantiate_config(data_config, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup()
     return datamodule
@@ -154,7 +162,7 @@ def build_datamodule(run: TrainingRun, data_dir: str | None = None) -> SequenceD
 
 def _check_same_items(datamodule: SequenceDataModule, num_items: int, checkpoint_path: Path) -> None:
     if datamodule.num_items != num_items:
-        raise ValueError(
+        raise DataError(
             f"{checkpoint_path}: trained on {num_items} items but the data now has {datamodule.num_items}; "
             "the data source or its settings changed since training"
         )
@@ -172,7 +180,7 @@ def export_run(
     run = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "export"
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+        raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
@@ -181,7 +189,7 @@ def export_run(
     try:
         model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
+        raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
     datamodule = build_datamodule(run, data_dir)
     _check_same_items(datamodule, model.num_items, checkpoint_path)
     original_ids = datamodule.sequences.item_original_ids
@@ -223,10 +231,10 @@ def export_run(
 def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool) -> None:
     """Each writer fills one file of a temporary sibling folder, which then replaces ``out_dir``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    remove_abandoned(out_dir.parent, f".{out_dir.name}.tmp-")  # staging folders of exports that were killed
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=owned_prefix(f".{out_dir.name}.tmp-")))
     previous = None
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     try:
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
         for name, write in writers.items():
@@ -236,8 +244,8 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
                 os.fsync(f.fileno())
         if out_dir.exists():
             if not overwrite:
-                raise FileExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
-            previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+                raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+            previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=owned_prefix(f".{out_dir.name}.old-")))
             os.replace(out_dir, previous)  # a folder replaces only an empty one, hence the move aside
         os.replace(staging, out_dir)
     except BaseException:
@@ -269,7 +277,10 @@ def evaluate_run(
     if kernels is not None:
         hparams["kernels"] = dict(kernels)
     module = RecModule(**hparams)
-    module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
+    try:
+        module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
     datamodule = build_datamodule(run, data_dir)
     _check_same_items(datamodule, module.model.num_items, checkpoint_path)
 

@@ -8,8 +8,9 @@ An export folder (written by :func:`hstu.export.export_run`) holds three files:
   * ``items.json``: ``{"id_type": "int" | "str", "original_ids": [...]}``; ``original_ids[i]`` is the
     original id of item index ``i + 1`` (index 0 is padding, never an item).
 
-Requests speak original item ids. Unknown ids (items the model never saw in training) raise a
-``KeyError`` naming them, unless ``unknown_items="skip"``, which drops them from the history.
+Requests speak original item ids. Unknown ids (items the model never saw in training) raise an
+``UnknownIdError`` (a ``KeyError``) naming them, unless ``unknown_items="skip"``, which drops them
+from the history. Other malformed requests raise ``RequestError`` (a ``ValueError``).
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from hstu.config import instantiate_config
 from hstu.data.batch import JaggedBatch
+from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
 from hstu.model.recommender import SequentialRecommender
 
 FORMAT_VERSION = 1
@@ -40,10 +42,6 @@ ENCODER_TARGETS = ("hstu.model.hstu.HSTUEncoder", "hstu.model.sasrec.SASRecEncod
 UNKNOWN_ITEM_POLICIES = ("error", "skip")
 
 History = tuple[Sequence[Hashable], Sequence[int]]
-
-
-class ExportFormatError(ValueError):
-    """A file of an export folder is missing, unreadable or inconsistent; the message names the file (and key)."""
 
 
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
@@ -137,6 +135,8 @@ class Recommender:
     ) -> "Recommender":
         """Rebuild the model of an export folder under any kernel flags (parameter names do not depend on them)."""
         path = Path(path)
+        if not path.is_dir():
+            raise MissingFileError(f"export_dir={path}: no such directory (scripts/export.py writes one)")
         config = read_export_config(path)
         model_config = config["model"]
         model = SequentialRecommender(**{key: model_config[key] for key in MODEL_KEYS},
@@ -184,9 +184,9 @@ class Recommender:
         Scores are cosine similarities. Fewer than ``k`` pairs come back when fewer items are left.
         """
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise RequestError(f"k must be >= 1, got {k}")
         if unknown_items not in UNKNOWN_ITEM_POLICIES:
-            raise ValueError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
+            raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
         times = _per_user_times(request_time, len(histories))
         events = [self._events(b, history, unknown_items) for b, history in enumerate(histories)]
         results: list[list[tuple[Hashable, float]]] = []
@@ -200,19 +200,19 @@ class Recommender:
         items, timestamps = history
         timestamps = np.asarray(timestamps)
         if len(items) != len(timestamps):
-            raise ValueError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
+            raise RequestError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
         if timestamps.size and timestamps.dtype.kind not in "iu":
-            raise ValueError(f"history {user}: timestamps must be integer Unix seconds, got dtype {timestamps.dtype}")
+            raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {timestamps.dtype}")
         indices = np.array([self._index_of.get(self._normalise(item), 0) for item in items], dtype=np.int64)
         known = indices > 0
         if not known.all():
             if unknown_items == "error":
                 unknown = [items[i] for i in np.flatnonzero(~known)[:10]]
-                raise KeyError(f"history {user}: item id(s) {unknown} unknown to the model "
-                               "(pass unknown_items='skip' to drop them)")
+                raise UnknownIdError(f"history {user}: item id(s) {unknown} unknown to the model "
+                                     "(pass unknown_items=skip to drop them)")
             indices, timestamps = indices[known], timestamps[known]
         if indices.size == 0:
-            raise ValueError(f"history {user}: no known items to recommend from")
+            raise RequestError(f"history {user}: no known items to recommend from")
         order = np.argsort(timestamps, kind="stable")
         return indices[order], timestamps[order].astype(np.int64)
 
@@ -252,7 +252,7 @@ def _per_user_times(request_time, num_users: int) -> list[int | None]:
         return [int(request_time)] * num_users
     times = list(request_time)
     if len(times) != num_users:
-        raise ValueError(f"request_time has {len(times)} entries for {num_users} histories")
+        raise RequestError(f"request_time has {len(times)} entries for {num_users} histories")
     return [None if t is None else operator.index(t) for t in times]
 
 
@@ -262,14 +262,14 @@ def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | 
     data_config = dict(config["data"]["datamodule"])
     if data_dir is not None:
         data_config["data_dir"] = data_dir
-    datamodule = instantiate(data_config, _convert_="all")
+    datamodule = instantiate_config(data_config, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup()
     sequences = datamodule.sequences
     users = sequences.user_original_ids
     matches = np.flatnonzero(users == _as_id_of(users, user))
     if matches.size == 0:
-        raise KeyError(f"user {user!r} is not in the {config['data'].get('source', 'training')} data")
+        raise UnknownIdError(f"user {user!r} is not in the {config['data'].get('source', 'training')} data")
     begin, end = sequences.offsets[matches[0]], sequences.offsets[matches[0] + 1]
     items = sequences.item_original_ids[sequences.item_ids[begin:end] - 1].tolist()
     return items, sequences.timestamps[begin:end].tolist()
@@ -282,4 +282,4 @@ def _as_id_of(ids: np.ndarray, value: Hashable) -> Hashable:
     try:
         return int(value) if isinstance(value, str) else operator.index(value)
     except (TypeError, ValueError):
-        raise KeyError(f"user {value!r} is not an integer id, as this data's user ids are") from None
+        raise UnknownIdError(f"user {value!r} is not an integer id, as this data's user ids are") from None

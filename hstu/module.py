@@ -7,12 +7,21 @@ import lightning as L
 import torch
 
 from hstu.data.batch import JaggedBatch
+from hstu.guards import NonFiniteLossFlag
 from hstu.metrics import RetrievalMetrics
 from hstu.model.recommender import SequentialRecommender
 
 
+# Devices where torch's fused AdamW runs, and so can skip an update on the device (see hstu.guards).
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
 class RecModule(L.LightningModule):
-    """Hyperparameters are plain values (saved in checkpoints, loadable without unpickling objects)."""
+    """Hyperparameters are plain values (saved in checkpoints, loadable without unpickling objects).
+
+    Each training loss is recorded in ``nonfinite`` (device tensors, no host read); AdamW runs fused
+    and skips its update while that flag is set (``hstu.callbacks.StopOnNonFiniteLoss`` ends the run
+    at the epoch's end)."""
 
     def __init__(
         self,
@@ -42,6 +51,7 @@ class RecModule(L.LightningModule):
         self.eval_ks = tuple(eval_ks)
         self.val_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
         self.test_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
+        self.nonfinite = NonFiniteLossFlag()
 
     @property
     def manager(self):
@@ -49,6 +59,7 @@ class RecModule(L.LightningModule):
 
     def training_step(self, batch: JaggedBatch, batch_idx: int) -> torch.Tensor:
         loss = self.model.training_loss(batch)
+        self.nonfinite.record(loss)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
         return loss
 
@@ -84,6 +95,10 @@ class RecModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.hparams.optimizer
-        return torch.optim.AdamW(
-            self.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"]
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"],
+            fused=self.device.type in FUSED_OPTIMIZER_DEVICES,
         )
+        self.nonfinite.reset(self.device)
+        self.nonfinite.attach(optimizer)
+        return optimizer

@@ -7,18 +7,34 @@ import os
 import platform
 import re
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from hstu.callbacks import EpochThroughput
+from hstu.baselines import baseline_metrics
+from hstu.callbacks import (
+    EpochLog,
+    EpochThroughput,
+    LastCheckpoint,
+    RandomState,
+    RichProgressBar,
+    StopOnNonFiniteLoss,
+)
+from hstu.config import check_config, instantiate_config
+from hstu.data.sources import absolute_path
+from hstu.errors import CheckpointError, ConfigError, MissingFileError
+from hstu.files import write_text_atomically
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
 
 
 def device_name() -> str:
@@ -28,45 +44,94 @@ def device_name() -> str:
 
 
 def _instantiate_all(section: DictConfig | None) -> list[Any]:
-    return [instantiate(node) for node in (section or {}).values() if node is not None and "_target_" in node]
+    return [instantiate_config(node) for node in (section or {}).values() if node is not None and "_target_" in node]
+
+
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None, ``<run_dir>/checkpoints/last.ckpt`` for ``last``, else the file.
+    A checkpoint that is missing or not a torch file is an error: training never silently starts over."""
+    if ckpt_path is None:
+        return None
+    path = run_dir / CHECKPOINT_DIR / "last.ckpt" if ckpt_path == "last" else absolute_path(ckpt_path)
+    if not path.is_file():
+        hint = "; to resume a run, give its directory too: hydra.run.dir=<run dir> ckpt_path=last" \
+            if ckpt_path == "last" else ""
+        raise MissingFileError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"ckpt_path={ckpt_path}: {path} is not a readable checkpoint (truncated, or not "
+                              "written by torch.save)")
+    return path
+
+
+def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """Refuse to start a new run in a directory that holds another run's results or checkpoints."""
+    if ckpt_path is not None:
+        return  # resuming: the directory is this run's own
+    checkpoints = run_dir / CHECKPOINT_DIR
+    for found in (run_dir / METRICS_FILE, *(sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else [])):
+        if found.is_file():
+            raise ConfigError(f"{run_dir} holds another run ({found.relative_to(run_dir)}); resume it with "
+                              "ckpt_path=last, or leave hydra.run.dir unset for a new directory")
+
+
+def _checkpoint_callbacks(callbacks: list[Any], has_validation: bool, checkpoint_dir: Path) -> list[Any]:
+    """The configured callbacks with what every run needs: under data.protocol=paper (no validation,
+    no model selection) no monitored checkpoint or early stopping; always a :class:`LastCheckpoint`."""
+    if not has_validation:
+        callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)
+                     and not (isinstance(c, ModelCheckpoint) and c.monitor is not None)]
+    if not any(isinstance(c, LastCheckpoint) for c in callbacks):
+        callbacks.append(LastCheckpoint(str(checkpoint_dir)))
+    return callbacks
+
+
+def _with_run_callbacks(callbacks: list[Any]) -> tuple[list[Any], EpochThroughput, EpochLog]:
+    """Adds the callbacks a run relies on when the config has none; EpochLog must follow EpochThroughput."""
+    def existing(kind):
+        return next((c for c in callbacks if isinstance(c, kind)), None)
+
+    throughput = existing(EpochThroughput) or EpochThroughput()
+    epoch_log = existing(EpochLog) or EpochLog()
+    rest = [c for c in callbacks if c is not throughput and c is not epoch_log]
+    extras = [kind() for kind in (RandomState, StopOnNonFiniteLoss) if existing(kind) is None]
+    return [*rest, throughput, epoch_log, *extras], throughput, epoch_log
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate with full ranking and write ``metrics.json`` in ``paths.output_dir``."""
+    check_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        log.info("run directory: %s", out_dir.resolve())
+    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir)
+    check_run_dir(out_dir, cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_config(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = instantiate(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
+    module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
 
-    callbacks = _instantiate_all(cfg.get("callbacks"))
     has_validation = datamodule.has_validation
-    if not has_validation:  # protocol=paper: fixed epochs, no model selection
-        callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
-    throughput = next((c for c in callbacks if isinstance(c, EpochThroughput)), None)
-    if throughput is None:
-        throughput = EpochThroughput()
-        callbacks.append(throughput)
-    trainer_kwargs = {} if has_validation else {"limit_val_batches": 0, "enable_checkpointing": False}
-    trainer: L.Trainer = instantiate(
+    callbacks = _checkpoint_callbacks(_instantiate_all(cfg.get("callbacks")), has_validation, out_dir / CHECKPOINT_DIR)
+    callbacks, throughput, epoch_log = _with_run_callbacks(callbacks)
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(RichProgressBar())  # Lightning's default would print its bars into log files too
+    trainer_kwargs = {} if has_validation else {"limit_val_batches": 0}
+    trainer: L.Trainer = instantiate_config(
         cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False, **trainer_kwargs
     )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     fit_seconds = time.perf_counter() - start
 
-    checkpoint = trainer.checkpoint_callback if has_validation else None
-    best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    last_path = None
-    if not has_validation:  # no model selection: the last weights are the result
-        last_path = str(out_dir / "checkpoints" / "last.ckpt")
-        trainer.save_checkpoint(last_path)
+    selection = next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)
+    best_path = (selection.best_model_path or None) if selection is not None else None
+    last_path = next(c.path for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint))
     results: dict[str, Any] = {"val": {}, "test": {}}
     if has_validation:
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
@@ -74,13 +139,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         results["test"] = _strip(test[0], "test/")
+    splits = [split for split in ("val", "test") if results[split]]
 
     report = {
         **results,
+        "baselines": {name: {split: baseline_metrics(name, datamodule, split, module.eval_ks) for split in splits}
+                      for name in ("popularity", "repeat_last")},
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
+        "resumed_from": str(resume) if resume else None,
         "best_epoch": _epoch_of(best_path),
         "epochs_trained": trainer.current_epoch,
+        "epochs": epoch_log.history,
         "fit_wall_time_s": fit_seconds,
         "throughput": throughput.summary(),
         "card": device_name(),
@@ -92,12 +162,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "stats": module.manager.get_stats(),
         },
         "data": datamodule.stats,
+        "overrides": _task_overrides(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    path = out_dir / "metrics.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    print_report(report, path)
+    path = out_dir / METRICS_FILE
+    if trainer.is_global_zero:
+        write_text_atomically(path, json.dumps(report, indent=2, default=str))
+        print_report(report, path)
     return report
+
+
+def optimized_metric(cfg: DictConfig, report: dict[str, Any]) -> float | None:
+    """The value of ``optimized_metric`` (e.g. ``val/ndcg@10``) for a hyperparameter search, else None."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    split, _, metric = name.partition("/")
+    return report[split][metric]
+
+
+def _task_overrides() -> list[str]:
+    """The command line's overrides of this job, when it runs under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -111,19 +199,30 @@ def _epoch_of(path: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def print_report(report: dict[str, Any], path: Path) -> None:
+def report_console():
+    """A rich console for tables; 120 columns when the output is a file or pipe (rich would wrap at 80)."""
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def print_report(report: dict[str, Any], path: Path) -> None:
     from rich.table import Table
 
     names = list(report["test"] or report["val"])
     table = Table(title=f"Full-ranking metrics ({report['card']})")
-    table.add_column("split")
+    table.add_column("split", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
     for split in ("val", "test"):
         if report[split]:
             table.add_row(split, *(f"{report[split].get(n, float('nan')):.4f}" for n in names))
-    console = Console()
+    for baseline, per_split in report.get("baselines", {}).items():
+        for split, metrics in per_split.items():
+            table.add_row(f"{split}, {baseline.replace('_', ' ')}",
+                          *(f"{metrics.get(n, float('nan')):.4f}" for n in names), style="dim")
+    console = report_console()
     console.print(table)
     tp = report["throughput"]
     if tp:
@@ -132,6 +231,10 @@ def print_report(report: dict[str, Any], path: Path) -> None:
             f"{tp['samples_per_sec']:.0f} samples/s, {tp['tokens_per_sec']:.0f} tokens/s, "
             f"{tp['epoch_time_s']:.2f}s/epoch"
         )
+    share = report.get("data", {}).get("test_target_in_history")
+    if share:
+        console.print(f"{100 * share:.1f}% of test targets already occur in the user's history (data.repeats="
+                      f"{report['data'].get('repeats')}); compare with the repeat-last baseline")
     if report["kernels"]["fallbacks"]:
-        console.print(f"kernel fallbacks: {report['kernels']['fallbacks']}")
-    console.print(f"metrics written to {path}")
+        console.print(f"kernel fallbacks: {report['kernels']['fallbacks']}", soft_wrap=True)
+    console.print(f"metrics written to {path}", soft_wrap=True)

@@ -4,23 +4,24 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from hstu.errors import ConfigError
 from hstu.inference import Recommender, training_history
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="recommend")
 def main(cfg: DictConfig) -> None:
+    if (cfg.user is None) == (cfg.history is None):
+        raise ConfigError("give either user=<original user id> or history=[original item ids]")
     recommender = Recommender.from_export(cfg.export_dir, device=cfg.device)
     request_time = cfg.request_time
     if cfg.user is not None:
         items, timestamps = training_history(recommender.config, cfg.user, cfg.data_dir)
-    elif cfg.history is not None:
+    else:
         items = list(cfg.history)
         request_time = request_time if request_time is not None else int(time.time())
         timestamps = list(cfg.timestamps) if cfg.timestamps is not None else [request_time] * len(items)
-    else:
-        raise ValueError("give user=<original user id> or history=[original item ids]")
     (top,) = recommender.recommend([(items, timestamps)], k=cfg.k, request_time=request_time,
-                                   exclude_seen=cfg.exclude_seen)
+                                   exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items)
     print(f"history: {len(items)} events, most recent {items[-5:]}")
     for rank, (item, score) in enumerate(top, start=1):
         print(f"{rank:4d}  {item}  {score:.4f}")

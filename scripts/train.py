@@ -2,14 +2,14 @@
 import hydra
 from omegaconf import DictConfig
 
-import hstu.config  # noqa: F401  (registers the KernelFlags schema)
-from hstu.train import train
+import hstu.config  # noqa: F401  (registers the config schemas and the run-directory resolver)
+from hstu.train import optimized_metric, train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     report = train(cfg)
-    return report["val"].get("ndcg@10")  # the objective of hparams_search sweeps
+    return optimized_metric(cfg, report)  # the objective of hparams_search sweeps
 
 
 if __name__ == "__main__":

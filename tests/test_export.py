@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
@@ -31,39 +30,20 @@ from hstu.export import (
 )
 from hstu.inference import ExportFormatError, Recommender, training_history
 from hstu.module import RecModule
-from hstu.train import train
 from hstu_kernels import OPERATORS
+from tiny_run import MAX_SEQ_LEN
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_SEQ_LEN = 8
-# Histories of 4..11 events against max_seq_len 8: test histories are cut, and the cut must not unmask.
-TINY_RUN = [
-    "data=synthetic", "data.source.num_users=64", "data.source.num_items=40", "data.source.num_clusters=4",
-    "data.source.min_len=6", "data.source.max_len=12", f"model.max_seq_len={MAX_SEQ_LEN}", "model.dim=8",
-    "model.encoder.dqk=8", "model.encoder.dv=8", "model.encoder.num_blocks=1", "model.loss.num_negatives=8",
-    "model.eval_ks=[5,10]", "data.batch_size=32", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "~callbacks.rich_progress_bar",
-    "logger=csv",
-]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished training run laid out as the Hydra command line leaves it (.hydra/config.yaml included)."""
-    out = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=[*TINY_RUN, f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}"])
-    train(cfg)
-    saved = OmegaConf.to_container(cfg, resolve=False)
-    saved["paths"]["output_dir"] = "${hydra:runtime.output_dir}"  # what Hydra writes there
-    (out / ".hydra").mkdir()
-    OmegaConf.save(OmegaConf.create(saved), out / ".hydra" / "config.yaml")
-    return out
+def run_dir(tiny_run_dir) -> Path:
+    return tiny_run_dir
 
 
 @pytest.fixture(scope="module")
-def export_dir(run_dir, tmp_path_factory) -> Path:
-    return export_run(run_dir, tmp_path_factory.mktemp("exports") / "export")
+def export_dir(tiny_export_dir) -> Path:
+    return tiny_export_dir
 
 
 @pytest.fixture(scope="module")
@@ -326,12 +306,12 @@ def test_run_without_best_checkpoint_needs_ckpt_path(run_dir, tmp_path):
     paper = _copy(run_dir, tmp_path / "paper")
     checkpoint = resolve_checkpoint(load_run(paper))
     metrics = json.loads((paper / "metrics.json").read_text())
-    metrics["best_checkpoint"] = None  # what a data.protocol=paper run records
+    metrics["best_checkpoint"] = metrics["last_checkpoint"] = None  # a run that recorded no checkpoint
     (paper / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(FileNotFoundError, match="ckpt_path="):
         export_run(paper)
     assert (export_run(paper, ckpt_path=checkpoint) / "model.safetensors").is_file()
-    metrics["last_checkpoint"] = str(checkpoint)  # the last weights, once the runner records them
+    metrics["last_checkpoint"] = str(checkpoint)  # what a data.protocol=paper run records: no best, the last
     (paper / "metrics.json").write_text(json.dumps(metrics))
     assert resolve_checkpoint(load_run(paper)) == checkpoint
 

@@ -1,16 +1,18 @@
 """End-to-end training: a model learns planted sequential structure; the README's main job runs."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import hstu.config  # noqa: F401
-from hstu.baselines import popularity_metrics
+from hstu.baselines import baseline_metrics
 from hstu.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def test_synthetic_training_beats_popularity(model, tmp_path):
     report = train(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    popular = popularity_metrics(datamodule, "test")
+    popular = baseline_metrics("popularity", datamodule, "test")
     assert report["test"]["ndcg@10"] > 1.5 * popular["ndcg@10"] + 0.02, (report["test"], popular)
     assert report["throughput"]["samples_per_sec"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -46,11 +48,50 @@ def test_synthetic_training_beats_popularity(model, tmp_path):
 
 
 def test_paper_protocol_trains_fixed_epochs_without_validation(tmp_path):
-    cfg = compose_train(*SYNTHETIC_SMALL, *MODEL_SIZE["hstu"], "data.protocol=paper", "trainer.max_epochs=1",
+    cfg = compose_train(*SYNTHETIC_SMALL, *MODEL_SIZE["hstu"], "data.protocol=paper", "trainer.max_epochs=2",
                         f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}")
     report = train(cfg)
     assert report["val"] == {} and report["best_checkpoint"] is None
     assert set(report["test"]) >= {"hr@10", "ndcg@10", "mrr"}
+    # Checkpointed every epoch like the ours protocol: the last one is what ckpt_path=last resumes.
+    assert report["last_checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.load(report["last_checkpoint"], weights_only=True)["epoch"] == 1
+    assert [sorted(row) for row in report["epochs"]] == [["epoch", "epoch_time_s", "loss", "samples_per_sec"]] * 2
+
+
+def _interactions(path: Path, repeat_last: bool) -> str:
+    """30 users with 8-11 distinct items each; with ``repeat_last``, each user's last row appears twice."""
+    rows = []
+    for user in range(30):
+        events = [(user, (5 * user + 7 * k) % 60, 1_000 + k) for k in range(8 + user % 4)]
+        rows += events + events[-1:] * repeat_last
+    path.write_text("".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    return str(path)
+
+
+def test_duplicated_rows_no_longer_make_the_test_targets_trivial(tmp_path, caplog):
+    """A file that repeats each user's last row: kept, every test target is the last history item, the only
+    seen item left unmasked, and repeating the last item scores 1.0; dropped (the default), the data and
+    the metrics are those of the file without duplicates."""
+    def run(name, path, *overrides):
+        return train(compose_train(
+            "data=interactions", f"data.source.path={path}", "data.source.columns=[user,item,timestamp]",
+            "model.max_seq_len=16", "model.dim=16", "model.encoder.dqk=8", "model.encoder.dv=8",
+            "model.loss.num_negatives=8", "trainer.max_epochs=2", "trainer.accelerator=cpu", "callbacks=none",
+            "logger=[]", *overrides, f"paths.output_dir={tmp_path / name}", f"paths.data_dir={tmp_path / 'data'}"))
+
+    duplicated = _interactions(tmp_path / "duplicated.csv", repeat_last=True)
+    with caplog.at_level("WARNING"):
+        kept = run("kept", duplicated, "data.repeats=keep")
+    assert kept["data"]["test_target_in_history"] == 1.0 and "100.0% of test targets" in caplog.text
+    assert kept["baselines"]["repeat_last"]["test"]["hr@10"] == kept["baselines"]["repeat_last"]["test"]["mrr"] == 1.0
+
+    dropped = run("dropped", duplicated)
+    clean = run("clean", _interactions(tmp_path / "clean.csv", repeat_last=False))
+    assert dropped["data"]["repeats"] == "drop_exact" and dropped["data"]["dropped_repeats"] == 30
+    assert dropped["data"]["test_target_in_history"] == 0.0
+    assert dropped["baselines"]["repeat_last"]["test"]["hr@10"] == 0.0
+    assert dropped["test"] == clean["test"] and dropped["test"]["hr@10"] < 1.0
 
 
 @pytest.mark.slow
@@ -65,3 +106,8 @@ def test_main_job_on_a_tiny_movielens_slice(tmp_path):
     assert report["data"]["users"] == 60 and report["data"]["items"] > 100
     assert 0.0 <= report["test"]["ndcg@10"] <= 1.0
     assert "Full-ranking metrics" in proc.stdout
+    # The console in a pipe: the run directory first, one line per epoch, none of the noise.
+    assert f"run directory: {tmp_path}" in proc.stdout
+    assert len(re.findall(r"epoch 0/0  loss \d+\.\d{4}  val ndcg@10 0\.\d{4} hr@10 0\.\d{4}  \d+ samples/s", proc.stdout)) == 1
+    assert proc.stdout.count("loading cached") == 1 and "v_num" not in proc.stdout + proc.stderr
+    assert not re.search(r"^(Epoch|Validation|Testing) .*━", proc.stdout, re.M)  # no progress bar in a pipe

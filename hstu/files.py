@@ -1,0 +1,67 @@
+"""Files written so that nothing half-written is ever read, and leftovers of killed processes are removed.
+
+A temporary file or folder is named ``<prefix><host>-<pid>-<random>``: the process that owns it.
+A process killed with SIGKILL cannot remove its temporaries; the next one to use the same folder
+removes those whose owner is gone (:func:`remove_abandoned`), and never one whose owner still runs:
+another run may be downloading right now.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+
+def owned_prefix(prefix: str) -> str:
+    """``prefix`` followed by this host and process: the start of a temporary name this process owns."""
+    return f"{prefix}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_abandoned(folder: Path, prefix: str) -> list[Path]:
+    """Remove the temporaries named :func:`owned_prefix` (``prefix``) in ``folder`` whose process, on this
+    host, no longer runs; return them. Other hosts' temporaries (a shared file system) are left alone."""
+    start = f"{prefix}{socket.gethostname()}-"
+    removed = []
+    for entry in Path(folder).glob(f"{glob.escape(start)}*"):
+        pid = entry.name[len(start):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file in its folder and ``os.replace``: readers never see half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=owned_prefix(f".{path.name}."), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,136 @@
+"""Hydra callbacks of ``scripts/train.py`` (``hydra.callbacks`` in conf/train.yaml).
+
+:class:`SweepSummary` writes one table for a multirun: a row per job with its overrides, test
+metrics, samples/s and kernel fallbacks, as ``summary.csv`` in the sweep directory, and prints it.
+It reads the jobs' ``metrics.json`` files when the sweep ends, so it works under any launcher,
+including ones that run jobs elsewhere and capture their output.
+
+:class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
+any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
+included), or a new run pointed (``hydra.run.dir=...``) at the directory of another run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from hstu.config import check_config
+from hstu.errors import UserError
+from hstu.files import write_text_atomically
+from hstu.train import METRICS_FILE, check_run_dir, report_console
+
+SUMMARY_FILE = "summary.csv"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+
+
+class CheckBeforeStart(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, lambda: check_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path")))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig, *more: Callable[[], None]) -> None:
+        try:
+            check_config(config)
+            for check in more:
+                check()
+        except UserError as error:
+            # Hydra turns a callback's exception into a warning and carries on: this must stop the job.
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                traceback.print_exc()
+            sys.stderr.write(f"{error}\n")
+            sys.exit(1)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = sweep_rows(sweep_dir)
+        if not rows:
+            return
+        path = sweep_dir / SUMMARY_FILE
+        write_text_atomically(path, _csv(rows))
+        print_summary(rows, path)
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job directory under ``sweep_dir`` (a finished job has metrics.json, a failed one only .hydra/)."""
+    jobs = {p.parent for p in sweep_dir.glob(f"**/{METRICS_FILE}")}
+    jobs |= {p.parent.parent for p in sweep_dir.glob(f"**/{OVERRIDES_FILE}")}
+    rows = [_row(job, sweep_dir) for job in jobs]
+    return sorted(rows, key=lambda r: (not r["job"].isdigit(), int(r["job"]) if r["job"].isdigit() else 0, r["job"]))
+
+
+def _row(job: Path, sweep_dir: Path) -> dict[str, Any]:
+    metrics_path, overrides_path = job / METRICS_FILE, job / OVERRIDES_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    if metrics is not None and metrics.get("overrides") is not None:
+        overrides = metrics["overrides"]
+    else:
+        overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
+    row: dict[str, Any] = {"job": str(job.relative_to(sweep_dir)), "overrides": " ".join(overrides or []),
+                           "status": "done" if metrics is not None else "failed"}
+    if metrics is None:
+        return row
+    row.update({f"test/{name}": value for name, value in metrics.get("test", {}).items()})
+    row["val/ndcg@10"] = metrics.get("val", {}).get("ndcg@10")
+    row["samples_per_sec"] = metrics.get("throughput", {}).get("samples_per_sec")
+    row["epochs"] = metrics.get("epochs_trained")
+    fallbacks = metrics.get("kernels", {}).get("fallbacks", {})
+    row["kernel_fallbacks"] = "; ".join(f"{op}: {why}" for op, why in fallbacks.items())
+    return row
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    return columns
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=_columns(rows), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def print_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    """The summary as a table; overrides shared by every job are left out of its overrides column."""
+    from rich.table import Table
+
+    shared = set.intersection(*(set(r["overrides"].split()) for r in rows))
+    columns = [c for c in _columns(rows) if c in ("job", "overrides", "status", "test/hr@10", "test/ndcg@10",
+                                                   "test/mrr", "val/ndcg@10", "samples_per_sec", "kernel_fallbacks")]
+    table = Table(title=f"Sweep summary ({len(rows)} jobs)")
+    for column in columns:
+        table.add_column(column.replace("kernel_fallbacks", "fallbacks"),
+                         justify="right" if column.startswith(("test/", "val/", "samples")) else "left")
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if column == "overrides":
+                value = " ".join(o for o in value.split() if o not in shared)
+            elif column == "kernel_fallbacks":
+                value = str(len(value.split("; "))) if value else "0"
+            elif isinstance(value, float):
+                value = f"{value:.0f}" if column == "samples_per_sec" else f"{value:.4f}"
+            cells.append("" if value is None else str(value))
+        table.add_row(*cells)
+    console = report_console()
+    console.print(table)
+    console.print(f"sweep summary written to {path}", soft_wrap=True)

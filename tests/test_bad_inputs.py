@@ -1,0 +1,200 @@
+"""Bad input, and what the user reads: each case is a command and the line it must answer with.
+
+A mistake the user can fix (data, config, checkpoint, export, request) ends the script with exit
+status 1 and a message naming the file and line, the key or the field, with no traceback before it.
+Errors nobody expected keep their traceback, and HYDRA_FULL_ERROR=1 shows it for every error.
+
+The cases run the scripts' ``@hydra.main`` in this process (tests/cli.py): the command line's
+composition, checks and printing without a new Python process each. ``test_real_process`` runs one
+case as a real process, to show the exit status and the clean output end to end.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cli import SCRIPTS, run_script
+
+# One tiny data set: 6 users with 6-9 events each over 30 items, as an interactions CSV.
+TRAIN = ["data=interactions", "data.source.columns=[user,item,timestamp]", "model.max_seq_len=8", "model.dim=8",
+         "model.loss.num_negatives=4", "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=none", "logger=[]"]
+
+
+@dataclass
+class Case:
+    script: str
+    args: list[str]
+    message: str  # a regular expression the first line of the answer must match
+    more: str = ""  # a regular expression the rest of the answer must contain, where there is more
+
+
+CASES = {
+    # ---- data -------------------------------------------------------------------------------------
+    "malformed line": Case("train", [*TRAIN, "data.source.path={bad}"],
+                           r"^bad\.csv:4: item 'x7' is not an integer \(string ids need id_dtype: str\) in '2,x7,1003'$"),
+    "missing file": Case("train", [*TRAIN, "data.source.path={tmp}/nope.csv"],
+                         r"^data\.source\.path: .*nope\.csv does not exist or is not a file$"),
+    "no training examples": Case("train", [*TRAIN, "data.source.path={short}"],
+                                 r"short\.csv: no training examples\. Of 6 users, 0 have fewer than 3 events and were "
+                                 r"dropped, and none of the other 6 has the 4 events a training example needs"),
+    # ---- config: types at composition, ranges and keys before anything is built ----------------------
+    "lr not a number": Case("train", [*TRAIN, "data.source.path={good}", "model.optimizer.lr=abc"],
+                            r"^Error merging override model\.optimizer\.lr=abc$",
+                            r"Value 'abc' of type 'str' could not be converted to Float"),
+    "batch size 0": Case("train", [*TRAIN, "data.source.path={good}", "data.batch_size=0"],
+                         r"^data\.batch_size=0: must be >= 1$"),
+    "batch size -1": Case("train", [*TRAIN, "data.source.path={good}", "data.batch_size=-1"],
+                          r"^data\.batch_size=-1: must be >= 1$"),
+    "kernel flag 2": Case("train", [*TRAIN, "data.source.path={good}", "model.kernels.interaction=2"],
+                          r"^Error merging override model\.kernels\.interaction=2$", r"Value '2' is not a boolean"),
+    "kernel flag yes": Case("train", [*TRAIN, "data.source.path={good}", "model.kernels.interaction=yes"],
+                            r"^Error merging override model\.kernels\.interaction=yes$", r"Value 'yes' is not a boolean"),
+    "max_seq_len 0": Case("train", [*TRAIN, "data.source.path={good}", "model.max_seq_len=0"],
+                          r"^model\.max_seq_len=0: must be >= 1$"),
+    "dropout 1.5": Case("train", [*TRAIN, "data.source.path={good}", "model.encoder.dropout=1.5"],
+                        r"^model\.encoder\.dropout=1\.5: must lie in \[0, 1\)$"),
+    "unknown repeats": Case("train", [*TRAIN, "data.source.path={good}", "data.repeats=drop"],
+                            r"^data\.repeats=drop: must be one of \['drop_exact', 'collapse_consecutive', 'keep'\]$"),
+    "SASRec heads": Case("train", [*TRAIN, "data.source.path={good}", "model=sasrec", "model.encoder.num_heads=3"],
+                         r"^model\.dim=8: SASRec needs it divisible by model\.encoder\.num_heads=3$"),
+    "unknown top-level key": Case("train", [*TRAIN, "data.source.path={good}", "+foo=1"],
+                                  r"^foo: unknown key; the top level has \['callbacks', 'ckpt_path', "),
+    "unknown kernel flag": Case("train", [*TRAIN, "data.source.path={good}", "+model.kernels.hstu_attn=true"],
+                                r"^model\.kernels\.hstu_attn: unknown key; model\.kernels has "),
+    "search without validation": Case("train", ["-m", "hparams_search=ml1m-optuna", *TRAIN, "data.source.path={good}",
+                                                "data.protocol=paper"],
+                                      r"^optimized_metric=val/ndcg@10: data\.protocol=paper has no validation split"),
+    # ---- resuming and run directories ---------------------------------------------------------------
+    "ckpt_path with +": Case("train", [*TRAIN, "data.source.path={good}", "+ckpt_path=x.ckpt"],  # not ignored
+                             r"^ckpt_path=x\.ckpt: .*x\.ckpt does not exist$"),
+    "missing checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={tmp}/nope.ckpt"],
+                               r"^ckpt_path=.*nope\.ckpt: .*nope\.ckpt does not exist$"),
+    "ckpt_path=last, new directory": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path=last"],
+                                          r"^ckpt_path=last: .*last\.ckpt does not exist; to resume a run, give its "
+                                          r"directory too: hydra\.run\.dir=<run dir> ckpt_path=last$"),
+    "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
+                                 r"^ckpt_path=.*: .* is not a readable checkpoint \(truncated, or not written by"),
+    "another run's directory": Case("train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={run}"],
+                                    r"^.* holds another run \(metrics\.json\); resume it with ckpt_path=last, or "
+                                    r"leave hydra\.run\.dir unset for a new directory$"),
+    # ---- export and evaluation ----------------------------------------------------------------------
+    "export: no run_dir": Case("export", ["run_dir={tmp}/nope"], r"^run_dir=.*nope: no such directory$"),
+    "export: truncated checkpoint": Case("export", ["run_dir={truncated_run}", "out_dir={tmp}/export"],
+                                         r"^.*\.ckpt: not a readable checkpoint \(truncated, or not written by "
+                                         r"torch\.save\): PytorchStreamReader failed"),
+    "eval: truncated checkpoint": Case("eval", ["run_dir={truncated_run}"],
+                                       r"^.*\.ckpt: not a readable checkpoint \(truncated"),
+    "export: folder exists": Case("export", ["run_dir={run}", "out_dir={export}"],
+                                  r"^.*export exists; pass overwrite=true to replace it$"),
+    # ---- recommendation requests --------------------------------------------------------------------
+    "recommend: no export_dir": Case("recommend", ["export_dir={tmp}/nope", "history=[0]"],
+                                     r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),
+    "recommend: unknown item": Case("recommend", ["export_dir={export}", "history=[0,1,999999]"],
+                                    r"^history 0: item id\(s\) \[999999\] unknown to the model \(pass "
+                                    r"unknown_items=skip to drop them\)$"),
+    "recommend: unknown user": Case("recommend", ["export_dir={export}", "user=123456", "data_dir={run}/data"],
+                                    r"^user 123456 is not in the synthetic data$"),
+    "recommend: no request": Case("recommend", ["export_dir={export}"],
+                                  r"^give either user=<original user id> or history=\[original item ids\]$"),
+    "recommend: k=0": Case("recommend", ["export_dir={export}", "history=[0]", "k=0"], r"^k must be >= 1, got 0$"),
+}
+
+
+def _csv(path: Path, rows: list[tuple[int, str, int]]) -> str:
+    path.write_text("".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
+    """The files the cases name: data files, a finished run, its export, and a run whose checkpoints are cut."""
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    rows = [(u, str((7 * u + 3 * k) % 30), 1000 + k) for u in range(6) for k in range(6 + u % 4)]
+    bad = rows[:3] + [(2, "x7", 1003)] + rows[3:]
+    truncated_run = Path(shutil.copytree(tiny_run_dir, tmp / "truncated-run"))
+    for checkpoint in (truncated_run / "checkpoints").glob("*.ckpt"):
+        checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+    run = Path(shutil.copytree(tiny_run_dir, tmp / "run"))
+    return {
+        "tmp": str(tmp), "good": _csv(tmp / "good.csv", rows), "bad": _csv(tmp / "bad.csv", bad),
+        "short": _csv(tmp / "short.csv", [r for r in rows if r[2] < 1003]),
+        "run": str(run), "export": str(tiny_export_dir), "truncated_run": str(truncated_run),
+        "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
+    }
+
+
+def answer(result) -> list[str]:
+    """The lines the user reads about the error: after Hydra's "Error executing job" line when a job
+    failed (Lightning's start-up lines come before it), else all of stderr."""
+    lines = result.error_lines
+    job = [i for i, line in enumerate(lines) if line.startswith("Error executing job with overrides")]
+    return lines[job[-1] + 1:] if job else lines
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_gets_one_clear_line(name, inputs, tmp_path, monkeypatch):
+    case = CASES[name]
+    monkeypatch.chdir(tmp_path)  # new run directories go here
+    if case.args[0] == "-m":
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    args = [arg.format(**inputs) for arg in case.args]
+    if case.script == "train":
+        args.append(f"paths.data_dir={tmp_path / 'data'}")
+    result = run_script(case.script, *args)
+    lines = answer(result)
+    assert result.code == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines and len(lines) <= 5, lines
+    assert lines[0] == lines[0].strip() and re.search(case.message, lines[0]), lines
+    if case.more:
+        assert re.search(case.more, "\n".join(lines[1:])), lines
+    if name == "another run's directory":  # stopped before Hydra wrote anything there
+        assert not (Path(inputs["run"]) / ".hydra" / "hydra.yaml").exists()
+
+
+def test_unknown_items_can_be_skipped(inputs):
+    """recommend.py's own error message suggests unknown_items=skip: the command line takes it."""
+    result = run_script("recommend", f"export_dir={inputs['export']}", "history=[0,1,999999]",
+                        "timestamps=[1600000000,1600000060,1600000120]", "unknown_items=skip", "k=3")
+    assert result.code == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines() if line.strip()[:1].isdigit()] == ["1", "2", "3"]
+
+
+def test_unexpected_errors_keep_their_traceback(inputs, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("hstu.data.datamodule.build_sequences", broken)
+    result = run_script("train", *TRAIN, f"data.source.path={inputs['good']}", f"paths.data_dir={tmp_path / 'data'}")
+    assert result.code == 1
+    assert "Traceback (most recent call last)" in result.stderr and "RuntimeError: an internal bug" in result.stderr
+
+
+def test_hydra_full_error_shows_the_traceback(inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(Exception, match=r"bad\.csv:4: item 'x7' is not an integer"):
+        run_script("train", *TRAIN, f"data.source.path={inputs['bad']}", f"paths.data_dir={tmp_path / 'data'}")
+    result = run_script("train", *TRAIN, f"data.source.path={inputs['good']}", "data.batch_size=0")
+    assert "Traceback (most recent call last)" in result.stderr and "data.batch_size=0: must be >= 1" in result.stderr
+
+
+def test_real_process(inputs, tmp_path):
+    """The command line itself: exit status 1, the message last, no traceback and nothing of pandas'."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "train.py"), *TRAIN, f"data.source.path={inputs['bad']}",
+                           f"paths.data_dir={tmp_path / 'data'}"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "pandas" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-2] == "bad.csv:4: item 'x7' is not an integer (string ids need id_dtype: str) in '2,x7,1003'"

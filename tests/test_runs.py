@@ -1,0 +1,185 @@
+"""Runs as processes: a directory of their own, resume after SIGKILL or SIGINT exactly where the
+uninterrupted run would be, and the stop on a NaN loss that keeps the last good checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import hstu.config  # noqa: F401
+from hstu.config import new_directory
+from hstu.errors import TrainingDivergedError
+from hstu.guards import NonFiniteLossFlag
+from hstu.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 64 users, 4 training batches an epoch: tiny, yet dropout, sampled negatives and shuffling all draw.
+TINY = ["data=synthetic", "data.source.num_users=64", "data.source.max_len=30", "model.max_seq_len=32",
+        "model.dim=16", "data.batch_size=16", "trainer.accelerator=cpu", "logger=[]"]
+
+
+def run(cwd: Path, *overrides: str, data_dir: Path) -> subprocess.CompletedProcess:
+    """scripts/train.py as a process; tests/ is on its path for the fault-injecting callbacks."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, *overrides,
+                           f"paths.data_dir={data_dir}"], capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
+                          preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """Python turns SIGINT into KeyboardInterrupt only if it was not ignored at start-up, and a shell
+    that starts pytest in the background (``pytest &``) ignores it for all its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+# ---- run directories ---------------------------------------------------------------------------------
+
+def test_new_directory_never_returns_one_that_existed(tmp_path):
+    (tmp_path / "runs" / "12-00-00").mkdir(parents=True)
+    made = [new_directory(str(tmp_path / "runs" / "12-00-00")) for _ in range(3)]
+    assert [Path(m).name for m in made] == ["12-00-00_1", "12-00-00_2", "12-00-00_3"]
+    assert all(Path(m).is_dir() and not any(Path(m).iterdir()) for m in made)
+
+
+def test_run_directory_comes_from_the_resolver():
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", return_hydra_config=True)
+    for node in (cfg.hydra.run, cfg.hydra.sweep):
+        raw = node._get_node("dir")._value()
+        assert raw.startswith("${hstu.new_dir:") and "${now:" in raw, raw
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_their_own_directories(tmp_path):
+    """The default hydra.run.dir (one per second before) for two runs started at once, as processes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = {model: subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, f"model={model}",
+                                      "trainer.max_epochs=1", "callbacks=none", f"paths.data_dir={tmp_path / 'data'}"],
+                                     cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for model in ("hstu", "sasrec")}
+    for model, proc in procs.items():
+        assert proc.wait(timeout=900) == 0, proc.stdout.read()[-3000:]
+    run_dirs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/metrics.json"))
+    assert len(run_dirs) == 2
+    models = {metrics(d)["config"]["model"]["encoder"]["_target_"].rsplit(".", 1)[1] for d in run_dirs}
+    assert models == {"HSTUEncoder", "SASRecEncoder"}
+    for run_dir in run_dirs:  # each run's own config and overrides
+        model = metrics(run_dir)["config"]["model"]["encoder"]["_target_"]
+        assert ("sasrec" in model) == ("model=sasrec" in (run_dir / ".hydra" / "overrides.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_run_directory(tmp_path):
+    """Lightning starts rank 1 as a new process of the script with hydra.run.dir set to rank 0's."""
+    proc = run(tmp_path, "trainer.devices=2", "+trainer.strategy=ddp", "trainer.max_epochs=1", "callbacks=none",
+               data_dir=tmp_path / "data")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = tmp_path.glob("outputs/*/*")
+    assert {"metrics.json", "train.log", "train_ddp_process_1.log"} <= {p.name for p in run_dir.iterdir()}
+    assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("epoch 0/0") == 1
+
+
+# ---- resume --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_after_sigkill_or_sigint_continues_exactly(tmp_path):
+    """A 4-epoch run killed in epoch 2 (0-based) and resumed from last.ckpt has the same per-epoch losses,
+    validation and test metrics as the run that was never interrupted (fp32, CPU: bit for bit)."""
+    data_dir = tmp_path / "data"
+    full = run(tmp_path, "trainer.max_epochs=4", "hydra.run.dir=full", data_dir=data_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = metrics(tmp_path / "full")
+    assert [row["epoch"] for row in reference["epochs"]] == [0, 1, 2, 3]
+    for name, code in (("SIGKILL", -signal.SIGKILL), ("SIGINT", 1)):
+        killed = run(tmp_path, "trainer.max_epochs=4", f"hydra.run.dir={name}", "+callbacks.fault._target_="
+                     "train_faults.SignalAt", "+callbacks.fault.epoch=2", f"+callbacks.fault.signal_name={name}",
+                     data_dir=data_dir)
+        assert killed.returncode == code, killed.stderr[-3000:]
+        run_dir = tmp_path / name
+        assert not (run_dir / "metrics.json").exists()
+        assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+        resumed = run(tmp_path, "trainer.max_epochs=4", f"hydra.run.dir={name}", "ckpt_path=last", data_dir=data_dir)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        result = metrics(run_dir)
+        assert result["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+        assert result["epochs"] == [{**row, "samples_per_sec": r["samples_per_sec"], "epoch_time_s": r["epoch_time_s"]}
+                                    for row, r in zip(reference["epochs"], result["epochs"])]  # timings differ
+        assert result["val"] == reference["val"] and result["test"] == reference["test"]
+        assert result["best_epoch"] == reference["best_epoch"]
+        assert result["throughput"]["epochs_timed"] == 3  # epochs 0-1 restored from the checkpoint
+
+
+# ---- NaN / inf loss --------------------------------------------------------------------------------
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[*TINY, "trainer.max_epochs=3", "~callbacks.rich_progress_bar",
+                                          "+callbacks.fault._target_=train_faults.NaNLossFrom",
+                                          "+callbacks.fault.epoch=1", "+callbacks.fault.batch=2",
+                                          f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"])
+    with pytest.raises(TrainingDivergedError, match=r"^the training loss was NaN or inf at epoch 1, batch 2; updates "
+                       r"were skipped from there and the run stops; the last good checkpoint is .*last\.ckpt$"):
+        train(cfg)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_fused_adamw_skips_updates_while_the_flag_is_set():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    flag = NonFiniteLossFlag()
+    flag.reset("cpu")
+    assert flag.attach(optimizer)
+
+    def step(loss_scale):
+        optimizer.zero_grad()
+        loss = (weight * loss_scale).sum()
+        flag.record(loss)
+        loss.backward()
+        optimizer.step()
+        return weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+
+    before = step(1.0)
+    assert flag.first_bad() is None
+    for scale in (float("nan"), 1.0, float("inf")):  # skipped, also after a finite loss: the flag stays set
+        after = step(scale)
+        assert torch.equal(after[0], before[0]) and all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    assert flag.first_bad() == 1  # the second recorded step
+    flag.reset("cpu")
+    assert not torch.equal(step(1.0)[0], before[0]) and flag.first_bad() is None
+    assert not NonFiniteLossFlag().attach(torch.optim.AdamW([weight], fused=False))  # refuses found_inf
+
+
+@pytest.mark.gpu
+def test_recording_the_loss_never_waits_for_the_gpu():
+    weight = torch.nn.Parameter(torch.ones(1024, device="cuda"))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    flag = NonFiniteLossFlag()
+    flag.reset("cuda")
+    flag.attach(optimizer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for scale in (1.0, float("nan"), 1.0):
+            optimizer.zero_grad()
+            loss = (weight * scale).sum()
+            flag.record(loss)
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert flag.first_bad() == 1
