@@ -110,7 +110,7 @@ class TritonOperatorManager:
         self._calls = {op: Counter() for op in specs}
         self._traced = {op: Counter() for op in specs}
         self._regions: list[tuple[str, Counter, Counter]] = []  # (name, traced now, counted eagerly now)
-        self._templates: dict[str, Counter] = {}
+        self._flags_key = tuple(sorted(self._requested.items()))
         self._timings: dict[str, list] = {op: [] for op in specs}
         # Input-independent facts, settled now (imports and environment reads cannot be traced).
         self._interpreter = interpreter_active()
@@ -229,16 +229,20 @@ class TritonOperatorManager:
         The dispatches traced (or captured) during an execution become the region's calls per
         execution; each execution that ran without Python dispatch (compiled code, a graph replay)
         adds them. ``executes=False`` for a block that only captures (a CUDA-graph capture runs nothing).
+        The calls per execution belong to the compiled code, which torch.compile shares between models
+        whose guards agree (another model of the same flags may have traced it): they are kept per
+        region name and flag set, for every manager.
         """
         self._regions.append((name, Counter(), Counter()))
         try:
             yield
         finally:
             _, traced, eager = self._regions.pop()
+            key = (name, self._flags_key)
             if traced:
-                self._templates[name] = traced
+                _REGION_TEMPLATES[key] = traced
             if executes and not eager:
-                for (op, choice), times in self._templates.get(name, Counter()).items():
+                for (op, choice), times in _REGION_TEMPLATES.get(key, Counter()).items():
                     if self._regions and _tracing():
                         self._regions[-1][1][(op, choice)] += times
                     else:
@@ -325,6 +329,8 @@ def _input_reason(module, tensors: Sequence[torch.Tensor], interpreter: bool) ->
 
 
 _FUNCTIONS: dict[tuple[str, str, str], Callable] = {}
+# (region name, requested backend per operator) -> operator calls per execution of that region.
+_REGION_TEMPLATES: dict[tuple[str, tuple], Counter] = {}
 
 
 def resolve_function(op: str, function: str, backend: str) -> Callable:
