@@ -581,6 +581,14 @@ def gpu_lengths(num_tokens: int, max_len: int, seed: int) -> tuple[int, ...]:
     return tuple(jagged_lengths_totalling(torch.Generator().manual_seed(seed), num_tokens, max_len).tolist())
 
 
+@pytest.mark.gpu
+@needs_triton
+@given(p=problems(dtypes=(torch.bfloat16,)))
+def test_gpu_random_jagged_bf16(p: Problem):
+    """The random shapes above in bf16, which the interpreter cannot compute."""
+    check_triton_against_reference(p)
+
+
 GPU_CASES = [  # (L, N, D, items), dtype: bf16 at the target widths and tables, fp32 (the model's) at its shape
     ((25_600, 200, 50, 3706), torch.bfloat16),
     ((25_600, 200, 256, 1_000_000), torch.bfloat16),
