@@ -6,10 +6,13 @@ from typing import Sequence
 
 import torch
 
-from hstu_kernels.benchmarking import element_size, increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded
+from hstu_kernels.benchmarking import (
+    element_size, increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded, triton_function,
+)
 from hstu_kernels.dropout import check_dropout_p
 from hstu_kernels.jagged import check_offsets
 from hstu_kernels.manager import implementation
+from hstu_kernels.reference.sequence_fusion import sequence_fusion as reference_sequence_fusion
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
 
 KEY = "hierarchical_sequence_fusion"
@@ -42,7 +45,7 @@ def sequence_fusion(
     time_tables = list(time_tables)
     check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales,
                           dropout_p, validate)
-    impl = implementation(KEY, "sequence_fusion", backend, (item_table, pos_table))
+    impl = implementation(KEY, "sequence_fusion", backend, (item_table, pos_table, *time_tables))
     return impl(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, scale=scale,
                 time_scales=time_scales, dropout_p=dropout_p, training=training, seed=seed,
                 position_from_end=position_from_end)
@@ -84,31 +87,68 @@ def check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_tab
 
 
 TIME_SCALES = ((3600, 24), (86400, 30), (604800, 52))  # hour x 24, day x 30, week x 52
+SCATTER_VARIANTS = ("sort", "atomic")  # --variant: the Triton backward's scatter ("" = its default)
+DROPOUT_P = 0.2
+
+
+def jagged_lengths_totalling(g: torch.Generator, num_tokens: int, max_len: int) -> torch.Tensor:
+    """Lengths of ``jagged_lengths`` (uniform in [N/2, N] up to N = 1024) until they hold exactly
+    ``num_tokens`` tokens: the last sequence is cut short."""
+    batch = -(-num_tokens // max(1, max_len // 2)) + 1
+    lengths = jagged_lengths(g, batch, max_len)
+    ends = lengths.cumsum(0)
+    count = int((ends < num_tokens).sum()) + 1
+    lengths = lengths[:count].clone()
+    lengths[-1] -= int(ends[count - 1]) - num_tokens
+    return lengths
 
 
 def build_bench_case(shape, dtype, device, options) -> BenchCase:
-    """(B, N, D, items): item gather * sqrt(D) + position + hour/day/week time embeddings, dropout."""
-    batch, max_len, dim, num_items = shape
+    """(L, N, D, items): L tokens in jagged sequences of lengths in [N/2, N], item table [items, D],
+    position table [N, D], hour/day/week time tables, dropout 0.2; every table (a model parameter) in
+    ``dtype``.
+
+    Bytes counted: the forward reads the 2 + S gathered rows of every token and writes its output
+    row; the backward, its mirror image, reads every output-gradient row, scatters 2 + S rows per
+    token into the tables' gradients and writes each gradient row once (they are dense); both also
+    read each token's id and timestamp. ``options.variant`` names the Triton backward's scatter
+    ("sort" or "atomic"; "" for the default). ``eager_call`` is the reference's plain PyTorch ops with
+    torch's own dropout (``F.dropout``) in place of the seeded mask.
+    """
+    num_tokens, max_len, dim, num_items = shape
+    variant = getattr(options, "variant", "")
+    if variant not in ("", *SCATTER_VARIANTS):
+        raise SystemExit(f"--variant {variant!r}: {KEY} takes '' or one of {', '.join(SCATTER_VARIANTS)}")
     g = seeded(options.seed)
-    lengths = jagged_lengths(g, batch, max_len)
-    total = int(lengths.sum())
-    item_ids = torch.randint(0, num_items, (total,), generator=g).to(device)
+    lengths = jagged_lengths_totalling(g, num_tokens, max_len)
+    item_ids = torch.randint(0, num_items, (num_tokens,), generator=g).to(device)
     _, timestamps = increasing_timestamps(g, lengths, device)
     offsets = offsets_of(lengths, device)
     item_table = random_values(g, num_items, dim, dtype=dtype, device=device)
     pos_table = random_values(g, max_len, dim, dtype=dtype, device=device)
     time_tables = [random_values(g, n, dim, dtype=dtype, device=device) for _, n in TIME_SCALES]
+    tables = [item_table, pos_table, *time_tables]
+    arguments = (item_ids, timestamps, offsets, item_table, pos_table, time_tables)
+    options_ = dict(scale=math.sqrt(dim), time_scales=TIME_SCALES, dropout_p=DROPOUT_P, training=True)
 
     def call(backend: str) -> torch.Tensor:
-        return sequence_fusion(
-            item_ids, timestamps, offsets, item_table, pos_table, time_tables, scale=math.sqrt(dim),
-            time_scales=TIME_SCALES, dropout_p=0.2, training=True, seed=0, backend=backend,
-        )
+        if backend == "triton" and variant:  # the Triton function itself, told which scatter to use
+            check_sequence_fusion(*arguments, TIME_SCALES, DROPOUT_P, options.validate)
+            triton_fusion = triton_function(KEY, "sequence_fusion", tables)
+            return triton_fusion(*arguments, **options_, seed=0, scatter=variant)
+        return sequence_fusion(*arguments, **options_, seed=0, backend=backend, validate=options.validate)
 
-    # Rows gathered (item, position, 3 time tables) and written, per token.
-    moved = total * dim * element_size(dtype) * (2 + len(TIME_SCALES) + 1)
-    return BenchCase(tuple(shape), call, [item_table, pos_table, *time_tables],
-                     {"fwd": moved, "bwd": 2 * moved, "fwd+bwd": 3 * moved})
+    def eager_call() -> torch.Tensor:
+        return reference_sequence_fusion(*arguments, **options_, seed=None)
+
+    row = dim * element_size(dtype)
+    indices = num_tokens * (item_ids.element_size() + timestamps.element_size())
+    slots = 2 + len(TIME_SCALES)
+    table_rows = num_items + max_len + sum(n for _, n in TIME_SCALES)
+    forward = num_tokens * (slots + 1) * row + indices
+    backward = num_tokens * (1 + slots) * row + table_rows * row + indices
+    return BenchCase(tuple(shape), call, tables, {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward},
+                     eager_call=eager_call)
 
 
 SPEC = OperatorSpec(
@@ -116,10 +156,12 @@ SPEC = OperatorSpec(
     summary="input stage: item gather * sqrt(D) + position (+ multi-scale time) embeddings, dropout",
     module="sequence_fusion",
     functions=("sequence_fusion",),
-    triton=False,
+    triton=True,
     bench=BenchSpec(
-        shape_fields=("B", "N", "D", "items"),
-        default_shapes=((128, 200, 50, 3706), (64, 1024, 256, 1_000_000)),
+        shape_fields=("L", "N", "D", "items"),
+        default_shapes=tuple((tokens, max_len, dim, items)
+                             for tokens, max_len in ((25_600, 200), (1_000_000, 1024))
+                             for dim in (50, 256) for items in (3706, 1_000_000)),
         build=build_bench_case,
         rate_unit="GB/s",
     ),
