@@ -23,8 +23,9 @@ def sampled_softmax_loss(
     validate: bool = True,
 ) -> torch.Tensor:
     """Mean over rows of -log softmax(positive | positive + negatives); negatives equal to the positive
-    are masked. neg_ids [M, R] (per row) or [R] (shared by every row)."""
-    check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature)
+    are masked. neg_ids [M, R] (per row) or [R] (shared by every row). Logits are float32 whatever the
+    input dtype. ``validate=False`` skips the check that the ids lie in the table (it waits for the device)."""
+    check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, validate)
     impl = implementation(KEY, "sampled_softmax_loss", backend, (states, item_table))
     return impl(states, pos_ids, neg_ids, item_table, temperature=temperature, l2_norm=l2_norm)
 
@@ -39,27 +40,32 @@ def full_softmax_loss(
     backend=None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Mean over rows of -log softmax over every row of ``item_table`` (row 0 included: pass the table to score)."""
-    check_common("full_softmax_loss", states, pos_ids, item_table, temperature)
+    """Mean over rows of -log softmax over every row of ``item_table`` (row 0 included: pass the table to score).
+    Logits are float32 whatever the input dtype; ``validate`` as for :func:`sampled_softmax_loss`."""
+    check_common("full_softmax_loss", states, pos_ids, item_table, temperature, validate)
     impl = implementation(KEY, "full_softmax_loss", backend, (states, item_table))
     return impl(states, pos_ids, item_table, temperature=temperature, l2_norm=l2_norm)
 
 
-def check_common(name, states, pos_ids, item_table, temperature):
+def check_common(name, states, pos_ids, item_table, temperature, validate=True):
     if states.dim() != 2 or item_table.dim() != 2 or states.shape[1] != item_table.shape[1]:
         raise ValueError(
             f"{name}: states [M, D] and item_table [N, D] must share D; got {tuple(states.shape)} and {tuple(item_table.shape)}"
         )
     if states.shape[0] == 0:
         raise ValueError(f"{name}: no rows to score (M = 0); the mean over rows is undefined")
+    if item_table.shape[0] == 0:
+        raise ValueError(f"{name}: item_table has no rows to score")
     if pos_ids.shape != (states.shape[0],) or pos_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: pos_ids must be integer [M={states.shape[0]}]; got {pos_ids.dtype} {tuple(pos_ids.shape)}")
     if not temperature > 0:
         raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+    if validate:
+        check_ids_in_table(name, "pos_ids", pos_ids, item_table.shape[0])
 
 
-def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature):
-    check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature)
+def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, validate=True):
+    check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature, validate)
     shared = neg_ids.dim() == 1
     per_row = neg_ids.dim() == 2 and neg_ids.shape[0] == states.shape[0]
     if neg_ids.dtype not in (torch.int32, torch.int64) or not (shared or per_row):
@@ -67,6 +73,14 @@ def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature
             f"sampled_softmax_loss: neg_ids must be integer [M={states.shape[0]}, R] or [R]; "
             f"got {neg_ids.dtype} {tuple(neg_ids.shape)}"
         )
+    if validate:
+        check_ids_in_table("sampled_softmax_loss", "neg_ids", neg_ids, item_table.shape[0])
+
+
+def check_ids_in_table(name, field, ids, num_items):
+    """Ids must index the table's rows (one read of the device)."""
+    if ids.numel() and not bool(((ids >= 0) & (ids < num_items)).all()):
+        raise ValueError(f"{name}: {field} must lie in [0, {num_items}) (the item_table's rows)")
 
 
 def build_bench_case(shape, dtype, device, options) -> BenchCase:

@@ -1,5 +1,8 @@
 """Operator sequence_recommendation_interaction: the sampled and full softmax references against row
-loops, gradcheck, low precision, and the public functions' input checks."""
+loops, gradcheck, float32 logits, and the public functions' input checks.
+"""
+from __future__ import annotations
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +155,81 @@ def test_softmax_losses_errors():
         hstu_kernels.sampled_softmax_loss(torch.randn(0, 4), torch.zeros(0, dtype=torch.int64), torch.tensor([1]), table, temperature=1.0)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Float32 logits whatever the input dtype (reference)
+# ---------------------------------------------------------------------------------------------
+def make_inputs(rows, dim, num_items, negatives, variant, dtype=torch.float32, seed=0, table_dtype=None, device="cpu"):
+    """states [M, D], item table [I, D] (dtype, table_dtype), positives [M], negatives ([M, R] per row,
+    [R] shared, None for the full softmax); every item id below num_items."""
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype)
+    table = torch.randn(num_items, dim, generator=gen).to(device=device, dtype=table_dtype or dtype)
+    pos = torch.randint(0, num_items, (rows,), generator=gen).to(device)
+    neg_shape = {"per-row": (rows, negatives), "shared": (negatives,)}.get(variant)
+    neg = torch.randint(0, num_items, neg_shape, generator=gen).to(device) if neg_shape else None
+    return states, pos, neg, table
+
+
+def loss_of(states, pos, neg, table, temperature=0.05, l2_norm=True, backend="reference", **kw):
+    if neg is None:
+        return hstu_kernels.full_softmax_loss(states, pos, table, temperature=temperature, l2_norm=l2_norm,
+                                              backend=backend, **kw)
+    return hstu_kernels.sampled_softmax_loss(states, pos, neg, table, temperature=temperature, l2_norm=l2_norm,
+                                             backend=backend, **kw)
+
+
+VARIANTS = ["per-row", "shared", "full"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_logits_are_float32_for_low_precision_inputs(dtype, variant):
+    """On the same (rounded) inputs, the 16-bit reference agrees with float64 to float32 accuracy: its
+    matmuls run in float32. In the input dtype, logits near 1/T = 20 were off by up to 0.06 (bf16)."""
+    states, pos, neg, table = make_inputs(40, 24, 30, 16, variant, dtype)
+    low = loss_of(states, pos, neg, table)
+    exact = loss_of(states.double(), pos, neg, table.double())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), exact, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_under_autocast_keeps_float32_logits(variant):
+    """Under autocast the model hands the loss float32 states and table: the logits stay float32 (the
+    loss and both gradients equal those computed without autocast)."""
+    states, pos, neg, table = make_inputs(12, 8, 20, 6, variant)
+    results = []
+    for autocast in (False, True):
+        s, t = states.clone().requires_grad_(), table.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(s, pos, neg, t)
+        loss.backward()
+        results.append((loss, s.grad, t.grad))
+    assert results[1][0].dtype == torch.float32 and results[1][1].dtype == torch.float32
+    for plain, autocast in zip(*results):
+        assert torch.equal(autocast, plain)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_mixed_dtypes_widen_to_float32(variant):
+    """bf16 states against a float32 table (as autocast may produce): float32 logits, each gradient in
+    its input's dtype."""
+    states, pos, neg, table = make_inputs(10, 8, 20, 6, variant, torch.bfloat16, table_dtype=torch.float32)
+    states.requires_grad_(), table.requires_grad_()
+    loss = loss_of(states, pos, neg, table)
+    loss.backward()
+    exact = loss_of(states.double(), pos, neg, table.double())
+    torch.testing.assert_close(loss.double(), exact, rtol=2e-6, atol=2e-6)
+    assert states.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
+
+
+def test_ids_outside_the_table_are_named_when_validating():
+    states, pos, neg, table = make_inputs(3, 4, 5, 2, "per-row")
+    with pytest.raises(ValueError, match=r"neg_ids must lie in \[0, 5\)"):
+        hstu_kernels.sampled_softmax_loss(states, pos, neg + 5, table, temperature=1.0)
+    with pytest.raises(ValueError, match=r"pos_ids must lie in \[0, 5\)"):
+        hstu_kernels.full_softmax_loss(states, pos - 6, table, temperature=1.0)
+    with pytest.raises(ValueError, match="item_table has no rows"):
+        hstu_kernels.full_softmax_loss(states, pos, table[:0], temperature=1.0)
