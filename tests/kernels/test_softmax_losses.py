@@ -795,3 +795,28 @@ def test_gpu_compiled_matches_eager(variant):
     inputs = make_inputs(5000, 256, 26744, 128, variant, torch.bfloat16, device=DEVICE)
     for a, b in zip(*eager_and_compiled(*inputs)):
         assert_close_float32(a.float(), b.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments trained with the full softmax
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampled", ["ml1m-hstu", "ml1m-hstu-large"])
+@pytest.mark.parametrize("protocol", ["ours", "paper"])
+def test_full_softmax_experiments_differ_from_their_sampled_twin_in_the_loss_only(sampled, protocol):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import hstu.config  # noqa: F401  (registers the config schemas)
+
+    def composed(experiment):
+        conf = Path(__file__).resolve().parents[2] / "conf"
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+            cfg = compose("train", overrides=[f"experiment={experiment}", f"data.protocol={protocol}"])
+        return OmegaConf.to_container(cfg, resolve=False)
+
+    base, full = composed(sampled), composed(f"{sampled}-full")
+    assert base["model"]["loss"]["kind"] == "sampled" and full["model"]["loss"]["kind"] == "full"
+    full["model"]["loss"]["kind"] = "sampled"
+    assert full == base
