@@ -611,6 +611,33 @@ def test_model_loss_runs_triton_and_matches_the_reference(kind, shared):
         assert_close_float32(a, b)
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["sampled", "full"])
+def test_compiled_model_loss_reuses_its_graph_across_row_counts(kind):
+    """model.compile=true compiles the loss with dynamic shapes: new row counts (jagged batches) reuse
+    the graph, whose custom ops trace with symbolic sizes, without graph breaks."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from hstu.model.loss import RecLoss
+
+    manager = hstu_kernels.TritonOperatorManager({OP: True})
+    loss_fn = RecLoss(manager, kind=kind, num_negatives=6, temperature=0.05)
+    states, pos, _, table = make_inputs(4, 8, 11, 0, "full")
+    loss_fn(states, pos.clamp_min(1), table)  # one eager call first: the manager's function cache is filled then
+    loss_fn.compile(dynamic=True, backend="eager")
+    dynamo.reset()
+    counters.clear()
+    for rows in (5, 9, 17, 23):
+        states, pos, _, table = make_inputs(rows, 8, 11, 0, "full", seed=rows)
+        states.requires_grad_(), table.requires_grad_()
+        loss_fn(states, pos.clamp_min(1), table).backward()
+        assert torch.isfinite(states.grad).all() and torch.isfinite(table.grad).all()
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert counters["stats"]["unique_graphs"] == 1
+    assert manager.get_stats()[OP]["traced"] == {"triton": 1} and not manager.fallbacks()
+
+
 # ---------------------------------------------------------------------------------------------
 # Benchmark cases
 # ---------------------------------------------------------------------------------------------
