@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hstu_kernels.benchmarking import element_size, random_values, seeded
+from hstu_kernels.benchmarking import ProviderUnavailable, random_values, seeded
 from hstu_kernels.manager import implementation
+from hstu_kernels.reference import softmax_losses as reference
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
 
 KEY = "sequence_recommendation_interaction"
@@ -24,8 +25,10 @@ def sampled_softmax_loss(
     validate: bool = True,
 ) -> torch.Tensor:
     """Mean over rows (``reduction="none"``: each row's) of -log softmax(positive | positive + negatives);
-    negatives equal to the positive are masked. neg_ids [M, R] (per row) or [R] (shared by every row)."""
-    check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction)
+    negatives equal to the positive are masked. neg_ids [M, R] (per row) or [R] (shared by every row). Logits
+    are float32 whatever the input dtype. ``validate=False`` skips the check that the ids lie in the table
+    (it waits for the device)."""
+    check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction, validate)
     impl = implementation(KEY, "sampled_softmax_loss", backend, (states, item_table))
     return impl(states, pos_ids, neg_ids, item_table, temperature=temperature, l2_norm=l2_norm, reduction=reduction)
 
@@ -42,8 +45,9 @@ def full_softmax_loss(
     validate: bool = True,
 ) -> torch.Tensor:
     """Mean over rows (``reduction="none"``: each row's) of -log softmax over every row of ``item_table``
-    (row 0 included: pass the table to score)."""
-    check_common("full_softmax_loss", states, pos_ids, item_table, temperature, reduction)
+    (row 0 included: pass the table to score). Logits are float32 whatever the input dtype; ``validate`` as
+    for :func:`sampled_softmax_loss`."""
+    check_common("full_softmax_loss", states, pos_ids, item_table, temperature, reduction, validate)
     impl = implementation(KEY, "full_softmax_loss", backend, (states, item_table))
     return impl(states, pos_ids, item_table, temperature=temperature, l2_norm=l2_norm, reduction=reduction)
 
@@ -51,23 +55,27 @@ def full_softmax_loss(
 REDUCTIONS = ("mean", "none")
 
 
-def check_common(name, states, pos_ids, item_table, temperature, reduction):
+def check_common(name, states, pos_ids, item_table, temperature, reduction="mean", validate=True):
     if states.dim() != 2 or item_table.dim() != 2 or states.shape[1] != item_table.shape[1]:
         raise ValueError(
             f"{name}: states [M, D] and item_table [N, D] must share D; got {tuple(states.shape)} and {tuple(item_table.shape)}"
         )
     if states.shape[0] == 0:
         raise ValueError(f"{name}: no rows to score (M = 0); the mean over rows is undefined")
+    if item_table.shape[0] == 0:
+        raise ValueError(f"{name}: item_table has no rows to score")
     if pos_ids.shape != (states.shape[0],) or pos_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: pos_ids must be integer [M={states.shape[0]}]; got {pos_ids.dtype} {tuple(pos_ids.shape)}")
     if not temperature > 0:
         raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if validate:
+        check_ids_in_table(name, "pos_ids", pos_ids, item_table.shape[0])
 
 
-def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction):
-    check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature, reduction)
+def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction="mean", validate=True):
+    check_common("sampled_softmax_loss", states, pos_ids, item_table, temperature, reduction, validate)
     shared = neg_ids.dim() == 1
     per_row = neg_ids.dim() == 2 and neg_ids.shape[0] == states.shape[0]
     if neg_ids.dtype not in (torch.int32, torch.int64) or not (shared or per_row):
@@ -75,34 +83,81 @@ def check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature
             f"sampled_softmax_loss: neg_ids must be integer [M={states.shape[0]}, R] or [R]; "
             f"got {neg_ids.dtype} {tuple(neg_ids.shape)}"
         )
+    if validate:
+        check_ids_in_table("sampled_softmax_loss", "neg_ids", neg_ids, item_table.shape[0])
+
+
+def check_ids_in_table(name, field, ids, num_items):
+    """Ids must index the table's rows (one read of the device)."""
+    if ids.numel() and not bool(((ids >= 0) & (ids < num_items)).all()):
+        raise ValueError(f"{name}: {field} must lie in [0, {num_items}) (the item_table's rows)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark cases: (M, D, R, I); options.variant "per-row" (default), "shared" or "full"
+# ---------------------------------------------------------------------------------------------
+VARIANTS = ("per-row", "shared", "full")
+BENCH_TEMPERATURE = 0.05
 
 
 def build_bench_case(shape, dtype, device, options) -> BenchCase:
-    """(M, D, R, items): sampled softmax over M rows with R per-row negatives."""
+    """M rows of states against a table of I items, cosine logits at temperature 0.05 as the model
+    trains: R negatives per row ("per-row"), R shared by all rows ("shared"), or every item ("full",
+    which takes R = 0). Shapes that do not fit the variant are reported, not run. Work counts the
+    matmul FLOPs of scoring C items per row (C = R + 1, or I): 2*M*C*D forward, twice that backward."""
+    variant = getattr(options, "variant", "") or "per-row"
+    if variant not in VARIANTS:
+        raise SystemExit(f"--variant {variant!r}: {KEY} takes one of {', '.join(VARIANTS)}")
     rows, dim, negatives, num_items = shape
     g = seeded(options.seed)
     states = random_values(g, rows, dim, dtype=dtype, device=device)
     item_table = random_values(g, num_items, dim, dtype=dtype, device=device)
     pos_ids = torch.randint(0, num_items, (rows,), generator=g).to(device)
-    neg_ids = torch.randint(0, num_items, (rows, negatives), generator=g).to(device)
+    mismatch = None
+    if variant == "full":
+        neg_ids, scored = None, num_items
+        if negatives:
+            mismatch = f"variant full scores every item: its shapes have R = 0 (got R = {negatives})"
+    else:
+        neg_shape = (rows, negatives) if variant == "per-row" else (negatives,)
+        neg_ids, scored = torch.randint(0, num_items, neg_shape, generator=g).to(device), negatives + 1
+        if not negatives:
+            mismatch = f"variant {variant} samples R >= 1 negatives (R = 0 is the full variant's shape)"
+    validate = getattr(options, "validate", True)
 
-    def call(backend: str) -> torch.Tensor:
-        return sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature=0.05, backend=backend)
+    def run(sampled, full, **dispatch) -> torch.Tensor:
+        if mismatch:
+            raise ProviderUnavailable(mismatch)
+        if neg_ids is None:
+            return full(states, pos_ids, item_table, temperature=BENCH_TEMPERATURE, **dispatch)
+        return sampled(states, pos_ids, neg_ids, item_table, temperature=BENCH_TEMPERATURE, **dispatch)
 
-    moved = rows * (negatives + 2) * dim * element_size(dtype)  # gathered item rows + states
-    return BenchCase(tuple(shape), call, [states, item_table], {"fwd": moved, "bwd": 2 * moved, "fwd+bwd": 3 * moved})
+    forward_flops = 2.0 * rows * scored * dim
+    return BenchCase(
+        tuple(shape),
+        call=lambda backend: run(sampled_softmax_loss, full_softmax_loss, backend=backend, validate=validate),
+        leaves=[states, item_table],
+        work={"fwd": forward_flops, "bwd": 2 * forward_flops, "fwd+bwd": 3 * forward_flops},
+        # the reference called without dispatch: plain PyTorch ops
+        eager_call=lambda: run(reference.sampled_softmax_loss, reference.full_softmax_loss),
+    )
 
 
 SPEC = OperatorSpec(
     key=KEY,
-    summary="sampled / full softmax loss over cosine logits, with gradients to states and item table",
+    summary="sampled (per-row / shared negatives) and full softmax losses over float32 cosine logits, "
+            "with gradients to the states and the item table",
     module="softmax_losses",
     functions=("sampled_softmax_loss", "full_softmax_loss"),
-    triton=False,
+    triton=True,
     bench=BenchSpec(
-        shape_fields=("M", "D", "R", "items"),
-        default_shapes=((25600, 50, 128, 3706), (65536, 256, 128, 1_000_000)),
+        shape_fields=("M", "D", "R", "I"),
+        default_shapes=(
+            (25000, 50, 128, 3706), (25000, 50, 512, 3706), (25000, 256, 128, 26744), (25000, 256, 512, 26744),
+            (25000, 50, 0, 3706), (25000, 50, 0, 26744), (25000, 50, 0, 100_000),
+            (25000, 256, 0, 3706), (25000, 256, 0, 26744), (25000, 256, 0, 100_000),
+        ),
         build=build_bench_case,
-        rate_unit="GB/s",
+        rate_unit="TFLOP/s",
     ),
 )

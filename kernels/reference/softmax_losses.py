@@ -2,9 +2,14 @@
 positive, either against sampled negatives (with accidental hits masked) or against the whole table.
 
 Logits are cos(state, item) / temperature when ``l2_norm`` (both sides normalised), else
-dot(state, item) / temperature. Matmuls run in the input dtype; the softmax runs in at least float32.
+dot(state, item) / temperature. They are computed in float32 (float64 for float64 inputs) whatever
+the input dtype and whether or not autocast is on: at temperature 0.05 a cosine logit reaches 20, where
+a bf16 logit is off by up to 0.06. The states and the table are widened before the normalisation and
+the matmuls; gradients come back in each input's own dtype.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +17,23 @@ import torch.nn.functional as F
 from hstu_kernels.normalize import l2_normalize
 
 
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+def logit_operands(states: torch.Tensor, item_table: torch.Tensor, l2_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, item_table) widened to at least float32 and, with ``l2_norm``, normalised row by row.
+
+    Call under :func:`full_precision` so that autocast does not narrow the matmuls that follow.
+    """
+    wide = torch.promote_types(torch.promote_types(states.dtype, item_table.dtype), torch.float32)
+    states, item_table = states.to(wide), item_table.to(wide)
+    if l2_norm:
+        states, item_table = l2_normalize(states), l2_normalize(item_table)
+    return states, item_table
+
+
+def full_precision(device: torch.device):
+    """Autocast off on ``device`` (the logits' matmuls run in their operands' dtype), or nothing when it is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def sampled_softmax_loss(
@@ -34,16 +54,16 @@ def sampled_softmax_loss(
     a negative drawn twice counts twice.
     """
     shared = neg_ids.dim() == 1
-    positives = F.embedding(pos_ids, item_table)
-    negatives = F.embedding(neg_ids, item_table)  # [R, D] shared, [M, R, D] per row
-    if l2_norm:
-        states, positives, negatives = l2_normalize(states), l2_normalize(positives), l2_normalize(negatives)
-    pos_logits = (states * positives).sum(-1, keepdim=True)
-    if shared:
-        neg_logits = states @ negatives.T
-    else:
-        neg_logits = torch.bmm(negatives, states.unsqueeze(-1)).squeeze(-1)
-    logits = torch.cat([pos_logits, neg_logits], dim=1).to(_softmax_dtype(states.dtype)) / temperature
+    with full_precision(states.device):
+        states, items = logit_operands(states, item_table, l2_norm)
+        positives = F.embedding(pos_ids, items)
+        negatives = F.embedding(neg_ids, items)  # [R, D] shared, [M, R, D] per row
+        pos_logits = (states * positives).sum(-1, keepdim=True)
+        if shared:
+            neg_logits = states @ negatives.T
+        else:
+            neg_logits = torch.bmm(negatives, states.unsqueeze(-1)).squeeze(-1)
+        logits = torch.cat([pos_logits, neg_logits], dim=1) / temperature
     accidental_hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1) if shared else neg_ids == pos_ids.unsqueeze(1)
     logits = logits.masked_fill(F.pad(accidental_hits, (1, 0), value=False), float("-inf"))
     losses = torch.logsumexp(logits, dim=1) - logits[:, 0]
@@ -64,7 +84,7 @@ def full_softmax_loss(
 
     Every row is scored, row 0 included: the caller passes the table it wants scored.
     """
-    if l2_norm:
-        states, item_table = l2_normalize(states), l2_normalize(item_table)
-    logits = (states @ item_table.T).to(_softmax_dtype(states.dtype)) / temperature
-    return F.cross_entropy(logits, pos_ids.to(torch.int64), reduction=reduction)
+    with full_precision(states.device):
+        states, items = logit_operands(states, item_table, l2_norm)
+        logits = states @ items.T / temperature
+        return F.cross_entropy(logits, pos_ids.to(torch.int64), reduction=reduction)
