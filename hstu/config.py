@@ -33,6 +33,7 @@ from omegaconf.nodes import BooleanNode
 from hstu.data.sequences import PROTOCOL_MIN_EVENTS, REPEAT_POLICIES
 from hstu.errors import ConfigError, UserError
 from hstu.model.loss import LOSS_KINDS
+from hstu.module import CUDA_GRAPH_MODES
 from hstu_kernels import OPERATORS
 from hstu_kernels.manager import FALLBACK_POLICIES
 
@@ -126,6 +127,7 @@ class ModelConfig:
     position_from_end: bool = MISSING
     kernel_fallback: str = checked(one_of(*FALLBACK_POLICIES))
     compile: bool = MISSING
+    cuda_graphs: str = checked(one_of(*CUDA_GRAPH_MODES))
     backward_on_caller_thread: bool = MISSING
     eval_ks: List[int] = checked(Check(lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 1,
                                        "must be distinct cut-offs >= 1"))
@@ -146,6 +148,7 @@ class DataConfig:
     batch_size: int = checked(at_least(1))
     eval_batch_size: int = checked(at_least(1))
     num_workers: int = checked(at_least(0))
+    bucket_tokens: int = checked(at_least(1))
     max_users: Optional[int] = checked(at_least(1))
     seed: int = checked(SEED)
 

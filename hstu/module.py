@@ -1,27 +1,33 @@
 """RecModule: the LightningModule that trains a SequentialRecommender and ranks every item to evaluate it."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
 
 from hstu.data.batch import JaggedBatch
+from hstu.data.packing import PlannedBatch
 from hstu.guards import NonFiniteLossFlag
 from hstu.metrics import RetrievalMetrics
 from hstu.model.recommender import SequentialRecommender
+from hstu.train_step import TrainStep, make_optimizer
 
+log = logging.getLogger(__name__)
 
-# Devices where torch's fused AdamW runs, and so can skip an update on the device (see hstu.guards).
-FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 
 
 class RecModule(L.LightningModule):
     """Hyperparameters are plain values (saved in checkpoints, loadable without unpickling objects).
 
-    Each training loss is recorded in ``nonfinite`` (device tensors, no host read); AdamW runs fused
-    and skips its update while that flag is set (``hstu.callbacks.StopOnNonFiniteLoss`` ends the run
-    at the epoch's end)."""
+    Training runs through :class:`~hstu.train_step.TrainStep` (manual optimisation): with ``cuda_graphs``
+    (``auto``: on one CUDA device) each step is one CUDA-graph replay over a batch packed on the device;
+    otherwise an eager step. Either way nothing in a step waits for the device: each loss is recorded in
+    ``nonfinite`` (AdamW runs fused and skips its update while that flag is set;
+    ``hstu.callbacks.StopOnNonFiniteLoss`` ends the run at the epoch's end) and added to a sum on the
+    device, read once per epoch as ``train/loss``."""
 
     def __init__(
         self,
@@ -35,13 +41,17 @@ class RecModule(L.LightningModule):
         kernels: Mapping[str, bool] | None = None,
         kernel_fallback: str = "warn",
         compile: bool = False,
+        cuda_graphs: str = "auto",
         backward_on_caller_thread: bool = True,
         eval_ks: Sequence[int] = (10, 50, 200),
         time_scales: Sequence[Sequence[int]] = (),
         position_from_end: bool = False,
     ):
         super().__init__()
+        if cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ValueError(f"model.cuda_graphs must be one of {CUDA_GRAPH_MODES}, got {cuda_graphs!r}")
         self.save_hyperparameters()
+        self.automatic_optimization = False
         self.model = SequentialRecommender(
             num_items, max_seq_len, dim, input_dropout, encoder, loss, kernels, kernel_fallback,
             time_scales, position_from_end,
@@ -52,25 +62,65 @@ class RecModule(L.LightningModule):
         self.val_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
         self.test_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
         self.nonfinite = NonFiniteLossFlag()
+        self.capture = False  # decided in setup(): whether training steps are captured as CUDA graphs
+        self._train_step: TrainStep | None = None
 
     @property
     def manager(self):
         return self.model.manager
 
-    def training_step(self, batch: JaggedBatch, batch_idx: int) -> torch.Tensor:
-        loss = self.model.training_loss(batch)
-        self.nonfinite.record(loss)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
-        return loss
+    def setup(self, stage: str) -> None:
+        """Capture training steps when ``cuda_graphs`` asks for it and the run allows it (one CUDA device:
+        NCCL collectives inside captured graphs need their own setup, so multi-process runs stay eager),
+        and then have the datamodule plan batches for device-side packing."""
+        if stage != "fit":
+            return
+        mode, device = self.hparams.cuda_graphs, self.trainer.strategy.root_device
+        reason = None
+        if device.type != "cuda":
+            reason = f"the run is on {device.type}"
+        elif self.trainer.world_size > 1:
+            reason = f"{self.trainer.world_size} processes (collectives inside captured graphs are not set up)"
+        if reason is not None and mode == "on":
+            raise ValueError(f"model.cuda_graphs=on: steps cannot be captured: {reason}")
+        self.capture = mode != "off" and reason is None
+        if mode == "auto" and reason is not None and device.type == "cuda":
+            log.info("training steps are not captured as CUDA graphs: %s", reason)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.capture and hasattr(datamodule, "planned_batches"):
+            datamodule.planned_batches = True
 
-    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """With ``backward_on_caller_thread`` (the default), autograd runs the backward on this thread
-        instead of handing it to its per-device worker thread. On one GPU the handoff buys nothing and
-        costs host time: the attention's forward+backward ran 1.0-3.2x as fast on the caller thread
-        at the model's shapes, never slower; end to end, five paired runs gave -27% to +36%, median +19%
-        (BENCHMARKS.md, "The backward thread")."""
+    def training_step(self, batch: PlannedBatch | JaggedBatch, batch_idx: int) -> None:
+        if self._train_step is None:
+            self._train_step = self._build_train_step()
+        optimizer = self.optimizers()
+        optimizer._on_before_step()  # Lightning counts global_step in these hooks of LightningOptimizer.step,
         with torch.autograd.set_multithreading_enabled(not self.hparams.backward_on_caller_thread):
-            super().backward(loss, *args, **kwargs)
+            self._train_step(batch)  # but the update runs inside TrainStep (inside the graph, when captured)
+        optimizer._on_after_step()
+
+    def _build_train_step(self) -> TrainStep:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        planned = getattr(datamodule, "planned_batches", False)
+        layout = datamodule.packing_layout if self.capture and datamodule is not None else None
+        if self.capture and layout is None:
+            raise ValueError("model.cuda_graphs: captured steps need a SequenceDataModule (its packing layout)")
+        return TrainStep(self.model, self.optimizers().optimizer, self.nonfinite,
+                         sequences=datamodule.device_sequences(self.device) if planned else None,
+                         layout=layout, capture=self.capture)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """The epoch's mean loss, read from the device once, after its last training step."""
+        if batch_idx + 1 == self.trainer.num_training_batches and self._train_step is not None:
+            self.log("train/loss", self._train_step.end_epoch(), on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=1)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Batches arrive page-locked from the loaders (on GPU runs): copy them without waiting. Lightning
+        passes ``non_blocking`` to plain tensors only."""
+        if isinstance(batch, (JaggedBatch, PlannedBatch)):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _rank(self, batch: JaggedBatch, metrics: RetrievalMetrics) -> None:
         _, _, target_rank = self.model.recommend(batch, k=max(self.eval_ks), with_target_rank=True)
@@ -95,10 +145,8 @@ class RecModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.hparams.optimizer
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"],
-            fused=self.device.type in FUSED_OPTIMIZER_DEVICES,
-        )
+        optimizer = make_optimizer(self.parameters(), opt["lr"], opt["betas"], opt["weight_decay"], self.device,
+                                   capturable=self.capture)
         self.nonfinite.reset(self.device)
         self.nonfinite.attach(optimizer)
         return optimizer

@@ -13,7 +13,8 @@ How a step stays capturable:
 - dropout seeds and sampled negatives are drawn from torch's device generator, whose state a captured
   graph advances on every replay (a Python seed would freeze one mask into the graph);
 - the optimizer is AdamW with ``capturable=True`` (fused where available) and skips its update on the
-  device while ``nonfinite`` is set (``found_inf``); the host reads the flag once per epoch.
+  device while the non-finite-loss flag (``hstu.guards.NonFiniteLossFlag``) is set; the host reads the
+  flag and the loss sum once per epoch.
 
 The first step of each capacity runs eagerly (on a side stream, as warm-up before capture must) and is
 then captured; later steps of that capacity replay. Operator calls inside the graph are counted by the
@@ -25,6 +26,7 @@ import torch
 
 from hstu.data.batch import JaggedBatch
 from hstu.data.packing import DeviceSequences, PackingLayout, PlannedBatch, StaticJaggedInput, pack_batch
+from hstu.guards import NonFiniteLossFlag
 from hstu.model.recommender import SequentialRecommender
 
 
@@ -36,14 +38,14 @@ def make_optimizer(parameters, lr: float, betas, weight_decay: float, device: to
 
 
 class TrainStep:
-    """Runs training steps for ``model`` and ``optimizer``, keeping the epoch's loss sum and a non-finite
-    flag on the device. Steps take a ``PlannedBatch`` (needs ``sequences``: packed on the device from two
+    """Runs training steps for ``model`` and ``optimizer``, keeping the epoch's loss sum on the device and
+    recording each loss in ``nonfinite`` (whose flag the optimizer reads as ``found_inf``). Steps take a ``PlannedBatch`` (needs ``sequences``: packed on the device from two
     index buffers) or a ``JaggedBatch`` (any loader's: copied into static buffers when captured).
     ``capture`` replays one CUDA graph per capacity of ``layout`` (CUDA only); without it steps run
     eagerly (planned batches packed, jagged ones as they are)."""
 
-    def __init__(self, model: SequentialRecommender, optimizer: torch.optim.Optimizer, *,
-                 sequences: DeviceSequences | None = None, layout: PackingLayout | None = None,
+    def __init__(self, model: SequentialRecommender, optimizer: torch.optim.Optimizer, nonfinite: NonFiniteLossFlag,
+                 *, sequences: DeviceSequences | None = None, layout: PackingLayout | None = None,
                  capture: bool = False):
         device = next(model.parameters()).device
         if capture and device.type != "cuda":
@@ -51,13 +53,12 @@ class TrainStep:
         self.model, self.optimizer = model, optimizer
         self.sequences, self.layout = sequences, layout
         self.capture = capture
+        self.nonfinite = nonfinite
+        if nonfinite.flag is None or nonfinite.flag.device != device:
+            nonfinite.reset(device)
+        nonfinite.attach(optimizer)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.step_index = torch.zeros((), dtype=torch.int64, device=device)
         self.last_loss = torch.zeros((), dtype=torch.float32, device=device)  # the latest step's (static) loss
-        self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        optimizer.found_inf = self._found_inf  # read by fused AdamW: the update is skipped while it is 1
         self.steps = 0  # host count of steps this epoch
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # (input kind, capacity) -> graph
         self._pool = None
@@ -105,14 +106,10 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=False)
         loss = self.model.training_loss(batch)
         loss.backward()
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.step_index, self.first_bad_step))
-        self.nonfinite.logical_or_(bad)
-        self._found_inf.copy_(self.nonfinite)
+        self.nonfinite.record(loss)
         self.optimizer.step()
-        self.loss_sum.add_(torch.where(bad, 0.0, loss.detach().double()))
+        self.loss_sum.add_(torch.where(torch.isfinite(loss.detach()), loss.detach().double(), 0.0))
         self.last_loss.copy_(loss.detach())
-        self.step_index.add_(1)
 
     def _eager(self, batch: JaggedBatch) -> None:
         self._ensure_grads()
@@ -142,10 +139,9 @@ class TrainStep:
         self.graphs[key] = graph
 
     # ---- epoch bookkeeping (host reads, once per epoch) -------------------------------------
-    def end_epoch(self) -> tuple[float, int | None]:
-        """(mean loss over the epoch's finite steps, first step with a non-finite loss or None); resets the sums."""
-        loss_sum, first_bad = torch.stack([self.loss_sum, self.first_bad_step.double()]).tolist()
-        mean = loss_sum / max(self.steps, 1)
+    def end_epoch(self) -> float:
+        """The mean loss of the epoch's steps (non-finite ones count 0: the flag reports them); resets the sum."""
+        mean = self.loss_sum.item() / max(self.steps, 1)
         self.loss_sum.zero_()
         self.steps = 0
-        return mean, (None if first_bad < 0 else int(first_bad))
+        return mean

@@ -381,7 +381,7 @@ def captured_step(setup: Setup) -> tuple[Callable[[], torch.Tensor], dict]:
     opt = setup.model_cfg.optimizer
     optimizer = make_optimizer(module.parameters(), opt.lr, opt.betas, opt.weight_decay, setup.device, capturable=True)
     layout = PackingLayout(setup.config.batch_size, int(setup.model_cfg.max_seq_len), setup.args.bucket_tokens)
-    train_step = TrainStep(module.model, optimizer, layout=layout, capture=True)
+    train_step = TrainStep(module.model, optimizer, module.nonfinite, layout=layout, capture=True)
     pool = itertools.cycle([b.to(setup.device) for b in setup.batches])
     threaded_backward = not module.hparams.backward_on_caller_thread
 

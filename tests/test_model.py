@@ -151,15 +151,21 @@ def test_rec_module_compiles_its_parts_when_built():
 
 @pytest.mark.parametrize("on_caller_thread", [False, True])
 def test_rec_module_backward_thread_follows_its_flag(on_caller_thread):
-    """``backward_on_caller_thread`` turns autograd's worker threads off for the module's backward
-    only: the flag is seen inside the backward and restored after it."""
+    """``backward_on_caller_thread`` turns autograd's worker threads off for the module's training step
+    only: the flag is seen inside the backward and restored after it; each step advances global_step."""
+    import lightning as L
+
     from hstu.module import RecModule
 
-    module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3}, backward_on_caller_thread=on_caller_thread)
+    module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.0},
+                       backward_on_caller_thread=on_caller_thread)
     seen = []
     module.model.embedding.item_table.register_hook(lambda grad: seen.append(torch._C._is_multithreading_enabled()))
-    module.backward(module.model.training_loss(make_batch([4, 2, 5], seed=3)))
-    assert seen == [not on_caller_thread]
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([make_batch([4, 2, 5], seed=3), make_batch([3, 1], seed=4)], batch_size=None)
+    trainer.fit(module, loader)
+    assert seen == [not on_caller_thread] * 2 and trainer.global_step == 2
     assert torch._C._is_multithreading_enabled()
 
 

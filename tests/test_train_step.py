@@ -6,6 +6,7 @@ import torch
 
 from hstu.data.packing import DeviceSequences, PackingLayout, PlanCollate
 from hstu.data.sequences import make_batch
+from hstu.guards import NonFiniteLossFlag
 from hstu.model.recommender import SequentialRecommender
 from hstu.train_step import TrainStep, make_optimizer
 from test_packing import HSTU, MAX_LEN, NUM_ITEMS, sequences_of, training_examples
@@ -34,14 +35,15 @@ def test_packed_steps_train_like_unpacked_eager_steps():
     chunks, plans = epoch_batches(sequences, examples, layout)
     model_a, opt_a = setup()
     model_b, opt_b = setup()
-    packed_step = TrainStep(model_a, opt_a, sequences=DeviceSequences.from_sequences(sequences, "cpu"), layout=layout)
-    plain_step = TrainStep(model_b, opt_b)
+    packed_step = TrainStep(model_a, opt_a, NonFiniteLossFlag(), sequences=DeviceSequences.from_sequences(sequences, "cpu"),
+                            layout=layout)
+    plain_step = TrainStep(model_b, opt_b, NonFiniteLossFlag())
     for chunk, plan in zip(chunks, plans):
         packed_step(plan)
         plain_step(make_batch(sequences, examples.users[chunk], examples.target_positions[chunk],
                               max_seq_len=MAX_LEN, with_seen=False))
-    (loss_a, bad_a), (loss_b, bad_b) = packed_step.end_epoch(), plain_step.end_epoch()
-    assert bad_a is None and bad_b is None and loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert packed_step.nonfinite.first_bad() is None and plain_step.nonfinite.first_bad() is None
+    assert packed_step.end_epoch() == pytest.approx(plain_step.end_epoch(), rel=1e-5)
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -52,15 +54,15 @@ def test_nonfinite_loss_sets_the_flag_skips_updates_and_names_the_step():
     layout = PackingLayout(batch_size=2, max_seq_len=MAX_LEN, bucket_tokens=8)
     _, plans = epoch_batches(sequences, examples, layout)
     model, optimizer = setup()
-    step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cpu"), layout=layout)
+    step = TrainStep(model, optimizer, NonFiniteLossFlag(), sequences=DeviceSequences.from_sequences(sequences, "cpu"),
+                     layout=layout)
     step(plans[0])
     with torch.no_grad():
         model.embedding.pos_table[0, 0] = float("nan")  # every later loss is NaN
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     for plan in plans[1:]:
         step(plan)
-    loss, first_bad = step.end_epoch()
-    assert first_bad == 1 and bool(step.nonfinite) and np.isfinite(loss)
+    assert step.nonfinite.first_bad() == 1 and np.isfinite(step.end_epoch())
     for name, p in model.named_parameters():  # no update once the flag was set
         torch.testing.assert_close(p.detach(), frozen[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
@@ -82,11 +84,12 @@ def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(kind, dropo
     results = []
     for capture in (True, False):
         model, optimizer = setup("cuda", dropout=dropout)
-        step = TrainStep(model, optimizer, sequences=device_sequences, layout=layout, capture=capture)
+        step = TrainStep(model, optimizer, NonFiniteLossFlag(), sequences=device_sequences, layout=layout,
+                         capture=capture)
         torch.manual_seed(7)
         for batch in batches + batches:  # every capacity twice: captured once, then replayed
             step(batch)
-        results.append((step.end_epoch()[0], [p.detach().clone() for p in model.parameters()], step))
+        results.append((step.end_epoch(), [p.detach().clone() for p in model.parameters()], step))
     (captured_loss, captured_params, captured), (eager_loss, eager_params, _) = results
     assert captured.graphs, "nothing was captured"
     if dropout == 0.0:
@@ -117,8 +120,8 @@ def test_replayed_steps_never_synchronise_with_the_host():
     _, plans = epoch_batches(sequences, examples, layout)
     plans = [p.pin_memory().to("cuda", non_blocking=True) for p in plans]
     model, optimizer = setup("cuda", dropout=0.1)
-    step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cuda"), layout=layout,
-                     capture=True)
+    step = TrainStep(model, optimizer, NonFiniteLossFlag(), sequences=DeviceSequences.from_sequences(sequences, "cuda"),
+                     layout=layout, capture=True)
     for plan in plans:
         step(plan)
     torch.cuda.set_sync_debug_mode("error")
@@ -127,7 +130,7 @@ def test_replayed_steps_never_synchronise_with_the_host():
             step(plan)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert step.end_epoch()[1] is None
+    assert step.nonfinite.first_bad() is None
 
 
 @pytest.mark.gpu
@@ -147,7 +150,7 @@ def test_compiled_steps_do_not_recompile_across_capacities():
         counters.clear()
         model, optimizer = setup("cuda", dropout=0.1)
         model.compile_parts()
-        step = TrainStep(model, optimizer, sequences=DeviceSequences.from_sequences(sequences, "cuda"),
+        step = TrainStep(model, optimizer, NonFiniteLossFlag(), sequences=DeviceSequences.from_sequences(sequences, "cuda"),
                          layout=layout, capture=capture)
         for plan in plans[:5]:
             step(plan)

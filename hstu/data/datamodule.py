@@ -2,8 +2,10 @@
 
 ``prepare_data`` obtains and parses the raw file once (download, checksum, cache); ``setup``
 loads the cache and builds sequences and splits (see ``sequences.py`` for the rules). Loaders
-yield :class:`JaggedBatch` objects; Lightning moves them to the device through ``JaggedBatch.to``
-(its ``move_data_to_device`` calls ``.to`` on any object that has one).
+yield :class:`JaggedBatch` objects, page-locked when training on a GPU (``RecModule`` copies them there
+without waiting). When the model captures its training steps as CUDA graphs, the training loader
+yields :class:`~hstu.data.packing.PlannedBatch` objects instead (example indices and a token capacity)
+and the sequences live on the device, where each batch is gathered inside the step.
 
 Training batches come in an order drawn from ``(seed, epoch)`` alone (:class:`EpochShuffle`), so a
 run resumed from a checkpoint sees the same batches as one that was never interrupted.
@@ -15,11 +17,13 @@ from typing import Iterator
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hstu.errors import ConfigError, DataError
 
 from .batch import JaggedBatch
+from .packing import DeviceSequences, PackingLayout, PlanCollate
 from .sequences import (
     PROTOCOL_HELD_OUT,
     PROTOCOL_MIN_EVENTS,
@@ -115,6 +119,7 @@ class SequenceDataModule(L.LightningDataModule):
         max_users: int | None = None,
         repeats: str = "drop_exact",
         seed: int = 0,
+        bucket_tokens: int = 1024,
     ):
         super().__init__()
         if protocol not in PROTOCOL_MIN_EVENTS:
@@ -123,7 +128,7 @@ class SequenceDataModule(L.LightningDataModule):
             raise ConfigError(f"data.repeats must be one of {list(REPEAT_POLICIES)}, got {repeats!r}")
         for key, value, least in (("max_seq_len", max_seq_len, 1), ("batch_size", batch_size, 1),
                                   ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
-                                  ("seed", seed, 0)):
+                                  ("seed", seed, 0), ("bucket_tokens", bucket_tokens, 1)):
             if value < least:
                 raise ConfigError(f"data.{key} must be >= {least}, got {value}")
         if max_users is not None and max_users < 1:
@@ -138,6 +143,11 @@ class SequenceDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.max_users = None if max_users is None else int(max_users)
         self.seed = int(seed)
+        self.bucket_tokens = int(bucket_tokens)
+        # Set by a model that packs and captures its training steps on the device (RecModule.setup): the
+        # training loader then yields PlannedBatch objects and the sequences live on the device.
+        self.planned_batches = False
+        self._device_sequences: DeviceSequences | None = None
         self._sequences: UserSequences | None = None
         self._examples: dict[str, Examples] = {}
         self._repeated_targets: dict[str, float | None] = {}
@@ -229,25 +239,44 @@ class SequenceDataModule(L.LightningDataModule):
             **{f"{split}_target_in_history": share for split, share in self._repeated_targets.items()},
         }
 
-    def _loader(self, split: str, batch_size: int, with_seen: bool, sampler: Sampler | None = None) -> DataLoader:
-        sequences, examples = self.sequences, self._examples[split]
+    @property
+    def packing_layout(self) -> PackingLayout:
+        """How training batches are packed for CUDA-graph steps (``hstu.data.packing``)."""
+        return PackingLayout(self.batch_size, self.max_seq_len, self.bucket_tokens)
+
+    def device_sequences(self, device: torch.device) -> DeviceSequences:
+        """Every user's events on ``device``, copied once (planned batches are gathered from them there)."""
+        if self._device_sequences is None or self._device_sequences.item_ids.device != device:
+            self._device_sequences = DeviceSequences.from_sequences(self.sequences, device)
+        return self._device_sequences
+
+    def _loader(self, split: str, batch_size: int, collate, sampler: Sampler | None = None) -> DataLoader:
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
-            _ExampleIndices(len(examples)),
+            _ExampleIndices(len(self._examples[split])),
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=_CollateExamples(sequences, examples, self.max_seq_len, with_seen),
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=on_gpu,  # page-locked batches: RecModule copies them to the GPU without waiting
         )
+
+    def _collate(self, split: str, with_seen: bool) -> _CollateExamples:
+        return _CollateExamples(self.sequences, self._examples[split], self.max_seq_len, with_seen)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffle(len(self._examples["train"]), self.seed)
-        return self._loader("train", self.batch_size, with_seen=False, sampler=sampler)
+        if self.planned_batches:
+            collate = PlanCollate(self._examples["train"], self.packing_layout)
+        else:
+            collate = self._collate("train", with_seen=False)
+        return self._loader("train", self.batch_size, collate, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
             return []  # Lightning skips validation when given no loaders
-        return self._loader("val", self.eval_batch_size, with_seen=True)
+        return self._loader("val", self.eval_batch_size, self._collate("val", with_seen=True))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, with_seen=True)
+        return self._loader("test", self.eval_batch_size, self._collate("test", with_seen=True))
