@@ -458,8 +458,8 @@ def _row_plan(rows: int, width: int) -> tuple[tuple[int], dict]:
     """Row kernels (gate forward/backward, LayerNorm forward/backward): whole rows, about 2048
     elements a program."""
     block = block_dim(width)
-    if KERNELS_INTERPRETED:
-        block_m = max(1, min(16, 1024 // block))
+    if KERNELS_INTERPRETED:  # few, large programs: the interpreter's cost is per program and per nested call
+        block_m = max(1, min(64, 4096 // block))
         return (cdiv(rows, block_m),), dict(BLOCK_M=block_m, num_warps=4)
     block_m = max(1, min(64, 2048 // block))
     return (cdiv(rows, block_m),), dict(BLOCK_M=block_m, num_warps=4 if block <= 512 else 8)
@@ -471,7 +471,7 @@ def _fused_output_plan(rows: int, dim: int, width: int) -> tuple[tuple[int], dic
     Every program reads all of W (from L2): taller row blocks read it fewer times, at more registers."""
     block_k = block_dim(width)
     if KERNELS_INTERPRETED:
-        block_m, block_n, warps = 16, min(32, block_dim(dim)), 4
+        block_m, block_n, warps = 64, min(32, block_dim(dim)), 4
     else:
         block_m = 64 if block_k <= 64 else 32 if block_k <= 256 else 16
         block_n, warps = min(64, block_dim(dim)), 8
@@ -484,7 +484,7 @@ def _input_tile_plan(rows: int, dim: int, cols: int, dtype: torch.dtype, normali
     """Tiles of the input side's forward and dz kernels: [BLOCK_M, BLOCK_N] outputs, x or LN(x) read in
     BLOCK_D chunks (``normalized``: LN(x) given in the matmul dtype, else x normalised in the prologue)."""
     if KERNELS_INTERPRETED:
-        cfg = dict(BLOCK_M=16, BLOCK_N=min(32, block_dim(cols)), BLOCK_D=min(32, block_dim(dim)), num_warps=4,
+        cfg = dict(BLOCK_M=64, BLOCK_N=min(64, block_dim(cols)), BLOCK_D=min(32, block_dim(dim)), num_warps=4,
                    num_stages=1)
     elif dtype == torch.float32:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(32, block_dim(dim)), num_warps=4, num_stages=2)
@@ -503,7 +503,7 @@ def _fused_input_backward_plan(rows: int, dim: int, cols: int) -> tuple[tuple[in
     """Narrow rows: a [BLOCK_M, BLOCK_D] block of x and of dLN(x) in registers, W in [BLOCK_D, BLOCK_N] tiles."""
     block_d = block_dim(dim)
     if KERNELS_INTERPRETED:
-        cfg = dict(BLOCK_M=16, BLOCK_N=min(32, block_dim(cols)), num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_M=64, BLOCK_N=min(32, block_dim(cols)), num_warps=4, num_stages=1)
     else:
         cfg = dict(BLOCK_M=max(16, min(64, 8192 // block_d)), BLOCK_N=min(64, block_dim(cols)), num_warps=8,
                    num_stages=2)
