@@ -57,7 +57,9 @@ TAIL_BLOCK = tl.constexpr(ROW_ALIGN)
 # - input side: the pre-activation is kept from this model width on (recomputing it costs 2*D*E
 #   FLOPs per row against 4*E bytes of storing and reading it).
 FUSED_OUTPUT_MAX_WIDTH = 256
+FUSED_OUTPUT_WIDTH_LIMIT = 512  # above it the fused kernels' W tiles outgrow shared memory (forced variants too)
 PROLOGUE_INPUT_MAX_DIM = 128
+PROLOGUE_INPUT_DIM_LIMIT = 512  # above it the one-kernel backward's W tiles outgrow shared memory
 KEEP_PREACTIVATION_MIN_DIM = 256
 PROJECTIONS = ("fused", "cublas")
 NORMALIZATIONS = ("prologue", "kernel")
@@ -111,10 +113,10 @@ def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, ep
 def _store_ones_column(gated, rows, rows_ok, K, stride_g, tail):
     """Columns K .. K + tail - 1 of the gated rows: 1 (the bias column), then zero padding."""
     extra = tl.arange(0, TAIL_BLOCK)
-    values = tl.where(extra == 0, 1.0, 0.0)
+    values = tl.where((extra[None, :] == 0) & (rows[:, None] >= 0), 1.0, 0.0)  # [rows, TAIL_BLOCK]
     ptrs = gated + _row_offsets(rows, stride_g)[:, None] + K + extra[None, :]
     mask = rows_ok[:, None] & (extra[None, :] < tail)
-    tl.store(ptrs, tl.broadcast_to(values[None, :], (rows.shape[0], TAIL_BLOCK)).to(gated.dtype.element_ty), mask=mask)
+    tl.store(ptrs, values.to(gated.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -915,6 +917,9 @@ def attention_output_with(x, attn, u, weight, bias, *, dropout_p: float, trainin
         projection = output_projection(attn.shape[1])
     elif projection not in PROJECTIONS:
         raise ValueError(f"attention_layernorm.py: projection must be one of {PROJECTIONS}, got {projection!r}")
+    elif projection == "fused" and attn.shape[1] > FUSED_OUTPUT_WIDTH_LIMIT:
+        raise ValueError(f"attention_layernorm.py: the fused projection takes H*dv <= {FUSED_OUTPUT_WIDTH_LIMIT}, "
+                         f"got {attn.shape[1]}")
     mm_dtype = _matmul_dtype(x.device.type, torch.promote_types(attn.dtype, u.dtype))
     seed = _dropout_seed(dropout_p, training, seed, attn.device)
     out, _ = _output(x, attn, u, weight.to(mm_dtype).contiguous(), bias, seed,
@@ -938,6 +943,9 @@ def attention_input_with(x, weight, *, eps: float = 1e-6, keep_pre: bool | None 
         normalization = input_normalization(x.shape[1])
     elif normalization not in NORMALIZATIONS:
         raise ValueError(f"attention_layernorm.py: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    elif normalization == "prologue" and x.shape[1] > PROLOGUE_INPUT_DIM_LIMIT:
+        raise ValueError(f"attention_layernorm.py: the prologue normalisation takes D <= {PROLOGUE_INPUT_DIM_LIMIT}, "
+                         f"got {x.shape[1]}")
     mm_dtype = _matmul_dtype(x.device.type, x.dtype)
     out, *_ = _input(x, weight.to(mm_dtype).contiguous(), float(eps), bool(keep_pre), normalization)
     return out

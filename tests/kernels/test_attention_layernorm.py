@@ -487,6 +487,14 @@ def test_triton_rejects_unknown_choices_and_names_interpreter_bf16():
     with pytest.raises(ValueError, match="projection must be one of"):
         module.attention_output_with(x, attn, attn, torch.zeros(3, 4, device=DEVICE), None, dropout_p=0.0,
                                      training=False, projection="tensor-cores")
+    wide = torch.zeros(2, module.FUSED_OUTPUT_WIDTH_LIMIT + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="fused projection takes"):
+        module.attention_output_with(x, wide, wide, torch.zeros(3, wide.shape[1], device=DEVICE), None,
+                                     dropout_p=0.0, training=False, projection="fused")
+    with pytest.raises(ValueError, match="prologue normalisation takes"):
+        module.attention_input_with(torch.zeros(2, module.PROLOGUE_INPUT_DIM_LIMIT + 1, device=DEVICE),
+                                    torch.zeros(module.PROLOGUE_INPUT_DIM_LIMIT + 1, 6, device=DEVICE),
+                                    normalization="prologue")
     with pytest.raises(ValueError, match="normalization must be one of"):
         module.attention_input_with(x, torch.zeros(3, 6, device=DEVICE), normalization="epilogue")
     if module.KERNELS_INTERPRETED:
@@ -541,6 +549,8 @@ GPU_INPUT_SHAPES = [(25_600, 50, 200), (25_600, 64, 256), (8_192, 256, 1024), (8
 @pytest.mark.parametrize("projection", ["fused", "cublas"])
 def test_gpu_output_bf16_autocast_full_size(shape, projection):
     rows, dim, width = shape
+    if projection == "fused" and width > triton_module().FUSED_OUTPUT_WIDTH_LIMIT:
+        pytest.skip("the fused projection takes H*dv <= FUSED_OUTPUT_WIDTH_LIMIT")
     check_output_against_reference(OutputProblem(rows=rows, dim=dim, width=width, dtype=torch.bfloat16,
                                                  dropout_p=0.2, projection=projection, strided_u=True, autocast=True,
                                                  seed=rows + width))
