@@ -7,10 +7,14 @@ Both LayerNorms have no affine parameters.
 """
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import Callable
 
-from hstu_kernels.benchmarking import jagged_lengths, random_values, seeded
-from hstu_kernels.dropout import check_dropout_p
+import torch
+import torch.nn.functional as F
+
+from hstu_kernels.benchmarking import element_size, random_values, seeded, triton_function
+from hstu_kernels.dropout import check_dropout_p, dropout, seed_tensor
 from hstu_kernels.manager import implementation
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
 
@@ -73,33 +77,129 @@ def check_attention_output(x, attn, u, weight, bias, dropout_p, eps):
         raise ValueError(f"attention_output: eps must be >= 0, got {eps}")
 
 
+# Benchmark variants (``--variant``): a side of the operator, with its per-shape rules or one choice forced,
+# or the output side's element-wise part alone. "" is "output".
+OUTPUT_VARIANTS = {"output": None, "output-fused": "fused", "output-cublas": "cublas"}
+INPUT_VARIANTS = {  # variant -> (keep the pre-activation, where x is normalised); None: the per-shape rule
+    "input": (None, None), "input-stored": (True, None), "input-recompute": (False, None),
+    "input-prologue": (None, "prologue"), "input-kernel": (None, "kernel"),
+}
+VARIANTS = (*OUTPUT_VARIANTS, *INPUT_VARIANTS, "gate")
+BENCH_DROPOUT = 0.2
+BENCH_EPS = 1e-6
+
+
 def build_bench_case(shape, dtype, device, options) -> BenchCase:
-    """(B, N, D, HDV): x + Dropout(LayerNorm(attn) * u) @ W.T + b over the jagged tokens."""
-    batch, max_len, model_dim, attn_dim = shape
+    """(L, D, HDV) tokens, model dim and H*dv; the input side projects to E = 4 * HDV (dqk = dv).
+
+    ``dtype`` is the activations' (attn, u): in bf16/fp16 the sides run as the model runs them, under
+    autocast with x, W and b in fp32; "gate" runs attn and u in ``dtype`` without autocast. ``work``
+    is the minimum bytes moved (each input read once, each output written once; intermediates such
+    as the gated rows, which the backward could recompute, not counted).
+    """
+    variant = getattr(options, "variant", "") or "output"
+    if variant not in VARIANTS:
+        raise SystemExit(f"--variant {variant!r}: {KEY} has {', '.join(VARIANTS)}")
+    rows, model_dim, attn_dim = shape
     g = seeded(options.seed)
-    total = int(jagged_lengths(g, batch, max_len).sum())
-    x = random_values(g, total, model_dim, dtype=dtype, device=device)
-    attn, u = (random_values(g, total, attn_dim, dtype=dtype, device=device) for _ in range(2))
-    weight = random_values(g, model_dim, attn_dim, dtype=dtype, device=device, scale=0.02)
-    bias_vec = random_values(g, model_dim, dtype=dtype, device=device, scale=0.02)
-    leaves = [x, attn, u, weight, bias_vec]
+    mixed = dtype != torch.float32
+    wide = torch.float32  # the residual stream and parameters under autocast
+    act_size, wide_size = element_size(dtype), element_size(wide)
+    seed = seed_tensor(0, device)
+    validate = getattr(options, "validate", True)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=mixed)
+
+    if variant == "gate":
+        attn, u = (random_values(g, rows, attn_dim, dtype=dtype, device=device) for _ in range(2))
+        elements = rows * attn_dim * act_size
+        gate = _triton_entry("attention_gate", "attention_output", (attn, attn, u, attn))
+
+        def call(backend: str) -> torch.Tensor:
+            if backend == "triton":
+                return gate()(attn, u, dropout_p=BENCH_DROPOUT, training=True, eps=BENCH_EPS, seed=seed)
+            return dropout(F.layer_norm(attn, attn.shape[-1:], eps=BENCH_EPS) * u, BENCH_DROPOUT, True, seed)
+
+        def eager() -> torch.Tensor:
+            return F.dropout(F.layer_norm(attn, attn.shape[-1:], eps=BENCH_EPS) * u, BENCH_DROPOUT, training=True)
+
+        work = {"fwd": 3.0 * elements, "bwd": 5.0 * elements, "fwd+bwd": 8.0 * elements}
+        return BenchCase(tuple(shape), call, [attn, u], work, eager_call=eager)
+
+    if variant in INPUT_VARIANTS:
+        cols = 4 * attn_dim
+        x = random_values(g, rows, model_dim, dtype=wide if mixed else dtype, device=device)
+        weight = random_values(g, model_dim, cols, dtype=wide if mixed else dtype, device=device, scale=0.05)
+        keep_pre, normalization = INPUT_VARIANTS[variant]
+        forced = _triton_entry("attention_input_with", "attention_input", (x, weight))
+
+        def call(backend: str) -> torch.Tensor:
+            with autocast():
+                if backend == "triton" and (variant != "input" or options.call == "direct"):
+                    return forced()(x, weight, eps=BENCH_EPS, keep_pre=keep_pre, normalization=normalization)
+                return attention_input(x, weight, eps=BENCH_EPS, backend=backend, validate=validate)
+
+        def eager() -> torch.Tensor:
+            with autocast():
+                return F.silu(F.layer_norm(x, x.shape[-1:], eps=BENCH_EPS) @ weight)
+
+        x_bytes, out_bytes = rows * model_dim * x.element_size(), rows * cols * (act_size if mixed else x.element_size())
+        weight_bytes = weight.numel() * weight.element_size()
+        fwd, bwd = x_bytes + out_bytes + weight_bytes, out_bytes + 2 * x_bytes + weight_bytes
+        return BenchCase(tuple(shape), call, [x, weight], {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
+                         eager_call=eager)
+
+    x = random_values(g, rows, model_dim, dtype=wide if mixed else dtype, device=device)
+    attn, u = (random_values(g, rows, attn_dim, dtype=dtype, device=device) for _ in range(2))
+    weight = random_values(g, model_dim, attn_dim, dtype=wide if mixed else dtype, device=device, scale=0.02)
+    bias_vec = random_values(g, model_dim, dtype=wide if mixed else dtype, device=device, scale=0.02)
+    projection = OUTPUT_VARIANTS[variant]
+    forced = _triton_entry("attention_output_with", "attention_output", (x, attn, u, weight))
+    arguments = dict(dropout_p=BENCH_DROPOUT, training=True, eps=BENCH_EPS, seed=seed)
 
     def call(backend: str) -> torch.Tensor:
-        return attention_output(x, attn, u, weight, bias_vec, dropout_p=0.2, training=True, seed=0, backend=backend)
+        with autocast():
+            if backend == "triton" and (variant != "output" or options.call == "direct"):
+                return forced()(x, attn, u, weight, bias_vec, projection=projection, **arguments)
+            return attention_output(x, attn, u, weight, bias_vec, backend=backend, validate=validate, **arguments)
 
-    flops = 2.0 * total * model_dim * attn_dim
-    return BenchCase(tuple(shape), call, leaves, {"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
+    def eager() -> torch.Tensor:
+        with autocast():
+            gated = F.dropout(F.layer_norm(attn, attn.shape[-1:], eps=BENCH_EPS) * u, BENCH_DROPOUT, training=True)
+            return x + F.linear(gated, weight, bias_vec)
 
+    residual_bytes = rows * model_dim * x.element_size()  # x, out and dout alike
+    gate_bytes = rows * attn_dim * act_size
+    parameter_bytes = (weight.numel() + bias_vec.numel()) * weight.element_size()
+    fwd = 2 * gate_bytes + 2 * residual_bytes + parameter_bytes
+    bwd = residual_bytes + 4 * gate_bytes + parameter_bytes
+    return BenchCase(tuple(shape), call, [x, attn, u, weight, bias_vec], {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
+                     eager_call=eager)
+
+
+def _triton_entry(function: str, dispatched_as: str, tensors) -> Callable[[], Callable]:
+    """A getter of a function of the Triton module (the variants' entry points), resolved on first use;
+    ProviderUnavailable, with the manager's reason for ``dispatched_as`` on these tensors, where the
+    Triton kernels cannot run."""
+    resolved = []
+
+    def get() -> Callable:
+        if not resolved:
+            triton_function(KEY, dispatched_as, tensors)
+            resolved.append(getattr(importlib.import_module(SPEC.triton_module), function))
+        return resolved[0]
+
+    return get
+
+
+_SHAPES = tuple((rows, dim, dim) for rows in (25_600, 200_000) for dim in (50, 64, 256, 512))
 
 SPEC = OperatorSpec(
     key=KEY,
     summary="the STU block's LayerNorms: SiLU(LayerNorm(x) @ W_uvqk) and x + W_o(Dropout(LayerNorm(attn) * u))",
     module="attention_layernorm",
     functions=("attention_input", "attention_output"),
-    triton=False,
-    bench=BenchSpec(
-        shape_fields=("B", "N", "D", "HDV"),
-        default_shapes=((128, 200, 50, 50), (64, 1024, 256, 256), (32, 4096, 512, 512)),
-        build=build_bench_case,
-    ),
+    triton=True,
+    bench=BenchSpec(shape_fields=("L", "D", "HDV"), default_shapes=_SHAPES, build=build_bench_case, rate_unit="GB/s"),
 )
