@@ -1,5 +1,12 @@
-"""Operator interaction: the top-k reference against a brute-force sort, chunking, host-sync freedom,
-and the public function's input checks."""
+"""Operator interaction: the top-k reference against a brute-force sort, chunking, host-sync freedom
+and the public function's input checks; then the Triton backend against the float64 truth and the
+reference (CPU: the interpreter, fp32 and fp16; ``gpu``: full sizes in bf16, CUDA graphs, Inductor,
+AOTInductor, autocast). The tolerance is defined above the Triton tests."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hstu_kernels
+import hstu_kernels.jagged
+from hstu_kernels.manager import TritonOperatorManager
 from hstu_kernels.reference.topk import topk_items
 
 
@@ -134,3 +143,510 @@ def test_topk_without_validation_reads_nothing_on_the_host():
     compiled = torch.compile(run, backend="eager", fullgraph=True)
     for got, want in zip(compiled(queries, table), run(queries, table)):
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton backend against the float64 truth and the reference
+#
+# Tolerance: every fp32 score, ours and the reference's, lies within tol_b = 2 (D + 3) 2^-24
+# ||q_b|| max_i ||t_i|| of its float64 value on the same (rounded) inputs (cosine: ||.|| <= 1).
+# That bounds a dot product of D terms summed in any order, plus the norm scaling, with the
+# tensor cores' truncating accumulation counted twice. Two items whose true scores differ by
+# more than 2 tol_b are therefore ordered by both as by the truth; closer pairs ("near-ties") may
+# come out either way. Without near-ties ours equals the reference exactly (ids and ranks); with
+# them, both must be valid answers under the tolerance (``assert_valid_topk``).
+# ---------------------------------------------------------------------------------------------
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+TRITON_MODULE = "hstu_kernels.triton.topk"
+# The interpreter computes bf16 wrongly: bf16 only on the GPU.
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def triton_unavailable_reason() -> str | None:
+    ok, why = TritonOperatorManager.availability("interaction")
+    return None if ok else why
+
+
+needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One retrieval call described by plain values (hypothesis prints a failing one)."""
+
+    num_queries: int
+    num_items: int
+    dim: int
+    k: int
+    seed: int
+    dtype: torch.dtype = torch.float32
+    l2_norm: bool = True
+    exclude: str = "random"  # "none", "empty" (lists of length 0), "random" (lengths 0, 1, any; repeats)
+    targets: bool = True
+    splits: int | None = None  # the Triton plan's split count (None: its own choice)
+
+
+def make_inputs(case: Case, device=DEVICE) -> dict:
+    g = torch.Generator().manual_seed(case.seed)
+    queries = torch.randn(case.num_queries, case.dim, generator=g).to(case.dtype)
+    table = torch.randn(case.num_items, case.dim, generator=g).to(case.dtype)
+    inputs = dict(queries=queries, item_table=table, k=case.k, l2_norm=case.l2_norm)
+    if case.targets:
+        inputs["target_ids"] = torch.randint(0, max(case.num_items, 1), (case.num_queries,), generator=g)
+    if case.exclude != "none":
+        lengths = [0] * case.num_queries
+        if case.exclude == "random":
+            choices = [0, 1, case.num_items // 3, case.num_items + 5]  # the last one holds repeats
+            lengths = [choices[i] for i in torch.randint(0, 4, (case.num_queries,), generator=g).tolist()]
+        ids = torch.randint(0, max(case.num_items, 1), (sum(lengths),), generator=g)
+        if case.targets and case.num_queries and lengths[0]:  # the first query also lists its target
+            ids[0] = inputs["target_ids"][0]
+        inputs.update(exclude_ids=ids, exclude_offsets=offsets_of(lengths))
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in inputs.items()}
+
+
+def truth_of(inputs) -> torch.Tensor:
+    """[B, I] float64 scores of the (rounded) inputs."""
+    q, t = inputs["queries"].double(), inputs["item_table"].double()
+    if inputs["l2_norm"]:
+        q, t = F.normalize(q, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
+    return q @ t.T
+
+
+def tolerance_of(inputs) -> torch.Tensor:
+    """[B] bound on |fp32 score - float64 score| (see the section comment)."""
+    q, t = inputs["queries"].double(), inputs["item_table"].double()
+    if inputs["l2_norm"]:
+        q, t = F.normalize(q, dim=-1, eps=1e-6), F.normalize(t, dim=-1, eps=1e-6)
+    largest = t.norm(dim=-1).max() if t.shape[0] else torch.zeros((), dtype=torch.float64, device=t.device)
+    return 2 * (q.shape[1] + 3) * 2.0**-24 * q.norm(dim=-1) * largest
+
+
+def largest_tolerance(inputs) -> float:
+    tol = tolerance_of(inputs)
+    return float(tol.max()) if tol.numel() else 0.0
+
+
+def available_of(inputs) -> torch.Tensor:
+    """[B, I] bool: items a query may get (not excluded, or its target)."""
+    num_queries, num_items = inputs["queries"].shape[0], inputs["item_table"].shape[0]
+    device = inputs["queries"].device
+    available = torch.ones(num_queries, num_items, dtype=torch.bool, device=device)
+    if "exclude_ids" in inputs:
+        rows = hstu_kernels.jagged.sequence_index(inputs["exclude_offsets"], inputs["exclude_ids"].shape[0])
+        available[rows, inputs["exclude_ids"].long()] = False
+    if "target_ids" in inputs:
+        available[torch.arange(num_queries, device=device), inputs["target_ids"].long()] = True
+    return available
+
+
+def call(inputs, backend):
+    return hstu_kernels.topk_items(**inputs, backend=backend, validate=backend == "reference")
+
+
+def assert_valid_topk(out, inputs, name=""):
+    """``out`` is a right answer on the float64 truth, up to near-ties (vectorised over queries)."""
+    scores, ids, rank = out
+    truth, tol, available = truth_of(inputs), tolerance_of(inputs), available_of(inputs)
+    num_queries, k = inputs["queries"].shape[0], inputs["k"]
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64 and scores.shape == ids.shape == (num_queries, k)
+    position = torch.arange(k, device=ids.device)
+    filled = position[None, :] < available.sum(1).clamp(max=k)[:, None]
+    assert torch.equal(ids >= 0, filled), f"{name}: ids must fill min(k, items left) slots, then -1"
+    assert torch.isneginf(scores[~filled]).all(), f"{name}: empty slots must score -inf"
+    safe = ids.clamp(min=0)
+    assert available.gather(1, safe)[filled].all(), f"{name}: an excluded item was returned"
+    ordered = torch.where(filled, ids, -1 - position[None, :]).sort(1).values  # empty slots made distinct
+    assert not (ordered[:, 1:] == ordered[:, :-1]).any(), f"{name}: an item was returned twice"
+    got = truth.gather(1, safe)
+    error = (scores.double() - got).abs()[filled]
+    assert (error <= tol[:, None].expand_as(got)[filled]).all(), f"{name}: score error {error.max():.3g} > tol"
+    slack = 2 * tol[:, None]
+    assert ((got[:, :-1] >= got[:, 1:] - slack) | ~filled[:, 1:]).all(), f"{name}: out of order beyond near-ties"
+    if k and truth.shape[1]:
+        spare = truth.shape[1]  # empty slots mark a spare column
+        returned = torch.zeros(num_queries, spare + 1, dtype=torch.bool, device=ids.device)
+        returned = returned.scatter_(1, torch.where(filled, ids, spare), True)[:, :spare]
+        best_left = torch.where(available & ~returned, truth, float("-inf")).max(1).values
+        worst_kept = torch.where(filled, got, float("inf")).min(1).values
+        assert (best_left <= worst_kept + 2 * tol).all(), f"{name}: a better item was left out beyond near-ties"
+    if "target_ids" in inputs:
+        assert rank is not None and rank.dtype == torch.int64 and rank.shape == (num_queries,)
+        target = inputs["target_ids"].long()
+        mine = truth.gather(1, target[:, None])
+        rivals = available.clone()
+        rivals[torch.arange(num_queries, device=rivals.device), target] = False
+        lowest = 1 + (rivals & (truth > mine + 2 * tol[:, None])).sum(1)
+        highest = 1 + (rivals & (truth >= mine - 2 * tol[:, None])).sum(1)
+        assert ((rank >= lowest) & (rank <= highest)).all(), f"{name}: rank off beyond near-ties"
+    else:
+        assert rank is None
+
+
+def near_ties(inputs) -> int:
+    """Pairs whose order decides an answer and whose true scores lie within 2 tol: neighbours among
+    each query's best k + 1 available items, and rivals of its target."""
+    truth, tol, available = truth_of(inputs), tolerance_of(inputs), available_of(inputs)
+    best = torch.where(available, truth, float("-inf")).sort(1, descending=True).values[:, :inputs["k"] + 1]
+    close = (best[:, :-1] - best[:, 1:] <= 2 * tol[:, None]) & torch.isfinite(best[:, 1:])
+    count = int(close.sum())
+    if "target_ids" in inputs:
+        target = inputs["target_ids"].long()
+        mine = truth.gather(1, target[:, None])
+        count += int(((truth - mine).abs() <= 2 * tol[:, None]).sum()) - truth.shape[0]  # less the targets
+    return count
+
+
+def check_case(case: Case):
+    """Ours is valid on the truth; without near-ties it equals the reference exactly."""
+    inputs = make_inputs(case)
+    if case.splits is None:
+        ours = call(inputs, "triton")
+    else:
+        ours = triton_forward(inputs, splits=case.splits)
+    reference = call(inputs, "reference")
+    assert_valid_topk(ours, inputs, "triton")
+    assert_valid_topk(reference, inputs, "reference")
+    if near_ties(inputs) == 0:
+        assert torch.equal(ours[1], reference[1])
+        if case.targets:
+            assert torch.equal(ours[2], reference[2])
+    torch.testing.assert_close(ours[0], reference[0], rtol=0, atol=2 * largest_tolerance(inputs))
+
+
+def triton_forward(inputs, splits=None):
+    """The launcher itself, with a chosen split count (the public path picks its own)."""
+    module = importlib.import_module(TRITON_MODULE)
+    scores, ids, rank = module.topk_items_forward(
+        inputs["queries"], inputs["item_table"], inputs["k"], inputs.get("exclude_ids"), inputs.get("exclude_offsets"),
+        inputs.get("target_ids"), inputs["l2_norm"], splits=splits)
+    return scores, ids, rank if "target_ids" in inputs else None
+
+
+@needs_triton
+@given(
+    num_queries=st.integers(1, 21), num_items=st.integers(1, 90), dim=st.sampled_from([3, 8, 25]),
+    k_fraction=st.floats(0, 1), seed=st.integers(0, 2**16), dtype=st.sampled_from(TRITON_DTYPES[:2]),
+    l2_norm=st.booleans(), exclude=st.sampled_from(["none", "empty", "random"]), targets=st.booleans(),
+    splits=st.sampled_from([None, 1, 3]),
+)
+def test_triton_random_cases(num_queries, num_items, dim, k_fraction, seed, dtype, l2_norm, exclude, targets, splits):
+    k = min(round(k_fraction * num_items), 40)
+    check_case(Case(num_queries, num_items, dim, k, seed, dtype, l2_norm, exclude, targets, splits))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES[:2], ids=str)
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_triton_near_ties_are_the_only_disagreements(dtype, l2_norm):
+    """Items repeated exactly and up to one rounding step, a repeated query, targets among the copies:
+    ours and the reference may differ only where the truth has near-ties, and both stay valid."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(23, 8, generator=g)
+    copies = base[torch.randint(0, 23, (60,), generator=g)]
+    nudged = copies * (1 + 2.0**-22 * torch.randint(-1, 2, copies.shape, generator=g))
+    table = torch.cat([base, copies, nudged]).to(dtype)
+    queries = torch.randn(9, 8, generator=g)
+    queries[4] = queries[3]
+    targets = torch.randint(0, 23, (9,), generator=g)  # each has copies: tied rivals
+    lengths = [0, 3, 1, 7, 0, 2, 9, 4, 1]
+    exclude = torch.randint(0, table.shape[0], (sum(lengths),), generator=g)
+    inputs = dict(queries=queries.to(dtype).to(DEVICE), item_table=table.to(DEVICE), k=17, l2_norm=l2_norm,
+                  exclude_ids=exclude.to(DEVICE), exclude_offsets=offsets_of(lengths).to(DEVICE),
+                  target_ids=targets.to(DEVICE))
+    assert near_ties(inputs) > 0
+    ours, reference = call(inputs, "triton"), call(inputs, "reference")
+    assert_valid_topk(ours, inputs, "triton")
+    assert_valid_topk(reference, inputs, "reference")
+    truth, tol = truth_of(inputs), tolerance_of(inputs)
+    mine = truth.gather(1, inputs["target_ids"][:, None])
+    tied = ((truth - mine).abs() <= 2 * tol[:, None]).sum(1) - 1  # rivals within the tolerance
+    assert ((ours[2] - reference[2]).abs() <= tied).all()
+
+
+@needs_triton
+def test_triton_hand_computed_ties_count_against_the_target():
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.5], [0.9, 0.2, 0.2, 0.4]], device=DEVICE)
+    table = torch.eye(4, device=DEVICE)
+    top, ids, rank = hstu_kernels.topk_items(
+        scores, table, 2, exclude_ids=torch.tensor([1, 0, 2], device=DEVICE),
+        exclude_offsets=torch.tensor([0, 1, 3], device=DEVICE), target_ids=torch.tensor([3, 2], device=DEVICE),
+        l2_norm=False, backend="triton")
+    assert rank.tolist() == [1, 3]
+    assert ids.tolist() == [[3, 2], [3, 1]]  # exact ties go to the smaller id
+    torch.testing.assert_close(top.cpu(), torch.tensor([[0.5, 0.3], [0.4, 0.2]]))
+    _, _, rank = hstu_kernels.topk_items(scores, table, 1, target_ids=torch.tensor([3, 2], device=DEVICE),
+                                         l2_norm=False, backend="triton")
+    assert rank.tolist() == [2, 4]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [
+    Case(0, 7, 4, 3, seed=1),  # no queries
+    Case(5, 9, 4, 0, seed=2),  # k = 0: ranks only
+    Case(6, 9, 5, 9, seed=3),  # k = I: every query runs out of items
+    Case(4, 1, 3, 1, seed=4, exclude="empty"),  # one item
+    Case(7, 40, 6, 5, seed=5, exclude="empty", targets=False),  # exclude_ids of length 0
+], ids=lambda c: f"B{c.num_queries}-I{c.num_items}-k{c.k}-{c.exclude}")
+def test_triton_edge_cases(case):
+    check_case(case)
+
+
+@needs_triton
+def test_triton_everything_excluded_pads_and_keeps_the_target():
+    table = torch.eye(3, device=DEVICE)
+    queries = torch.tensor([[0.3, 0.1, 0.2], [0.0, 0.0, 0.0]], device=DEVICE)  # a zero query scores 0 everywhere
+    exclude = dict(exclude_ids=torch.tensor([2, 0, 1, 1, 0, 1, 2], device=DEVICE),
+                   exclude_offsets=torch.tensor([0, 4, 7], device=DEVICE))
+    top, ids, rank = hstu_kernels.topk_items(queries, table, 3, **exclude, target_ids=torch.tensor([1, 2], device=DEVICE),
+                                             backend="triton")
+    assert ids.tolist() == [[1, -1, -1], [2, -1, -1]] and rank.tolist() == [1, 1]
+    assert torch.isneginf(top[:, 1:]).all() and top[1, 0] == 0
+    _, ids, rank = hstu_kernels.topk_items(queries, table, 2, **exclude, backend="triton")
+    assert rank is None and ids.tolist() == [[-1, -1], [-1, -1]]
+
+
+@needs_triton
+def test_triton_splits_agree():
+    """One split per program or several merged at the end: the same ids, ranks and (within the
+    tolerance: tiles hold other items) scores."""
+    inputs = make_inputs(Case(13, 150, 25, 12, seed=8))
+    assert near_ties(inputs) == 0
+    results = [triton_forward(inputs, splits=s) for s in (1, 2, 5)]
+    for scores, ids, rank in results[1:]:
+        assert torch.equal(ids, results[0][1]) and torch.equal(rank, results[0][2])
+        torch.testing.assert_close(scores, results[0][0], rtol=0, atol=2 * largest_tolerance(inputs))
+
+
+@needs_triton
+def test_triton_writes_every_output_and_clears_its_lists(monkeypatch):
+    """Every buffer the launcher allocates starts as garbage (NaN, -77): outputs and the kernels'
+    candidate lists must all be written before they are read."""
+    inputs = make_inputs(Case(19, 70, 8, 6, seed=9, splits=None))
+    expected = call(inputs, "triton")
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor.fill_(-77)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for splits in (1, 3):
+        got = triton_forward(inputs, splits=splits)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+        assert not torch.isnan(got[0]).any()
+
+
+@needs_triton
+def test_triton_large_k_runs_the_reference():
+    module = importlib.import_module(TRITON_MODULE)
+    inputs = make_inputs(Case(2, module.MAX_TOPK + 3, 4, module.MAX_TOPK + 1, seed=10), device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match="using the reference"):
+        ours = module.topk_items(**{n: v for n, v in inputs.items()})
+    reference = call(inputs, "reference")
+    assert torch.equal(ours[1], reference[1]) and torch.equal(ours[2], reference[2])
+
+
+def test_triton_unsupported_inputs_are_named():
+    module = importlib.import_module(TRITON_MODULE)
+    assert module.unsupported_reason((torch.randn(2, 4), torch.randn(5, 4))) is None
+    assert "int64" in module.unsupported_reason((torch.ones(2, 4, dtype=torch.int64), torch.randn(5, 4)))
+    assert f"> {module.MAX_DIM}" in module.unsupported_reason((torch.randn(2, 513), torch.randn(5, 513)))
+    if module.KERNELS_INTERPRETED:
+        assert "interpreter" in module.unsupported_reason((torch.randn(2, 4).bfloat16(), torch.randn(5, 4)))
+
+
+@needs_triton
+def test_triton_mixed_dtypes_and_strided_inputs():
+    """fp16 queries against an fp32 table (computed in fp32), a table sliced from a wider one."""
+    case = Case(9, 60, 8, 7, seed=11)
+    inputs = make_inputs(case)
+    wide = torch.randn(60, 20, device=DEVICE)
+    wide[:, 3:11] = inputs["item_table"]
+    inputs.update(queries=inputs["queries"].half(), item_table=wide[:, 3:11])
+    assert not inputs["item_table"].is_contiguous()
+    ours = call(inputs, "triton")
+    reference = call(inputs, "reference")
+    assert_valid_topk(ours, inputs, "triton")
+    assert torch.equal(ours[1], reference[1]) and torch.equal(ours[2], reference[2])
+
+
+@needs_triton
+def test_triton_custom_op_opcheck():
+    module = importlib.import_module(TRITON_MODULE)
+    inputs = make_inputs(Case(5, 30, 8, 4, seed=12))
+    arguments = (inputs["queries"], inputs["item_table"], 4, inputs["exclude_ids"], inputs["exclude_offsets"],
+                 inputs["target_ids"], True)
+    torch.library.opcheck(torch.ops.hstu_kernels.topk_items.default, arguments)
+    assert all(torch.equal(a, b) for a, b in zip(module._topk_op(*arguments), module.topk_items_forward(*arguments)))
+
+
+@needs_triton
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_triton_compiled_matches_eager(compile_backend):
+    """torch.compile(fullgraph=True) of the public call (checks off): one graph, the same results."""
+    inputs = make_inputs(Case(7, 50, 8, 5, seed=13))
+
+    def retrieve(queries, item_table):
+        return hstu_kernels.topk_items(queries, item_table, 5, exclude_ids=inputs["exclude_ids"],
+                                       exclude_offsets=inputs["exclude_offsets"], target_ids=inputs["target_ids"],
+                                       backend="triton", validate=False)
+
+    eager = retrieve(inputs["queries"], inputs["item_table"])
+    compiled = torch.compile(retrieve, fullgraph=True, backend=compile_backend)(inputs["queries"], inputs["item_table"])
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+
+
+class Retrieval(torch.nn.Module):
+    """What a serving package embeds: the item table as a buffer, top-k with seen items masked."""
+
+    def __init__(self, item_table: torch.Tensor, k: int):
+        super().__init__()
+        self.register_buffer("item_table", item_table)
+        self.k = k
+
+    def forward(self, queries, exclude_ids, exclude_offsets, target_ids):
+        return hstu_kernels.topk_items(queries, self.item_table, self.k, exclude_ids=exclude_ids,
+                                       exclude_offsets=exclude_offsets, target_ids=target_ids, backend="triton",
+                                       validate=False)
+
+
+@needs_triton
+def test_triton_export_keeps_one_op():
+    inputs = make_inputs(Case(6, 40, 8, 5, seed=14))
+    model = Retrieval(inputs["item_table"], 5)
+    arguments = (inputs["queries"], inputs["exclude_ids"], inputs["exclude_offsets"], inputs["target_ids"])
+    exported = torch.export.export(model, arguments)
+    assert "torch.ops.hstu_kernels.topk_items" in exported.graph_module.code
+    for got, want in zip(exported.module()(*arguments), model(*arguments)):
+        assert torch.equal(got, want)
+
+
+@needs_triton
+def test_interaction_flag_routes_the_model_to_triton():
+    """With the flag on, the model's recommend (full-ranking metrics, inference) runs the Triton kernel
+    through its manager, with the reference's results."""
+    from hstu.data.batch import JaggedBatch
+    from hstu.model.recommender import SequentialRecommender
+
+    encoder = {"_target_": "hstu.model.sasrec.SASRecEncoder", "num_blocks": 1, "num_heads": 2, "dropout": 0.0}
+    loss = {"kind": "sampled", "num_negatives": 4, "temperature": 0.05}
+    g = torch.Generator().manual_seed(16)
+    offsets = torch.tensor([0, 5, 6, 9])
+    batch = JaggedBatch(item_ids=torch.randint(1, 41, (9,), generator=g), timestamps=torch.arange(9) + 1_000_000,
+                        seq_offsets=offsets, targets=torch.randint(1, 41, (3,), generator=g),
+                        target_timestamps=torch.full((3,), 2_000_000), user_ids=torch.arange(3))
+    results = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = SequentialRecommender(40, 8, 8, 0.0, encoder, loss, kernels={"interaction": flag}).eval()
+        results[flag] = model.recommend(batch, k=7, with_target_rank=True)
+        calls = model.manager.get_stats()["interaction"]["calls"]
+        assert calls == ({"triton": 1, "reference": 0} if flag else {"triton": 0, "reference": 1})
+    for got, want in zip(results[True], results[False]):
+        assert torch.equal(got, want) if not got.is_floating_point() else torch.allclose(got, want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 and fp16 at full size, CUDA graphs, Inductor, AOTInductor, autocast
+# ---------------------------------------------------------------------------------------------
+GPU_CASES = [
+    Case(1024, 26744, 50, 200, seed=21, dtype=torch.bfloat16),
+    Case(300, 100_003, 256, 10, seed=22, dtype=torch.bfloat16),
+    Case(77, 3706, 64, 100, seed=23, dtype=torch.float16, l2_norm=False),
+    Case(200, 5000, 50, 20, seed=24, dtype=torch.float32),
+]
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c.num_queries}x{c.num_items}x{c.dim}-k{c.k}-{c.dtype}")
+def test_gpu_full_size(case):
+    inputs = make_inputs(case)
+    ours, reference = call(inputs, "triton"), call(inputs, "reference")
+    assert_valid_topk(ours, inputs, "triton")
+    assert_valid_topk(reference, inputs, "reference")
+    truth, tol = truth_of(inputs), tolerance_of(inputs)
+    mine = truth.gather(1, inputs["target_ids"][:, None])
+    tied = ((truth - mine).abs() <= 2 * tol[:, None]).sum(1) - 1
+    assert ((ours[2] - reference[2]).abs() <= tied).all()
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_cuda_graph_replays_new_inputs():
+    """Captured once (no host reads in the launch path), replayed on new values copied into the inputs."""
+    first, second = (make_inputs(Case(1024, 26744, 50, 200, seed=s, dtype=torch.bfloat16)) for s in (31, 32))
+    static = {name: value.clone() if torch.is_tensor(value) else value for name, value in first.items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(static, "triton")  # warm-up: compilation and the launch plan outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = hstu_kernels.topk_items(**static, backend="triton", validate=False)
+    for new in (second, first):
+        for name, value in new.items():
+            if torch.is_tensor(value):
+                static[name].copy_(value)
+        graph.replay()
+        expected = call(new, "triton")
+        for got, want in zip(captured, expected):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_inductor_compiles_the_kernels_into_the_graph():
+    """On the GPU the op is a triton_op: Inductor sees (and compiles) its three kernels, and torch's
+    compile caches key on their source."""
+    importlib.import_module(TRITON_MODULE)
+    kernels_of = getattr(torch._library.triton, "get_triton_kernels_for_op", None)  # newer torch only
+    if kernels_of is not None:
+        assert sorted(kernel.fn.__name__ for kernel in kernels_of("hstu_kernels::topk_items")) == [
+            "_topk_kernel", "_topk_merge_kernel", "_topk_prologue_kernel"]
+    inputs = make_inputs(GPU_CASES[0])
+
+    def retrieve(queries, item_table):
+        return hstu_kernels.topk_items(queries, item_table, 200, exclude_ids=inputs["exclude_ids"],
+                                       exclude_offsets=inputs["exclude_offsets"], target_ids=inputs["target_ids"],
+                                       backend="triton", validate=False)
+
+    eager = retrieve(inputs["queries"], inputs["item_table"])
+    compiled = torch.compile(retrieve, fullgraph=True)(inputs["queries"], inputs["item_table"])
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_aot_inductor_package_runs_the_kernels(tmp_path):
+    """torch.export keeps one hstu_kernels::topk_items node; AOTInductor compiles its Triton kernels
+    into the package, which runs without this Python code's launchers."""
+    inputs = make_inputs(GPU_CASES[0])  # the kernels compiled for test_gpu_full_size: no new variant
+    model = Retrieval(inputs["item_table"], GPU_CASES[0].k)
+    arguments = (inputs["queries"], inputs["exclude_ids"], inputs["exclude_offsets"], inputs["target_ids"])
+    exported = torch.export.export(model, arguments)
+    assert "torch.ops.hstu_kernels.topk_items" in exported.graph_module.code
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "retrieval.pt2"))
+    loaded = torch._inductor.aoti_load_package(package)
+    for got, want in zip(loaded(*arguments), model(*arguments)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_autocast_leaves_scores_in_fp32():
+    """Under bf16 autocast (as the model evaluates) the scores stay fp32 from fp32 inputs, as the reference's."""
+    inputs = make_inputs(GPU_CASES[3])
+    plain = call(inputs, "triton")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        autocast = call(inputs, "triton")
+        reference = call(inputs, "reference")
+    assert autocast[0].dtype == reference[0].dtype == torch.float32
+    for got, want in zip(autocast, plain):
+        assert torch.equal(got, want)
+    assert_valid_topk(reference, inputs, "reference under autocast")  # fp32 as well: within the fp32 tolerance

@@ -1,0 +1,667 @@
+"""Triton backend of ``interaction``: ``topk_items``, every query scored against the whole item table
+in one streaming pass, seen items masked, the top k kept and the target's rank counted, without a
+[B, I] score matrix.
+
+Layers: ``@triton.jit`` kernels -> ``topk_items_forward`` (the launcher: a launch plan cached per
+shape, three launches, nothing read back) -> the ``torch.library`` op ``hstu_kernels::topk_items``
+(a ``triton_op`` on the GPU, so that ``torch.export`` keeps it as one node and AOTInductor compiles
+its kernels into the package; under the interpreter a plain custom op with a fake) -> ``topk_items``,
+which ``hstu_kernels.topk_items`` dispatches to after its input checks. Forward only: retrieval has
+no gradient.
+
+How it computes, and why (kernel notes: ``topk_notes.md``):
+- One program per (block of queries, split of the items). It holds its queries in registers (fp32:
+  re-read in chunks of D) and streams its split's item tiles through ``tl.dot`` (fp32 accumulation;
+  cosine scores are the raw dot scaled by both inverse norms: the inputs are never normalised into
+  a copy).
+- Exclusions: a prologue kernel turns each query's jagged list into keys ``b * (I + 2) + id + 1``
+  and one ``torch.sort`` puts every list in order without moving it out of its own segment. Each
+  program walks its rows' sorted lists with one cursor per row, once over the split: per tile it
+  reads the keys that fall inside the tile (a window of 16 per row at a time) into a bit mask of
+  one 32-bit word per 32 columns, then masks the scores with it. Repeats cost nothing extra, and
+  nothing is read back on the host.
+- The target's score is computed once per row from its own embedding and replaces the target's
+  streamed score, so the returned score, the rank and the top-k agree with each other. The rank
+  counts unexcluded non-target items scoring >= it (ties count against the model).
+- Selection: per row a sorted list of the best KP >= k candidates and an append area of NEW slots.
+  A score enters the append area only above the row's current k-th best (positions from a row
+  cumsum); when an append area would overflow, the lists are merged (bitonic top-k of the append
+  area, then one bitonic merge with the held list) and the thresholds rise. Ties go to the smaller
+  item id, which streaming in id order gives for free.
+- Splits run side by side; a last kernel merges their lists and sums their rank counts. Extra
+  memory is O(B * splits * (KP + NEW)) for the lists plus the sorted keys: never a [B, I] tensor.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from hstu_kernels.normalize import NORM_EPS
+from hstu_kernels.reference import topk as reference
+from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, load_tile
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_DIM = 512
+# Above this k the per-row lists outgrow registers: the reference's chunked torch ops run instead.
+MAX_TOPK = 2048
+# Widest merge of the splits' lists (splits rounded up to a power of 2, times KP) per row.
+MERGE_WIDTH = 8192
+MAX_SPLITS = 64
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _inverse_norm(x, EPS_SQUARED: tl.constexpr):
+    """1 / max(||row||, eps) of an fp32 tile, as ``hstu_kernels.normalize.l2_normalize`` scales."""
+    return tl.rsqrt(tl.maximum(tl.sum(x * x, axis=1), EPS_SQUARED))
+
+
+@triton.jit
+def _pack(value, index):
+    """int64 keys that order as (fp32 value, then smaller int32 index first); index -1 packs lowest."""
+    bits = value.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | ((~index).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _unpack(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), ~(key.to(tl.int32))
+
+
+# Sorting the rows of [R, N] tiles of int64 keys (R, N powers of 2). Compiled, Triton's own bitonic
+# networks (``tl.topk``, ``tl.flip``, ``tl.bitonic_merge``). Interpreted, the same networks built
+# from builtins that numpy evaluates at once: Triton's library reads each element's partner with an
+# xor-sum, which the interpreter runs element by element in Python, and every jit-function call
+# costs it ~10 ms, so these helpers are few and flat.
+INTERPRETED = tl.constexpr(KERNELS_INTERPRETED)
+
+
+@triton.constexpr_function
+def _log2(n):
+    return int(n).bit_length() - 1
+
+
+@triton.constexpr_function
+def _axis_last(n_dims, axis):
+    return [d for d in range(n_dims) if d != axis] + [axis]
+
+
+@triton.constexpr_function
+def _axis_restored(n_dims, axis):
+    order = [d for d in range(n_dims) if d != axis] + [axis]
+    return [order.index(d) for d in range(n_dims)]
+
+
+@triton.jit
+def _bitonic_stage_interpreted(h, stage: tl.constexpr, order: tl.constexpr):
+    """``stage`` rounds of compare-and-swap on the innermost axes of a hypercube [2] * n; order 0
+    ascending, 1 descending, 2 alternating between neighbouring runs (the build-up of a sort)."""
+    n_dims: tl.constexpr = _log2(h.numel)
+    if order == 2:
+        flip = tl.reshape(tl.arange(0, 2), [1] * (n_dims - stage - 1) + [2] + [1] * stage)
+    else:
+        flip = order
+    for i in tl.static_range(stage):
+        bit: tl.constexpr = stage - 1 - i
+        low, high = tl.split(tl.permute(h, _axis_last(n_dims, n_dims - 1 - bit)))
+        other = tl.permute(tl.join(high, low), _axis_restored(n_dims, n_dims - 1 - bit))
+        right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - bit - 1) + [2] + [1] * bit)
+        h = tl.where((h > other) != (flip ^ right).to(tl.int1), other, h)
+    return h
+
+
+@triton.jit
+def _top_rows(x, KP: tl.constexpr):
+    """[R, KP]: each row's KP largest of x [R, N], N >= KP, sorted descending (bitonic top-k)."""
+    if INTERPRETED:
+        LOG_N: tl.constexpr = _log2(x.shape[1])
+        LOG_K: tl.constexpr = _log2(KP)
+        h = tl.reshape(x, [2] * _log2(x.numel))
+        for i in tl.static_range(1, LOG_K + 1):
+            h = _bitonic_stage_interpreted(h, i, 2 if i < LOG_N else 1)
+        for i in tl.static_range(LOG_K + 1, LOG_N + 1):
+            n_dims: tl.constexpr = _log2(h.numel)
+            low, high = tl.split(tl.permute(h, _axis_last(n_dims, n_dims - 1 - LOG_K)))
+            h = _bitonic_stage_interpreted(tl.maximum(low, high), LOG_K, 2 if i < LOG_N else 1)
+        top = tl.reshape(h, [x.shape[0], KP])
+    else:
+        top = tl.topk(x, KP)
+    return top
+
+
+@triton.jit
+def _merge_sorted_rows(high, low):
+    """Each row's best N of two descending-sorted [R, N] tiles, sorted descending: the elementwise
+    max of one against the other reversed is bitonic and holds them; one bitonic merge sorts it."""
+    if INTERPRETED:
+        LOG_N: tl.constexpr = _log2(high.shape[1])
+        n_dims: tl.constexpr = _log2(high.numel)
+        h = tl.reshape(low, [2] * n_dims)
+        for bit in tl.static_range(LOG_N):  # swapping along every bit of the index reverses a row
+            first, second = tl.split(tl.permute(h, _axis_last(n_dims, n_dims - 1 - bit)))
+            h = tl.permute(tl.join(second, first), _axis_restored(n_dims, n_dims - 1 - bit))
+        h = tl.maximum(tl.reshape(high, [2] * n_dims), h)
+        best = tl.reshape(_bitonic_stage_interpreted(h, LOG_N, 1), high.shape)
+    else:
+        best = tl.bitonic_merge(tl.maximum(high, tl.flip(low, 1)), descending=True)
+    return best
+
+
+@triton.jit
+def _lower_bound(keys, first, last, value):
+    """Per row: the first position in [first, last) of the sorted ``keys`` holding a key >= value."""
+    while tl.max(last - first, axis=0) > 0:
+        active = first < last
+        middle = (first + last) // 2
+        key = tl.load(keys + middle, mask=active, other=0)
+        right = active & (key < value)
+        first = tl.where(right, middle + 1, first)
+        last = tl.where(active & ~right, middle, last)
+    return first
+
+
+@triton.jit
+def _exclusion_words(keys, cursor, segment_end, tile_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     WINDOW: tl.constexpr):
+    """(word0..word3, cursor): bit j of word w is set when column 32 w + j of the tile is excluded for
+    that row (BLOCK_N <= 128). Reads each row's sorted keys from its cursor, WINDOW at a time (keys
+    below ``tile_key`` were consumed by earlier tiles), and moves the cursor past the tile."""
+    lane = tl.arange(0, WINDOW)
+    word0 = tl.full([BLOCK_M], 0, tl.int32)
+    word1 = tl.full([BLOCK_M], 0, tl.int32)
+    word2 = tl.full([BLOCK_M], 0, tl.int32)
+    word3 = tl.full([BLOCK_M], 0, tl.int32)
+    taken = tl.full([BLOCK_M], WINDOW, tl.int32)
+    while tl.max(taken, axis=0) == WINDOW:
+        position = cursor[:, None] + lane[None, :]
+        loaded = position < segment_end[:, None]
+        key = tl.load(keys + position, mask=loaded, other=0)
+        offset = key - tile_key[:, None]
+        inside = loaded & (offset < BLOCK_N)
+        # A repeated id (sorted lists hold repeats side by side) sets its bit once, so a sum is an OR.
+        first = tl.load(keys + position - 1, mask=loaded & (position > 0), other=-1) != key
+        column = offset.to(tl.int32)
+        bit = tl.where(inside & first, 1 << (column & 31), 0)
+        word = column >> 5
+        word0 |= tl.sum(tl.where(word == 0, bit, 0), axis=1)
+        if BLOCK_N > 32:
+            word1 |= tl.sum(tl.where(word == 1, bit, 0), axis=1)
+        if BLOCK_N > 64:
+            word2 |= tl.sum(tl.where(word == 2, bit, 0), axis=1)
+            word3 |= tl.sum(tl.where(word == 3, bit, 0), axis=1)
+        taken = tl.sum(inside.to(tl.int32), axis=1)
+        cursor += taken
+    return word0, word1, word2, word3, cursor
+
+
+@triton.jit
+def _exclude_columns(s, word0, word1, word2, word3, BLOCK_N: tl.constexpr):
+    """s with -inf at the columns whose bits are set."""
+    column = tl.arange(0, BLOCK_N)[None, :]
+    chosen = tl.where(column < 32, word0[:, None], word1[:, None])
+    if BLOCK_N > 64:
+        chosen = tl.where(column < 64, chosen, tl.where(column < 96, word2[:, None], word3[:, None]))
+    return tl.where(((chosen >> (column & 31)) & 1) != 0, NEG_INF, s)
+
+
+@triton.jit
+def _clear_lists(cand_values, cand_ids, row_block, split, num_queries, KP: tl.constexpr, NEW: tl.constexpr,
+                 SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, FLUSH_ROWS: tl.constexpr):
+    """Every slot of this program's lists: score -inf, id -1."""
+    held = tl.arange(0, KP)
+    fresh = tl.arange(0, NEW)
+    for first in range(0, BLOCK_M, FLUSH_ROWS):
+        rows = row_block * BLOCK_M + first + tl.arange(0, FLUSH_ROWS)
+        ok = (rows < num_queries)[:, None]
+        base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
+        tl.store(cand_values + base[:, None] + held[None, :], tl.full([FLUSH_ROWS, KP], NEG_INF, tl.float32), mask=ok)
+        tl.store(cand_ids + base[:, None] + held[None, :], tl.full([FLUSH_ROWS, KP], -1, tl.int32), mask=ok)
+        tl.store(cand_values + base[:, None] + KP + fresh[None, :], tl.full([FLUSH_ROWS, NEW], NEG_INF, tl.float32),
+                 mask=ok)
+        tl.store(cand_ids + base[:, None] + KP + fresh[None, :], tl.full([FLUSH_ROWS, NEW], -1, tl.int32), mask=ok)
+
+
+@triton.jit
+def _merge_lists(cand_values, cand_ids, top_scores, top_ids, row_block, split, num_queries,
+                 K: tl.constexpr, KP: tl.constexpr, NEW: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 FLUSH_ROWS: tl.constexpr, FINAL: tl.constexpr):
+    """Merge each row's append area into its held list (the best KP, sorted, ties to the smaller id)
+    and empty the append area; FINAL with one split writes the first k to the outputs instead."""
+    tl.debug_barrier()  # the append stores of every thread are visible from here on
+    held = tl.arange(0, KP)
+    fresh = tl.arange(0, NEW)
+    for first in range(0, BLOCK_M, FLUSH_ROWS):
+        rows = row_block * BLOCK_M + first + tl.arange(0, FLUSH_ROWS)
+        ok = (rows < num_queries)[:, None]
+        base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
+        held_at = base[:, None] + held[None, :]
+        fresh_at = base[:, None] + KP + fresh[None, :]
+        old = _pack(tl.load(cand_values + held_at, mask=ok, other=float("-inf")),
+                    tl.load(cand_ids + held_at, mask=ok, other=-1))
+        new = _pack(tl.load(cand_values + fresh_at, mask=ok, other=float("-inf")),
+                    tl.load(cand_ids + fresh_at, mask=ok, other=-1))
+        value, index = _unpack(_merge_sorted_rows(old, _top_rows(new, KP)))
+        if FINAL and SPLITS == 1:
+            out = rows.to(tl.int64)[:, None] * K + held[None, :]
+            keep = ok & (held[None, :] < K)
+            tl.store(top_scores + out, value, mask=keep)
+            tl.store(top_ids + out, index.to(tl.int64), mask=keep)
+        else:
+            tl.store(cand_values + held_at, value, mask=ok)
+            tl.store(cand_ids + held_at, index, mask=ok)
+            if not FINAL:
+                tl.store(cand_values + fresh_at, tl.full([FLUSH_ROWS, NEW], NEG_INF, tl.float32), mask=ok)
+                tl.store(cand_ids + fresh_at, tl.full([FLUSH_ROWS, NEW], -1, tl.int32), mask=ok)
+    tl.debug_barrier()  # the merged lists are visible to every thread
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _topk_prologue_kernel(
+    items, item_inverse_norms, exclude_ids, exclude_offsets, exclude_keys,
+    num_items, stride_item, norm_programs,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, NORM_ROWS: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    EPS_SQUARED: tl.constexpr,
+):
+    """Programs [0, norm_programs): inverse norms of NORM_ROWS item rows each. Then one program per
+    query: the keys b * (I + 2) + clamp(id, -1, I) + 1 of its exclusions, which sort inside the
+    query's own segment whatever the ids (an id outside [0, I) matches no column)."""
+    pid = tl.program_id(0)
+    if pid < norm_programs:
+        rows = pid * NORM_ROWS + tl.arange(0, NORM_ROWS)
+        ok = rows < num_items
+        dims = tl.arange(0, BLOCK_D)
+        x = load_tile(items + rows.to(tl.int64)[:, None] * stride_item + dims[None, :], ok, dims, D, BLOCK_D, True)
+        tl.store(item_inverse_norms + rows, _inverse_norm(x.to(tl.float32), EPS_SQUARED), mask=ok)
+    else:
+        query = pid - norm_programs
+        start = tl.load(exclude_offsets + query).to(tl.int64)
+        end = tl.load(exclude_offsets + query + 1).to(tl.int64)
+        base = query.to(tl.int64) * (num_items + 2) + 1
+        for first in range(start, end, KEY_BLOCK):
+            position = first + tl.arange(0, KEY_BLOCK)
+            ok = position < end
+            ids = tl.load(exclude_ids + position, mask=ok, other=0).to(tl.int64)
+            tl.store(exclude_keys + position, base + tl.minimum(tl.maximum(ids, -1), num_items), mask=ok)
+
+
+@triton.jit
+def _topk_kernel(
+    queries, items, item_inverse_norms, exclude_keys, exclude_offsets, target_ids,
+    cand_values, cand_ids, rank_partials, top_scores, top_ids, target_rank,
+    num_queries, num_items, stride_query, stride_item, items_per_split, row_blocks,
+    D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NEW: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
+    FLUSH_ROWS: tl.constexpr, WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_TARGET: tl.constexpr,
+    PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
+):
+    """One (block of BLOCK_M queries, split of items_per_split items): stream the split's tiles, keep
+    each row's best KP (>= K) and count the items at or above each target's score."""
+    pid = tl.program_id(0)
+    split = pid // row_blocks  # consecutive programs share a split: its item tiles stay in L2
+    row_block = pid % row_blocks
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_queries
+    dims = tl.arange(0, BLOCK_D)
+    q = load_tile(queries + rows.to(tl.int64)[:, None] * stride_query + dims[None, :], row_ok, dims, D, BLOCK_D, True)
+    if L2_NORM:
+        query_scale = _inverse_norm(q.to(tl.float32), EPS_SQUARED)
+    if HAS_TARGET:
+        target = tl.load(target_ids + rows, mask=row_ok, other=-1).to(tl.int64)
+        safe = tl.minimum(tl.maximum(target, 0), num_items - 1)
+        target_row = load_tile(items + safe[:, None] * stride_item + dims[None, :], row_ok, dims, D, BLOCK_D, True)
+        target_score = tl.sum(q.to(tl.float32) * target_row.to(tl.float32), axis=1)
+        if L2_NORM:
+            target_score = target_score * query_scale * tl.load(item_inverse_norms + safe)
+        rank_count = tl.full([BLOCK_M], 0, tl.int32)
+    lo = split * items_per_split
+    hi = tl.minimum(lo + items_per_split, num_items)
+    if HAS_EXCLUDE:
+        segment_start = tl.load(exclude_offsets + rows, mask=row_ok, other=0).to(tl.int64)
+        segment_end = tl.load(exclude_offsets + rows + 1, mask=row_ok, other=0).to(tl.int64)
+        key_base = rows.to(tl.int64) * (num_items + 2) + 1
+        cursor = _lower_bound(exclude_keys, segment_start, segment_end, key_base + lo)
+    if K > 0:
+        list_base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
+        # Appends address the program's own lists with 32-bit offsets from one base pointer.
+        first_row = row_block * BLOCK_M
+        program_values = cand_values + (first_row.to(tl.int64) * SPLITS + split) * (KP + NEW) + KP
+        program_ids = cand_ids + (first_row.to(tl.int64) * SPLITS + split) * (KP + NEW) + KP
+        row_offset = tl.arange(0, BLOCK_M) * (SPLITS * (KP + NEW))
+        _clear_lists(cand_values, cand_ids, row_block, split, num_queries, KP, NEW, SPLITS, BLOCK_M, FLUSH_ROWS)
+        tl.debug_barrier()
+        appended = tl.full([BLOCK_M], 0, tl.int32)
+        threshold = tl.full([BLOCK_M], NEG_INF, tl.float32)
+
+    columns = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + columns
+        col_ok = cols < hi
+        if HAS_EXCLUDE:  # before the scores exist: fewer values live at once
+            word0, word1, word2, word3, cursor = _exclusion_words(exclude_keys, cursor, segment_end, key_base + start,
+                                                                  BLOCK_M, BLOCK_N, WINDOW)
+        if DOT_CHUNK == BLOCK_D:  # the queries stay in registers
+            tile = load_tile(items + cols.to(tl.int64)[:, None] * stride_item + dims[None, :], col_ok, dims, D,
+                             BLOCK_D, True)
+            s = tl.dot(q, tl.trans(tile), input_precision=PRECISION, out_dtype=tl.float32)
+        else:  # fp32 dots run on FMA units: D in chunks, the queries re-read from L1, so nothing spills
+            s = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            for first in tl.static_range(0, BLOCK_D, DOT_CHUNK):
+                chunk = first + tl.arange(0, DOT_CHUNK)
+                q_part = tl.load(queries + rows.to(tl.int64)[:, None] * stride_query + chunk[None, :],
+                                 mask=row_ok[:, None] & (chunk < D)[None, :], other=0.0)
+                tile = tl.load(items + cols.to(tl.int64)[:, None] * stride_item + chunk[None, :],
+                               mask=col_ok[:, None] & (chunk < D)[None, :], other=0.0)
+                s = tl.dot(q_part, tl.trans(tile), s, input_precision=PRECISION)
+        if L2_NORM:
+            item_scale = tl.load(item_inverse_norms + cols, mask=col_ok, other=0.0)
+            s = s * query_scale[:, None] * item_scale[None, :]
+        s = tl.where(row_ok[:, None] & col_ok[None, :], s, NEG_INF)
+        if HAS_EXCLUDE:
+            if tl.max(((word0 | word1 | word2 | word3) != 0).to(tl.int32), axis=0) > 0:
+                s = _exclude_columns(s, word0, word1, word2, word3, BLOCK_N)
+        if HAS_TARGET:  # never excluded; its score is the one the rank is counted against
+            s = tl.where((cols[None, :] == target[:, None]) & col_ok[None, :], target_score[:, None], s)
+            here = (target >= start) & (target < tl.minimum(start + BLOCK_N, hi))
+            rank_count += tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
+        if K > 0:
+            candidate = s > threshold[:, None]
+            fresh = tl.sum(candidate.to(tl.int32), axis=1)
+            if tl.max(appended + fresh, axis=0) > NEW:
+                _merge_lists(cand_values, cand_ids, top_scores, top_ids, row_block, split, num_queries,
+                             K, KP, NEW, SPLITS, BLOCK_M, FLUSH_ROWS, False)
+                threshold = tl.load(cand_values + list_base + (K - 1), mask=row_ok, other=float("-inf"))
+                appended = tl.full([BLOCK_M], 0, tl.int32)
+                candidate = s > threshold[:, None]
+                fresh = tl.sum(candidate.to(tl.int32), axis=1)
+            if tl.max(fresh, axis=0) > 0:
+                at = row_offset[:, None] + appended[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
+                tl.store(program_values + at, s, mask=candidate)
+                tl.store(program_ids + at, cols[None, :] + at * 0, mask=candidate)
+                appended += fresh
+
+    if K > 0:
+        _merge_lists(cand_values, cand_ids, top_scores, top_ids, row_block, split, num_queries,
+                     K, KP, NEW, SPLITS, BLOCK_M, FLUSH_ROWS, True)
+    if HAS_TARGET:
+        if SPLITS == 1:
+            tl.store(target_rank + rows, (rank_count + 1).to(tl.int64), mask=row_ok)
+        else:
+            tl.store(rank_partials + rows.to(tl.int64) * SPLITS + split, rank_count, mask=row_ok)
+
+
+@triton.jit
+def _topk_merge_kernel(
+    cand_values, cand_ids, rank_partials, top_scores, top_ids, target_rank, num_queries,
+    K: tl.constexpr, KP: tl.constexpr, NEW: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, HAS_TARGET: tl.constexpr,
+):
+    """The splits' sorted lists of each row -> its top k; their rank counts -> the target's rank."""
+    rows = tl.program_id(0) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+    ok = rows < num_queries
+    if K > 0:
+        slot = tl.arange(0, SPLITS_POW2 * KP)
+        split = slot // KP
+        at = (rows.to(tl.int64)[:, None] * SPLITS + split[None, :]) * (KP + NEW) + (slot % KP)[None, :]
+        present = ok[:, None] & (split < SPLITS)[None, :]
+        keys = _pack(tl.load(cand_values + at, mask=present, other=float("-inf")),
+                     tl.load(cand_ids + at, mask=present, other=-1))
+        value, index = _unpack(_top_rows(keys, KP))
+        first = tl.arange(0, KP)
+        out = rows.to(tl.int64)[:, None] * K + first[None, :]
+        keep = ok[:, None] & (first[None, :] < K)
+        tl.store(top_scores + out, value, mask=keep)
+        tl.store(top_ids + out, index.to(tl.int64), mask=keep)
+    if HAS_TARGET:
+        part = tl.arange(0, SPLITS_POW2)
+        counts = tl.load(rank_partials + rows.to(tl.int64)[:, None] * SPLITS + part[None, :],
+                         mask=ok[:, None] & (part < SPLITS)[None, :], other=0)
+        tl.store(target_rank + rows, (tl.sum(counts, axis=1) + 1).to(tl.int64), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plan
+# --------------------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int
+    dot_chunk: int  # the D columns per tl.dot: all of them, or (fp32) 32 at a time
+    kp: int  # held list length: k rounded up to a power of 2 (at least 16)
+    new: int  # append area: max(KP, BLOCK_N), so one tile always fits after a merge
+    splits: int
+    items_per_split: int
+    row_blocks: int
+    flush_rows: int
+    window: int
+    num_warps: int
+    num_stages: int
+    merge_rows: int
+    merge_warps: int
+    splits_pow2: int
+
+
+def _split_cost(items_per_split: int, waves: int, kp: int) -> float:
+    """Relative time of a plan: waves of programs, each streaming its split plus the cost of growing
+    its lists (about k * (1 + ln(n / k)) appends, each paying a share of a bitonic merge)."""
+    list_work = 40 * kp * (1 + math.log(max(items_per_split, kp) / kp))
+    return waves * (items_per_split + list_work + 1024)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int,
+          splits: int | None = None) -> _Plan:
+    """Block sizes and the split count for one problem shape (plain ints: no host helpers per call)."""
+    block_d = block_dim(dim)
+    element = torch.empty(0, dtype=dtype).element_size()
+    dot_chunk = block_d
+    if KERNELS_INTERPRETED:
+        block_m, block_n, window, num_warps = 16, 32, 8, 4
+        if dtype == torch.float32:
+            dot_chunk = min(block_d, 16)
+    elif dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units, whose operands live in registers: small tiles, D in chunks.
+        block_m, block_n, window, num_warps = (32 if num_queries > 16 else 16), 32, 16, 4
+        dot_chunk = min(block_d, 32)
+    else:
+        block_m = 64 if num_queries > 32 else (32 if num_queries > 16 else 16)
+        # An item tile of at most 64 KB keeps two pipeline stages in shared memory at any D <= 512.
+        block_n = max(32, min(128, (64 * 1024) // (block_d * element)))
+        window = 16
+        num_warps = 8 if block_m == 64 else 4
+    kp = max(16, 1 << max(k - 1, 0).bit_length())
+    new = max(kp, block_n)
+    row_blocks = cdiv(num_queries, block_m)
+    if splits is None:
+        largest = max(1, min(MAX_SPLITS, cdiv(num_items, 4 * block_n), MERGE_WIDTH // kp))
+        best = None
+        for candidate in range(1, largest + 1):
+            per_split = cdiv(cdiv(num_items, candidate), block_n) * block_n
+            cost = _split_cost(per_split, cdiv(row_blocks * cdiv(num_items, per_split), multiprocessors), kp)
+            if best is None or cost < best[0]:
+                best = (cost, candidate)
+        splits = best[1]
+    items_per_split = cdiv(cdiv(max(num_items, 1), splits), block_n) * block_n
+    splits = cdiv(max(num_items, 1), items_per_split)
+    splits_pow2 = 1 << (splits - 1).bit_length()
+    merge_rows = max(1, min(16, 4096 // (splits_pow2 * kp)))
+    return _Plan(
+        block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, kp=kp, new=new, splits=splits,
+        items_per_split=items_per_split, row_blocks=row_blocks,
+        flush_rows=max(1, min(block_m, 1024 // max(kp, new))), window=window, num_warps=num_warps,
+        num_stages=2, merge_rows=merge_rows, merge_warps=4 if splits_pow2 * kp * merge_rows <= 2048 else 8,
+        splits_pow2=splits_pow2,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device_index: int) -> int:
+    if KERNELS_INTERPRETED or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+def topk_items_forward(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    exclude_ids: Optional[torch.Tensor],
+    exclude_offsets: Optional[torch.Tensor],
+    target_ids: Optional[torch.Tensor],
+    l2_norm: bool,
+    splits: Optional[int] = None,
+    traced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the prologue, the streaming kernel and (with more than one split) the merge ->
+    (scores [B, k] fp32, ids [B, k] int64, target rank [B] int64, or [0] without targets).
+    ``queries`` and ``item_table`` share a dtype and have unit stride in D; ``splits`` overrides the
+    plan's split count (tests); ``traced``: called inside the op, whose trace must see the kernels."""
+    num_queries, dim = queries.shape
+    num_items = item_table.shape[0]
+    device = queries.device
+    scores = torch.empty((num_queries, k), dtype=torch.float32, device=device)
+    ids = torch.empty((num_queries, k), dtype=torch.int64, device=device)
+    has_target = target_ids is not None
+    rank = torch.empty((num_queries if has_target else 0,), dtype=torch.int64, device=device)
+    if num_queries == 0:
+        return scores, ids, rank
+    if num_items == 0:  # nothing to rank: empty lists, every target first
+        return scores, ids, rank.fill_(1)
+    has_exclude = exclude_ids is not None and exclude_ids.shape[0] > 0
+    plan = _plan(num_queries, num_items, dim, k, queries.dtype, _multiprocessors(device.index or 0), splits)
+    # Inside the op a trace must record the launches (``wrap_triton`` hands back the kernel itself
+    # where the op runs for real); torch reads these calls to key its caches on the kernels' source.
+    wrap = traced and not KERNELS_INTERPRETED
+    prologue_kernel = wrap_triton(_topk_prologue_kernel) if wrap else _topk_prologue_kernel
+    main_kernel = wrap_triton(_topk_kernel) if wrap else _topk_kernel
+    merge_kernel = wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel
+    eps_squared = NORM_EPS * NORM_EPS
+    item_inverse_norms = torch.empty((num_items if l2_norm else 0,), dtype=torch.float32, device=device)
+    exclude_keys = torch.empty((exclude_ids.shape[0] if has_exclude else 0,), dtype=torch.int64, device=device)
+    norm_programs = cdiv(num_items, 32) if l2_norm else 0
+    if l2_norm or has_exclude:
+        prologue_kernel[(norm_programs + (num_queries if has_exclude else 0),)](
+            item_table, item_inverse_norms, exclude_ids if has_exclude else exclude_keys,
+            exclude_offsets if has_exclude else exclude_keys, exclude_keys,
+            num_items, item_table.stride(0), norm_programs,
+            D=dim, BLOCK_D=plan.block_d, NORM_ROWS=32, KEY_BLOCK=256, EPS_SQUARED=eps_squared,
+            num_warps=4,
+        )
+    if has_exclude:
+        exclude_keys = torch.sort(exclude_keys).values
+    list_slots = num_queries * plan.splits * (plan.kp + plan.new) if k > 0 else 0
+    cand_values = torch.empty((list_slots,), dtype=torch.float32, device=device)
+    cand_ids = torch.empty((list_slots,), dtype=torch.int32, device=device)
+    rank_partials = torch.empty((num_queries * plan.splits if has_target and plan.splits > 1 else 0,),
+                                dtype=torch.int32, device=device)
+    main_kernel[(plan.row_blocks * plan.splits,)](
+        queries, item_table, item_inverse_norms, exclude_keys,
+        exclude_offsets if has_exclude else exclude_keys, target_ids if has_target else exclude_keys,
+        cand_values, cand_ids, rank_partials, scores, ids, rank,
+        num_queries, num_items, queries.stride(0), item_table.stride(0), plan.items_per_split, plan.row_blocks,
+        D=dim, K=k, KP=plan.kp, NEW=plan.new, SPLITS=plan.splits, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, FLUSH_ROWS=plan.flush_rows, WINDOW=plan.window, L2_NORM=l2_norm,
+        HAS_EXCLUDE=has_exclude, HAS_TARGET=has_target, PRECISION=dot_precision(queries.dtype),
+        EPS_SQUARED=eps_squared, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if plan.splits > 1 and (k > 0 or has_target):
+        merge_kernel[(cdiv(num_queries, plan.merge_rows),)](
+            cand_values, cand_ids, rank_partials, scores, ids, rank, num_queries,
+            K=k, KP=plan.kp, NEW=plan.new, SPLITS=plan.splits, SPLITS_POW2=plan.splits_pow2,
+            MERGE_ROWS=plan.merge_rows, HAS_TARGET=has_target, num_warps=plan.merge_warps,
+        )
+    return scores, ids, rank
+
+
+def _topk_items_op(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    exclude_ids: Optional[torch.Tensor],
+    exclude_offsets: Optional[torch.Tensor],
+    target_ids: Optional[torch.Tensor],
+    l2_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return topk_items_forward(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, l2_norm, traced=True)
+
+
+if KERNELS_INTERPRETED:  # interpreted kernels cannot run on fake tensors: an opaque op with a fake
+    _topk_op = torch.library.custom_op("hstu_kernels::topk_items", _topk_items_op, mutates_args=())
+
+    @_topk_op.register_fake
+    def _topk_items_fake(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, l2_norm):
+        rows = queries.shape[0]
+        return (queries.new_empty((rows, k), dtype=torch.float32), queries.new_empty((rows, k), dtype=torch.int64),
+                queries.new_empty((rows if target_ids is not None else 0,), dtype=torch.int64))
+else:  # export keeps one node; torch.compile and AOTInductor see (and compile) the kernels inside
+    _topk_op = torch.library.triton_op("hstu_kernels::topk_items", _topk_items_op, mutates_args=())
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton backend of hstu_kernels.topk_items (called through the operator registry)
+# --------------------------------------------------------------------------------------------
+def topk_items(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    *,
+    exclude_ids: torch.Tensor | None = None,
+    exclude_offsets: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    l2_norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(scores [B, k] fp32, ids [B, k] int64, target_rank [B] int64 or None), as the reference defines
+    them (inputs checked by the caller). Scores in fp32 whatever the input dtype and autocast; k above
+    ``MAX_TOPK`` runs the reference's chunked torch ops."""
+    k = int(k)
+    if k > MAX_TOPK:
+        warnings.warn(f"topk_items: k={k} > {MAX_TOPK}, the largest the Triton kernel keeps; using the reference",
+                      stacklevel=2)
+        return reference.topk_items(queries, item_table, k, exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,
+                                    target_ids=target_ids, l2_norm=l2_norm)
+    dtype = torch.promote_types(queries.dtype, item_table.dtype)
+    queries, item_table = (_rows_of(x.to(dtype)) for x in (queries, item_table))
+    if exclude_ids is None:
+        exclude_offsets = None
+    # Eager calls on plain tensors skip the dispatcher (tens of microseconds a call); traces (compile,
+    # export, fake or functional tensors) must see the op.
+    traced = (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+              or type(queries) not in (torch.Tensor, torch.nn.Parameter))
+    arguments = (queries, item_table, k, exclude_ids, exclude_offsets, target_ids, bool(l2_norm))
+    scores, ids, rank = _topk_op(*arguments) if traced else topk_items_forward(*arguments)
+    return scores, ids, rank if target_ids is not None else None
+
+
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along D (what the kernels' tile loads assume)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why the Triton kernel cannot run on (queries, item_table); None when it can."""
+    for tensor in tensors[:2]:
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {tensor.dtype} is not supported (float16, bfloat16, float32)"
+        if tensor.dtype == torch.bfloat16 and KERNELS_INTERPRETED:
+            return "bfloat16 under TRITON_INTERPRET (the interpreter computes bf16 wrongly)"
+    if tensors[0].dim() == 2 and tensors[0].shape[-1] > MAX_DIM:
+        return f"embedding dim {tensors[0].shape[-1]} > {MAX_DIM}"
+    return None
