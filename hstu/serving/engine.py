@@ -15,26 +15,21 @@ How the path is chosen (checked in this order; each call reports the outcome in
    request computes its whole window and leaves its keys and values in the cache. The report says
    hit or miss and why (no entry, window slid past max_seq_len, events changed, another export),
    or why the cache is off.
-4. CUDA graph: on CUDA, a request that computes a whole window of W tokens replays a graph captured
-   for ``graph_tokens`` >= W (the window plus a filler sequence that pads it; its output is
-   dropped), when graphs are on and every operator's kernel can be captured (the manager's choices
-   read no device values). Captured graphs are kept per size bucket (``graph_buckets``).
-5. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
+4. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
+Operators are launched eagerly: ``cuda_graph`` and ``compiled`` are reported, and false.
 
 Results equal ``Recommender.recommend`` on the same history and request time: exactly for a whole
-window computed eagerly, within float32 rounding (1e-5 on cosine scores, tests/test_serving.py) for
-an incremental step, a graph replay or a batch (other shapes sum in another order).
+window, within float32 rounding (1e-5 on cosine scores, tests/test_serving.py) for an incremental
+step or a batch (other shapes sum in another order).
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -51,12 +46,19 @@ DEFAULT_CACHE_BYTES = 1 << 30
 LATENCY_WINDOW = 100_000  # latencies kept for the percentiles (the most recent)
 
 
+def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
+    """Operator flags for serving on ``device``: Triton for every operator on CUDA (the manager falls
+    back to the reference, with a logged reason, where a kernel is missing or cannot run); the
+    reference on the CPU, where Triton runs only in its interpreter (a test tool)."""
+    on_cuda = torch.device(device).type == "cuda"
+    return {op: on_cuda for op in hstu_kernels.OPERATORS}
+
+
 @dataclass(frozen=True)
 class ServingOptions:
     """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
-    cuda_graphs: bool = True
 
 
 @dataclass
@@ -267,6 +269,20 @@ class ServingEngine:
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def warm_up(self) -> None:
+        """Run a whole window and an incremental step once (kernels compile, memory pools grow), then
+        forget them: the cache and the counters start empty."""
+        catalogue = self.recommender.item_original_ids
+        length = self.model.max_seq_len
+        items = [catalogue[i % len(catalogue)] for i in range(length + 1)]
+        times = list(range(1_000_000_000, 1_000_000_000 + length + 1))
+        for n in (length - 1, length, 1):
+            self.infer_batch([Request("__warm_up__", items[:n], times[:n], 1)])
+        with self._lock:
+            if self.cache is not None:
+                self.cache = KVCache(self.options.cache_bytes)
+            self._stats = _Stats()
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
