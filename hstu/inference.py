@@ -133,6 +133,7 @@ class Recommender:
         self._original_ids = np.empty(len(self.item_original_ids), dtype=object)
         self._original_ids[:] = self.item_original_ids
         self._engine = None
+        self.export_dir: Path | None = None  # set by from_export; the engine looks for compiled packages there
 
     @classmethod
     def from_export(
@@ -153,7 +154,9 @@ class Recommender:
             model.load_state_dict(load_weights(weights_path), strict=True)
         except RuntimeError as error:
             raise ExportFormatError(f"{weights_path}: does not match {path / CONFIG_FILE} ({error})") from error
-        return cls(model, read_item_ids(path, model.num_items), config=config, device=device)
+        recommender = cls(model, read_item_ids(path, model.num_items), config=config, device=device)
+        recommender.export_dir = path
+        return recommender
 
     @property
     def max_seq_len(self) -> int:

@@ -15,8 +15,12 @@ How the path is chosen (checked in this order; each call reports the outcome in
    request computes its whole window and leaves its keys and values in the cache. The report says
    hit or miss and why (no entry, window slid past max_seq_len, events changed, another export),
    or why the cache is off.
-4. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
-Operators are launched eagerly: ``cuda_graph`` and ``compiled`` are reported, and false.
+4. Compiled package: when the cache does not serve (off, or no incremental path) and the export
+   folder holds a scoring package built for exactly this target (``hstu.serving.compiled``: device,
+   CPU and GPU architecture, torch version) whose k covers the request, whole windows run through
+   it (``compiled``: true). Otherwise operators are launched eagerly.
+5. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
+CUDA graphs are not used (``cuda_graph``: false in every report).
 
 Results equal ``Recommender.recommend`` on the same history and request time: exactly for a whole
 window, within float32 rounding (1e-5 on cosine scores, tests/test_serving.py) for an incremental
@@ -56,9 +60,11 @@ def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
 
 @dataclass(frozen=True)
 class ServingOptions:
-    """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off."""
+    """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off; ``compiled`` False
+    ignores a compiled scoring package in the export folder."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    compiled: bool = True
 
 
 @dataclass
@@ -124,8 +130,28 @@ class ServingEngine:
         else:
             self.cache, self.cache_off_reason = KVCache(self.options.cache_bytes), None
         self.export_fingerprint = model_fingerprint(self.model, self.device)
+        self.package, self.package_k, self.package_reason = self._load_package()
         self._stats = _Stats()
         self._lock = threading.Lock()  # one batch at a time: the cache and the model are shared
+
+    def _load_package(self):
+        """(the export's compiled scoring package for this target or None, its k, why not)."""
+        if not self.options.compiled:
+            return None, 0, "switched off"
+        if self.cache is not None:
+            return None, 0, "the KV cache serves (the package computes whole windows only)"
+        export_dir = getattr(self.recommender, "export_dir", None)
+        if export_dir is None:
+            return None, 0, "not loaded from an export folder"
+        from hstu.serving.compiled import matching_package, package_file_name, target_name
+
+        path = matching_package(export_dir, self.recommender.config, self.device)
+        if path is None:
+            return None, 0, f"no {package_file_name(target_name(self.device))} in {export_dir}"
+        from torch._inductor import aoti_load_package
+
+        package = aoti_load_package(str(path))
+        return package, self.recommender.config["compiled"][path.name]["k"], f"{path.name}"
 
     # ---- requests -----------------------------------------------------------------------------
     def infer(self, user_id, user_behaviors, num_recommendations: int, request_time: int | None = None) -> dict:
@@ -175,12 +201,18 @@ class ServingEngine:
                 request_times[b] = request.request_time
         plans = [self._plan(request, events, window_items, window_times, window_offsets, b)
                  for b, request in enumerate(requests)]
+        k = max(r.k for r in requests)
+        if self.package is not None and k <= self.package_k:
+            scores, ids = self.package(*(self._to_device(a) for a in (
+                window_items, window_times, window_offsets, request_times, events.item_ids, events.offsets)))
+            ranked = self.recommender.ranked(ids.cpu().numpy(), scores.cpu().numpy())
+            return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
+                    for b, (request, plan) in enumerate(zip(requests, plans))]
         calls_before = _call_counts(self.manager)
         if self.encoder is None:
             queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
         else:
             queries = self._encode(plans, window_items, window_times, request_times)
-        k = max(r.k for r in requests)
         with torch.no_grad():
             scores, ids, _ = hstu_kernels.topk_items(
                 queries.float(), self.model.item_table[1:].float(), k,
@@ -248,7 +280,8 @@ class ServingEngine:
         with torch.no_grad():
             return self.model.user_states(batch.to(self.device))
 
-    def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int) -> dict:
+    def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
+                compiled: bool = False) -> dict:
         window_len = plan.window.stop - plan.window.start
         return {
             "recommendations": [{"item": item, "score": score} for item, score in ranked],
@@ -256,13 +289,14 @@ class ServingEngine:
                 "path": "incremental" if plan.cached is not None else "whole window",
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "kernels": kernels,
+                "kernels": kernels if not compiled else "inside the compiled package",
                 "kv_cache": plan.cache_outcome,
                 "kv_cache_detail": plan.cache_detail,
                 "positions_reused": plan.first_new,
                 "positions_computed": window_len - plan.first_new,
                 "cuda_graph": False,
-                "compiled": False,
+                "compiled": compiled,
+                "compiled_detail": self.package_reason,
                 "batch_size": batch_size,
             },
         }
@@ -301,6 +335,7 @@ class ServingEngine:
             "kv_cache": cache,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "compiled_package": self.package_reason,
             "kernels": self.manager.get_stats(),
             "kernel_availability": self.manager.get_operator_availability(),
         }
