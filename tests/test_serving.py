@@ -96,15 +96,19 @@ def dict_lookup(original_ids, items):
     return [index_of.get(normalise(item), 0) for item in items]
 
 
-@pytest.mark.parametrize("kind", ["int", "str"])
+@pytest.mark.parametrize("kind", ["int-dense", "int-sparse", "str"])
 def test_vectorised_id_lookup_equals_the_dict_mapping(kind):
+    """Dense table (ids within a small span), hash index (sparse 64-bit ids) and str ids."""
     rng = np.random.default_rng(1)
-    catalogue = rng.choice(10**9, 500, replace=False).tolist()
+    catalogue = rng.choice(10**9 if kind != "int-dense" else 2000, 500, replace=False).tolist()
+    if kind == "int-sparse":
+        catalogue = [c * 2**30 for c in catalogue]
     if kind == "str":
         catalogue = [f"B{c:010d}" for c in catalogue]
     index = ItemIdIndex(catalogue)
+    assert (index._dense is not None) == (kind == "int-dense")
     known = rng.choice(catalogue, 300).tolist()
-    unknown = ["nope", "B0000000000"] if kind == "str" else [-5, 10**9 + 3]
+    unknown = ["nope", "B0000000000", 7] if kind == "str" else [-5, 10**9 + 3, 2**62, "12"]
     queries = known + unknown
     rng.shuffle(queries)
     assert index.lookup(queries).tolist() == dict_lookup(catalogue, queries)
