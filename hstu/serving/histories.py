@@ -60,22 +60,25 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
         raise ValueError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
     lengths = np.empty(len(histories), dtype=np.int64)
-    time_parts, item_parts = [], []
+    item_parts, time_parts = [], []
     for user, (items, timestamps) in enumerate(histories):
-        timestamps = np.asarray(timestamps)
         if len(items) != len(timestamps):
             raise ValueError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
-        if timestamps.size and (timestamps.dtype.kind not in "iu" or timestamps.ndim != 1):
-            raise ValueError(f"history {user}: timestamps must be integer Unix seconds, got dtype {timestamps.dtype}")
         lengths[user] = len(items)
-        time_parts.append(timestamps.astype(np.int64, copy=False))
         item_parts.append(items)
+        time_parts.append(timestamps)
     offsets = np.zeros(len(histories) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    timestamps = np.concatenate(time_parts) if time_parts else np.zeros(0, dtype=np.int64)
-    if all(isinstance(items, np.ndarray) for items in item_parts) and item_parts:
+    timestamps = _concatenated(time_parts)
+    if timestamps.size and (timestamps.dtype.kind not in "iu" or timestamps.ndim != 1):
+        for user, part in enumerate(time_parts):  # name the first history at fault
+            part = np.asarray(part)
+            if part.size and (part.dtype.kind not in "iu" or part.ndim != 1):
+                raise ValueError(f"history {user}: timestamps must be integer Unix seconds, got dtype {part.dtype}")
+    timestamps = timestamps.astype(np.int64, copy=False)
+    if item_parts and all(isinstance(items, np.ndarray) for items in item_parts):
         item_ids = index.lookup(np.concatenate(item_parts))
-    else:
+    else:  # one flat list: converted once, or compared value by value where the types are mixed
         item_ids = index.lookup(list(itertools.chain.from_iterable(item_parts)))
 
     known = item_ids > 0
@@ -94,6 +97,13 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
     if empty.size:
         raise ValueError(f"history {int(empty[0])}: no known items to recommend from")
     return Events(*_in_time_order(item_ids, timestamps, offsets), offsets)
+
+
+def _concatenated(parts: list) -> np.ndarray:
+    """Per-user arrays or lists as one array: arrays joined, lists flattened and converted at once."""
+    if parts and all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts)
+    return np.asarray(list(itertools.chain.from_iterable(parts)))
 
 
 def _in_time_order(item_ids: np.ndarray, timestamps: np.ndarray, offsets: np.ndarray):
