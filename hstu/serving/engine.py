@@ -22,9 +22,9 @@ How the path is chosen (checked in this order; each call reports the outcome in
 5. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
 CUDA graphs are not used (``cuda_graph``: false in every report).
 
-Results equal ``Recommender.recommend`` on the same history and request time: exactly for a whole
-window, within float32 rounding (1e-5 on cosine scores, tests/test_serving.py) for an incremental
-step or a batch (other shapes sum in another order).
+Results equal ``Recommender.recommend`` on the same history and request time within float32
+rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch or the
+compiled package sums in another order than a whole window computed alone.
 """
 from __future__ import annotations
 
@@ -176,6 +176,8 @@ class ServingEngine:
         start = time.perf_counter()
         for request in requests:
             self.check(request)
+        if not requests:
+            return []
         with self._lock:
             try:
                 results = self._serve(requests)
@@ -322,25 +324,25 @@ class ServingEngine:
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
+        """Taken between batches (the manager's counters change while one runs)."""
         with self._lock:
             latencies = np.asarray(self._stats.latencies_ms, dtype=np.float64)
-            summary = {
-                "requests": self._stats.requests,
-                "batches": self._stats.batches,
-                "errors": self._stats.errors,
-                "paths": dict(self._stats.paths),
-                "latency_ms": _percentiles(latencies),
+            return {
+                "serving": {
+                    "requests": self._stats.requests,
+                    "batches": self._stats.batches,
+                    "errors": self._stats.errors,
+                    "paths": dict(self._stats.paths),
+                    "latency_ms": _percentiles(latencies),
+                },
+                "kv_cache": self.cache.stats() if self.cache is not None else {
+                    "enabled": False, "reason": self.cache_off_reason},
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "compiled_package": self.package_reason,
+                "kernels": self.manager.get_stats(),
+                "kernel_availability": self.manager.get_operator_availability(),
             }
-        cache = self.cache.stats() if self.cache is not None else {"enabled": False, "reason": self.cache_off_reason}
-        return {
-            "serving": summary,
-            "kv_cache": cache,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "compiled_package": self.package_reason,
-            "kernels": self.manager.get_stats(),
-            "kernel_availability": self.manager.get_operator_availability(),
-        }
 
 
 def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_times: np.ndarray):
