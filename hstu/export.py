@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -194,21 +195,20 @@ def export_run(
     _check_same_items(datamodule, model.num_items, checkpoint_path)
     original_ids = datamodule.sequences.item_original_ids
 
-    config = {
-        "format_version": FORMAT_VERSION,
-        "model": model_config,
+    return write_export(
+        out_dir, model, model_config, original_ids,
         # measured by the run on its best (or, with no validation, last) weights: see "measured_on"
-        "metrics": {
+        metrics={
             **{key: run.metrics.get(key) for key in ("val", "test", "best_epoch", "epochs_trained")},
             "measured_on": run.metrics.get("best_checkpoint") or run.metrics.get("last_checkpoint"),
         },
-        "data": {
+        data={
             "source": datamodule.source.name,
             "protocol": datamodule.protocol,
             "stats": datamodule.stats,
             "datamodule": run.resolved("data"),
         },
-        "training": {
+        training={
             "run_dir": str(run.run_dir.resolve()),
             "checkpoint": str(checkpoint_path.resolve()),
             "epoch": checkpoint.get("epoch"),
@@ -217,7 +217,27 @@ def export_run(
             "card": run.metrics.get("card"),
             "torch": run.metrics.get("torch"),
         },
-    }
+        overwrite=overwrite,
+    )
+
+
+def write_export(
+    out_dir: str | Path,
+    model: SequentialRecommender,
+    model_config: Mapping[str, Any],
+    original_ids,
+    *,
+    metrics: Mapping[str, Any],
+    data: Mapping[str, Any],
+    training: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an export folder (format: :mod:`hstu.inference`) for ``model``, built from ``model_config``
+    (the MODEL_KEYS arguments); ``original_ids[i]`` is the original id of item index i + 1."""
+    out_dir = Path(out_dir)
+    original_ids = np.asarray(original_ids)
+    config = {"format_version": FORMAT_VERSION, "model": dict(model_config), "metrics": dict(metrics),
+              "data": dict(data), "training": dict(training or {})}
     items = {"id_type": "str" if original_ids.dtype.kind in "OUS" else "int", "original_ids": original_ids.tolist()}
     weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     _write_folder_atomically(out_dir, {

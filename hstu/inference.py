@@ -10,7 +10,12 @@ An export folder (written by :func:`hstu.export.export_run`) holds three files:
 
 Requests speak original item ids. Unknown ids (items the model never saw in training) raise an
 ``UnknownIdError`` (a ``KeyError``) naming them, unless ``unknown_items="skip"``, which drops them
-from the history. Other malformed requests raise ``RequestError`` (a ``ValueError``).
+from the history. Other malformed requests raise ``RequestError`` (a ``ValueError``). Histories are
+mapped and ordered as whole arrays (:mod:`hstu.serving.histories`).
+
+``recommend`` ranks batches of histories from scratch. ``infer_with_optimal_strategy`` serves one
+user's request on the path the hardware and the export allow (cached incremental inference, CUDA
+graphs, kernels), reports what ran, and feeds ``get_comprehensive_stats`` (:mod:`hstu.serving.engine`).
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from hstu.config import instantiate_config
 from hstu.data.batch import JaggedBatch
 from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
 from hstu.model.recommender import SequentialRecommender
+from hstu.serving.engine import ServingEngine, ServingOptions
+from hstu.serving.histories import UNKNOWN_ITEM_POLICIES, Events, History, prepare_histories
+from hstu.serving.ids import ItemIdIndex
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -39,9 +47,6 @@ MODEL_KEYS = ("num_items", "max_seq_len", "dim", "input_dropout", "encoder", "lo
 CONFIG_KEYS = ("format_version", "model", "metrics", "data")
 # config.json names the encoder class to build; only the framework's own encoders may be named there.
 ENCODER_TARGETS = ("hstu.model.hstu.HSTUEncoder", "hstu.model.sasrec.SASRecEncoder")
-UNKNOWN_ITEM_POLICIES = ("error", "skip")
-
-History = tuple[Sequence[Hashable], Sequence[int]]
 
 
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
@@ -122,8 +127,11 @@ class Recommender:
         self.model = model.to(self.device).eval()
         self.config = dict(config or {})
         self.item_original_ids = list(item_original_ids)
-        self._str_ids = bool(self.item_original_ids) and isinstance(self.item_original_ids[0], str)
-        self._index_of = {original: index + 1 for index, original in enumerate(self.item_original_ids)}
+        self._ids = ItemIdIndex(self.item_original_ids)
+        self._original_ids = np.empty(len(self.item_original_ids), dtype=object)
+        self._original_ids[:] = self.item_original_ids
+        self._engine = None
+        self.export_dir: Path | None = None  # set by from_export; the engine looks for compiled packages there
 
     @classmethod
     def from_export(
@@ -146,24 +154,21 @@ class Recommender:
             model.load_state_dict(load_weights(weights_path), strict=True)
         except RuntimeError as error:
             raise ExportFormatError(f"{weights_path}: does not match {path / CONFIG_FILE} ({error})") from error
-        return cls(model, read_item_ids(path, model.num_items), config=config, device=device)
+        recommender = cls(model, read_item_ids(path, model.num_items), config=config, device=device)
+        recommender.export_dir = path
+        return recommender
 
     @property
     def max_seq_len(self) -> int:
         return self.model.max_seq_len
 
     def item_index(self, original_id: Hashable) -> int:
-        """The model's index (1..num_items) of an original item id; KeyError when the model never saw it."""
-        return self._index_of[self._normalise(original_id)]
-
-    def _normalise(self, original_id: Hashable) -> Hashable:
-        # Original ids are JSON ints or strings; numpy integers and the like compare as Python ints.
-        if self._str_ids:
-            return str(original_id)
-        try:
-            return operator.index(original_id)
-        except TypeError:
-            return original_id
+        """The model's index (1..num_items) of an original item id; ``UnknownIdError`` (a KeyError) when
+        the model never saw it."""
+        (index,) = self._ids.lookup([original_id])
+        if index == 0:
+            raise UnknownIdError(f"item id {original_id!r} is unknown to the model")
+        return int(index)
 
     def recommend(
         self,
@@ -185,64 +190,68 @@ class Recommender:
         """
         if k < 1:
             raise RequestError(f"k must be >= 1, got {k}")
-        if unknown_items not in UNKNOWN_ITEM_POLICIES:
-            raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
         times = _per_user_times(request_time, len(histories))
-        events = [self._events(b, history, unknown_items) for b, history in enumerate(histories)]
+        events = prepare_histories(self._ids, histories, unknown_items)
         results: list[list[tuple[Hashable, float]]] = []
         for start in range(0, len(events), batch_size):
-            chunk = slice(start, start + batch_size)
-            results += self._recommend_batch(events[chunk], times[chunk], k, exclude_seen)
+            results += self._recommend_batch(events.users(start, start + batch_size),
+                                             times[start:start + batch_size], k, exclude_seen)
         return results
 
-    def _events(self, user: int, history: History, unknown_items: str) -> tuple[np.ndarray, np.ndarray]:
-        """(item indices, timestamps) of one history, known items only, in stable time order."""
-        items, timestamps = history
-        timestamps = np.asarray(timestamps)
-        if len(items) != len(timestamps):
-            raise RequestError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
-        if timestamps.size and timestamps.dtype.kind not in "iu":
-            raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {timestamps.dtype}")
-        indices = np.array([self._index_of.get(self._normalise(item), 0) for item in items], dtype=np.int64)
-        known = indices > 0
-        if not known.all():
-            if unknown_items == "error":
-                unknown = [items[i] for i in np.flatnonzero(~known)[:10]]
-                raise UnknownIdError(f"history {user}: item id(s) {unknown} unknown to the model "
-                                     "(pass unknown_items=skip to drop them)")
-            indices, timestamps = indices[known], timestamps[known]
-        if indices.size == 0:
-            raise RequestError(f"history {user}: no known items to recommend from")
-        order = np.argsort(timestamps, kind="stable")
-        return indices[order], timestamps[order].astype(np.int64)
-
-    def _recommend_batch(self, events, request_times, k, exclude_seen) -> list[list[tuple[Hashable, float]]]:
-        histories = [(items[-self.max_seq_len:], times[-self.max_seq_len:]) for items, times in events]
-        lengths = np.array([len(items) for items, _ in histories])
-        seen_lengths = np.array([len(items) for items, _ in events]) if exclude_seen else np.zeros_like(lengths)
-        targets = [times[-1] if t is None else t for (_, times), t in zip(events, request_times)]
+    def _recommend_batch(self, events: Events, request_times, k, exclude_seen) -> list[list[tuple[Hashable, float]]]:
+        recent, seq_offsets = events.recent(self.max_seq_len)
+        targets = events.last_timestamps()
+        given = [b for b, t in enumerate(request_times) if t is not None]
+        if given:
+            targets[given] = [request_times[b] for b in given]
         batch = JaggedBatch(
-            item_ids=torch.from_numpy(np.concatenate([items for items, _ in histories])),
-            timestamps=torch.from_numpy(np.concatenate([times for _, times in histories])),
-            seq_offsets=_offsets(lengths),
+            item_ids=torch.from_numpy(events.item_ids[recent]),
+            timestamps=torch.from_numpy(events.timestamps[recent]),
+            seq_offsets=torch.from_numpy(seq_offsets),
             targets=torch.zeros(len(events), dtype=torch.int64),
-            target_timestamps=torch.tensor(targets, dtype=torch.int64),
+            target_timestamps=torch.from_numpy(targets),
             user_ids=torch.arange(len(events)),
-            seen_ids=torch.from_numpy(np.concatenate([items for items, _ in events]) if exclude_seen
-                                      else np.zeros(0, dtype=np.int64)),
-            seen_offsets=_offsets(seen_lengths),
+            seen_ids=torch.from_numpy(events.item_ids if exclude_seen else np.zeros(0, dtype=np.int64)),
+            seen_offsets=torch.from_numpy(events.offsets if exclude_seen else np.zeros(len(events) + 1, np.int64)),
         )
         with torch.no_grad():
             checked = batch.check(self.model.max_seq_len, self.model.num_items)  # on the CPU: no GPU wait
             scores, ids, _ = self.model.recommend(checked.to(self.device), k)
-        return [
-            [(self.item_original_ids[i - 1], s) for i, s in zip(row_ids, row_scores) if i > 0]
-            for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
-        ]
+        return self.ranked(ids.cpu().numpy(), scores.cpu().numpy())
 
+    def infer_with_optimal_strategy(
+        self,
+        user_id: Hashable,
+        user_behaviors: Sequence[tuple[Hashable, int]],
+        num_recommendations: int,
+        request_time: int | None = None,
+    ) -> dict[str, Any]:
+        """One user's top ``num_recommendations`` on the best path available here, and what ran.
 
-def _offsets(lengths: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        ``user_behaviors``: the user's (original item id, Unix seconds) events; ``request_time`` as in
+        :meth:`recommend`. Returns ``recommendations`` ([{"item", "score"}], best first; seen items
+        excluded), ``optimizations_applied`` (path, device, dtype, each operator's backend, KV-cache
+        hit or miss and why, CUDA graph, compile, batch size) and ``latency_ms``. The rule that picks
+        the path: :mod:`hstu.serving.engine`. ``RequestError`` / ``UnknownIdError`` name a bad request.
+        """
+        return self.serving_engine().infer(user_id, user_behaviors, num_recommendations, request_time)
+
+    def get_comprehensive_stats(self) -> dict[str, Any]:
+        """Request counts, latency percentiles, KV-cache hits / misses / evictions and hit rate, and the
+        operator manager's availability and per-backend call counts."""
+        return self.serving_engine().stats()
+
+    def serving_engine(self, options: ServingOptions | None = None) -> ServingEngine:
+        """The engine behind :meth:`infer_with_optimal_strategy`, built on first use (or anew with ``options``)."""
+        if self._engine is None or options is not None:
+            self._engine = ServingEngine(self, options)
+        return self._engine
+
+    def ranked(self, ids: np.ndarray, scores: np.ndarray) -> list[list[tuple[Hashable, float]]]:
+        """Rows of (original item id, score) from model indices [B, k] (index <= 0: no item) and scores."""
+        originals = self._original_ids[np.maximum(ids - 1, 0)].tolist()
+        return [[(o, s) for o, i, s in zip(row_originals, row_ids, row_scores) if i > 0]
+                for row_originals, row_ids, row_scores in zip(originals, ids.tolist(), scores.tolist())]
 
 
 def _per_user_times(request_time, num_users: int) -> list[int | None]:

@@ -7,7 +7,7 @@ Every public function dispatches through the operator registry (``hstu_kernels.r
 """
 from hstu_kernels.manager import TritonOperatorManager, TritonUnavailableError, default_manager
 from hstu_kernels.ops.attention_layernorm import attention_input, attention_output
-from hstu_kernels.ops.hstu_attention import hstu_attention
+from hstu_kernels.ops.hstu_attention import hstu_attention, hstu_attention_delta
 from hstu_kernels.ops.sequence_fusion import sequence_fusion
 from hstu_kernels.ops.softmax_losses import full_softmax_loss, sampled_softmax_loss
 from hstu_kernels.ops.topk import topk_items
@@ -25,6 +25,7 @@ __all__ = [
     "default_manager",
     "full_softmax_loss",
     "hstu_attention",
+    "hstu_attention_delta",
     "sampled_softmax_loss",
     "sequence_fusion",
     "time_bucket",

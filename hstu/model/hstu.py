@@ -53,20 +53,32 @@ class STULayer(nn.Module):
                 nn.init.normal_(w, std=0.02)
 
     def forward(self, x, seq_offsets, q_timestamps, k_timestamps):
-        L, H = x.shape[0], self.num_heads
-        hdv, hdqk = H * self.dv, H * self.dqk
-        uvqk = hstu_kernels.attention_input(x, self.uvqk, eps=LAYER_NORM_EPS, backend=self.manager)
-        u, v, q, k = torch.split(uvqk, [hdv, hdv, hdqk, hdqk], dim=-1)
+        uvqk = self.projections(x)
+        _, v, q, k = self.split_heads(uvqk)
         attn = hstu_kernels.hstu_attention(
-            q.view(L, H, self.dqk), k.view(L, H, self.dqk), v.view(L, H, self.dv),
-            seq_offsets, self.max_seq_len, self.alpha,
+            q, k, v, seq_offsets, self.max_seq_len, self.alpha,
             q_timestamps=q_timestamps if self.time_weight is not None else None,
             k_timestamps=k_timestamps if self.time_weight is not None else None,
             pos_weight=self.pos_weight, time_weight=self.time_weight, backend=self.manager,
             validate=False,  # the batch was checked once (SequentialRecommender.encode)
         )
+        return self.output(x, attn, uvqk)
+
+    def projections(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, H*(2dv + 2dqk)]: u, v, q, k of every head, side by side (SiLU(LayerNorm(x) W_uvqk))."""
+        return hstu_kernels.attention_input(x, self.uvqk, eps=LAYER_NORM_EPS, backend=self.manager)
+
+    def split_heads(self, uvqk: torch.Tensor):
+        """(u [L, H*dv], v [L, H, dv], q [L, H, dqk], k [L, H, dqk]) as views of ``projections``' output."""
+        L, H = uvqk.shape[0], self.num_heads
+        u, v, q, k = torch.split(uvqk, [H * self.dv, H * self.dv, H * self.dqk, H * self.dqk], dim=-1)
+        return u, v.view(L, H, self.dv), q.view(L, H, self.dqk), k.view(L, H, self.dqk)
+
+    def output(self, x: torch.Tensor, attn: torch.Tensor, uvqk: torch.Tensor) -> torch.Tensor:
+        """x + Linear(Dropout(LayerNorm(attn) * u)) for attn [L, H, dv]."""
+        u = uvqk[:, :self.num_heads * self.dv]
         return hstu_kernels.attention_output(
-            x, attn.reshape(L, hdv), u, self.out.weight, self.out.bias,
+            x, attn.reshape(x.shape[0], -1), u, self.out.weight, self.out.bias,
             dropout_p=self.dropout, training=self.training, eps=LAYER_NORM_EPS, backend=self.manager, validate=False,
         )
 

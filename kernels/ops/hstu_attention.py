@@ -71,6 +71,78 @@ def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_time
         check_offsets(seq_offsets, q.shape[0], max_seq_len, "hstu_attention")
 
 
+def hstu_attention_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    cached_k: torch.Tensor,
+    cached_v: torch.Tensor,
+    cached_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    max_new_len: int | None = None,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    cached_k_timestamps: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    time_weight: torch.Tensor | None = None,
+    backend=None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """HSTU attention of new tokens against the cached keys and values of earlier positions (forward only).
+
+    Sequence b has n_b cached positions (cached_k [C, H, dqk], cached_v [C, H, dv] jagged by
+    ``cached_offsets``) and m_b new tokens (q, k [M, H, dqk], v [M, H, dv] jagged by ``seq_offsets``)
+    at positions n_b..n_b+m_b-1, with n_b + m_b <= max_seq_len. New token i attends to every cached
+    key and to new keys 0..i: its output equals row n_b+i of ``hstu_attention`` over the whole
+    sequence. ``max_new_len`` bounds m_b (default max_seq_len; a tighter bound saves padded work).
+    Timestamps: q_timestamps, k_timestamps [M] and cached_k_timestamps [C], int64, for the time bias.
+    ``validate=False`` skips the checks of the offsets' values (host reads).
+    """
+    check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, max_new_len,
+                               q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight, validate)
+    impl = implementation(KEY, "hstu_attention_delta", backend, (q, k, v))
+    return impl(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
+                max_new_len=max_new_len, q_timestamps=q_timestamps, k_timestamps=k_timestamps,
+                cached_k_timestamps=cached_k_timestamps, pos_weight=pos_weight, time_weight=time_weight)
+
+
+def check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, max_new_len,
+                               q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight,
+                               validate=True):
+    """The new tokens as ``check_hstu_attention`` checks a sequence; the cache against them; with
+    ``validate``, n_b + m_b <= max_seq_len and m_b <= max_new_len (host reads)."""
+    name = "hstu_attention_delta"
+    check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
+                         validate=False)
+    if cached_k.dim() != 3 or cached_k.shape[1:] != q.shape[1:] or cached_v.shape != (cached_k.shape[0], *v.shape[1:]):
+        raise ValueError(f"{name}: expected cached_k [C, H, dqk] and cached_v [C, H, dv] like q {tuple(q.shape)} and "
+                         f"v {tuple(v.shape)}; got {tuple(cached_k.shape)} and {tuple(cached_v.shape)}")
+    if not (cached_k.dtype == cached_v.dtype == q.dtype):
+        raise TypeError(f"{name}: cached_k, cached_v must have q's dtype {q.dtype}; got {cached_k.dtype}, {cached_v.dtype}")
+    if cached_offsets.shape != seq_offsets.shape or cached_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: cached_offsets must be a 1-D int32/int64 tensor shaped like seq_offsets "
+                         f"{tuple(seq_offsets.shape)}; got {cached_offsets.dtype} {tuple(cached_offsets.shape)}")
+    if (cached_k_timestamps is None) != (q_timestamps is None):
+        raise ValueError(f"{name}: cached_k_timestamps are given with q_timestamps and k_timestamps")
+    if cached_k_timestamps is not None and (cached_k_timestamps.dtype != torch.int64
+                                            or cached_k_timestamps.shape != (cached_k.shape[0],)):
+        raise ValueError(f"{name}: cached_k_timestamps must be int64 [C={cached_k.shape[0]}]")
+    if max_new_len is not None and not 0 <= max_new_len <= max_seq_len:
+        raise ValueError(f"{name}: max_new_len={max_new_len} must lie in [0, max_seq_len={max_seq_len}]")
+    if validate:
+        check_offsets(seq_offsets, q.shape[0], max_seq_len if max_new_len is None else max_new_len,
+                      name if max_new_len is None else f"{name} (new tokens, max_seq_len here is max_new_len)")
+        check_offsets(cached_offsets, cached_k.shape[0], max_seq_len, name + " (cached_offsets)")
+        if seq_offsets.numel() > 1:
+            total = (seq_offsets[1:] - seq_offsets[:-1]) + (cached_offsets[1:] - cached_offsets[:-1])
+            longest = int(total.max())
+            if longest > max_seq_len:
+                raise ValueError(f"{name}: a sequence of {longest} cached + new tokens exceeds max_seq_len={max_seq_len}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Benchmark cases: (B, N, H, d), jagged lengths in [0.5N, N] (N <= 1024) or [0.9N, N]
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +190,7 @@ SPEC = OperatorSpec(
     key=KEY,
     summary="jagged causal SiLU(alpha q.k + rab) / N @ v; relative position and log-bucketed time biases in-kernel",
     module="hstu_attention",
-    functions=("hstu_attention",),
+    functions=("hstu_attention", "hstu_attention_delta"),
     triton=True,
     bench=BenchSpec(
         shape_fields=("B", "N", "H", "d"),

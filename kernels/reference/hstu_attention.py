@@ -9,13 +9,17 @@ runs as batched matmuls under a causal mask, and the valid rows are gathered bac
 of truth for tests (float64 inputs give the float64 reference) and the eager / torch.compile baseline
 of ``scripts/bench_kernels.py``. Inputs are checked by ``hstu_kernels.hstu_attention``; a sequence
 longer than ``max_seq_len`` must not reach this function.
+
+``hstu_attention_delta`` is the same attention for new queries only: the keys and values of the
+earlier positions come from a cache (incremental inference), and only the rows of the new tokens are
+computed, padded to ``max_new_len`` rows per sequence instead of ``max_seq_len``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from hstu_kernels.jagged import from_padded, padded_rows, to_padded
+from hstu_kernels.jagged import from_padded, padded_rows, sequence_index, to_padded, token_positions
 from hstu_kernels.time_buckets import time_bucket
 
 
@@ -61,12 +65,19 @@ def relative_attention_bias(
     pos_weight: torch.Tensor | None,
     time_weight: torch.Tensor | None,
     device: torch.device,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """rab as [B or 1, 1, N, N] (shared across heads) in the weights' dtype, or None without biases."""
+    """rab as [B or 1, 1, Nq, N] (shared across heads) in the weights' dtype, or None without biases.
+
+    Query row i sits at position i, or at ``query_positions[b, i]`` ([B, Nq]) when given; key j at j.
+    """
     bias = None
     if pos_weight is not None:
         position = torch.arange(max_seq_len, device=device)
-        pos_index = max_seq_len - 1 + position[None, :] - position[:, None]  # [N(i), N(j)]
+        if query_positions is None:
+            pos_index = max_seq_len - 1 + position[None, :] - position[:, None]  # [N(i), N(j)]
+        else:  # padded query rows may sit past the last position: clamped (their rows are dropped)
+            pos_index = (max_seq_len - 1 + position - query_positions[..., None]).clamp(min=0)  # [B, Nq, N]
         bias = BiasTableLookup.apply(pos_weight, pos_index)
     if time_weight is not None:
         delta = padded_q_ts[:, :, None] - padded_k_ts[:, None, :]  # int64 [B, N(i), N(j)]
@@ -123,3 +134,69 @@ def hstu_attention(
     padded_out = torch.matmul(weights.to(v.dtype), padded_v)  # [B, H, N, dv]
 
     return from_padded(padded_out.transpose(1, 2), rows)
+
+
+def hstu_attention_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    cached_k: torch.Tensor,
+    cached_v: torch.Tensor,
+    cached_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    max_new_len: int | None = None,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    cached_k_timestamps: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    time_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HSTU attention of new tokens against cached keys and values -> [M, H, dv] in v's dtype.
+
+    Sequence b has n_b cached positions (``cached_k/v[cached_offsets[b]:cached_offsets[b+1]]``) and m_b
+    new tokens (``q/k/v[seq_offsets[b]:seq_offsets[b+1]]``) at positions n_b..n_b+m_b-1; new token i
+    attends to every cached key and to new keys 0..i, so its row equals row n_b+i of ``hstu_attention``
+    over the whole sequence. Timestamps: q_timestamps, k_timestamps [M], cached_k_timestamps [C].
+    Queries are padded to ``max_new_len`` rows per sequence (default ``max_seq_len``), keys to
+    ``max_seq_len``; no host reads. Inputs are checked by ``hstu_kernels.hstu_attention_delta``.
+    """
+    batch = seq_offsets.numel() - 1
+    query_rows_per_sequence = max_seq_len if max_new_len is None else max_new_len
+    num_new, num_cached = q.shape[0], cached_k.shape[0]
+    cached_lengths = cached_offsets[1:] - cached_offsets[:-1]  # [B]
+    cached_position, _ = token_positions(cached_offsets, num_cached)
+    new_index, _ = token_positions(seq_offsets, num_new)
+    new_sequence = sequence_index(seq_offsets, num_new)
+    key_rows = torch.cat([sequence_index(cached_offsets, num_cached) * max_seq_len + cached_position,
+                          new_sequence * max_seq_len + cached_lengths[new_sequence] + new_index])
+    query_rows = new_sequence * query_rows_per_sequence + new_index
+
+    def keys(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return to_padded(torch.cat([cached, new]), key_rows, batch, max_seq_len)
+
+    padded_q = to_padded(q, query_rows, batch, query_rows_per_sequence).transpose(1, 2)  # [B, H, Nq, d]
+    padded_k = keys(cached_k, k).transpose(1, 2)  # [B, H, N, d]
+    padded_v = keys(cached_v, v).transpose(1, 2)
+    scores = torch.matmul(padded_q, padded_k.transpose(-1, -2)) * alpha  # [B, H, Nq, N]
+
+    query_positions = cached_lengths[:, None] + torch.arange(query_rows_per_sequence, device=q.device)  # [B, Nq]
+    use_time = time_weight is not None
+    bias = relative_attention_bias(
+        max_seq_len,
+        to_padded(q_timestamps, query_rows, batch, query_rows_per_sequence) if use_time else None,
+        keys(cached_k_timestamps, k_timestamps) if use_time else None,
+        pos_weight,
+        time_weight,
+        q.device,
+        query_positions=query_positions,
+    )
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    # Keys j <= the query's position: every cached key and the new keys up to the query itself.
+    causal = torch.arange(max_seq_len, device=q.device) <= query_positions[..., None]  # [B, Nq, N]
+    weights = torch.where(causal.unsqueeze(1), F.silu(scores), 0.0) / max_seq_len
+    padded_out = torch.matmul(weights.to(v.dtype), padded_v)  # [B, H, Nq, dv]
+    return from_padded(padded_out.transpose(1, 2), query_rows)

@@ -430,6 +430,90 @@ def _hstu_attention_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Delta-query forward: new tokens against cached keys and values (incremental inference)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _hstu_attention_delta_fwd_kernel(
+    Q, K, V, CK, CV, Out, seq_offsets, cached_offsets,
+    pos_weight, time_weight, q_timestamps, k_timestamps, cached_k_timestamps, thresholds,
+    stride_q_l, stride_q_h, stride_q_d,
+    stride_k_l, stride_k_h, stride_k_d,
+    stride_v_l, stride_v_h, stride_v_d,
+    stride_ck_l, stride_ck_h, stride_ck_d,
+    stride_cv_l, stride_cv_h, stride_cv_d,
+    stride_o_l, stride_o_h, stride_o_d,
+    num_heads, max_seq_len, num_buckets, alpha, inv_max_seq_len,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, FAST_SILU: tl.constexpr, PTX_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (batch * head groups, blocks of new tokens). New token r of sequence b sits at position
+    n_b + r; it attends to the n_b cached keys (all earlier: no causal mask, masked loads only in the
+    last partial block) and to new keys 0..r. Key tiles go through ``_forward_key_block`` with
+    absolute positions; the new keys' base pointers are moved back by n_b rows so that position
+    n_b + t addresses new row t. Time gaps are taken in int64 (no pre-pass: the delta form serves a
+    few queries, where the int32 path's pre-pass would cost more than it saves)."""
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    num_groups = num_heads // HEADS
+    batch = tl.program_id(0) // num_groups
+    head = (tl.program_id(0) % num_groups) * HEADS
+    seq_start, new_len = sequence_span(seq_offsets, batch)
+    cached_start, cached_len = sequence_span(cached_offsets, batch)
+    m_start = pid_m * BLOCK_M
+    if m_start >= new_len:
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    rows_ok = offs_m < new_len
+    q_pos = cached_len + offs_m
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    q_ptrs = (Q + seq_start * stride_q_l + head * stride_q_h
+              + offs_m[:, None] * stride_q_l + offs_dqk[None, :] * stride_q_d)
+    q0, q1, q2, q3 = _load_head_slots(q_ptrs, stride_q_h, rows_ok, offs_dqk, DQK, BLOCK_DQK, HEADS)
+    q_ts = 0
+    q_rel = 0  # the int32 gap path's relative timestamps: unused here (int64 gaps)
+    if HAS_TIME:
+        q_ts = tl.load(q_timestamps + seq_start + offs_m, mask=rows_ok, other=0)
+        q_rel = tl.zeros([BLOCK_M], dtype=tl.int32)
+
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    # Cached keys: full blocks without masks, then the partial block with them.
+    ck_base = CK + cached_start * stride_ck_l + head * stride_ck_h
+    cv_base = CV + cached_start * stride_cv_l + head * stride_cv_h
+    cached_ts_base = cached_k_timestamps + cached_start
+    full_end = (cached_len // BLOCK_N) * BLOCK_N
+    for n_start in range(0, full_end, BLOCK_N):
+        acc0, acc1, acc2, acc3 = _forward_key_block(
+            acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_pos, q_ts, q_rel, ck_base, cv_base, cached_ts_base, 0,
+            False, n_start, cached_len, stride_ck_l, stride_ck_h, stride_ck_d, stride_cv_l, stride_cv_h, stride_cv_d,
+            alpha, pos_weight, time_weight, thresholds, thresholds, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, False)
+    for n_start in range(full_end, cached_len, BLOCK_N):
+        acc0, acc1, acc2, acc3 = _forward_key_block(
+            acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_pos, q_ts, q_rel, ck_base, cv_base, cached_ts_base, 0,
+            False, n_start, cached_len, stride_ck_l, stride_ck_h, stride_ck_d, stride_cv_l, stride_cv_h, stride_cv_d,
+            alpha, pos_weight, time_weight, thresholds, thresholds, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+    # New keys up to this block's last query, causal.
+    k_base = K + (seq_start - cached_len) * stride_k_l + head * stride_k_h
+    v_base = V + (seq_start - cached_len) * stride_v_l + head * stride_v_h
+    new_ts_base = k_timestamps + seq_start - cached_len
+    total_len = cached_len + new_len
+    for n_start in range(cached_len, tl.minimum(cached_len + m_start + BLOCK_M, total_len), BLOCK_N):
+        acc0, acc1, acc2, acc3 = _forward_key_block(
+            acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_pos, q_ts, q_rel, k_base, v_base, new_ts_base, 0,
+            False, n_start, total_len, stride_k_l, stride_k_h, stride_k_d, stride_v_l, stride_v_h, stride_v_d,
+            alpha, pos_weight, time_weight, thresholds, thresholds, max_seq_len, num_buckets,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HEADS, HAS_POS, HAS_TIME, FAST_SILU, PTX_MATH, DOT_PRECISION, True)
+
+    _store_head_slots(Out + seq_start * stride_o_l + head * stride_o_h, stride_o_h, acc0, acc1, acc2, acc3,
+                      offs_m, rows_ok, stride_o_l, stride_o_d, inv_max_seq_len, DV, BLOCK_DV, HEADS)
+
+
+# --------------------------------------------------------------------------------------------
 # Backward, part 1: dK and dV per key block
 # --------------------------------------------------------------------------------------------
 @triton.jit
@@ -1223,6 +1307,65 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
     return out
 
 
+# Delta-query forward with at most this many new tokens per sequence: query blocks of 16 rows
+# (the smallest tl.dot tile); above it, the forward's configuration.
+DELTA_SMALL_BLOCK_M = 16
+
+
+@functools.lru_cache(maxsize=1024)
+def _delta_forward_plan(batch: int, num_heads: int, max_new_len: int, dqk: int, dv: int, dtype: torch.dtype,
+                        has_pos: bool, has_time: bool, precision: str) -> tuple[tuple[int, int], dict]:
+    """(grid, compile-time arguments) of the delta-query forward, per problem shape."""
+    block_dqk, block_dv = block_dim(dqk), block_dim(dv)
+    cfg = _forward_config(max(block_dqk, block_dv), dtype, has_pos or has_time)
+    if max_new_len <= DELTA_SMALL_BLOCK_M:
+        cfg = dict(cfg, BLOCK_M=DELTA_SMALL_BLOCK_M)
+        if not KERNELS_INTERPRETED:
+            cfg.update(BLOCK_N=64, num_warps=4, num_stages=2)
+    heads = _heads_per_program(num_heads, cfg["HEADS"])
+    grid = (batch * (num_heads // heads), max(1, cdiv(max_new_len, cfg["BLOCK_M"])))
+    return grid, dict(
+        DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads, HAS_POS=has_pos, HAS_TIME=has_time,
+        FAST_SILU=_use_fast_silu(dtype), PTX_MATH=not KERNELS_INTERPRETED, DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def hstu_attention_delta_forward(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
+                                 max_new_len=None, q_timestamps=None, k_timestamps=None, cached_k_timestamps=None,
+                                 pos_weight=None, time_weight=None):
+    """Launch the delta-query forward -> out [M, H, dv] in v's dtype."""
+    num_tokens, num_heads, dqk = q.shape
+    dv = v.shape[-1]
+    out = torch.empty((num_tokens, num_heads, dv), dtype=v.dtype, device=v.device)
+    batch = seq_offsets.numel() - 1
+    max_new_len = max_seq_len if max_new_len is None else max_new_len
+    if num_tokens == 0 or batch <= 0 or num_heads == 0 or max_new_len <= 0:
+        return out
+    strides = (*q.stride(), *k.stride(), *v.stride(), *cached_k.stride(), *cached_v.stride(), *out.stride())
+    _check_index_range(max_seq_len, strides[::3])
+    seq_offsets, cached_offsets = seq_offsets.contiguous(), cached_offsets.contiguous()
+    has_pos, has_time = pos_weight is not None, time_weight is not None
+    placeholder = seq_offsets
+    num_buckets = time_weight.numel() if has_time else 1
+    tables = (
+        pos_weight.float().contiguous() if has_pos else placeholder,
+        time_weight.float().contiguous() if has_time else placeholder,
+        q_timestamps.contiguous() if has_time else placeholder,
+        k_timestamps.contiguous() if has_time else placeholder,
+        cached_k_timestamps.contiguous() if has_time else placeholder,
+        _threshold_table(num_buckets, q.device) if has_time else placeholder,
+    )
+    grid, constants = _delta_forward_plan(batch, num_heads, max_new_len, dqk, dv, q.dtype, has_pos, has_time,
+                                          dot_precision(q.dtype))
+    _hstu_attention_delta_fwd_kernel[grid](
+        q, k, v, cached_k, cached_v, out, seq_offsets, cached_offsets, *tables, *strides,
+        num_heads, max_seq_len, num_buckets, float(alpha), 1.0 / max_seq_len, **constants,
+    )
+    return out
+
+
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: int, dtype: torch.dtype,
                    has_pos: bool, has_time: bool, pos_grad: bool, time_grad: bool, num_buckets: int,
@@ -1431,6 +1574,60 @@ def hstu_attention(
         time_table, gaps_fit = context(q_timestamps, k_timestamps, seq_offsets, time_weight.detach())
     return _attention(q, k, v, seq_offsets, int(max_seq_len), float(alpha), q_timestamps, k_timestamps, pos_weight,
                       time_weight, time_table, gaps_fit)
+
+
+@torch.library.custom_op("hstu_kernels::hstu_attention_delta_fwd", mutates_args=())
+def _attention_delta_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
+    cached_k: torch.Tensor, cached_v: torch.Tensor, cached_offsets: torch.Tensor,
+    max_seq_len: int, alpha: float, max_new_len: Optional[int],
+    q_timestamps: Optional[torch.Tensor], k_timestamps: Optional[torch.Tensor],
+    cached_k_timestamps: Optional[torch.Tensor],
+    pos_weight: Optional[torch.Tensor], time_weight: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return hstu_attention_delta_forward(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
+                                        max_new_len, q_timestamps, k_timestamps, cached_k_timestamps, pos_weight,
+                                        time_weight)
+
+
+@_attention_delta_fwd.register_fake
+def _attention_delta_fwd_fake(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
+                              max_new_len, q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight):
+    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+def hstu_attention_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    cached_k: torch.Tensor,
+    cached_v: torch.Tensor,
+    cached_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    max_new_len: int | None = None,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    cached_k_timestamps: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    time_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """New tokens against cached keys and values on Triton -> [M, H, dv] in v's dtype (inputs checked by
+    the caller). Forward only: it serves inference, so inputs that need gradients are refused."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, cached_k, cached_v, pos_weight, time_weight)):
+        raise RuntimeError("hstu_attention_delta on Triton is forward only (inference); "
+                           "run it under torch.no_grad() or use the reference for gradients")
+    if time_weight is None:
+        q_timestamps = k_timestamps = cached_k_timestamps = None
+    args = (q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, int(max_seq_len), float(alpha),
+            None if max_new_len is None else int(max_new_len), q_timestamps, k_timestamps, cached_k_timestamps,
+            pos_weight, time_weight)
+    if torch.compiler.is_compiling():
+        return _attention_delta_fwd(*args)
+    return hstu_attention_delta_forward(*args)  # eager: skip the dispatcher (host time)
 
 
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import functools
 import importlib
 import importlib.util
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -722,3 +724,240 @@ def test_gpu_bitwise_repeatable_at_full_size(dtype):
     first, second = run(p, "triton", dtype), run(p, "triton", dtype)
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta-query form: new tokens against cached keys and values (incremental inference, forward only)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeltaProblem:
+    """A ``Problem`` whose sequences are split: the first ``cached[b]`` positions of sequence b come
+    from a cache, the rest are new tokens. ``tight``: pass max_new_len = the longest new part."""
+
+    base: Problem
+    cached: tuple[int, ...]
+    tight: bool = True
+
+
+def delta_call(dp: DeltaProblem, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """The delta form on ``dp``'s new tokens (as strided slices of fused tensors when ``base.fused_qkv``,
+    the layout the incremental encoder passes)."""
+    p = dp.base
+    x = make_inputs(p, dtype)
+    cached_rows, new_rows, cached_offsets, new_offsets = split_rows(x.seq_offsets, dp.cached)
+    q, k, v = (t.detach() for t in (x.q, x.k, x.v))
+    new_q, new_k, new_v = q[new_rows], k[new_rows], v[new_rows]
+    cached_k, cached_v = k[cached_rows], v[cached_rows]
+    if p.fused_qkv:
+        new_q, new_k, new_v = torch.split(torch.cat([new_q, new_k, new_v], -1), [p.dqk, p.dqk, p.dv], -1)
+        cached_v, cached_k = torch.split(torch.cat([cached_v, cached_k], -1), [p.dv, p.dqk], -1)
+    time = {}
+    if p.use_time:
+        time = dict(q_timestamps=x.q_timestamps[new_rows], k_timestamps=x.k_timestamps[new_rows],
+                    cached_k_timestamps=x.k_timestamps[cached_rows])
+    new_lengths = [n - c for n, c in zip(p.lengths, dp.cached)]
+    return hstu_kernels.hstu_attention_delta(
+        new_q, new_k, new_v, new_offsets, cached_k, cached_v, cached_offsets, p.max_seq_len, p.alpha,
+        max_new_len=max(new_lengths, default=0) if dp.tight else None,
+        pos_weight=None if x.pos_weight is None else x.pos_weight.detach(),
+        time_weight=None if x.time_weight is None else x.time_weight.detach(), backend=backend, **time)
+
+
+def split_rows(seq_offsets: torch.Tensor, cached: tuple[int, ...]):
+    """(rows of the cached part, rows of the new part, their offsets) of jagged sequences."""
+    offsets = seq_offsets.tolist()
+    cached_rows, new_rows = [], []
+    for b, c in enumerate(cached):
+        cached_rows += range(offsets[b], offsets[b] + c)
+        new_rows += range(offsets[b] + c, offsets[b + 1])
+    lengths = [e - s for s, e in zip(offsets[:-1], offsets[1:])]
+
+    def offsets_of(sizes):
+        return torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64, device=seq_offsets.device)
+
+    as_index = functools.partial(torch.tensor, dtype=torch.int64, device=seq_offsets.device)
+    return (as_index(cached_rows), as_index(new_rows), offsets_of(cached),
+            offsets_of([n - c for n, c in zip(lengths, cached)]))
+
+
+def full_attention_rows(dp: DeltaProblem) -> torch.Tensor:
+    """The new tokens' rows of the whole-sequence attention, float64 reference."""
+    p = dp.base
+    x = make_inputs(p, torch.float64)
+    full = reference_attention(x.q.detach(), x.k.detach(), x.v.detach(), x.seq_offsets, p.max_seq_len, p.alpha,
+                               q_timestamps=x.q_timestamps, k_timestamps=x.k_timestamps,
+                               pos_weight=None if x.pos_weight is None else x.pos_weight.detach(),
+                               time_weight=None if x.time_weight is None else x.time_weight.detach())
+    return full[split_rows(x.seq_offsets, dp.cached)[1]]
+
+
+def check_delta_triton(dp: DeltaProblem):
+    """Triton against the float64 whole-sequence rows, under the accuracy rule with the reference's
+    delta form in the test dtype; the float64 delta reference equals those rows."""
+    ref = full_attention_rows(dp)
+    torch.testing.assert_close(delta_call(dp, "reference", torch.float64), ref, rtol=1e-12, atol=1e-12)
+    torch_same = delta_call(dp, "reference", dp.base.dtype)
+    got = delta_call(dp, "triton", dp.base.dtype)
+    assert got.dtype == dp.base.dtype
+    assert_within_rule("out", got, torch_same, ref)
+
+
+@pytest.mark.parametrize("use_pos,use_time", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("tight", [True, False])
+def test_delta_reference_equals_rows_of_whole_sequence_attention(use_pos, use_time, tight):
+    """Cached prefixes of every size: none, one key, all but one (one new token), all (no new token)."""
+    p = Problem((5, 0, 1, 7, 3, 6), max_seq_len=7, heads=2, dqk=5, dv=3, alpha=0.8, use_pos=use_pos,
+                use_time=use_time, dtype=torch.float64, num_buckets=40, seed=3)
+    dp = DeltaProblem(p, cached=(4, 0, 0, 1, 3, 0), tight=tight)
+    torch.testing.assert_close(delta_call(dp, "reference", torch.float64), full_attention_rows(dp),
+                               rtol=1e-12, atol=1e-12)
+
+
+@st.composite
+def delta_problems(draw, dtypes=tuple(d for d in TRITON_DTYPES), max_tokens=MAX_TOKENS,
+                   max_seq_len=MAX_SEQ_LEN, head_dims=tuple(HEAD_DIMS)):
+    p = draw(problems(dtypes=dtypes, max_tokens=max_tokens, max_seq_len=max_seq_len, head_dims=head_dims))
+    cached = tuple(min(n, draw(st.one_of(st.just(0), st.just(1), st.just(max(n - 1, 0)), st.just(n),
+                                         st.integers(0, n))))
+                   for n in p.lengths)
+    return DeltaProblem(p, cached, tight=draw(st.booleans()))
+
+
+@needs_triton
+@given(dp=delta_problems())
+def test_delta_triton_matches_reference_random_jagged(dp: DeltaProblem):
+    check_delta_triton(dp)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("new_tokens", [1, 20])
+def test_delta_triton_long_cache_several_key_blocks(dtype, new_tokens):
+    """Caches spanning several key blocks with a partial last one, one new token (the serving case) or
+    new tokens over more than one query block; lengths 0 and 1 and an empty cache beside them."""
+    p = Problem((70, 0, 1, 45, 33), max_seq_len=70, heads=3, dqk=25, dv=16, alpha=0.5, use_pos=True,
+                use_time=True, dtype=dtype, timestamps="sessions", fused_qkv=True, seed=21)
+    cached = tuple(max(0, n - new_tokens) if b != 4 else 0 for b, n in enumerate(p.lengths))
+    check_delta_triton(DeltaProblem(p, cached))
+
+
+@needs_triton
+def test_delta_triton_writes_every_element_and_takes_head_groups():
+    """Deterministic mode fills new memory with NaN: every output element must be written. Four heads
+    share one bias tile per program."""
+    p = Problem((20, 1, 0, 13), max_seq_len=20, heads=4, dqk=8, dv=16, alpha=0.9, use_pos=True, use_time=True,
+                seed=22)
+    with deterministic_algorithms():
+        check_delta_triton(DeltaProblem(p, cached=(19, 0, 0, 5)))
+
+
+@needs_triton
+def test_delta_triton_is_forward_only():
+    p = Problem((4,), max_seq_len=4, heads=1, dqk=8, dv=8, alpha=1.0, use_pos=False, use_time=False)
+    q = torch.randn(1, 1, 8, device=DEVICE, requires_grad=True)
+    cached = torch.randn(3, 1, 8, device=DEVICE)
+    offsets, cached_offsets = (torch.tensor(o, device=DEVICE) for o in ([0, 1], [0, 3]))
+    with pytest.raises(RuntimeError, match="forward only"):
+        hstu_kernels.hstu_attention_delta(q, q, q, offsets, cached, cached, cached_offsets, p.max_seq_len, 1.0,
+                                          backend="triton")
+    with torch.no_grad():
+        assert hstu_kernels.hstu_attention_delta(q, q, q, offsets, cached, cached, cached_offsets, p.max_seq_len,
+                                                 1.0, backend="triton").shape == (1, 1, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_delta_cached_plus_new_longer_than_max_seq_len_raises(backend):
+    q, cached = torch.randn(2, 1, 8), torch.randn(3, 1, 8)
+    with pytest.raises(ValueError, match="3 cached \\+ new tokens exceeds|5 cached \\+ new tokens exceeds"):
+        hstu_kernels.hstu_attention_delta(q, q, q, torch.tensor([0, 2]), cached, cached, torch.tensor([0, 3]), 4, 1.0,
+                                          backend=backend)
+    with pytest.raises(ValueError, match="cached_k \\[C, H, dqk\\]"):
+        hstu_kernels.hstu_attention_delta(q, q, q, torch.tensor([0, 2]), cached[:, :, :4], cached,
+                                          torch.tensor([0, 3]), 8, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="max_seq_len here is max_new_len"):
+        hstu_kernels.hstu_attention_delta(q, q, q, torch.tensor([0, 2]), cached, cached, torch.tensor([0, 3]), 8, 1.0,
+                                          max_new_len=1, backend=backend)
+
+
+@needs_triton
+def test_delta_triton_custom_op_opcheck_and_compiled():
+    """opcheck on the forward-only custom op; torch.compile(fullgraph=True) through it equals eager."""
+    module = importlib.import_module(TRITON_MODULE)
+    p = Problem((6, 0, 1, 9), max_seq_len=9, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=6)
+    dp = DeltaProblem(p, cached=(5, 0, 0, 4))
+    x = make_inputs(p, torch.float32)
+    cached_rows, new_rows, cached_offsets, new_offsets = split_rows(x.seq_offsets, dp.cached)
+    q, k, v = (t.detach() for t in (x.q, x.k, x.v))
+    args = (q[new_rows], k[new_rows], v[new_rows], new_offsets, k[cached_rows], v[cached_rows], cached_offsets,
+            p.max_seq_len, p.alpha, 5, x.q_timestamps[new_rows], x.k_timestamps[new_rows],
+            x.k_timestamps[cached_rows], x.pos_weight.detach(), x.time_weight.detach())
+    torch.library.opcheck(torch.ops.hstu_kernels.hstu_attention_delta_fwd.default, args)
+    eager = module.hstu_attention_delta_forward(*args)
+
+    def f(q, k, v, cached_k, cached_v):
+        return hstu_kernels.hstu_attention_delta(
+            q, k, v, new_offsets, cached_k, cached_v, cached_offsets, p.max_seq_len, p.alpha, max_new_len=5,
+            q_timestamps=args[10], k_timestamps=args[11], cached_k_timestamps=args[12], pos_weight=args[13],
+            time_weight=args[14], backend="triton", validate=False)
+
+    with torch.no_grad():
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args[:3], *args[4:6])
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+DELTA_GPU_SHAPES = [  # (B, N, H, dqk, dv): HSTU-large ML-1M, the ML-20M-shaped config, wider heads
+    (64, 200, 2, 25, 25),
+    (64, 200, 8, 32, 32),
+    (32, 200, 1, 50, 50),
+    (16, 1024, 4, 64, 64),
+    (8, 1024, 2, 128, 128),
+]
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("shape", DELTA_GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("new", ["one", "random"])
+def test_gpu_delta_full_size(shape, dtype, new):
+    """One new token after a long cache (the serving case) and random splits, both biases."""
+    batch, n, heads, dqk, dv = shape
+    lengths = uniform_lengths(batch, n, 0.5, seed=batch * n + 1) + (0, 1, n)
+    g = torch.Generator().manual_seed(n + dqk)
+    cached = tuple(max(0, length - 1) if new == "one" else int(torch.randint(0, length + 1, (1,), generator=g))
+                   for length in lengths)
+    p = Problem(lengths, max_seq_len=n, heads=heads, dqk=dqk, dv=dv, alpha=1.0 / math.sqrt(dqk), use_pos=True,
+                use_time=True, dtype=dtype, fused_qkv=True, seed=n + dqk + 1)
+    check_delta_triton(DeltaProblem(p, cached))
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_delta_captured_in_a_cuda_graph():
+    """Captured once, replayed on new values copied into the static inputs: equal to eager calls."""
+    p = Problem(uniform_lengths(16, 200, 0.5, seed=5), max_seq_len=200, heads=2, dqk=25, dv=25, alpha=0.2,
+                use_pos=True, use_time=True, dtype=torch.bfloat16, seed=31)
+    cached = tuple(n - 1 for n in p.lengths)
+    x = make_inputs(p, p.dtype)
+    cached_rows, new_rows, cached_offsets, new_offsets = split_rows(x.seq_offsets, cached)
+    static = [t.detach()[rows].clone() for t, rows in ((x.q, new_rows), (x.k, new_rows), (x.v, new_rows),
+                                                       (x.k, cached_rows), (x.v, cached_rows))]
+
+    def call(q, k, v, cached_k, cached_v):
+        return hstu_kernels.hstu_attention_delta(
+            q, k, v, new_offsets, cached_k, cached_v, cached_offsets, p.max_seq_len, p.alpha, max_new_len=1,
+            q_timestamps=x.q_timestamps[new_rows], k_timestamps=x.k_timestamps[new_rows],
+            cached_k_timestamps=x.k_timestamps[cached_rows], pos_weight=x.pos_weight.detach(),
+            time_weight=x.time_weight.detach(), backend="triton", validate=False)
+
+    with torch.no_grad():
+        call(*static)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(*static)
+        for seed in range(2):
+            fresh = [torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)).to(t) for t in static]
+            for s, f in zip(static, fresh):
+                s.copy_(f)
+            graph.replay()
+            torch.testing.assert_close(out, call(*fresh), rtol=0, atol=0)

@@ -1,0 +1,401 @@
+"""The serving engine behind ``Recommender.infer_with_optimal_strategy``: one path per request, chosen
+from what is available, and a report of what ran.
+
+How the path is chosen (checked in this order; each call reports the outcome in
+``optimizations_applied``):
+
+1. Device: the Recommender's (``device=`` at load; ``scripts/serve.py`` takes CUDA when present).
+2. Kernels: every operator runs the backend its ``TritonOperatorManager`` decided for these inputs:
+   Triton where the export was loaded with that operator's flag and the kernel can run on this
+   device and dtype, the PyTorch reference otherwise (``serving_kernel_flags`` asks for Triton on
+   CUDA). The report lists, per operator, the backends its calls of this request ran on.
+3. KV cache: when the model can be computed incrementally (an HSTU encoder without ``time_scales``
+   or ``position_from_end``) and the cache is on, a user whose cached events are a prefix of this
+   request's window gets only the new positions computed (``hstu.serving.incremental``); every other
+   request computes its whole window and leaves its keys and values in the cache. The report says
+   hit or miss and why (no entry, window slid past max_seq_len, events changed, another export),
+   or why the cache is off.
+4. Compiled package: when the cache does not serve (off, or no incremental path) and the export
+   folder holds a scoring package built for exactly this target (``hstu.serving.compiled``: device,
+   CPU and GPU architecture, torch version) whose k covers the request, whole windows run through
+   it (``compiled``: true). Otherwise operators are launched eagerly.
+5. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
+CUDA graphs are not used (``cuda_graph``: false in every report).
+
+Results equal ``Recommender.recommend`` on the same history and request time within float32
+rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch or the
+compiled package sums in another order than a whole window computed alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Hashable, Sequence
+
+import numpy as np
+import torch
+
+import hstu_kernels
+from hstu.errors import RequestError
+from hstu.serving.histories import Events, prepare_histories
+from hstu.serving.incremental import DeltaBatch, IncrementalEncoder, unsupported_reason
+from hstu.serving.kv_cache import CacheEntry, KVCache, events_fingerprint
+
+if TYPE_CHECKING:
+    from hstu.inference import Recommender
+
+DEFAULT_CACHE_BYTES = 1 << 30
+LATENCY_WINDOW = 100_000  # latencies kept for the percentiles (the most recent)
+
+
+def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
+    """Operator flags for serving on ``device``: Triton for every operator on CUDA (the manager falls
+    back to the reference, with a logged reason, where a kernel is missing or cannot run); the
+    reference on the CPU, where Triton runs only in its interpreter (a test tool)."""
+    on_cuda = torch.device(device).type == "cuda"
+    return {op: on_cuda for op in hstu_kernels.OPERATORS}
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off; ``compiled`` False
+    ignores a compiled scoring package in the export folder."""
+
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    compiled: bool = True
+
+
+@dataclass
+class Request:
+    """One user's request: original item ids and Unix-second timestamps, k, the time it is for."""
+
+    user_id: Hashable
+    items: Sequence[Hashable]
+    timestamps: Sequence[int]
+    k: int
+    request_time: int | None = None
+
+    @classmethod
+    def from_behaviors(cls, user_id, user_behaviors, k, request_time=None) -> "Request":
+        """``user_behaviors``: (original item id, Unix seconds) pairs."""
+        pairs = list(user_behaviors)
+        for position, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise RequestError(f"user_behaviors[{position}] must be an (item, timestamp) pair, got {pair!r}")
+        items = [item for item, _ in pairs]
+        timestamps = [timestamp for _, timestamp in pairs]
+        return cls(user_id, items, timestamps, k, request_time)
+
+
+@dataclass
+class _Plan:
+    """Per user of a batch: what is reused and what is computed."""
+
+    user_id: Hashable
+    history_len: int
+    window: slice  # the user's window inside the batch's window arrays
+    cached: CacheEntry | None
+    cache_outcome: str  # "hit", "miss", "off"
+    cache_detail: str
+    first_new: int  # window position of the first computed token
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    batches: int = 0
+    errors: int = 0
+    paths: Counter = field(default_factory=Counter)
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+
+class ServingEngine:
+    """Serves requests for one Recommender: see the module docstring for the path rule."""
+
+    def __init__(self, recommender: "Recommender", options: ServingOptions | None = None):
+        self.recommender = recommender
+        self.options = options or ServingOptions()
+        self.model = recommender.model
+        self.manager = self.model.manager
+        self.device = recommender.device
+        self.dtype = next(self.model.parameters()).dtype
+        self.incremental_reason = unsupported_reason(self.model)
+        self.encoder = IncrementalEncoder(self.model) if self.incremental_reason is None else None
+        if self.encoder is None:
+            self.cache, self.cache_off_reason = None, self.incremental_reason
+        elif self.options.cache_bytes <= 0:
+            self.cache, self.cache_off_reason = None, "switched off (cache_bytes=0)"
+        else:
+            self.cache, self.cache_off_reason = KVCache(self.options.cache_bytes), None
+        self.export_fingerprint = model_fingerprint(self.model, self.device)
+        self.package, self.package_k, self.package_reason = self._load_package()
+        self._stats = _Stats()
+        self._lock = threading.Lock()  # one batch at a time: the cache and the model are shared
+
+    def _load_package(self):
+        """(the export's compiled scoring package for this target or None, its k, why not)."""
+        if not self.options.compiled:
+            return None, 0, "switched off"
+        if self.cache is not None:
+            return None, 0, "the KV cache serves (the package computes whole windows only)"
+        export_dir = getattr(self.recommender, "export_dir", None)
+        if export_dir is None:
+            return None, 0, "not loaded from an export folder"
+        from hstu.serving.compiled import matching_package, package_file_name, target_name
+
+        path = matching_package(export_dir, self.recommender.config, self.device)
+        if path is None:
+            return None, 0, f"no {package_file_name(target_name(self.device))} in {export_dir}"
+        from torch._inductor import aoti_load_package
+
+        package = aoti_load_package(str(path))
+        return package, self.recommender.config["compiled"][path.name]["k"], f"{path.name}"
+
+    # ---- requests -----------------------------------------------------------------------------
+    def infer(self, user_id, user_behaviors, num_recommendations: int, request_time: int | None = None) -> dict:
+        (result,) = self.infer_batch([Request.from_behaviors(user_id, user_behaviors, num_recommendations,
+                                                             request_time)])
+        return result
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError / KeyError naming what is wrong with a request, before it joins a batch."""
+        num_items = self.model.num_items
+        if isinstance(request.k, bool) or not isinstance(request.k, (int, np.integer)) or not 1 <= request.k <= num_items:
+            raise RequestError(f"k must be an integer in [1, {num_items}] (the number of items), got {request.k!r}")
+        if request.request_time is not None and (isinstance(request.request_time, bool)
+                                                 or not isinstance(request.request_time, (int, np.integer))):
+            raise RequestError(f"request_time must be integer Unix seconds, got {request.request_time!r}")
+        if len(request.items) == 0:
+            raise RequestError("the history is empty: at least one (item, timestamp) event is needed")
+        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+
+    def infer_batch(self, requests: Sequence[Request]) -> list[dict]:
+        """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together."""
+        start = time.perf_counter()
+        for request in requests:
+            self.check(request)
+        if not requests:
+            return []
+        with self._lock:
+            try:
+                results = self._serve(requests)
+            except Exception:
+                self._stats.errors += len(requests)
+                raise
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            self._stats.batches += 1
+            self._stats.requests += len(requests)
+            for result in results:
+                result["latency_ms"] = elapsed_ms
+                self._stats.latencies_ms.append(elapsed_ms)
+                self._stats.paths[result["optimizations_applied"]["path"]] += 1
+        return results
+
+    def _serve(self, requests: Sequence[Request]) -> list[dict]:
+        events = prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests])
+        recent, window_offsets = events.recent(self.model.max_seq_len)
+        window_items, window_times = events.item_ids[recent], events.timestamps[recent]
+        request_times = events.last_timestamps()
+        for b, request in enumerate(requests):
+            if request.request_time is not None:
+                request_times[b] = request.request_time
+        plans = [self._plan(request, events, window_items, window_times, window_offsets, b)
+                 for b, request in enumerate(requests)]
+        k = max(r.k for r in requests)
+        if self.package is not None and k <= self.package_k:
+            scores, ids = self.package(*self._upload(
+                window_items, window_times, window_offsets, request_times, events.item_ids, events.offsets))
+            ranked = self.recommender.ranked(ids.cpu().numpy(), scores.cpu().numpy())
+            return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
+                    for b, (request, plan) in enumerate(zip(requests, plans))]
+        calls_before = _call_counts(self.manager)
+        if self.encoder is None:
+            queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
+            exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
+        else:
+            queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times, request_times,
+                                                                 events)
+        with torch.no_grad():
+            scores, ids, _ = hstu_kernels.topk_items(
+                queries.float(), self.model.item_table[1:].float(), k, exclude_ids=exclude_ids,
+                exclude_offsets=exclude_offsets, backend=self.manager, validate=False)
+        ranked = self.recommender.ranked(ids.cpu().numpy() + 1, scores.cpu().numpy())
+        kernels = _backends_run(calls_before, _call_counts(self.manager))
+        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests))
+                for b, (request, plan) in enumerate(zip(requests, plans))]
+
+    def _plan(self, request, events: Events, window_items, window_times, window_offsets, b) -> _Plan:
+        window = slice(int(window_offsets[b]), int(window_offsets[b + 1]))
+        history_len = int(events.lengths[b])
+        if self.cache is None:
+            return _Plan(request.user_id, history_len, window, None, "off", self.cache_off_reason, 0)
+        entry, detail = self.cache.lookup(request.user_id, self.export_fingerprint, window_items[window],
+                                          window_times[window], history_len, self.model.max_seq_len)
+        if entry is None:
+            return _Plan(request.user_id, history_len, window, None, "miss", detail, 0)
+        return _Plan(request.user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+
+    def _encode(self, plans, window_items, window_times, request_times, events: Events):
+        """(states after each user's last event, the exclusions for top-k on the device), computing only
+        what the cache does not hold; fills the cache."""
+        new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
+            plans, window_times, request_times)
+        hits = [plan.cached for plan in plans if plan.cached is not None]
+        (item_ids, timestamps, positions, query_times, device_offsets, cached_offsets, cached_times, last,
+         exclude_ids, exclude_offsets) = self._upload(
+            window_items[new_index], window_times[new_index], positions, query_times, seq_offsets, cached_offsets,
+            cached_times, seq_offsets[1:] - 1, events.item_ids - 1, events.offsets)
+        batch = DeltaBatch(
+            item_ids=item_ids, timestamps=timestamps, positions=positions, query_timestamps=query_times,
+            seq_offsets=device_offsets, cached_offsets=cached_offsets, cached_timestamps=cached_times,
+            cached_kv=(hits[0].kv if len(hits) == 1 else torch.cat([e.kv for e in hits], dim=1)) if hits else None,
+            max_new_len=int(np.diff(seq_offsets).max()),
+        )
+        states, new_kv = self.encoder.encode(batch, keep_kv=self.cache is not None)
+        if self.cache is not None:
+            self._store(plans, window_items, window_times, new_kv, seq_offsets)
+        return states[last], exclude_ids, exclude_offsets
+
+    def _store(self, plans, window_items, window_times, new_kv, seq_offsets) -> None:
+        for b, plan in enumerate(plans):
+            window_len = plan.window.stop - plan.window.start
+            if window_len < 2:
+                continue
+            computed = new_kv[:, seq_offsets[b]:seq_offsets[b + 1] - 1]  # all but the last position
+            kv = computed.contiguous() if plan.cached is None else torch.cat([plan.cached.kv, computed], dim=1)
+            self.cache.store(plan.user_id, CacheEntry(
+                export=self.export_fingerprint, num_events=window_len, history_len=plan.history_len,
+                prefix=events_fingerprint(window_items[plan.window], window_times[plan.window]), kv=kv))
+
+    def _whole_windows_by_model(self, window_items, window_times, window_offsets, request_times):
+        """Encoders without an incremental path: the model's own forward over whole windows."""
+        from hstu.data.batch import JaggedBatch
+
+        num_users = window_offsets.shape[0] - 1
+        batch = JaggedBatch(
+            item_ids=torch.from_numpy(window_items), timestamps=torch.from_numpy(window_times),
+            seq_offsets=torch.from_numpy(window_offsets), targets=torch.zeros(num_users, dtype=torch.int64),
+            target_timestamps=torch.from_numpy(request_times), user_ids=torch.arange(num_users),
+        ).check(self.model.max_seq_len, self.model.num_items)
+        with torch.no_grad():
+            return self.model.user_states(batch.to(self.device))
+
+    def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
+                compiled: bool = False) -> dict:
+        window_len = plan.window.stop - plan.window.start
+        return {
+            "recommendations": [{"item": item, "score": score} for item, score in ranked],
+            "optimizations_applied": {
+                "path": "incremental" if plan.cached is not None else "whole window",
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "kernels": kernels if not compiled else "inside the compiled package",
+                "kv_cache": plan.cache_outcome,
+                "kv_cache_detail": plan.cache_detail,
+                "positions_reused": plan.first_new,
+                "positions_computed": window_len - plan.first_new,
+                "cuda_graph": False,
+                "compiled": compiled,
+                "compiled_detail": self.package_reason,
+                "batch_size": batch_size,
+            },
+        }
+
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """int64 host arrays -> device tensors, in one copy (each copy to a GPU costs ~10 us of host time)."""
+        packed = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]))
+        return list(packed.to(self.device).split([int(np.size(a)) for a in arrays]))
+
+    def warm_up(self) -> None:
+        """Run a whole window and an incremental step once (kernels compile, memory pools grow), then
+        forget them: the cache and the counters start empty."""
+        catalogue = self.recommender.item_original_ids
+        length = self.model.max_seq_len
+        items = [catalogue[i % len(catalogue)] for i in range(length + 1)]
+        times = list(range(1_000_000_000, 1_000_000_000 + length + 1))
+        for n in (length - 1, length, 1):
+            self.infer_batch([Request("__warm_up__", items[:n], times[:n], 1)])
+        with self._lock:
+            if self.cache is not None:
+                self.cache = KVCache(self.options.cache_bytes)
+            self._stats = _Stats()
+
+    # ---- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Taken between batches (the manager's counters change while one runs)."""
+        with self._lock:
+            latencies = np.asarray(self._stats.latencies_ms, dtype=np.float64)
+            return {
+                "serving": {
+                    "requests": self._stats.requests,
+                    "batches": self._stats.batches,
+                    "errors": self._stats.errors,
+                    "paths": dict(self._stats.paths),
+                    "latency_ms": _percentiles(latencies),
+                },
+                "kv_cache": self.cache.stats() if self.cache is not None else {
+                    "enabled": False, "reason": self.cache_off_reason},
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "compiled_package": self.package_reason,
+                "kernels": self.manager.get_stats(),
+                "kernel_availability": self.manager.get_operator_availability(),
+            }
+
+
+def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_times: np.ndarray):
+    """Host arrays of a DeltaBatch: which window events are computed, at which positions, with which
+    query times, and the jagged offsets of the new and the cached parts."""
+    starts = np.array([p.window.start + p.first_new for p in plans], dtype=np.int64)
+    stops = np.array([p.window.stop for p in plans], dtype=np.int64)
+    lengths = stops - starts
+    seq_offsets = np.zeros(len(plans) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=seq_offsets[1:])
+    owner = np.repeat(np.arange(len(plans)), lengths)
+    new_index = np.arange(seq_offsets[-1], dtype=np.int64) - seq_offsets[owner] + starts[owner]
+    window_starts = np.array([p.window.start for p in plans], dtype=np.int64)
+    positions = new_index - window_starts[owner]
+    # The query time of position i is the time of event i+1; the last position's is the request time.
+    query_times = np.empty_like(new_index)
+    query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
+    query_times[seq_offsets[1:] - 1] = request_times
+    cached_lengths = np.array([p.first_new for p in plans], dtype=np.int64)
+    cached_offsets = np.zeros(len(plans) + 1, dtype=np.int64)
+    np.cumsum(cached_lengths, out=cached_offsets[1:])
+    cached_index = np.concatenate([np.arange(p.window.start, p.window.start + p.first_new) for p in plans])
+    return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index.astype(np.int64)]
+
+
+def model_fingerprint(model: torch.nn.Module, device: torch.device) -> str:
+    """Digest of the model's weights, their dtypes and the device: what cached keys and values depend on."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(device).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _call_counts(manager) -> dict[str, Counter]:
+    return {op: Counter(stats["calls"]) for op, stats in manager.get_stats().items()}
+
+
+def _backends_run(before: dict[str, Counter], after: dict[str, Counter]) -> dict[str, str]:
+    """Per operator called in between: the backend it ran on ("triton", "reference", or both joined)."""
+    out = {}
+    for op, calls in after.items():
+        ran = sorted(backend for backend, n in (calls - before.get(op, Counter())).items() if n > 0)
+        if ran:
+            out[op] = "+".join(ran)
+    return out
+
+
+def _percentiles(latencies: np.ndarray) -> dict[str, float | int | None]:
+    if latencies.size == 0:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99]).tolist()
+    return {"count": int(latencies.size), "p50": p50, "p90": p90, "p99": p99,
+            "mean": float(latencies.mean()), "max": float(latencies.max())}

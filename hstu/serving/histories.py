@@ -1,0 +1,118 @@
+"""A batch of request histories as arrays: original ids mapped, events in time order, windows cut.
+
+Every step works on the concatenation of all histories (one id lookup, one sortedness check, one
+window computation), so preparing 1,024 histories costs a few array operations plus one pass over
+the users for their lengths and types, not a Python loop over events.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from hstu.data.sequences import _ranges
+from hstu.errors import RequestError, UnknownIdError
+from hstu.serving.ids import ItemIdIndex
+
+History = tuple[Sequence[Hashable], Sequence[int]]
+UNKNOWN_ITEM_POLICIES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class Events:
+    """Histories in model item indices, each in stable time order: user b owns [offsets[b], offsets[b+1])."""
+
+    item_ids: np.ndarray  # int64 [E], 1..num_items
+    timestamps: np.ndarray  # int64 [E]
+    offsets: np.ndarray  # int64 [B+1]
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def users(self, start: int, stop: int) -> "Events":
+        """Users start..stop-1, offsets from 0."""
+        begin, end = self.offsets[start], self.offsets[min(stop, len(self))]
+        return Events(self.item_ids[begin:end], self.timestamps[begin:end], self.offsets[start:stop + 1] - begin)
+
+    def recent(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(event indices of each user's ``max_len`` most recent events, their offsets [B+1])."""
+        lengths = np.minimum(self.lengths, max_len)
+        return _ranges(self.offsets[1:] - lengths, lengths)
+
+    def last_timestamps(self) -> np.ndarray:
+        """[B] each user's latest event time (users have at least one event)."""
+        return self.timestamps[self.offsets[1:] - 1]
+
+
+def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_items: str = "error") -> Events:
+    """(item ids, Unix-second timestamps) per user in original ids -> :class:`Events`.
+
+    Raises ``RequestError`` (a ValueError) naming the history (its position in ``histories``) for
+    mismatched lengths, non-integer timestamps or no known item, and ``UnknownIdError`` (a KeyError) for
+    unknown items when ``unknown_items`` is "error" ("skip" drops them). Events are put in time order with a stable sort (ties keep the
+    given order), as in training.
+    """
+    if unknown_items not in UNKNOWN_ITEM_POLICIES:
+        raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
+    lengths = np.empty(len(histories), dtype=np.int64)
+    item_parts, time_parts = [], []
+    for user, (items, timestamps) in enumerate(histories):
+        if len(items) != len(timestamps):
+            raise RequestError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
+        lengths[user] = len(items)
+        item_parts.append(items)
+        time_parts.append(timestamps)
+    offsets = np.zeros(len(histories) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    timestamps = _concatenated(time_parts)
+    if timestamps.size and (timestamps.dtype.kind not in "iu" or timestamps.ndim != 1):
+        for user, part in enumerate(time_parts):  # name the first history at fault
+            part = np.asarray(part)
+            if part.size and (part.dtype.kind not in "iu" or part.ndim != 1):
+                raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {part.dtype}")
+    timestamps = timestamps.astype(np.int64, copy=False)
+    if item_parts and all(isinstance(items, np.ndarray) for items in item_parts):
+        item_ids = index.lookup(np.concatenate(item_parts))
+    else:  # one flat list: converted once, or compared value by value where the types are mixed
+        item_ids = index.lookup(list(itertools.chain.from_iterable(item_parts)))
+
+    known = item_ids > 0
+    if not known.all():
+        if unknown_items == "error":
+            user = int(np.searchsorted(offsets, np.argmin(known), side="right") - 1)
+            begin = offsets[user]
+            unknown = [item_parts[user][i - begin] for i in np.flatnonzero(~known[begin:offsets[user + 1]])[:10] + begin]
+            raise UnknownIdError(f"history {user}: item id(s) {unknown} unknown to the model "
+                                 "(pass unknown_items=skip to drop them)")
+        owner = np.repeat(np.arange(len(histories)), lengths)
+        lengths = np.bincount(owner[known], minlength=len(histories)).astype(np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        item_ids, timestamps = item_ids[known], timestamps[known]
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        raise RequestError(f"history {int(empty[0])}: no known items to recommend from")
+    return Events(*_in_time_order(item_ids, timestamps, offsets), offsets)
+
+
+def _concatenated(parts: list) -> np.ndarray:
+    """Per-user arrays or lists as one array: arrays joined, lists flattened and converted at once."""
+    if parts and all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts)
+    return np.asarray(list(itertools.chain.from_iterable(parts)))
+
+
+def _in_time_order(item_ids: np.ndarray, timestamps: np.ndarray, offsets: np.ndarray):
+    """Each user's events stably sorted by time; histories already in order (the usual case) are left as they are."""
+    decreasing = np.diff(timestamps) < 0
+    decreasing[offsets[1:-1] - 1] = False  # a new user may start earlier than the last one ended
+    if not decreasing.any():
+        return item_ids, timestamps
+    owner = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets))
+    order = np.lexsort((timestamps, owner))  # stable: ties keep the given order
+    return item_ids[order], timestamps[order]

@@ -1,0 +1,24 @@
+"""Serve an export folder over HTTP: python scripts/serve.py export_dir=... [device=cuda] [port=8000]"""
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hstu.serving.server import HOSTS, build_server
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    if cfg.host not in HOSTS:
+        raise ValueError(f"host must be one of {HOSTS} (what LitServe binds to), got {cfg.host!r}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    kernels = OmegaConf.to_container(cfg.kernels) if cfg.kernels is not None else None
+    server = build_server(cfg.export_dir, device=device, workers=cfg.workers, max_batch_size=cfg.max_batch_size,
+                          batch_timeout=cfg.batch_timeout, cache_bytes=cfg.cache_bytes, kernels=kernels,
+                          timeout=cfg.timeout, warm_up=cfg.warm_up)
+    print(f"serving {cfg.export_dir} on http://{cfg.host}:{cfg.port} ({device}, {cfg.workers} worker(s))", flush=True)
+    server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, log_level=cfg.log_level,
+               generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""scripts/bench_serving.py end to end on the CPU at a tiny size: the default scenarios run, rows and files are written."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("litserve", reason="the serve extra is not installed (pip install -e .[serve])")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "scripts" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serving", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    monkeypatch.chdir(tmp_path)
+    # full-compiled is left out: its package build (a minute or more here) is tested in test_compiled_export.py
+    rows = bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", ",".join(bench.DEFAULT_SCENARIOS),
+                       "--requests", "3", "--warmup", "1", "--batch-users", "16", "--throughput-batches", "2",
+                       "--out", str(tmp_path / "results" / "serving")])
+    scenarios = [(r.scenario, r.transport.split(",")[0]) for r in rows]
+    assert [s for s, _ in scenarios] == ["full", "hit-199+1", "hit-100+1", "slide", "throughput", "throughput",
+                                         "http-full", "http-hit-199+1"]
+    by_name = {r.scenario: r for r in rows}
+    assert all(r.requests == 3 and r.p50_ms > 0 for r in rows if r.scenario != "throughput")
+    assert "cache hit x3" in by_name["hit-199+1"].path and "window slid" in by_name["slide"].path
+    assert "cache hit x3" in by_name["http-hit-199+1"].path
+    assert all(r.users_per_s > 0 for r in rows if r.scenario == "throughput")
+    assert len(json.loads((tmp_path / "results" / "serving.json").read_text())) == len(rows)
+    assert (tmp_path / "results" / "serving.csv").read_text().count("\n") == len(rows) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing else written

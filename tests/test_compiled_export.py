@@ -1,0 +1,118 @@
+"""The compiled scoring package (.pt2): built from a tiny trained run's export, loaded in a fresh
+Python process with plain torch (hstu and hstu_kernels cannot be imported there), and compared with
+the Recommender. One small model only: AOTInductor compiles C++ for a minute or more on 2 cores."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from hstu.inference import Recommender
+from hstu.serving.compiled import compile_export, package_file_name, target_name
+from hstu.serving.engine import ServingOptions
+from test_export import _test_histories, datamodule, export_dir, run_dir  # noqa: F401  (module fixtures)
+
+K = 10
+
+LOAD_WITH_PLAIN_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Refuse(importlib.abc.MetaPathFinder):  # this repository's packages must not be needed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("hstu", "hstu_kernels"):
+                raise ImportError(f"{name} imported while loading the package")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+    import torch
+    from torch._inductor import aoti_load_package
+
+    package, device = aoti_load_package(sys.argv[1]), sys.argv[2]
+    for name in sys.argv[3:]:
+        inputs = [t.to(device) for t in torch.load(name, weights_only=True)]
+        torch.save([t.cpu() for t in package(*inputs)], name + ".out")
+""")
+
+
+def compile_copy(export_dir, tmp_path_factory, device: str):
+    folder = shutil.copytree(export_dir, tmp_path_factory.mktemp("compiled") / "export")
+    return folder, compile_export(folder, device, k=K)
+
+
+@pytest.fixture(scope="module")
+def compiled_export(export_dir, tmp_path_factory):  # noqa: F811
+    return compile_copy(export_dir, tmp_path_factory, "cpu")
+
+
+def package_inputs(recommender: Recommender, histories, request_times):
+    """The package's six inputs for these histories, laid out as its docstring says."""
+    from hstu.serving.histories import prepare_histories
+
+    events = prepare_histories(recommender._ids, histories)
+    recent, offsets = events.recent(recommender.max_seq_len)
+    return (torch.from_numpy(events.item_ids[recent]), torch.from_numpy(events.timestamps[recent]),
+            torch.from_numpy(offsets), torch.tensor(request_times, dtype=torch.int64),
+            torch.from_numpy(events.item_ids), torch.from_numpy(events.offsets))
+
+
+def test_package_loads_with_plain_torch_and_matches_the_recommender(compiled_export, datamodule, tmp_path):  # noqa: F811
+    check_package(*compiled_export, "cpu", datamodule, tmp_path)
+
+
+@pytest.mark.gpu
+def test_gpu_package_loads_with_plain_torch_and_matches_the_recommender(export_dir, datamodule, tmp_path,  # noqa: F811
+                                                                      tmp_path_factory):
+    folder, package = compile_copy(export_dir, tmp_path_factory, "cuda")
+    assert target_name(torch.device("cuda"))["gpu_arch"] in package.name
+    check_package(folder, package, "cuda", datamodule, tmp_path)
+
+
+def check_package(folder, package, device: str, datamodule, tmp_path):  # noqa: F811
+    target = target_name(torch.device(device))
+    assert package.name == package_file_name(target) and target["cpu_arch"] in package.name
+    entry = json.loads((folder / "config.json").read_text())["compiled"][package.name]
+    assert entry["device"] == device and entry["torch"] == torch.__version__ and entry["k"] == K
+
+    recommender = Recommender.from_export(folder, device=device)
+    histories, target_times = _test_histories(datamodule, range(12))
+    cases = {"batch": (histories, target_times), "single": (histories[:1], target_times[:1])}
+    names = []
+    for case, (hs, times) in cases.items():
+        names.append(str(tmp_path / f"{case}.pt"))
+        torch.save(package_inputs(recommender, hs, times), names[-1])
+    clean_env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", LOAD_WITH_PLAIN_TORCH, str(package), device, *names],
+                            cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    for name, (hs, times) in zip(names, cases.values()):
+        scores, ids = torch.load(name + ".out", weights_only=True)
+        want = recommender.recommend(hs, k=K, request_time=times)
+        original = np.asarray(recommender.item_original_ids)
+        got_ids = [[original[i - 1] for i in row if i > 0] for row in ids.tolist()]
+        for got_row, got_scores, want_row in zip(got_ids, scores.tolist(), want):
+            np.testing.assert_allclose(got_scores[:len(want_row)], [s for _, s in want_row], atol=1e-5, rtol=0)
+            assert all(g == w or abs(gs - ws) < 1e-5
+                       for g, w, gs, ws in zip(got_row, [i for i, _ in want_row], got_scores, [s for _, s in want_row]))
+
+
+def test_engine_serves_whole_windows_through_the_package_when_the_cache_is_off(compiled_export, datamodule):  # noqa: F811
+    folder, package = compiled_export
+    recommender = Recommender.from_export(folder)
+    recommender.serving_engine(ServingOptions(cache_bytes=0))
+    (items, times), = _test_histories(datamodule, [3])[0]
+    result = recommender.infer_with_optimal_strategy("u", list(zip(items, times)), 5)
+    applied = result["optimizations_applied"]
+    assert applied["compiled"] is True and applied["compiled_detail"] == package.name
+    want = recommender.recommend([(items, times)], k=5)[0]
+    np.testing.assert_allclose([r["score"] for r in result["recommendations"]], [s for _, s in want], atol=1e-5)
+    cached = Recommender.from_export(folder)  # the cache on: the eager encoder fills it, no package
+    applied = cached.infer_with_optimal_strategy("u", list(zip(items, times)), 5)["optimizations_applied"]
+    assert applied["compiled"] is False and "KV cache serves" in applied["compiled_detail"]

@@ -1,0 +1,326 @@
+"""Serving: vectorised id mapping, the per-user KV cache, incremental inference against a full
+recomputation, and the entry point that picks the path and reports it.
+
+Tolerance: an incremental step (or a batch) sums in another order than a whole-window pass, so
+scores may differ by float32 rounding; 1e-5 on cosine scores in [-1, 1] (measured differences are
+below 1e-6 here), ids equal except where two scores tie within that.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import pytest
+import torch
+
+from hstu.inference import Recommender
+from hstu.model.recommender import SequentialRecommender
+from hstu.serving.engine import ServingOptions
+from hstu.serving.histories import prepare_histories
+from hstu.serving.ids import ItemIdIndex
+from hstu.serving.kv_cache import ENTRY_OVERHEAD_BYTES, CacheEntry, KVCache
+
+HAS_CUDA = torch.cuda.is_available()
+ATOL = 1e-5
+MAX_SEQ_LEN = 12
+NUM_ITEMS = 60
+
+
+def make_model(num_blocks=2, heads=2, dqk=8, dv=6, dim=16, max_seq_len=MAX_SEQ_LEN, num_items=NUM_ITEMS,
+               encoder="hstu", kernels=None, seed=0, **embedding) -> SequentialRecommender:
+    torch.manual_seed(seed)
+    if encoder == "hstu":
+        encoder_config = dict(_target_="hstu.model.hstu.HSTUEncoder", num_blocks=num_blocks, num_heads=heads,
+                              dqk=dqk, dv=dv, dropout=0.3, alpha=0.7)
+    else:
+        encoder_config = dict(_target_="hstu.model.sasrec.SASRecEncoder", num_blocks=num_blocks, num_heads=heads,
+                              dropout=0.3)
+    model = SequentialRecommender(num_items=num_items, max_seq_len=max_seq_len, dim=dim, input_dropout=0.3,
+                                  encoder=encoder_config, loss=dict(kind="sampled", num_negatives=4),
+                                  kernels=kernels, **embedding)
+    with torch.no_grad():  # trained-looking bias tables: far from zero, so a wrong position or time shows
+        for block in getattr(model.encoder, "blocks", []):
+            for table in (getattr(block, "pos_weight", None), getattr(block, "time_weight", None)):
+                if table is not None:
+                    table.normal_(0, 0.5)
+    return model
+
+
+ORIGINAL_IDS = [7 * i + 1000 for i in range(NUM_ITEMS)]
+
+
+def make_recommender(device="cpu", cache_bytes=1 << 24, ids=ORIGINAL_IDS, **model_kwargs) -> Recommender:
+    recommender = Recommender(make_model(**model_kwargs), ids, device=device)
+    recommender.serving_engine(ServingOptions(cache_bytes=cache_bytes))
+    return recommender
+
+
+def random_history(length, seed=0, ids=ORIGINAL_IDS, start=1_600_000_000):
+    rng = np.random.default_rng(seed)
+    items = rng.choice(ids, length).tolist()
+    gaps = (10 ** rng.uniform(0, 6, length)).astype(np.int64)  # seconds to ~10 days: many time buckets
+    return items, (start + np.cumsum(gaps)).tolist()
+
+
+def served(recommender, user, items, times, k=8, request_time=None):
+    result = recommender.infer_with_optimal_strategy(user, list(zip(items, times)), k, request_time)
+    return [(r["item"], r["score"]) for r in result["recommendations"]], result["optimizations_applied"]
+
+
+def assert_same_top_k(got, want, atol=ATOL):
+    assert len(got) == len(want)
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=atol, rtol=0)
+    for (got_id, got_score), (want_id, want_score) in zip(got, want):
+        assert got_id == want_id or abs(got_score - want_score) < atol
+
+
+def full_recompute(recommender, items, times, k=8, request_time=None):
+    return recommender.recommend([(items, times)], k=k, request_time=request_time)[0]
+
+
+# ---- ids -------------------------------------------------------------------------------------------
+
+def dict_lookup(original_ids, items):
+    """The per-item mapping the vectorised index replaces (int ids: operator.index, else unknown)."""
+    str_ids = isinstance(original_ids[0], str)
+    index_of = {original: i + 1 for i, original in enumerate(original_ids)}
+
+    def normalise(item):
+        if str_ids:
+            return str(item)
+        try:
+            return operator.index(item)
+        except TypeError:
+            return item
+
+    return [index_of.get(normalise(item), 0) for item in items]
+
+
+@pytest.mark.parametrize("kind", ["int-dense", "int-sparse", "str"])
+def test_vectorised_id_lookup_equals_the_dict_mapping(kind):
+    """Dense table (ids within a small span), hash index (sparse 64-bit ids) and str ids."""
+    rng = np.random.default_rng(1)
+    catalogue = rng.choice(10**9 if kind != "int-dense" else 2000, 500, replace=False).tolist()
+    if kind == "int-sparse":
+        catalogue = [c * 2**30 for c in catalogue]
+    if kind == "str":
+        catalogue = [f"B{c:010d}" for c in catalogue]
+    index = ItemIdIndex(catalogue)
+    assert (index._dense is not None) == (kind == "int-dense")
+    known = rng.choice(catalogue, 300).tolist()
+    unknown = ["nope", "B0000000000", 7] if kind == "str" else [-5, 10**9 + 3, 2**62, "12"]
+    queries = known + unknown
+    rng.shuffle(queries)
+    assert index.lookup(queries).tolist() == dict_lookup(catalogue, queries)
+    assert index.lookup(np.asarray(known)).tolist() == dict_lookup(catalogue, known)
+    assert index.lookup([]).tolist() == []
+
+
+def test_int_ids_take_numpy_bool_and_integral_float_values_but_not_strings():
+    index = ItemIdIndex([0, 1, 5, 2**40])
+    queries = [np.int32(5), np.uint8(1), True, 2**40, 5.0, 5.5, "5", None, 2**70]
+    assert index.lookup(queries).tolist() == dict_lookup([0, 1, 5, 2**40], queries) == [3, 2, 2, 4, 3, 0, 0, 0, 0]
+    assert index.lookup(np.array([5.0, 1.5])).tolist() == [3, 0]
+    assert ItemIdIndex(["1", "x"]).lookup([1, "x", 2]).tolist() == [1, 2, 0]  # str ids compare as str
+
+
+def test_prepare_histories_orders_events_and_names_bad_histories():
+    index = ItemIdIndex([10, 20, 30])
+    events = prepare_histories(index, [([30, 10, 20], [5, 3, 5]), ([20], [1])])
+    assert events.item_ids.tolist() == [1, 3, 2, 2] and events.timestamps.tolist() == [3, 5, 5, 1]  # stable ties
+    assert events.offsets.tolist() == [0, 3, 4]
+    skipped = prepare_histories(index, [([10, 99], [1, 2]), ([99, 30], [1, 2])], unknown_items="skip")
+    assert skipped.item_ids.tolist() == [1, 3] and skipped.offsets.tolist() == [0, 1, 2]
+    with pytest.raises(KeyError, match=r"history 1: item id\(s\) \[99\] unknown"):
+        prepare_histories(index, [([10], [1]), ([10, 99], [1, 2])])
+    with pytest.raises(ValueError, match="history 1: no known items"):
+        prepare_histories(index, [([10], [1]), ([99], [2])], unknown_items="skip")
+    with pytest.raises(ValueError, match="history 0: timestamps must be integer"):
+        prepare_histories(index, [([10], [1.5])])
+
+
+# ---- the cache ---------------------------------------------------------------------------------------
+
+def entry(rows, export="e", width=4):
+    kv = torch.zeros(2, rows, width)
+    return CacheEntry(export=export, num_events=rows + 1, history_len=rows + 1,
+                      prefix=b"", kv=kv)
+
+
+def test_cache_is_bounded_in_bytes_and_evicts_least_recently_used():
+    one = entry(8).nbytes
+    cache = KVCache(capacity_bytes=3 * one)
+    for user in "abc":
+        cache.store(user, entry(8))
+    cache._entries.move_to_end("a")  # "a" used most recently
+    cache.store("d", entry(8))
+    assert list(cache._entries) == ["c", "a", "d"] and cache.evictions == 1
+    cache.store("e", entry(50))  # larger than the whole capacity: refused, nothing evicted for it
+    assert cache.stats()["rejected_too_large"] == 1 and len(cache) == 3
+    cache.store("a", entry(1))  # replacing an entry frees its old bytes
+    assert cache.stats()["bytes"] == 2 * one + entry(1).nbytes
+    assert entry(0).nbytes == ENTRY_OVERHEAD_BYTES
+
+
+def test_cache_misses_name_their_reason():
+    cache = KVCache(1 << 20)
+    items, times = np.arange(1, 6), np.arange(100, 105)
+    from hstu.serving.kv_cache import events_fingerprint
+
+    stored = CacheEntry("e", 3, 3, events_fingerprint(items[:3], times[:3]), torch.zeros(1, 2, 4))
+    cache.store("u", stored)
+    assert cache.lookup("u", "e", items, times, 5, 8) == (stored, "hit")
+    assert cache.lookup("v", "e", items, times, 5, 8)[1] == "no entry for this user"
+    assert cache.lookup("u", "other", items, times, 5, 8)[1] == "entry from another export"
+    assert "window slid" in cache.lookup("u", "e", items, times, 9, 8)[1]
+    assert "changed" in cache.lookup("u", "e", items, times + (times == 101), 5, 8)[1]
+    assert "shorter" in cache.lookup("u", "e", items[:2], times[:2], 2, 8)[1]
+    stats = cache.stats()
+    assert stats["hits"] == 1 and stats["misses"] == 5 and stats["hit_rate"] == pytest.approx(1 / 6)
+
+
+# ---- incremental inference equals a full recomputation ------------------------------------------------
+
+@pytest.mark.parametrize("kernels", [None, {"hstu_hierarchical_attention": True}], ids=["reference", "triton"])
+def test_incremental_steps_equal_full_recomputation(kernels):
+    """A user returns again and again: 1 event, +1, +3, +1, the same history at a later time, then past
+    max_seq_len (the window slides: recomputed) and the same long history again (one position)."""
+    recommender = make_recommender(kernels=kernels)
+    items, times = random_history(3 * MAX_SEQ_LEN, seed=2)
+    steps = [1, 2, 5, 6, 6, MAX_SEQ_LEN, MAX_SEQ_LEN + 2, MAX_SEQ_LEN + 2]
+    expected_paths = ["whole window", "whole window", "incremental", "incremental", "incremental",
+                      "incremental", "whole window", "incremental"]
+    for step, (n, path) in enumerate(zip(steps, expected_paths)):
+        request_time = times[n - 1] + 3600 * step if step == 4 else None
+        got, report = served(recommender, "user", items[:n], times[:n], request_time=request_time)
+        assert_same_top_k(got, full_recompute(recommender, items[:n], times[:n], request_time=request_time))
+        assert report["path"] == path, (n, report)
+        if path == "incremental":
+            assert report["kv_cache"] == "hit" and report["positions_reused"] + report["positions_computed"] == min(
+                n, MAX_SEQ_LEN)
+    assert report["positions_computed"] == 1
+    backend = "triton" if kernels else "reference"
+    assert report["kernels"]["hstu_hierarchical_attention"] == backend
+
+
+def test_request_time_moves_the_last_position_only():
+    """The cached positions hold; the last one's query time is the request time: a later request time
+    changes the scores, as it does in a full recomputation."""
+    recommender = make_recommender()
+    items, times = random_history(8, seed=3)
+    served(recommender, "u", items, times)
+    later = times[-1] + 30 * 86_400
+    got, report = served(recommender, "u", items, times, request_time=later)
+    assert report["kv_cache"] == "hit" and report["positions_computed"] == 1
+    want = full_recompute(recommender, items, times, request_time=later)
+    assert_same_top_k(got, want)
+    assert [s for _, s in want] != [s for _, s in full_recompute(recommender, items, times)]
+
+
+def test_out_of_order_event_recomputes():
+    recommender = make_recommender()
+    items, times = random_history(9, seed=4)
+    served(recommender, "u", items[:6], times[:6])
+    late_items = items[:6] + [items[8]]
+    late_times = times[:6] + [times[2] - 1]  # an event that happened before the third one
+    got, report = served(recommender, "u", late_items, late_times)
+    assert report["kv_cache"] == "miss" and "changed" in report["kv_cache_detail"]
+    assert_same_top_k(got, full_recompute(recommender, late_items, late_times))
+
+
+def test_batch_of_hits_and_misses_equals_single_requests():
+    from hstu.serving.engine import Request
+
+    recommender = make_recommender()
+    histories = [random_history(n, seed=10 + n) for n in (3, 7, 1, MAX_SEQ_LEN + 4, 9)]
+    for user, (items, times) in enumerate(histories[:3]):  # a one-event history leaves nothing to cache
+        served(recommender, user, items[:-1] or items, times[:-1] or times)
+    engine = recommender.serving_engine()
+    results = engine.infer_batch([Request(user, items, times, 5) for user, (items, times) in enumerate(histories)])
+    assert [r["optimizations_applied"]["kv_cache"] for r in results] == ["hit", "hit", "miss", "miss", "miss"]
+    for result, (items, times) in zip(results, histories):
+        got = [(r["item"], r["score"]) for r in result["recommendations"]]
+        assert_same_top_k(got, full_recompute(recommender, items, times, k=5))
+        assert result["optimizations_applied"]["batch_size"] == 5
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dict(time_scales=[[3600, 24], [86400, 30]]), "time_scales"),
+    (dict(position_from_end=True), "position_from_end"),
+    (dict(encoder="sasrec", dim=16, heads=2), "SASRecEncoder has no incremental path"),
+])
+def test_configurations_without_an_incremental_path_report_the_cache_off(config, reason):
+    recommender = make_recommender(**config)
+    items, times = random_history(7, seed=5)
+    for _ in range(2):
+        got, report = served(recommender, "u", items, times)
+        assert report["kv_cache"] == "off" and reason in report["kv_cache_detail"]
+        assert report["path"] == "whole window"
+        assert_same_top_k(got, full_recompute(recommender, items, times))
+    assert reason in recommender.get_comprehensive_stats()["kv_cache"]["reason"]
+
+
+def test_cache_switched_off_and_evictions_reported():
+    off = make_recommender(cache_bytes=0)
+    items, times = random_history(6, seed=6)
+    served(off, "u", items, times)
+    _, report = served(off, "u", items, times)
+    assert report["kv_cache"] == "off" and "cache_bytes=0" in report["kv_cache_detail"]
+
+    small = make_recommender(cache_bytes=1)  # every entry is larger than the cache
+    served(small, "u", items, times)
+    assert served(small, "u", items, times)[1]["kv_cache"] == "miss"
+    assert small.get_comprehensive_stats()["kv_cache"]["rejected_too_large"] == 2
+
+    one_user = make_recommender(cache_bytes=ENTRY_OVERHEAD_BYTES + 2 * 5 * 2 * (6 + 8) * 4)  # one 6-event entry
+    for user in ("a", "b", "a"):
+        served(one_user, user, items, times)
+    stats = one_user.get_comprehensive_stats()["kv_cache"]
+    assert stats["evictions"] == 2 and stats["hits"] == 0 and stats["entries"] == 1
+
+
+def test_comprehensive_stats_count_requests_hits_and_latency():
+    recommender = make_recommender(kernels={"hstu_hierarchical_attention": True})
+    items, times = random_history(5, seed=7)
+    for n in (3, 4, 5):
+        result = recommender.infer_with_optimal_strategy("u", list(zip(items[:n], times[:n])), 4)
+        assert result["latency_ms"] > 0
+    stats = recommender.get_comprehensive_stats()
+    assert stats["serving"]["requests"] == 3 and stats["serving"]["paths"] == {"whole window": 1, "incremental": 2}
+    assert stats["kv_cache"]["hits"] == 2 and stats["kv_cache"]["hit_rate"] == pytest.approx(2 / 3)
+    latency = stats["serving"]["latency_ms"]
+    assert latency["count"] == 3 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert stats["kernels"]["hstu_hierarchical_attention"]["calls"]["triton"] > 0
+    assert stats["kernel_availability"]["hstu_hierarchical_attention"]["requested"] == "triton"
+
+
+@pytest.mark.parametrize("behaviors, k, message", [
+    ([], 3, "history is empty"),
+    ([(ORIGINAL_IDS[0], 10)], 0, "k must be an integer in"),
+    ([(ORIGINAL_IDS[0], 10)], NUM_ITEMS + 1, "k must be an integer in"),
+    ([(ORIGINAL_IDS[0], 10.5)], 3, "timestamps must be integer"),
+    ([(ORIGINAL_IDS[0], 10), (12345, 11)], 3, "12345"),
+    ([(ORIGINAL_IDS[0], 10, 3)], 3, r"user_behaviors\[0\] must be an \(item, timestamp\) pair"),
+])
+def test_bad_requests_are_named(behaviors, k, message):
+    recommender = make_recommender()
+    with pytest.raises((ValueError, KeyError), match=message):
+        recommender.infer_with_optimal_strategy("u", behaviors, k)
+    assert recommender.get_comprehensive_stats()["serving"]["requests"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [None, "all"])
+def test_gpu_incremental_equals_full_at_hstu_large_size(kernels):
+    """HSTU-large ML-1M shapes on CUDA (random weights): incremental steps equal a full recomputation."""
+    from hstu_kernels import OPERATORS
+
+    flags = {op: True for op in OPERATORS} if kernels == "all" else None
+    ids = list(range(1, 3707))
+    recommender = make_recommender(device="cuda", num_blocks=8, heads=2, dqk=25, dv=25, dim=50, max_seq_len=200,
+                                   num_items=len(ids), ids=ids, kernels=flags)
+    items, times = random_history(230, seed=8, ids=ids)
+    for n in (100, 101, 150, 199, 200, 201, 201):
+        got, report = served(recommender, "u", items[:n], times[:n], k=20)
+        assert_same_top_k(got, full_recompute(recommender, items[:n], times[:n], k=20), atol=1e-4)
+    assert report["kv_cache"] == "hit" and report["positions_computed"] == 1
