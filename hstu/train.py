@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hstu.baselines import baseline_metrics
 from hstu.callbacks import (
@@ -97,6 +97,15 @@ def _with_run_callbacks(callbacks: list[Any]) -> tuple[list[Any], EpochThroughpu
     return [*rest, throughput, epoch_log, *extras], throughput, epoch_log
 
 
+def default_precision(trainer_cfg: DictConfig) -> str:
+    """``trainer.precision`` as set, or when it is null: bf16-mixed on a CUDA device that has bf16 (the
+    kernels accumulate in fp32 and the loss takes fp32 logits), 32-true elsewhere."""
+    if trainer_cfg.get("precision") is not None:
+        return str(trainer_cfg.precision)
+    on_cuda = trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate with full ranking and write ``metrics.json`` in ``paths.output_dir``."""
     check_config(cfg)
@@ -121,6 +130,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(RichProgressBar())  # Lightning's default would print its bars into log files too
     trainer_kwargs = {} if has_validation else {"limit_val_batches": 0}
+    with open_dict(cfg):
+        cfg.trainer.precision = default_precision(cfg.trainer)
     trainer: L.Trainer = instantiate_config(
         cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False, **trainer_kwargs
     )

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 import hstu.config  # noqa: F401
 from hstu.baselines import baseline_metrics
-from hstu.train import train
+from hstu.train import default_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,22 @@ SYNTHETIC_SMALL = [
     "model.optimizer.lr=1e-2", "data.batch_size=64", "trainer.accelerator=cpu", "callbacks=none", "logger=[]",
 ]
 MODEL_SIZE = {"hstu": ["model.encoder.dqk=16", "model.encoder.dv=16"], "sasrec": []}
+
+
+@pytest.mark.parametrize("overrides, cuda, expected", [
+    ([], True, "bf16-mixed"),
+    ([], False, "32-true"),
+    (["trainer.accelerator=cpu"], True, "32-true"),
+    (["trainer=gpu"], True, "bf16-mixed"),
+    (["trainer.precision=32-true"], True, "32-true"),
+    (["trainer.precision=16-mixed"], False, "16-mixed"),
+])
+def test_precision_defaults_to_bf16_mixed_on_cuda_only(monkeypatch, overrides, cuda, expected):
+    """trainer.precision=null resolves in one place: bf16-mixed where the run lands on a CUDA device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    cfg = compose_train(*overrides)
+    assert default_precision(cfg.trainer) == expected
 
 
 @pytest.mark.slow
