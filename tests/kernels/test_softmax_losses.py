@@ -617,25 +617,55 @@ def test_manager_falls_back_where_the_kernels_cannot_run():
 
 
 @needs_triton
+@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "row-mask"])
 @pytest.mark.parametrize("kind, shared", [("sampled", False), ("sampled", True), ("full", False)])
-def test_model_loss_runs_triton_and_matches_the_reference(kind, shared):
+def test_model_loss_runs_triton_and_matches_the_reference(kind, shared, masked):
     """The model's RecLoss (ids from 1, the padding row skipped for the full softmax, negatives drawn
-    in the call, validate off) through the manager: the same loss and gradients with the flag on and off."""
+    in the call, validate off) through the manager: the same loss and gradients with the flag on and off;
+    ``masked``: a packed batch's row mask (per-row losses, the padding rows left out)."""
     from hstu.model.loss import RecLoss
 
     states, pos, _, table = make_inputs(14, 8, 11, 0, "full", device=DEVICE)
+    row_mask = torch.arange(14, device=DEVICE) % 4 != 1 if masked else None
     results = []
     for flag in (False, True):
         manager = hstu_kernels.TritonOperatorManager({OP: flag})
         loss_fn = RecLoss(manager, kind=kind, num_negatives=6, temperature=0.05, shared_negatives=shared)
         s, t = states.clone().requires_grad_(), table.clone().requires_grad_()
         torch.manual_seed(3)
-        loss = loss_fn(s, pos.clamp_min(1), t)
+        loss = loss_fn(s, pos.clamp_min(1), t, row_mask=row_mask)
         loss.backward()
         assert manager.get_stats()[OP]["calls"]["triton" if flag else "reference"] == 1
+        if masked:
+            assert not s.grad[~row_mask].any()
         results.append((loss, s.grad, t.grad))
     for a, b in zip(*results):
         assert_close_float32(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("flag", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("kind, shared", [("sampled", False), ("sampled", True), ("full", False)])
+def test_model_loss_keeps_non_finite_padding_rows_out(kind, shared, flag):
+    """Rows a packed batch's row mask leaves out may hold anything: with NaN states there, the loss and
+    both gradients are those with zeros there (the padding rows' state gradients zero)."""
+    from hstu.model.loss import RecLoss
+
+    states, pos, _, table = make_inputs(14, 8, 11, 0, "full", device=DEVICE)
+    row_mask = torch.arange(14, device=DEVICE) % 4 != 1
+    loss_fn = RecLoss(hstu_kernels.TritonOperatorManager({OP: flag}), kind=kind, num_negatives=6, temperature=0.05,
+                      shared_negatives=shared)
+    results = []
+    for padding in (0.0, float("nan")):
+        s = torch.where(row_mask.unsqueeze(-1), states, padding).requires_grad_()
+        t = table.clone().requires_grad_()
+        torch.manual_seed(3)
+        loss = loss_fn(s, pos.clamp_min(1), t, row_mask=row_mask)
+        loss.backward()
+        results.append((loss, s.grad, t.grad))
+    assert not results[1][1][~row_mask].any()
+    for zeros, nans in zip(*results):
+        assert torch.equal(zeros, nans)
 
 
 @needs_triton
