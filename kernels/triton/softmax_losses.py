@@ -165,7 +165,7 @@ def _negative_chunk(neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, p
                 mask=valid[:, :, None] & (cols < D)[None, None, :], other=0.0).to(tl.float32)
     sum_sq = tl.sum(e * e, axis=2)
     re = _inverse_norm(sum_sq, L2_NORM)
-    logits = tl.sum(e * s32[:, None, :], axis=2) * re * row_scale[:, None]
+    logits = tl.sum(e * s32[:, None, :], axis=2) * row_scale[:, None] * re
     return items, valid, e, sum_sq, re, logits
 
 
@@ -421,7 +421,7 @@ def _tiled_bwd_items_kernel(
         g = tl.load(grad_rows + rows, mask=rows_ok, other=0.0).to(tl.float32)  # each row's loss gradient
         if WIDEN:
             s = s.to(tl.float32)
-        logits = tl.dot(e, tl.trans(s), input_precision=DOT_PRECISION) * re[:, None] * (rs * inv_temperature)[None, :]
+        logits = tl.dot(e, tl.trans(s), input_precision=DOT_PRECISION) * (rs * inv_temperature)[None, :] * re[:, None]
         p = _probability(logits, lse_rows[None, :])
         if SHARED:
             p = tl.where(ids[:, None] != pos[None, :], p, 0.0)
@@ -491,7 +491,7 @@ def _table_grad_by_item_kernel(
         rs = tl.load(rs_saved + row, mask=scored, other=0.0)
         lse_rows = tl.load(lse + row, mask=scored, other=float("inf"))
         pos = tl.load(pos_ids + row, mask=scored, other=-1)
-        logits = tl.sum(s * e[None, :], axis=1) * rs * (re * inv_temperature)
+        logits = tl.sum(s * e[None, :], axis=1) * (rs * inv_temperature) * re
         p = _probability(logits, lse_rows)
         dl = tl.where(positive, p - 1.0, tl.where(pos == item, 0.0, p))
         dl = tl.where(scored, dl * tl.load(grad_rows + row, mask=scored, other=0.0).to(tl.float32), 0.0)
