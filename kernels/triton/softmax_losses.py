@@ -387,7 +387,7 @@ def _tiled_bwd_rows_kernel(
 
 @triton.jit
 def _tiled_bwd_items_kernel(
-    grad_rows, states, pos_ids, table, item_ids, item_inv_norms, lse, rs_saved, out,
+    grad_rows, grad_scale, states, pos_ids, table, item_ids, item_inv_norms, lse, rs_saved, out,
     num_rows, num_cols, num_items, row_blocks_per_split,
     stride_sm, stride_sd, stride_ti, stride_td, stride_os, stride_on, stride_od,
     inv_temperature,
@@ -397,7 +397,12 @@ def _tiled_bwd_items_kernel(
 ):
     """Gradients of a block of scored items, summed over the rows of split ``program_id(1)``:
     written to ``out[split, n]`` (strides os, on, od), or with ATOMIC added (float32 atomics) into the
-    table-shaped ``out`` at each item's table row."""
+    table-shaped ``out`` at each item's table row.
+
+    Each row's upstream gradient g scales its probabilities before the gradient matmul. With fp16
+    operands (not FOLD_NORMS) they take g / ``grad_scale`` (max |g|, a device scalar), at most 1 in
+    magnitude, and the sums are multiplied back after the loop: the mean over 25,000 rows gives
+    g = 4e-5, and p * g would fall below fp16's normal range (6e-5) and lose its digits."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     n_ok = n < num_cols
@@ -406,6 +411,11 @@ def _tiled_bwd_items_kernel(
                                          cols, D, BLOCK_D, L2_NORM, SHARED)
     if WIDEN:
         e = e.to(tl.float32)
+    if FOLD_NORMS:
+        g_scale = 1.0
+    else:
+        g_scale = tl.load(grad_scale)
+        g_scale = tl.where(g_scale > 0, g_scale, 1.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     c = tl.zeros([BLOCK_N], dtype=tl.float32)
     first_row = split * row_blocks_per_split * BLOCK_M
@@ -427,14 +437,15 @@ def _tiled_bwd_items_kernel(
             p = tl.where(ids[:, None] != pos[None, :], p, 0.0)
         else:
             p = p - tl.where(n[:, None] == pos[None, :], 1.0, 0.0)
-        p = p * g[None, :]
+        p = p * (g / g_scale)[None, :]
         c += tl.sum(p * logits, axis=1)
         if FOLD_NORMS:
             acc += tl.dot((p * rs[None, :]).to(s.dtype), s, input_precision=DOT_PRECISION)
         else:
             s_hat = (s.to(tl.float32) * rs[:, None]).to(s.dtype)
             acc += tl.dot(p.to(s.dtype), s_hat, input_precision=DOT_PRECISION)
-    de = acc * (re * inv_temperature)[:, None] - e.to(tl.float32) * (_projected(re, L2_NORM) * re * re * c)[:, None]
+    de = g_scale * (acc * (re * inv_temperature)[:, None]
+                    - e.to(tl.float32) * (_projected(re, L2_NORM) * re * re * c)[:, None])
     mask = n_ok[:, None] & (cols < D)[None, :]
     if ATOMIC:
         tl.atomic_add(out + table_rows[:, None] * D + cols[None, :], de, mask=mask, sem="relaxed")
@@ -684,8 +695,9 @@ def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, 
                        else torch.empty((1, num_items, dim), dtype=item_table.dtype, device=states.device))
             else:
                 out = torch.empty((splits, num_cols, dim), dtype=torch.float32, device=states.device)
+            grad_scale = grad_rows if fold_norms else grad_rows.abs().amax()  # fp16 operands: max |g|
             _tiled_bwd_items_kernel[(cdiv(num_cols, cfg["BLOCK_N"]), splits)](
-                grad_rows, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, out,
+                grad_rows, grad_scale, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, out,
                 num_rows, num_cols, num_items, per_split, *states.stride(), *item_table.stride(),
                 *(out.stride() if out.dim() == 3 else (0, *out.stride())), inv_temperature,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC=atomic, **common, **_launch_options(cfg))
