@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import unittest.mock
 from dataclasses import dataclass
@@ -331,8 +332,12 @@ def assert_within_rule(results, dtype, logit_bound, names=("loss", "d states", "
       hence the loss and each gradient, inherits in relative terms. The reference's own error can be
       smaller by luck (measured: up to 114 u32 * max|ref| apart at L ~ 500, dot-product logits);
     - for 16-bit gradients, 2 u16 more: the gradient matmuls take 16-bit operands (probabilities times
-      inverse norms, and the streamed rows), as flash attention's backward does, where the reference
-      keeps float32 until its final rounding.
+      inverse norms, or in fp16 times their mantissas, and the streamed rows as stored, or in fp16
+      scaled by powers of two), as flash attention's backward does, where the reference keeps float32
+      until its final rounding. Only the probabilities are rounded, so each error lies along a row the
+      gradient sums, and the projection of the normalisation's gradient removes its part along the
+      held row, as it removes that part of the exact sum: the error stays relative to the gradient
+      even where the gradient is a small difference of large terms (nearly parallel rows).
     """
     ours, exact, same_dtype = results
     u32 = unit_roundoff(torch.float32)
@@ -417,17 +422,22 @@ MEAN_OF_MANY_ROWS = 4e-5
 
 
 @st.composite
-def cases(draw, dtypes=tuple(TRITON_DTYPES)):
+def cases(draw, dtypes=tuple(TRITON_DTYPES), per_row=False):
     """Up to two blocks of rows and items and two chunks of negatives in the interpreter. D >= 2: at
     D = 1 every cosine is +-1 and the states' gradient is exactly zero, a difference of two terms of
-    size rs / T, so its rounding has no scale to be measured against."""
+    size rs / T, so its rounding has no scale to be measured against. ``per_row``: reduction="none"
+    with per-row upstream gradients of scale 1 or ``MEAN_OF_MANY_ROWS``."""
     variant = draw(st.sampled_from(VARIANTS))
-    return Case(
+    case = Case(
         variant=variant, rows=draw(st.integers(1, 24)), dim=draw(st.sampled_from([2, 3, 16, 25, 50])),
         negatives=0 if variant == "full" else draw(st.integers(0, 12)), num_items=draw(st.integers(1, 24)),
         l2_norm=draw(st.booleans()), temperature=draw(st.sampled_from([0.05, 0.5, 1.0])),
         dtype=draw(st.sampled_from(dtypes)), deterministic=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
     )
+    if per_row:
+        case = dataclasses.replace(case, upstream="per-row",
+                                   upstream_scale=draw(st.sampled_from([1.0, MEAN_OF_MANY_ROWS])))
+    return case
 
 
 @contextlib.contextmanager
@@ -446,11 +456,43 @@ def test_triton_matches_reference_random(case: Case):
 
 
 @needs_triton
+@given(case=cases(per_row=True), split=st.booleans())
+def test_triton_per_row_gradients_random(case: Case, split: bool):
+    """reduction="none" with a random upstream gradient per row (zero for about a third of them), over
+    every variant, dtype, mode and logit kind; ``split``: the item-block programs split the rows."""
+    with item_blocks_split_over_rows(split):
+        check_case(case)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_several_blocks_and_tiles(variant, dtype):
     """More rows, negatives and items than one block or tile holds (interpreter blocks are 16)."""
     check_case(Case(variant, rows=37, dim=25, negatives=19 if variant != "full" else 0, num_items=45, dtype=dtype))
+
+
+def clustered_inputs(rows, dim, num_items, negatives, variant, spread, seed=0):
+    """fp16 inputs as ``make_inputs`` gives them, with states and items within about ``spread`` of one
+    random direction: every cosine is near 1."""
+    states, pos, neg, table = make_inputs(rows, dim, num_items, negatives, variant, seed=seed, device=DEVICE)
+    direction = torch.randn(dim, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    return (direction + spread * states).half(), pos, neg, (direction + spread * table).half()
+
+
+@needs_triton
+@pytest.mark.parametrize("upstream_scale", [1.0, MEAN_OF_MANY_ROWS], ids=["unit-upstream", "mean-of-many-upstream"])
+@pytest.mark.parametrize("variant", ["shared", "full"])
+def test_triton_fp16_gradients_of_clustered_states_and_items(variant, upstream_scale):
+    """States and items within 5% of one direction (cosine logits 19-20 at T = 0.05): since the
+    dlogits of a row sum to zero, a state's gradient is the part of a weighted difference of nearly
+    equal unit vectors orthogonal to the state, an order of magnitude below the terms it sums (an
+    item's likewise). The fp16 gradient matmuls must round only what this cancellation removes: the
+    probabilities (their errors lie along the unit vectors, and the projection, taken from the same
+    sum, removes the part along the held row), not the normalised rows. (Per-row negatives take no
+    16-bit matmul operands.)"""
+    states, pos, neg, table = clustered_inputs(20, 8, 24, 10 if variant == "shared" else 0, variant, spread=0.05)
+    check(states, pos, neg, table, torch.float16, upstream=per_row_upstream(20, upstream_scale))
 
 
 @needs_triton
