@@ -31,11 +31,14 @@ class RecLoss(nn.Module):
                 row_mask: torch.Tensor | None = None) -> torch.Tensor:
         """states [M, D], pos_ids [M] in 1..num_items, item_table [num_items + 1, D] (row 0 = padding).
 
-        ``row_mask`` [M] (packed batches): the mean is over the rows where it is True; the others are
-        left out with ``torch.where`` (a NaN in a padding row cannot reach the sum or the gradients)."""
+        ``row_mask`` [M] (packed batches): the mean is over the rows where it is True. The others are
+        scored as zero states against item 1 and left out of the sum, both with ``torch.where``, so that
+        whatever a padding row holds (a NaN included) reaches neither the loss nor any gradient: a zero
+        upstream gradient alone would not stop a NaN logit (0 * NaN)."""
         reduction = "mean" if row_mask is None else "none"
         if row_mask is not None:
             pos_ids = torch.where(row_mask, pos_ids, 1)
+            states = torch.where(row_mask.unsqueeze(-1), states, 0.0)
         if self.kind == "full":
             loss = hstu_kernels.full_softmax_loss(
                 states, pos_ids - 1, item_table[1:], temperature=self.temperature, reduction=reduction,

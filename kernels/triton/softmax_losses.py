@@ -24,11 +24,17 @@ How it computes, and why:
   over row blocks (state gradients) and once in a kernel over item blocks (item gradients). Item
   blocks split the rows among several programs when there are too few of them to fill the GPU; the
   split partial sums are added in a fixed order.
-- The normalisation is differentiated in closed form: with c = sum_n dlogit(m, n) * logit(m, n),
-  d s_m = rs_m / T * sum_n dlogit * re_n e_n - rs_m^2 c s_m (the second term vanishes where the norm
-  was clamped at eps), and the same for items. In 16-bit runs the gradient matmuls take 16-bit
-  operands (the probabilities times the inverse norms, and the streamed rows; in fp16 the
-  probabilities and the normalised rows), with float32 accumulation, as flash attention's backward does.
+- The normalisation is differentiated in closed form: with h_m = sum_n dlogit(m, n) * re_n e_n and
+  c_m = sum_n dlogit(m, n) * logit(m, n) = rs_m / T * s_m . h_m,
+  d s_m = rs_m / T * h_m - rs_m^2 c_m s_m (the second term vanishes where the norm was clamped at eps),
+  and the same for items. c is taken from the accumulated h, not summed from the logits: the second
+  term then removes exactly the part of h's rounding along s_m, where the two terms cancel.
+- In 16-bit runs the gradient matmuls take 16-bit operands, with float32 accumulation, as flash
+  attention's backward does: the probabilities times the inverse norms (bf16), and the streamed rows
+  as stored. fp16 cannot hold a probability times an inverse norm (up to 1 / eps = 1e6), so it folds
+  only the inverse norm's mantissa into the probabilities and scales the rows by its power of two
+  (exact): the only rounding is that of the probabilities, as in bf16. Rounding normalised rows
+  instead would put errors of u16 across every row, which the projection cannot remove.
 - Table gradients of sampled losses are a scatter. By default float32 atomics add them into a zeroed
   [I, D] buffer (per-row negatives and positives from the row programs, shared negatives once per
   item block). When ``torch.are_deterministic_algorithms_enabled()``, the occurrences are sorted by
@@ -77,6 +83,17 @@ def _projected(inverse_norm, L2_NORM: tl.constexpr):
     else:
         on = inverse_norm * 0.0
     return on
+
+
+@triton.jit
+def _exponent_and_mantissa(x):
+    """x = exponent * mantissa exactly, for float32 x >= 0 normal or zero: the power of two of x (0 for
+    0) and its mantissa in [1, 2). Scaling a 16-bit tile by the exponent is exact, and a probability
+    times the mantissa stays below 2: the fp16 gradient matmuls fold the inverse norms in that way."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = (bits & 0x7F800000).to(tl.float32, bitcast=True)
+    mantissa = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    return exponent, mantissa
 
 
 @triton.jit
@@ -165,7 +182,7 @@ def _negative_chunk(neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, p
                 mask=valid[:, :, None] & (cols < D)[None, None, :], other=0.0).to(tl.float32)
     sum_sq = tl.sum(e * e, axis=2)
     re = _inverse_norm(sum_sq, L2_NORM)
-    logits = tl.sum(e * s32[:, None, :], axis=2) * re * row_scale[:, None]
+    logits = tl.sum(e * s32[:, None, :], axis=2) * row_scale[:, None] * re
     return items, valid, e, sum_sq, re, logits
 
 
@@ -334,7 +351,8 @@ def _tiled_bwd_rows_kernel(
 ):
     """State gradients of a row block; with POSITIVES_GRAD (shared negatives), float32 atomics of
     the positives' item gradients into ``grad_table`` [I, D] (contiguous). The float32 copy of the
-    states and the positives are made after the item loop, so that they hold no registers through it."""
+    states and the positives are made after the item loop, so that they hold no registers through it.
+    c = sum dlogit * logit is taken from h after the loop (see the module docstring)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < num_rows
     cols = tl.arange(0, BLOCK_D)
@@ -348,7 +366,6 @@ def _tiled_bwd_rows_kernel(
     pos = tl.load(pos_ids + rows, mask=rows_ok, other=-1)
     lse_rows = tl.load(lse + rows, mask=rows_ok, other=0.0)
     h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum over scored items of dlogit * re * e
-    c = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of dlogit * logit
     if STATES_GRAD:
         for n0 in range(0, num_cols, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -363,23 +380,23 @@ def _tiled_bwd_rows_kernel(
                 p = tl.where(n_ok[None, :] & (ids[None, :] != pos[:, None]), p, 0.0)
             else:
                 p = tl.where(n_ok[None, :], p, 0.0) - tl.where(n[None, :] == pos[:, None], 1.0, 0.0)
-            c += tl.sum(p * logits, axis=1)
             if FOLD_NORMS:
                 h += tl.dot((p * re[None, :]).to(s.dtype), e, input_precision=DOT_PRECISION)
             else:
-                e_hat = (e.to(tl.float32) * re[:, None]).to(s.dtype)
-                h += tl.dot(p.to(s.dtype), e_hat, input_precision=DOT_PRECISION)
+                re_exponent, re_mantissa = _exponent_and_mantissa(re)
+                e_scaled = (e.to(tl.float32) * re_exponent[:, None]).to(s.dtype)
+                h += tl.dot((p * re_mantissa[None, :]).to(s.dtype), e_scaled, input_precision=DOT_PRECISION)
     s32 = s.to(tl.float32)
     if SHARED:  # the positive, scored apart from the negatives
         pos_items, e_pos, sum_sq_pos, re_pos, pos_logit = _block_positives(
             s32, table, pos, rows_ok, num_items, stride_ti, stride_td, cols, row_scale, D, BLOCK_D, L2_NORM)
         dl = tl.exp(pos_logit - lse_rows) - 1.0
         h += e_pos * (dl * re_pos)[:, None]
-        c += dl * pos_logit
         if POSITIVES_GRAD:
             _add_positive_grads(grad_table, pos_items, s32, e_pos, g * dl, row_scale, re_pos, pos_logit,
                                 rows_ok, cols, D, L2_NORM)
     if STATES_GRAD:
+        c = row_scale * tl.sum(s32 * h, axis=1)  # sum of dlogit * logit, from h itself
         ds = g[:, None] * (h * row_scale[:, None] - s32 * (_projected(rs, L2_NORM) * rs * rs * c)[:, None])
         tl.store(grad_states + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gd,
                  ds.to(grad_states.dtype.element_ty), mask=rows_ok[:, None] & (cols < D)[None, :])
@@ -387,7 +404,7 @@ def _tiled_bwd_rows_kernel(
 
 @triton.jit
 def _tiled_bwd_items_kernel(
-    grad_rows, states, pos_ids, table, item_ids, item_inv_norms, lse, rs_saved, out,
+    grad_rows, grad_scale, states, pos_ids, table, item_ids, item_inv_norms, lse, rs_saved, out,
     num_rows, num_cols, num_items, row_blocks_per_split,
     stride_sm, stride_sd, stride_ti, stride_td, stride_os, stride_on, stride_od,
     inv_temperature,
@@ -397,7 +414,13 @@ def _tiled_bwd_items_kernel(
 ):
     """Gradients of a block of scored items, summed over the rows of split ``program_id(1)``:
     written to ``out[split, n]`` (strides os, on, od), or with ATOMIC added (float32 atomics) into the
-    table-shaped ``out`` at each item's table row."""
+    table-shaped ``out`` at each item's table row.
+
+    Each row's upstream gradient g scales its probabilities before the gradient matmul. With fp16
+    operands (not FOLD_NORMS) they take g / ``grad_scale`` (max |g|, a device scalar), at most 1 in
+    magnitude, and the sums are multiplied back after the loop: the mean over 25,000 rows gives
+    g = 4e-5, and p * g would fall below fp16's normal range (6e-5) and lose its digits. c = sum
+    dlogit * logit is taken from acc after the loop (see the module docstring)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     n_ok = n < num_cols
@@ -406,8 +429,12 @@ def _tiled_bwd_items_kernel(
                                          cols, D, BLOCK_D, L2_NORM, SHARED)
     if WIDEN:
         e = e.to(tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if FOLD_NORMS:
+        g_scale = 1.0
+    else:
+        g_scale = tl.load(grad_scale)
+        g_scale = tl.where(g_scale > 0, g_scale, 1.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum over rows of dlogit * rs * s
     first_row = split * row_blocks_per_split * BLOCK_M
     last_row = tl.minimum(first_row + row_blocks_per_split * BLOCK_M, num_rows)
     for m0 in range(first_row, last_row, BLOCK_M):
@@ -421,20 +448,22 @@ def _tiled_bwd_items_kernel(
         g = tl.load(grad_rows + rows, mask=rows_ok, other=0.0).to(tl.float32)  # each row's loss gradient
         if WIDEN:
             s = s.to(tl.float32)
-        logits = tl.dot(e, tl.trans(s), input_precision=DOT_PRECISION) * re[:, None] * (rs * inv_temperature)[None, :]
+        logits = tl.dot(e, tl.trans(s), input_precision=DOT_PRECISION) * (rs * inv_temperature)[None, :] * re[:, None]
         p = _probability(logits, lse_rows[None, :])
         if SHARED:
             p = tl.where(ids[:, None] != pos[None, :], p, 0.0)
         else:
             p = p - tl.where(n[:, None] == pos[None, :], 1.0, 0.0)
-        p = p * g[None, :]
-        c += tl.sum(p * logits, axis=1)
+        p = p * (g / g_scale)[None, :]
         if FOLD_NORMS:
             acc += tl.dot((p * rs[None, :]).to(s.dtype), s, input_precision=DOT_PRECISION)
         else:
-            s_hat = (s.to(tl.float32) * rs[:, None]).to(s.dtype)
-            acc += tl.dot(p.to(s.dtype), s_hat, input_precision=DOT_PRECISION)
-    de = acc * (re * inv_temperature)[:, None] - e.to(tl.float32) * (_projected(re, L2_NORM) * re * re * c)[:, None]
+            rs_exponent, rs_mantissa = _exponent_and_mantissa(rs)
+            s_scaled = (s.to(tl.float32) * rs_exponent[:, None]).to(s.dtype)
+            acc += tl.dot((p * rs_mantissa[None, :]).to(s.dtype), s_scaled, input_precision=DOT_PRECISION)
+    e32 = e.to(tl.float32)
+    c = re * inv_temperature * tl.sum(e32 * acc, axis=1)  # sum of dlogit * logit, from acc itself
+    de = g_scale * (acc * (re * inv_temperature)[:, None] - e32 * (_projected(re, L2_NORM) * re * re * c)[:, None])
     mask = n_ok[:, None] & (cols < D)[None, :]
     if ATOMIC:
         tl.atomic_add(out + table_rows[:, None] * D + cols[None, :], de, mask=mask, sem="relaxed")
@@ -491,7 +520,7 @@ def _table_grad_by_item_kernel(
         rs = tl.load(rs_saved + row, mask=scored, other=0.0)
         lse_rows = tl.load(lse + row, mask=scored, other=float("inf"))
         pos = tl.load(pos_ids + row, mask=scored, other=-1)
-        logits = tl.sum(s * e[None, :], axis=1) * rs * (re * inv_temperature)
+        logits = tl.sum(s * e[None, :], axis=1) * (rs * inv_temperature) * re
         p = _probability(logits, lse_rows)
         dl = tl.where(positive, p - 1.0, tl.where(pos == item, 0.0, p))
         dl = tl.where(scored, dl * tl.load(grad_rows + row, mask=scored, other=0.0).to(tl.float32), 0.0)
@@ -662,7 +691,8 @@ def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, 
         num_cols = neg_ids.numel() if shared else num_items
         item_ids = neg_ids if shared else pos_ids
         # The gradient matmuls take the inverse norms folded into the probabilities; in fp16 that
-        # product could overflow (inverse norms reach 1 / eps), so fp16 normalises the streamed rows instead.
+        # product could overflow (inverse norms reach 1 / eps), so fp16 folds only their mantissas and
+        # scales the streamed rows by their powers of two.
         fold_norms = widen or states.dtype != torch.float16
         common = dict(D=dim, BLOCK_D=block_d, L2_NORM=l2_norm, SHARED=shared, WIDEN=widen, DOT_PRECISION=precision,
                       FOLD_NORMS=fold_norms)
@@ -684,8 +714,9 @@ def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, 
                        else torch.empty((1, num_items, dim), dtype=item_table.dtype, device=states.device))
             else:
                 out = torch.empty((splits, num_cols, dim), dtype=torch.float32, device=states.device)
+            grad_scale = grad_rows if fold_norms else grad_rows.abs().amax()  # fp16 operands: max |g|
             _tiled_bwd_items_kernel[(cdiv(num_cols, cfg["BLOCK_N"]), splits)](
-                grad_rows, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, out,
+                grad_rows, grad_scale, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, out,
                 num_rows, num_cols, num_items, per_split, *states.stride(), *item_table.stride(),
                 *(out.stride() if out.dim() == 3 else (0, *out.stride())), inv_temperature,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC=atomic, **common, **_launch_options(cfg))
