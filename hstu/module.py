@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from hstu.data.batch import JaggedBatch
@@ -73,8 +74,8 @@ class RecModule(L.LightningModule):
         return self.model.manager
 
     def setup(self, stage: str) -> None:
-        """Capture training steps when ``cuda_graphs`` asks for it and the run allows it (one CUDA device:
-        NCCL collectives inside captured graphs need their own setup, so multi-process runs stay eager),
+        """Capture training steps when ``cuda_graphs`` asks for it and the run allows it (one CUDA device, no
+        DDP: NCCL collectives inside captured graphs need their own setup, so DDP runs stay eager),
         and then have the datamodule plan batches for device-side packing."""
         if stage != "fit":
             return
@@ -82,8 +83,9 @@ class RecModule(L.LightningModule):
         reason = None
         if device.type != "cuda":
             reason = f"the run is on {device.type}"
-        elif self.trainer.world_size > 1:
-            reason = f"{self.trainer.world_size} processes (collectives inside captured graphs are not set up)"
+        elif isinstance(self.trainer.strategy, DDPStrategy):  # one process too: DDP's reducer runs in the backward
+            reason = (f"the DDP strategy, {self.trainer.world_size} process(es) (collectives inside captured graphs are "
+                      "not set up)")
         if reason is not None and mode == "on":
             raise ValueError(f"model.cuda_graphs=on: steps cannot be captured: {reason}")
         self.capture = mode != "off" and reason is None
