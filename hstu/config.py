@@ -41,6 +41,7 @@ from hstu_kernels.manager import FALLBACK_POLICIES
 
 # One boolean per operator of the registry (hstu_kernels.registry), all off by default.
 KernelFlags = make_dataclass("KernelFlags", [(op, bool, field(default=False)) for op in OPERATORS])
+KernelFlags.__module__ = __name__  # pickled by reference: launchers such as submitit ship configs to their jobs
 
 
 # ---- checks attached to schema fields ------------------------------------------------------------
