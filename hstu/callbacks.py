@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from hstu.distributed import max_over_processes, sum_over_processes
 from hstu.errors import TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ class _ResumableState(L.Callback):
 
 
 class EpochThroughput(_ResumableState):
-    """Throughput per training epoch: samples/s, real (unpadded) tokens/s and wall time.
+    """Throughput per training epoch: samples/s, real (unpadded) tokens/s and wall time. Under DDP the
+    samples and tokens of every process are added up over the slowest process's epoch time (the job's
+    throughput, as ``samples_per_sec``), and ``samples_per_sec_per_process`` is that divided by the processes.
 
     Measured from the epoch's start to its last training step, with the device synchronised at both
     ends, so it counts every step and no validation (Lightning runs the end-of-epoch validation before
@@ -82,15 +85,20 @@ class EpochThroughput(_ResumableState):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_clock(pl_module)
-        seconds = self._seconds
+        samples, tokens = sum_over_processes(trainer, [self._samples, self._tokens])
+        seconds = max_over_processes(trainer, self._seconds)  # the slowest process's epoch
         row = {
             "epoch": trainer.current_epoch,
             "epoch_time_s": seconds,
-            "samples_per_sec": self._samples / seconds,
-            "tokens_per_sec": self._tokens / seconds,
+            "samples_per_sec": samples / seconds,
+            "tokens_per_sec": tokens / seconds,
         }
+        if trainer.world_size > 1:
+            row["samples_per_sec_per_process"] = samples / seconds / trainer.world_size
         self.history.append(row)
-        pl_module.log_dict({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"})
+        # the same on every process (sums over them): max over processes passes them unchanged
+        pl_module.log_dict({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}, sync_dist=True,
+                           reduce_fx="max")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(row) for row in self.history]}
@@ -103,13 +111,10 @@ class EpochThroughput(_ResumableState):
         rows = self.history[1:] or self.history
         if not rows:
             return {}
-        return {
-            "epochs_timed": len(rows),
-            "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows),
-            "samples_per_sec": sum(r["samples_per_sec"] for r in rows) / len(rows),
-            "tokens_per_sec": sum(r["tokens_per_sec"] for r in rows) / len(rows),
-            "first_epoch_time_s": self.history[0]["epoch_time_s"],
-        }
+        means = {key: sum(r[key] for r in rows) / len(rows)
+                 for key in ("epoch_time_s", "samples_per_sec", "tokens_per_sec", "samples_per_sec_per_process")
+                 if all(key in r for r in rows)}
+        return {"epochs_timed": len(rows), **means, "first_epoch_time_s": self.history[0]["epoch_time_s"]}
 
 
 class EpochLog(_ResumableState):

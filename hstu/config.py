@@ -13,7 +13,8 @@ Checks. Ranges and choices cannot be typed, so :func:`check_config` tests them (
 
 Resolver. ``${hstu.new_dir:<path>}`` makes a directory that did not exist (``<path>``, else
 ``<path>_1``, ``<path>_2`` ...) and returns it, once per config (cached like Hydra's ``${now:...}``):
-two jobs started in the same second get two run directories.
+two jobs started in the same second get two run directories, and the ranks of one job that torchrun or
+srun started share rank zero's (``hstu.distributed.shared_new_directory``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from omegaconf.errors import ValidationError
 from omegaconf.nodes import BooleanNode
 
 from hstu.data.sequences import PROTOCOL_MIN_EVENTS, REPEAT_POLICIES
+from hstu.distributed import shared_new_directory
 from hstu.errors import ConfigError, UserError
 from hstu.model.loss import LOSS_KINDS
 from hstu.module import CUDA_GRAPH_MODES
@@ -39,6 +41,7 @@ from hstu_kernels.manager import FALLBACK_POLICIES
 
 # One boolean per operator of the registry (hstu_kernels.registry), all off by default.
 KernelFlags = make_dataclass("KernelFlags", [(op, bool, field(default=False)) for op in OPERATORS])
+KernelFlags.__module__ = __name__  # pickled by reference: launchers such as submitit ship configs to their jobs
 
 
 # ---- checks attached to schema fields ------------------------------------------------------------
@@ -240,6 +243,9 @@ def config_errors(cfg: DictConfig) -> list[str]:
             if metric not in known:
                 errors.append(f"optimized_metric={metric}: must be one of {known} (a search tunes on validation "
                               "metrics; test metrics would tune on the test split)")
+    if OmegaConf.select(cfg, "trainer.use_distributed_sampler") is True:
+        errors.append("trainer.use_distributed_sampler=true: the datamodule shards examples by rank itself (a "
+                      "distributed sampler would pad evaluation with duplicate users); leave it false")
     encoder = OmegaConf.select(cfg, "model.encoder")
     if isinstance(encoder, DictConfig) and OmegaConf.get_type(encoder) is SASRecEncoderConfig:
         dim, heads = cfg.model.dim, encoder.num_heads
@@ -324,8 +330,13 @@ def new_directory(path: str) -> str:
     raise ConfigError(f"{base}: 10000 directories of that name exist already")
 
 
+def new_run_directory(path: str) -> str:
+    """:func:`new_directory`, shared by the ranks of a job that torchrun or srun started (one per job)."""
+    return shared_new_directory(path, new_directory)
+
+
 def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("hstu.new_dir", new_directory, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("hstu.new_dir", new_run_directory, use_cache=True, replace=True)
 
 
 register_configs()

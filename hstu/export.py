@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 
 from hstu.config import instantiate_config
 from hstu.data.datamodule import SequenceDataModule
+from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
 from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
@@ -148,15 +150,19 @@ def recommender_state_dict(module_state: Mapping[str, torch.Tensor]) -> dict[str
     }
 
 
-def build_datamodule(run: TrainingRun, data_dir: str | None = None) -> SequenceDataModule:
-    """The run's datamodule, set up (ids assigned as in training); ``data_dir`` overrides where data lives."""
+def build_datamodule(run: TrainingRun, data_dir: str | None = None, trainer: L.Trainer | None = None) -> SequenceDataModule:
+    """The run's datamodule, set up (ids assigned as in training); ``data_dir`` overrides where data lives.
+    With a ``trainer`` of several processes, its rank zero alone prepares the data."""
     data_config = run.resolved("data")
     if not isinstance(data_config, dict):
         raise ConfigError(f"{run.config_path}: no 'data' section")
     if data_dir is not None:
         data_config["data_dir"] = data_dir
     datamodule = instantiate_config(data_config, _convert_="all")
-    datamodule.prepare_data()
+    if trainer is None:
+        datamodule.prepare_data()
+    else:
+        prepare_on_rank_zero(trainer, datamodule.prepare_data)
     datamodule.setup()
     return datamodule
 
@@ -284,12 +290,15 @@ def evaluate_run(
     accelerator: str = "auto",
     kernels: Mapping[str, bool] | None = None,
     data_dir: str | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
 ) -> dict[str, Any]:
     """Full-ranking test metrics of a checkpoint (default: the run's best) on the run's own test split.
 
-    Returns a report shaped like ``metrics.json`` (``test``, ``card``, ``kernels`` ...) plus
+    Returns a report shaped like ``metrics.json`` (``test``, ``totals``, ``card``, ``kernels`` ...) plus
     ``recorded_test``, the test metrics the run wrote, for comparison. ``kernels`` (default: the
-    run's flags) chooses the operators' backends."""
+    run's flags) chooses the operators' backends. ``devices`` x ``num_nodes`` > 1 evaluates on that many
+    DDP processes, each ranking its own slice of the users (the same metrics as one process)."""
     run = load_run(run_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -301,17 +310,21 @@ def evaluate_run(
         module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
-    datamodule = build_datamodule(run, data_dir)
-    _check_same_items(datamodule, module.model.num_items, checkpoint_path)
-
+    single = devices == 1 and num_nodes == 1
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, precision=run.resolved("trainer.precision") or "32-true",
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        strategy="auto" if single else DDPStrategy(broadcast_buffers=False), use_distributed_sampler=False,
+        precision=run.resolved("trainer.precision") or "32-true",
         logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
     )
+    datamodule = build_datamodule(run, data_dir, trainer)
+    _check_same_items(datamodule, module.model.num_items, checkpoint_path)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {
         "val": {},
         "test": {key.removeprefix("test/"): float(value) for key, value in test.items() if key.startswith("test/")},
+        "totals": {"test": module.eval_totals["test"]},
+        "processes": trainer.world_size,
         "recorded_test": run.metrics.get("test", {}),
         "checkpoint": str(checkpoint_path),
         "card": device_name(),

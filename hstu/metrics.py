@@ -3,7 +3,8 @@
 The rank comes from ``hstu_kernels.topk_items``: the target scored against every item, the user's seen
 items masked, ties counted against the model. Never sampled negatives: ranking the target among ~100
 random items inflates NDCG and can reorder models. The metric keeps only sums (one scalar per
-statistic), not per-query scores, so it is cheap and adds up across DDP processes.
+statistic), not per-query scores, so it is cheap and adds up across DDP processes: ``compute`` and
+``totals`` sum every process's states (torchmetrics' sync; counts in int64, sums in float64).
 """
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ class RetrievalMetrics(Metric):
             in_top_k = target_rank <= k
             setattr(self, f"hits_{k}", getattr(self, f"hits_{k}") + in_top_k.sum())
             setattr(self, f"ndcg_sum_{k}", getattr(self, f"ndcg_sum_{k}") + torch.where(in_top_k, discount, 0.0).sum())
+
+    def totals(self) -> dict[str, int | float]:
+        """The states summed over processes, as exact Python numbers: ``count``, ``hits_<k>``,
+        ``ndcg_sum_<k>``, ``reciprocal_rank_sum`` (a host read; call once per evaluation)."""
+        with self.sync_context(should_sync=not self._is_synced):
+            return {name: getattr(self, name).item() for name in self._defaults}
 
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.count.to(torch.float64)

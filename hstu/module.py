@@ -6,6 +6,9 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 from hstu.data.batch import JaggedBatch
 from hstu.data.packing import PlannedBatch
@@ -63,6 +66,7 @@ class RecModule(L.LightningModule):
         self.test_metrics = RetrievalMetrics(ks=self.eval_ks, validate=False)
         self.nonfinite = NonFiniteLossFlag()
         self.capture = False  # decided in setup(): whether training steps are captured as CUDA graphs
+        self.eval_totals: dict[str, dict[str, int | float]] = {}  # stage -> RetrievalMetrics.totals()
         self._train_step: TrainStep | None = None
 
     @property
@@ -70,8 +74,8 @@ class RecModule(L.LightningModule):
         return self.model.manager
 
     def setup(self, stage: str) -> None:
-        """Capture training steps when ``cuda_graphs`` asks for it and the run allows it (one CUDA device:
-        NCCL collectives inside captured graphs need their own setup, so multi-process runs stay eager),
+        """Capture training steps when ``cuda_graphs`` asks for it and the run allows it (one CUDA device, no
+        DDP: NCCL collectives inside captured graphs need their own setup, so DDP runs stay eager),
         and then have the datamodule plan batches for device-side packing."""
         if stage != "fit":
             return
@@ -79,12 +83,13 @@ class RecModule(L.LightningModule):
         reason = None
         if device.type != "cuda":
             reason = f"the run is on {device.type}"
-        elif self.trainer.world_size > 1:
-            reason = f"{self.trainer.world_size} processes (collectives inside captured graphs are not set up)"
+        elif isinstance(self.trainer.strategy, DDPStrategy):  # one process too: DDP's reducer runs in the backward
+            reason = (f"the DDP strategy, {self.trainer.world_size} process(es) (collectives inside captured graphs are "
+                      "not set up)")
         if reason is not None and mode == "on":
             raise ValueError(f"model.cuda_graphs=on: steps cannot be captured: {reason}")
         self.capture = mode != "off" and reason is None
-        if mode == "auto" and reason is not None and device.type == "cuda":
+        if mode == "auto" and reason is not None and device.type == "cuda" and self.trainer.is_global_zero:
             log.info("training steps are not captured as CUDA graphs: %s", reason)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.capture and hasattr(datamodule, "planned_batches"):
@@ -105,15 +110,19 @@ class RecModule(L.LightningModule):
         layout = datamodule.packing_layout if self.capture and datamodule is not None else None
         if self.capture and layout is None:
             raise ValueError("model.cuda_graphs: captured steps need a SequenceDataModule (its packing layout)")
+        wrapped = isinstance(self.trainer.strategy.model, DistributedDataParallel)
         return TrainStep(self.model, self.optimizers().optimizer, self.nonfinite,
                          sequences=datamodule.device_sequences(self.device) if planned else None,
-                         layout=layout, capture=self.capture)
+                         layout=layout, capture=self.capture,
+                         # DDP: the strategy's backward readies the gradient all-reduce; one NaN skips every update
+                         backward=self.manual_backward if wrapped else None,
+                         share_flag=_max_over_processes if wrapped else None)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """The epoch's mean loss, read from the device once, after its last training step."""
         if batch_idx + 1 == self.trainer.num_training_batches and self._train_step is not None:
             self.log("train/loss", self._train_step.end_epoch(), on_step=False, on_epoch=True, prog_bar=True,
-                     batch_size=1)
+                     batch_size=1, sync_dist=True)  # the mean over processes (their own epoch means)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Batches arrive page-locked from the loaders (on GPU runs): copy them without waiting. Lightning
@@ -133,8 +142,13 @@ class RecModule(L.LightningModule):
         self._rank(batch, self.test_metrics)
 
     def _log_metrics(self, stage: str, metrics: RetrievalMetrics) -> None:
+        """Log the stage's metrics over every process's users (each counted once: the datamodule shards them)
+        and keep their exact sums in ``eval_totals[stage]``."""
         values = metrics.compute()
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=False)
+        self.eval_totals[stage] = metrics.totals()
+        # every process holds the same values (sums of all of them): max over processes passes them unchanged
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=False,
+                      sync_dist=True, reduce_fx="max")
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
@@ -150,3 +164,8 @@ class RecModule(L.LightningModule):
         self.nonfinite.reset(self.device)
         self.nonfinite.attach(optimizer)
         return optimizer
+
+
+def _max_over_processes(flag: torch.Tensor) -> None:
+    """Make ``flag`` the maximum over the processes (in place; no host read)."""
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -28,6 +28,7 @@ from hstu.callbacks import (
 )
 from hstu.config import check_config, instantiate_config
 from hstu.data.sources import absolute_path
+from hstu.distributed import prepare_on_rank_zero, refuse_launched_multirun, summed_operator_stats
 from hstu.errors import CheckpointError, ConfigError, MissingFileError
 from hstu.files import write_text_atomically
 
@@ -120,10 +121,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision("high")
 
     datamodule = instantiate_config(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
-
     has_validation = datamodule.has_validation
     callbacks = _checkpoint_callbacks(_instantiate_all(cfg.get("callbacks")), has_validation, out_dir / CHECKPOINT_DIR)
     callbacks, throughput, epoch_log = _with_run_callbacks(callbacks)
@@ -135,6 +132,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate_config(
         cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False, **trainer_kwargs
     )
+    refuse_launched_multirun(trainer)
+    prepare_on_rank_zero(trainer, datamodule.prepare_data)
+    datamodule.setup("fit")
+    module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -151,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         results["test"] = _strip(test[0], "test/")
     splits = [split for split in ("val", "test") if results[split]]
+    results["totals"] = {split: module.eval_totals[split] for split in splits}  # exact counts and float64 sums
 
     report = {
         **results,
@@ -164,13 +166,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": epoch_log.history,
         "fit_wall_time_s": fit_seconds,
         "throughput": throughput.summary(),
+        "processes": trainer.world_size,
         "card": device_name(),
         "torch": torch.__version__,
         "kernels": {
             "flags": dict(cfg.model.kernels),
             "fallbacks": module.manager.fallbacks(),
             "availability": module.manager.get_operator_availability(),
-            "stats": module.manager.get_stats(),
+            "stats": summed_operator_stats(trainer, module.manager.get_stats()),  # over every process
         },
         "data": datamodule.stats,
         "overrides": _task_overrides(),
@@ -239,7 +242,8 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     if tp:
         console.print(
             f"epochs {report['epochs_trained']}, best epoch {report['best_epoch']}, fit {report['fit_wall_time_s']:.1f}s, "
-            f"{tp['samples_per_sec']:.0f} samples/s, {tp['tokens_per_sec']:.0f} tokens/s, "
+            f"{tp['samples_per_sec']:.0f} samples/s, {tp['tokens_per_sec']:.0f} tokens/s"
+            f"{_over_processes(report)}, "
             f"{tp['epoch_time_s']:.2f}s/epoch"
         )
     share = report.get("data", {}).get("test_target_in_history")
@@ -249,3 +253,8 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     if report["kernels"]["fallbacks"]:
         console.print(f"kernel fallbacks: {report['kernels']['fallbacks']}", soft_wrap=True)
     console.print(f"metrics written to {path}", soft_wrap=True)
+
+
+def _over_processes(report: dict[str, Any]) -> str:
+    processes = report.get("processes", 1)
+    return f" (all {processes} processes)" if processes > 1 else ""

@@ -16,11 +16,18 @@ How a step stays capturable:
   device while the non-finite-loss flag (``hstu.guards.NonFiniteLossFlag``) is set; the host reads the
   flag and the loss sum once per epoch.
 
+Under DDP (never captured) the backward goes through the strategy (``backward``: Lightning's
+``manual_backward``, which readies DDP's gradient all-reduce) and the non-finite flag is made the
+maximum over processes before the update (``share_flag``): the all-reduced gradients of a step carry one
+process's NaN to all of them, so all of them must skip that update.
+
 The first step of each capacity runs eagerly (on a side stream, as warm-up before capture must) and is
 then captured; later steps of that capacity replay. Operator calls inside the graph are counted by the
 manager per replay (``TritonOperatorManager.region``).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -42,14 +49,20 @@ class TrainStep:
     recording each loss in ``nonfinite`` (whose flag the optimizer reads as ``found_inf``). Steps take a ``PlannedBatch`` (needs ``sequences``: packed on the device from two
     index buffers) or a ``JaggedBatch`` (any loader's: copied into static buffers when captured).
     ``capture`` replays one CUDA graph per capacity of ``layout`` (CUDA only); without it steps run
-    eagerly (planned batches packed, jagged ones as they are)."""
+    eagerly (planned batches packed, jagged ones as they are). ``backward`` (default ``Tensor.backward``)
+    and ``share_flag`` (default none) are the DDP hooks of the module docstring."""
 
     def __init__(self, model: SequentialRecommender, optimizer: torch.optim.Optimizer, nonfinite: NonFiniteLossFlag,
                  *, sequences: DeviceSequences | None = None, layout: PackingLayout | None = None,
-                 capture: bool = False):
+                 capture: bool = False, backward: Callable[[torch.Tensor], None] | None = None,
+                 share_flag: Callable[[torch.Tensor], None] | None = None):
         device = next(model.parameters()).device
         if capture and device.type != "cuda":
             raise ValueError("TrainStep: CUDA-graph capture needs the model on a CUDA device")
+        if capture and (backward is not None or share_flag is not None):
+            raise ValueError("TrainStep: captured steps run their own backward and keep their flag to this process")
+        self.backward = backward or torch.Tensor.backward
+        self.share_flag = share_flag
         self.model, self.optimizer = model, optimizer
         self.sequences, self.layout = sequences, layout
         self.capture = capture
@@ -105,8 +118,10 @@ class TrainStep:
         """The step: gradients zeroed in place, loss, backward, flag, update, loss sum."""
         self.optimizer.zero_grad(set_to_none=False)
         loss = self.model.training_loss(batch)
-        loss.backward()
+        self.backward(loss)
         self.nonfinite.record(loss)
+        if self.share_flag is not None:
+            self.share_flag(self.nonfinite.flag)
         self.optimizer.step()
         self.loss_sum.add_(torch.where(torch.isfinite(loss.detach()), loss.detach().double(), 0.0))
         self.last_loss.copy_(loss.detach())

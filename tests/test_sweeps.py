@@ -63,3 +63,16 @@ def test_optuna_search_runs(tmp_path):
     assert set(result["best_params"]) >= {"model.optimizer.lr", "model.loss.temperature"}
     assert "setup plugin" not in proc.stdout + proc.stderr  # alembic's lines, one per plugin
     assert (tmp_path / "summary.csv").read_text().count("\n") == 3  # a header and two trials
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep(tmp_path):
+    """hydra/launcher=submitit_local (the local twin of submitit_slurm) runs a 2-job sweep in submitit's own
+    processes, and the summary reads both jobs' metrics."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=1,2")
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == ["done", "done"]
+    assert [("seed=1" in row["overrides"], "seed=2" in row["overrides"]) for row in rows] == [(True, False), (False, True)]
+    assert (tmp_path / ".submitit").is_dir()  # the jobs ran through submitit

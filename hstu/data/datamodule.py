@@ -9,6 +9,11 @@ and the sequences live on the device, where each batch is gathered inside the st
 
 Training batches come in an order drawn from ``(seed, epoch)`` alone (:class:`EpochShuffle`), so a
 run resumed from a checkpoint sees the same batches as one that was never interrupted.
+
+Under DDP the module shards examples by rank itself (Lightning's ``use_distributed_sampler`` stays off):
+training takes every ``world_size``-th example of the epoch's permutation, padded by wrapping around so
+that every rank runs the same number of steps; validation and test give each rank one contiguous slice
+of the users, with no padding, so each user is counted exactly once when the metrics' sums are added up.
 """
 from __future__ import annotations
 
@@ -45,37 +50,54 @@ REPEATED_TARGET_WARNING = 0.05
 
 
 class _ExampleIndices(Dataset):
-    """Example numbers 0..E-1; the collate function turns a list of them into one batch."""
+    """Example numbers ``start..stop-1``; the collate function turns a list of them into one batch."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = int(start), int(stop)
 
     def __len__(self) -> int:
-        return self.size
+        return self.stop - self.start
 
     def __getitem__(self, index: int) -> int:
-        return index
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.start + index
+
+
+def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous slice ``[start, stop)`` of ``size`` examples that ``rank`` of ``world_size`` evaluates:
+    every example in exactly one slice, slice sizes differing by at most one."""
+    return size * rank // world_size, size * (rank + 1) // world_size
 
 
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(size)`` drawn from ``(seed, epoch)`` only, never from global RNG state.
 
     Lightning calls ``set_epoch`` on the training sampler at the start of every epoch, so epoch ``e``
-    has the same order whether the run got there directly or resumed from a checkpoint."""
+    has the same order whether the run got there directly or resumed from a checkpoint. With
+    ``world_size`` > 1, ``rank`` takes positions ``rank, rank + world_size, ...`` of that permutation,
+    extended by wrapping around to a multiple of ``world_size`` (every rank the same number of steps;
+    at most ``world_size - 1`` examples twice an epoch)."""
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochShuffle: rank {rank} outside 0..{world_size - 1}")
         self.size = int(size)
         self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.world_size)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        if self.world_size > 1:
+            order = np.resize(order, len(self) * self.world_size)[self.rank::self.world_size]
+        return iter(order.tolist())
 
 
 class _CollateExamples:
@@ -245,15 +267,26 @@ class SequenceDataModule(L.LightningDataModule):
         return PackingLayout(self.batch_size, self.max_seq_len, self.bucket_tokens)
 
     def device_sequences(self, device: torch.device) -> DeviceSequences:
-        """Every user's events on ``device``, copied once (planned batches are gathered from them there)."""
+        """Every user's events on ``device``, copied once (planned batches are gathered from them there).
+        Under DDP each rank holds all of them: its planned batches come from its share of the epoch's
+        permutation (:class:`EpochShuffle`), which takes examples of any user."""
         if self._device_sequences is None or self._device_sequences.item_ids.device != device:
             self._device_sequences = DeviceSequences.from_sequences(self.sequences, device)
         return self._device_sequences
 
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        """This process's rank and the number of processes (0 and 1 outside a trainer)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
     def _loader(self, split: str, batch_size: int, collate, sampler: Sampler | None = None) -> DataLoader:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        size = len(self._examples[split])
+        # Training shards through its sampler; evaluation through the rank's contiguous slice of examples.
+        start, stop = (0, size) if sampler is not None else shard_bounds(size, *self._rank_and_world_size())
         return DataLoader(
-            _ExampleIndices(len(self._examples[split])),
+            _ExampleIndices(start, stop),
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate,
@@ -266,7 +299,7 @@ class SequenceDataModule(L.LightningDataModule):
         return _CollateExamples(self.sequences, self._examples[split], self.max_seq_len, with_seen)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffle(len(self._examples["train"]), self.seed)
+        sampler = EpochShuffle(len(self._examples["train"]), self.seed, *self._rank_and_world_size())
         if self.planned_batches:
             collate = PlanCollate(self._examples["train"], self.packing_layout)
         else:

@@ -1,0 +1,31 @@
+"""Trains the tiny DDP run of tests/test_ddp.py and prints each rank's parameter sum (a script: Lightning's
+launcher re-runs it for rank 1). Usage: python tests/ddp_weights.py <out_dir> [override ...]"""
+import sys
+from pathlib import Path
+
+import lightning as L
+from hydra import compose, initialize_config_dir
+
+import hstu.config  # noqa: F401  (registers the config schemas)
+import hstu.train
+from hstu.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PrintParameterSum(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        total = sum(p.detach().double().sum().item() for p in pl_module.parameters())
+        print(f"rank {trainer.global_rank} steps {trainer.global_step} parameter sum {total!r}", flush=True)
+
+
+def main(out: Path, overrides: list[str]) -> None:
+    with_run_callbacks = hstu.train._with_run_callbacks
+    hstu.train._with_run_callbacks = lambda callbacks: with_run_callbacks([*callbacks, PrintParameterSum()])
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}"])
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
