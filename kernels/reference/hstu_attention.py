@@ -31,7 +31,8 @@ class BiasTableLookup(torch.autograd.Function):
     step. The bias is shared across heads, so autograd has already summed the gradient over heads
     (and over the batch for the position bias) through broadcasting before it reaches this
     backward, which then bins it with ``bincount`` (or ``scatter_add_`` where ``bincount`` is not
-    allowed: deterministic mode on CUDA and torch.compile traces, which need a static output size).
+    allowed: deterministic mode on CUDA, torch.compile traces, which need a static output size, and
+    CUDA-graph capture, since CUDA's ``bincount`` reads its largest index back to the host).
     The sum is accumulated in float32 (float64 for float64 tables).
     """
 
@@ -48,9 +49,8 @@ class BiasTableLookup(torch.autograd.Function):
         acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
         flat_index = index.reshape(-1)
         flat_grad = grad.reshape(-1).to(acc_dtype)
-        use_scatter = torch.compiler.is_compiling() or (
-            grad.is_cuda and torch.are_deterministic_algorithms_enabled()
-        )
+        use_scatter = torch.compiler.is_compiling() or (grad.is_cuda and (
+            torch.are_deterministic_algorithms_enabled() or torch.cuda.is_current_stream_capturing()))
         if use_scatter:
             grad_table = flat_grad.new_zeros(ctx.table_size).scatter_add_(0, flat_index, flat_grad)
         else:
