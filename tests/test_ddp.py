@@ -165,3 +165,20 @@ def test_torchrun_without_a_job_id_asks_for_the_run_directory(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="pass hydra.run.dir"):
         shared_new_directory("outputs/a/b", lambda path: path)
+
+
+def test_baselines_cover_the_whole_split_on_every_rank(tmp_path, monkeypatch):
+    """Baselines are counted on the host over every example, the same on each rank, without a collective
+    (NCCL cannot gather CPU tensors)."""
+    from hydra.utils import instantiate
+
+    from hstu.baselines import BASELINES, baseline_metrics
+    from test_train import SYNTHETIC_SMALL, compose_train
+
+    cfg = compose_train(*SYNTHETIC_SMALL, f"paths.data_dir={tmp_path}")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    one_process = {name: baseline_metrics(name, datamodule, "test") for name in BASELINES}
+    monkeypatch.setattr(datamodule, "_rank_and_world_size", lambda: (1, 2))
+    assert len(datamodule.test_dataloader().dataset) < len(datamodule.evaluation_dataloader("test", shard=False).dataset)
+    assert {name: baseline_metrics(name, datamodule, "test") for name in BASELINES} == one_process

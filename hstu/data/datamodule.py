@@ -280,11 +280,13 @@ class SequenceDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _loader(self, split: str, batch_size: int, collate, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, collate, sampler: Sampler | None = None,
+                shard: bool = True) -> DataLoader:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         size = len(self._examples[split])
         # Training shards through its sampler; evaluation through the rank's contiguous slice of examples.
-        start, stop = (0, size) if sampler is not None else shard_bounds(size, *self._rank_and_world_size())
+        sharded = shard and sampler is None
+        start, stop = shard_bounds(size, *self._rank_and_world_size()) if sharded else (0, size)
         return DataLoader(
             _ExampleIndices(start, stop),
             batch_size=batch_size,
@@ -309,7 +311,12 @@ class SequenceDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
             return []  # Lightning skips validation when given no loaders
-        return self._loader("val", self.eval_batch_size, self._collate("val", with_seen=True))
+        return self.evaluation_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, self._collate("test", with_seen=True))
+        return self.evaluation_dataloader("test")
+
+    def evaluation_dataloader(self, split: str, shard: bool = True) -> DataLoader:
+        """The ``split`` ("val" or "test") loader: this rank's slice, or with ``shard=False`` every example
+        (host-side evaluations such as the baselines, which every rank computes whole)."""
+        return self._loader(split, self.eval_batch_size, self._collate(split, with_seen=True), shard=shard)
