@@ -162,14 +162,17 @@ def _merge_sorted_rows(high, low):
 
 @triton.jit
 def _lower_bound(keys, first, last, value):
-    """Per row: the first position in [first, last) of the sorted ``keys`` holding a key >= value."""
-    while tl.max(last - first, axis=0) > 0:
+    """Per row: the first position in [first, last) of the sorted ``keys`` holding a key >= value.
+    The loop condition is a scalar carried by the loop (see ``_exclusion_words``)."""
+    searching = tl.max(last - first, axis=0) > 0
+    while searching:
         active = first < last
         middle = (first + last) // 2
         key = tl.load(keys + middle, mask=active, other=0)
         right = active & (key < value)
         first = tl.where(right, middle + 1, first)
         last = tl.where(active & ~right, middle, last)
+        searching = tl.max(last - first, axis=0) > 0
     return first
 
 
@@ -178,14 +181,17 @@ def _exclusion_words(keys, cursor, segment_end, tile_key, BLOCK_M: tl.constexpr,
                      WINDOW: tl.constexpr):
     """(word0..word3, cursor): bit j of word w is set when column 32 w + j of the tile is excluded for
     that row (BLOCK_N <= 128). Reads each row's sorted keys from its cursor, WINDOW at a time (keys
-    below ``tile_key`` were consumed by earlier tiles), and moves the cursor past the tile."""
+    below ``tile_key`` were consumed by earlier tiles), and moves the cursor past the tile.
+    The loop continues while some row filled its window; that test is computed at the end of the
+    body into a scalar the loop carries: triton 3.6's TritonGPURemoveLayoutConversions fails on an
+    ``scf.while`` whose condition reduces a loop-carried tensor (``while tl.max(taken) == WINDOW``)."""
     lane = tl.arange(0, WINDOW)
     word0 = tl.full([BLOCK_M], 0, tl.int32)
     word1 = tl.full([BLOCK_M], 0, tl.int32)
     word2 = tl.full([BLOCK_M], 0, tl.int32)
     word3 = tl.full([BLOCK_M], 0, tl.int32)
-    taken = tl.full([BLOCK_M], WINDOW, tl.int32)
-    while tl.max(taken, axis=0) == WINDOW:
+    window_full = True
+    while window_full:
         position = cursor[:, None] + lane[None, :]
         loaded = position < segment_end[:, None]
         key = tl.load(keys + position, mask=loaded, other=0)
@@ -204,6 +210,7 @@ def _exclusion_words(keys, cursor, segment_end, tile_key, BLOCK_M: tl.constexpr,
             word3 |= tl.sum(tl.where(word == 3, bit, 0), axis=1)
         taken = tl.sum(inside.to(tl.int32), axis=1)
         cursor += taken
+        window_full = tl.max(taken, axis=0) == WINDOW
     return word0, word1, word2, word3, cursor
 
 
