@@ -244,6 +244,34 @@ def test_batch_of_hits_and_misses_equals_single_requests():
         assert result["optimizations_applied"]["batch_size"] == 5
 
 
+
+@pytest.fixture
+def two_cpu_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_small_cpu_steps_run_on_one_thread_and_restore_the_count(two_cpu_threads, monkeypatch):
+    """A cache hit (two positions) and a short whole window run the encoder on one intra-op thread,
+    and torch's count is back afterwards; a step at the element bound keeps torch's threads."""
+    from hstu.serving import engine
+
+    recommender = make_recommender()
+    encoder = recommender.serving_engine().encoder
+    seen = []
+    encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda *a, **kw: (seen.append(torch.get_num_threads()), encode(*a, **kw))[1])
+    items, times = random_history(MAX_SEQ_LEN, seed=6)
+    reports = [served(recommender, "u", items[:n], times[:n])[1] for n in (MAX_SEQ_LEN - 1, MAX_SEQ_LEN)]
+    assert [r["kv_cache"] for r in reports] == ["miss", "hit"] and reports[1]["positions_computed"] == 2
+    assert seen == [1, 1] and [r["intra_op_threads"] for r in reports] == [1, 1]
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(engine, "SINGLE_THREAD_ELEMENTS", 16)  # one token of dim 16 reaches the bound
+    report = served(recommender, "u", items, times, request_time=times[-1] + 60)[1]
+    assert report["kv_cache"] == "hit" and seen[-1] == 2 and report["intra_op_threads"] == 2
+
 @pytest.mark.parametrize("config, reason", [
     (dict(time_scales=[[3600, 24], [86400, 30]]), "time_scales"),
     (dict(position_from_end=True), "position_from_end"),

@@ -20,6 +20,14 @@ How the path is chosen (checked in this order; each call reports the outcome in
    CPU and GPU architecture, torch version) whose k covers the request, whole windows run through
    it (``compiled``: true). Otherwise operators are launched eagerly.
 5. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
+6. CPU threads: on the CPU, a step whose computed tokens hold fewer than ``SINGLE_THREAD_ELEMENTS``
+   activations (tokens x dim) runs on one intra-op thread, then torch's thread count is restored
+   (``intra_op_threads`` in the report). Such a step is a few hundred operators on a few rows each:
+   splitting them across OpenMP threads gains nothing, and where the cores are shared the idle
+   workers' spinning and each region's barrier cost far more than the arithmetic (one user of ML-1M's
+   HSTU-large on a 2-core CPU with other processes busy: a cache hit took ~10x, a whole window ~17x
+   longer on two threads than on one). The setting is process-wide while the step runs; the engine's
+   lock serialises steps.
 CUDA graphs are not used (``cuda_graph``: false in every report).
 
 Results equal ``Recommender.recommend`` on the same history and request time within float32
@@ -28,6 +36,7 @@ compiled package sums in another order than a whole window computed alone.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -49,6 +58,9 @@ if TYPE_CHECKING:
 
 DEFAULT_CACHE_BYTES = 1 << 30
 LATENCY_WINDOW = 100_000  # latencies kept for the percentiles (the most recent)
+# Activations (computed tokens x model dim) below which a CPU step runs on one intra-op thread: torch's
+# own grain size (at::internal::GRAIN_SIZE), below which its elementwise kernels do not split work either.
+SINGLE_THREAD_ELEMENTS = 1 << 15
 
 
 def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
@@ -212,19 +224,21 @@ class ServingEngine:
             return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
                     for b, (request, plan) in enumerate(zip(requests, plans))]
         calls_before = _call_counts(self.manager)
-        if self.encoder is None:
-            queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
-            exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
-        else:
-            queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times, request_times,
-                                                                 events)
+        computed_tokens = sum(plan.window.stop - plan.window.start - plan.first_new for plan in plans)
+        with intra_op_threads_for(self.device, computed_tokens * self.model.embedding.dim) as threads:
+            if self.encoder is None:
+                queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
+                exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
+            else:
+                queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times,
+                                                                     request_times, events)
         with torch.no_grad():
             scores, ids, _ = hstu_kernels.topk_items(
                 queries.float(), self.model.item_table[1:].float(), k, exclude_ids=exclude_ids,
                 exclude_offsets=exclude_offsets, backend=self.manager, validate=False)
         ranked = self.recommender.ranked(ids.cpu().numpy() + 1, scores.cpu().numpy())
         kernels = _backends_run(calls_before, _call_counts(self.manager))
-        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests))
+        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads)
                 for b, (request, plan) in enumerate(zip(requests, plans))]
 
     def _plan(self, request, events: Events, window_items, window_times, window_offsets, b) -> _Plan:
@@ -284,7 +298,7 @@ class ServingEngine:
             return self.model.user_states(batch.to(self.device))
 
     def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
-                compiled: bool = False) -> dict:
+                compiled: bool = False, threads: int | None = None) -> dict:
         window_len = plan.window.stop - plan.window.start
         return {
             "recommendations": [{"item": item, "score": score} for item, score in ranked],
@@ -301,6 +315,7 @@ class ServingEngine:
                 "compiled": compiled,
                 "compiled_detail": self.package_reason,
                 "batch_size": batch_size,
+                "intra_op_threads": threads if threads is not None else torch.get_num_threads(),
             },
         }
 
@@ -367,6 +382,21 @@ def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_time
     np.cumsum(cached_lengths, out=cached_offsets[1:])
     cached_index = np.concatenate([np.arange(p.window.start, p.window.start + p.first_new) for p in plans])
     return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index.astype(np.int64)]
+
+
+@contextlib.contextmanager
+def intra_op_threads_for(device: torch.device, activations: int):
+    """Yield the intra-op thread count a step of ``activations`` (tokens x dim) runs with: one on the
+    CPU below ``SINGLE_THREAD_ELEMENTS`` (torch's count restored afterwards), torch's count otherwise."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or activations >= SINGLE_THREAD_ELEMENTS or threads == 1:
+        yield threads
+        return
+    torch.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def model_fingerprint(model: torch.nn.Module, device: torch.device) -> str:
