@@ -134,7 +134,9 @@ import importlib  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
 from hypothesis import given, strategies as st  # noqa: E402
-from test_hstu_attention import assert_within_rule, deterministic_algorithms  # noqa: E402
+from cases import deterministic_algorithms  # noqa: E402
+from cases import needs_triton as needs_triton_for  # noqa: E402
+from test_hstu_attention import assert_within_rule  # noqa: E402
 
 from hstu_kernels.manager import TritonOperatorManager  # noqa: E402
 
@@ -149,12 +151,7 @@ def triton_module():
     return importlib.import_module("hstu_kernels.triton.attention_layernorm")
 
 
-def _triton_reason():
-    ok, why = TritonOperatorManager.availability(OP)
-    return None if ok else why
-
-
-needs_triton = pytest.mark.skipif(_triton_reason() is not None, reason=str(_triton_reason()))
+needs_triton = needs_triton_for(OP)
 
 
 @dataclass(frozen=True)
@@ -527,7 +524,7 @@ def test_bench_variants_agree_with_the_reference_at_a_tiny_shape(variant):
     ref = case.call("reference")
     eager = case.eager_call()
     assert eager.shape == ref.shape and eager.dtype == ref.dtype
-    if _triton_reason() is None:
+    if TritonOperatorManager.availability(OP)[0]:
         got = case.call("triton")
         assert got.dtype == ref.dtype
         torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

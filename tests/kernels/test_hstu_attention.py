@@ -9,14 +9,11 @@ tests marked ``gpu`` run full-size shapes and bf16 on a CUDA machine.
 """
 from __future__ import annotations
 
-import contextlib
 import decimal
 import functools
 import importlib
-import importlib.util
 import itertools
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+from cases import deterministic_algorithms
+from cases import needs_triton as needs_triton_for
+
 import hstu_kernels
-from hstu_kernels.manager import TritonOperatorManager
 from hstu_kernels.reference.hstu_attention import hstu_attention as reference_attention
 from hstu_kernels.time_buckets import bucket_thresholds, time_bucket
 
@@ -44,14 +43,7 @@ MAX_SEQ_LEN = 512 if HAS_CUDA else 24
 ATOL = 1e-5
 
 
-def triton_unavailable_reason() -> str | None:
-    if importlib.util.find_spec(TRITON_MODULE) is None:
-        return "kernels/triton/hstu_attention.py is not written yet"
-    ok, why = TritonOperatorManager.availability(OP)
-    return None if ok else why
-
-
-needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
+needs_triton = needs_triton_for(OP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,17 +452,6 @@ def test_triton_noncontiguous_qkv_and_expanded_grad_output():
     check_triton_against_reference(p)
 
 
-@contextlib.contextmanager
-def deterministic_algorithms():
-    before = torch.are_deterministic_algorithms_enabled()
-    fill_before = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-        torch.utils.deterministic.fill_uninitialized_memory = fill_before
 
 
 @needs_triton

@@ -3,16 +3,16 @@ gradcheck, torch.compile, and the public function's input checks; then the Trito
 backwards) against the float64 reference, its dropout mask, determinism, custom ops, torch.compile,
 autocast, dispatch, and on the GPU the target shapes and CUDA-graph capture."""
 import importlib
-import importlib.util
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
-from cases import offsets_of
+from cases import deterministic_algorithms, offsets_of
+from cases import needs_triton as needs_triton_for
 from hypothesis import given
 from hypothesis import strategies as st
-from test_hstu_attention import assert_within_rule, deterministic_algorithms
+from test_hstu_attention import assert_within_rule
 
 import hstu_kernels
 from hstu_kernels.dropout import seeded_dropout_mask
@@ -197,14 +197,7 @@ SCATTERS = ["sort", "atomic"]
 HOUR_DAY_WEEK = ((3600, 24), (86_400, 30), (604_800, 52))
 
 
-def triton_unavailable_reason() -> str | None:
-    if importlib.util.find_spec(TRITON_MODULE) is None:
-        return "kernels/triton/sequence_fusion.py is not written yet"
-    ok, why = TritonOperatorManager.availability(OP)
-    return None if ok else why
-
-
-needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
+needs_triton = needs_triton_for(OP)
 
 
 @dataclass(frozen=True)

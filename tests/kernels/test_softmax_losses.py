@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cases import deterministic_algorithms
+from cases import needs_triton as needs_triton_for
+
 import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu_kernels.reference.softmax_losses import full_softmax_loss, sampled_softmax_loss
@@ -261,12 +264,7 @@ TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA e
 ATOL = 1e-6
 
 
-def triton_unavailable_reason() -> str | None:
-    ok, why = hstu_kernels.TritonOperatorManager.availability(OP)
-    return None if ok else why
-
-
-needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
+needs_triton = needs_triton_for(OP)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -299,20 +297,10 @@ def run_both(states, pos, neg, table, *, temperature=0.05, l2_norm=True, backend
     return ours, exact, same_dtype
 
 
-@contextlib.contextmanager
 def poisoned_memory(enabled=True):
-    """Deterministic mode with uninitialised memory filled with NaN: a kernel that leaves an element
-    of its output unwritten shows it."""
-    before = torch.are_deterministic_algorithms_enabled()
-    fill_before = torch.utils.deterministic.fill_uninitialized_memory
-    if enabled:
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-        torch.utils.deterministic.fill_uninitialized_memory = fill_before
+    """``cases.deterministic_algorithms`` (uninitialised memory NaN, so an unwritten output element
+    shows) when ``enabled``, else nothing."""
+    return deterministic_algorithms() if enabled else contextlib.nullcontext()
 
 
 def largest_logit(states, table, temperature, l2_norm) -> float:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import needs_triton as needs_triton_for
 from cases import offsets_of
 from hypothesis import given
 from hypothesis import strategies as st
 
 import hstu_kernels
 import hstu_kernels.jagged
-from hstu_kernels.manager import TritonOperatorManager
 from hstu_kernels.reference.topk import topk_items
 
 
@@ -163,12 +163,7 @@ TRITON_MODULE = "hstu_kernels.triton.topk"
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
-def triton_unavailable_reason() -> str | None:
-    ok, why = TritonOperatorManager.availability("interaction")
-    return None if ok else why
-
-
-needs_triton = pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
+needs_triton = needs_triton_for("interaction")
 
 
 @dataclass(frozen=True)
