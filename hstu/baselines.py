@@ -48,8 +48,8 @@ def baseline_metrics(name: str, datamodule: SequenceDataModule, split: str = "te
     """HR@K, NDCG@K and MRR of baseline ``name`` (see the module docstring) on ``split`` ("val" or "test")."""
     if name not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
-    # Every example on every rank, counted on the host without syncing processes (a CUDA-only
-    # collective backend cannot gather CPU tensors; each rank gets the same figures).
+    # Every example of the split, whatever this process's rank, counted on the host without syncing
+    # processes (a CUDA-only collective backend cannot gather CPU tensors).
     loader = datamodule.evaluation_dataloader(split, shard=False)
     metrics = RetrievalMetrics(ks=ks, sync_on_compute=False)
     if name == "popularity":

@@ -156,8 +156,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     report = {
         **results,
+        # counted on the host over the whole split: once, by the process that writes the report
         "baselines": {name: {split: baseline_metrics(name, datamodule, split, module.eval_ks) for split in splits}
-                      for name in ("popularity", "repeat_last")},
+                      for name in ("popularity", "repeat_last")} if trainer.is_global_zero else {},
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
         "resumed_from": str(resume) if resume else None,

@@ -318,5 +318,5 @@ class SequenceDataModule(L.LightningDataModule):
 
     def evaluation_dataloader(self, split: str, shard: bool = True) -> DataLoader:
         """The ``split`` ("val" or "test") loader: this rank's slice, or with ``shard=False`` every example
-        (host-side evaluations such as the baselines, which every rank computes whole)."""
+        (host-side evaluations such as the baselines, counted whole by one process)."""
         return self._loader(split, self.eval_batch_size, self._collate(split, with_seen=True), shard=shard)
