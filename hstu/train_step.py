@@ -27,7 +27,8 @@ manager per replay (``TritonOperatorManager.region``).
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -147,8 +148,10 @@ class TrainStep:
             self._body(self._packed(key))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with self.model.manager.region(f"train_step_{key}", executes=False):
-            with torch.cuda.graph(graph, pool=self._pool):
+        with self.model.manager.region(f"train_step_{key}", executes=False), _syncs_raise():
+            # thread_local: the loader's pin-memory thread keeps allocating page-locked memory while the step
+            # is captured; in the default (global) mode its CUDA calls would invalidate this capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._body(self._packed(key))
         self._pool = graph.pool() if self._pool is None else self._pool
         self.graphs[key] = graph
@@ -160,3 +163,15 @@ class TrainStep:
         self.loss_sum.zero_()
         self.steps = 0
         return mean
+
+
+@contextlib.contextmanager
+def _syncs_raise() -> Iterator[None]:
+    """Make a host-device synchronisation inside the captured step raise where it is called (a Python
+    traceback naming the line) instead of failing the capture with CUDA's generic error at its end."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
