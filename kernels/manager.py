@@ -67,9 +67,10 @@ def _tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _record_at_trace_time(manager: "TritonOperatorManager", op: str, choice: str) -> None:
-    """Record a traced dispatch without entering the graph: a plain call during a CUDA-graph capture,
-    ``comptime`` (run once, at trace time, with no guard and no graph break) inside torch.compile."""
+def _record_at_trace_time(manager: "TritonOperatorManager", op: str, choice: str, reason: str | None = None) -> None:
+    """Record a traced dispatch (and, inside torch.compile, its fallback ``reason``) without entering the
+    graph: a plain call during a CUDA-graph capture, ``comptime`` (run once, at trace time, with no guard
+    and no graph break) inside torch.compile."""
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime
 
@@ -83,7 +84,11 @@ def _record_from_trace(ctx) -> None:
     def value(name):
         return ctx.get_local(name)._i_will_not_complain_if_bc_breaks_VariableTracker().value
 
-    value("manager")._record_traced(value("op"), value("choice"))
+    manager, op, choice, reason = (value(name) for name in ("manager", "op", "choice", "reason"))
+    manager._record_traced(op, choice)
+    manager._decisions[(op, "traced")] = choice  # for get_operator_availability's "chosen"
+    if reason is not None:
+        manager._note_fallback(op, reason)
 
 
 class TritonOperatorManager:
@@ -106,7 +111,6 @@ class TritonOperatorManager:
         self._requested = {op: "triton" if enabled.get(op, False) else "reference" for op in specs}
         self._fallback_reason: dict[str, str] = {}
         self._decisions: dict[tuple, str] = {}
-        self._functions: dict[tuple[str, str, str], Callable] = {}
         self._calls = {op: Counter() for op in specs}
         self._traced = {op: Counter() for op in specs}
         self._regions: list[tuple[str, Counter, Counter]] = []  # (name, traced now, counted eagerly now)
@@ -121,6 +125,11 @@ class TritonOperatorManager:
                 self._static[op] = self.availability(op)
                 if self._static[op][0]:
                     self._modules[op] = importlib.import_module(specs[op].triton_module)
+        # Every function a call can resolve to, looked up now: a trace then reads a table that never changes.
+        self._functions: dict[tuple[str, str, str], Callable] = {
+            (op, function, backend): resolve_function(op, function, backend)
+            for op, spec in specs.items() for function in spec.functions
+            for backend in (("reference", "triton") if op in self._modules else ("reference",))}
 
     # ---- availability ---------------------------------------------------------------------
     @staticmethod
@@ -165,11 +174,7 @@ class TritonOperatorManager:
         """The function that computes ``hstu_kernels.<function>`` of operator ``op`` on these inputs
         (Triton or reference), counted as one call."""
         choice = self.backend(op, tensors)
-        key = (op, function, choice)
-        impl = self._functions.get(key)
-        if impl is None:
-            impl = resolve_function(op, function, choice)
-            self._functions[key] = impl
+        impl = self._functions[(op, function, choice)]
         if self.timing and not _tracing():
             return self._timed(op, impl, tensors[0].device)
         return impl
@@ -177,8 +182,17 @@ class TritonOperatorManager:
     def backend(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
         """The backend ``op`` runs with on these inputs (decided once per device, dtype and trailing
         dims of each tensor), counted as one call."""
+        reason = None
         if self._requested[op] == "reference":
             choice = "reference"
+        elif torch.compiler.is_compiling():
+            # Decided afresh in each trace, from metadata, and recorded at trace time: reading the decision
+            # cache here would guard the graph on it, and the cache's first write would then recompile the
+            # graph on its next call (inside a CUDA-graph capture, a failed capture).
+            reason = self._unsupported(op, tensors)
+            if reason is not None and self.fallback == "error":
+                raise TritonUnavailableError(self._fallback_message(op, reason))
+            choice = "triton" if reason is None else "reference"
         else:
             key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
             choice = self._decisions.get(key)
@@ -186,28 +200,34 @@ class TritonOperatorManager:
                 choice = self._decide(op, tensors)
                 self._decisions[key] = choice
         if _tracing():
-            _record_at_trace_time(self, op, choice)
+            _record_at_trace_time(self, op, choice, reason)
         else:
             self._count(op, choice, 1)
         return choice
 
-    def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
-        """Checks of tensor metadata only (traceable); the input-independent part was settled in __init__."""
+    def _unsupported(self, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
+        """Why Triton cannot run ``op`` on these tensors: checks of tensor metadata only (traceable); the
+        input-independent part was settled in __init__."""
         available, reason = self._static[op]
-        if available:
-            reason = _input_reason(self._modules[op], tensors, self._interpreter)
+        return _input_reason(self._modules[op], tensors, self._interpreter) if available else reason
+
+    def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
+        reason = self._unsupported(op, tensors)
         if reason is None:
             return "triton"
-        self._fall_back(op, reason)
+        if self.fallback == "error":
+            raise TritonUnavailableError(self._fallback_message(op, reason))
+        self._note_fallback(op, reason)
         return "reference"
 
-    @torch.compiler.disable  # logging breaks a trace; only the fallback path comes here
-    def _fall_back(self, op: str, reason: str) -> None:
-        msg = f"Triton operator '{op}' cannot run: {reason}"
-        if self.fallback == "error":
-            raise TritonUnavailableError(msg + " (model.kernel_fallback=error)")
+    @staticmethod
+    def _fallback_message(op: str, reason: str) -> str:
+        return f"Triton operator '{op}' cannot run: {reason} (model.kernel_fallback=error)"
+
+    def _note_fallback(self, op: str, reason: str) -> None:
+        """Log the first fallback of ``op`` and keep its reason for the stats (never inside a trace)."""
         if op not in self._fallback_reason:
-            log.warning("%s; falling back to the PyTorch reference", msg)
+            log.warning("Triton operator '%s' cannot run: %s; falling back to the PyTorch reference", op, reason)
         self._fallback_reason[op] = reason
 
     # ---- counting ---------------------------------------------------------------------------

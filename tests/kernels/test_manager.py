@@ -126,6 +126,28 @@ def test_calls_traced_by_torch_compile_are_counted_per_region_execution():
     assert stats["calls"]["reference"] == 8 and stats["traced"] == {"reference": 2}
 
 
+@pytest.mark.parametrize("head_limit", [8, 2], ids=["triton", "fallback"])
+def test_compiled_calls_decide_at_trace_time_and_never_recompile(monkeypatch, caplog, head_limit):
+    """A trace decides the backend without reading the manager's caches: a guard on them would be broken by
+    their first write and recompile the graph on its second call, inside a CUDA-graph capture a failure."""
+    m = TritonOperatorManager({ATTENTION: True}, fallback="warn")
+    monkeypatch.setattr(m._modules[ATTENTION], "MAX_HEAD_DIM", head_limit)
+    q, k, v, offsets = attention_inputs(dim=4)
+    compiled = torch.compile(lambda q: hstu_kernels.hstu_attention(q, k, v, offsets, 5, 1.0, backend=m, validate=False),
+                             backend="eager", fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True), caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            with m.region("step"):
+                compiled(q)
+    expected = "triton" if head_limit == 8 else "reference"
+    assert m.get_stats()[ATTENTION]["calls"][expected] == 3
+    assert m.get_operator_availability()[ATTENTION]["chosen"] == expected
+    if expected == "reference":
+        assert "head dim 4 > 2" in m.fallbacks()[ATTENTION]
+        assert sum("falling back" in r.getMessage() for r in caplog.records) == 1
+    torch._dynamo.reset()
+
+
 def test_a_capture_only_region_records_and_replays_add():
     """A region that only captures (executes=False) records the calls per replay without counting them."""
     m = TritonOperatorManager({})
