@@ -11,10 +11,16 @@ import torch
 
 
 def sequence_index(seq_offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[L] int64: the sequence each token belongs to (sequence b holds offsets[b] <= t < offsets[b+1])."""
+    """[L] int64: the sequence each token belongs to (sequence b holds offsets[b] <= t < offsets[b+1]).
+
+    The search runs over all B+1 offsets (offsets[0] = 0 counts once for every token, hence the
+    - 1), never over the view ``offsets[1:]``: Inductor's Triton ``searchsorted`` in torch 2.11
+    reads a sliced boundary tensor from its buffer's start (pytorch/pytorch#160964, fixed upstream
+    by #184043), which puts every token one sequence too far on the GPU.
+    """
     offsets = seq_offsets.to(torch.int64)
     token = torch.arange(num_tokens, dtype=torch.int64, device=offsets.device)
-    return torch.searchsorted(offsets[1:], token, right=True)
+    return torch.searchsorted(offsets, token, right=True) - 1
 
 
 def token_positions(seq_offsets: torch.Tensor, num_tokens: int, from_end: bool = False):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from searchsorted_views import SearchsortedDroppingViewOffsets
 
 from hstu.data.packing import DeviceSequences, PackingLayout, PlanCollate, pack_batch, unpacked
 from hstu.data.sequences import Examples, UserSequences, make_batch
@@ -71,6 +72,20 @@ def test_packed_batch_keeps_every_real_token_and_bounds_the_padding(lengths, bat
     padding = ~batch.token_mask
     assert torch.equal(batch.item_ids[padding], torch.zeros(int(padding.sum()), dtype=torch.int64))
     assert batch.targets.shape == (batch_size + layout.num_dummy,)
+
+
+def test_packing_does_not_search_a_sliced_view():
+    """Each token's row, found over ``real_offsets[1:]``, was the next row wherever Inductor compiled
+    the packing for the GPU: tokens read from the wrong user's history."""
+    sequences = sequences_of([12, 3, 0, 20, 7, 2, 15], seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=8, max_seq_len=MAX_LEN, bucket_tokens=16)
+    _, expected = packed(sequences, examples, [4, 0, 2, 5, 1], layout)
+    with SearchsortedDroppingViewOffsets() as mode:
+        _, emulated = packed(sequences, examples, [4, 0, 2, 5, 1], layout)
+    for name in ("item_ids", "timestamps", "seq_offsets", "targets", "token_mask"):
+        assert torch.equal(getattr(emulated, name), getattr(expected, name)), name
+    assert mode.shifted == 0
 
 
 @pytest.mark.parametrize("loss", [{"kind": "full"}, {"kind": "sampled", "shared_negatives": True, "num_negatives": 7}])

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hstu_kernels.jagged import sequence_index
+
 from .batch import JaggedBatch
 from .sequences import Examples, UserSequences
 
@@ -137,7 +139,7 @@ def pack_batch(sequences: DeviceSequences, users: torch.Tensor, target_positions
 
     token = torch.arange(capacity, device=device)
     is_real = token < real_tokens
-    row = torch.searchsorted(real_offsets[1:], token, right=True).clamp(max=rows - 1)
+    row = sequence_index(real_offsets, capacity).clamp(max=rows - 1)
     source = torch.where(is_real, target_index[row] - lengths[row] + token - real_offsets[row], 0)
     has_target = target_positions > 0
     no_dummy = torch.zeros(num_dummy, dtype=torch.int64, device=device)

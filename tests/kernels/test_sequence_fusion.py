@@ -2,6 +2,7 @@
 gradcheck, torch.compile, and the public function's input checks; then the Triton backend (both
 backwards) against the float64 reference, its dropout mask, determinism, custom ops, torch.compile,
 autocast, dispatch, and on the GPU the target shapes and CUDA-graph capture."""
+import argparse
 import importlib
 import math
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ from cases import deterministic_algorithms, offsets_of
 from cases import needs_triton as needs_triton_for
 from hypothesis import given
 from hypothesis import strategies as st
+from searchsorted_views import SearchsortedDroppingViewOffsets
 from test_hstu_attention import assert_within_rule
 
 import hstu_kernels
 from hstu_kernels.dropout import seeded_dropout_mask
 from hstu_kernels.manager import TritonOperatorManager
+from hstu_kernels.ops.sequence_fusion import build_bench_case
 from hstu_kernels.reference.sequence_fusion import sequence_fusion
 
 f64 = torch.float64
@@ -142,6 +145,23 @@ def test_sequence_fusion_compiles_without_graph_breaks():
         kwargs = dict(scale=1.5, time_scales=time_scales, dropout_p=0.25, training=True, seed=3)
         torch.testing.assert_close(compiled(*inputs, **kwargs), sequence_fusion(*inputs, **kwargs))
 
+
+
+def bench_case(shape, dtype, device):
+    """The benchmark harness's case (scripts/bench_kernels.py) at ``shape``, as ``--call api-unchecked`` builds it."""
+    return build_bench_case(shape, dtype, device, argparse.Namespace(seed=0, variant="", validate=False))
+
+
+@pytest.mark.parametrize("shape", [(2560, 200, 16, 3706), (20_000, 1024, 16, 20_000)], ids=str)
+def test_bench_case_reference_does_not_search_a_sliced_view(shape):
+    """The harness's case at a tenth and a fiftieth of its target tokens. Where Inductor compiled the
+    reference for the GPU with ``searchsorted`` over ``offsets[1:]``, the positions fell outside the
+    position table (the compiled provider's device-side assert at 25600x200x50x3706)."""
+    case = bench_case(shape, torch.float32, torch.device("cpu"))
+    expected = case.call("reference")
+    with SearchsortedDroppingViewOffsets():
+        emulated = case.call("reference")
+    assert torch.equal(emulated, expected)
 
 @pytest.mark.parametrize(
     "change,message",
@@ -671,3 +691,27 @@ def test_gpu_bf16_autocast_training_step_matches_reference():
     for name in ref:
         assert got[name].dtype == torch.float32
         assert_within_rule(name, got[name], torch_same[name], ref[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("shape", [(25_600, 200, 50, 3706), (1_000_000, 1024, 256, 1_000_000)], ids=str)
+def test_gpu_inductor_compiles_the_bench_case_reference(shape, dynamic):
+    """The harness's compiled provider at its target shapes: Inductor's compile of the reference (seeded
+    dropout, so both draw one mask) gives eager's output, and its table gradients up to the order of
+    their scatter-adds: a time bucket sums up to ~10^6 float32 terms, whose rounding in two orders
+    differs by ~sqrt(n) * 2^-24 relative, so the bound is 1e-3 of the gradient's norm (a token at a
+    wrong row moves whole rows: an O(1) difference)."""
+    case = bench_case(shape, torch.float32, DEVICE)
+    forward = lambda: case.call("reference")  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, dynamic=dynamic)
+    out = compiled()
+    torch.cuda.synchronize()
+    expected = forward()
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE)
+    grads = torch.autograd.grad(out, case.leaves, grad)
+    expected_grads = torch.autograd.grad(expected, case.leaves, grad)
+    for name, got, want in zip(["item", "pos", "hour", "day", "week"], grads, expected_grads):
+        assert (got - want).norm() <= 1e-3 * want.norm(), name

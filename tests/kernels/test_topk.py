@@ -14,6 +14,7 @@ from cases import needs_triton as needs_triton_for
 from cases import offsets_of
 from hypothesis import given
 from hypothesis import strategies as st
+from searchsorted_views import SearchsortedDroppingViewOffsets
 
 import hstu_kernels
 import hstu_kernels.jagged
@@ -99,6 +100,21 @@ def test_topk_chunking_does_not_change_results():
         torch.testing.assert_close(other_top, top)
         assert torch.equal(other_ids, ids) and torch.equal(other_rank, rank)
 
+
+
+def test_topk_does_not_search_a_sliced_view():
+    """The query that owns each excluded id, found over ``offsets[1:]``, was the next query wherever
+    Inductor compiled the reference for the GPU: each query masked its predecessor's items."""
+    gen = torch.Generator().manual_seed(8)
+    queries, table = torch.randn(5, 8, generator=gen), torch.randn(12, 8, generator=gen)
+    exclude_ids = torch.randint(0, 12, (14,), generator=gen)
+    arguments = dict(exclude_ids=exclude_ids, exclude_offsets=torch.tensor([0, 4, 4, 9, 13, 14]),
+                     target_ids=torch.randint(0, 12, (5,), generator=gen))
+    expected = topk_items(queries, table, 6, **arguments)
+    with SearchsortedDroppingViewOffsets():
+        emulated = topk_items(queries, table, 6, **arguments)
+    for got, want in zip(emulated, expected):
+        assert torch.equal(got, want)
 
 def test_topk_errors():
     queries, table = torch.randn(2, 3), torch.randn(4, 3)
