@@ -10,20 +10,24 @@ run one backend while another is counted.
 What does not depend on inputs (Triton installed, the kernel module imported, a GPU or the
 interpreter) is settled when the manager is built, so that the first-call decision is plain checks
 of devices, dtypes and trailing dimensions: a ``torch.compile`` trace runs through it without a
-graph break. Decisions are cached per operator on exactly those properties of the inputs.
+graph break. Eager decisions are cached per operator on exactly those properties of the inputs; a
+trace decides afresh and never reads that cache (a guard on it would recompile the graph once the
+cache is written).
 
 What a "call" is: one execution of an operator's forward. Eager calls are counted as they are
 dispatched. Inside a ``torch.compile`` trace or a CUDA-graph capture the dispatch runs once while the
 graph it lands in runs many times, with no Python: such dispatches are recorded for the innermost
 open :meth:`region`, and every execution of that region adds them to the counts, whether it ran
-compiled code or replayed a captured graph. Dispatches traced outside any region are reported as
-``traced`` (seen at trace time, executions unknown).
+compiled code or replayed a captured graph. When dynamo analyses a frame again (a restart or a
+recompile), that frame's latest graph replaces its earlier records (``TraceRecords``). Dispatches
+traced outside any region are reported as ``traced`` (seen at trace time, executions unknown).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import importlib.util
+import itertools
 import logging
 import os
 import sys
@@ -85,10 +89,52 @@ def _record_from_trace(ctx) -> None:
         return ctx.get_local(name)._i_will_not_complain_if_bc_breaks_VariableTracker().value
 
     manager, op, choice, reason = (value(name) for name in ("manager", "op", "choice", "reason"))
-    manager._record_traced(op, choice)
+    manager._record_traced(op, choice, _trace_of(ctx))
     manager._decisions[(op, "traced")] = choice  # for get_operator_availability's "chosen"
     if reason is not None:
         manager._note_fallback(op, reason)
+
+
+_TRACE_TOKENS = itertools.count()
+
+
+def _trace_of(ctx) -> tuple[object, int]:
+    """(code of the frame dynamo started from, token of the graph being built) for a comptime context."""
+    tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
+    while tx.parent is not None:
+        tx = tx.parent
+    graph = ctx.graph()
+    if not hasattr(graph, "_hstu_trace_token"):  # a token, not id(): a discarded graph's id can be reused
+        graph._hstu_trace_token = next(_TRACE_TOKENS)
+    return tx.f_code, graph._hstu_trace_token
+
+
+class TraceRecords:
+    """Dispatches recorded while tracing, per traced frame. Dynamo may restart a frame's analysis from
+    scratch (a new graph for the same frame, the earlier attempt discarded) or recompile it: the latest
+    graph's records replace the frame's earlier ones. A graph break resumes in another frame, whose
+    records add. Records without a trace (a CUDA-graph capture, run once) always add."""
+
+    def __init__(self):
+        self._frames: dict[object, tuple[int | None, Counter]] = {}
+        self._untraced = Counter()
+
+    def add(self, key: tuple[str, str], times: int = 1, trace: tuple[object, int] | None = None) -> None:
+        if trace is None:
+            self._untraced[key] += times
+            return
+        frame, token = trace
+        last_token, records = self._frames.get(frame, (None, None))
+        if last_token != token:
+            records = Counter()
+            self._frames[frame] = (token, records)
+        records[key] += times
+
+    def total(self) -> Counter:
+        out = Counter(self._untraced)
+        for _, records in self._frames.values():
+            out.update(records)
+        return out
 
 
 class TritonOperatorManager:
@@ -112,8 +158,8 @@ class TritonOperatorManager:
         self._fallback_reason: dict[str, str] = {}
         self._decisions: dict[tuple, str] = {}
         self._calls = {op: Counter() for op in specs}
-        self._traced = {op: Counter() for op in specs}
-        self._regions: list[tuple[str, Counter, Counter]] = []  # (name, traced now, counted eagerly now)
+        self._traced = TraceRecords()  # traced outside any region: (op, backend) -> calls
+        self._regions: list[tuple[str, TraceRecords, Counter]] = []  # (name, traced now, counted eagerly now)
         self._flags_key = tuple(sorted(self._requested.items()))
         self._timings: dict[str, list] = {op: [] for op in specs}
         # Input-independent facts, settled now (imports and environment reads cannot be traced).
@@ -236,11 +282,8 @@ class TritonOperatorManager:
         if self._regions:
             self._regions[-1][2][(op, choice)] += times
 
-    def _record_traced(self, op: str, choice: str) -> None:
-        if self._regions:
-            self._regions[-1][1][(op, choice)] += 1
-        else:
-            self._traced[op][choice] += 1
+    def _record_traced(self, op: str, choice: str, trace: tuple[object, int] | None = None) -> None:
+        (self._regions[-1][1] if self._regions else self._traced).add((op, choice), trace=trace)
 
     @contextlib.contextmanager
     def region(self, name: str, executes: bool = True) -> Iterator[None]:
@@ -253,18 +296,19 @@ class TritonOperatorManager:
         whose guards agree (another model of the same flags may have traced it): they are kept per
         region name and flag set, for every manager.
         """
-        self._regions.append((name, Counter(), Counter()))
+        self._regions.append((name, TraceRecords(), Counter()))
         try:
             yield
         finally:
-            _, traced, eager = self._regions.pop()
+            _, records, eager = self._regions.pop()
+            traced = records.total()
             key = (name, self._flags_key)
             if traced:
                 _REGION_TEMPLATES[key] = traced
             if executes and not eager:
                 for (op, choice), times in _REGION_TEMPLATES.get(key, Counter()).items():
                     if self._regions and _tracing():
-                        self._regions[-1][1][(op, choice)] += times
+                        self._regions[-1][1].add((op, choice), times)
                     else:
                         self._count(op, choice, times)
 
@@ -291,12 +335,13 @@ class TritonOperatorManager:
         """Per operator: requested backend, calls per backend (see the module docstring), dispatches
         traced outside any region, the fallback reason, and with ``timing`` the forward time in ms."""
         out = {}
+        traced = self._traced.total()
         for op, requested in self._requested.items():
             calls = self._calls[op]
             entry = {
                 "requested": requested,
                 "calls": {backend: int(calls[backend]) for backend in BACKENDS},
-                "traced": {backend: int(n) for backend, n in self._traced[op].items()},
+                "traced": {backend: int(n) for (name, backend), n in traced.items() if name == op},
                 "fallback_reason": self._fallback_reason.get(op),
             }
             if self.timing:

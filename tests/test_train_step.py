@@ -107,6 +107,29 @@ def test_captured_steps_match_eager_steps_and_draw_new_dropout_masks(kind, dropo
         assert losses[0] != losses[1]
 
 
+@pytest.mark.slow
+def test_compiled_parts_count_each_operator_call_once_per_step():
+    """Under regional compilation the manager counts a part's calls per execution from its trace; dynamo
+    may analyse a frame more than once (restarts, recompiles), and only the graph it keeps counts."""
+    sequences = sequences_of([12, 3, 9, 20, 7, 2, 15, 11, 4, 6, 8, 17, 5, 9, 13, 21], seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=4, max_seq_len=MAX_LEN, bucket_tokens=8)
+    _, plans = epoch_batches(sequences, examples, layout)
+    model, optimizer = setup(loss={"kind": "sampled", "num_negatives": 8, "temperature": 0.1})
+    model.compile_parts()
+    step = TrainStep(model, optimizer, NonFiniteLossFlag(), sequences=DeviceSequences.from_sequences(sequences, "cpu"),
+                     layout=layout)
+    steps = plans[:3]
+    for plan in steps:
+        step(plan)
+    calls = {op: stats["calls"]["reference"] for op, stats in model.manager.get_stats().items()}
+    blocks = HSTU["num_blocks"]
+    assert calls == {"hstu_hierarchical_attention": blocks * len(steps), "fused_attention_layernorm": 2 * blocks * len(steps),
+                     "hierarchical_sequence_fusion": len(steps), "sequence_recommendation_interaction": len(steps),
+                     "interaction": 0}
+    torch._dynamo.reset()
+
+
 def lengths_for_gpu(seed=4, users=60):
     return np.random.default_rng(seed).integers(2, 40, users).tolist()
 
