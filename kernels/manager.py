@@ -98,15 +98,19 @@ def _record_from_trace(ctx) -> None:
 _TRACE_TOKENS = itertools.count()
 
 
-def _trace_of(ctx) -> tuple[object, int]:
-    """(code of the frame dynamo started from, token of the graph being built) for a comptime context."""
-    tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
-    while tx.parent is not None:
-        tx = tx.parent
-    graph = ctx.graph()
+def _trace_of(ctx) -> tuple[object, int] | None:
+    """(code of the frame dynamo started from, token of the graph being built) for a comptime context;
+    None where this torch's dynamo internals differ (records then add up, as for a capture)."""
+    try:
+        tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
+        while tx.parent is not None:
+            tx = tx.parent
+        frame, graph = tx.f_code, ctx.graph()
+    except AttributeError:
+        return None
     if not hasattr(graph, "_hstu_trace_token"):  # a token, not id(): a discarded graph's id can be reused
         graph._hstu_trace_token = next(_TRACE_TOKENS)
-    return tx.f_code, graph._hstu_trace_token
+    return frame, graph._hstu_trace_token
 
 
 class TraceRecords:
