@@ -7,7 +7,9 @@ Every public function dispatches through the operator registry (``hstu_kernels.r
 """
 from hstu_kernels.manager import TritonOperatorManager, TritonUnavailableError, default_manager
 from hstu_kernels.ops.attention_layernorm import attention_input, attention_output
-from hstu_kernels.ops.hstu_attention import hstu_attention, hstu_attention_delta
+from hstu_kernels.ops.hstu_attention import (
+    AttentionLayout, hstu_attention, hstu_attention_delta, hstu_attention_delta_layout, hstu_attention_layout,
+)
 from hstu_kernels.ops.sequence_fusion import sequence_fusion
 from hstu_kernels.ops.softmax_losses import full_softmax_loss, sampled_softmax_loss
 from hstu_kernels.ops.topk import topk_items
@@ -15,6 +17,7 @@ from hstu_kernels.registry import OPERATORS, REGISTRY
 from hstu_kernels.time_buckets import bucket_thresholds, time_bucket
 
 __all__ = [
+    "AttentionLayout",
     "OPERATORS",
     "REGISTRY",
     "TritonOperatorManager",
@@ -26,6 +29,8 @@ __all__ = [
     "full_softmax_loss",
     "hstu_attention",
     "hstu_attention_delta",
+    "hstu_attention_delta_layout",
+    "hstu_attention_layout",
     "sampled_softmax_loss",
     "sequence_fusion",
     "time_bucket",

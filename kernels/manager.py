@@ -229,6 +229,19 @@ class TritonOperatorManager:
             return self._timed(op, impl, tensors[0].device)
         return impl
 
+    def choice(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
+        """The backend ``op`` runs with on these inputs, as :meth:`backend` decides it, not counted as a
+        call: for eager callers that prepare what only one backend needs (the reference attention's
+        index layout)."""
+        if self._requested[op] == "reference":
+            return "reference"
+        key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
+        choice = self._decisions.get(key)
+        if choice is None:
+            choice = self._decide(op, tensors)
+            self._decisions[key] = choice
+        return choice
+
     def backend(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
         """The backend ``op`` runs with on these inputs (decided once per device, dtype and trailing
         dims of each tensor), counted as one call."""
@@ -244,11 +257,7 @@ class TritonOperatorManager:
                 raise TritonUnavailableError(self._fallback_message(op, reason))
             choice = "triton" if reason is None else "reference"
         else:
-            key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
-            choice = self._decisions.get(key)
-            if choice is None:
-                choice = self._decide(op, tensors)
-                self._decisions[key] = choice
+            choice = self.choice(op, tensors)
         if _tracing():
             _record_at_trace_time(self, op, choice, reason)
         else:

@@ -203,6 +203,42 @@ def test_incremental_steps_equal_full_recomputation(kernels):
     assert report["kernels"]["hstu_hierarchical_attention"] == backend
 
 
+@pytest.mark.parametrize("kernels", [None, {"hstu_hierarchical_attention": True}], ids=["reference", "triton"])
+def test_attention_layout_is_built_once_per_step_and_shared_by_the_blocks(kernels, monkeypatch):
+    """A whole window and a cache hit: one layout per step, the same object in each block's call; none
+    where the attention runs on Triton (its kernels compute their own indices)."""
+    import hstu_kernels
+
+    built, passed = [], []
+
+    def spy(name, record):
+        function = getattr(hstu_kernels, name)
+
+        def wrapper(*args, **kwargs):
+            out = function(*args, **kwargs)
+            record.append(kwargs.get("layout") if record is passed else out)
+            return out
+
+        monkeypatch.setattr(hstu_kernels, name, wrapper)
+
+    for name in ("hstu_attention_layout", "hstu_attention_delta_layout"):
+        spy(name, built)
+    for name in ("hstu_attention", "hstu_attention_delta"):
+        spy(name, passed)
+    recommender = make_recommender(kernels=kernels, num_blocks=3)
+    items, times = random_history(8, seed=5)
+    for n, path in ((7, "whole window"), (8, "incremental")):
+        built.clear(), passed.clear()
+        got, report = served(recommender, "u", items[:n], times[:n])
+        assert report["path"] == path and len(passed) == 3
+        if kernels:
+            assert built == [] and passed == [None] * 3
+        else:
+            assert len(built) == 1 and all(layout is built[0] for layout in passed)
+            assert built[0].form == ("whole" if path == "whole window" else "delta")
+        assert_same_top_k(got, full_recompute(recommender, items[:n], times[:n]))
+
+
 def test_request_time_moves_the_last_position_only():
     """The cached positions hold; the last one's query time is the request time: a later request time
     changes the scores, as it does in a full recomputation."""

@@ -7,7 +7,10 @@ their projections, then ``hstu_kernels.hstu_attention_delta`` of their queries a
 keys and values plus their own, then the block output. Position n-1 is among them because its
 query time (the time of the next event, or the request time for the last position) changed.
 Relative position and time biases stay exact: positions are absolute window positions and every
-key keeps its own timestamp.
+key keeps its own timestamp. What the attention derives from the offsets and timestamps alone (padded
+rows, bias indices, causal mask: ``hstu_kernels.AttentionLayout``) is built once per batch and shared
+by the blocks, where the attention runs on the PyTorch reference (the Triton kernels compute their
+indices in-kernel).
 
 Configurations where a new event changes every position's input cannot be served this way (see
 :func:`unsupported_reason`). Dropout is off: the model is in eval mode.
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 import hstu_kernels
 from hstu.model.hstu import HSTUEncoder
+from hstu_kernels.ops.hstu_attention import KEY as ATTENTION_OP
 from hstu.model.recommender import SequentialRecommender
 
 
@@ -77,7 +81,7 @@ class IncrementalEncoder:
         # The input stage (hstu_kernels.sequence_fusion without time scales, dropout off) at window positions.
         x = embedding.item_table[batch.item_ids] * math.sqrt(embedding.dim) + embedding.pos_table[batch.positions]
         num_new = x.shape[0]
-        new_kv = None
+        new_kv = layout = None
         for index, block in enumerate(self.blocks):
             uvqk = block.projections(x)
             _, v, q, k = block.split_heads(uvqk)
@@ -85,18 +89,38 @@ class IncrementalEncoder:
                 if new_kv is None:
                     new_kv = uvqk.new_empty((len(self.blocks), num_new, self.kv_width))
                 torch.cat([v.reshape(num_new, -1), k.reshape(num_new, -1)], dim=1, out=new_kv[index])
-            attn = self._attention(block, index, q, k, v, batch)
+            if index == 0:
+                layout = self._layout(batch, q, k, v)
+            attn = self._attention(block, index, q, k, v, batch, layout)
             x = block.output(x, attn, uvqk)
         return F.normalize(x, dim=-1, eps=1e-6), new_kv
 
-    def _attention(self, block, index: int, q, k, v, batch: DeltaBatch) -> torch.Tensor:
+    def _layout(self, batch: DeltaBatch, q, k, v) -> hstu_kernels.AttentionLayout | None:
+        """The attention's index layout of this batch, shared by every block (they are built from one
+        set of arguments: same max_seq_len and biases); None where the attention runs on Triton."""
+        first = self.blocks[0]
+        if first.manager.choice(ATTENTION_OP, (q, k, v)) != "reference":
+            return None
+        use_time = first.time_weight is not None
+        bias = dict(position_bias=first.pos_weight is not None,
+                    num_time_buckets=first.time_weight.numel() if use_time else None,
+                    q_timestamps=batch.query_timestamps if use_time else None,
+                    k_timestamps=batch.timestamps if use_time else None)
+        if batch.cached_kv is None:
+            return hstu_kernels.hstu_attention_layout(batch.seq_offsets, first.max_seq_len, q.shape[0], **bias)
+        return hstu_kernels.hstu_attention_delta_layout(
+            batch.seq_offsets, batch.cached_offsets, first.max_seq_len, q.shape[0], batch.cached_kv.shape[1],
+            max_new_len=batch.max_new_len, cached_k_timestamps=batch.cached_timestamps if use_time else None, **bias)
+
+    def _attention(self, block, index: int, q, k, v, batch: DeltaBatch, layout) -> torch.Tensor:
         use_time = block.time_weight is not None
         if batch.cached_kv is None:  # nothing cached: the model's own attention over whole windows
             return hstu_kernels.hstu_attention(
                 q, k, v, batch.seq_offsets, block.max_seq_len, block.alpha,
                 q_timestamps=batch.query_timestamps if use_time else None,
                 k_timestamps=batch.timestamps if use_time else None,
-                pos_weight=block.pos_weight, time_weight=block.time_weight, backend=block.manager, validate=False)
+                pos_weight=block.pos_weight, time_weight=block.time_weight, layout=layout, backend=block.manager,
+                validate=False)
         cached = batch.cached_kv[index]
         num_cached = cached.shape[0]
         cached_v = cached[:, :self.value_width].view(num_cached, self.num_heads, self.dv)
@@ -107,4 +131,5 @@ class IncrementalEncoder:
             q_timestamps=batch.query_timestamps if use_time else None,
             k_timestamps=batch.timestamps if use_time else None,
             cached_k_timestamps=batch.cached_timestamps if use_time else None,
-            pos_weight=block.pos_weight, time_weight=block.time_weight, backend=block.manager, validate=False)
+            pos_weight=block.pos_weight, time_weight=block.time_weight, layout=layout, backend=block.manager,
+            validate=False)

@@ -10,6 +10,8 @@ from hstu_kernels.benchmarking import (
 )
 from hstu_kernels.jagged import check_offsets
 from hstu_kernels.manager import implementation
+from hstu_kernels.reference import hstu_attention as reference
+from hstu_kernels.reference.hstu_attention import AttentionLayout
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
 
 KEY = "hstu_hierarchical_attention"
@@ -27,20 +29,27 @@ def hstu_attention(
     k_timestamps: torch.Tensor | None = None,
     pos_weight: torch.Tensor | None = None,
     time_weight: torch.Tensor | None = None,
+    layout: AttentionLayout | None = None,
     backend=None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Jagged causal HSTU attention: out[s+i] = sum_{j<=i} SiLU(alpha q.k + rab(i,j)) / max_seq_len * v[s+j].
 
     q, k [L, H, dqk], v [L, H, dv]; rab = pos_weight[max_seq_len-1+j-i] + time_weight[bucket(|t_q(i)-t_k(j)|)].
-    ``validate=False`` skips the checks of the offsets' values, which wait for the GPU: for callers
-    that checked their batch once (the model does, see ``JaggedBatch.check``).
+    ``layout``: this batch's :func:`hstu_attention_layout`, built once and shared by calls over the same
+    offsets and timestamps (the blocks of a model); the reference uses it, the Triton kernel computes
+    its indices itself. ``validate=False`` skips the checks of the offsets' values, which wait for the
+    GPU, and of a layout's offsets and timestamps against these: for callers that checked their batch
+    once (the model does, see ``JaggedBatch.check``).
     """
     check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
                          validate)
+    if layout is not None:
+        check_layout(layout, "hstu_attention", "whole", seq_offsets, None, max_seq_len, max_seq_len, q,
+                     0, (q_timestamps, k_timestamps), pos_weight, time_weight, validate)
     impl = implementation(KEY, "hstu_attention", backend, (q, k, v))
     return impl(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps=q_timestamps, k_timestamps=k_timestamps,
-                pos_weight=pos_weight, time_weight=time_weight)
+                pos_weight=pos_weight, time_weight=time_weight, layout=layout)
 
 
 def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
@@ -88,6 +97,7 @@ def hstu_attention_delta(
     cached_k_timestamps: torch.Tensor | None = None,
     pos_weight: torch.Tensor | None = None,
     time_weight: torch.Tensor | None = None,
+    layout: AttentionLayout | None = None,
     backend=None,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -99,14 +109,21 @@ def hstu_attention_delta(
     key and to new keys 0..i: its output equals row n_b+i of ``hstu_attention`` over the whole
     sequence. ``max_new_len`` bounds m_b (default max_seq_len; a tighter bound saves padded work).
     Timestamps: q_timestamps, k_timestamps [M] and cached_k_timestamps [C], int64, for the time bias.
-    ``validate=False`` skips the checks of the offsets' values (host reads).
+    ``layout``: this batch's :func:`hstu_attention_delta_layout`, shared by calls over the same offsets
+    and timestamps (as in ``hstu_attention``). ``validate=False`` skips the checks of the offsets'
+    values (host reads), and of a layout's offsets and timestamps against these.
     """
     check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, max_new_len,
                                q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight, validate)
+    if layout is not None:
+        check_layout(layout, "hstu_attention_delta", "delta", seq_offsets, cached_offsets, max_seq_len,
+                     max_seq_len if max_new_len is None else max_new_len, q, cached_k.shape[0],
+                     (q_timestamps, k_timestamps, cached_k_timestamps), pos_weight, time_weight, validate)
     impl = implementation(KEY, "hstu_attention_delta", backend, (q, k, v))
     return impl(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
                 max_new_len=max_new_len, q_timestamps=q_timestamps, k_timestamps=k_timestamps,
-                cached_k_timestamps=cached_k_timestamps, pos_weight=pos_weight, time_weight=time_weight)
+                cached_k_timestamps=cached_k_timestamps, pos_weight=pos_weight, time_weight=time_weight,
+                layout=layout)
 
 
 def check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, max_new_len,
@@ -122,25 +139,150 @@ def check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_
                          f"v {tuple(v.shape)}; got {tuple(cached_k.shape)} and {tuple(cached_v.shape)}")
     if not (cached_k.dtype == cached_v.dtype == q.dtype):
         raise TypeError(f"{name}: cached_k, cached_v must have q's dtype {q.dtype}; got {cached_k.dtype}, {cached_v.dtype}")
-    if cached_offsets.shape != seq_offsets.shape or cached_offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: cached_offsets must be a 1-D int32/int64 tensor shaped like seq_offsets "
-                         f"{tuple(seq_offsets.shape)}; got {cached_offsets.dtype} {tuple(cached_offsets.shape)}")
     if (cached_k_timestamps is None) != (q_timestamps is None):
         raise ValueError(f"{name}: cached_k_timestamps are given with q_timestamps and k_timestamps")
     if cached_k_timestamps is not None and (cached_k_timestamps.dtype != torch.int64
                                             or cached_k_timestamps.shape != (cached_k.shape[0],)):
         raise ValueError(f"{name}: cached_k_timestamps must be int64 [C={cached_k.shape[0]}]")
+    check_delta_offsets(name, seq_offsets, q.shape[0], cached_offsets, cached_k.shape[0], max_seq_len, max_new_len,
+                        validate)
+
+
+def check_delta_offsets(name, seq_offsets, num_new, cached_offsets, num_cached, max_seq_len, max_new_len,
+                        validate) -> None:
+    """cached_offsets against seq_offsets, max_new_len against max_seq_len; with ``validate``, the
+    offsets' values: n_b + m_b <= max_seq_len and m_b <= max_new_len (host reads)."""
+    if cached_offsets.shape != seq_offsets.shape or cached_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: cached_offsets must be a 1-D int32/int64 tensor shaped like seq_offsets "
+                         f"{tuple(seq_offsets.shape)}; got {cached_offsets.dtype} {tuple(cached_offsets.shape)}")
     if max_new_len is not None and not 0 <= max_new_len <= max_seq_len:
         raise ValueError(f"{name}: max_new_len={max_new_len} must lie in [0, max_seq_len={max_seq_len}]")
     if validate:
-        check_offsets(seq_offsets, q.shape[0], max_seq_len if max_new_len is None else max_new_len,
+        check_offsets(seq_offsets, num_new, max_seq_len if max_new_len is None else max_new_len,
                       name if max_new_len is None else f"{name} (new tokens, max_seq_len here is max_new_len)")
-        check_offsets(cached_offsets, cached_k.shape[0], max_seq_len, name + " (cached_offsets)")
+        check_offsets(cached_offsets, num_cached, max_seq_len, name + " (cached_offsets)")
         if seq_offsets.numel() > 1:
             total = (seq_offsets[1:] - seq_offsets[:-1]) + (cached_offsets[1:] - cached_offsets[:-1])
             longest = int(total.max())
             if longest > max_seq_len:
                 raise ValueError(f"{name}: a sequence of {longest} cached + new tokens exceeds max_seq_len={max_seq_len}")
+
+
+def hstu_attention_layout(
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    num_tokens: int,
+    *,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    position_bias: bool = True,
+    num_time_buckets: int | None = None,
+    validate: bool = True,
+) -> AttentionLayout:
+    """What ``hstu_attention`` derives from a batch's offsets and timestamps alone (padded rows, bias
+    indices, causal mask), built once for every call over that batch (``layout=``).
+
+    ``position_bias``: index the position bias (for calls with ``pos_weight``); ``num_time_buckets``:
+    bucket the time gaps for a time_weight of that size (needs q_timestamps, k_timestamps [L]).
+    ``validate=False`` skips the checks of the offsets' values (host reads).
+    """
+    name = "hstu_attention_layout"
+    _check_layout_inputs(name, seq_offsets, max_seq_len, num_tokens, num_time_buckets,
+                         {"q_timestamps": (q_timestamps, num_tokens), "k_timestamps": (k_timestamps, num_tokens)})
+    if validate:
+        check_offsets(seq_offsets, num_tokens, max_seq_len, name)
+    return reference.hstu_attention_layout(
+        seq_offsets, max_seq_len, num_tokens, q_timestamps=q_timestamps, k_timestamps=k_timestamps,
+        position_bias=position_bias, num_time_buckets=num_time_buckets)
+
+
+def hstu_attention_delta_layout(
+    seq_offsets: torch.Tensor,
+    cached_offsets: torch.Tensor,
+    max_seq_len: int,
+    num_new: int,
+    num_cached: int,
+    *,
+    max_new_len: int | None = None,
+    q_timestamps: torch.Tensor | None = None,
+    k_timestamps: torch.Tensor | None = None,
+    cached_k_timestamps: torch.Tensor | None = None,
+    position_bias: bool = True,
+    num_time_buckets: int | None = None,
+    validate: bool = True,
+) -> AttentionLayout:
+    """What ``hstu_attention_delta`` derives from the offsets and timestamps alone, built once for every
+    call over that batch (``layout=``): ``num_new`` new tokens jagged by ``seq_offsets`` after
+    ``num_cached`` cached ones jagged by ``cached_offsets``. Bias options as in
+    :func:`hstu_attention_layout`; timestamps q, k [M] and cached k [C]. ``validate=False`` skips the
+    checks of the offsets' values (host reads).
+    """
+    name = "hstu_attention_delta_layout"
+    _check_layout_inputs(name, seq_offsets, max_seq_len, num_new, num_time_buckets,
+                         {"q_timestamps": (q_timestamps, num_new), "k_timestamps": (k_timestamps, num_new),
+                          "cached_k_timestamps": (cached_k_timestamps, num_cached)})
+    if num_cached < 0:
+        raise ValueError(f"{name}: num_cached must be >= 0, got {num_cached}")
+    check_delta_offsets(name, seq_offsets, num_new, cached_offsets, num_cached, max_seq_len, max_new_len, validate)
+    return reference.hstu_attention_delta_layout(
+        seq_offsets, cached_offsets, max_seq_len, num_new, num_cached, max_new_len=max_new_len,
+        q_timestamps=q_timestamps, k_timestamps=k_timestamps, cached_k_timestamps=cached_k_timestamps,
+        position_bias=position_bias, num_time_buckets=num_time_buckets)
+
+
+def _check_layout_inputs(name, seq_offsets, max_seq_len, num_tokens, num_time_buckets, timestamps) -> None:
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: seq_offsets must be a 1-D int32/int64 tensor [B+1]")
+    if max_seq_len < 1 or num_tokens < 0:
+        raise ValueError(f"{name}: need max_seq_len >= 1 and a token count >= 0; got {max_seq_len} and {num_tokens}")
+    if num_time_buckets is None:
+        return
+    if num_time_buckets < 1:
+        raise ValueError(f"{name}: num_time_buckets must be >= 1, got {num_time_buckets}")
+    for what, (tensor, size) in timestamps.items():
+        if tensor is None or tensor.dtype != torch.int64 or tensor.shape != (size,):
+            got = "None" if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
+            raise ValueError(f"{name}: num_time_buckets needs {what} int64 [{size}]; got {got}")
+
+
+LAYOUT_SIZES = ("max_seq_len", "batch size", "token count", "cached token count",
+                "query rows per sequence (max_new_len)")
+
+
+def check_layout(layout, name, form, seq_offsets, cached_offsets, max_seq_len, query_rows_per_sequence, q,
+                 num_cached, timestamps, pos_weight, time_weight, validate) -> None:
+    """A layout must have been built for this call's batch: one message naming what differs. Shapes and
+    sizes always; with ``validate``, the offsets' and timestamps' values too (host reads), unless
+    they are the very tensors it was built from."""
+    if not isinstance(layout, AttentionLayout):
+        raise TypeError(f"{name}: layout must be an AttentionLayout from hstu_kernels.{name}_layout, "
+                        f"got {type(layout).__name__}")
+    if layout.form != form:
+        raise ValueError(f"{name}: layout was built by hstu_attention{'' if layout.form == 'whole' else '_delta'}"
+                         f"_layout; this call needs one from {name}_layout")
+    built = (layout.max_seq_len, layout.batch, layout.num_tokens, layout.num_cached, layout.query_rows_per_sequence)
+    expected = (max_seq_len, seq_offsets.numel() - 1, q.shape[0], num_cached, query_rows_per_sequence)
+    if built != expected:
+        what, built_for, has = next(d for d in zip(LAYOUT_SIZES, built, expected) if d[1] != d[2])
+        raise ValueError(f"{name}: layout was built for {what} {built_for}, this call has {has}")
+    if layout.query_rows.device != q.device:
+        raise ValueError(f"{name}: layout is on {layout.query_rows.device}, the inputs on {q.device}")
+    if pos_weight is not None and layout.pos_index is None:
+        raise ValueError(f"{name}: layout was built without the position bias (position_bias=False), "
+                         "this call has pos_weight")
+    if time_weight is not None and layout.num_time_buckets != time_weight.numel():
+        built_for = "without the time bias" if layout.num_time_buckets is None else \
+            f"for {layout.num_time_buckets} time buckets"
+        raise ValueError(f"{name}: layout was built {built_for}, this call has a time_weight of "
+                         f"{time_weight.numel()} buckets")
+    if not validate:
+        return
+    given = {"seq_offsets": (layout.seq_offsets, seq_offsets), "cached_offsets": (layout.cached_offsets, cached_offsets)}
+    if time_weight is not None:
+        given.update(zip(("q_timestamps", "k_timestamps", "cached_k_timestamps"), zip(layout.timestamps, timestamps)))
+    for what, (built_from, passed) in given.items():
+        if built_from is not passed and (built_from.shape != passed.shape or not bool((built_from == passed).all())):
+            raise ValueError(f"{name}: layout was built from other {what} than this call's")
 
 
 # ---------------------------------------------------------------------------------------------

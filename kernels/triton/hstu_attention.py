@@ -1563,8 +1563,10 @@ def hstu_attention(
     k_timestamps: torch.Tensor | None = None,
     pos_weight: torch.Tensor | None = None,
     time_weight: torch.Tensor | None = None,
+    layout=None,
 ) -> torch.Tensor:
-    """Jagged causal HSTU attention on Triton -> [L, H, dv] in v's dtype (inputs checked by the caller)."""
+    """Jagged causal HSTU attention on Triton -> [L, H, dv] in v's dtype (inputs checked by the caller).
+    ``layout`` (the reference's padded layout) is not used: the kernel computes its indices per tile."""
     compiling = torch.compiler.is_compiling()
     time_table = gaps_fit = None
     if time_weight is None:
@@ -1613,9 +1615,11 @@ def hstu_attention_delta(
     cached_k_timestamps: torch.Tensor | None = None,
     pos_weight: torch.Tensor | None = None,
     time_weight: torch.Tensor | None = None,
+    layout=None,
 ) -> torch.Tensor:
     """New tokens against cached keys and values on Triton -> [M, H, dv] in v's dtype (inputs checked by
-    the caller). Forward only: it serves inference, so inputs that need gradients are refused."""
+    the caller). Forward only: it serves inference, so inputs that need gradients are refused.
+    ``layout`` (the reference's padded layout) is not used: the kernel computes its indices per tile."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (q, k, v, cached_k, cached_v, pos_weight, time_weight)):
         raise RuntimeError("hstu_attention_delta on Triton is forward only (inference); "

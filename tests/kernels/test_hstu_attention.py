@@ -886,6 +886,172 @@ def test_delta_triton_custom_op_opcheck_and_compiled():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# A layout built once per batch and shared by every block's call
+# ---------------------------------------------------------------------------------------------
+LAYOUT_PROBLEM = dict(lengths=(5, 0, 1, 7, 3, 6), max_seq_len=7, heads=2, dqk=5, dv=3, alpha=0.8, num_buckets=40,
+                      seed=3)
+LAYOUT_CACHED = (4, 0, 0, 1, 3, 0)
+
+
+def another_block(x: Inputs, seed: int) -> Inputs:
+    """x's batch (offsets, timestamps) with the q, k, v and bias tables of another block."""
+    g = torch.Generator().manual_seed(seed)
+
+    def redrawn(t):
+        if t is None:
+            return None
+        drawn = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype).to(t.device)
+        return drawn.requires_grad_(t.requires_grad)
+
+    q, k, v, pos_weight, time_weight = map(redrawn, (x.q, x.k, x.v, x.pos_weight, x.time_weight))
+    leaves = {name: t for name, t in dict(q=q, k=k, v=v, pos_weight=pos_weight, time_weight=time_weight).items()
+              if t is not None}
+    return Inputs(q, k, v, x.seq_offsets, x.q_timestamps, x.k_timestamps, pos_weight, time_weight, leaves)
+
+
+def whole_layout(x: Inputs, p: Problem):
+    return hstu_kernels.hstu_attention_layout(
+        x.seq_offsets, p.max_seq_len, x.q.shape[0], q_timestamps=x.q_timestamps, k_timestamps=x.k_timestamps,
+        position_bias=p.use_pos, num_time_buckets=p.num_buckets if p.use_time else None)
+
+
+def delta_inputs(x: Inputs, cached: tuple[int, ...], max_new_len: int | None) -> dict:
+    """Keyword arguments of hstu_attention_delta for x's sequences split after ``cached`` positions."""
+    cached_rows, new_rows, cached_offsets, new_offsets = split_rows(x.seq_offsets, cached)
+    q, k, v = (t.detach() for t in (x.q, x.k, x.v))
+    time = {}
+    if x.time_weight is not None:
+        time = dict(q_timestamps=x.q_timestamps[new_rows], k_timestamps=x.k_timestamps[new_rows],
+                    cached_k_timestamps=x.k_timestamps[cached_rows])
+    return dict(q=q[new_rows], k=k[new_rows], v=v[new_rows], seq_offsets=new_offsets, cached_k=k[cached_rows],
+                cached_v=v[cached_rows], cached_offsets=cached_offsets, max_new_len=max_new_len,
+                pos_weight=None if x.pos_weight is None else x.pos_weight.detach(),
+                time_weight=None if x.time_weight is None else x.time_weight.detach(), **time)
+
+
+def delta_layout(args: dict, p: Problem):
+    return hstu_kernels.hstu_attention_delta_layout(
+        args["seq_offsets"], args["cached_offsets"], p.max_seq_len, args["q"].shape[0], args["cached_k"].shape[0],
+        max_new_len=args["max_new_len"], q_timestamps=args.get("q_timestamps"),
+        k_timestamps=args.get("k_timestamps"), cached_k_timestamps=args.get("cached_k_timestamps"),
+        position_bias=p.use_pos, num_time_buckets=p.num_buckets if p.use_time else None)
+
+
+@pytest.mark.parametrize("use_pos,use_time", [(False, False), (True, False), (False, True), (True, True)])
+def test_reference_layout_shared_by_blocks_equals_fresh_layouts(use_pos, use_time):
+    """One layout per batch, passed to three blocks' calls (other q, k, v and bias tables): outputs and
+    gradients bit for bit those of calls that build their own, in both forms; lengths 0 and 1, cached
+    prefixes of every size, max_new_len tight and not."""
+    p = Problem(**LAYOUT_PROBLEM, use_pos=use_pos, use_time=use_time)
+    x = make_inputs(p, torch.float32, "cpu")
+    shared = whole_layout(x, p)
+    for seed in range(3):
+        block = another_block(x, seed)
+        fresh, reused = (hstu_kernels.hstu_attention(
+            block.q, block.k, block.v, block.seq_offsets, p.max_seq_len, p.alpha, q_timestamps=block.q_timestamps,
+            k_timestamps=block.k_timestamps, pos_weight=block.pos_weight, time_weight=block.time_weight,
+            layout=layout, backend="reference") for layout in (None, shared))
+        assert torch.equal(reused, fresh)
+        leaves = list(block.leaves.values())
+        grad_out = torch.randn(fresh.shape, generator=torch.Generator().manual_seed(seed))
+        for a, b in zip(torch.autograd.grad(fresh, leaves, grad_out), torch.autograd.grad(reused, leaves, grad_out)):
+            assert torch.equal(a, b)
+    for max_new_len in (6, None):  # the longest new part is 6
+        shared = delta_layout(delta_inputs(x, LAYOUT_CACHED, max_new_len), p)
+        for seed in range(3):
+            args = delta_inputs(another_block(x, seed), LAYOUT_CACHED, max_new_len)
+            fresh = hstu_kernels.hstu_attention_delta(**args, max_seq_len=p.max_seq_len, alpha=p.alpha,
+                                                      backend="reference")
+            reused = hstu_kernels.hstu_attention_delta(**args, max_seq_len=p.max_seq_len, alpha=p.alpha,
+                                                       layout=shared, backend="reference")
+            assert torch.equal(reused, fresh)
+
+
+def test_layout_of_another_batch_is_refused_with_what_differs():
+    p = Problem(**LAYOUT_PROBLEM, use_pos=True, use_time=True)
+    x = make_inputs(p, torch.float32, "cpu")
+    q, k, v = (t.detach() for t in (x.q, x.k, x.v))
+    whole = dict(q_timestamps=x.q_timestamps, k_timestamps=x.k_timestamps, pos_weight=x.pos_weight.detach(),
+                 time_weight=x.time_weight.detach(), backend="reference")
+
+    def call_whole(layout, offsets=x.seq_offsets, validate=True, **changes):
+        kwargs = {**whole, **changes}
+        return hstu_kernels.hstu_attention(q, k, v, offsets, p.max_seq_len, p.alpha, layout=layout,
+                                           validate=validate, **kwargs)
+
+    fits = whole_layout(x, p)
+    shorter = make_inputs(Problem(**{**LAYOUT_PROBLEM, "lengths": (5, 0, 1, 7, 3, 5)}, use_pos=True, use_time=True),
+                          torch.float32, "cpu")
+    cases = [
+        (whole_layout(shorter, p), {}, "built for token count 21, this call has 22"),
+        (hstu_kernels.hstu_attention_layout(x.seq_offsets, 8, 22, q_timestamps=x.q_timestamps,
+                                            k_timestamps=x.k_timestamps, num_time_buckets=40), {},
+         "built for max_seq_len 8, this call has 7"),
+        (hstu_kernels.hstu_attention_layout(x.seq_offsets[:-1], 7, 16, q_timestamps=x.q_timestamps[:16],
+                                            k_timestamps=x.k_timestamps[:16], num_time_buckets=40), {},
+         "built for batch size 5, this call has 6"),
+        (hstu_kernels.hstu_attention_layout(x.seq_offsets, 7, 22, position_bias=False, q_timestamps=x.q_timestamps,
+                                            k_timestamps=x.k_timestamps, num_time_buckets=40), {},
+         "built without the position bias"),
+        (hstu_kernels.hstu_attention_layout(x.seq_offsets, 7, 22), {}, "built without the time bias"),
+        (fits, {"time_weight": torch.zeros(41)}, "built for 40 time buckets, this call has a time_weight of 41"),
+        (fits, {"q_timestamps": x.q_timestamps + 1}, "built from other q_timestamps"),
+        ((fits.query_rows, fits.key_rows), {}, "layout must be an AttentionLayout"),
+    ]
+    for layout, changes, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            call_whole(layout, **changes)
+    other_offsets = torch.tensor([0, 6, 6, 7, 14, 17, 22])  # the same shape, other lengths
+    with pytest.raises(ValueError, match="built from other seq_offsets"):
+        call_whole(fits, other_offsets)
+    call_whole(fits, other_offsets.clone().copy_(x.seq_offsets))  # equal values in another tensor: accepted
+    call_whole(fits, other_offsets, validate=False)  # values are checked with validate only
+
+    args = delta_inputs(x, LAYOUT_CACHED, 6)
+    fits = delta_layout(args, p)
+    call = functools.partial(hstu_kernels.hstu_attention_delta, max_seq_len=p.max_seq_len, alpha=p.alpha,
+                             backend="reference")
+    one_more_cached = tuple(c + (b == 0) for b, c in enumerate(LAYOUT_CACHED))
+    cases = [
+        (whole_layout(x, p), {}, "built by hstu_attention_layout; this call needs one from hstu_attention_delta_layout"),
+        (delta_layout(delta_inputs(x, LAYOUT_CACHED, 7), p), {}, "max_new_len\\) 7, this call has 6"),
+        (fits, {"max_new_len": None}, "max_new_len\\) 6, this call has 7"),
+        (delta_layout(delta_inputs(x, one_more_cached, 6), p), {}, "built for token count 13, this call has 14"),
+        (fits, {"cached_offsets": torch.tensor([0, 3, 3, 3, 4, 8, 8])}, "built from other cached_offsets"),
+        (fits, {"cached_k_timestamps": args["cached_k_timestamps"] - 1}, "built from other cached_k_timestamps"),
+    ]
+    for layout, changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(**{**args, **changes}, layout=layout)
+    with pytest.raises(ValueError, match="built by hstu_attention_delta_layout; this call needs one from "
+                                         "hstu_attention_layout"):
+        call_whole(fits)
+    with pytest.raises(ValueError, match="hstu_attention_layout: num_time_buckets needs k_timestamps int64 \\[22\\]"):
+        hstu_kernels.hstu_attention_layout(x.seq_offsets, 7, 22, q_timestamps=x.q_timestamps, num_time_buckets=40)
+    with pytest.raises(ValueError, match="hstu_attention_layout: seq_offsets must start at 0 and end at L=21"):
+        hstu_kernels.hstu_attention_layout(x.seq_offsets, 7, 21)
+    with pytest.raises(ValueError, match="hstu_attention_delta_layout: a sequence of 8 cached \\+ new tokens"):
+        hstu_kernels.hstu_attention_delta_layout(args["seq_offsets"], torch.tensor([0, 4, 4, 4, 6, 8, 8]), 7, 14, 8)
+
+
+@needs_triton
+def test_triton_runs_the_same_with_a_shared_layout():
+    """The Triton kernels compute their indices themselves: a layout passed for the reference changes nothing."""
+    p = Problem(**LAYOUT_PROBLEM, use_pos=True, use_time=True)
+    x = make_inputs(p, torch.float32)
+    q, k, v = (t.detach() for t in (x.q, x.k, x.v))
+    whole = dict(q_timestamps=x.q_timestamps, k_timestamps=x.k_timestamps, pos_weight=x.pos_weight.detach(),
+                 time_weight=x.time_weight.detach(), backend="triton")
+    assert torch.equal(hstu_kernels.hstu_attention(q, k, v, x.seq_offsets, p.max_seq_len, p.alpha, **whole),
+                       hstu_kernels.hstu_attention(q, k, v, x.seq_offsets, p.max_seq_len, p.alpha,
+                                                   layout=whole_layout(x, p), **whole))
+    args = delta_inputs(x, LAYOUT_CACHED, 6)
+    call = functools.partial(hstu_kernels.hstu_attention_delta, **args, max_seq_len=p.max_seq_len, alpha=p.alpha,
+                             backend="triton")
+    assert torch.equal(call(), call(layout=delta_layout(args, p)))
+
+
 DELTA_GPU_SHAPES = [  # (B, N, H, dqk, dv): HSTU-large ML-1M, the ML-20M-shaped config, wider heads
     (64, 200, 2, 25, 25),
     (64, 200, 8, 32, 32),

@@ -94,6 +94,17 @@ def test_decisions_key_on_the_trailing_dims_the_kernel_checks(monkeypatch):
     assert "head dim 16 > 8" in m.fallbacks()[ATTENTION]
 
 
+def test_choice_is_the_backend_decision_without_counting_a_call(monkeypatch):
+    m = TritonOperatorManager({ATTENTION: True})
+    monkeypatch.setattr(m._modules[ATTENTION], "MAX_HEAD_DIM", 8)
+    supported, refused = attention_inputs(dim=8)[:3], attention_inputs(dim=16)[:3]
+    assert m.choice(ATTENTION, supported) == "triton" and m.choice(ATTENTION, refused) == "reference"
+    assert TritonOperatorManager({}).choice(ATTENTION, supported) == "reference"
+    assert sum(m.get_stats()[ATTENTION]["calls"].values()) == 0
+    assert m.backend(ATTENTION, supported) == "triton" and m.backend(ATTENTION, refused) == "reference"
+    assert dict(m.get_stats()[ATTENTION]["calls"]) == {"triton": 1, "reference": 1}
+
+
 def test_forced_backend_validation(unwritten):
     with pytest.raises(ValueError, match="backend must be"):
         hstu_kernels.topk_items(torch.randn(2, 4), torch.randn(5, 4), 2, backend="cuda")
