@@ -235,6 +235,8 @@ class TritonOperatorManager:
         index layout)."""
         if self._requested[op] == "reference":
             return "reference"
+        if torch.compiler.is_compiling():  # never read the cache in a trace (see backend)
+            return "triton" if self._unsupported(op, tensors) is None else "reference"
         key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
         choice = self._decisions.get(key)
         if choice is None:
