@@ -281,6 +281,22 @@ def test_batch_of_hits_and_misses_equals_single_requests():
 
 
 
+def test_item_table_is_normalised_once_per_engine_not_per_request(monkeypatch):
+    """The served weights never change: each request normalises only its queries, and the scores are the
+    model's own cosine scores (``full_recompute`` normalises the table itself)."""
+    import hstu.serving.engine as engine_module
+
+    recommender = make_recommender()
+    rows = []
+    real = engine_module.l2_normalize
+    monkeypatch.setattr(engine_module, "l2_normalize", lambda x, *a, **kw: rows.append(x.shape[0]) or real(x, *a, **kw))
+    items, times = random_history(9, seed=3)
+    for user in range(3):
+        got, _ = served(recommender, user, items, times)
+        assert_same_top_k(got, full_recompute(recommender, items, times))
+    assert rows == [1, 1, 1]  # one query per request, never the table
+
+
 @pytest.fixture
 def two_cpu_threads():
     threads = torch.get_num_threads()

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 import hstu_kernels
+from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
 from hstu.serving.histories import Events, prepare_histories
 from hstu.serving.incremental import DeltaBatch, IncrementalEncoder, unsupported_reason
@@ -143,6 +144,8 @@ class ServingEngine:
         else:
             self.cache, self.cache_off_reason = KVCache(self.options.cache_bytes), None
         self.export_fingerprint = model_fingerprint(self.model, self.device)
+        with torch.no_grad():  # the served weights never change: normalise the item table once, not per request
+            self.unit_items = l2_normalize(self.model.item_table[1:].float())
         self.package, self.package_k, self.package_reason = self._load_package()
         self._stats = _Stats()
         self._lock = threading.Lock()  # one batch at a time: the cache and the model are shared
@@ -234,8 +237,8 @@ class ServingEngine:
                                                                      request_times, events)
         with torch.no_grad():
             scores, ids, _ = hstu_kernels.topk_items(
-                queries.float(), self.model.item_table[1:].float(), k, exclude_ids=exclude_ids,
-                exclude_offsets=exclude_offsets, backend=self.manager, validate=False)
+                l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
+                exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
         ranked = self.recommender.ranked(ids.cpu().numpy() + 1, scores.cpu().numpy())
         kernels = _backends_run(calls_before, _call_counts(self.manager))
         return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads)
