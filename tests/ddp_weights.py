@@ -1,5 +1,7 @@
-"""Trains the tiny DDP run of tests/test_ddp.py and prints each rank's parameter sum (a script: Lightning's
-launcher re-runs it for rank 1). Usage: python tests/ddp_weights.py <out_dir> [override ...]"""
+"""Trains the tiny DDP run of tests/test_ddp.py and writes each rank's parameter sum to
+<out_dir>/parameter_sum_rank<N>.txt (a script: Lightning's launcher re-runs it for rank 1; a file per rank,
+since two processes writing one stdout pipe can lose a line to the other's partial output).
+Usage: python tests/ddp_weights.py <out_dir> [override ...]"""
 import sys
 from pathlib import Path
 
@@ -13,15 +15,19 @@ from hstu.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class PrintParameterSum(L.Callback):
+class WriteParameterSum(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
     def on_train_end(self, trainer, pl_module):
         total = sum(p.detach().double().sum().item() for p in pl_module.parameters())
-        print(f"rank {trainer.global_rank} steps {trainer.global_step} parameter sum {total!r}", flush=True)
+        (self.out / f"parameter_sum_rank{trainer.global_rank}.txt").write_text(
+            f"rank {trainer.global_rank} steps {trainer.global_step} parameter sum {total!r}\n")
 
 
 def main(out: Path, overrides: list[str]) -> None:
     with_run_callbacks = hstu.train._with_run_callbacks
-    hstu.train._with_run_callbacks = lambda callbacks: with_run_callbacks([*callbacks, PrintParameterSum()])
+    hstu.train._with_run_callbacks = lambda callbacks: with_run_callbacks([*callbacks, WriteParameterSum(out)])
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}"])
     train(cfg)
