@@ -236,7 +236,7 @@ class TritonOperatorManager:
         if self._requested[op] == "reference":
             return "reference"
         if torch.compiler.is_compiling():  # never read the cache in a trace (see backend)
-            return "triton" if self._unsupported(op, tensors) is None else "reference"
+            return self._traced_decision(op, tensors)[0]
         key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
         choice = self._decisions.get(key)
         if choice is None:
@@ -254,10 +254,7 @@ class TritonOperatorManager:
             # Decided afresh in each trace, from metadata, and recorded at trace time: reading the decision
             # cache here would guard the graph on it, and the cache's first write would then recompile the
             # graph on its next call (inside a CUDA-graph capture, a failed capture).
-            reason = self._unsupported(op, tensors)
-            if reason is not None and self.fallback == "error":
-                raise TritonUnavailableError(self._fallback_message(op, reason))
-            choice = "triton" if reason is None else "reference"
+            choice, reason = self._traced_decision(op, tensors)
         else:
             choice = self.choice(op, tensors)
         if _tracing():
@@ -272,14 +269,18 @@ class TritonOperatorManager:
         available, reason = self._static[op]
         return _input_reason(self._modules[op], tensors, self._interpreter) if available else reason
 
-    def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
+    def _traced_decision(self, op: str, tensors: Sequence[torch.Tensor]) -> tuple[str, str | None]:
+        """(backend, fallback reason) without touching the manager's state; raises under ``fallback="error"``."""
         reason = self._unsupported(op, tensors)
-        if reason is None:
-            return "triton"
-        if self.fallback == "error":
+        if reason is not None and self.fallback == "error":
             raise TritonUnavailableError(self._fallback_message(op, reason))
-        self._note_fallback(op, reason)
-        return "reference"
+        return ("triton" if reason is None else "reference"), reason
+
+    def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
+        choice, reason = self._traced_decision(op, tensors)
+        if reason is not None:
+            self._note_fallback(op, reason)
+        return choice
 
     @staticmethod
     def _fallback_message(op: str, reason: str) -> str:
