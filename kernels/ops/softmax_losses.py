@@ -96,6 +96,7 @@ def check_ids_in_table(name, field, ids, num_items):
 # ---------------------------------------------------------------------------------------------
 # Benchmark cases: (M, D, R, I); options.variant "per-row" (default), "shared" or "full"
 # ---------------------------------------------------------------------------------------------
+SCATTERS = ("sort", "atomic")  # the Triton backend's table scatter of the sampled losses
 VARIANTS = ("per-row", "shared", "full")
 BENCH_TEMPERATURE = 0.05
 
