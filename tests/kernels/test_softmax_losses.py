@@ -808,6 +808,46 @@ def test_bench_harness_runs_every_variant(variant, tmp_path, monkeypatch, capsys
     assert all(float(r["ms"]) > 0 and not r["note"] for r in rows)
 
 
+@needs_triton
+@pytest.mark.parametrize("variant", ["per-row-sort", "per-row-atomic", "shared-sort", "shared-atomic"])
+def test_bench_case_scatter_variants(variant):
+    """A sampled variant with a scatter named: the reference and eager as for the plain variant, the
+    Triton provider's backward with that scatter."""
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    spec = hstu_kernels.REGISTRY[OP].bench
+    case = spec.build((5, 4, 3, 7), torch.float32, torch.device("cpu"), argparse.Namespace(seed=0, variant=variant))
+    reference = case.call("reference")
+    torch.testing.assert_close(reference, case.eager_call())
+    seen = []
+    backward = triton_losses.softmax_loss_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return backward(*args)
+
+    with unittest.mock.patch.object(triton_losses, "softmax_loss_backward", spy):
+        loss = case.call("triton")
+        loss.backward()
+    assert seen == [variant.rsplit("-", 1)[1]]
+    assert_close_float32(loss, reference)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["per-row-sort", "per-row-atomic"])
+def test_bench_harness_runs_scatter_variants(variant, tmp_path, monkeypatch):
+    """The harness end to end with a scatter variant: Triton and the reference, rows in the CSV."""
+    from test_registry import load_harness
+
+    bench = load_harness(monkeypatch)
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--op", OP, "--variant", variant, "--shapes", "6,8,3,9", "--providers", "triton,reference",
+                "--mode", "fwd+bwd", "--dtype", "fp32", "--csv", str(csv_path), "--rep", "3", "--warmup", "1"])
+    rows = [dict(zip(*(line.split(",") for line in (csv_path.read_text().splitlines()[0], line))))
+            for line in csv_path.read_text().splitlines()[1:]]
+    assert [(r["provider"], r["variant"]) for r in rows] == [(p, variant) for p in ("reference", "triton")]
+    assert all(float(r["ms"]) > 0 and not r["note"] for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: bf16 at the benchmark's sizes, CUDA graphs, autocast, no host syncs
 # ---------------------------------------------------------------------------------------------
