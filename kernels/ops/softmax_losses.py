@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hstu_kernels.benchmarking import ProviderUnavailable, random_values, seeded
+from hstu_kernels.benchmarking import ProviderUnavailable, random_values, seeded, triton_function
 from hstu_kernels.manager import implementation
 from hstu_kernels.reference import softmax_losses as reference
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
@@ -94,32 +94,40 @@ def check_ids_in_table(name, field, ids, num_items):
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark cases: (M, D, R, I); options.variant "per-row" (default), "shared" or "full"
+# Benchmark cases: (M, D, R, I); options.variant "per-row" (default), "shared" or "full", the sampled
+# ones optionally with the Triton table scatter named ("per-row-sort", "shared-atomic", ...)
 # ---------------------------------------------------------------------------------------------
-VARIANTS = ("per-row", "shared", "full")
+SCATTERS = ("sort", "atomic")  # the Triton backend's table scatter of the sampled losses
+LOSSES = ("per-row", "shared", "full")
+VARIANTS = LOSSES + tuple(f"{loss}-{scatter}" for loss in ("per-row", "shared") for scatter in SCATTERS)
 BENCH_TEMPERATURE = 0.05
 
 
 def build_bench_case(shape, dtype, device, options) -> BenchCase:
     """M rows of states against a table of I items, cosine logits at temperature 0.05 as the model
     trains: R negatives per row ("per-row"), R shared by all rows ("shared"), or every item ("full",
-    which takes R = 0). Shapes that do not fit the variant are reported, not run. Work counts the
-    matmul FLOPs of scoring C items per row (C = R + 1, or I): 2*M*C*D forward, twice that backward."""
+    which takes R = 0). A sampled variant with a scatter named ("per-row-sort", "per-row-atomic",
+    "shared-sort", "shared-atomic") has the Triton provider sum the table gradient that way (the
+    other providers are unchanged); without one it takes the Triton backend's default. Shapes that
+    do not fit the variant are reported, not run. Work counts the matmul FLOPs of scoring C items per
+    row (C = R + 1, or I): 2*M*C*D forward, twice that backward."""
     variant = getattr(options, "variant", "") or "per-row"
     if variant not in VARIANTS:
         raise SystemExit(f"--variant {variant!r}: {KEY} takes one of {', '.join(VARIANTS)}")
+    loss = next(name for name in LOSSES if variant == name or variant.startswith(name + "-"))
+    scatter = variant[len(loss) + 1:]
     rows, dim, negatives, num_items = shape
     g = seeded(options.seed)
     states = random_values(g, rows, dim, dtype=dtype, device=device)
     item_table = random_values(g, num_items, dim, dtype=dtype, device=device)
     pos_ids = torch.randint(0, num_items, (rows,), generator=g).to(device)
     mismatch = None
-    if variant == "full":
+    if loss == "full":
         neg_ids, scored = None, num_items
         if negatives:
             mismatch = f"variant full scores every item: its shapes have R = 0 (got R = {negatives})"
     else:
-        neg_shape = (rows, negatives) if variant == "per-row" else (negatives,)
+        neg_shape = (rows, negatives) if loss == "per-row" else (negatives,)
         neg_ids, scored = torch.randint(0, num_items, neg_shape, generator=g).to(device), negatives + 1
         if not negatives:
             mismatch = f"variant {variant} samples R >= 1 negatives (R = 0 is the full variant's shape)"
@@ -132,10 +140,17 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
             return full(states, pos_ids, item_table, temperature=BENCH_TEMPERATURE, **dispatch)
         return sampled(states, pos_ids, neg_ids, item_table, temperature=BENCH_TEMPERATURE, **dispatch)
 
+    def call(backend: str) -> torch.Tensor:
+        if backend == "triton" and scatter and not mismatch:  # the Triton function itself, told its scatter
+            check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, BENCH_TEMPERATURE, validate=validate)
+            triton_sampled = triton_function(KEY, "sampled_softmax_loss", (states, item_table))
+            return triton_sampled(states, pos_ids, neg_ids, item_table, temperature=BENCH_TEMPERATURE, scatter=scatter)
+        return run(sampled_softmax_loss, full_softmax_loss, backend=backend, validate=validate)
+
     forward_flops = 2.0 * rows * scored * dim
     return BenchCase(
         tuple(shape),
-        call=lambda backend: run(sampled_softmax_loss, full_softmax_loss, backend=backend, validate=validate),
+        call=call,
         leaves=[states, item_table],
         work={"fwd": forward_flops, "bwd": 2 * forward_flops, "fwd+bwd": 3 * forward_flops},
         # the reference called without dispatch: plain PyTorch ops

@@ -16,8 +16,11 @@ How it computes, and why:
   are exact in float32, accumulated in float32; float32 inputs follow torch's TF32 setting), then the
   float32 inverse norms and 1/temperature scale the sums. Inputs of two dtypes meet in float32.
 - Per-row negatives: a program holds a few rows and gathers their R negatives in chunks, keeping an
-  online logsumexp (no [M, R, D] tensor). The backward regathers them, recomputes the logits from the
-  saved per-row logsumexp and gives the states' gradients and every occurrence's table gradient.
+  online logsumexp (no [M, R, D] tensor). Rows are gathered as aligned 16-byte vectors: a table whose
+  rows are not 16-byte aligned (D = 50 in bf16: 100 bytes) is first copied zero-padded to BLOCK_D
+  columns, and the items' inverse norms come from the same pre-pass, not from each occurrence. The
+  backward regathers them, recomputes the logits from the saved per-row logsumexp and gives the
+  states' gradients and each occurrence's table-gradient weight w = g * dlogit * rs_m.
 - Shared negatives and the full softmax are matmul-shaped (flash-style): a program holds a block of
   rows and streams blocks of items (gathered through the ids for shared negatives), keeping an online
   logsumexp. No [M, I] tensor exists: the backward recomputes the logits per tile, once in a kernel
@@ -35,11 +38,16 @@ How it computes, and why:
   only the inverse norm's mantissa into the probabilities and scales the rows by its power of two
   (exact): the only rounding is that of the probabilities, as in bf16. Rounding normalised rows
   instead would put errors of u16 across every row, which the projection cannot remove.
-- Table gradients of sampled losses are a scatter. By default float32 atomics add them into a zeroed
-  [I, D] buffer (per-row negatives and positives from the row programs, shared negatives once per
-  item block). When ``torch.are_deterministic_algorithms_enabled()``, the occurrences are sorted by
-  item instead (one stable sort) and one program per item sums its occurrences in that order: no
-  atomics, the same bits every run. The full softmax's item gradients are deterministic either way.
+- Table gradients of sampled losses are a scatter, "sort" or "atomic" (``table_scatter`` picks from
+  the shapes; ``sampled_softmax_loss(scatter=...)`` names one; deterministic algorithms get "sort").
+  Per-row negatives: an item's gradient is re / T times a = sum of w * s_m over its occurrences, less
+  a's part along the item (c = re / T * e . a), so only a is scattered: "sort" stores w and the item
+  per occurrence, sorts the occurrences by item (one stable sort of int16 keys where they fit) and
+  sums each item's in that order, split among several programs for popular items; "atomic" adds
+  w * s_m with float32 atomics into a zeroed [I, BLOCK_D] buffer. One pass then turns a into the
+  gradient. Shared negatives: atomics (their positives from the row programs, the negatives once per
+  item block) or one program per item over the sorted occurrences. Sorted sums are in a fixed order:
+  the same bits every run. The full softmax's item gradients are deterministic either way.
 - Nothing is read back to the host: the upstream gradient is read through a pointer, grids depend
   only on shapes, every output is written whole. Ids are clamped into the table before any read.
 """
@@ -54,6 +62,7 @@ import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.normalize import NORM_EPS
+from hstu_kernels.ops.softmax_losses import SCATTERS
 from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, load_tile
 
 MAX_DIM = 512
@@ -167,62 +176,74 @@ def _add_positive_grads(grad_table, items, s32, e, g_dl, row_scale, re, logits, 
 # Per-row negatives: a program per block of rows gathers each row's negatives, BLOCK_R at a time
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _negative_chunk(neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, pos, table, num_items,
+def _negative_chunk(neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, pos, table, item_inv_norms, num_items,
                     stride_ti, stride_td, cols, s32, row_scale,
-                    D: tl.constexpr, BLOCK_R: tl.constexpr, L2_NORM: tl.constexpr):
-    """Negatives r0 .. r0 + BLOCK_R of each row -> (table rows [BLOCK_M, BLOCK_R], valid (in range,
-    not the row's positive), item rows [BLOCK_M, BLOCK_R, BLOCK_D] fp32 (zero where not valid), |e|^2,
-    inverse norms, logits)."""
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                    L2_NORM: tl.constexpr):
+    """Negatives r0 .. r0 + BLOCK_R of each row -> (r, in range, table rows [BLOCK_M, BLOCK_R], valid (in
+    range, not the row's positive), item rows [BLOCK_M, BLOCK_R, BLOCK_D] fp32 (zero where not valid),
+    inverse norms (from ``item_inv_norms``; 0 where not valid), logits). LOAD_D: the columns a row read
+    takes (BLOCK_D from a zero-padded table: no column mask, so the reads are 16-byte vectors)."""
     r = r0 + tl.arange(0, BLOCK_R)
     in_range = rows_ok[:, None] & (r < num_neg)[None, :]
     ids = tl.load(neg_ids + rows.to(tl.int64)[:, None] * stride_nm + r[None, :] * stride_nr, mask=in_range, other=0)
     valid = in_range & (ids != pos[:, None])
     items = _clamp_ids(ids, num_items)
-    e = tl.load(table + items[:, :, None] * stride_ti + cols[None, None, :] * stride_td,
-                mask=valid[:, :, None] & (cols < D)[None, None, :], other=0.0).to(tl.float32)
-    sum_sq = tl.sum(e * e, axis=2)
-    re = _inverse_norm(sum_sq, L2_NORM)
+    if LOAD_D == BLOCK_D:
+        mask = valid[:, :, None]
+    else:
+        mask = valid[:, :, None] & (cols < LOAD_D)[None, None, :]
+    e = tl.load(table + items[:, :, None] * stride_ti + cols[None, None, :] * stride_td, mask=mask,
+                other=0.0).to(tl.float32)
+    if L2_NORM:
+        re = tl.load(item_inv_norms + items, mask=valid, other=0.0)
+    else:
+        re = tl.where(valid, 1.0, 0.0)
     logits = tl.sum(e * s32[:, None, :], axis=2) * row_scale[:, None] * re
-    return items, valid, e, sum_sq, re, logits
+    return r, in_range, items, valid, e, re, logits
 
 
 @triton.jit
 def _sampled_rows_fwd_kernel(
-    states, pos_ids, neg_ids, table, row_loss, lse_out, rs_out,
+    states, pos_ids, neg_ids, table, item_inv_norms, row_loss, lse_out, rs_out,
     num_rows, num_items, num_neg,
     stride_sm, stride_sd, stride_nm, stride_nr, stride_ti, stride_td,
     inv_temperature,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, L2_NORM: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    L2_NORM: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < num_rows
     cols = tl.arange(0, BLOCK_D)
     s, s32, sum_sq_s, rs, row_scale = _state_block(states, rows, rows_ok, cols, stride_sm, stride_sd, inv_temperature,
-                                            D, BLOCK_D, L2_NORM)
+                                                   D, BLOCK_D, L2_NORM)
     pos = tl.load(pos_ids + rows, mask=rows_ok, other=-1)
-    pos_items, e_pos, sum_sq_pos, re_pos, pos_logit = _block_positives(s32, table, pos, rows_ok, num_items, stride_ti, stride_td, cols,
-                                             row_scale, D, BLOCK_D, L2_NORM)
+    pos_items, e_pos, sum_sq_pos, re_pos, pos_logit = _block_positives(
+        s32, table, pos, rows_ok, num_items, stride_ti, stride_td, cols, row_scale, D, BLOCK_D, L2_NORM)
     m_i = pos_logit
     l_i = pos_logit * 0.0 + 1.0
     for r0 in range(0, num_neg, BLOCK_R):
-        items, valid, e, sum_sq, re, logits = _negative_chunk(
-            neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, pos, table, num_items, stride_ti, stride_td,
-            cols, s32, row_scale, D, BLOCK_R, L2_NORM)
+        r, in_range, items, valid, e, re, logits = _negative_chunk(
+            neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, pos, table, item_inv_norms, num_items,
+            stride_ti, stride_td, cols, s32, row_scale, D, BLOCK_D, LOAD_D, BLOCK_R, L2_NORM)
         m_i, l_i = _logsumexp_step(m_i, l_i, logits, valid)
     _store_row_results(row_loss, lse_out, rs_out, rows, rows_ok, m_i, l_i, pos_logit, rs)
 
 
 @triton.jit
 def _sampled_rows_bwd_kernel(
-    grad_rows, states, pos_ids, neg_ids, table, lse, grad_states, grad_table,
+    grad_rows, states, pos_ids, neg_ids, table, item_inv_norms, lse, grad_states, item_sums, weights, keys,
     num_rows, num_items, num_neg,
     stride_sm, stride_sd, stride_nm, stride_nr, stride_ti, stride_td, stride_gm, stride_gd,
     inv_temperature,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, L2_NORM: tl.constexpr,
-    STATES_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    L2_NORM: tl.constexpr, STATES_GRAD: tl.constexpr, TABLE_SCATTER: tl.constexpr,
 ):
-    """State gradients of a block of rows and, with TABLE_GRAD, float32 atomics of every occurrence's
-    item gradient (positives and negatives) into ``grad_table`` [I, D] (contiguous)."""
+    """State gradients of a block of rows and each occurrence's table-gradient weight w = g * dlogit * rs:
+    an item's gradient is re / T times the sum of w * s over its occurrences, less that sum's part along
+    the item (``_item_grads_kernel``). TABLE_SCATTER "atomic": float32 atomics add w * s into
+    ``item_sums`` [I, BLOCK_D]; "sort": w and the sort key (the table row) are stored at occurrence
+    m * (R + 1) + j (j = 0 the positive, 1 + r negative r; a masked hit has w = 0); "none": neither."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < num_rows
     cols = tl.arange(0, BLOCK_D)
@@ -236,34 +257,103 @@ def _sampled_rows_bwd_kernel(
     dl = tl.exp(pos_logit - lse_rows) - 1.0
     h = e_pos * (dl * re_pos)[:, None]  # sum over scored items of dlogit * re * e
     c = dl * pos_logit  # sum of dlogit * logit
-    if TABLE_GRAD:
-        _add_positive_grads(grad_table, pos_items, s32, e_pos, g * dl, row_scale, re_pos, pos_logit,
-                            rows_ok, cols, D, L2_NORM)
+    g_rs = g * rs
+    first = rows.to(tl.int64) * (num_neg + 1)  # the row's first occurrence (its positive)
+    if TABLE_SCATTER == "atomic":
+        tl.atomic_add(item_sums + pos_items[:, None] * BLOCK_D + cols[None, :], (g_rs * dl)[:, None] * s32,
+                      mask=rows_ok[:, None], sem="relaxed")
+    if TABLE_SCATTER == "sort":
+        tl.store(weights + first, g_rs * dl, mask=rows_ok)
+        tl.store(keys + first, pos_items.to(keys.dtype.element_ty), mask=rows_ok)
     for r0 in range(0, num_neg, BLOCK_R):
-        items, valid, e, sum_sq, re, logits = _negative_chunk(
-            neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, pos, table, num_items, stride_ti, stride_td,
-            cols, s32, row_scale, D, BLOCK_R, L2_NORM)
+        r, in_range, items, valid, e, re, logits = _negative_chunk(
+            neg_ids, rows, rows_ok, r0, num_neg, stride_nm, stride_nr, pos, table, item_inv_norms, num_items,
+            stride_ti, stride_td, cols, s32, row_scale, D, BLOCK_D, LOAD_D, BLOCK_R, L2_NORM)
         p = tl.where(valid, _probability(logits, lse_rows[:, None]), 0.0)
         h += tl.sum(e * (p * re)[:, :, None], axis=1)
         c += tl.sum(p * logits, axis=1)
-        if TABLE_GRAD:
-            grad = (g[:, None] * p)[:, :, None] * (s32[:, None, :] * (re * row_scale[:, None])[:, :, None]
-                                          - e * (_projected(re, L2_NORM) * re * re * logits)[:, :, None])
-            tl.atomic_add(grad_table + items[:, :, None] * D + cols[None, None, :], grad,
-                          mask=valid[:, :, None] & (cols < D)[None, None, :], sem="relaxed")
+        w = g_rs[:, None] * p
+        if TABLE_SCATTER == "atomic":
+            tl.atomic_add(item_sums + items[:, :, None] * BLOCK_D + cols[None, None, :], w[:, :, None] * s32[:, None, :],
+                          mask=valid[:, :, None], sem="relaxed")
+        if TABLE_SCATTER == "sort":
+            occurrence = first[:, None] + 1 + r[None, :]
+            tl.store(weights + occurrence, w, mask=in_range)
+            tl.store(keys + occurrence, items.to(keys.dtype.element_ty), mask=in_range)
     if STATES_GRAD:
         ds = g[:, None] * (h * row_scale[:, None] - s32 * (_projected(rs, L2_NORM) * rs * rs * c)[:, None])
         tl.store(grad_states + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gd,
                  ds.to(grad_states.dtype.element_ty), mask=rows_ok[:, None] & (cols < D)[None, :])
 
 
+@triton.jit
+def _item_sums_kernel(order, bounds, weights, states, item_sums, num_items, occurrences_per_row, splits,
+                      stride_sm, stride_sd,
+                      BLOCK_D: tl.constexpr, LOAD_D: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """item_sums[split, item] = sum of w * s over part ``split`` (of ``splits`` equal parts) of the item's
+    occurrences, taken in sorted order (``order[bounds[item]:bounds[item + 1]]``): no atomics, the
+    same bits every run. Occurrence k is of row k // occurrences_per_row (int32 unless WIDE_INDEX)."""
+    item = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    start = tl.load(bounds + item)
+    end = tl.load(bounds + item + 1)
+    per_split = (end - start + splits - 1) // splits
+    lo = tl.minimum(start + split * per_split, end)
+    hi = tl.minimum(lo + per_split, end)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # summed over the tile's rows after the loop
+    for k0 in range(lo, hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < hi
+        occurrence = tl.load(order + k, mask=k_ok, other=0)
+        w = tl.load(weights + occurrence, mask=k_ok, other=0.0)
+        if WIDE_INDEX:
+            row = occurrence // occurrences_per_row
+        else:
+            row = (occurrence.to(tl.int32) // occurrences_per_row).to(tl.int64)
+        s = load_tile(states + row[:, None] * stride_sm + cols[None, :] * stride_sd, k_ok, cols, LOAD_D, BLOCK_D, True)
+        acc += w[:, None] * s.to(tl.float32)
+    tl.store(item_sums + (split.to(tl.int64) * num_items + item) * BLOCK_D + cols, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _item_grads_kernel(item_sums, table, item_inv_norms, grad_table, num_items, splits,
+                       stride_ti, stride_td, stride_gi, stride_gd, inv_temperature,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, LOAD_D: tl.constexpr, BLOCK_I: tl.constexpr,
+                       L2_NORM: tl.constexpr):
+    """Table gradient rows from a = sum of w * s over each item's occurrences (``item_sums`` [splits, I,
+    BLOCK_D], the splits added in order): d e = re / T * a - [norm not clamped] re^2 c e, with
+    c = re / T * e . a the sum of dlogit * logit (taken from a, as the tiled kernels take it)."""
+    items = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = items < num_items
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(item_sums + (items.to(tl.int64) + split * num_items)[:, None] * BLOCK_D + cols[None, :],
+                       mask=ok[:, None], other=0.0)
+    e = load_tile(table + items.to(tl.int64)[:, None] * stride_ti + cols[None, :] * stride_td, ok, cols, LOAD_D,
+                  BLOCK_D, True).to(tl.float32)
+    if L2_NORM:
+        re = tl.load(item_inv_norms + items, mask=ok, other=0.0)
+    else:
+        re = tl.where(ok, 1.0, 0.0)
+    scale = re * inv_temperature
+    c = scale * tl.sum(e * acc, axis=1)
+    grad = acc * scale[:, None] - e * (_projected(re, L2_NORM) * re * re * c)[:, None]
+    tl.store(grad_table + items.to(tl.int64)[:, None] * stride_gi + cols[None, :] * stride_gd,
+             grad.to(grad_table.dtype.element_ty), mask=ok[:, None] & (cols < D)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Shared negatives and the full softmax: row blocks against streamed item blocks
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _inverse_norms_kernel(x, ids, out, num_out, num_items, stride_r, stride_c,
-                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GATHER: tl.constexpr):
-    """out[r] = 1 / max(|x[r]|, eps), of rows ``ids[r]`` with GATHER."""
+def _prepare_rows_kernel(x, ids, norms_out, rows_out, num_out, num_items, stride_r, stride_c,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GATHER: tl.constexpr,
+                         NORMS: tl.constexpr, COPY: tl.constexpr):
+    """For rows r (of x, or x's rows ``ids[r]`` with GATHER): NORMS: norms_out[r] = 1 / max(|x_r|, eps);
+    COPY: rows_out[r] = x_r zero-padded to BLOCK_D columns (contiguous [num_out, BLOCK_D]), so that
+    gathers of whole rows read aligned 16-byte vectors without a column mask."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < num_out
     if GATHER:
@@ -271,8 +361,12 @@ def _inverse_norms_kernel(x, ids, out, num_out, num_items, stride_r, stride_c,
     else:
         rows = r.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    t = load_tile(x + rows[:, None] * stride_r + cols[None, :] * stride_c, ok, cols, D, BLOCK_D, True).to(tl.float32)
-    tl.store(out + r, _inverse_norm(tl.sum(t * t, axis=1), True), mask=ok)
+    t = load_tile(x + rows[:, None] * stride_r + cols[None, :] * stride_c, ok, cols, D, BLOCK_D, True)
+    if NORMS:
+        t32 = t.to(tl.float32)
+        tl.store(norms_out + r, _inverse_norm(tl.sum(t32 * t32, axis=1), True), mask=ok)
+    if COPY:
+        tl.store(rows_out + r.to(tl.int64)[:, None] * BLOCK_D + cols[None, :], t, mask=ok[:, None])
 
 
 @triton.jit
@@ -473,22 +567,20 @@ def _tiled_bwd_items_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Deterministic table gradient of the sampled losses: one program per item, occurrences sorted
+# Sorted table gradient of shared negatives: one program per item, occurrences sorted
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _table_grad_by_item_kernel(
-    grad_rows, order, bounds, states, pos_ids, table, lse, rs_saved, neg_grads, grad_table,
-    num_rows, num_neg,
+    grad_rows, order, bounds, states, table, lse, rs_saved, neg_grads, grad_table,
+    num_rows,
     stride_sm, stride_sd, stride_ti, stride_td, stride_gi, stride_gd,
     inv_temperature,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, L2_NORM: tl.constexpr,
-    PER_ROW: tl.constexpr,
 ):
-    """Row ``item`` of the table gradient, summed over its occurrences in sorted order.
-
-    Occurrence k (``order[bounds[item]:bounds[item+1]]``) is the positive of row k for k < M; above,
-    the per-row negative (k - M) of row (k - M) // R (PER_ROW, gradient recomputed here) or the shared
-    negative k - M, whose gradient row ``neg_grads[k - M]`` the item-block kernel wrote.
+    """Row ``item`` of the table gradient of shared negatives, summed over its occurrences in sorted
+    order: occurrence k (``order[bounds[item]:bounds[item+1]]``) is the positive of row k for k < M
+    (gradient recomputed here), else shared negative k - M, whose gradient row ``neg_grads[k - M]``
+    the item-block kernel wrote.
     """
     item = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -506,23 +598,18 @@ def _table_grad_by_item_kernel(
         k_ok = k < end
         occurrence = tl.load(order + k, mask=k_ok, other=0)
         positive = occurrence < num_rows
-        if PER_ROW:
-            row = tl.where(positive, occurrence, (occurrence - num_rows) // num_neg)
-            scored = k_ok
-        else:
-            row = tl.where(positive, occurrence, 0)
-            scored = k_ok & positive
-            negative = (occurrence - num_rows).to(tl.int64)
-            given += tl.sum(tl.load(neg_grads + negative[:, None] * D + cols[None, :],
-                                    mask=(k_ok & ~positive)[:, None] & cols_ok[None, :], other=0.0), axis=0)
+        row = tl.where(positive, occurrence, 0)
+        scored = k_ok & positive
+        negative = (occurrence - num_rows).to(tl.int64)
+        given += tl.sum(tl.load(neg_grads + negative[:, None] * D + cols[None, :],
+                                mask=(k_ok & ~positive)[:, None] & cols_ok[None, :], other=0.0), axis=0)
         s = tl.load(states + row.to(tl.int64)[:, None] * stride_sm + cols[None, :] * stride_sd,
                     mask=scored[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
         rs = tl.load(rs_saved + row, mask=scored, other=0.0)
         lse_rows = tl.load(lse + row, mask=scored, other=float("inf"))
-        pos = tl.load(pos_ids + row, mask=scored, other=-1)
         logits = tl.sum(s * e[None, :], axis=1) * (rs * inv_temperature) * re
         p = _probability(logits, lse_rows)
-        dl = tl.where(positive, p - 1.0, tl.where(pos == item, 0.0, p))
+        dl = p - 1.0
         dl = tl.where(scored, dl * tl.load(grad_rows + row, mask=scored, other=0.0).to(tl.float32), 0.0)
         acc += tl.sum(s * (dl * rs)[:, None], axis=0)
         c += tl.sum(dl * logits, axis=0)
@@ -559,6 +646,18 @@ def _tiled_config(kind: str, block_d: int, widen: bool, shared: bool = False) ->
     return dict(cfg, BLOCK_M=held, BLOCK_N=streamed)
 
 
+def _item_sums_block(block_d: int) -> int:
+    """Occurrences a step of ``_item_sums_kernel``: a [BLOCK_K, BLOCK_D] float32 accumulator of 4K
+    elements (64 at D = 50; 64 x 256 took 226 registers, 64 x 512 spilled)."""
+    return 16 if KERNELS_INTERPRETED else max(8, 4096 // block_d)
+
+
+def _item_grads_block(block_d: int) -> int:
+    """Table rows a program of ``_item_grads_kernel``: tiles of 2K elements (32 rows at D = 50; 32 x 512
+    spilled)."""
+    return max(4, 2048 // block_d)
+
+
 def _rows_config(block_d: int, num_neg: int) -> dict:
     """Per-row kernels: BLOCK_M rows a program, their negatives gathered BLOCK_R at a time into
     [BLOCK_M, BLOCK_R, BLOCK_D] float32 tiles of 4K elements (8K spilled in the backward at D = 50)."""
@@ -570,8 +669,14 @@ def _rows_config(block_d: int, num_neg: int) -> dict:
 
 # Item-block programs split the rows when there are fewer blocks than this many programs per SM.
 ITEM_PROGRAMS_PER_SM = 2
-NORMS_BLOCK_R = 32
-SORTED_BLOCK_K = 32
+PREPARE_BLOCK_R = 32  # rows a program of ``_prepare_rows_kernel``
+SORTED_BLOCK_K = 32  # occurrences a step of the shared negatives' by-item kernel
+# The sorted scatter is the per-row default from this many occurrences per table row on average (see
+# ``table_scatter``): half an ``_item_sums_kernel`` step, below which its programs run mostly empty
+# tiles while atomics, spread over many rows, rarely meet.
+SORT_MIN_OCCURRENCES_PER_ITEM = 32
+OCCURRENCES_PER_PROGRAM = 1024  # an item's sorted occurrences are split among programs of about this many
+MAX_GRID_Y = 65535
 
 
 @functools.lru_cache(maxsize=None)
@@ -614,10 +719,30 @@ def _item_inverse_norms(item_table: torch.Tensor, neg_ids: torch.Tensor | None, 
         return item_table.new_empty(0, dtype=torch.float32)
     out = torch.empty(num_cols, dtype=torch.float32, device=item_table.device)
     if num_cols:
-        _inverse_norms_kernel[(cdiv(num_cols, NORMS_BLOCK_R),)](
-            item_table, neg_ids if neg_ids is not None else out, out, num_cols, num_items, *item_table.stride(),
-            D=dim, BLOCK_D=block_dim(dim), BLOCK_R=NORMS_BLOCK_R, GATHER=neg_ids is not None, num_warps=4)
+        _prepare_rows_kernel[(cdiv(num_cols, PREPARE_BLOCK_R),)](
+            item_table, neg_ids if neg_ids is not None else out, out, out, num_cols, num_items, *item_table.stride(),
+            D=dim, BLOCK_D=block_dim(dim), BLOCK_R=PREPARE_BLOCK_R, GATHER=neg_ids is not None, NORMS=True,
+            COPY=False, num_warps=4)
     return out
+
+
+def _gather_source(x: torch.Tensor, norms: bool) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """What the per-row kernels gather rows from: (x itself where its rows are 16-byte aligned, else a
+    zero-padded contiguous copy [N, BLOCK_D] (D = 50 in bf16 is 100 bytes a row: reads of 2 bytes a
+    lane otherwise); the columns a row read takes, D or BLOCK_D for the copy; with ``norms``,
+    1 / max(|x_r|, eps) of every row (float32 [N]), else [0]). One launch, or none."""
+    num, dim = x.shape
+    block_d = block_dim(dim)
+    size = x.element_size()
+    aligned = (x.stride(1) == 1 and (x.stride(0) * size) % 16 == 0 and (dim * size) % 16 == 0
+               and x.data_ptr() % 16 == 0)
+    inv_norms = torch.empty(num if norms else 0, dtype=torch.float32, device=x.device)
+    rows = x if aligned else torch.empty((num, block_d), dtype=x.dtype, device=x.device)
+    if num and (norms or not aligned):
+        _prepare_rows_kernel[(cdiv(num, PREPARE_BLOCK_R),)](
+            x, x, inv_norms, rows, num, num, *x.stride(), D=dim, BLOCK_D=block_d, BLOCK_R=PREPARE_BLOCK_R,
+            GATHER=False, NORMS=norms, COPY=not aligned, num_warps=4)
+    return rows, dim if aligned else block_d, inv_norms
 
 
 def _id_vectors(pos_ids, neg_ids):
@@ -630,7 +755,8 @@ def _id_vectors(pos_ids, neg_ids):
 
 def softmax_loss_forward(states, pos_ids, neg_ids, item_table, temperature, l2_norm):
     """-> (per-row losses [M], per-row logsumexp [M], per-row inverse state norms [M], inverse norms
-    of the scored items ([columns]; [0] for per-row negatives or without ``l2_norm``))."""
+    of the scored items ([R] shared negatives, [I] every table row for per-row negatives and the full
+    softmax; [0] without ``l2_norm``))."""
     num_rows, dim = states.shape
     num_items = item_table.shape[0]
     pos_ids, neg_ids = _id_vectors(pos_ids, neg_ids)
@@ -639,13 +765,14 @@ def softmax_loss_forward(states, pos_ids, neg_ids, item_table, temperature, l2_n
     inv_temperature = 1.0 / temperature
     block_d = block_dim(dim)
     if neg_ids is not None and neg_ids.dim() == 2:
-        inv_norms = torch.empty(0, **f32)
+        table_rows, load_d, inv_norms = _gather_source(item_table, l2_norm)
         cfg = _rows_config(block_d, neg_ids.shape[1])
-        _sampled_rows_fwd_kernel[(cdiv(num_rows, cfg["BLOCK_M"]),)](
-            states, pos_ids, neg_ids, item_table, row_loss, lse, rs, num_rows, num_items, neg_ids.shape[1],
-            *states.stride(), *neg_ids.stride(), *item_table.stride(), inv_temperature,
-            D=dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], L2_NORM=l2_norm,
-            num_warps=cfg["num_warps"])
+        if num_rows:
+            _sampled_rows_fwd_kernel[(cdiv(num_rows, cfg["BLOCK_M"]),)](
+                states, pos_ids, neg_ids, table_rows, inv_norms if l2_norm else lse, row_loss, lse, rs, num_rows,
+                num_items, neg_ids.shape[1], *states.stride(), *neg_ids.stride(), *table_rows.stride(),
+                inv_temperature, D=dim, BLOCK_D=block_d, LOAD_D=load_d, BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_R=cfg["BLOCK_R"], L2_NORM=l2_norm, **_launch_options(cfg))
         return row_loss, lse, rs, inv_norms
     inv_norms = _item_inverse_norms(item_table, neg_ids, l2_norm)
     num_cols = neg_ids.numel() if neg_ids is not None else num_items
@@ -659,74 +786,81 @@ def softmax_loss_forward(states, pos_ids, neg_ids, item_table, temperature, l2_n
     return row_loss, lse, rs, inv_norms
 
 
+def table_scatter(num_rows: int, num_neg: int, num_items: int, per_row: bool) -> str:
+    """The sampled losses' table scatter when the caller names none, from shapes only: "sort" for
+    per-row negatives once they average SORT_MIN_OCCURRENCES_PER_ITEM occurrences (positives and
+    negatives) per table row, where float32 atomics would pile onto the same addresses; "atomic"
+    below that (sparse updates of a large table) and for shared negatives, whose table gradient
+    takes one add per row (its positive) plus one per item block and split."""
+    if per_row and num_rows * (num_neg + 1) >= SORT_MIN_OCCURRENCES_PER_ITEM * num_items:
+        return "sort"
+    return "atomic"
+
+
 def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs, inv_norms, temperature,
-                          l2_norm, states_grad, table_grad, deterministic):
+                          l2_norm, states_grad, table_grad, deterministic, scatter=""):
     """-> (d states or [0], d item_table or [0]). Sampled losses scatter into the table with float32
-    atomics, or, with ``deterministic``, through one stable sort of the occurrences by item."""
+    atomics ("atomic") or through one stable sort of the occurrences by item ("sort"): ``scatter``,
+    or ``table_scatter`` of the shapes when it is ""; "sort" whenever ``deterministic``."""
     num_rows, dim = states.shape
     num_items = item_table.shape[0]
     pos_ids, neg_ids = _id_vectors(pos_ids, neg_ids)
     per_row = neg_ids is not None and neg_ids.dim() == 2
     shared = neg_ids is not None and neg_ids.dim() == 1
-    atomic = table_grad and neg_ids is not None and not deterministic
+    grad_rows = grad_rows.to(torch.float32).contiguous()  # [M]: a mean's gradient, or each row's
+    inv_temperature = 1.0 / temperature
+    if neg_ids is not None:
+        scatter = "sort" if deterministic else scatter or table_scatter(num_rows, neg_ids.shape[-1], num_items, per_row)
+    if per_row:
+        return _per_row_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, inv_norms, inv_temperature,
+                                 l2_norm, states_grad, table_grad, scatter)
+    atomic = table_grad and shared and scatter == "atomic"
     grad_states = torch.empty_like(states) if states_grad else states.new_empty(0)
     grad_table = None
     table32 = torch.zeros((num_items, dim), dtype=torch.float32, device=states.device) if atomic else None
     neg_grads = None  # shared negatives' gradient rows [R, D] for the sorted scatter
-    grad_rows = grad_rows.to(torch.float32).contiguous()  # [M]: a mean's gradient, or each row's
-    inv_temperature = 1.0 / temperature
     block_d = block_dim(dim)
-    if per_row:
-        cfg = _rows_config(block_d, neg_ids.shape[1])
-        if states_grad or atomic:
-            _sampled_rows_bwd_kernel[(cdiv(num_rows, cfg["BLOCK_M"]),)](
-                grad_rows, states, pos_ids, neg_ids, item_table, lse, grad_states,
-                table32 if atomic else grad_states, num_rows, num_items, neg_ids.shape[1],
-                *states.stride(), *neg_ids.stride(), *item_table.stride(), *_strides2(grad_states),
-                inv_temperature, D=dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"],
-                L2_NORM=l2_norm, STATES_GRAD=states_grad, TABLE_GRAD=atomic, num_warps=cfg["num_warps"])
-    else:
-        widen = _widen(states, item_table)
-        precision = _precision(states, item_table)
-        num_cols = neg_ids.numel() if shared else num_items
-        item_ids = neg_ids if shared else pos_ids
-        # The gradient matmuls take the inverse norms folded into the probabilities; in fp16 that
-        # product could overflow (inverse norms reach 1 / eps), so fp16 folds only their mantissas and
-        # scales the streamed rows by their powers of two.
-        fold_norms = widen or states.dtype != torch.float16
-        common = dict(D=dim, BLOCK_D=block_d, L2_NORM=l2_norm, SHARED=shared, WIDEN=widen, DOT_PRECISION=precision,
-                      FOLD_NORMS=fold_norms)
-        if states_grad or (shared and atomic):
-            cfg = _tiled_config("rows", block_d, widen, shared)
-            _tiled_bwd_rows_kernel[(cdiv(num_rows, cfg["BLOCK_M"]),)](
-                grad_rows, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, grad_states,
-                table32 if atomic else grad_states, num_rows, num_cols, num_items,
-                *states.stride(), *item_table.stride(), *_strides2(grad_states), inv_temperature,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STATES_GRAD=states_grad,
-                POSITIVES_GRAD=shared and atomic, **common, **_launch_options(cfg))
-        if table_grad and num_cols:
-            cfg = _tiled_config("items", block_d, widen)
-            splits, per_split = _row_splits(num_rows, num_cols, cfg, _programs_target(states.device))
-            if atomic:
-                out = table32
-            elif splits == 1:  # written whole: the table's gradient, or the shared negatives' rows
-                out = (torch.empty((1, num_cols, dim), dtype=torch.float32, device=states.device) if shared
-                       else torch.empty((1, num_items, dim), dtype=item_table.dtype, device=states.device))
+    widen = _widen(states, item_table)
+    precision = _precision(states, item_table)
+    num_cols = neg_ids.numel() if shared else num_items
+    item_ids = neg_ids if shared else pos_ids
+    # The gradient matmuls take the inverse norms folded into the probabilities; in fp16 that
+    # product could overflow (inverse norms reach 1 / eps), so fp16 folds only their mantissas and
+    # scales the streamed rows by their powers of two.
+    fold_norms = widen or states.dtype != torch.float16
+    common = dict(D=dim, BLOCK_D=block_d, L2_NORM=l2_norm, SHARED=shared, WIDEN=widen, DOT_PRECISION=precision,
+                  FOLD_NORMS=fold_norms)
+    if states_grad or atomic:
+        cfg = _tiled_config("rows", block_d, widen, shared)
+        _tiled_bwd_rows_kernel[(cdiv(num_rows, cfg["BLOCK_M"]),)](
+            grad_rows, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, grad_states,
+            table32 if atomic else grad_states, num_rows, num_cols, num_items,
+            *states.stride(), *item_table.stride(), *_strides2(grad_states), inv_temperature,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STATES_GRAD=states_grad,
+            POSITIVES_GRAD=atomic, **common, **_launch_options(cfg))
+    if table_grad and num_cols:
+        cfg = _tiled_config("items", block_d, widen)
+        splits, per_split = _row_splits(num_rows, num_cols, cfg, _programs_target(states.device))
+        if atomic:
+            out = table32
+        elif splits == 1:  # written whole: the table's gradient, or the shared negatives' rows
+            out = (torch.empty((1, num_cols, dim), dtype=torch.float32, device=states.device) if shared
+                   else torch.empty((1, num_items, dim), dtype=item_table.dtype, device=states.device))
+        else:
+            out = torch.empty((splits, num_cols, dim), dtype=torch.float32, device=states.device)
+        grad_scale = grad_rows if fold_norms else grad_rows.abs().amax()  # fp16 operands: max |g|
+        _tiled_bwd_items_kernel[(cdiv(num_cols, cfg["BLOCK_N"]), splits)](
+            grad_rows, grad_scale, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, out,
+            num_rows, num_cols, num_items, per_split, *states.stride(), *item_table.stride(),
+            *(out.stride() if out.dim() == 3 else (0, *out.stride())), inv_temperature,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC=atomic, **common, **_launch_options(cfg))
+        if not atomic:
+            summed = out[0] if splits == 1 else out.sum(0)  # the splits in a fixed order
+            if shared:
+                neg_grads = summed
             else:
-                out = torch.empty((splits, num_cols, dim), dtype=torch.float32, device=states.device)
-            grad_scale = grad_rows if fold_norms else grad_rows.abs().amax()  # fp16 operands: max |g|
-            _tiled_bwd_items_kernel[(cdiv(num_cols, cfg["BLOCK_N"]), splits)](
-                grad_rows, grad_scale, states, pos_ids, item_table, item_ids, inv_norms, lse, rs, out,
-                num_rows, num_cols, num_items, per_split, *states.stride(), *item_table.stride(),
-                *(out.stride() if out.dim() == 3 else (0, *out.stride())), inv_temperature,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ATOMIC=atomic, **common, **_launch_options(cfg))
-            if not atomic:
-                summed = out[0] if splits == 1 else out.sum(0)  # the splits in a fixed order
-                if shared:
-                    neg_grads = summed
-                else:
-                    grad_table = summed.to(item_table.dtype)
-    if table_grad and neg_ids is not None:
+                grad_table = summed.to(item_table.dtype)
+    if table_grad and shared:
         if atomic:
             grad_table = table32 if item_table.dtype == torch.float32 else table32.to(item_table.dtype)
         else:
@@ -735,14 +869,77 @@ def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, 
     return grad_states, grad_table if table_grad else item_table.new_empty(0)
 
 
+def _per_row_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, inv_norms, inv_temperature, l2_norm,
+                      states_grad, table_grad, scatter):
+    """Per-row negatives: one row-block kernel (state gradients, and the occurrences' weights as
+    atomics or stored for the sort), then for "sort" a stable sort of the occurrences by item and
+    their sums per item, and one pass that turns the per-item sums into the table's gradient."""
+    num_rows, dim = states.shape
+    num_items, num_neg = item_table.shape[0], neg_ids.shape[1]
+    device = states.device
+    block_d = block_dim(dim)
+    f32 = dict(dtype=torch.float32, device=device)
+    table_rows, load_d, _ = _gather_source(item_table, norms=False)
+    grad_states = torch.empty_like(states) if states_grad else states.new_empty(0)
+    mode = scatter if table_grad else "none"
+    num_occurrences = num_rows * (num_neg + 1)
+    item_sums = weights = keys = None
+    if mode == "atomic":
+        item_sums = torch.zeros((1, num_items, block_d), **f32)
+    elif mode == "sort":
+        weights = torch.empty(num_occurrences, **f32)
+        keys = torch.empty(num_occurrences, dtype=_key_dtype(num_items), device=device)
+    cfg = _rows_config(block_d, num_neg)
+    if num_rows and (states_grad or table_grad):
+        spare = lse  # stands in for the pointers a mode does not use
+        _sampled_rows_bwd_kernel[(cdiv(num_rows, cfg["BLOCK_M"]),)](
+            grad_rows, states, pos_ids, neg_ids, table_rows, inv_norms if l2_norm else spare, lse, grad_states,
+            spare if item_sums is None else item_sums, spare if weights is None else weights,
+            spare if keys is None else keys, num_rows, num_items, num_neg,
+            *states.stride(), *neg_ids.stride(), *table_rows.stride(), *_strides2(grad_states),
+            inv_temperature, D=dim, BLOCK_D=block_d, LOAD_D=load_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"],
+            L2_NORM=l2_norm, STATES_GRAD=states_grad, TABLE_SCATTER=mode, **_launch_options(cfg))
+    if not table_grad:
+        return grad_states, item_table.new_empty(0)
+    if mode == "sort":
+        sorted_keys, order = torch.sort(keys, stable=True)
+        bounds = torch.searchsorted(sorted_keys, torch.arange(num_items + 1, dtype=keys.dtype, device=device))
+        state_rows, states_load_d, _ = _gather_source(states, norms=False)
+        splits = _item_splits(num_occurrences, num_items)
+        item_sums = torch.empty((splits, num_items, block_d), **f32)
+        _item_sums_kernel[(num_items, splits)](
+            order, bounds, weights, state_rows, item_sums, num_items, num_neg + 1, splits, *state_rows.stride(),
+            BLOCK_D=block_d, LOAD_D=states_load_d, BLOCK_K=_item_sums_block(block_d), WIDE_INDEX=num_occurrences >= 2**31,
+            num_warps=4)
+    grad_table = torch.empty((num_items, dim), dtype=item_table.dtype, device=device)
+    block_i = _item_grads_block(block_d)
+    _item_grads_kernel[(cdiv(num_items, block_i),)](
+        item_sums, table_rows, inv_norms if l2_norm else item_sums, grad_table, num_items, item_sums.shape[0],
+        *table_rows.stride(), *grad_table.stride(), inv_temperature, D=dim, BLOCK_D=block_d, LOAD_D=load_d,
+        BLOCK_I=block_i, L2_NORM=l2_norm, num_warps=4)
+    return grad_states, grad_table
+
+
+def _key_dtype(num_items: int) -> torch.dtype:
+    """Sort keys (table rows; ``searchsorted`` looks up 0 .. I) in int16 where they fit: a radix sort
+    then makes two passes over the keys, not four."""
+    return torch.int16 if num_items < 2**15 else torch.int32
+
+
+def _item_splits(num_occurrences: int, num_items: int) -> int:
+    """How many programs sum one item's sorted occurrences: about OCCURRENCES_PER_PROGRAM each at the
+    average count (from shapes; a popular item still lands on its item's programs)."""
+    return max(1, min(MAX_GRID_Y, cdiv(num_occurrences, num_items * OCCURRENCES_PER_PROGRAM)))
+
+
 def _strides2(t: torch.Tensor) -> tuple[int, int]:
     return tuple(t.stride()) if t.dim() == 2 else (0, 0)
 
 
 def _sorted_table_grad(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs, neg_grads, inv_temperature,
                        l2_norm):
-    """The sampled losses' table gradient without atomics: occurrences (positives, then negatives)
-    stably sorted by item, one program per table row summing its own in that order."""
+    """Shared negatives' table gradient without atomics: occurrences (positives, then the negatives'
+    gradient rows) stably sorted by item, one program per table row summing its own in that order."""
     num_rows, dim = states.shape
     num_items = item_table.shape[0]
     device = states.device
@@ -750,13 +947,11 @@ def _sorted_table_grad(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs,
     sorted_keys, order = torch.sort(keys, stable=True)
     bounds = torch.searchsorted(sorted_keys, torch.arange(num_items + 1, dtype=torch.int32, device=device))
     grad_table = torch.empty_like(item_table)
-    per_row = neg_ids.dim() == 2
     _table_grad_by_item_kernel[(num_items,)](
-        grad_rows, order, bounds, states, pos_ids, item_table, lse, rs,
-        neg_grads if neg_grads is not None else rs, grad_table,
-        num_rows, neg_ids.shape[-1] if per_row else 1,
+        grad_rows, order, bounds, states, item_table, lse, rs, neg_grads if neg_grads is not None else rs,
+        grad_table, num_rows,
         *states.stride(), *item_table.stride(), *grad_table.stride(), inv_temperature,
-        D=dim, BLOCK_D=block_dim(dim), BLOCK_K=SORTED_BLOCK_K, L2_NORM=l2_norm, PER_ROW=per_row, num_warps=4)
+        D=dim, BLOCK_D=block_dim(dim), BLOCK_K=SORTED_BLOCK_K, L2_NORM=l2_norm, num_warps=4)
     return grad_table
 
 
@@ -765,17 +960,20 @@ def _sorted_table_grad(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs,
 # --------------------------------------------------------------------------------------------
 def _loss_fwd(
     states: torch.Tensor, pos_ids: torch.Tensor, neg_ids: Optional[torch.Tensor], item_table: torch.Tensor,
-    temperature: float, l2_norm: bool,
+    temperature: float, l2_norm: bool, scatter: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scatter`` (the sampled losses' table scatter, "" for ``table_scatter``'s choice) is kept for the backward."""
     return softmax_loss_forward(states, pos_ids, neg_ids, item_table, temperature, l2_norm)
 
 
-def _loss_fwd_fake(states, pos_ids, neg_ids, item_table, temperature, l2_norm):
+def _loss_fwd_fake(states, pos_ids, neg_ids, item_table, temperature, l2_norm, scatter=""):
     rows = states.shape[0]
-    if not l2_norm or (neg_ids is not None and neg_ids.dim() == 2):
+    if not l2_norm:
         columns = 0
+    elif neg_ids is not None and neg_ids.dim() == 1:
+        columns = neg_ids.numel()
     else:
-        columns = neg_ids.numel() if neg_ids is not None else item_table.shape[0]
+        columns = item_table.shape[0]
     f32 = torch.float32
     return (states.new_empty((rows,), dtype=f32), states.new_empty((rows,), dtype=f32),
             states.new_empty((rows,), dtype=f32), states.new_empty((columns,), dtype=f32))
@@ -784,24 +982,26 @@ def _loss_fwd_fake(states, pos_ids, neg_ids, item_table, temperature, l2_norm):
 def _loss_bwd(
     grad_rows: torch.Tensor, states: torch.Tensor, pos_ids: torch.Tensor, neg_ids: Optional[torch.Tensor],
     item_table: torch.Tensor, lse: torch.Tensor, rs: torch.Tensor, inv_norms: torch.Tensor,
-    temperature: float, l2_norm: bool, states_grad: bool, table_grad: bool, deterministic: bool,
+    temperature: float, l2_norm: bool, states_grad: bool, table_grad: bool, deterministic: bool, scatter: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs, inv_norms, temperature,
-                                 l2_norm, states_grad, table_grad, deterministic)
+                                 l2_norm, states_grad, table_grad, deterministic, scatter)
 
 
 def _loss_bwd_fake(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs, inv_norms, temperature, l2_norm,
-                   states_grad, table_grad, deterministic):
+                   states_grad, table_grad, deterministic, scatter=""):
     return (states.new_empty(states.shape) if states_grad else states.new_empty(0),
             item_table.new_empty(item_table.shape) if table_grad else item_table.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    states, pos_ids, neg_ids, item_table, temperature, l2_norm = inputs
+    states, pos_ids, neg_ids, item_table, temperature, l2_norm, *scatter = inputs  # scatter may be left to its default
     _, lse, rs, inv_norms = output
     ctx.save_for_backward(states, pos_ids, neg_ids, item_table, lse, rs, inv_norms)
     ctx.temperature = temperature
     ctx.l2_norm = l2_norm
+    ctx.scatter = scatter[0] if scatter else ""
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, rs, inv_norms)
 
 
@@ -810,8 +1010,9 @@ def _gradients(ctx, grad_outputs, backward):
     states_grad, table_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[3])
     grad_states, grad_table = backward(
         grad_outputs[0], states, pos_ids, neg_ids, item_table, lse, rs, inv_norms, ctx.temperature, ctx.l2_norm,
-        states_grad, table_grad, torch.are_deterministic_algorithms_enabled())
-    return (grad_states if states_grad else None, None, None, grad_table if table_grad else None, None, None)
+        states_grad, table_grad, torch.are_deterministic_algorithms_enabled(), ctx.scatter)
+    return (grad_states if states_grad else None, None, None, grad_table if table_grad else None,
+            *(None,) * (ctx.num_inputs - 4))
 
 
 _softmax_loss = autograd_custom_op(
@@ -832,10 +1033,15 @@ def sampled_softmax_loss(
     temperature: float,
     l2_norm: bool = True,
     reduction: str = "mean",
+    scatter: str | None = None,
 ) -> torch.Tensor:
     """Mean over rows (``reduction="none"``: each row's) of -log softmax(positive | positive + negatives),
-    float32 (inputs checked by the caller)."""
-    rows = _softmax_loss(states, pos_ids, neg_ids, item_table, float(temperature), bool(l2_norm))[0]
+    float32 (inputs checked by the caller). ``scatter`` picks how the table's gradient is summed: "sort"
+    (no atomics, bitwise repeatable) or "atomic"; None: ``table_scatter``'s choice from the shapes.
+    Deterministic algorithms (``torch.use_deterministic_algorithms``) always get "sort"."""
+    if scatter is not None and scatter not in SCATTERS:
+        raise ValueError(f"sampled_softmax_loss: scatter must be one of {SCATTERS}, got {scatter!r}")
+    rows = _softmax_loss(states, pos_ids, neg_ids, item_table, float(temperature), bool(l2_norm), scatter or "")[0]
     return rows.mean() if reduction == "mean" else rows
 
 

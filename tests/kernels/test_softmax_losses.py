@@ -272,13 +272,14 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def run_both(states, pos, neg, table, *, temperature=0.05, l2_norm=True, backend="triton", deterministic=False,
-             states_grad=True, table_grad=True, upstream=None):
+             states_grad=True, table_grad=True, upstream=None, scatter=None):
     """(loss, d states, d table) of ``backend`` and of the reference in float64 and in the input dtype,
     all on the same (rounded) inputs, for the upstream gradient 1.7 of the mean or, with ``upstream``
     (float32 [M]), each row's loss (``reduction="none"``) with its own upstream gradient.
     ``deterministic``: the Triton run in deterministic mode (sorted table scatter) with new memory filled
-    with NaN, so that an output element left unwritten shows; otherwise the default mode (atomic table
-    scatter)."""
+    with NaN, so that an output element left unwritten shows; otherwise the default mode (the table
+    scatter ``table_scatter`` picks from the shapes). ``scatter``: the Triton run with that table
+    scatter (``forced_scatter``: new memory filled with NaN too)."""
     def run(name, s, t):
         s = s.detach().clone().requires_grad_(states_grad)
         t = t.detach().clone().requires_grad_(table_grad)
@@ -290,7 +291,7 @@ def run_both(states, pos, neg, table, *, temperature=0.05, l2_norm=True, backend
             (loss * upstream.to(loss.dtype)).sum().backward()
         return loss.detach(), s.grad, t.grad
 
-    with poisoned_memory(deterministic):
+    with poisoned_memory(deterministic) if scatter is None else forced_scatter(scatter):
         ours = run(backend, states, table)
     exact = run("reference", states.double(), table.double())
     same_dtype = run("reference", states, table)
@@ -301,6 +302,21 @@ def poisoned_memory(enabled=True):
     """``cases.deterministic_algorithms`` (uninitialised memory NaN, so an unwritten output element
     shows) when ``enabled``, else nothing."""
     return deterministic_algorithms() if enabled else contextlib.nullcontext()
+
+
+def scatter_as(scatter):
+    """The Triton backend's default table scatter made ``scatter`` ("sort" or "atomic") whatever the shapes."""
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    return unittest.mock.patch.object(triton_losses, "table_scatter", lambda *shapes: scatter)
+
+
+@contextlib.contextmanager
+def forced_scatter(scatter):
+    """``scatter_as(scatter)`` with uninitialised memory NaN (deterministic mode's fill, with the
+    kernels told that mode is off, so that "atomic" runs)."""
+    with deterministic_algorithms(), scatter_as(scatter), \
+            unittest.mock.patch.object(torch, "are_deterministic_algorithms_enabled", lambda: False):
+        yield
 
 
 def largest_logit(states, table, temperature, l2_norm) -> float:
@@ -389,6 +405,7 @@ class Case:
     seed: int = 0
     upstream: str = "mean"  # or "per-row": reduction="none" with ``per_row_upstream(rows, upstream_scale)``
     upstream_scale: float = 1.0
+    scatter: str | None = None  # the Triton table scatter (``forced_scatter``); None: the default
 
     def inputs(self):
         return make_inputs(self.rows, self.dim, self.num_items, self.negatives, self.variant, self.dtype, self.seed,
@@ -401,7 +418,7 @@ class Case:
 def check_case(case: Case):
     states, pos, neg, table = case.inputs()
     check(states, pos, neg, table, case.dtype, temperature=case.temperature, l2_norm=case.l2_norm,
-          deterministic=case.deterministic, upstream=case.upstream_gradients())
+          deterministic=case.deterministic, upstream=case.upstream_gradients(), scatter=case.scatter)
 
 
 # The upstream gradient of a mean over 25,000 rows (the benchmark's M): 16-bit operands that carry it
@@ -593,6 +610,176 @@ def test_triton_item_blocks_split_over_rows(variant, deterministic, upstream):
               upstream=per_row_upstream(50) if upstream == "per-row" else None)
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-row negatives: the table scatters ("sort", the default from SORT_MIN_OCCURRENCES_PER_ITEM
+# occurrences per table row; "atomic"), forced over random shapes
+# ---------------------------------------------------------------------------------------------
+SCATTERS = ["sort", "atomic"]
+
+
+@st.composite
+def per_row_cases(draw, dtypes=tuple(TRITON_DTYPES)):
+    """Per-row negatives: one row to two blocks, D aligned (8 in fp16, 64) or not (2, 3, 25, 50: a
+    zero-padded copy is gathered), few items (each in most rows) or many."""
+    return Case(
+        "per-row", rows=draw(st.integers(1, 24)), dim=draw(st.sampled_from([2, 3, 8, 25, 50, 64])),
+        negatives=draw(st.integers(0, 20)), num_items=draw(st.one_of(st.integers(1, 3), st.integers(4, 64))),
+        l2_norm=draw(st.booleans()), temperature=draw(st.sampled_from([0.05, 0.5, 1.0])),
+        dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 2**16)),
+        upstream=draw(st.sampled_from(["mean", "per-row"])))
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter, occurrences_per_program", [("sort", 1024), ("sort", 4), ("atomic", 1024)],
+                         ids=["sort", "sort-split", "atomic"])
+@given(case=per_row_cases())
+def test_triton_per_row_scatters_random(scatter, occurrences_per_program, case: Case):
+    """Each table scatter against the float64 reference, forward and backward, new memory NaN;
+    "sort-split": the sorted sums of an item split among programs of 4 occurrences."""
+    with unittest.mock.patch.object(importlib.import_module("hstu_kernels.triton.softmax_losses"),
+                                    "OCCURRENCES_PER_PROGRAM", occurrences_per_program):
+        check_case(dataclasses.replace(case, scatter=scatter))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("scatter", SCATTERS)
+def test_triton_per_row_heavy_duplication(scatter, dtype):
+    """Two items, 300 rows of 20 negatives: each table row gathers about 3,000 occurrences (summed by
+    13 programs an item in the sort, piled onto the same addresses by the atomics); the sort gives the
+    same bits twice."""
+    states, pos, neg, table = make_inputs(300, 50, 2, 20, "per-row", dtype, device=DEVICE)
+    ours = check(states, pos, neg, table, dtype, scatter=scatter)[0]
+    if scatter == "sort":
+        with unittest.mock.patch.object(importlib.import_module("hstu_kernels.triton.softmax_losses"),
+                                        "OCCURRENCES_PER_PROGRAM", 256):
+            split = run_both(states, pos, neg, table, scatter="sort")[0]
+            again = run_both(states, pos, neg, table, scatter="sort")[0]
+        for a, b, c in zip(ours, split, again):
+            assert_close_float32(b, a)
+            assert torch.equal(b, c)
+
+
+@needs_triton
+@pytest.mark.parametrize("frozen", ["states", "table"])
+@pytest.mark.parametrize("scatter", SCATTERS)
+def test_triton_per_row_one_input_frozen(scatter, frozen):
+    """Only the table's (the sort still stores each occurrence's weight) or only the states' gradient."""
+    states, pos, neg, table = make_inputs(21, 25, 9, 13, "per-row", device=DEVICE)
+    check(states, pos, neg, table, states_grad=frozen != "states", table_grad=frozen != "table", scatter=scatter)
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
+def test_triton_per_row_many_items(scatter):
+    """400 items for 20 rows of 10 negatives: most table rows occur nowhere and must get zero gradients."""
+    states, pos, neg, table = make_inputs(20, 50, 400, 10, "per-row", device=DEVICE)
+    ours = check(states, pos, neg, table, scatter=scatter)[0]
+    untouched = torch.ones(400, dtype=torch.bool, device=DEVICE)
+    untouched[pos] = False
+    untouched[neg.reshape(-1)] = False
+    assert untouched.sum() > 200 and not ours[2][untouched].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
+def test_triton_per_row_without_rows(scatter):
+    """M = 0, which the public functions refuse (a mean over no rows): the Triton function itself gives
+    no losses and zero gradients, as the reference does."""
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    _, _, _, table = make_inputs(1, 50, 7, 5, "per-row", device=DEVICE)
+    states = torch.randn(0, 50, device=DEVICE, requires_grad=True)
+    table.requires_grad_()
+    pos, neg = torch.zeros(0, dtype=torch.int64, device=DEVICE), torch.zeros(0, 5, dtype=torch.int64, device=DEVICE)
+    with forced_scatter(scatter):
+        losses = triton_losses.sampled_softmax_loss(states, pos, neg, table, temperature=0.05, reduction="none",
+                                                    scatter=scatter)
+        losses.sum().backward()
+    assert losses.shape == (0,) and states.grad.shape == (0, 50)
+    assert torch.equal(table.grad, torch.zeros_like(table))
+
+
+@needs_triton
+def test_triton_table_scatter_is_chosen_from_shapes_only():
+    """The default scatter is a function of (M, R, I, per row) alone, so the launch path never waits for
+    the device: "sort" at the training step's shapes (ML-1M, about 870 occurrences per table row),
+    "atomic" for a sparse table and for shared negatives; the backward asks it with plain ints, and
+    ids of the same shapes (one item everywhere, or spread) take the same path."""
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    table_scatter = triton_losses.table_scatter
+    per_item = triton_losses.SORT_MIN_OCCURRENCES_PER_ITEM
+    assert table_scatter(25000, 128, 3706, True) == table_scatter(14000, 128, 3707, True) == "sort"
+    assert table_scatter(25000, 256 - 1, 26744, True) == "sort"
+    assert table_scatter(25000, 128, 1_000_000, True) == "atomic"
+    assert table_scatter(25000, 128, 3706, False) == "atomic"
+    assert table_scatter(per_item * 10, 0, 10, True) == "sort" and table_scatter(per_item * 10 - 1, 0, 10, True) == "atomic"
+    states, pos, neg, table = make_inputs(12, 8, 6, 20, "per-row", device=DEVICE)
+    chosen, asked = [], []
+
+    def spy_scatter(*args):
+        asked.append(args)
+        return table_scatter(*args)
+
+    def spy_backward(*args):
+        chosen.append(args[-1])
+        return backward(*args)
+
+    backward = triton_losses._per_row_backward
+    with unittest.mock.patch.object(triton_losses, "table_scatter", spy_scatter), \
+            unittest.mock.patch.object(triton_losses, "_per_row_backward", spy_backward):
+        for ids in (neg, torch.full_like(neg, 3), neg[:, :4], torch.full_like(neg[:, :4], 3)):
+            s, t = states.clone().requires_grad_(), table.clone().requires_grad_()
+            loss_of(s, pos, ids, t, backend="triton").backward()
+    assert chosen == ["sort", "sort", "atomic", "atomic"]  # 12 x 21 / 6 = 42 and 12 x 5 / 6 = 10 per item
+    assert all(type(a) in (int, bool) for args in asked for a in args)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["per-row", "shared"])
+def test_triton_scatter_argument_reaches_the_backward(variant):
+    """The Triton function's ``scatter`` picks the backward's table scatter (the benchmark's variants);
+    deterministic mode takes "sort" whatever it says; other values are refused."""
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    states, pos, neg, table = make_inputs(9, 8, 12, 5, variant, device=DEVICE)
+    seen = []
+    backward = triton_losses.softmax_loss_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return backward(*args)
+
+    results = {}
+    with unittest.mock.patch.object(triton_losses, "softmax_loss_backward", spy):
+        for scatter, deterministic in (("sort", False), ("atomic", False), (None, False), ("atomic", True)):
+            s, t = states.clone().requires_grad_(), table.clone().requires_grad_()
+            with poisoned_memory(deterministic):
+                loss = triton_losses.sampled_softmax_loss(s, pos, neg, t, temperature=0.05, scatter=scatter)
+                loss.backward()
+            results[scatter, deterministic] = (loss, s.grad, t.grad)
+    assert seen == ["sort", "atomic", "", "atomic"]
+    for a, b in zip(results["sort", False], results["atomic", True]):
+        assert torch.equal(a, b)  # deterministic: the sort
+    for a, b in zip(results["sort", False], results["atomic", False]):
+        assert_close_float32(a, b)
+    with pytest.raises(ValueError, match="scatter must be one of"):
+        triton_losses.sampled_softmax_loss(states, pos, neg, table, temperature=0.05, scatter="segmented")
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
+@pytest.mark.parametrize("variant", ["per-row", "shared"])
+def test_triton_custom_ops_opcheck_with_scatter(variant, scatter):
+    """opcheck on both custom ops with the scatter argument given (it defaults to "" otherwise)."""
+    ops = triton_ops()
+    states, pos, neg, table = make_inputs(6, 8, 10, 4, variant, device=DEVICE)
+    args = (states.requires_grad_(), pos, neg, table.requires_grad_(), 0.05, True, scatter)
+    torch.library.opcheck(ops.softmax_loss_fwd.default, args)
+    losses, lse, rs, norms = ops.softmax_loss_fwd(*args)
+    torch.library.opcheck(ops.softmax_loss_bwd.default,
+                          (torch.rand(losses.shape, device=DEVICE), states.detach(), pos, neg, table.detach(), lse, rs,
+                           norms, 0.05, True, True, True, False, scatter))
+
+
 @needs_triton
 def test_triton_autocast_sees_the_inputs_as_given():
     """Under autocast (fp16 here: the interpreter cannot run bf16) the float32 inputs stay float32: the
@@ -674,6 +861,42 @@ def test_triton_compiled_forward_backward_matches_eager(variant, upstream):
                                          upstream=per_row_upstream(9) if upstream == "per-row" else None)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
+def test_triton_compiled_with_a_scatter_matches_eager(scatter):
+    """torch.compile(fullgraph=True) of the Triton function called with ``scatter``: the string reaches the
+    custom ops in the graph, the same numbers as eager (bitwise but for the GPU's atomics, which add in
+    any order)."""
+    import torch._dynamo as dynamo
+
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    states, pos, neg, table = make_inputs(9, 8, 4, 5, "per-row", device=DEVICE)
+    seen = []
+    backward = triton_losses.softmax_loss_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return backward(*args)
+
+    def f(s, t):
+        return triton_losses.sampled_softmax_loss(s, pos, neg, t, temperature=0.05, scatter=scatter)
+
+    results = []
+    with unittest.mock.patch.object(triton_losses, "softmax_loss_backward", spy):
+        for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+            s, t = states.clone().requires_grad_(), table.clone().requires_grad_()
+            loss = fn(s, t)
+            loss.backward()
+            results.append((loss, s.grad, t.grad))
+    dynamo.reset()
+    assert seen == [scatter, scatter]
+    for a, b in zip(*results):
+        if scatter == "sort" or not HAS_CUDA:
+            assert torch.equal(a, b)
+        else:
+            assert_close_float32(a, b)
 
 
 @needs_triton
@@ -808,6 +1031,46 @@ def test_bench_harness_runs_every_variant(variant, tmp_path, monkeypatch, capsys
     assert all(float(r["ms"]) > 0 and not r["note"] for r in rows)
 
 
+@needs_triton
+@pytest.mark.parametrize("variant", ["per-row-sort", "per-row-atomic", "shared-sort", "shared-atomic"])
+def test_bench_case_scatter_variants(variant):
+    """A sampled variant with a scatter named: the reference and eager as for the plain variant, the
+    Triton provider's backward with that scatter."""
+    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
+    spec = hstu_kernels.REGISTRY[OP].bench
+    case = spec.build((5, 4, 3, 7), torch.float32, torch.device("cpu"), argparse.Namespace(seed=0, variant=variant))
+    reference = case.call("reference")
+    torch.testing.assert_close(reference, case.eager_call())
+    seen = []
+    backward = triton_losses.softmax_loss_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return backward(*args)
+
+    with unittest.mock.patch.object(triton_losses, "softmax_loss_backward", spy):
+        loss = case.call("triton")
+        loss.backward()
+    assert seen == [variant.rsplit("-", 1)[1]]
+    assert_close_float32(loss, reference)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["per-row-sort", "per-row-atomic"])
+def test_bench_harness_runs_scatter_variants(variant, tmp_path, monkeypatch):
+    """The harness end to end with a scatter variant: Triton and the reference, rows in the CSV."""
+    from test_registry import load_harness
+
+    bench = load_harness(monkeypatch)
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--op", OP, "--variant", variant, "--shapes", "6,8,3,9", "--providers", "triton,reference",
+                "--mode", "fwd+bwd", "--dtype", "fp32", "--csv", str(csv_path), "--rep", "3", "--warmup", "1"])
+    rows = [dict(zip(*(line.split(",") for line in (csv_path.read_text().splitlines()[0], line))))
+            for line in csv_path.read_text().splitlines()[1:]]
+    assert [(r["provider"], r["variant"]) for r in rows] == [(p, variant) for p in ("reference", "triton")]
+    assert all(float(r["ms"]) > 0 and not r["note"] for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: bf16 at the benchmark's sizes, CUDA graphs, autocast, no host syncs
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +1127,19 @@ def padding_mask(rows, seed):
     return ((torch.arange(rows) < rows - rows // 10) & (torch.rand(rows, generator=gen) > 0.05)).to(DEVICE)
 
 
+def warm_up_on_a_side_stream(step, *leaves):
+    """``step()`` twice on a side stream, the leaves' gradients reset before each: its kernels compile
+    before a CUDA graph captures it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for leaf in leaves:
+                leaf.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("reduction", ["mean", "row-mask"])
@@ -893,13 +1169,7 @@ def test_gpu_cuda_graph_replays_match_eager(variant, deterministic, reduction):
         return loss, neg
 
     with poisoned_memory(deterministic):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compile the kernels outside the capture
-            for _ in range(2):
-                static_states.grad = static_table.grad = None
-                step()
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up_on_a_side_stream(step, static_states, static_table)
         static_states.grad = static_table.grad = None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -998,6 +1268,72 @@ def test_gpu_compiled_matches_eager(variant, upstream):
     inputs = make_inputs(5000, 256, 26744, 128, variant, torch.bfloat16, device=DEVICE)
     for a, b in zip(*eager_and_compiled(*inputs, upstream=per_row_upstream(5000) if upstream == "per-row" else None)):
         assert torch.equal(a, b)
+
+
+GPU_SCATTER_CASES = [  # per-row negatives with each table scatter: the training step's shape, heavy duplication
+    # (8 items: 400,000 occurrences a table row), a sparse table (4 occurrences per 1,000 rows), fp16 at the
+    # upstream gradients of a mean over 25,000 rows
+    *(Case("per-row", 25000, 50, 128, 3706, dtype=torch.bfloat16, scatter=s) for s in SCATTERS),
+    *(Case("per-row", 25000, 50, 128, 8, dtype=torch.bfloat16, scatter=s) for s in SCATTERS),
+    *(Case("per-row", 4096, 50, 128, 1_000_000, dtype=torch.bfloat16, scatter=s) for s in SCATTERS),
+    Case("per-row", 4096, 256, 512, 26744, dtype=torch.bfloat16, scatter="atomic"),
+    *(Case("per-row", 3000, 50, 128, 3706, dtype=torch.float16, upstream="per-row", upstream_scale=MEAN_OF_MANY_ROWS,
+           scatter=s) for s in SCATTERS),
+]
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("case", GPU_SCATTER_CASES, ids=lambda c: f"{c.rows}x{c.dim}x{c.negatives}x{c.num_items}-"
+                         f"{str(c.dtype)[6:]}-{c.scatter}")
+def test_gpu_per_row_scatters_full_size(case):
+    check_case(case)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
+def test_gpu_per_row_scatters_without_host_sync_and_in_cuda_graphs(scatter):
+    """Per-row negatives with each table scatter: an eager forward and backward never waits for the
+    device (sync debug mode "error"); captured in one CUDA graph with the negatives drawn in it,
+    replays with new inputs match eager calls on the negatives the replay drew (the sort bit for bit,
+    the atomics within a bf16 step)."""
+    rows, dim, num_items, negatives = 3000, 50, 3706, 128
+    inputs = [make_inputs(rows, dim, num_items, 0, "full", torch.bfloat16, seed=seed, device=DEVICE) for seed in (0, 1)]
+    states, pos, _, table = inputs[0]
+    static_states, static_table, static_pos = states.clone().requires_grad_(), table.clone().requires_grad_(), pos.clone()
+
+    def step():
+        neg = torch.randint(0, num_items, (rows, negatives), device=DEVICE)
+        loss = loss_of(static_states, static_pos, neg, static_table, backend="triton", validate=False)
+        loss.backward()
+        return loss, neg
+
+    with scatter_as(scatter):
+        warm_up_on_a_side_stream(step, static_states, static_table)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        static_states.grad = static_table.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss, static_neg = step()
+        new_states, new_pos, _, new_table = inputs[1]
+        with torch.no_grad():
+            static_states.copy_(new_states)
+            static_table.copy_(new_table)
+            static_pos.copy_(new_pos)
+        graph.replay()
+        s, t = new_states.clone().requires_grad_(), new_table.clone().requires_grad_()
+        loss = loss_of(s, new_pos, static_neg.clone(), t, backend="triton")
+        loss.backward()
+    assert torch.equal(static_loss, loss) and torch.equal(static_states.grad, s.grad)
+    if scatter == "sort":
+        assert torch.equal(static_table.grad, t.grad)
+    else:  # float32 atomics add in another order each run: after the bf16 rounding, one bf16 step apart
+        torch.testing.assert_close(static_table.grad, t.grad, rtol=2 ** -7, atol=2 ** -8 * t.grad.abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------
