@@ -38,8 +38,8 @@ How it computes, and why:
   only the inverse norm's mantissa into the probabilities and scales the rows by its power of two
   (exact): the only rounding is that of the probabilities, as in bf16. Rounding normalised rows
   instead would put errors of u16 across every row, which the projection cannot remove.
-- Table gradients of sampled losses are a scatter, "sort" or "atomic" (``table_scatter`` picks from
-  the shapes; ``sampled_softmax_loss(scatter=...)`` names one; deterministic algorithms get "sort").
+- Table gradients of sampled losses are a scatter, "atomic" (``DEFAULT_SCATTER``) or "sort"
+  (``sampled_softmax_loss(scatter=...)`` names one; deterministic algorithms get "sort").
   Per-row negatives: an item's gradient is re / T times a = sum of w * s_m over its occurrences, less
   a's part along the item (c = re / T * e . a), so only a is scattered: "sort" stores w and the item
   per occurrence, sorts the occurrences by item (one stable sort of int16 keys where they fit) and
@@ -671,10 +671,10 @@ def _rows_config(block_d: int, num_neg: int) -> dict:
 ITEM_PROGRAMS_PER_SM = 2
 PREPARE_BLOCK_R = 32  # rows a program of ``_prepare_rows_kernel``
 SORTED_BLOCK_K = 32  # occurrences a step of the shared negatives' by-item kernel
-# The sorted scatter is the per-row default from this many occurrences per table row on average (see
-# ``table_scatter``): half an ``_item_sums_kernel`` step, below which its programs run mostly empty
-# tiles while atomics, spread over many rows, rarely meet.
-SORT_MIN_OCCURRENCES_PER_ITEM = 32
+# The sampled losses' table scatter when the caller names none and deterministic algorithms are off:
+# float32 atomics beat the sorted sums at the training steps' shapes on an H200 (kernels/triton/
+# softmax_losses_notes.md); "sort" is the bitwise-repeatable one.
+DEFAULT_SCATTER = "atomic"
 OCCURRENCES_PER_PROGRAM = 1024  # an item's sorted occurrences are split among programs of about this many
 MAX_GRID_Y = 65535
 
@@ -786,22 +786,11 @@ def softmax_loss_forward(states, pos_ids, neg_ids, item_table, temperature, l2_n
     return row_loss, lse, rs, inv_norms
 
 
-def table_scatter(num_rows: int, num_neg: int, num_items: int, per_row: bool) -> str:
-    """The sampled losses' table scatter when the caller names none, from shapes only: "sort" for
-    per-row negatives once they average SORT_MIN_OCCURRENCES_PER_ITEM occurrences (positives and
-    negatives) per table row, where float32 atomics would pile onto the same addresses; "atomic"
-    below that (sparse updates of a large table) and for shared negatives, whose table gradient
-    takes one add per row (its positive) plus one per item block and split."""
-    if per_row and num_rows * (num_neg + 1) >= SORT_MIN_OCCURRENCES_PER_ITEM * num_items:
-        return "sort"
-    return "atomic"
-
-
 def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, rs, inv_norms, temperature,
                           l2_norm, states_grad, table_grad, deterministic, scatter=""):
     """-> (d states or [0], d item_table or [0]). Sampled losses scatter into the table with float32
     atomics ("atomic") or through one stable sort of the occurrences by item ("sort"): ``scatter``,
-    or ``table_scatter`` of the shapes when it is ""; "sort" whenever ``deterministic``."""
+    or ``DEFAULT_SCATTER`` when it is ""; "sort" whenever ``deterministic``."""
     num_rows, dim = states.shape
     num_items = item_table.shape[0]
     pos_ids, neg_ids = _id_vectors(pos_ids, neg_ids)
@@ -810,7 +799,7 @@ def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, 
     grad_rows = grad_rows.to(torch.float32).contiguous()  # [M]: a mean's gradient, or each row's
     inv_temperature = 1.0 / temperature
     if neg_ids is not None:
-        scatter = "sort" if deterministic else scatter or table_scatter(num_rows, neg_ids.shape[-1], num_items, per_row)
+        scatter = "sort" if deterministic else scatter or DEFAULT_SCATTER
     if per_row:
         return _per_row_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, inv_norms, inv_temperature,
                                  l2_norm, states_grad, table_grad, scatter)
@@ -962,7 +951,7 @@ def _loss_fwd(
     states: torch.Tensor, pos_ids: torch.Tensor, neg_ids: Optional[torch.Tensor], item_table: torch.Tensor,
     temperature: float, l2_norm: bool, scatter: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``scatter`` (the sampled losses' table scatter, "" for ``table_scatter``'s choice) is kept for the backward."""
+    """``scatter`` (the sampled losses' table scatter, "" for ``DEFAULT_SCATTER``) is kept for the backward."""
     return softmax_loss_forward(states, pos_ids, neg_ids, item_table, temperature, l2_norm)
 
 
@@ -1037,7 +1026,7 @@ def sampled_softmax_loss(
 ) -> torch.Tensor:
     """Mean over rows (``reduction="none"``: each row's) of -log softmax(positive | positive + negatives),
     float32 (inputs checked by the caller). ``scatter`` picks how the table's gradient is summed: "sort"
-    (no atomics, bitwise repeatable) or "atomic"; None: ``table_scatter``'s choice from the shapes.
+    (no atomics, bitwise repeatable) or "atomic"; None: ``DEFAULT_SCATTER``.
     Deterministic algorithms (``torch.use_deterministic_algorithms``) always get "sort"."""
     if scatter is not None and scatter not in SCATTERS:
         raise ValueError(f"sampled_softmax_loss: scatter must be one of {SCATTERS}, got {scatter!r}")
