@@ -28,11 +28,21 @@ How the path is chosen (checked in this order; each call reports the outcome in
    HSTU-large on a 2-core CPU with other processes busy: a cache hit took ~10x, a whole window ~17x
    longer on two threads than on one). The setting is process-wide while the step runs; the engine's
    lock serialises steps.
-CUDA graphs are not used (``cuda_graph``: false in every report).
+7. CUDA graphs: on CUDA, unless switched off (``ServingOptions.cuda_graphs``), a step that the
+   incremental encoder computes (cache hit, miss or off) and the compiled package does not serve
+   runs on the fixed shapes of its bucket (``hstu.serving.static_shapes``: users, computed and
+   cached tokens, query rows, exclusions and k rounded up) and is replayed from the CUDA graph
+   captured for that bucket at its first use (``hstu.serving.graphs``; at most ``MAX_GRAPHS``
+   buckets kept, least recently used first out; batches of at most ``MAX_GRAPH_USERS`` users).
+   The whole step, top-k included, is one replay: the host copies the packed inputs in, the
+   cached keys and values of hit users into the bucket's buffer, and scores and ids out. The
+   report says ``cuda_graph`` true with the bucket, or false and why (switched off, not CUDA, a
+   model without the incremental path, the compiled package, a batch above the cap, a failed
+   capture, which switches graphs off for the engine).
 
 Results equal ``Recommender.recommend`` on the same history and request time within float32
-rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch or the
-compiled package sums in another order than a whole window computed alone.
+rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch, a padded
+static step or the compiled package sums in another order than a whole window computed alone.
 """
 from __future__ import annotations
 
@@ -51,8 +61,11 @@ import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
 from hstu.serving.histories import Events, prepare_histories
+from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
+from hstu.serving.graphs import StaticSteps
 from hstu.serving.incremental import DeltaBatch, IncrementalEncoder, unsupported_reason
 from hstu.serving.kv_cache import CacheEntry, KVCache, events_fingerprint
+from hstu.serving.static_shapes import HostStep
 
 if TYPE_CHECKING:
     from hstu.inference import Recommender
@@ -75,10 +88,12 @@ def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
 @dataclass(frozen=True)
 class ServingOptions:
     """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off; ``compiled`` False
-    ignores a compiled scoring package in the export folder."""
+    ignores a compiled scoring package in the export folder; ``cuda_graphs`` False launches every
+    operator eagerly on CUDA instead of replaying a captured step."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
     compiled: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -147,6 +162,7 @@ class ServingEngine:
         with torch.no_grad():  # the served weights never change: normalise the item table once, not per request
             self.unit_items = l2_normalize(self.model.item_table[1:].float())
         self.package, self.package_k, self.package_reason = self._load_package()
+        self.static_steps, self.graph_reason = self._static_steps()
         self._stats = _Stats()
         self._lock = threading.Lock()  # one batch at a time: the cache and the model are shared
 
@@ -168,6 +184,16 @@ class ServingEngine:
 
         package = aoti_load_package(str(path))
         return package, self.recommender.config["compiled"][path.name]["k"], f"{path.name}"
+
+    def _static_steps(self) -> tuple[StaticSteps | None, str | None]:
+        """(the captured static-shape steps, or None and why not)."""
+        if not self.options.cuda_graphs:
+            return None, "switched off (cuda_graphs=False)"
+        if self.encoder is None:
+            return None, f"no static-shape step for this model: {self.incremental_reason}"
+        if self.device.type != "cuda":
+            return None, f"CUDA only (device {self.device})"
+        return StaticSteps(self.encoder, self.unit_items, self.device, capture=True), None
 
     # ---- requests -----------------------------------------------------------------------------
     def infer(self, user_id, user_behaviors, num_recommendations: int, request_time: int | None = None) -> dict:
@@ -228,21 +254,38 @@ class ServingEngine:
                     for b, (request, plan) in enumerate(zip(requests, plans))]
         calls_before = _call_counts(self.manager)
         computed_tokens = sum(plan.window.stop - plan.window.start - plan.first_new for plan in plans)
+        static, graph_detail = self._graph_use(len(requests))
+        graph = (False, graph_detail)
         with intra_op_threads_for(self.device, computed_tokens * self.model.embedding.dim) as threads:
-            if self.encoder is None:
+            if static:
+                scores, ids, graph = self._encode_static(plans, window_items, window_times, request_times, events, k)
+            elif self.encoder is None:
                 queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
                 exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
             else:
-                queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times,
-                                                                     request_times, events)
-        with torch.no_grad():
-            scores, ids, _ = hstu_kernels.topk_items(
-                l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
-                exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
-        ranked = self.recommender.ranked(ids.cpu().numpy() + 1, scores.cpu().numpy())
+                queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times, request_times,
+                                                                     events)
+        if not static:
+            with torch.no_grad():
+                scores, ids, _ = hstu_kernels.topk_items(
+                    l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
+                    exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
+            scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
+        ranked = self.recommender.ranked(ids + 1, scores)
         kernels = _backends_run(calls_before, _call_counts(self.manager))
-        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads)
+        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads,
+                             graph=graph)
                 for b, (request, plan) in enumerate(zip(requests, plans))]
+
+    def _graph_use(self, num_users: int) -> tuple[bool, str]:
+        """(whether this batch runs as a static step, why not / which)."""
+        if self.static_steps is None:
+            return False, self.graph_reason
+        if self.static_steps.reason is not None:
+            return False, self.static_steps.reason
+        if num_users > MAX_GRAPH_USERS:
+            return False, f"batch of {num_users} users: graphs hold at most {MAX_GRAPH_USERS}"
+        return True, ""
 
     def _plan(self, request, events: Events, window_items, window_times, window_offsets, b) -> _Plan:
         window = slice(int(window_offsets[b]), int(window_offsets[b + 1]))
@@ -254,6 +297,22 @@ class ServingEngine:
         if entry is None:
             return _Plan(request.user_id, history_len, window, None, "miss", detail, 0)
         return _Plan(request.user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+
+    def _encode_static(self, plans, window_items, window_times, request_times, events: Events, k: int):
+        """(scores, item rows, (graph replayed, the step's shape)) of the batch as a static step
+        (``hstu.serving.static_shapes``), replayed from its CUDA graph when the steps capture; fills the cache."""
+        new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
+            plans, window_times, request_times)
+        hits = [plan.cached.kv for plan in plans if plan.cached is not None]
+        step = HostStep(window_items[new_index], window_times[new_index], positions, query_times, seq_offsets,
+                        cached_offsets, cached_times, events.item_ids - 1, events.offsets)
+        shape = self.static_steps.shape("delta" if hits else "whole", step, k)
+        scores, ids, new_kv, graphed = self.static_steps.run(shape, step, hits, keep_kv=self.cache is not None)
+        if self.cache is not None:
+            self._store(plans, window_items, window_times, new_kv, seq_offsets)
+        if graphed:
+            return scores, ids, (True, f"replayed: {shape.describe()}")
+        return scores, ids, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
 
     def _encode(self, plans, window_items, window_times, request_times, events: Events):
         """(states after each user's last event, the exclusions for top-k on the device), computing only
@@ -282,7 +341,9 @@ class ServingEngine:
             if window_len < 2:
                 continue
             computed = new_kv[:, seq_offsets[b]:seq_offsets[b + 1] - 1]  # all but the last position
-            kv = computed.contiguous() if plan.cached is None else torch.cat([plan.cached.kv, computed], dim=1)
+            # A copy, never a view: new_kv may be a graph's output, which the next replay overwrites.
+            kv = computed.clone(memory_format=torch.contiguous_format) if plan.cached is None else \
+                torch.cat([plan.cached.kv, computed], dim=1)
             self.cache.store(plan.user_id, CacheEntry(
                 export=self.export_fingerprint, num_events=window_len, history_len=plan.history_len,
                 prefix=events_fingerprint(window_items[plan.window], window_times[plan.window]), kv=kv))
@@ -301,7 +362,8 @@ class ServingEngine:
             return self.model.user_states(batch.to(self.device))
 
     def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
-                compiled: bool = False, threads: int | None = None) -> dict:
+                compiled: bool = False, threads: int | None = None,
+                graph: tuple[bool, str] = (False, "")) -> dict:
         window_len = plan.window.stop - plan.window.start
         return {
             "recommendations": [{"item": item, "score": score} for item, score in ranked],
@@ -314,7 +376,8 @@ class ServingEngine:
                 "kv_cache_detail": plan.cache_detail,
                 "positions_reused": plan.first_new,
                 "positions_computed": window_len - plan.first_new,
-                "cuda_graph": False,
+                "cuda_graph": graph[0],
+                "cuda_graph_detail": graph[1] if not compiled else "inside the compiled package: not captured",
                 "compiled": compiled,
                 "compiled_detail": self.package_reason,
                 "batch_size": batch_size,
