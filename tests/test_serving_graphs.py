@@ -178,6 +178,35 @@ def test_static_steps_keep_at_most_max_graphs_buckets():
     assert len(engine.static_steps) == 2
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["whole", "delta"])
+def test_a_static_step_reads_no_device_value_on_the_host(delta, monkeypatch):
+    """What a CUDA graph captures must not wait for the device: the step (reference attention, its
+    layout and the reference top-k) runs with every tensor-to-host read raising."""
+    from hstu.serving import static_shapes
+
+    recommender = make_recommender()
+    engine = recommender.serving_engine()
+    step = host_step(np.random.default_rng(1), 3, MAX_SEQ_LEN, delta)
+    step.item_ids = step.item_ids % NUM_ITEMS + 1
+    step.positions = np.concatenate([np.arange(n) for n in np.diff(step.seq_offsets)])
+    step.exclude_ids = step.exclude_ids % NUM_ITEMS
+    shape = step.shape("delta" if delta else "whole", 5, MAX_SEQ_LEN, NUM_ITEMS)
+    packed = np.zeros(shape.size, dtype=np.int64)
+    fill(shape, step, packed)
+    inputs = shape.split(torch.from_numpy(packed))
+    cached_kv = torch.randn(2, shape.cached, engine.encoder.kv_width) if delta else None
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read of a device value inside the step")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with torch.no_grad():
+        packed_out, new_kv = static_shapes.run(engine.encoder, engine.unit_items, shape, inputs, cached_kv, True)
+    monkeypatch.undo()
+    assert packed_out.shape == (shape.users + 1, 2 * shape.k) and new_kv.shape[1] == shape.tokens
+
+
 @pytest.mark.parametrize("options, model_kwargs, reason", [
     (ServingOptions(), {}, "CUDA only (device cpu)"),
     (ServingOptions(cuda_graphs=False), {}, "switched off (cuda_graphs=False)"),

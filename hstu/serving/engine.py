@@ -203,6 +203,10 @@ class ServingEngine:
 
     def check(self, request: Request) -> None:
         """Raise ValueError / KeyError naming what is wrong with a request, before it joins a batch."""
+        self._check_fields(request)
+        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+
+    def _check_fields(self, request: Request) -> None:
         num_items = self.model.num_items
         if isinstance(request.k, bool) or not isinstance(request.k, (int, np.integer)) or not 1 <= request.k <= num_items:
             raise RequestError(f"k must be an integer in [1, {num_items}] (the number of items), got {request.k!r}")
@@ -211,18 +215,27 @@ class ServingEngine:
             raise RequestError(f"request_time must be integer Unix seconds, got {request.request_time!r}")
         if len(request.items) == 0:
             raise RequestError("the history is empty: at least one (item, timestamp) event is needed")
-        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+
+    def _histories(self, requests: Sequence[Request]) -> Events:
+        """The batch's histories, prepared at once; a bad one raises the error its own :meth:`check` raises."""
+        try:
+            return prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests])
+        except RequestError:
+            for request in requests:
+                self.check(request)
+            raise
 
     def infer_batch(self, requests: Sequence[Request]) -> list[dict]:
         """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together."""
         start = time.perf_counter()
         for request in requests:
-            self.check(request)
+            self._check_fields(request)
         if not requests:
             return []
+        events = self._histories(requests)
         with self._lock:
             try:
-                results = self._serve(requests)
+                results = self._serve(requests, events)
             except Exception:
                 self._stats.errors += len(requests)
                 raise
@@ -235,8 +248,7 @@ class ServingEngine:
                 self._stats.paths[result["optimizations_applied"]["path"]] += 1
         return results
 
-    def _serve(self, requests: Sequence[Request]) -> list[dict]:
-        events = prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests])
+    def _serve(self, requests: Sequence[Request], events: Events) -> list[dict]:
         recent, window_offsets = events.recent(self.model.max_seq_len)
         window_items, window_times = events.item_ids[recent], events.timestamps[recent]
         request_times = events.last_timestamps()
@@ -252,7 +264,7 @@ class ServingEngine:
             ranked = self.recommender.ranked(ids.cpu().numpy(), scores.cpu().numpy())
             return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
                     for b, (request, plan) in enumerate(zip(requests, plans))]
-        calls_before = _call_counts(self.manager)
+        calls_before = self.manager.call_counts()
         computed_tokens = sum(plan.window.stop - plan.window.start - plan.first_new for plan in plans)
         static, graph_detail = self._graph_use(len(requests))
         graph = (False, graph_detail)
@@ -272,7 +284,7 @@ class ServingEngine:
                     exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
             scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
         ranked = self.recommender.ranked(ids + 1, scores)
-        kernels = _backends_run(calls_before, _call_counts(self.manager))
+        kernels = _backends_run(calls_before, self.manager.call_counts())
         return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads,
                              graph=graph)
                 for b, (request, plan) in enumerate(zip(requests, plans))]
@@ -473,10 +485,6 @@ def model_fingerprint(model: torch.nn.Module, device: torch.device) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _call_counts(manager) -> dict[str, Counter]:
-    return {op: Counter(stats["calls"]) for op, stats in manager.get_stats().items()}
 
 
 def _backends_run(before: dict[str, Counter], after: dict[str, Counter]) -> dict[str, str]:

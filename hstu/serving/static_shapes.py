@@ -28,6 +28,7 @@ the cache keeps the keys and values of real tokens only. No step reads a device 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -97,6 +98,7 @@ class StaticShape:
     cached_dummies: int  # dummy sequences of at most max_seq_len padding cached tokens
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)
     def of(cls, form: str, num_users: int, num_tokens: int, max_new_len: int, num_cached: int,
            num_exclusions: int, k: int, max_seq_len: int, num_items: int) -> "StaticShape":
         """The bucket of a step with these counts."""
@@ -123,13 +125,14 @@ class StaticShape:
     def size(self) -> int:
         return sum(self.sizes)
 
+    @cached_property
+    def _slices(self) -> tuple[tuple[str, slice], ...]:
+        bounds = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        return tuple((name, slice(begin, end)) for name, begin, end in zip(FIELDS, bounds, bounds[1:]))
+
     def split(self, packed):
         """Views of a packed buffer (numpy array or tensor) by field name."""
-        out, start = {}, 0
-        for name, size in zip(FIELDS, self.sizes):
-            out[name] = packed[start:start + size]
-            start += size
-        return out
+        return {name: packed[where] for name, where in self._slices}
 
     def describe(self) -> str:
         cached = f" cached={self.cached} rows={self.query_rows}" if self.form == "delta" else ""
