@@ -279,32 +279,21 @@ def timed_batches(args, call) -> list[float]:
 def engine_throughput_rows(args, name, recommender, device, card, interaction, graphs, histories) -> list[Row]:
     from hstu.serving.engine import Request
 
+    rows = []
     engine = recommender.serving_engine()
-    batches = [[Request(b, items, times, K) for b, (items, times) in enumerate(batch)]
-               for batch in user_batches(args, histories, "lists")]
-    reports = []
-    times_ms = timed_batches(args, lambda i: reports.append(engine.infer_batch(batches[i % 4])[0]))
-    stats = percentiles(times_ms)
-    outcomes = Counter(outcome(report) for report in reports[2:])
-    paths, kernels = summary(outcomes, reports[-1])
-    row = Row(name, device, card, interaction, graphs, "throughput-engine", "infer_batch(), cache off", len(times_ms),
-              **stats, users_per_s=args.batch_users / (stats["p50_ms"] / 1e3), path=paths, kernels=kernels,
-              note=f"{args.batch_users} users a call; latencies are per call")
-    print_row(row)
-    return [row]
-
-
-def compiled_recommender(config, histories, device, scratch: Path) -> Recommender:
-    """A Recommender loaded from an export (in ``scratch``) of the random model with its scoring package for ``device``."""
-    from hstu.serving.compiled import compile_export
-
-    folder = scratch / "export"
-    write_export(folder, build_model(config, None), model_config(config), histories.item_ids, metrics={},
-                 data={"source": "bench_serving (random weights)"})
-    start = time.perf_counter()
-    compile_export(folder, device, k=K)
-    print(f"compiled the scoring package for {device} in {time.perf_counter() - start:.0f} s ({folder})", flush=True)
-    return Recommender.from_export(folder, device=device)
+    for form in ("lists", "arrays"):
+        batches = [[Request(b, items, times, K) for b, (items, times) in enumerate(batch)]
+                   for batch in user_batches(args, histories, form)]
+        reports = []
+        times_ms = timed_batches(args, lambda i: reports.append(engine.infer_batch(batches[i % 4])[0]))
+        stats = percentiles(times_ms)
+        paths, kernels = summary(Counter(outcome(report) for report in reports[2:]), reports[-1])
+        rows.append(Row(name, device, card, interaction, graphs, "throughput-engine",
+                        f"infer_batch(), cache off, histories as {form}", len(times_ms), **stats,
+                        users_per_s=args.batch_users / (stats["p50_ms"] / 1e3), path=paths, kernels=kernels,
+                        note=f"{args.batch_users} users a call; latencies are per call"))
+        print_row(rows[-1])
+    return rows
 
 
 def throughput_rows(args, name, recommender, device, card, interaction, histories) -> list[Row]:

@@ -24,7 +24,8 @@ def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
                        "--out", str(tmp_path / "results" / "serving")])
     scenarios = [(r.scenario, r.transport.split(",")[0]) for r in rows]
     assert [s for s, _ in scenarios] == ["full", "hit-199+1", "hit-100+1", "slide", "throughput-engine",
-                                         "throughput", "throughput", "http-full", "http-hit-199+1"]
+                                         "throughput-engine", "throughput", "throughput", "http-full",
+                                         "http-hit-199+1"]
     assert all(r.cuda_graphs == "-" for r in rows)  # the CPU has no CUDA graphs
     by_name = {r.scenario: r for r in rows}
     assert all(r.requests == 3 and r.p50_ms > 0 for r in rows if not r.scenario.startswith("throughput"))

@@ -150,6 +150,7 @@ class ServingEngine:
         self.manager = self.model.manager
         self.device = recommender.device
         self.dtype = next(self.model.parameters()).dtype
+        self._device_name, self._dtype_name = str(self.device), str(self.dtype).removeprefix("torch.")
         self.incremental_reason = unsupported_reason(self.model)
         self.encoder = IncrementalEncoder(self.model) if self.incremental_reason is None else None
         if self.encoder is None:
@@ -255,8 +256,9 @@ class ServingEngine:
         for b, request in enumerate(requests):
             if request.request_time is not None:
                 request_times[b] = request.request_time
-        plans = [self._plan(request, events, window_items, window_times, window_offsets, b)
-                 for b, request in enumerate(requests)]
+        bounds, history_lengths = window_offsets.tolist(), events.lengths.tolist()
+        plans = [self._plan(request.user_id, history_lengths[b], slice(bounds[b], bounds[b + 1]), window_items,
+                            window_times) for b, request in enumerate(requests)]
         k = max(r.k for r in requests)
         if self.package is not None and k <= self.package_k:
             scores, ids = self.package(*self._upload(
@@ -299,16 +301,14 @@ class ServingEngine:
             return False, f"batch of {num_users} users: graphs hold at most {MAX_GRAPH_USERS}"
         return True, ""
 
-    def _plan(self, request, events: Events, window_items, window_times, window_offsets, b) -> _Plan:
-        window = slice(int(window_offsets[b]), int(window_offsets[b + 1]))
-        history_len = int(events.lengths[b])
+    def _plan(self, user_id, history_len: int, window: slice, window_items, window_times) -> _Plan:
         if self.cache is None:
-            return _Plan(request.user_id, history_len, window, None, "off", self.cache_off_reason, 0)
-        entry, detail = self.cache.lookup(request.user_id, self.export_fingerprint, window_items[window],
+            return _Plan(user_id, history_len, window, None, "off", self.cache_off_reason, 0)
+        entry, detail = self.cache.lookup(user_id, self.export_fingerprint, window_items[window],
                                           window_times[window], history_len, self.model.max_seq_len)
         if entry is None:
-            return _Plan(request.user_id, history_len, window, None, "miss", detail, 0)
-        return _Plan(request.user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+            return _Plan(user_id, history_len, window, None, "miss", detail, 0)
+        return _Plan(user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
 
     def _encode_static(self, plans, window_items, window_times, request_times, events: Events, k: int):
         """(scores, item rows, (graph replayed, the step's shape)) of the batch as a static step
@@ -381,8 +381,8 @@ class ServingEngine:
             "recommendations": [{"item": item, "score": score} for item, score in ranked],
             "optimizations_applied": {
                 "path": "incremental" if plan.cached is not None else "whole window",
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self._device_name,
+                "dtype": self._dtype_name,
                 "kernels": kernels if not compiled else "inside the compiled package",
                 "kv_cache": plan.cache_outcome,
                 "kv_cache_detail": plan.cache_detail,
@@ -441,25 +441,29 @@ class ServingEngine:
 
 def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_times: np.ndarray):
     """Host arrays of a DeltaBatch: which window events are computed, at which positions, with which
-    query times, and the jagged offsets of the new and the cached parts."""
-    starts = np.array([p.window.start + p.first_new for p in plans], dtype=np.int64)
-    stops = np.array([p.window.stop for p in plans], dtype=np.int64)
-    lengths = stops - starts
-    seq_offsets = np.zeros(len(plans) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=seq_offsets[1:])
-    owner = np.repeat(np.arange(len(plans)), lengths)
+    query times, and the jagged offsets of the new and the cached parts (no loop over events)."""
+    num_users = len(plans)
+    window_starts = np.fromiter((p.window.start for p in plans), np.int64, num_users)
+    window_stops = np.fromiter((p.window.stop for p in plans), np.int64, num_users)
+    cached_lengths = np.fromiter((p.first_new for p in plans), np.int64, num_users)
+    starts = window_starts + cached_lengths
+    seq_offsets, owner = _jagged(window_stops - starts)
     new_index = np.arange(seq_offsets[-1], dtype=np.int64) - seq_offsets[owner] + starts[owner]
-    window_starts = np.array([p.window.start for p in plans], dtype=np.int64)
     positions = new_index - window_starts[owner]
     # The query time of position i is the time of event i+1; the last position's is the request time.
     query_times = np.empty_like(new_index)
     query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
     query_times[seq_offsets[1:] - 1] = request_times
-    cached_lengths = np.array([p.first_new for p in plans], dtype=np.int64)
-    cached_offsets = np.zeros(len(plans) + 1, dtype=np.int64)
-    np.cumsum(cached_lengths, out=cached_offsets[1:])
-    cached_index = np.concatenate([np.arange(p.window.start, p.window.start + p.first_new) for p in plans])
-    return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index.astype(np.int64)]
+    cached_offsets, cached_owner = _jagged(cached_lengths)
+    cached_index = np.arange(cached_offsets[-1], dtype=np.int64) - cached_offsets[cached_owner] + window_starts[cached_owner]
+    return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index]
+
+
+def _jagged(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [B+1], the owner of each of the sum(lengths) elements) of jagged lengths."""
+    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, np.repeat(np.arange(lengths.shape[0]), lengths)
 
 
 @contextlib.contextmanager
