@@ -176,6 +176,8 @@ def test_static_steps_keep_at_most_max_graphs_buckets():
     for user, n in enumerate((1, 3, MAX_SEQ_LEN)):  # three whole-window buckets
         engine.infer_batch([Request(user, items[:n], times[:n], 4)])
     assert len(engine.static_steps) == 2
+    assert recommender.get_comprehensive_stats()["cuda_graphs"] == {
+        "enabled": True, "buckets": 2, "max_buckets": 2, "captured": 0, "reason": None}
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["whole", "delta"])
@@ -218,6 +220,8 @@ def test_reports_say_why_no_graph_ran(options, model_kwargs, reason):
     items, times = random_history(5, seed=1)
     applied = recommender.infer_with_optimal_strategy("u", list(zip(items, times)), 3)["optimizations_applied"]
     assert applied["cuda_graph"] is False and applied["cuda_graph_detail"].startswith(reason)
+    graphs = recommender.get_comprehensive_stats()["cuda_graphs"]
+    assert graphs["enabled"] is False and graphs["reason"].startswith(reason)
 
 
 def test_batches_above_the_user_cap_run_eagerly_and_say_so(monkeypatch):
@@ -282,6 +286,8 @@ def test_gpu_graphs_equal_the_eager_engine(interaction):
         for result in want:
             assert result["optimizations_applied"]["cuda_graph"] is False
     assert replays == sum(len(b) for b in rounds)
+    graphs = graphed.get_comprehensive_stats()["cuda_graphs"]
+    assert graphs["enabled"] and graphs["reason"] is None and 1 <= graphs["captured"] == graphs["buckets"] <= len(rounds)
     calls = {op: stats["calls"] for op, stats in graphed.get_comprehensive_stats()["kernels"].items()}
     # every replay counts its operator calls (8 blocks: 8 attention calls a step)
     assert calls["hstu_hierarchical_attention"]["triton"] >= 8 * len(rounds)

@@ -434,6 +434,8 @@ class ServingEngine:
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "compiled_package": self.package_reason,
+                "cuda_graphs": self.static_steps.stats() if self.static_steps is not None else {
+                    "enabled": False, "reason": self.graph_reason},
                 "kernels": self.manager.get_stats(),
                 "kernel_availability": self.manager.get_operator_availability(),
             }

@@ -147,3 +147,7 @@ class StaticSteps:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def stats(self) -> dict:
+        return {"enabled": self.reason is None, "buckets": len(self._slots), "max_buckets": self.max_graphs,
+                "captured": sum(slot.graph is not None for slot in self._slots.values()), "reason": self.reason}

@@ -17,9 +17,11 @@ history lengths and k. A step is laid out in the capacities of a :class:`StaticS
   power of two at least the most new tokens of one user, at most max_seq_len. The delta attention is
   exact for any bound at least the true one (the Triton kernel's query blocks past a sequence's new
   tokens return at once; the reference computes the padded rows and drops them);
-- exclusions (every history event, masked in the top-k): a power of two. The padding belongs to one
-  extra top-k query after the padded users, whose results are not read: the Triton top-k sorts the
-  keys of every exclusion, so none may lie past the last offset;
+- exclusions (every history event, masked in the top-k): a power of two, at least ``MIN_EXCLUSIONS``
+  so that one bucket serves single users of any usual history length (the padding costs the top-k
+  one pass over the padded entries and their sort). The padding belongs to one extra top-k query
+  after the padded users, whose results are not read: the Triton top-k sorts the keys of every
+  exclusion, so none may lie past the last offset;
 - k: a power of two from 16 on, at most the catalogue and the Triton kernel's largest k; the lists are cut.
 
 Padding tokens carry item 0, position 0 and time 0. Nothing reads their outputs: each user's query is
@@ -41,7 +43,7 @@ from hstu.serving.incremental import DeltaBatch, IncrementalEncoder
 
 SIGNIFICANT_BITS = 3  # token capacities: n rounded up to this many significant bits
 MIN_K = 16
-MIN_EXCLUSIONS = 256
+MIN_EXCLUSIONS = 4096
 TOPK_KERNEL_MAX_K = 2048  # hstu_kernels.triton.topk.MAX_TOPK: a larger k runs the reference inside the kernel's op
 
 # The int64 inputs of a step, in the order they are packed into one buffer (one host-to-device copy).
