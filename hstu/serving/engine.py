@@ -493,11 +493,12 @@ def model_fingerprint(model: torch.nn.Module, device: torch.device) -> str:
     return digest.hexdigest()
 
 
-def _backends_run(before: dict[str, Counter], after: dict[str, Counter]) -> dict[str, str]:
+def _backends_run(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, str]:
     """Per operator called in between: the backend it ran on ("triton", "reference", or both joined)."""
     out = {}
     for op, calls in after.items():
-        ran = sorted(backend for backend, n in (calls - before.get(op, Counter())).items() if n > 0)
+        earlier = before.get(op, {})
+        ran = sorted(backend for backend, n in calls.items() if n > earlier.get(backend, 0))
         if ran:
             out[op] = "+".join(ran)
     return out
