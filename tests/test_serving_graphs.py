@@ -312,3 +312,19 @@ def test_gpu_second_replay_reads_its_own_inputs():
         assert got["optimizations_applied"]["cuda_graph"] is True
         assert_same_results([got], [want])
     assert len(engine.static_steps) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_warm_up_captures_the_single_user_buckets_it_meets():
+    """The server's warm-up (a whole window, a hit, a one-event history) captures their buckets; the
+    same requests afterwards replay them without capturing again."""
+    recommender, ids = hstu_large(True, cuda_graphs=True)
+    engine = recommender.serving_engine()
+    engine.warm_up()
+    captured = engine.stats()["cuda_graphs"]["captured"]
+    assert captured >= 3 and engine.stats()["serving"]["requests"] == 0
+    items, times = random_history(200, seed=3, ids=ids)
+    for n in (199, 200, 1):
+        (result,) = engine.infer_batch([Request("u", items[:n], times[:n], 10)])
+        assert result["optimizations_applied"]["cuda_graph_detail"].startswith("replayed: ")
+    assert engine.stats()["cuda_graphs"]["captured"] == captured

@@ -323,7 +323,7 @@ class ServingEngine:
         if self.cache is not None:
             self._store(plans, window_items, window_times, new_kv, seq_offsets)
         if graphed:
-            return scores, ids, (True, f"replayed: {shape.describe()}")
+            return scores, ids, (True, f"{graphed}: {shape.describe()}")
         return scores, ids, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
 
     def _encode(self, plans, window_items, window_times, request_times, events: Events):

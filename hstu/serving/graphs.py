@@ -73,7 +73,8 @@ class StaticSteps:
 
     def run(self, shape: StaticShape, step: HostStep, cached: list[torch.Tensor], keep_kv: bool):
         """(scores float32 [B, k], item rows int64 [B, k] as host arrays, keys and values of the step's
-        tokens [num_blocks, shape.tokens, W] on the device or None, whether a graph replayed).
+        tokens [num_blocks, shape.tokens, W] on the device or None, "replayed", "captured and
+        replayed" or None where the step ran eagerly).
         ``cached``: the cached keys and values of the step's users in order (a "delta" step); the
         returned keys and values are valid until the next step."""
         slot = self._slot(shape, keep_kv)
@@ -83,9 +84,9 @@ class StaticSteps:
         if shape.form == "delta":
             num_cached = int(step.cached_offsets[-1])
             slot.cached_kv[:, :num_cached].copy_(cached[0] if len(cached) == 1 else torch.cat(cached, dim=1))
-        graphed = self.capture and self.reason is None
+        graphed = "replayed" if self.capture and self.reason is None else None
         if graphed and slot.graph is None:
-            graphed = self._capture(slot)
+            graphed = "captured and replayed" if self._capture(slot) else None
         if graphed:
             with self.manager.region(self._region(shape)):
                 slot.graph.replay()
