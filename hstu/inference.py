@@ -237,8 +237,9 @@ class Recommender:
         return self.serving_engine().infer(user_id, user_behaviors, num_recommendations, request_time)
 
     def get_comprehensive_stats(self) -> dict[str, Any]:
-        """Request counts, latency percentiles, KV-cache hits / misses / evictions and hit rate, and the
-        operator manager's availability and per-backend call counts."""
+        """Request counts, latency percentiles, KV-cache hits / misses / evictions and hit rate, the
+        CUDA-graph buckets held (or why graphs are off), and the operator manager's availability and
+        per-backend call counts."""
         return self.serving_engine().stats()
 
     def serving_engine(self, options: ServingOptions | None = None) -> ServingEngine:

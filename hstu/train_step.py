@@ -148,7 +148,7 @@ class TrainStep:
             self._body(self._packed(key))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with self.model.manager.region(f"train_step_{key}", executes=False), _syncs_raise():
+        with self.model.manager.region(f"train_step_{key}", executes=False), syncs_raise():
             # thread_local: the loader's pin-memory thread keeps allocating page-locked memory while the step
             # is captured; in the default (global) mode its CUDA calls would invalidate this capture
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
@@ -166,7 +166,7 @@ class TrainStep:
 
 
 @contextlib.contextmanager
-def _syncs_raise() -> Iterator[None]:
+def syncs_raise() -> Iterator[None]:
     """Make a host-device synchronisation inside the captured step raise where it is called (a Python
     traceback naming the line) instead of failing the capture with CUDA's generic error at its end."""
     previous = torch.cuda.get_sync_debug_mode()

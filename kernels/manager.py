@@ -365,6 +365,11 @@ class TritonOperatorManager:
             out[op] = entry
         return out
 
+    def call_counts(self) -> dict[str, dict[str, int]]:
+        """Per operator: calls per backend so far, as copies (what :meth:`get_stats` reports under
+        "calls", without its other entries: cheap enough to take around every serving request)."""
+        return {op: dict(calls) for op, calls in self._calls.items()}
+
     def fallbacks(self) -> dict[str, str]:
         return dict(self._fallback_reason)
 

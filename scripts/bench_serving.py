@@ -4,7 +4,7 @@ and without the KV cache, the sliding window on its own, and batches of 1,024 us
 
     python scripts/bench_serving.py --out results/serving            # everything this machine has
     python scripts/bench_serving.py --configs ml1m-hstu-large --devices cuda --scenarios full,hit-199+1 \\
-        --interaction on,off --requests 10000 --out results/serving-ml1m-cuda
+        --interaction on,off --cuda-graphs on,off --requests 10000 --out results/serving-ml1m-cuda
 
 Weights are random (seeded) with the shapes of the named configuration: latency and throughput do
 not depend on their values. ML-1M histories are the real ones (the parsed cache in --data-dir);
@@ -20,8 +20,12 @@ the ML-20M-shaped configuration uses synthetic ids and times. Scenarios (single 
               one client, nothing to batch), timed at the client
   throughput  recommend() over 1,024 users' whole histories (windows of 200, every event excluded),
               histories given as Python lists and as numpy arrays
+  throughput-engine  the serving engine's infer_batch over 1,024 users' whole histories (cache off),
+              the batch the HTTP server forms under load
 ``--interaction on,off`` runs each with the top-k operator's Triton kernel and with its reference
-(GPU only: the CPU has no Triton backend outside the interpreter). Each latency scenario warms up,
+(GPU only: the CPU has no Triton backend outside the interpreter). ``--cuda-graphs on,off`` runs the
+engine's scenarios with its steps replayed from CUDA graphs and with every operator launched eagerly
+(GPU only; the column says which, "-" where graphs cannot run). Each latency scenario warms up,
 then times up to --requests calls or --time-limit seconds, whichever ends first: the row says how
 many it timed. Results: a table, and <out>.json / <out>.csv.
 """
@@ -57,7 +61,7 @@ CONFIGS = {
 }
 LATENCY_SCENARIOS = ("full", "hit-199+1", "hit-100+1", "slide", "full-compiled")
 HTTP_SCENARIOS = ("http-full", "http-hit-199+1")
-SCENARIOS = LATENCY_SCENARIOS + HTTP_SCENARIOS + ("throughput",)
+SCENARIOS = LATENCY_SCENARIOS + HTTP_SCENARIOS + ("throughput", "throughput-engine")
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s != "full-compiled")
 K = 10
 WEIGHTS_NOTE = "random weights of the configuration's shapes (latency does not depend on their values)"
@@ -69,6 +73,7 @@ class Row:
     device: str
     card: str
     interaction: str
+    cuda_graphs: str  # "on", "off", or "-" where the engine cannot capture (the CPU, recommend())
     scenario: str
     transport: str
     requests: int
@@ -174,7 +179,8 @@ def timed_requests(call, prime, count: int, warmup: int, time_limit: float):
 
 def outcome(report: dict) -> str:
     applied = report["optimizations_applied"]
-    path = applied["path"] + (" (compiled)" if applied.get("compiled") else "")
+    path = applied["path"] + (" (compiled)" if applied.get("compiled") else "") + (
+        " (CUDA graph)" if applied.get("cuda_graph") else "")
     cache = applied["kv_cache"] if applied["kv_cache"] == "hit" else f"{applied['kv_cache']}: {applied['kv_cache_detail']}"
     return f"{path}, cache {cache}"
 
@@ -211,67 +217,93 @@ def in_process_rows(args, name, config, device, interaction, histories, flags) -
     rows = []
     recommender = Recommender(build_model(config, flags), histories.item_ids.tolist(), device=device)
     card = card_name(device)
-    for scenario in [s for s in args.scenarios if s in LATENCY_SCENARIOS]:
-        serving, scratch = recommender, None
-        if scenario == "full-compiled":
-            scratch = tempfile.TemporaryDirectory(prefix="bench-serving-")
-            serving = compiled_recommender(config, histories, device, Path(scratch.name))
-        serving.serving_engine(ServingOptions(cache_bytes=0 if "full" in scenario else args.cache_bytes,
-                                              compiled=scenario == "full-compiled"))
+    for graphs in (args.cuda_graphs if device.startswith("cuda") else ["-"]):
+        options = dict(cuda_graphs=graphs == "on")
+        for scenario in [s for s in args.scenarios if s in LATENCY_SCENARIOS]:
+            serving, scratch = recommender, None
+            if scenario == "full-compiled":
+                scratch = tempfile.TemporaryDirectory(prefix="bench-serving-")
+                serving = compiled_recommender(config, histories, device, Path(scratch.name))
+            serving.serving_engine(ServingOptions(cache_bytes=0 if "full" in scenario else args.cache_bytes,
+                                                  compiled=scenario == "full-compiled", **options))
 
-        def send(user, items, times):
-            return serving.infer_with_optimal_strategy(user, list(zip(items, times)), K)
+            def send(user, items, times):
+                return serving.infer_with_optimal_strategy(user, list(zip(items, times)), K)
 
-        call, prime = scenario_calls(scenario, histories, send, config["max_seq_len"])
-        latencies, outcomes, report = timed_requests(call, prime, args.requests, args.warmup, args.time_limit)
-        paths, kernels = summary(outcomes, report)
-        rows.append(Row(name, device, card, interaction, scenario, "in process", len(latencies),
-                        **percentiles(latencies), path=paths, kernels=kernels, note=stopped_note(len(latencies), args)))
-        print_row(rows[-1])
-        if scratch is not None:
-            scratch.cleanup()
+            call, prime = scenario_calls(scenario, histories, send, config["max_seq_len"])
+            latencies, outcomes, report = timed_requests(call, prime, args.requests, args.warmup, args.time_limit)
+            paths, kernels = summary(outcomes, report)
+            rows.append(Row(name, device, card, interaction, graphs, scenario, "in process", len(latencies),
+                            **percentiles(latencies), path=paths, kernels=kernels,
+                            note=stopped_note(len(latencies), args)))
+            print_row(rows[-1])
+            if scratch is not None:
+                scratch.cleanup()
+        if "throughput-engine" in args.scenarios:
+            recommender.serving_engine(ServingOptions(cache_bytes=0, **options))
+            rows += engine_throughput_rows(args, name, recommender, device, card, interaction, graphs, histories)
     if "throughput" in args.scenarios:
         rows += throughput_rows(args, name, recommender, device, card, interaction, histories)
     return rows
 
 
-def compiled_recommender(config, histories, device, scratch: Path) -> Recommender:
-    """A Recommender loaded from an export (in ``scratch``) of the random model with its scoring package for ``device``."""
-    from hstu.serving.compiled import compile_export
+def user_batches(args, histories, form: str):
+    """Four batches of --batch-users users' whole histories, as Python lists or numpy arrays."""
+    users = histories.all_users
 
-    folder = scratch / "export"
-    write_export(folder, build_model(config, None), model_config(config), histories.item_ids, metrics={},
-                 data={"source": "bench_serving (random weights)"})
-    start = time.perf_counter()
-    compile_export(folder, device, k=K)
-    print(f"compiled the scoring package for {device} in {time.perf_counter() - start:.0f} s ({folder})", flush=True)
-    return Recommender.from_export(folder, device=device)
+    def batch(i):
+        chosen = users[(i * args.batch_users + np.arange(args.batch_users)) % len(users)]
+        if form == "lists":
+            return [histories.events(int(u)) for u in chosen]
+        return [(histories.items[histories.offsets[u]:histories.offsets[u + 1]],
+                  histories.times[histories.offsets[u]:histories.offsets[u + 1]]) for u in chosen]
+
+    return [batch(i) for i in range(4)]
+
+
+def timed_batches(args, call) -> list[float]:
+    """Milliseconds of up to --throughput-batches calls ``call(i)`` after two untimed ones."""
+    for i in range(2):
+        call(i)
+    times_ms = []
+    deadline = time.perf_counter() + args.time_limit
+    for i in range(args.throughput_batches):
+        start = time.perf_counter()
+        call(i)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > deadline:
+            break
+    return times_ms
+
+
+def engine_throughput_rows(args, name, recommender, device, card, interaction, graphs, histories) -> list[Row]:
+    from hstu.serving.engine import Request
+
+    rows = []
+    engine = recommender.serving_engine()
+    for form in ("lists", "arrays"):
+        batches = [[Request(b, items, times, K) for b, (items, times) in enumerate(batch)]
+                   for batch in user_batches(args, histories, form)]
+        reports = []
+        times_ms = timed_batches(args, lambda i: reports.append(engine.infer_batch(batches[i % 4])[0]))
+        stats = percentiles(times_ms)
+        paths, kernels = summary(Counter(outcome(report) for report in reports[2:]), reports[-1])
+        rows.append(Row(name, device, card, interaction, graphs, "throughput-engine",
+                        f"infer_batch(), cache off, histories as {form}", len(times_ms), **stats,
+                        users_per_s=args.batch_users / (stats["p50_ms"] / 1e3), path=paths, kernels=kernels,
+                        note=f"{args.batch_users} users a call; latencies are per call"))
+        print_row(rows[-1])
+    return rows
 
 
 def throughput_rows(args, name, recommender, device, card, interaction, histories) -> list[Row]:
     rows = []
-    users = histories.all_users
     for form in ("lists", "arrays"):
-        def batch(i):
-            chosen = users[(i * args.batch_users + np.arange(args.batch_users)) % len(users)]
-            if form == "lists":
-                return [histories.events(int(u)) for u in chosen]
-            return [(histories.items[histories.offsets[u]:histories.offsets[u + 1]],
-                      histories.times[histories.offsets[u]:histories.offsets[u + 1]]) for u in chosen]
-
-        batches = [batch(i) for i in range(4)]
-        for i in range(2):  # warm-up
-            recommender.recommend(batches[i % 4], k=K, batch_size=args.batch_users)
-        times_ms = []
-        deadline = time.perf_counter() + args.time_limit
-        for i in range(args.throughput_batches):
-            start = time.perf_counter()
-            recommender.recommend(batches[i % 4], k=K, batch_size=args.batch_users)
-            times_ms.append((time.perf_counter() - start) * 1e3)
-            if time.perf_counter() > deadline:
-                break
+        batches = user_batches(args, histories, form)
+        times_ms = timed_batches(args, lambda i: recommender.recommend(batches[i % 4], k=K,
+                                                                         batch_size=args.batch_users))
         stats = percentiles(times_ms)
-        rows.append(Row(name, device, card, interaction, "throughput", f"recommend(), histories as {form}",
+        rows.append(Row(name, device, card, interaction, "-", "throughput", f"recommend(), histories as {form}",
                         len(times_ms), **stats, users_per_s=args.batch_users / (stats["p50_ms"] / 1e3),
                         note=f"{args.batch_users} users a call; latencies are per call"))
         print_row(rows[-1])
@@ -288,10 +320,13 @@ def http_rows(args, name, config, device, interaction, histories, flags) -> list
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         export_dir = write_export(Path(tmp) / "export", build_model(config, None), model_config(config),
                                   histories.item_ids, metrics={}, data={"source": "bench_serving (random weights)"})
-        for scenario in scenarios:
+        runs = [(graphs, scenario) for graphs in (args.cuda_graphs if device.startswith("cuda") else ["-"])
+                for scenario in scenarios]
+        for graphs, scenario in runs:
             cache_bytes = 0 if scenario == "http-full" else args.cache_bytes
-            with ServerProcess(export_dir, tmp, Path(tmp) / f"server-{scenario}.log", device=device,
-                               cache_bytes=cache_bytes, max_batch_size=1, kernels=flags, log_level="error") as server:
+            with ServerProcess(export_dir, tmp, Path(tmp) / f"server-{scenario}-{graphs}.log", device=device,
+                               cache_bytes=cache_bytes, cuda_graphs=graphs != "off", max_batch_size=1, kernels=flags,
+                               log_level="error") as server:
                 session = requests.Session()
 
                 def send(user, items, times):
@@ -304,7 +339,7 @@ def http_rows(args, name, config, device, interaction, histories, flags) -> list
                 latencies, outcomes, report = timed_requests(call, prime, args.requests, args.warmup,
                                                              args.time_limit)
             paths, kernels = summary(outcomes, report)
-            rows.append(Row(name, device, card_name(device), interaction, scenario, "HTTP (127.0.0.1, LitServe)",
+            rows.append(Row(name, device, card_name(device), interaction, graphs, scenario, "HTTP (127.0.0.1, LitServe)",
                             len(latencies), **percentiles(latencies), path=paths, kernels=kernels,
                             note="timed at the client, keep-alive; max_batch_size 1; "
                                  + stopped_note(len(latencies), args)))
@@ -329,7 +364,8 @@ def fmt(value) -> str:
 
 
 def print_row(row: Row) -> None:
-    print(f"{row.config:16s} {row.device:5s} interaction={row.interaction:3s} {row.scenario:15s} {row.transport:32s} "
+    print(f"{row.config:16s} {row.device:5s} interaction={row.interaction:3s} graphs={row.cuda_graphs:3s} "
+          f"{row.scenario:17s} {row.transport:32s} "
           f"n={row.requests:6d} p50={fmt(row.p50_ms)} p99={fmt(row.p99_ms)} ms"
           + (f" users/s={row.users_per_s:,.0f}" if row.users_per_s else "")
           + f" | {row.path} | {row.note}", flush=True)
@@ -354,6 +390,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
     parser.add_argument("--interaction", default="on,off",
                         help="top-k operator on Triton (on) and/or its reference (off); GPU only")
+    parser.add_argument("--cuda-graphs", default="on,off",
+                        help="engine steps replayed from CUDA graphs (on) and/or launched eagerly (off); GPU only")
     parser.add_argument("--requests", type=int, default=10_000, help="timed requests per latency scenario")
     parser.add_argument("--warmup", type=int, default=200, help="untimed requests before timing")
     parser.add_argument("--time-limit", type=float, default=150.0, help="seconds of timing per scenario at most")
@@ -366,6 +404,9 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.cuda_graphs = [s for s in args.cuda_graphs.split(",") if s]
+    if not args.cuda_graphs or set(args.cuda_graphs) - {"on", "off"}:
+        parser.error(f"--cuda-graphs: a comma-separated subset of on,off, got {','.join(args.cuda_graphs)!r}")
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown scenario(s) or config(s): {unknown}")

@@ -28,11 +28,21 @@ How the path is chosen (checked in this order; each call reports the outcome in
    HSTU-large on a 2-core CPU with other processes busy: a cache hit took ~10x, a whole window ~17x
    longer on two threads than on one). The setting is process-wide while the step runs; the engine's
    lock serialises steps.
-CUDA graphs are not used (``cuda_graph``: false in every report).
+7. CUDA graphs: on CUDA, unless switched off (``ServingOptions.cuda_graphs``), a step that the
+   incremental encoder computes (cache hit, miss or off) and the compiled package does not serve
+   runs on the fixed shapes of its bucket (``hstu.serving.static_shapes``: users, computed and
+   cached tokens, query rows, exclusions and k rounded up) and is replayed from the CUDA graph
+   captured for that bucket at its first use (``hstu.serving.graphs``; at most ``MAX_GRAPHS``
+   buckets kept, least recently used first out; batches of at most ``MAX_GRAPH_USERS`` users).
+   The whole step, top-k included, is one replay: the host copies the packed inputs in, the
+   cached keys and values of hit users into the bucket's buffer, and scores and ids out. The
+   report says ``cuda_graph`` true with the bucket, or false and why (switched off, not CUDA, a
+   model without the incremental path, the compiled package, a batch above the cap, a failed
+   capture, which switches graphs off for the engine).
 
 Results equal ``Recommender.recommend`` on the same history and request time within float32
-rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch or the
-compiled package sums in another order than a whole window computed alone.
+rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch, a padded
+static step or the compiled package sums in another order than a whole window computed alone.
 """
 from __future__ import annotations
 
@@ -51,8 +61,11 @@ import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
 from hstu.serving.histories import Events, prepare_histories
+from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
+from hstu.serving.graphs import StaticSteps
 from hstu.serving.incremental import DeltaBatch, IncrementalEncoder, unsupported_reason
 from hstu.serving.kv_cache import CacheEntry, KVCache, events_fingerprint
+from hstu.serving.static_shapes import HostStep
 
 if TYPE_CHECKING:
     from hstu.inference import Recommender
@@ -75,10 +88,12 @@ def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
 @dataclass(frozen=True)
 class ServingOptions:
     """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off; ``compiled`` False
-    ignores a compiled scoring package in the export folder."""
+    ignores a compiled scoring package in the export folder; ``cuda_graphs`` False launches every
+    operator eagerly on CUDA instead of replaying a captured step."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
     compiled: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -135,6 +150,7 @@ class ServingEngine:
         self.manager = self.model.manager
         self.device = recommender.device
         self.dtype = next(self.model.parameters()).dtype
+        self._device_name, self._dtype_name = str(self.device), str(self.dtype).removeprefix("torch.")
         self.incremental_reason = unsupported_reason(self.model)
         self.encoder = IncrementalEncoder(self.model) if self.incremental_reason is None else None
         if self.encoder is None:
@@ -147,6 +163,7 @@ class ServingEngine:
         with torch.no_grad():  # the served weights never change: normalise the item table once, not per request
             self.unit_items = l2_normalize(self.model.item_table[1:].float())
         self.package, self.package_k, self.package_reason = self._load_package()
+        self.static_steps, self.graph_reason = self._static_steps()
         self._stats = _Stats()
         self._lock = threading.Lock()  # one batch at a time: the cache and the model are shared
 
@@ -169,6 +186,16 @@ class ServingEngine:
         package = aoti_load_package(str(path))
         return package, self.recommender.config["compiled"][path.name]["k"], f"{path.name}"
 
+    def _static_steps(self) -> tuple[StaticSteps | None, str | None]:
+        """(the captured static-shape steps, or None and why not)."""
+        if not self.options.cuda_graphs:
+            return None, "switched off (cuda_graphs=False)"
+        if self.encoder is None:
+            return None, f"no static-shape step for this model: {self.incremental_reason}"
+        if self.device.type != "cuda":
+            return None, f"CUDA only (device {self.device})"
+        return StaticSteps(self.encoder, self.unit_items, self.device, capture=True), None
+
     # ---- requests -----------------------------------------------------------------------------
     def infer(self, user_id, user_behaviors, num_recommendations: int, request_time: int | None = None) -> dict:
         (result,) = self.infer_batch([Request.from_behaviors(user_id, user_behaviors, num_recommendations,
@@ -177,6 +204,10 @@ class ServingEngine:
 
     def check(self, request: Request) -> None:
         """Raise ValueError / KeyError naming what is wrong with a request, before it joins a batch."""
+        self._check_fields(request)
+        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+
+    def _check_fields(self, request: Request) -> None:
         num_items = self.model.num_items
         if isinstance(request.k, bool) or not isinstance(request.k, (int, np.integer)) or not 1 <= request.k <= num_items:
             raise RequestError(f"k must be an integer in [1, {num_items}] (the number of items), got {request.k!r}")
@@ -185,18 +216,27 @@ class ServingEngine:
             raise RequestError(f"request_time must be integer Unix seconds, got {request.request_time!r}")
         if len(request.items) == 0:
             raise RequestError("the history is empty: at least one (item, timestamp) event is needed")
-        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+
+    def _histories(self, requests: Sequence[Request]) -> Events:
+        """The batch's histories, prepared at once; a bad one raises the error its own :meth:`check` raises."""
+        try:
+            return prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests])
+        except RequestError:
+            for request in requests:
+                self.check(request)
+            raise
 
     def infer_batch(self, requests: Sequence[Request]) -> list[dict]:
         """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together."""
         start = time.perf_counter()
         for request in requests:
-            self.check(request)
+            self._check_fields(request)
         if not requests:
             return []
+        events = self._histories(requests)
         with self._lock:
             try:
-                results = self._serve(requests)
+                results = self._serve(requests, events)
             except Exception:
                 self._stats.errors += len(requests)
                 raise
@@ -209,16 +249,16 @@ class ServingEngine:
                 self._stats.paths[result["optimizations_applied"]["path"]] += 1
         return results
 
-    def _serve(self, requests: Sequence[Request]) -> list[dict]:
-        events = prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests])
+    def _serve(self, requests: Sequence[Request], events: Events) -> list[dict]:
         recent, window_offsets = events.recent(self.model.max_seq_len)
         window_items, window_times = events.item_ids[recent], events.timestamps[recent]
         request_times = events.last_timestamps()
         for b, request in enumerate(requests):
             if request.request_time is not None:
                 request_times[b] = request.request_time
-        plans = [self._plan(request, events, window_items, window_times, window_offsets, b)
-                 for b, request in enumerate(requests)]
+        bounds, history_lengths = window_offsets.tolist(), events.lengths.tolist()
+        plans = [self._plan(request.user_id, history_lengths[b], slice(bounds[b], bounds[b + 1]), window_items,
+                            window_times) for b, request in enumerate(requests)]
         k = max(r.k for r in requests)
         if self.package is not None and k <= self.package_k:
             scores, ids = self.package(*self._upload(
@@ -226,34 +266,65 @@ class ServingEngine:
             ranked = self.recommender.ranked(ids.cpu().numpy(), scores.cpu().numpy())
             return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
                     for b, (request, plan) in enumerate(zip(requests, plans))]
-        calls_before = _call_counts(self.manager)
+        calls_before = self.manager.call_counts()
         computed_tokens = sum(plan.window.stop - plan.window.start - plan.first_new for plan in plans)
+        static, graph_detail = self._graph_use(len(requests))
+        graph = (False, graph_detail)
         with intra_op_threads_for(self.device, computed_tokens * self.model.embedding.dim) as threads:
-            if self.encoder is None:
+            if static:
+                scores, ids, graph = self._encode_static(plans, window_items, window_times, request_times, events, k)
+            elif self.encoder is None:
                 queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
                 exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
             else:
-                queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times,
-                                                                     request_times, events)
-        with torch.no_grad():
-            scores, ids, _ = hstu_kernels.topk_items(
-                l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
-                exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
-        ranked = self.recommender.ranked(ids.cpu().numpy() + 1, scores.cpu().numpy())
-        kernels = _backends_run(calls_before, _call_counts(self.manager))
-        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads)
+                queries, exclude_ids, exclude_offsets = self._encode(plans, window_items, window_times, request_times,
+                                                                     events)
+        if not static:
+            with torch.no_grad():
+                scores, ids, _ = hstu_kernels.topk_items(
+                    l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
+                    exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
+            scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
+        ranked = self.recommender.ranked(ids + 1, scores)
+        kernels = _backends_run(calls_before, self.manager.call_counts())
+        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads,
+                             graph=graph)
                 for b, (request, plan) in enumerate(zip(requests, plans))]
 
-    def _plan(self, request, events: Events, window_items, window_times, window_offsets, b) -> _Plan:
-        window = slice(int(window_offsets[b]), int(window_offsets[b + 1]))
-        history_len = int(events.lengths[b])
+    def _graph_use(self, num_users: int) -> tuple[bool, str]:
+        """(whether this batch runs as a static step, why not / which)."""
+        if self.static_steps is None:
+            return False, self.graph_reason
+        if self.static_steps.reason is not None:
+            return False, self.static_steps.reason
+        if num_users > MAX_GRAPH_USERS:
+            return False, f"batch of {num_users} users: graphs hold at most {MAX_GRAPH_USERS}"
+        return True, ""
+
+    def _plan(self, user_id, history_len: int, window: slice, window_items, window_times) -> _Plan:
         if self.cache is None:
-            return _Plan(request.user_id, history_len, window, None, "off", self.cache_off_reason, 0)
-        entry, detail = self.cache.lookup(request.user_id, self.export_fingerprint, window_items[window],
+            return _Plan(user_id, history_len, window, None, "off", self.cache_off_reason, 0)
+        entry, detail = self.cache.lookup(user_id, self.export_fingerprint, window_items[window],
                                           window_times[window], history_len, self.model.max_seq_len)
         if entry is None:
-            return _Plan(request.user_id, history_len, window, None, "miss", detail, 0)
-        return _Plan(request.user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+            return _Plan(user_id, history_len, window, None, "miss", detail, 0)
+        return _Plan(user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+
+    def _encode_static(self, plans, window_items, window_times, request_times, events: Events, k: int):
+        """(scores, item rows, (graph replayed, the step's shape)) of the batch as a static step
+        (``hstu.serving.static_shapes``), replayed from its CUDA graph when the steps capture; fills the cache."""
+        new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
+            plans, window_times, request_times)
+        hits = [plan.cached.kv for plan in plans if plan.cached is not None]
+        step = HostStep(window_items[new_index], window_times[new_index], positions, query_times, seq_offsets,
+                        cached_offsets, cached_times, events.item_ids - 1, events.offsets)
+        shape = self.static_steps.shape("delta" if hits else "whole", step, k)
+        scores, ids, new_kv, graphed = self.static_steps.run(shape, step, hits, keep_kv=self.cache is not None)
+        if self.cache is not None:
+            self._store(plans, window_items, window_times, new_kv, seq_offsets)
+        if graphed:
+            return scores, ids, (True, f"{graphed}: {shape.describe()}")
+        return scores, ids, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
 
     def _encode(self, plans, window_items, window_times, request_times, events: Events):
         """(states after each user's last event, the exclusions for top-k on the device), computing only
@@ -282,7 +353,9 @@ class ServingEngine:
             if window_len < 2:
                 continue
             computed = new_kv[:, seq_offsets[b]:seq_offsets[b + 1] - 1]  # all but the last position
-            kv = computed.contiguous() if plan.cached is None else torch.cat([plan.cached.kv, computed], dim=1)
+            # A copy, never a view: new_kv may be a graph's output, which the next replay overwrites.
+            kv = computed.clone(memory_format=torch.contiguous_format) if plan.cached is None else \
+                torch.cat([plan.cached.kv, computed], dim=1)
             self.cache.store(plan.user_id, CacheEntry(
                 export=self.export_fingerprint, num_events=window_len, history_len=plan.history_len,
                 prefix=events_fingerprint(window_items[plan.window], window_times[plan.window]), kv=kv))
@@ -301,20 +374,22 @@ class ServingEngine:
             return self.model.user_states(batch.to(self.device))
 
     def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
-                compiled: bool = False, threads: int | None = None) -> dict:
+                compiled: bool = False, threads: int | None = None,
+                graph: tuple[bool, str] = (False, "")) -> dict:
         window_len = plan.window.stop - plan.window.start
         return {
             "recommendations": [{"item": item, "score": score} for item, score in ranked],
             "optimizations_applied": {
                 "path": "incremental" if plan.cached is not None else "whole window",
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self._device_name,
+                "dtype": self._dtype_name,
                 "kernels": kernels if not compiled else "inside the compiled package",
                 "kv_cache": plan.cache_outcome,
                 "kv_cache_detail": plan.cache_detail,
                 "positions_reused": plan.first_new,
                 "positions_computed": window_len - plan.first_new,
-                "cuda_graph": False,
+                "cuda_graph": graph[0],
+                "cuda_graph_detail": graph[1] if not compiled else "inside the compiled package: not captured",
                 "compiled": compiled,
                 "compiled_detail": self.package_reason,
                 "batch_size": batch_size,
@@ -359,6 +434,8 @@ class ServingEngine:
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "compiled_package": self.package_reason,
+                "cuda_graphs": self.static_steps.stats() if self.static_steps is not None else {
+                    "enabled": False, "reason": self.graph_reason},
                 "kernels": self.manager.get_stats(),
                 "kernel_availability": self.manager.get_operator_availability(),
             }
@@ -366,25 +443,29 @@ class ServingEngine:
 
 def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_times: np.ndarray):
     """Host arrays of a DeltaBatch: which window events are computed, at which positions, with which
-    query times, and the jagged offsets of the new and the cached parts."""
-    starts = np.array([p.window.start + p.first_new for p in plans], dtype=np.int64)
-    stops = np.array([p.window.stop for p in plans], dtype=np.int64)
-    lengths = stops - starts
-    seq_offsets = np.zeros(len(plans) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=seq_offsets[1:])
-    owner = np.repeat(np.arange(len(plans)), lengths)
+    query times, and the jagged offsets of the new and the cached parts (no loop over events)."""
+    num_users = len(plans)
+    window_starts = np.fromiter((p.window.start for p in plans), np.int64, num_users)
+    window_stops = np.fromiter((p.window.stop for p in plans), np.int64, num_users)
+    cached_lengths = np.fromiter((p.first_new for p in plans), np.int64, num_users)
+    starts = window_starts + cached_lengths
+    seq_offsets, owner = _jagged(window_stops - starts)
     new_index = np.arange(seq_offsets[-1], dtype=np.int64) - seq_offsets[owner] + starts[owner]
-    window_starts = np.array([p.window.start for p in plans], dtype=np.int64)
     positions = new_index - window_starts[owner]
     # The query time of position i is the time of event i+1; the last position's is the request time.
     query_times = np.empty_like(new_index)
     query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
     query_times[seq_offsets[1:] - 1] = request_times
-    cached_lengths = np.array([p.first_new for p in plans], dtype=np.int64)
-    cached_offsets = np.zeros(len(plans) + 1, dtype=np.int64)
-    np.cumsum(cached_lengths, out=cached_offsets[1:])
-    cached_index = np.concatenate([np.arange(p.window.start, p.window.start + p.first_new) for p in plans])
-    return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index.astype(np.int64)]
+    cached_offsets, cached_owner = _jagged(cached_lengths)
+    cached_index = np.arange(cached_offsets[-1], dtype=np.int64) - cached_offsets[cached_owner] + window_starts[cached_owner]
+    return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index]
+
+
+def _jagged(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [B+1], the owner of each of the sum(lengths) elements) of jagged lengths."""
+    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, np.repeat(np.arange(lengths.shape[0]), lengths)
 
 
 @contextlib.contextmanager
@@ -412,15 +493,12 @@ def model_fingerprint(model: torch.nn.Module, device: torch.device) -> str:
     return digest.hexdigest()
 
 
-def _call_counts(manager) -> dict[str, Counter]:
-    return {op: Counter(stats["calls"]) for op, stats in manager.get_stats().items()}
-
-
-def _backends_run(before: dict[str, Counter], after: dict[str, Counter]) -> dict[str, str]:
+def _backends_run(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, str]:
     """Per operator called in between: the backend it ran on ("triton", "reference", or both joined)."""
     out = {}
     for op, calls in after.items():
-        ran = sorted(backend for backend, n in (calls - before.get(op, Counter())).items() if n > 0)
+        earlier = before.get(op, {})
+        ran = sorted(backend for backend, n in calls.items() if n > earlier.get(backend, 0))
         if ran:
             out[op] = "+".join(ran)
     return out

@@ -106,11 +106,14 @@ class IncrementalEncoder:
                     num_time_buckets=first.time_weight.numel() if use_time else None,
                     q_timestamps=batch.query_timestamps if use_time else None,
                     k_timestamps=batch.timestamps if use_time else None)
+        # validate=False: the engine built the offsets (checking their values would wait for the device)
         if batch.cached_kv is None:
-            return hstu_kernels.hstu_attention_layout(batch.seq_offsets, first.max_seq_len, q.shape[0], **bias)
+            return hstu_kernels.hstu_attention_layout(batch.seq_offsets, first.max_seq_len, q.shape[0], validate=False,
+                                                      **bias)
         return hstu_kernels.hstu_attention_delta_layout(
             batch.seq_offsets, batch.cached_offsets, first.max_seq_len, q.shape[0], batch.cached_kv.shape[1],
-            max_new_len=batch.max_new_len, cached_k_timestamps=batch.cached_timestamps if use_time else None, **bias)
+            max_new_len=batch.max_new_len, cached_k_timestamps=batch.cached_timestamps if use_time else None,
+            validate=False, **bias)
 
     def _attention(self, block, index: int, q, k, v, batch: DeltaBatch, layout) -> torch.Tensor:
         use_time = block.time_weight is not None

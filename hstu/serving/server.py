@@ -92,18 +92,20 @@ class RecommendAPI(ls.LitAPI):
     """One inference worker: a Recommender with its own ServingEngine (and KV cache)."""
 
     def __init__(self, export_dir: str, kernels: dict[str, bool] | None, cache_bytes: int, shared_stats,
-                 max_batch_size: int, batch_timeout: float, warm_up: bool = True):
+                 max_batch_size: int, batch_timeout: float, warm_up: bool = True, cuda_graphs: bool = True):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/recommend")
         self.export_dir = export_dir
         self.kernels = kernels
         self.cache_bytes = cache_bytes
+        self.cuda_graphs = cuda_graphs
         self.shared_stats = shared_stats
         self.warm_up = warm_up
 
     def setup(self, device: str) -> None:
         self.worker = f"worker {os.environ.get('LITSERVE_WORKER_ID', os.getpid())} ({device}, pid {os.getpid()})"
         self.recommender = Recommender.from_export(self.export_dir, device=device, kernels=self.kernels)
-        self.engine = self.recommender.serving_engine(ServingOptions(cache_bytes=self.cache_bytes))
+        self.engine = self.recommender.serving_engine(ServingOptions(cache_bytes=self.cache_bytes,
+                                                                           cuda_graphs=self.cuda_graphs))
         if self.warm_up:
             self.engine.warm_up()
         self._published = -1
@@ -155,12 +157,12 @@ def aggregate_stats(per_worker: dict[str, dict]) -> dict[str, Any]:
 
 def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 1, max_batch_size: int = 32,
                  batch_timeout: float = 0.002, cache_bytes: int = 1 << 30, kernels: dict[str, bool] | None = None,
-                 timeout: float = 30.0, warm_up: bool = True) -> ls.LitServer:
+                 timeout: float = 30.0, warm_up: bool = True, cuda_graphs: bool = True) -> ls.LitServer:
     """A LitServer for ``export_dir`` (not started: call ``.run(host=..., port=...)``).
 
     ``workers`` inference workers on ``device`` ("cpu" or "cuda"), each with its own KV cache of
     ``cache_bytes``; ``kernels``: operator flags (None: Triton where it can run, see
-    ``hstu.serving.engine.serving_kernel_flags``).
+    ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs``: ``ServingOptions.cuda_graphs``.
     """
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
@@ -169,7 +171,8 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     stats_manager = multiprocessing.Manager()
     shared_stats = stats_manager.dict()
     kernels = serving_kernel_flags(device) if kernels is None else kernels
-    api = RecommendAPI(export_dir, kernels, cache_bytes, shared_stats, max_batch_size, batch_timeout, warm_up)
+    api = RecommendAPI(export_dir, kernels, cache_bytes, shared_stats, max_batch_size, batch_timeout, warm_up,
+                       cuda_graphs)
     server = ls.LitServer(api, accelerator=device, devices=1, workers_per_device=workers, timeout=timeout,
                           model_metadata={"export_dir": export_dir, "num_items": num_items})
     server.stats_manager = stats_manager  # kept alive as long as the server

@@ -68,7 +68,7 @@ def topk_items(
         if exclude_ids is not None:
             local = exclude_query - start
             local = torch.where((local >= 0) & (local < rows), local, rows)  # other chunks' rows: the spare row
-            buffer.index_put_((local, exclude_ids), torch.tensor(float("-inf"), device=device))
+            buffer.index_put_((local, exclude_ids), buffer.new_full((), float("-inf")))  # no host copy: capturable
         if target_ids is not None:
             scores[row_index, targets] = float("-inf")  # the target is not one of the "other" items
             target_rank[start:stop] = 1 + (scores >= target_scores.unsqueeze(1)).sum(dim=1)
