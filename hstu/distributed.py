@@ -11,6 +11,9 @@ Who starts the processes decides the rest:
 
 Counts that every rank keeps for itself (samples, operator calls) are added up with
 :func:`sum_over_processes` once a run ends.
+
+:class:`DDPStrategy` (``conf/trainer/ddp.yaml``) is Lightning's, with its gradient communication hook
+registered on CPU (gloo) processes as well as on GPUs.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 
 from hstu.errors import ConfigError
 from hstu.files import write_text_atomically
@@ -70,6 +75,22 @@ def shared_new_directory(path: str, make: Callable[[str], str]) -> str:
         time.sleep(0.2)
     raise ConfigError(f"hydra.run.dir: rank {rank} waited {RUN_DIR_NOTE_TIMEOUT_S:.0f} s for rank zero's run "
                       f"directory in {note}; pass hydra.run.dir=<dir> (the same on every rank)")
+
+
+# ---- the strategy -----------------------------------------------------------------------------------
+
+class DDPStrategy(_LightningDDPStrategy):
+    """Lightning's DDPStrategy, registering ``ddp_comm_hook`` on every device: Lightning registers it on
+    CUDA devices only, and the CPU (gloo) runs and tests should take the GPU runs' gradient path. With
+    ``gradient_as_bucket_view`` the hook leaves no work per parameter in a step: the gradients are views
+    of DDP's buckets, and the hook divides each bucket by the number of processes once and all-reduces it
+    (DDP's built-in path divides and copies every gradient into its bucket and back)."""
+
+    def _register_ddp_hooks(self) -> None:
+        if self.root_device.type == "cuda":
+            return super()._register_ddp_hooks()
+        _register_ddp_comm_hook(model=self.model, ddp_comm_state=self._ddp_comm_state,
+                                ddp_comm_hook=self._ddp_comm_hook, ddp_comm_wrapper=self._ddp_comm_wrapper)
 
 
 # ---- checks and data before fit ------------------------------------------------------------------

@@ -114,9 +114,19 @@ class RecModule(L.LightningModule):
         return TrainStep(self.model, self.optimizers().optimizer, self.nonfinite,
                          sequences=datamodule.device_sequences(self.device) if planned else None,
                          layout=layout, capture=self.capture,
-                         # DDP: the strategy's backward readies the gradient all-reduce; one NaN skips every update
-                         backward=self.manual_backward if wrapped else None,
-                         share_flag=_max_over_processes if wrapped else None)
+                         # DDP: the strategy readies the gradient all-reduce; one NaN skips every process's update
+                         backward=self._ddp_backward if wrapped else None,
+                         share_flag=_max_over_processes if wrapped and self.trainer.world_size > 1 else None)
+
+    def _ddp_backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` between the DDP strategy's own steps around a backward (it readies DDP's
+        reducer, whose hooks all-reduce the gradients). Like the plain step, it calls no
+        ``on_before_backward``/``on_after_backward`` hooks: ``manual_backward`` would call every callback's
+        twice a step."""
+        strategy = self.trainer.strategy
+        strategy.pre_backward(loss)
+        loss.backward()
+        strategy.post_backward(loss)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """The epoch's mean loss, read from the device once, after its last training step."""

@@ -16,10 +16,10 @@ How a step stays capturable:
   device while the non-finite-loss flag (``hstu.guards.NonFiniteLossFlag``) is set; the host reads the
   flag and the loss sum once per epoch.
 
-Under DDP (never captured) the backward goes through the strategy (``backward``: Lightning's
-``manual_backward``, which readies DDP's gradient all-reduce) and the non-finite flag is made the
-maximum over processes before the update (``share_flag``): the all-reduced gradients of a step carry one
-process's NaN to all of them, so all of them must skip that update.
+Under DDP (never captured) the backward goes through the strategy (``backward``:
+``RecModule._ddp_backward``, which readies DDP's gradient all-reduce) and, with several processes, the
+non-finite flag is made the maximum over processes before the update (``share_flag``): the all-reduced
+gradients of a step carry one process's NaN to all of them, so all of them must skip that update.
 
 The first step of each capacity runs eagerly (on a side stream, as warm-up before capture must) and is
 then captured; later steps of that capacity replay. Operator calls inside the graph are counted by the

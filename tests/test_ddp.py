@@ -29,14 +29,15 @@ TINY = [
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``scripts/<script>.py args`` (or ``tests/<script>.py``) in a new process started in ``cwd``."""
+def run(script: str, *args: str, cwd: Path, succeeds: bool = True) -> subprocess.CompletedProcess:
+    """``scripts/<script>.py args`` (or ``tests/<script>.py``) in a new process started in ``cwd``, which
+    must exit with status 0 (``succeeds``) or not."""
     path = ROOT / "scripts" / f"{script}.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / ".pypath"), str(ROOT),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(path if path.is_file() else ROOT / "tests" / f"{script}.py"), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == succeeds, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -83,12 +84,33 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path):
 @pytest.mark.slow
 def test_ranks_keep_the_same_weights(tmp_path):
     """DDP's all-reduce runs in the step's backward (manual optimisation): after several steps on different
-    examples both ranks hold the same parameters."""
+    examples both ranks hold the same parameters; the gradients are views of DDP's bucket."""
     run("ddp_weights", str(tmp_path), *TINY, *DDP, "trainer.max_epochs=1", "data.batch_size=8", "test=false",
         cwd=tmp_path)
-    lines = sorted(path.read_text().strip() for path in tmp_path.glob("parameter_sum_rank*.txt"))
+    reports = sorted(path.read_text().strip().split("\n") for path in tmp_path.glob("parameter_sum_rank*.txt"))
+    lines = [report[0] for report in reports]
     assert [line.split()[:4] for line in lines] == [["rank", "0", "steps", "4"], ["rank", "1", "steps", "4"]]
     assert lines[0].split()[-1] == lines[1].split()[-1]
+    # conf/trainer/ddp.yaml's settings reach DDP on CPU too: the gradients are views of one bucket (the tiny
+    # model fills one), all-reduced by the comm hook, with no copy or division per parameter
+    for report in reports:
+        assert report[1] == ("gradient_as_bucket_view True static_graph False comm_hook allreduce_hook "
+                             "gradient_storages 1 of 7"), report
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_skips_the_update_on_both(tmp_path):
+    """Rank 1's losses turn NaN from its third step: its NaN gradients reach rank 0 through the all-reduce, so
+    both ranks skip every update from there (the non-finite flag is shared) and keep the same finite weights;
+    the run then stops on both."""
+    proc = run("ddp_weights", str(tmp_path), *TINY, *DDP, "trainer.max_epochs=1", "data.batch_size=8", "test=false",
+               "+callbacks.fault._target_=train_faults.NaNLossFrom", "+callbacks.fault.epoch=0",
+               "+callbacks.fault.batch=2", "+callbacks.fault.rank=1", cwd=tmp_path, succeeds=False)
+    assert "the training loss was NaN or inf at epoch 0, batch 2" in proc.stderr
+    lines = sorted(path.read_text().split("\n")[0] for path in tmp_path.glob("parameter_sum_rank*.txt"))
+    assert [line.split()[:4] for line in lines] == [["rank", "0", "steps", "4"], ["rank", "1", "steps", "4"]]
+    sums = [float(line.split()[-1]) for line in lines]
+    assert math.isfinite(sums[0]) and sums[0] == sums[1], lines
 
 
 def test_multirun_with_processes_lightning_starts_is_refused(tmp_path):

@@ -23,12 +23,15 @@ class SignalAt(L.Callback):
 
 
 class NaNLossFrom(L.Callback):
-    """Makes every training loss NaN from batch ``batch`` of epoch ``epoch`` on."""
+    """Makes every training loss NaN from batch ``batch`` of epoch ``epoch`` on (on global rank ``rank``
+    alone when given)."""
 
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: int, rank: int | None = None):
+        self.epoch, self.batch, self.rank = epoch, batch, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             clean = pl_module.model.training_loss
             pl_module.model.training_loss = lambda b: clean(b) * torch.tensor(float("nan"))
