@@ -431,8 +431,8 @@ class ServingEngine:
                 },
                 "kv_cache": self.cache.stats() if self.cache is not None else {
                     "enabled": False, "reason": self.cache_off_reason},
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self._device_name,
+                "dtype": self._dtype_name,
                 "compiled_package": self.package_reason,
                 "cuda_graphs": self.static_steps.stats() if self.static_steps is not None else {
                     "enabled": False, "reason": self.graph_reason},
