@@ -30,12 +30,12 @@ How it computes, and why (kernels/triton/sequence_fusion_notes.md has the figure
   Extra memory: keys and permutation O((2 + S) L), g'' O(L D), partial rows O(L D / chunk).
 - Backward, ``scatter="atomic"``: one pass over grad tiles adds rows into fp32 gradients with
   relaxed atomics; runs of equal time buckets among consecutive tokens are first summed in the
-  tile (a sequence's old events share the clamped last bucket, a hot address for atomics). Not deterministic; used
-  only when asked for and deterministic algorithms are off. fp32 tables take the atomics in their
-  gradient itself; lower-precision tables need an fp32 gradient of their size (extra memory
-  O(N D), hence not the default).
-- ``SCATTER`` is the backward used when the caller does not name one; with
-  ``torch.use_deterministic_algorithms(True)`` the sort backward is always used.
+  tile (a sequence's old events share the clamped last bucket, a hot address for atomics). Not
+  deterministic. fp32 tables take the atomics in their gradient itself; lower-precision tables need
+  an fp32 gradient of their size (extra memory O(N D)).
+- ``default_scatter`` picks the backward when the caller names none: "atomic" (the faster one) unless
+  its extra memory would exceed O(L D); with ``torch.use_deterministic_algorithms(True)`` the sort
+  backward is always used.
 - Per-token integer work is kept small: the age is capped at width * (count - 1) and divided in
   int32 when every scale allows it, and the Philox index is int32 below 2^31 elements.
 - Indices are clamped into their tables (ids, positions, sequences), so malformed inputs that
@@ -57,7 +57,6 @@ from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TIME_SCALES = 4  # time-table slots of the kernels (the configs use up to three: hour, day, week)
-SCATTER = "sort"  # the backward when the caller names none (see the notes for the measurements)
 
 MAX_BLOCK_D = 256  # widest column block; wider rows take several column blocks
 TILE_ELEMENTS = 512 if KERNELS_INTERPRETED else 2048  # elements per token tile of the forward and backward passes
@@ -615,8 +614,8 @@ def sequence_fusion(
 ) -> torch.Tensor:
     """The input stage on Triton -> [L, D] in the tables' dtype (inputs checked by the caller).
 
-    ``scatter`` picks the backward ("sort" or "atomic"; None: ``SCATTER``); deterministic algorithms
-    (``torch.use_deterministic_algorithms``) always get the sort backward.
+    ``scatter`` picks the backward ("sort" or "atomic"; None: ``default_scatter``); deterministic
+    algorithms (``torch.use_deterministic_algorithms``) always get the sort backward.
     """
     if scatter is not None and scatter not in SCATTER_VARIANTS:
         raise ValueError(f"sequence_fusion: scatter must be one of {SCATTER_VARIANTS}, got {scatter!r}")
@@ -625,7 +624,10 @@ def sequence_fusion(
     seed_arg = None
     if p > 0.0:
         seed_arg = draw_seed(device) if seed is None else seed_tensor(seed, device)
-    variant = "sort" if torch.are_deterministic_algorithms_enabled() else (scatter or SCATTER)
+    if torch.are_deterministic_algorithms_enabled():
+        variant = "sort"
+    else:
+        variant = scatter or default_scatter(item_table, item_ids.shape[0])
     time_tables = list(time_tables)
     slots = time_tables + [None] * (MAX_TIME_SCALES - len(time_tables))
     widths = [int(width) for width, _ in time_scales]
@@ -633,6 +635,13 @@ def sequence_fusion(
     indices = (item_ids.contiguous(), timestamps.contiguous(), seq_offsets.contiguous())
     tables = [t.contiguous() if t is not None else None for t in (item_table, pos_table, *slots)]
     return _fusion(*indices, *tables, seed_arg, widths, counts, float(scale), p, bool(position_from_end), variant)
+
+
+def default_scatter(item_table: torch.Tensor, num_tokens: int) -> str:
+    """The backward when the caller names none: "atomic", the faster (BENCHMARKS.md), while its fp32
+    accumulators add at most O(L D) memory: fp32 tables (autocast training) take the atomics in their own
+    gradients, and other dtypes need an fp32 copy of each table, allowed up to L item rows; "sort" beyond."""
+    return "atomic" if item_table.dtype == torch.float32 or item_table.shape[0] <= num_tokens else "sort"
 
 
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
