@@ -213,6 +213,19 @@ def summary(outcomes: Counter, report: dict | None) -> tuple[str, str]:
 
 # ---- scenarios -------------------------------------------------------------------------------------
 
+def compiled_recommender(config, histories, device, scratch: Path) -> Recommender:
+    """A Recommender loaded from an export (in ``scratch``) of the random model with its scoring package for ``device``."""
+    from hstu.serving.compiled import compile_export
+
+    folder = scratch / "export"
+    write_export(folder, build_model(config, None), model_config(config), histories.item_ids, metrics={},
+                 data={"source": "bench_serving (random weights)"})
+    start = time.perf_counter()
+    compile_export(folder, device, k=K)
+    print(f"compiled the scoring package for {device} in {time.perf_counter() - start:.0f} s ({folder})", flush=True)
+    return Recommender.from_export(folder, device=device)
+
+
 def in_process_rows(args, name, config, device, interaction, histories, flags) -> list[Row]:
     rows = []
     recommender = Recommender(build_model(config, flags), histories.item_ids.tolist(), device=device)

@@ -11,12 +11,17 @@ pytest.importorskip("litserve", reason="the serve extra is not installed (pip in
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
+def load_bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "scripts" / "bench_serving.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_serving", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
+    bench = load_bench(monkeypatch)
     monkeypatch.chdir(tmp_path)
     # full-compiled is left out: its package build (a minute or more here) is tested in test_compiled_export.py
     rows = bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", ",".join(bench.DEFAULT_SCENARIOS),
@@ -36,3 +41,18 @@ def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "results" / "serving.json").read_text())) == len(rows)
     assert (tmp_path / "results" / "serving.csv").read_text().count("\n") == len(rows) + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing else written
+
+
+def test_bench_serving_full_compiled_builds_the_package_of_its_export(tmp_path, monkeypatch):
+    """The full-compiled scenario exports the model and asks for its package on the bench's device;
+    the build itself (a minute or more on a CPU) is replaced here and tested in test_compiled_export.py."""
+    import hstu.serving.compiled
+
+    bench = load_bench(monkeypatch)
+    builds = []
+    monkeypatch.setattr(hstu.serving.compiled, "compile_export",
+                        lambda folder, device, k: builds.append((Path(folder).name, device, k)))
+    rows = bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full-compiled", "--requests", "2",
+                       "--warmup", "1", "--out", str(tmp_path / "serving")])
+    assert builds == [("export", "cpu", bench.K)]
+    assert [(r.scenario, r.requests) for r in rows] == [("full-compiled", 2)]
