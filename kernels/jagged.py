@@ -17,10 +17,15 @@ def sequence_index(seq_offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
     - 1), never over the view ``offsets[1:]``: Inductor's Triton ``searchsorted`` in torch 2.11
     reads a sliced boundary tensor from its buffer's start (pytorch/pytorch#160964, fixed upstream
     by #184043), which puts every token one sequence too far on the GPU.
+
+    The clamp to [0, B-1] changes no valid result (offsets[0] = 0 <= t < offsets[B] = L). It gives
+    Inductor's value-range analysis the bound that ``offsets[sequence + 1]`` needs: without it, the
+    index ranges over [0, B+1] and a compiled CUDA kernel trips its device-side bounds assert
+    (pytorch/pytorch#186536).
     """
     offsets = seq_offsets.to(torch.int64)
     token = torch.arange(num_tokens, dtype=torch.int64, device=offsets.device)
-    return torch.searchsorted(offsets, token, right=True) - 1
+    return (torch.searchsorted(offsets, token, right=True) - 1).clamp(0, offsets.shape[0] - 2)
 
 
 def token_positions(seq_offsets: torch.Tensor, num_tokens: int, from_end: bool = False):
