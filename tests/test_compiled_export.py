@@ -116,3 +116,22 @@ def test_engine_serves_whole_windows_through_the_package_when_the_cache_is_off(c
     cached = Recommender.from_export(folder)  # the cache on: the eager encoder fills it, no package
     applied = cached.infer_with_optimal_strategy("u", list(zip(items, times)), 5)["optimizations_applied"]
     assert applied["compiled"] is False and "KV cache serves" in applied["compiled_detail"]
+
+
+def test_a_package_that_does_not_load_is_not_written(export_dir, tmp_path_factory, monkeypatch):  # noqa: F811
+    """The build loads its package in a fresh process before recording it: a package whose loader fails
+    (here a file that is not an archive; on CUDA, a loader that crashed with a segmentation fault) raises
+    with the child's exit status and leaves the export folder as it was."""
+    import torch._inductor
+
+    folder = shutil.copytree(export_dir, tmp_path_factory.mktemp("broken") / "export")
+    before = sorted(p.name for p in folder.iterdir()), (folder / "config.json").read_text()
+
+    def write_garbage(exported, package_path, inductor_configs):
+        with open(package_path, "wb") as f:
+            f.write(b"not a pt2 archive")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", write_garbage)
+    with pytest.raises(RuntimeError, match=r"does not load and run in a fresh process \(exit status 1: .+\); it was not written"):
+        compile_export(folder, "cpu", k=K)
+    assert (sorted(p.name for p in folder.iterdir()), (folder / "config.json").read_text()) == before

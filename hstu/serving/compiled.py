@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,7 @@ def compile_export(export_dir: str | Path, device: str | torch.device = "cpu", k
         # Inductor's bounds asserts on CUDA (pytorch/pytorch#192143); kernels then use their heuristic configs.
         aoti_compile_and_package(exported, package_path=staging,
                                  inductor_configs={"triton.autotune_at_compile_time": False})
+        check_package_runs(Path(staging), example_inputs(model, device), device)
         os.chmod(staging, 0o644)
         os.replace(staging, export_dir / name)
     except BaseException:
@@ -148,6 +151,35 @@ def compile_export(export_dir: str | Path, device: str | torch.device = "cpu", k
     config.setdefault("compiled", {})[name] = entry
     _replace_json(export_dir / CONFIG_FILE, config)
     return export_dir / name
+
+
+# Run in a fresh interpreter with plain torch: load the package, score the inputs, report the output shapes.
+_LOAD_AND_RUN = """
+import sys, torch
+from torch._inductor import aoti_load_package
+inputs = [t.to(sys.argv[3]) for t in torch.load(sys.argv[2], weights_only=True)]
+scores, items = aoti_load_package(sys.argv[1])(*inputs)
+print(tuple(scores.shape), tuple(items.shape))
+"""
+
+
+def check_package_runs(package: Path, inputs: tuple[torch.Tensor, ...], device: torch.device,
+                       timeout: float = 600.0) -> None:
+    """Load ``package`` in a fresh Python process and score ``inputs`` there; raise with its exit status
+    and last output line if that fails. A package that crashes its loader (a segmentation fault kills
+    the process, so no caller could catch it) is never recorded in an export."""
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs_file = Path(scratch) / "inputs.pt"
+        torch.save([t.cpu() for t in inputs], inputs_file)
+        try:
+            result = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(package), str(inputs_file), device.type],
+                                    capture_output=True, text=True, timeout=timeout, cwd=scratch)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{package.name}: loading and running it in a fresh process took over {timeout:.0f} s") from None
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise RuntimeError(f"{package.name}: the package does not load and run in a fresh process "
+                           f"(exit status {result.returncode}: {last}); it was not written")
 
 
 def _replace_json(path: Path, content: dict) -> None:
