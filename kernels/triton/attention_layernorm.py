@@ -47,18 +47,21 @@ MAX_WIDTH = 8192  # a gate or LayerNorm row is held whole in registers by one pr
 ROW_ALIGN = 8  # gated rows (K values + the ones column) padded to a multiple of 8 elements (16 bytes in bf16)
 TAIL_BLOCK = tl.constexpr(ROW_ALIGN)
 
-# Per-shape rules (kernel notes, "Choices"; the benchmark variants force each side of them):
-# - output side: the fused projection holds a row block of the gate and reads all of W per program,
-#   and keeps dgated in registers; wider gates go to cuBLAS.
-# - input side, narrow rows: LayerNorm in the matmul's prologue, and the backward in one kernel
-#   (all of W per program). Wide rows: one LayerNorm kernel writes LN(x) in the matmul dtype (a
-#   prologue would re-read fp32 x for every column block), then plain tiled matmuls, cuBLAS for
-#   dz @ W^T and a LayerNorm-backward kernel.
+# Per-shape rules (kernel notes, "Choices"; the benchmark variants force each side of them), set from
+# GPU kernel times (H200, bf16 autocast, L = 25,600 and 200,000, D = H*dv in {50, 64, 256, 512}):
+# - output side: the gate kernel, then cuBLAS with the residual and the bias folded in, at every width.
+#   The fused projection (a row block of the gate in registers, all of W read per program, dgated
+#   kept in registers) measured 1.1-2.3x slower forward+backward at seven of the eight shapes and 3%
+#   faster at 25,600 x 64; it stays as the `output-fused` variant.
+# - input side: one LayerNorm kernel writes LN(x) in the matmul dtype, then a tiled matmul with SiLU
+#   in its epilogue, cuBLAS for dz @ W^T and a LayerNorm-backward kernel, at every width. LayerNorm in
+#   the matmul's prologue with a one-kernel backward measured 1.25-2.8x slower at every shape; it
+#   stays as the `input-prologue` variant.
 # - input side: the pre-activation is kept from this model width on (recomputing it costs 2*D*E
 #   FLOPs per row against 4*E bytes of storing and reading it).
-FUSED_OUTPUT_MAX_WIDTH = 256
+FUSED_OUTPUT_MAX_WIDTH = 0
 FUSED_OUTPUT_WIDTH_LIMIT = 512  # above it the fused kernels' W tiles outgrow shared memory (forced variants too)
-PROLOGUE_INPUT_MAX_DIM = 128
+PROLOGUE_INPUT_MAX_DIM = 0
 PROLOGUE_INPUT_DIM_LIMIT = 512  # above it the one-kernel backward's W tiles outgrow shared memory
 KEEP_PREACTIVATION_MIN_DIM = 256
 PROJECTIONS = ("fused", "cublas")
