@@ -462,14 +462,17 @@ def _row_plan(rows: int, width: int) -> tuple[tuple[int], dict]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _fused_output_plan(rows: int, dim: int, width: int) -> tuple[tuple[int], dict]:
+def _fused_output_plan(rows: int, dim: int, width: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
     """The fused projection: a [BLOCK_M, BLOCK_K] gate tile in registers, W^T in [BLOCK_K, BLOCK_N] tiles.
-    Every program reads all of W (from L2): taller row blocks read it fewer times, at more registers."""
+    Every program reads all of W (from L2): taller row blocks read it fewer times, at more registers.
+    fp32 (``dtype``, the matmul's) takes half the rows: its backward spills at the bf16 heights."""
     block_k = block_dim(width)
     if KERNELS_INTERPRETED:
         block_m, block_n, warps = 64, min(32, block_dim(dim)), 4
     else:
         block_m = 64 if block_k <= 64 else 32 if block_k <= 256 else 16
+        if dtype == torch.float32:
+            block_m = max(16, block_m // 2)
         block_n, warps = min(64, block_dim(dim)), 8
     return (cdiv(rows, block_m),), dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps,
                                         num_stages=1 if KERNELS_INTERPRETED else 2)
@@ -612,7 +615,7 @@ def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float,
         return out, gated
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
     p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
-    grid, constants = _fused_output_plan(rows, dim, width)
+    grid, constants = _fused_output_plan(rows, dim, width, weight.dtype)
     _output_fwd_kernel[grid](
         x, attn, u, attn if seed is None else seed, weight, x if bias is None else bias, gated, out, rows, dim, width,
         x.stride(0), x.stride(1), attn.stride(0), u.stride(0), weight.stride(0), gated.stride(0), out.stride(0),
@@ -639,7 +642,7 @@ def output_backward(grad_out, attn, u, weight, gated, seed, dropout_p: float, ep
         store_grad_mm = weight_grad and grad_out.dtype != mm_dtype
         grad_mm = torch.empty((rows, dim), dtype=mm_dtype, device=grad_out.device) if store_grad_mm else grad_out
         p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
-        grid, constants = _fused_output_plan(rows, dim, width)
+        grid, constants = _fused_output_plan(rows, dim, width, weight.dtype)
         _output_bwd_kernel[grid](
             grad_out, weight, attn, u, attn if seed is None else seed, grad_mm, dattn, du, rows, dim, width,
             grad_out.stride(0), grad_out.stride(1), weight.stride(0), attn.stride(0), u.stride(0), grad_mm.stride(0),
