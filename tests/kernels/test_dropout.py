@@ -57,13 +57,13 @@ def test_seeded_mask_is_word_col_mod_4_of_randint4x_at_the_column_group(device):
             assert torch.equal(keep, expected >= 0.5), f"width {width}, seed {seed}"
 
 
-def _store_tiles(seed, rows, width, first_row, block_c, wide, device):
+def _store_tiles(seed, rows, width, first_row, block_c, wide, device, block_m=4):
     """Rows first_row .. first_row + rows - 1 of a [*, width] tensor as dropout_uniforms (the kernels'
-    shared helper) gives them, in [4, block_c] tiles over a 2-d grid."""
+    shared helper) gives them, in [block_m, block_c] tiles over a 2-d grid."""
     out = torch.full((rows, width), float("nan"), device=device)
-    grid = (triton.cdiv(rows, 4), triton.cdiv(width, block_c))
-    _store_tiles_kernel[grid](seed_tensor(seed, device), out, first_row, rows, width, BLOCK_M=4, BLOCK_C=block_c,
-                              WIDE_COUNTERS=wide)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_c))
+    _store_tiles_kernel[grid](seed_tensor(seed, device), out, first_row, rows, width, BLOCK_M=block_m,
+                              BLOCK_C=block_c, WIDE_COUNTERS=wide)
     return out
 
 
@@ -86,6 +86,18 @@ def test_kernel_tile_helper_with_counters_past_2_31(device):
         for seed in (11, 2**40 + 3):
             got = _store_tiles(seed, 6, width, first_row, 16, True, device)
             assert torch.equal(got, philox_uniform(seed, 6, width, device, first_row=first_row)), (width, first_row)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_compiled_tile_helper_matches_the_reference_on_the_gpu():
+    """The helper as the GPU compiler lays out its interleave, in kernel-sized tiles, against the reference."""
+    for block_c in (4, 16, 64, 256):
+        for first_row, wide in ((0, False), (2**32 // 3, True)):
+            for width in WIDTHS + (1024,):
+                got = _store_tiles(2**40 + 1, 300, width, first_row, block_c, wide, "cuda", block_m=32)
+                expected = philox_uniform(2**40 + 1, 300, width, "cuda", first_row=first_row)
+                assert torch.equal(got, expected), (block_c, first_row, width)
 
 
 def test_reference_rows_do_not_depend_on_where_the_block_starts():
