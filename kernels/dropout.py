@@ -1,9 +1,23 @@
 """Dropout shared by every operator: torch's own, or a seeded mask that a kernel can regenerate.
 
-With a seed, the mask is a pure function of (seed, element index), defined as Triton's
-``tl.rand(seed, offsets) >= p`` with ``offsets`` the row-major element index. A Triton kernel can
-therefore regenerate the very same mask inside its forward and backward without storing it, and the
-mask is identical on every device.
+With a seed, the mask of a tensor is a pure function of (seed, row, column) of the tensor viewed as
+[rows, width]: width = its last dimension, rows = the product of the others (a 0-d tensor is one
+row of width 1). Element (r, c):
+
+- belongs to group g = r * ceil(width / 4) + c // 4 (groups of four columns, never straddling rows;
+  the last group of a row whose width is not a multiple of 4 leaves its surplus words unused);
+- takes 32-bit word c mod 4 of one Philox-4x32-10 evaluation (Salmon et al., "Parallel random
+  numbers: as easy as 1, 2, 3", SC 2011) with key (seed mod 2**32, seed >> 32) and counter
+  (g mod 2**32, g >> 32, 0, 0): the four words of ``triton.language.randint4x(seed, g)``, in order;
+- turns that word into a float32 uniform in [0, 1) as ``triton.language.random.uint_to_uniform_float``
+  does: the word read as int32, a negative one replaced by its bitwise not (giving [0, 2**31 - 1]),
+  converted to float32 and multiplied by the float32 constant 4.6566127342e-10;
+- is kept iff that uniform >= p (p as float32); kept elements are scaled by 1 / (1 - p).
+
+One Philox evaluation thus serves four elements of a row. A Triton kernel holding a row tile whose
+column start is a multiple of 4 regenerates the very same mask inside its forward and backward
+without storing it (``hstu_kernels.triton.common.dropout_uniforms``), and the mask is identical on
+every device.
 
 A seed is a Python int or an int64 device tensor. Training passes device tensors drawn from torch's
 own generator (:func:`draw_seed`): a captured CUDA graph then draws a new seed, hence a new mask, on
@@ -16,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 # Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
-# the generator behind triton.language.rand.
+# the generator behind triton.language.randint4x.
 _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_KEY_A = 0x9E3779B9
@@ -54,25 +68,26 @@ def _mul_hi_lo(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return hi, lo
 
 
-def philox_uniform(seed: int | torch.Tensor, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """float32 [numel] in [0, 1): element i equals ``triton.language.rand(seed, i)`` bit for bit.
+def philox_uniform(seed: int | torch.Tensor, rows: int, width: int, device: torch.device | str | None = None,
+                   first_row: int = 0) -> torch.Tensor:
+    """float32 [rows, width] uniforms of rows first_row .. first_row + rows - 1 of a [*, width] tensor
+    under ``seed``, as the module docstring defines them (bit for bit what the kernels draw).
 
-    Counter = (i mod 2**32, i >> 32, 0, 0), key = (seed mod 2**32, seed >> 32), first output word
-    folded to 31 bits and scaled as Triton does. Computed with int64 tensor ops, so any device works.
+    Computed with int64 tensor ops, one Philox evaluation per group of four columns, so any device
+    works. ``first_row`` places the block anywhere in a tall tensor without materialising the rows above.
     """
+    if rows < 0 or width < 0 or first_row < 0:
+        raise ValueError(f"philox_uniform: rows, width and first_row must be >= 0, got {rows}, {width}, {first_row}")
     device = torch.device("cpu" if device is None else device)
-    return _philox_uniform_op(seed_tensor(seed, device), numel, device)
+    return _philox_uniform_op(seed_tensor(seed, device), first_row, rows, width, device)
 
 
-# An opaque custom op so that torch.compile calls it as one unit: Inductor would inline the ten
-# rounds into one expression whose tracing cost doubles every round (minutes to compile).
-@torch.library.custom_op("hstu_kernels::philox_uniform", mutates_args=())
-def _philox_uniform_op(seed: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
-    index = torch.arange(numel, dtype=torch.int64, device=device)
-    c0, c1 = index & _UINT32_MASK, index >> 32
-    c2 = torch.zeros_like(index)
-    c3 = torch.zeros_like(index)
-    seed = seed.to(device)
+def _philox_4x32(seed: torch.Tensor, counter: torch.Tensor) -> list[torch.Tensor]:
+    """The four output words (uint32 held in int64) of Philox-4x32-10 at counters (counter mod 2**32,
+    counter >> 32, 0, 0) under key (seed mod 2**32, seed >> 32)."""
+    c0, c1 = counter & _UINT32_MASK, counter >> 32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
     k0, k1 = seed & _UINT32_MASK, seed >> 32
     for _ in range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
@@ -80,22 +95,36 @@ def _philox_uniform_op(seed: torch.Tensor, numel: int, device: torch.device) -> 
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _UINT32_MASK
         k1 = (k1 + _PHILOX_KEY_B) & _UINT32_MASK
+    return [c0, c1, c2, c3]
+
+
+# An opaque custom op so that torch.compile calls it as one unit: Inductor would inline the ten
+# rounds into one expression whose tracing cost doubles every round (minutes to compile).
+@torch.library.custom_op("hstu_kernels::philox_uniform", mutates_args=())
+def _philox_uniform_op(seed: torch.Tensor, first_row: int, rows: int, width: int, device: torch.device) -> torch.Tensor:
+    groups = -(-width // 4)
+    row = torch.arange(first_row, first_row + rows, dtype=torch.int64, device=device)
+    counter = row[:, None] * groups + torch.arange(groups, dtype=torch.int64, device=device)
+    words = torch.stack(_philox_4x32(seed.to(device), counter), dim=-1).reshape(rows, 4 * groups)[:, :width]
     # Reinterpret as int32 and fold negatives with bitwise not: a value in [0, 2**31 - 1].
-    folded = torch.where(c0 >= 2**31, _UINT32_MASK - c0, c0)
-    return folded.to(torch.float32) * torch.tensor(_INT31_TO_UNIT_SCALE, dtype=torch.float32, device=device)
+    folded = torch.where(words >= 2**31, _UINT32_MASK - words, words)
+    scale = torch.tensor(_INT31_TO_UNIT_SCALE, dtype=torch.float32, device=device)
+    return (folded.to(torch.float32) * scale).contiguous()
 
 
 @_philox_uniform_op.register_fake
-def _(seed: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
-    return torch.empty(numel, dtype=torch.float32, device=device)
+def _(seed: torch.Tensor, first_row: int, rows: int, width: int, device: torch.device) -> torch.Tensor:
+    return torch.empty((rows, width), dtype=torch.float32, device=device)
 
 
 def seeded_dropout_mask(shape, p: float, seed: int | torch.Tensor, device=None) -> torch.Tensor:
-    """bool mask of ``shape``: element at row-major index i is kept iff philox_uniform(seed)[i] >= p (float32)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    uniform = philox_uniform(seed, numel, device)
+    """bool mask of ``shape``: kept iff the element's uniform (module docstring; width = shape[-1]) >= p."""
+    shape = tuple(shape)
+    width = shape[-1] if shape else 1
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    uniform = philox_uniform(seed, rows, width, device)
     return (uniform >= torch.tensor(p, dtype=torch.float32, device=uniform.device)).reshape(shape)
 
 

@@ -3,8 +3,9 @@ with what surrounds them.
 
 Output side, ``attention_output``: ``x + Dropout(LayerNorm(attn) * u) @ W.T + b``.
 - The gate ``Dropout(LayerNorm(attn) * u)`` is one pass over each row (statistics in fp32 registers);
-  the dropout mask is regenerated from a seed held in a device tensor (``tl.rand(seed, row * K + col)``,
-  the mask of ``hstu_kernels.dropout.seeded_dropout_mask``), never stored.
+  the dropout mask is regenerated from a seed held in a device tensor (the mask of
+  ``hstu_kernels.dropout.seeded_dropout_mask``: one Philox evaluation per four columns of a row,
+  ``hstu_kernels.triton.common.dropout_uniforms``), never stored.
 - The gated rows are written once, in the matmul dtype, with one extra column of ones (and zero
   padding to a 16-byte row): that column carries the bias through the weight-gradient matmul, so
   ``[dW | db] = dout^T @ [gated | 1]`` is one matmul and the bias needs no pass of its own.
@@ -40,7 +41,9 @@ import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.dropout import draw_seed, seed_tensor
-from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, sigmoid, silu
+from hstu_kernels.triton.common import (
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms, sigmoid, silu,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 8192  # a gate or LayerNorm row is held whole in registers by one program
@@ -89,26 +92,16 @@ def _normalized_rows(ptr, rows, rows_ok, cols, width, stride, eps):
 
 
 @triton.jit
-def _keep(seed_ptr, rows, cols, width, WIDE_OFFSETS: tl.constexpr):
-    """The dropout draw of elements (rows, cols) of a [L, width] tensor: tl.rand(seed, row-major index)."""
-    seed = tl.load(seed_ptr)
-    if WIDE_OFFSETS:
-        index = rows.to(tl.int64)[:, None] * width + cols[None, :]
-    else:
-        index = rows[:, None] * width + cols[None, :]
-    return tl.rand(seed, index)
-
-
-@triton.jit
 def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, eps, p, scale,
-               HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+               BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
     """Dropout(LayerNorm(attn) * u) of a row tile in fp32 (zero outside the tile)."""
     xhat, _, _ = _normalized_rows(attn, rows, rows_ok, cols, K, stride_a, eps)
     mask = rows_ok[:, None] & (cols[None, :] < K)
     gate = tl.load(u + _row_offsets(rows, stride_u)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gated = xhat * gate
     if HAS_DROPOUT:
-        gated = tl.where(_keep(seed_ptr, rows, cols, K, WIDE_OFFSETS) >= p, gated * scale, 0.0)
+        keep = dropout_uniforms(seed_ptr, rows, 0, K, BLOCK_K, WIDE_COUNTERS) >= p
+        gated = tl.where(keep, gated * scale, 0.0)
     return gated
 
 
@@ -125,13 +118,14 @@ def _store_ones_column(gated, rows, rows_ok, K, stride_g, tail):
 @triton.jit
 def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K,
                         stride_a, stride_u, stride_da, stride_du, eps, p, scale,
-                        HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+                        BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
     """Given dL/dgated (fp32 [BLOCK_M, BLOCK_K]), write dL/dattn and dL/du of the row tile."""
     mask = rows_ok[:, None] & (cols[None, :] < K)
     xhat, _, rstd = _normalized_rows(attn, rows, rows_ok, cols, K, stride_a, eps)
     gate = tl.load(u + _row_offsets(rows, stride_u)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        grad = tl.where(_keep(seed_ptr, rows, cols, K, WIDE_OFFSETS) >= p, grad * scale, 0.0)
+        keep = dropout_uniforms(seed_ptr, rows, 0, K, BLOCK_K, WIDE_COUNTERS) >= p
+        grad = tl.where(keep, grad * scale, 0.0)
     grad = tl.where(mask, grad, 0.0)
     grad_gate = grad * xhat
     grad_xhat = grad * gate
@@ -149,12 +143,12 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
 @triton.jit
 def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_g, tail, eps, p, scale,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     WIDE_OFFSETS: tl.constexpr):
+                     WIDE_COUNTERS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
     value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, eps, p, scale,
-                       HAS_DROPOUT, WIDE_OFFSETS)
+                       BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
     tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
              mask=rows_ok[:, None] & (cols[None, :] < K))
     if tail > 0:
@@ -164,27 +158,27 @@ def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_
 @triton.jit
 def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stride_a, stride_u, stride_da, stride_du,
                      eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     WIDE_OFFSETS: tl.constexpr):
+                     WIDE_COUNTERS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
     mask = rows_ok[:, None] & (cols[None, :] < K)
     g = tl.load(grad + _row_offsets(rows, stride_grad)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _gate_backward_rows(g, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, stride_a, stride_u, stride_da,
-                        stride_du, eps, p, scale, HAS_DROPOUT, WIDE_OFFSETS)
+                        stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
 
 
 @triton.jit
 def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K,
                        stride_xm, stride_xn, stride_a, stride_u, stride_w, stride_g, stride_o, tail, eps, p, scale,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out = x + gate @ W^T + b for a block of rows: the gate in registers, W^T streamed by BLOCK_N columns."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
     value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, eps, p, scale,
-                       HAS_DROPOUT, WIDE_OFFSETS).to(w.dtype.element_ty)
+                       BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
     tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
              mask=rows_ok[:, None] & (cols[None, :] < K))
     if tail > 0:
@@ -208,7 +202,7 @@ def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K,
 def _output_bwd_kernel(grad_out, w, attn, u, seed_ptr, grad_mm, dattn, du, L, D, K,
                        stride_gm, stride_gn, stride_w, stride_a, stride_u, stride_mm, stride_da, stride_du,
                        eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       STORE_GRAD_MM: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+                       STORE_GRAD_MM: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     """dgated = dout @ W in registers (dout rounded to the matmul dtype, as the reference's linear
     backward does; written out for the weight gradient when it is not in that dtype already), then
@@ -230,7 +224,7 @@ def _output_bwd_kernel(grad_out, w, attn, u, seed_ptr, grad_mm, dattn, du, L, D,
                          other=0.0)
         acc = tl.dot(g, w_tile, acc, input_precision=DOT_PRECISION)
     _gate_backward_rows(acc, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, stride_a, stride_u, stride_da,
-                        stride_du, eps, p, scale, HAS_DROPOUT, WIDE_OFFSETS)
+                        stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,14 +465,17 @@ def _row_plan(rows: int, width: int) -> tuple[tuple[int], dict]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _fused_output_plan(rows: int, dim: int, width: int) -> tuple[tuple[int], dict]:
+def _fused_output_plan(rows: int, dim: int, width: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
     """The fused projection: a [BLOCK_M, BLOCK_K] gate tile in registers, W^T in [BLOCK_K, BLOCK_N] tiles.
-    Every program reads all of W (from L2): taller row blocks read it fewer times, at more registers."""
+    Every program reads all of W (from L2): taller row blocks read it fewer times, at more registers.
+    fp32 (``dtype``, the matmul's) takes half the rows: its backward spills at the bf16 heights."""
     block_k = block_dim(width)
     if KERNELS_INTERPRETED:
         block_m, block_n, warps = 64, min(32, block_dim(dim)), 4
     else:
         block_m = 64 if block_k <= 64 else 32 if block_k <= 256 else 16
+        if dtype == torch.float32:
+            block_m = max(16, block_m // 2)
         block_n, warps = min(64, block_dim(dim)), 8
     return (cdiv(rows, block_m),), dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps,
                                         num_stages=1 if KERNELS_INTERPRETED else 2)
@@ -520,11 +517,12 @@ def _use_fast_silu(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and not KERNELS_INTERPRETED
 
 
-def _dropout_args(seed: Optional[torch.Tensor], dropout_p: float, numel: int) -> tuple:
-    """(p, 1 / (1 - p), HAS_DROPOUT, WIDE_OFFSETS); no dropout without a seed."""
+def _dropout_args(seed: Optional[torch.Tensor], dropout_p: float, rows: int, width: int) -> tuple:
+    """(p, 1 / (1 - p), HAS_DROPOUT, WIDE_COUNTERS); no dropout without a seed."""
     if seed is None:
         return 0.0, 1.0, False, False
-    return dropout_p, (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)), True, numel >= 2**31
+    scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    return dropout_p, scale, True, dropout_counters_wide(rows, width)
 
 
 def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
@@ -574,12 +572,12 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
     if rows == 0:
         return gated
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
-    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows * width)
+    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     grid, constants = _row_plan(rows, width)
     _gate_fwd_kernel[grid](
         attn, u, attn if seed is None else seed, gated, rows, width, attn.stride(0), u.stride(0), gated.stride(0),
         (padded - width) if padded else 0, eps, p, scale,
-        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_OFFSETS=wide, **constants,
+        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide, **constants,
     )
     return gated
 
@@ -592,12 +590,12 @@ def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
     if rows == 0:
         return dattn, du
     grad, attn, u = _unit_column_stride(grad), _unit_column_stride(attn), _unit_column_stride(u)
-    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows * width)
+    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     grid, constants = _row_plan(rows, width)
     _gate_bwd_kernel[grid](
         grad, attn, u, attn if seed is None else seed, dattn, du, rows, width, grad.stride(0), attn.stride(0),
         u.stride(0), dattn.stride(0), du.stride(0), eps, p, scale,
-        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_OFFSETS=wide, **constants,
+        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide, **constants,
     )
     return dattn, du
 
@@ -619,13 +617,13 @@ def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float,
     if rows == 0:
         return out, gated
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
-    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows * width)
-    grid, constants = _fused_output_plan(rows, dim, width)
+    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
+    grid, constants = _fused_output_plan(rows, dim, width, weight.dtype)
     _output_fwd_kernel[grid](
         x, attn, u, attn if seed is None else seed, weight, x if bias is None else bias, gated, out, rows, dim, width,
         x.stride(0), x.stride(1), attn.stride(0), u.stride(0), weight.stride(0), gated.stride(0), out.stride(0),
         padded - width, eps, p, scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_OFFSETS=wide,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
         DOT_PRECISION=dot_precision(weight.dtype), **constants,
     )
     return out, gated
@@ -646,13 +644,13 @@ def output_backward(grad_out, attn, u, weight, gated, seed, dropout_p: float, ep
         attn, u = _unit_column_stride(attn), _unit_column_stride(u)
         store_grad_mm = weight_grad and grad_out.dtype != mm_dtype
         grad_mm = torch.empty((rows, dim), dtype=mm_dtype, device=grad_out.device) if store_grad_mm else grad_out
-        p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows * width)
-        grid, constants = _fused_output_plan(rows, dim, width)
+        p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
+        grid, constants = _fused_output_plan(rows, dim, width, weight.dtype)
         _output_bwd_kernel[grid](
             grad_out, weight, attn, u, attn if seed is None else seed, grad_mm, dattn, du, rows, dim, width,
             grad_out.stride(0), grad_out.stride(1), weight.stride(0), attn.stride(0), u.stride(0), grad_mm.stride(0),
             dattn.stride(0), du.stride(0), eps, p, scale,
-            STORE_GRAD_MM=store_grad_mm, HAS_DROPOUT=has_dropout, WIDE_OFFSETS=wide,
+            STORE_GRAD_MM=store_grad_mm, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
             DOT_PRECISION=dot_precision(mm_dtype), **constants,
         )
     if not weight_grad:

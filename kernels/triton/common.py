@@ -1,5 +1,5 @@
-"""Triton pieces shared by the operators' kernels: element-wise math, table reads, tile loads, jagged
-spans, and the host-side integer helpers of the launchers.
+"""Triton pieces shared by the operators' kernels: element-wise math, the seeded dropout draw, table
+reads, tile loads, jagged spans, and the host-side integer helpers of the launchers.
 
 ``KERNELS_INTERPRETED`` is settled at import: Triton picks interpreter or compiler when a kernel is
 defined, and the launchers choose block sizes (and whether PTX inline assembly may be used) from it.
@@ -54,6 +54,38 @@ def log2(x, PTX_MATH: tl.constexpr):
     else:
         y = tl.log2(x)
     return y
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded dropout
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def dropout_uniforms(seed_ptr, rows, col_start, width, BLOCK_C: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
+    """float32 [rows, BLOCK_C] uniforms of the seeded dropout mask (``hstu_kernels.dropout``) for
+    columns col_start .. col_start + BLOCK_C - 1 of a [*, width] tensor; keep iff uniform >= p.
+
+    col_start must be a multiple of 4 and BLOCK_C of 4: each group of four columns is one Philox
+    evaluation (``tl.rand4x`` at counter row * ceil(width / 4) + col // 4), its four words spread
+    back to columns in order. Columns past ``width`` get values that belong to no element.
+    WIDE_COUNTERS: int64 counters, needed once rows * ceil(width / 4) reaches 2^31; below that int32
+    counters give the same numbers (the counter's high word is 0 either way).
+    """
+    tl.static_assert(BLOCK_C % 4 == 0, "dropout_uniforms: BLOCK_C must be a multiple of 4")
+    seed = tl.load(seed_ptr)
+    groups = (width + 3) // 4
+    group_cols = col_start // 4 + tl.arange(0, BLOCK_C // 4)
+    if WIDE_COUNTERS:
+        counters = rows.to(tl.int64)[:, None] * groups + group_cols[None, :]
+    else:
+        counters = rows[:, None] * groups + group_cols[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, counters)
+    # interleave(a, b) alternates a, b along the last axis: the outer one gives u0, u1, u2, u3, u0, ...
+    return tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
+
+
+def dropout_counters_wide(rows: int, width: int) -> bool:
+    """Whether ``dropout_uniforms`` needs int64 counters for a [rows, width] tensor."""
+    return rows * cdiv(width, 4) >= 2**31
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ How it computes, and why (kernels/triton/sequence_fusion_notes.md has the figure
   an array that stays in L1/L2), so the grid depends only on L: no empty programs for short or
   empty sequences, whatever the length distribution. Position, the sequence's last timestamp and
   the time buckets follow in registers; the 2 + S rows are gathered, summed in fp32, dropped out
-  with the seeded Philox mask (``tl.rand(seed, token * D + col)``, the mask of
-  ``hstu_kernels.dropout``) and written once.
+  with the seeded Philox mask of ``hstu_kernels.dropout`` (one Philox evaluation per four columns
+  of a token's row, ``hstu_kernels.triton.common.dropout_uniforms``) and written once.
 - Backward, ``scatter="sort"`` (deterministic): one pass writes the sort keys of every table (ids,
   positions, buckets, offset so that the tables' key ranges are disjoint) and, with dropout, the
-  masked gradient g'' = grad * keep / (1 - p) (the mask regenerated once per element). One stable
+  masked gradient g'' = grad * keep / (1 - p) (the mask regenerated, not stored). One stable
   ``torch.sort`` groups all tables at once; each table then occupies exactly L sorted entries.
   A segmented reduction over chunks of sorted entries sums each run of equal keys (fp32 segmented
   sums over row tiles, carried from tile to tile) and writes runs inside a chunk straight to the
@@ -37,7 +37,7 @@ How it computes, and why (kernels/triton/sequence_fusion_notes.md has the figure
   its extra memory would exceed O(L D); with ``torch.use_deterministic_algorithms(True)`` the sort
   backward is always used.
 - Per-token integer work is kept small: the age is capped at width * (count - 1) and divided in
-  int32 when every scale allows it, and the Philox index is int32 below 2^31 elements.
+  int32 when every scale allows it, and the Philox counter is int32 below 2^31 groups of four.
 - Indices are clamped into their tables (ids, positions, sequences), so malformed inputs that
   skipped the checks cannot read or write out of bounds.
 """
@@ -53,7 +53,7 @@ import triton.language as tl
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.dropout import draw_seed, seed_tensor
 from hstu_kernels.ops.sequence_fusion import SCATTER_VARIANTS
-from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv
+from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dropout_counters_wide, dropout_uniforms
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TIME_SCALES = 4  # time-table slots of the kernels (the configs use up to three: hour, day, week)
@@ -136,17 +136,13 @@ def _gather_rows(table, rows, cols, mask, D: tl.constexpr):
 
 
 @triton.jit
-def _kept(values, seed_ptr, tokens, cols, D: tl.constexpr, dropout_p, keep_scale, OFFSETS_64: tl.constexpr):
-    """Inverted dropout of a tile with the mask of ``hstu_kernels.dropout``: keep iff
-    tl.rand(seed, token * D + col) >= p (row-major element index of the [L, D] output). Below 2^31
-    elements the index is taken in int32, which gives the same numbers (its high word is 0 either way)."""
-    seed = tl.load(seed_ptr)
-    if OFFSETS_64:
-        offsets = tokens.to(tl.int64)[:, None] * D + cols[None, :]
-    else:
-        offsets = tokens[:, None] * D + cols[None, :]
-    keep = tl.rand(seed, offsets) >= dropout_p
-    return tl.where(keep, values * keep_scale, 0.0)
+def _kept(values, seed_ptr, tokens, D: tl.constexpr, dropout_p, keep_scale, BLOCK_D: tl.constexpr,
+          WIDE_COUNTERS: tl.constexpr):
+    """Inverted dropout of the tile at column block ``program_id(1)`` of the [L, D] output, with the
+    mask of ``hstu_kernels.dropout`` (one Philox evaluation per four columns of a token's row; the
+    column blocks start at multiples of BLOCK_D >= 16, hence of 4)."""
+    uniforms = dropout_uniforms(seed_ptr, tokens, tl.program_id(1) * BLOCK_D, D, BLOCK_D, WIDE_COUNTERS)
+    return tl.where(uniforms >= dropout_p, values * keep_scale, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +156,7 @@ def _sequence_fusion_fwd_kernel(
     scale, dropout_p, keep_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
-    OFFSETS_64: tl.constexpr,
+    WIDE_COUNTERS: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tokens_ok = tokens < num_tokens
@@ -181,7 +177,7 @@ def _sequence_fusion_fwd_kernel(
     if NUM_SCALES > 3:
         acc += _gather_rows(time3, _bucket(age, width3, count3, SMALL_AGES), cols, mask, D)
     if DROPOUT:
-        acc = _kept(acc, seed_ptr, tokens, cols, D, dropout_p, keep_scale, OFFSETS_64)
+        acc = _kept(acc, seed_ptr, tokens, D, dropout_p, keep_scale, BLOCK_D, WIDE_COUNTERS)
     tl.store(out + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
@@ -196,7 +192,7 @@ def _scatter_keys_kernel(
     pos_base, time_base0, time_base1, time_base2, time_base3, dropout_p, keep_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
-    OFFSETS_64: tl.constexpr,
+    WIDE_COUNTERS: tl.constexpr,
 ):
     """keys[slot, t]: the row of token t in table ``slot`` plus the table's key base (item ids,
     positions, then each time table's buckets); with dropout also grad_kept = grad_out * keep / (1 - p)."""
@@ -226,7 +222,7 @@ def _scatter_keys_kernel(
         mask = _tile_mask(tokens_ok, cols, D, EVEN_D)
         rows = tokens.to(tl.int64)[:, None] * D + cols[None, :]
         grad = tl.load(grad_out + rows, mask=mask, other=0.0).to(tl.float32)
-        grad = _kept(grad, seed_ptr, tokens, cols, D, dropout_p, keep_scale, OFFSETS_64)
+        grad = _kept(grad, seed_ptr, tokens, D, dropout_p, keep_scale, BLOCK_D, WIDE_COUNTERS)
         tl.store(grad_kept + rows, grad.to(grad_kept.dtype.element_ty), mask=mask)
 
 
@@ -357,7 +353,7 @@ def _scatter_atomic_kernel(
     scale, dropout_p, keep_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, LOG_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
-    OFFSETS_64: tl.constexpr,
+    WIDE_COUNTERS: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tokens_ok = tokens < num_tokens
@@ -365,7 +361,7 @@ def _scatter_atomic_kernel(
     mask = _tile_mask(tokens_ok, cols, D, EVEN_D)
     grad = tl.load(grad_out + tokens.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        grad = _kept(grad, seed_ptr, tokens, cols, D, dropout_p, keep_scale, OFFSETS_64)
+        grad = _kept(grad, seed_ptr, tokens, D, dropout_p, keep_scale, BLOCK_D, WIDE_COUNTERS)
     ids = tl.load(item_ids + tokens, mask=tokens_ok, other=0)
     ids = tl.minimum(tl.maximum(ids, 0), num_items - 1)
     position, age = _token_context(seq_offsets, timestamps, tokens, tokens_ok, num_sequences, search_steps,
@@ -439,7 +435,7 @@ class _Problem:
     def constants(self, from_end: bool) -> dict:
         return dict(D=self.dim, BLOCK_T=self.block_t, BLOCK_D=self.block_d, EVEN_D=self.even_d,
                     NUM_SCALES=self.num_scales, SMALL_AGES=self.small_ages, FROM_END=from_end, DROPOUT=self.dropout,
-                    OFFSETS_64=self.num_tokens * self.dim >= 2**31, num_warps=4)
+                    WIDE_COUNTERS=dropout_counters_wide(self.num_tokens, self.dim), num_warps=4)
 
     @property
     def empty(self) -> bool:

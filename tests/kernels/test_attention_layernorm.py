@@ -330,7 +330,7 @@ def test_triton_input_several_row_and_column_blocks(dtype, keep_pre, normalizati
 
 @needs_triton
 def test_triton_dropout_mask_is_the_seeded_mask_bit_for_bit():
-    """Dropped elements are exactly those of seeded_dropout_mask (tl.rand(seed, row-major index) < p),
+    """Dropped elements are exactly those of seeded_dropout_mask (one Philox evaluation per four columns),
     in the forward (zeros of the gate) and in the backward (zeros of du), kept ones scaled by 1/(1-p)."""
     module = triton_module()
     g = torch.Generator().manual_seed(5)

@@ -1,41 +1,158 @@
-"""The seeded dropout shared by the operators: Philox bit-exact with Triton's tl.rand, statistics, errors."""
+"""The seeded dropout shared by the operators: the mask's definition bit for bit against Triton's Philox and
+the kernels' tile helper, statistics, errors."""
 import pytest
 import torch
 
-from hstu_kernels.dropout import draw_seed, dropout, philox_uniform, seeded_dropout_mask
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.random import uint_to_uniform_float
+
+    from hstu_kernels.triton.common import dropout_uniforms
+except ImportError:  # the reference tests run without Triton
+    triton = None
+
+from hstu_kernels.dropout import draw_seed, dropout, philox_uniform, seed_tensor, seeded_dropout_mask
 
 f64 = torch.float64
+WIDTHS = (1, 3, 4, 5, 50, 64, 257)
+SEEDS = (0, 7, 2**33 + 5, 2**63 - 1)
+needs_triton = pytest.mark.skipif(triton is None, reason="needs triton")
 
-
-def test_philox_uniform_matches_triton_rand(device):
-    """The seeded mask is defined as Triton's tl.rand(seed, index) >= p: check it bit for bit."""
-    triton = pytest.importorskip("triton")
-    tl = pytest.importorskip("triton.language")
+if triton is not None:
 
     @triton.jit
-    def store_rand(out_ptr, seed, n, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + offsets, tl.rand(seed, offsets), mask=offsets < n)
+    def _store_definition_kernel(out_ptr, seed, numel, width, BLOCK: tl.constexpr):
+        """The mask's uniforms element by element: word col % 4 of tl.randint4x at the column group."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row, col = index // width, index % width
+        w0, w1, w2, w3 = tl.randint4x(seed, row * ((width + 3) // 4) + col // 4)
+        word = tl.where(col % 4 == 0, w0, tl.where(col % 4 == 1, w1, tl.where(col % 4 == 2, w2, w3)))
+        tl.store(out_ptr + index, uint_to_uniform_float(word), mask=index < numel)
 
-    n = 3000
-    for seed in (0, 7, 2**33 + 5, 2**63 - 1):
-        from_triton = torch.empty(n, dtype=torch.float32, device=device)
-        store_rand[(triton.cdiv(n, 1024),)](from_triton, seed, n, BLOCK=1024)
-        assert torch.equal(philox_uniform(seed, n, device), from_triton), f"seed {seed}"
+    @triton.jit
+    def _store_tiles_kernel(seed_ptr, out_ptr, first_row, rows, width, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                            WIDE_COUNTERS: tl.constexpr):
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_start = tl.program_id(1) * BLOCK_C
+        cols = col_start + tl.arange(0, BLOCK_C)
+        uniforms = dropout_uniforms(seed_ptr, first_row + local, col_start, width, BLOCK_C, WIDE_COUNTERS)
+        tl.store(out_ptr + local[:, None] * width + cols[None, :], uniforms,
+                 mask=(local[:, None] < rows) & (cols[None, :] < width))
+
+
+@needs_triton
+def test_seeded_mask_is_word_col_mod_4_of_randint4x_at_the_column_group(device):
+    """The definition, written out element by element with Triton's own generator: element (r, c) of a
+    [rows, width] tensor takes word c % 4 of tl.randint4x(seed, r * ceil(width / 4) + c // 4), as a
+    uniform by Triton's uint_to_uniform_float. Every width class: below 4, multiples of 4, others."""
+    rows = 5
+    for width in WIDTHS:
+        for seed in SEEDS:
+            expected = torch.full((rows, width), float("nan"), device=device)
+            grid = (triton.cdiv(rows * width, 2048),)
+            _store_definition_kernel[grid](expected, seed, rows * width, width, BLOCK=2048)
+            assert torch.equal(philox_uniform(seed, rows, width, device), expected), f"width {width}, seed {seed}"
+            keep = seeded_dropout_mask((rows, width), 0.5, seed, device)
+            assert torch.equal(keep, expected >= 0.5), f"width {width}, seed {seed}"
+
+
+def _store_tiles(seed, rows, width, first_row, block_c, wide, device, block_m=4):
+    """Rows first_row .. first_row + rows - 1 of a [*, width] tensor as dropout_uniforms (the kernels'
+    shared helper) gives them, in [block_m, block_c] tiles over a 2-d grid."""
+    out = torch.full((rows, width), float("nan"), device=device)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_c))
+    _store_tiles_kernel[grid](seed_tensor(seed, device), out, first_row, rows, width, BLOCK_M=block_m,
+                              BLOCK_C=block_c, WIDE_COUNTERS=wide)
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("width", WIDTHS)
+def test_kernel_tile_helper_matches_the_reference_bit_for_bit(width, device):
+    """dropout_uniforms (the kernels' shared helper) against the reference: column blocks of 4, 16 and
+    64 (several blocks per row where the width allows), rows over two programs, int32 and int64
+    counters, seeds above 2^32."""
+    for seed, block_c, wide in ((7, 4, False), (2**33 + 5, 16, True), (2**63 - 1, 64, False)):
+        got = _store_tiles(seed, 6, width, 0, block_c, wide, device)
+        assert torch.equal(got, philox_uniform(seed, 6, width, device)), f"seed {seed}, BLOCK_C {block_c}"
+
+
+@needs_triton
+def test_kernel_tile_helper_with_counters_past_2_31(device):
+    """Rows far down a tall tensor (counters r * ceil(width / 4) + c // 4 past 2^31 and 2^32, so the
+    counter's high word is not 0) without allocating it: the kernel and the reference both start at a row."""
+    for width, first_row in ((50, 2**31 // 13 - 2), (3, 2**32 + 1), (257, 3 * 2**32 // 65 + 5), (4, 2**40)):
+        for seed in (11, 2**40 + 3):
+            got = _store_tiles(seed, 6, width, first_row, 16, True, device)
+            assert torch.equal(got, philox_uniform(seed, 6, width, device, first_row=first_row)), (width, first_row)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_compiled_tile_helper_matches_the_reference_on_the_gpu():
+    """The helper as the GPU compiler lays out its interleave, in kernel-sized tiles, against the reference."""
+    for block_c in (4, 16, 64, 256):
+        for first_row, wide in ((0, False), (2**32 // 3, True)):
+            for width in WIDTHS + (1024,):
+                got = _store_tiles(2**40 + 1, 300, width, first_row, block_c, wide, "cuda", block_m=32)
+                expected = philox_uniform(2**40 + 1, 300, width, "cuda", first_row=first_row)
+                assert torch.equal(got, expected), (block_c, first_row, width)
+
+
+def test_reference_rows_do_not_depend_on_where_the_block_starts():
+    """philox_uniform(first_row=k) is rows k.. of the tensor."""
+    whole = philox_uniform(5, 40, 50)
+    assert torch.equal(philox_uniform(5, 13, 50, first_row=27), whole[27:])
+
+
+@needs_triton
+def test_launchers_take_int64_counters_from_2_31_groups():
+    from hstu_kernels.triton.common import dropout_counters_wide
+
+    assert not dropout_counters_wide(2**31 // 13 - 1, 50) and dropout_counters_wide(2**31 // 13 + 1, 50)
+    assert not dropout_counters_wide(2**31 - 1, 3) and dropout_counters_wide(2**31, 1)
 
 
 def test_philox_custom_op_registration():
     """philox_uniform is an opaque custom op for torch.compile: its fake (meta) kernel must agree with it."""
-    torch.library.opcheck(torch.ops.hstu_kernels.philox_uniform.default, (torch.tensor(5), 100, torch.device("cpu")))
+    torch.library.opcheck(torch.ops.hstu_kernels.philox_uniform.default,
+                          (torch.tensor(5), 3, 7, 50, torch.device("cpu")))
 
 
 def test_philox_uniform_is_uniform_and_seed_dependent():
-    u = philox_uniform(3, 200_000)
+    u = philox_uniform(3, 2000, 100)
     assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 0.005
     assert abs(float((u < 0.2).float().mean()) - 0.2) < 0.005
-    assert not torch.equal(u[:1000], philox_uniform(4, 1000))
-    assert torch.equal(u[:1000], philox_uniform(3, 1000))
+    assert not torch.equal(u[:10], philox_uniform(4, 10, 100))
+    assert torch.equal(u[:10], philox_uniform(3, 10, 100))
+
+
+def test_seeded_mask_keep_rate_and_the_four_words_of_a_group():
+    """~1e5 elements at p = 0.3: the keep rate overall and in each column class c % 4 (each a different
+    Philox word) within 5 binomial standard deviations of 0.7; the words of one group are distinct, and
+    pairs of them are kept together as often as independent draws would be."""
+    p, rows, width = 0.3, 1000, 100
+    keep = seeded_dropout_mask((rows, width), p, 2**35 + 9).double()
+    for sample in (keep, *(keep[:, word::4] for word in range(4))):
+        n = sample.numel()
+        assert abs(float(sample.mean()) - (1 - p)) <= 5 * ((1 - p) * p / n) ** 0.5
+    u = philox_uniform(2**35 + 9, rows, width).reshape(rows, width // 4, 4)
+    n = rows * width // 4
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not bool((u[..., a] == u[..., b]).any()), f"words {a} and {b} coincide"
+            both = float((keep[:, a::4] * keep[:, b::4]).mean())
+            assert abs(both - (1 - p) ** 2) <= 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5, (a, b)
+
+
+def test_seeded_mask_views_any_shape_as_rows_of_its_last_dimension():
+    assert torch.equal(seeded_dropout_mask((2, 3, 50), 0.5, 9), seeded_dropout_mask((6, 50), 0.5, 9).reshape(2, 3, 50))
+    assert torch.equal(seeded_dropout_mask((), 0.5, 9), seeded_dropout_mask((1, 1), 0.5, 9).reshape(()))
+    assert seeded_dropout_mask((0, 5), 0.5, 9).shape == (0, 5) and seeded_dropout_mask((3, 0), 0.5, 9).shape == (3, 0)
+    x = torch.tensor(2.0, dtype=f64)
+    assert dropout(x, 0.5, training=True, seed=9).shape == ()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -63,14 +180,14 @@ def test_dropout_rejects_bad_arguments():
         dropout(torch.ones(3), 1.5, training=True, seed=None)
     with pytest.raises(ValueError, match="seed must be in"):
         dropout(torch.ones(3), 0.5, training=True, seed=-1)
-
-
+    with pytest.raises(ValueError, match="first_row must be >= 0"):
+        philox_uniform(1, 3, 4, first_row=-1)
 
 
 def test_tensor_seed_gives_the_int_seed_mask_and_draw_seed_varies():
     """Training passes int64 device tensors (CUDA-graph safe); they must define the same mask as ints."""
     for seed in (0, 12345, 2**40 + 3):
-        assert torch.equal(philox_uniform(torch.tensor(seed), 500), philox_uniform(seed, 500))
+        assert torch.equal(philox_uniform(torch.tensor(seed), 5, 100), philox_uniform(seed, 5, 100))
     torch.manual_seed(0)
     seeds = {int(draw_seed("cpu")) for _ in range(20)}
     assert len(seeds) == 20 and all(0 <= s < 2**62 for s in seeds)
