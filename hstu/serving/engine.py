@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import threading
 import time
 from collections import Counter, deque
@@ -119,16 +120,23 @@ class Request:
 
 
 @dataclass
-class _Plan:
-    """Per user of a batch: what is reused and what is computed."""
+class _Plans:
+    """The users of a batch, as arrays and lists: what each reuses and what it computes."""
 
-    user_id: Hashable
-    history_len: int
-    window: slice  # the user's window inside the batch's window arrays
-    cached: CacheEntry | None
-    cache_outcome: str  # "hit", "miss", "off"
-    cache_detail: str
-    first_new: int  # window position of the first computed token
+    user_ids: list
+    history_lengths: np.ndarray  # int64 [B]
+    window_offsets: np.ndarray  # int64 [B+1]: user b's window in the batch's window arrays
+    first_new: np.ndarray  # int64 [B]: window position of the first computed token (the positions reused)
+    cached: list  # [B] the CacheEntry of a hit, else None
+    outcomes: list[str]  # [B] "hit", "miss", "off"
+    details: list[str]  # [B] why
+
+    @property
+    def window_lengths(self) -> np.ndarray:
+        return np.diff(self.window_offsets)
+
+    def hits(self) -> list[CacheEntry]:
+        return [entry for entry in self.cached if entry is not None]
 
 
 @dataclass
@@ -207,6 +215,17 @@ class ServingEngine:
         self._check_fields(request)
         prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
 
+    def _check_batch_fields(self, requests: Sequence[Request]) -> None:
+        """:meth:`_check_fields` of every request: a few C-level passes where every k and request time
+        is a plain int (or None) and no history is empty, else request by request (the first fault named)."""
+        ks = [request.k for request in requests]
+        times = [request.request_time for request in requests]
+        if (not requests or set(map(type, ks)) != {int} or not set(map(type, times)) <= {int, type(None)}
+                or not 1 <= min(ks) <= max(ks) <= self.model.num_items
+                or not all(map(len, [request.items for request in requests]))):
+            for request in requests:
+                self._check_fields(request)
+
     def _check_fields(self, request: Request) -> None:
         num_items = self.model.num_items
         if isinstance(request.k, bool) or not isinstance(request.k, (int, np.integer)) or not 1 <= request.k <= num_items:
@@ -229,14 +248,13 @@ class ServingEngine:
     def infer_batch(self, requests: Sequence[Request]) -> list[dict]:
         """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together."""
         start = time.perf_counter()
-        for request in requests:
-            self._check_fields(request)
+        self._check_batch_fields(requests)
         if not requests:
             return []
         events = self._histories(requests)
         with self._lock:
             try:
-                results = self._serve(requests, events)
+                results, plans = self._serve(requests, events)
             except Exception:
                 self._stats.errors += len(requests)
                 raise
@@ -245,34 +263,41 @@ class ServingEngine:
             self._stats.requests += len(requests)
             for result in results:
                 result["latency_ms"] = elapsed_ms
-                self._stats.latencies_ms.append(elapsed_ms)
-                self._stats.paths[result["optimizations_applied"]["path"]] += 1
+            self._stats.latencies_ms.extend(itertools.repeat(elapsed_ms, len(results)))
+            num_hits = len(plans.hits())
+            if num_hits:
+                self._stats.paths["incremental"] += num_hits
+            if num_hits < len(results):
+                self._stats.paths["whole window"] += len(results) - num_hits
         return results
 
-    def _serve(self, requests: Sequence[Request], events: Events) -> list[dict]:
+    def _serve(self, requests: Sequence[Request], events: Events) -> tuple[list[dict], _Plans]:
+        """(the result dicts, the plans). On the device, the per-user reports are built while the step
+        runs: only the recommendations wait for its outputs."""
+        num_users = len(requests)
         recent, window_offsets = events.recent(self.model.max_seq_len)
         window_items, window_times = events.item_ids[recent], events.timestamps[recent]
         request_times = events.last_timestamps()
-        for b, request in enumerate(requests):
-            if request.request_time is not None:
-                request_times[b] = request.request_time
-        bounds, history_lengths = window_offsets.tolist(), events.lengths.tolist()
-        plans = [self._plan(request.user_id, history_lengths[b], slice(bounds[b], bounds[b + 1]), window_items,
-                            window_times) for b, request in enumerate(requests)]
-        k = max(r.k for r in requests)
+        times = [request.request_time for request in requests]
+        given = [b for b, request_time in enumerate(times) if request_time is not None]
+        if given:
+            request_times[given] = [times[b] for b in given]
+        plans = self._plans(requests, events.lengths, window_offsets, window_items, window_times)
+        ks = [request.k for request in requests]
+        k = max(ks)
         if self.package is not None and k <= self.package_k:
             scores, ids = self.package(*self._upload(
                 window_items, window_times, window_offsets, request_times, events.item_ids, events.offsets))
-            ranked = self.recommender.ranked(ids.cpu().numpy(), scores.cpu().numpy())
-            return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
-                    for b, (request, plan) in enumerate(zip(requests, plans))]
+            reports = self._reports(plans, {}, compiled=True, threads=torch.get_num_threads(), graph=(False, ""))
+            return self._results(ids.cpu().numpy(), scores.cpu().numpy(), ks, reports), plans
         calls_before = self.manager.call_counts()
-        computed_tokens = sum(plan.window.stop - plan.window.start - plan.first_new for plan in plans)
-        static, graph_detail = self._graph_use(len(requests))
+        computed_tokens = int(window_offsets[-1] - plans.first_new.sum())
+        static, graph_detail = self._graph_use(num_users)
         graph = (False, graph_detail)
         with intra_op_threads_for(self.device, computed_tokens * self.model.embedding.dim) as threads:
             if static:
-                scores, ids, graph = self._encode_static(plans, window_items, window_times, request_times, events, k)
+                packed, packed_k, graph = self._encode_static(plans, window_items, window_times, request_times,
+                                                              events, k)
             elif self.encoder is None:
                 queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
                 exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
@@ -284,12 +309,13 @@ class ServingEngine:
                 scores, ids, _ = hstu_kernels.topk_items(
                     l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
                     exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
-            scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
-        ranked = self.recommender.ranked(ids + 1, scores)
         kernels = _backends_run(calls_before, self.manager.call_counts())
-        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads,
-                             graph=graph)
-                for b, (request, plan) in enumerate(zip(requests, plans))]
+        reports = self._reports(plans, kernels, compiled=False, threads=threads, graph=graph)
+        if static:
+            scores, ids = StaticSteps.unpack(packed, num_users, packed_k)
+        else:
+            scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
+        return self._results(ids + 1, scores, ks, reports), plans
 
     def _graph_use(self, num_users: int) -> tuple[bool, str]:
         """(whether this batch runs as a static step, why not / which)."""
@@ -301,37 +327,51 @@ class ServingEngine:
             return False, f"batch of {num_users} users: graphs hold at most {MAX_GRAPH_USERS}"
         return True, ""
 
-    def _plan(self, user_id, history_len: int, window: slice, window_items, window_times) -> _Plan:
+    def _plans(self, requests: Sequence[Request], history_lengths: np.ndarray, window_offsets: np.ndarray,
+               window_items: np.ndarray, window_times: np.ndarray) -> _Plans:
+        """Each user's cache lookup (none when the cache is off)."""
+        num_users = len(requests)
+        user_ids = [request.user_id for request in requests]
+        first_new = np.zeros(num_users, dtype=np.int64)
         if self.cache is None:
-            return _Plan(user_id, history_len, window, None, "off", self.cache_off_reason, 0)
-        entry, detail = self.cache.lookup(user_id, self.export_fingerprint, window_items[window],
-                                          window_times[window], history_len, self.model.max_seq_len)
-        if entry is None:
-            return _Plan(user_id, history_len, window, None, "miss", detail, 0)
-        return _Plan(user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+            return _Plans(user_ids, history_lengths, window_offsets, first_new, [None] * num_users,
+                          ["off"] * num_users, [self.cache_off_reason] * num_users)
+        cached, outcomes, details = [], [], []
+        bounds, lengths = window_offsets.tolist(), history_lengths.tolist()
+        for b, user_id in enumerate(user_ids):
+            window = slice(bounds[b], bounds[b + 1])
+            entry, detail = self.cache.lookup(user_id, self.export_fingerprint, window_items[window],
+                                              window_times[window], lengths[b], self.model.max_seq_len)
+            cached.append(entry)
+            outcomes.append("miss" if entry is None else "hit")
+            details.append(detail)
+            if entry is not None:
+                first_new[b] = entry.num_events - 1
+        return _Plans(user_ids, history_lengths, window_offsets, first_new, cached, outcomes, details)
 
-    def _encode_static(self, plans, window_items, window_times, request_times, events: Events, k: int):
-        """(scores, item rows, (graph replayed, the step's shape)) of the batch as a static step
-        (``hstu.serving.static_shapes``), replayed from its CUDA graph when the steps capture; fills the cache."""
+    def _encode_static(self, plans: _Plans, window_items, window_times, request_times, events: Events, k: int):
+        """(scores and item rows packed on the device (``StaticSteps.unpack`` reads them), their k,
+        (graph replayed, the step's shape)) of the batch as a static step (``hstu.serving.static_shapes``),
+        launched and not waited for; replayed from its CUDA graph when the steps capture; fills the cache."""
         new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
             plans, window_times, request_times)
-        hits = [plan.cached.kv for plan in plans if plan.cached is not None]
+        hits = [entry.kv for entry in plans.hits()]
         step = HostStep(window_items[new_index], window_times[new_index], positions, query_times, seq_offsets,
                         cached_offsets, cached_times, events.item_ids - 1, events.offsets)
         shape = self.static_steps.shape("delta" if hits else "whole", step, k)
-        scores, ids, new_kv, graphed = self.static_steps.run(shape, step, hits, keep_kv=self.cache is not None)
+        packed, new_kv, graphed = self.static_steps.launch(shape, step, hits, keep_kv=self.cache is not None)
         if self.cache is not None:
             self._store(plans, window_items, window_times, new_kv, seq_offsets)
         if graphed:
-            return scores, ids, (True, f"{graphed}: {shape.describe()}")
-        return scores, ids, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
+            return packed, shape.k, (True, f"{graphed}: {shape.describe()}")
+        return packed, shape.k, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
 
-    def _encode(self, plans, window_items, window_times, request_times, events: Events):
+    def _encode(self, plans: _Plans, window_items, window_times, request_times, events: Events):
         """(states after each user's last event, the exclusions for top-k on the device), computing only
         what the cache does not hold; fills the cache."""
         new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
             plans, window_times, request_times)
-        hits = [plan.cached for plan in plans if plan.cached is not None]
+        hits = plans.hits()
         (item_ids, timestamps, positions, query_times, device_offsets, cached_offsets, cached_times, last,
          exclude_ids, exclude_offsets) = self._upload(
             window_items[new_index], window_times[new_index], positions, query_times, seq_offsets, cached_offsets,
@@ -347,18 +387,19 @@ class ServingEngine:
             self._store(plans, window_items, window_times, new_kv, seq_offsets)
         return states[last], exclude_ids, exclude_offsets
 
-    def _store(self, plans, window_items, window_times, new_kv, seq_offsets) -> None:
-        for b, plan in enumerate(plans):
-            window_len = plan.window.stop - plan.window.start
+    def _store(self, plans: _Plans, window_items, window_times, new_kv, seq_offsets) -> None:
+        bounds, lengths = plans.window_offsets.tolist(), plans.history_lengths.tolist()
+        for b, (user_id, entry) in enumerate(zip(plans.user_ids, plans.cached)):
+            window, window_len = slice(bounds[b], bounds[b + 1]), bounds[b + 1] - bounds[b]
             if window_len < 2:
                 continue
             computed = new_kv[:, seq_offsets[b]:seq_offsets[b + 1] - 1]  # all but the last position
             # A copy, never a view: new_kv may be a graph's output, which the next replay overwrites.
-            kv = computed.clone(memory_format=torch.contiguous_format) if plan.cached is None else \
-                torch.cat([plan.cached.kv, computed], dim=1)
-            self.cache.store(plan.user_id, CacheEntry(
-                export=self.export_fingerprint, num_events=window_len, history_len=plan.history_len,
-                prefix=events_fingerprint(window_items[plan.window], window_times[plan.window]), kv=kv))
+            kv = computed.clone(memory_format=torch.contiguous_format) if entry is None else \
+                torch.cat([entry.kv, computed], dim=1)
+            self.cache.store(user_id, CacheEntry(
+                export=self.export_fingerprint, num_events=window_len, history_len=lengths[b],
+                prefix=events_fingerprint(window_items[window], window_times[window]), kv=kv))
 
     def _whole_windows_by_model(self, window_items, window_times, window_offsets, request_times):
         """Encoders without an incremental path: the model's own forward over whole windows."""
@@ -373,29 +414,37 @@ class ServingEngine:
         with torch.no_grad():
             return self.model.user_states(batch.to(self.device))
 
-    def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
-                compiled: bool = False, threads: int | None = None,
-                graph: tuple[bool, str] = (False, "")) -> dict:
-        window_len = plan.window.stop - plan.window.start
-        return {
-            "recommendations": [{"item": item, "score": score} for item, score in ranked],
-            "optimizations_applied": {
-                "path": "incremental" if plan.cached is not None else "whole window",
-                "device": self._device_name,
-                "dtype": self._dtype_name,
-                "kernels": kernels if not compiled else "inside the compiled package",
-                "kv_cache": plan.cache_outcome,
-                "kv_cache_detail": plan.cache_detail,
-                "positions_reused": plan.first_new,
-                "positions_computed": window_len - plan.first_new,
-                "cuda_graph": graph[0],
-                "cuda_graph_detail": graph[1] if not compiled else "inside the compiled package: not captured",
-                "compiled": compiled,
-                "compiled_detail": self.package_reason,
-                "batch_size": batch_size,
-                "intra_op_threads": threads if threads is not None else torch.get_num_threads(),
-            },
-        }
+    def _reports(self, plans: _Plans, kernels: dict, compiled: bool, threads: int,
+                 graph: tuple[bool, str]) -> list[dict]:
+        """Each user's ``optimizations_applied``: one dict per user (a caller may change its own)."""
+        batch_size = len(plans.user_ids)
+        kernels = kernels if not compiled else "inside the compiled package"
+        graph_used, graph_detail = graph if not compiled else (False, "inside the compiled package: not captured")
+        device, dtype, package = self._device_name, self._dtype_name, self.package_reason
+        computed = (plans.window_lengths - plans.first_new).tolist()
+        return [{
+            "path": "incremental" if entry is not None else "whole window",
+            "device": device,
+            "dtype": dtype,
+            "kernels": kernels,
+            "kv_cache": outcome,
+            "kv_cache_detail": detail,
+            "positions_reused": reused,
+            "positions_computed": positions_computed,
+            "cuda_graph": graph_used,
+            "cuda_graph_detail": graph_detail,
+            "compiled": compiled,
+            "compiled_detail": package,
+            "batch_size": batch_size,
+            "intra_op_threads": threads,
+        } for entry, outcome, detail, reused, positions_computed in zip(
+            plans.cached, plans.outcomes, plans.details, plans.first_new.tolist(), computed)]
+
+    def _results(self, ids: np.ndarray, scores: np.ndarray, ks: list[int], reports: list[dict]) -> list[dict]:
+        """Result dicts from model item indices and scores [B, k] (the first ``ks[b]`` of row b kept)."""
+        recommendations = self.recommender.ranked(ids, scores, limits=ks, as_dicts=True)
+        return [{"recommendations": ranked, "optimizations_applied": report}
+                for ranked, report in zip(recommendations, reports)]
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """int64 host arrays -> device tensors, in one copy (each copy to a GPU costs ~10 us of host time)."""
@@ -441,13 +490,11 @@ class ServingEngine:
             }
 
 
-def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_times: np.ndarray):
+def _delta_layout(plans: _Plans, window_times: np.ndarray, request_times: np.ndarray):
     """Host arrays of a DeltaBatch: which window events are computed, at which positions, with which
     query times, and the jagged offsets of the new and the cached parts (no loop over events)."""
-    num_users = len(plans)
-    window_starts = np.fromiter((p.window.start for p in plans), np.int64, num_users)
-    window_stops = np.fromiter((p.window.stop for p in plans), np.int64, num_users)
-    cached_lengths = np.fromiter((p.first_new for p in plans), np.int64, num_users)
+    window_starts, window_stops = plans.window_offsets[:-1], plans.window_offsets[1:]
+    cached_lengths = plans.first_new
     starts = window_starts + cached_lengths
     seq_offsets, owner = _jagged(window_stops - starts)
     new_index = np.arange(seq_offsets[-1], dtype=np.int64) - seq_offsets[owner] + starts[owner]

@@ -71,12 +71,13 @@ class StaticSteps:
     def shape(self, form: str, step: HostStep, k: int) -> StaticShape:
         return step.shape(form, k, self.model.max_seq_len, self.model.num_items)
 
-    def run(self, shape: StaticShape, step: HostStep, cached: list[torch.Tensor], keep_kv: bool):
-        """(scores float32 [B, k], item rows int64 [B, k] as host arrays, keys and values of the step's
-        tokens [num_blocks, shape.tokens, W] on the device or None, "replayed", "captured and
-        replayed" or None where the step ran eagerly).
+    def launch(self, shape: StaticShape, step: HostStep, cached: list[torch.Tensor], keep_kv: bool):
+        """(scores and item rows packed on the device [shape.users + 1, 2 * shape.k] (:meth:`unpack`
+        reads them), keys and values of the step's tokens [num_blocks, shape.tokens, W] on the device
+        or None, "replayed", "captured and replayed" or None where the step ran eagerly). Nothing
+        waits for the device: the host may work while the step runs.
         ``cached``: the cached keys and values of the step's users in order (a "delta" step); the
-        returned keys and values are valid until the next step."""
+        returned tensors are valid until the next step."""
         slot = self._slot(shape, keep_kv)
         static_shapes.fill(shape, step, slot.host_view)
         if slot.device_inputs is not slot.host:
@@ -95,9 +96,19 @@ class StaticSteps:
             with torch.no_grad():
                 packed, new_kv = static_shapes.run(self.encoder, self.unit_items, shape, slot.inputs, slot.cached_kv,
                                                    keep_kv)
-        result = packed[:step.num_users].cpu().numpy()
-        k = shape.k
-        return result[:, :k].astype(np.float32), result[:, k:].astype(np.int64), new_kv, graphed
+        return packed, new_kv, graphed
+
+    def run(self, shape: StaticShape, step: HostStep, cached: list[torch.Tensor], keep_kv: bool):
+        """:meth:`launch` and :meth:`unpack`: (scores, item rows, keys and values, how it ran)."""
+        packed, new_kv, graphed = self.launch(shape, step, cached, keep_kv)
+        return *self.unpack(packed, step.num_users, shape.k), new_kv, graphed
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, num_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [B, k], item rows int64 [B, k]) as host arrays, from a launched step's output
+        (waits for the device)."""
+        result = packed[:num_users].cpu().numpy()
+        return result[:, :k].astype(np.float32), result[:, k:].astype(np.int64)
 
     def _slot(self, shape: StaticShape, keep_kv: bool) -> _Slot:
         key = (shape, keep_kv)

@@ -2,7 +2,8 @@
 
 Every step works on the concatenation of all histories (one id lookup, one sortedness check, one
 window computation), so preparing 1,024 histories costs a few array operations plus one pass over
-the users for their lengths and types, not a Python loop over events.
+the users for their lengths and types, not a Python loop over events. Histories given as Python
+lists are flattened into one list and converted by one C call (``int64_values``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from hstu.data.sequences import _ranges
 from hstu.errors import RequestError, UnknownIdError
-from hstu.serving.ids import ItemIdIndex
+from hstu.serving.ids import ItemIdIndex, int64_values
 
 History = tuple[Sequence[Hashable], Sequence[int]]
 UNKNOWN_ITEM_POLICIES = ("error", "skip")
@@ -104,7 +105,9 @@ def _concatenated(parts: list) -> np.ndarray:
     """Per-user arrays or lists as one array: arrays joined, lists flattened and converted at once."""
     if parts and all(isinstance(part, np.ndarray) for part in parts):
         return np.concatenate(parts)
-    return np.asarray(list(itertools.chain.from_iterable(parts)))
+    values = list(itertools.chain.from_iterable(parts))
+    exact = int64_values(values)
+    return exact if exact is not None else np.asarray(values)
 
 
 def _in_time_order(item_ids: np.ndarray, timestamps: np.ndarray, offsets: np.ndarray):
