@@ -78,7 +78,7 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
             if part.size and (part.dtype.kind not in "iu" or part.ndim != 1):
                 raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {part.dtype}")
     timestamps = timestamps.astype(np.int64, copy=False)
-    if item_parts and all(isinstance(items, np.ndarray) for items in item_parts):
+    if _all_arrays(item_parts):
         item_ids = index.lookup(np.concatenate(item_parts))
     else:  # one flat list: converted once, or compared value by value where the types are mixed
         item_ids = index.lookup(list(itertools.chain.from_iterable(item_parts)))
@@ -103,11 +103,16 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
 
 def _concatenated(parts: list) -> np.ndarray:
     """Per-user arrays or lists as one array: arrays joined, lists flattened and converted at once."""
-    if parts and all(isinstance(part, np.ndarray) for part in parts):
+    if _all_arrays(parts):
         return np.concatenate(parts)
     values = list(itertools.chain.from_iterable(parts))
     exact = int64_values(values)
     return exact if exact is not None else np.asarray(values)
+
+
+def _all_arrays(parts: list) -> bool:
+    """Whether there are parts and every one is a numpy array (one C-level pass)."""
+    return bool(parts) and all(map(isinstance, parts, itertools.repeat(np.ndarray)))
 
 
 def _in_time_order(item_ids: np.ndarray, timestamps: np.ndarray, offsets: np.ndarray):
