@@ -61,14 +61,13 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
     """
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
         raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
-    lengths = np.empty(len(histories), dtype=np.int64)
-    item_parts, time_parts = [], []
-    for user, (items, timestamps) in enumerate(histories):
-        if len(items) != len(timestamps):
-            raise RequestError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
-        lengths[user] = len(items)
-        item_parts.append(items)
-        time_parts.append(timestamps)
+    item_parts = [items for items, _ in histories]
+    time_parts = [timestamps for _, timestamps in histories]
+    lengths = np.fromiter(map(len, item_parts), dtype=np.int64, count=len(histories))
+    mismatched = np.flatnonzero(lengths != np.fromiter(map(len, time_parts), dtype=np.int64, count=len(histories)))
+    if mismatched.size:
+        user = int(mismatched[0])
+        raise RequestError(f"history {user}: {lengths[user]} items but {len(time_parts[user])} timestamps")
     offsets = np.zeros(len(histories) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     timestamps = _concatenated(time_parts)
