@@ -32,13 +32,19 @@ How the path is chosen (checked in this order; each call reports the outcome in
    incremental encoder computes (cache hit, miss or off) and the compiled package does not serve
    runs on the fixed shapes of its bucket (``hstu.serving.static_shapes``: users, computed and
    cached tokens, query rows, exclusions and k rounded up) and is replayed from the CUDA graph
-   captured for that bucket at its first use (``hstu.serving.graphs``; at most ``MAX_GRAPHS``
-   buckets kept, least recently used first out; batches of at most ``MAX_GRAPH_USERS`` users).
+   captured for that bucket at its first use (``hstu.serving.graphs``; the buckets' buffers and graph
+   memory pools held within ``ServingOptions.graph_bytes``, least recently used first out, a bucket
+   larger than that alone run eagerly; batches of at most ``MAX_GRAPH_USERS`` users).
    The whole step, top-k included, is one replay: the host copies the packed inputs in, the
    cached keys and values of hit users into the bucket's buffer, and scores and ids out. The
    report says ``cuda_graph`` true with the bucket, or false and why (switched off, not CUDA, a
-   model without the incremental path, the compiled package, a batch above the cap, a failed
-   capture, which switches graphs off for the engine).
+   model without the incremental path, the compiled package, a batch above the cap, a bucket
+   above ``graph_bytes``, a failed capture, which switches graphs off for the engine).
+
+The host work of a batch (history conversion, id mapping, plans, reports, result dicts) is array
+operations and comprehensions, with no Python call per user or event where the cache is off; a
+cache lookup and store per user where it is on. On the device the reports are built while the step
+runs; only the recommendations wait for its outputs.
 
 Results equal ``Recommender.recommend`` on the same history and request time within float32
 rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch, a padded
@@ -62,6 +68,7 @@ import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
 from hstu.serving.histories import Events, prepare_histories
+from hstu.serving.graphs import DEFAULT_MAX_BYTES as DEFAULT_GRAPH_BYTES
 from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
 from hstu.serving.graphs import StaticSteps
 from hstu.serving.incremental import DeltaBatch, IncrementalEncoder, unsupported_reason
@@ -90,11 +97,13 @@ def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
 class ServingOptions:
     """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off; ``compiled`` False
     ignores a compiled scoring package in the export folder; ``cuda_graphs`` False launches every
-    operator eagerly on CUDA instead of replaying a captured step."""
+    operator eagerly on CUDA instead of replaying a captured step; ``graph_bytes`` bounds the bytes the
+    static-shape buckets hold (buffers and CUDA-graph memory pools, least recently used first out)."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
     compiled: bool = True
     cuda_graphs: bool = True
+    graph_bytes: int = DEFAULT_GRAPH_BYTES
 
 
 @dataclass
@@ -202,7 +211,8 @@ class ServingEngine:
             return None, f"no static-shape step for this model: {self.incremental_reason}"
         if self.device.type != "cuda":
             return None, f"CUDA only (device {self.device})"
-        return StaticSteps(self.encoder, self.unit_items, self.device, capture=True), None
+        return StaticSteps(self.encoder, self.unit_items, self.device, capture=True,
+                           max_bytes=self.options.graph_bytes), None
 
     # ---- requests -----------------------------------------------------------------------------
     def infer(self, user_id, user_behaviors, num_recommendations: int, request_time: int | None = None) -> dict:
@@ -359,12 +369,14 @@ class ServingEngine:
         step = HostStep(window_items[new_index], window_times[new_index], positions, query_times, seq_offsets,
                         cached_offsets, cached_times, events.item_ids - 1, events.offsets)
         shape = self.static_steps.shape("delta" if hits else "whole", step, k)
-        packed, new_kv, graphed = self.static_steps.launch(shape, step, hits, keep_kv=self.cache is not None)
+        keep_kv = self.cache is not None
+        packed, new_kv, graphed = self.static_steps.launch(shape, step, hits, keep_kv=keep_kv)
         if self.cache is not None:
             self._store(plans, window_items, window_times, new_kv, seq_offsets)
         if graphed:
             return packed, shape.k, (True, f"{graphed}: {shape.describe()}")
-        return packed, shape.k, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
+        return packed, shape.k, (False, self.static_steps.reason or self.static_steps.eager_reason(shape, keep_kv)
+                                 or f"static shapes run eagerly: {shape.describe()}")
 
     def _encode(self, plans: _Plans, window_items, window_times, request_times, events: Events):
         """(states after each user's last event, the exclusions for top-k on the device), computing only
