@@ -503,28 +503,32 @@ class ServingEngine:
 
 
 def _delta_layout(plans: _Plans, window_times: np.ndarray, request_times: np.ndarray):
-    """Host arrays of a DeltaBatch: which window events are computed, at which positions, with which
-    query times, and the jagged offsets of the new and the cached parts (no loop over events)."""
+    """Host arrays of a DeltaBatch: which window events are computed (an index, or ``slice(None)``: all,
+    when nothing is cached), at which positions, with which query times, and the jagged offsets of the
+    new and the cached parts (no loop over events)."""
     window_starts, window_stops = plans.window_offsets[:-1], plans.window_offsets[1:]
     cached_lengths = plans.first_new
     starts = window_starts + cached_lengths
-    seq_offsets, owner = _jagged(window_stops - starts)
-    new_index = np.arange(seq_offsets[-1], dtype=np.int64) - seq_offsets[owner] + starts[owner]
-    positions = new_index - window_starts[owner]
+    new_lengths = window_stops - starts
+    seq_offsets = np.zeros(new_lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=seq_offsets[1:])
+    # Token i of user b is window event i - seq_offsets[b] + starts[b], at position that - window_starts[b].
+    tokens = np.arange(seq_offsets[-1], dtype=np.int64)
+    positions = tokens - np.repeat(seq_offsets[:-1] - cached_lengths, new_lengths)
     # The query time of position i is the time of event i+1; the last position's is the request time.
-    query_times = np.empty_like(new_index)
-    query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
+    query_times = np.empty_like(tokens)
+    if cached_lengths.any():
+        new_index = tokens + np.repeat(starts - seq_offsets[:-1], new_lengths)
+        query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
+    else:  # whole windows: the tokens are the window events
+        new_index = slice(None)
+        query_times[:-1] = window_times[1:]
     query_times[seq_offsets[1:] - 1] = request_times
-    cached_offsets, cached_owner = _jagged(cached_lengths)
-    cached_index = np.arange(cached_offsets[-1], dtype=np.int64) - cached_offsets[cached_owner] + window_starts[cached_owner]
+    cached_offsets = np.zeros_like(seq_offsets)
+    np.cumsum(cached_lengths, out=cached_offsets[1:])
+    cached_index = np.arange(cached_offsets[-1], dtype=np.int64) + np.repeat(window_starts - cached_offsets[:-1],
+                                                                             cached_lengths)
     return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index]
-
-
-def _jagged(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [B+1], the owner of each of the sum(lengths) elements) of jagged lengths."""
-    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets, np.repeat(np.arange(lengths.shape[0]), lengths)
 
 
 @contextlib.contextmanager
