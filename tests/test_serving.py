@@ -113,6 +113,9 @@ def test_vectorised_id_lookup_equals_the_dict_mapping(kind):
     rng.shuffle(queries)
     assert index.lookup(queries).tolist() == dict_lookup(catalogue, queries)
     assert index.lookup(np.asarray(known)).tolist() == dict_lookup(catalogue, known)
+    for outside in ([-5], [10**9 + 3], [min(catalogue) - 1, max(catalogue) + 1]) if kind != "str" else ():
+        ints = known[:3] + outside  # plain ints (the fast conversion) beyond either end of the id span
+        assert index.lookup(ints).tolist() == dict_lookup(catalogue, ints)
     assert index.lookup([]).tolist() == []
 
 

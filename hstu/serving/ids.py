@@ -55,8 +55,11 @@ class ItemIdIndex:
         query, comparable = self._as_int_query(items)
         if self._dense is not None:
             offset = query - self._lowest
-            inside = (offset >= 0) & (offset < self._dense.shape[0])
-            found = np.where(inside, self._dense[np.where(inside, offset, 0)], 0)
+            if offset.min() >= 0 and offset.max() < self._dense.shape[0]:  # the usual case: one gather
+                found = self._dense[offset]
+            else:
+                inside = (offset >= 0) & (offset < self._dense.shape[0])
+                found = np.where(inside, self._dense[np.where(inside, offset, 0)], 0)
         else:
             found = self._hashed.get_indexer(query).astype(np.int64) + 1  # -1 (missing) -> 0
         return found if comparable is None else np.where(comparable, found, 0)
