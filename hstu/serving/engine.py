@@ -120,12 +120,11 @@ class Request:
     def from_behaviors(cls, user_id, user_behaviors, k, request_time=None) -> "Request":
         """``user_behaviors``: (original item id, Unix seconds) pairs."""
         pairs = list(user_behaviors)
-        for position, pair in enumerate(pairs):
-            if len(pair) != 2:
-                raise RequestError(f"user_behaviors[{position}] must be an (item, timestamp) pair, got {pair!r}")
-        items = [item for item, _ in pairs]
-        timestamps = [timestamp for _, timestamp in pairs]
-        return cls(user_id, items, timestamps, k, request_time)
+        if not set(map(len, pairs)) <= {2}:
+            position = next(i for i, pair in enumerate(pairs) if len(pair) != 2)
+            raise RequestError(f"user_behaviors[{position}] must be an (item, timestamp) pair, got {pairs[position]!r}")
+        items, timestamps = zip(*pairs) if pairs else ((), ())
+        return cls(user_id, list(items), list(timestamps), k, request_time)
 
 
 @dataclass
