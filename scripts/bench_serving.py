@@ -371,7 +371,8 @@ def host_rows(args, name, config, histories) -> list[Row]:
                 times_ms = timed_batches(args, call)
                 stats = percentiles(times_ms)
                 rows.append(Row(name, "cpu", card_name("cpu"), "-", "-", "throughput-host",
-                                f"{call_name}, histories as {form}, device step stubbed", len(times_ms), **stats, users_per_s=args.batch_users / (stats["p50_ms"] / 1e3),
+                                f"{call_name}, histories as {form}, device step stubbed", len(times_ms), **stats,
+                                users_per_s=args.batch_users / (stats["p50_ms"] / 1e3),
                                 note=f"host work only: {args.batch_users} users a call; latencies are per call"))
                 print_row(rows[-1])
     return rows

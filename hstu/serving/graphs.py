@@ -12,18 +12,18 @@ Per bucket (a "slot"): a host buffer of the packed inputs (page-locked on CUDA),
 static cached keys and values of "delta" steps, and the graph with its outputs. The slots are bounded
 in bytes (``max_bytes``, ``ServingOptions.graph_bytes``), least recently used first out, because
 neither their number nor their size is fixed: a bucket is one of many combinations of users, tokens,
-cached tokens, query rows, exclusions and k, and one bucket of 1,024 ML-1M windows holds hundreds of
-MB of activations while a single user's holds a few MB. A slot's bytes are its buffers plus its
-graph's memory pool, measured as the growth of the device's reserved memory while the graph is
-captured. Each graph therefore has a pool of its own (unlike ``hstu.train_step``'s graphs, which
-share one): a shared pool is freed only when its last graph goes, so evicting a graph would release
-nothing, and no graph's share of it could be measured. Evicted pools are returned to the device
+cached tokens, query rows, exclusions and k, and a bucket of 1,024 ML-1M windows computes some 200,000
+tokens where a single user's computes at most 200. A slot's bytes are its buffers plus its graph's
+memory pool, measured as the growth of the device's reserved memory while the graph is captured.
+Each graph therefore has a pool of its own (unlike ``hstu.train_step``'s graphs, which share one): a
+shared pool is freed only when its last graph goes, so evicting a graph would release nothing, and no
+graph's share of it could be measured. Evicted pools are returned to the device
 (``torch.cuda.empty_cache``). A bucket larger than the whole bound is captured once (to measure it),
-dropped after that step, and from then on runs eagerly on its fixed shapes, saying why. Each replay's
-outputs are read (and the cache's keys and values copied out) before the next replay of the same
-graph; the engine's lock serialises steps. Operator calls inside a graph are counted per replay by the
-manager (``TritonOperatorManager.region``). A capture that fails switches graphs off for the engine
-(``reason`` says why) and the step runs eagerly.
+dropped when the next step starts, and from then on runs eagerly on its fixed shapes, saying why.
+Each replay's outputs are read (and the cache's keys and values copied out) before the next replay
+of the same graph; the engine's lock serialises steps. Operator calls inside a graph are counted per
+replay by the manager (``TritonOperatorManager.region``). A capture that fails switches graphs off
+for the engine (``reason`` says why) and the step runs eagerly.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ class StaticSteps:
         needed = self._too_large.get((shape, keep_kv))
         if needed is None:
             return None
-        return f"the bucket needs {needed:,} bytes, more than graph_bytes={self.max_bytes:,}: run eagerly ({shape.describe()})"
+        return (f"the bucket needs {needed:,} bytes, more than graph_bytes={self.max_bytes:,}: run eagerly "
+                f"({shape.describe()})")
 
     def _slot(self, shape: StaticShape, keep_kv: bool) -> _Slot:
         """The bucket's slot, most recently used now; a new one evicts least recently used slots until
