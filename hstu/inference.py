@@ -248,11 +248,23 @@ class Recommender:
             self._engine = ServingEngine(self, options)
         return self._engine
 
-    def ranked(self, ids: np.ndarray, scores: np.ndarray) -> list[list[tuple[Hashable, float]]]:
-        """Rows of (original item id, score) from model indices [B, k] (index <= 0: no item) and scores."""
-        originals = self._original_ids[np.maximum(ids - 1, 0)].tolist()
-        return [[(o, s) for o, i, s in zip(row_originals, row_ids, row_scores) if i > 0]
-                for row_originals, row_ids, row_scores in zip(originals, ids.tolist(), scores.tolist())]
+    def ranked(self, ids: np.ndarray, scores: np.ndarray, limits: Sequence[int] | None = None,
+               as_dicts: bool = False) -> list[list]:
+        """Rows of (original item id, score) from model indices [B, k] (index <= 0: no item) and scores;
+        ``limits``: at most ``limits[b]`` of row b's items; ``as_dicts``: ``{"item", "score"}`` dicts
+        instead of pairs. Built as one flat list cut into rows (no Python loop per row's items)."""
+        keep = ids > 0
+        if limits is not None:
+            keep &= np.cumsum(keep, axis=1) <= np.asarray(limits, dtype=np.int64)[:, None]
+        originals, values = self._original_ids[ids[keep] - 1].tolist(), scores[keep].tolist()
+        if as_dicts:
+            flat = [{"item": original, "score": value} for original, value in zip(originals, values)]
+        else:
+            flat = list(zip(originals, values))
+        bounds = np.zeros(ids.shape[0] + 1, dtype=np.int64)
+        np.cumsum(keep.sum(axis=1), out=bounds[1:])
+        bounds = bounds.tolist()
+        return [flat[begin:end] for begin, end in zip(bounds, bounds[1:])]
 
 
 def _per_user_times(request_time, num_users: int) -> list[int | None]:

@@ -22,6 +22,10 @@ the ML-20M-shaped configuration uses synthetic ids and times. Scenarios (single 
               histories given as Python lists and as numpy arrays
   throughput-engine  the serving engine's infer_batch over 1,024 users' whole histories (cache off),
               the batch the HTTP server forms under load
+  throughput-host  the host work alone of both calls over the same batches, on the CPU: the device
+              step (the engine's static-shape step, as CUDA replays it, and recommend()'s model call)
+              replaced by zeros of its output shapes; what the host costs per batch on this machine's
+              CPU, whatever the device (run it on the GPU machine to split a throughput row)
 ``--interaction on,off`` runs each with the top-k operator's Triton kernel and with its reference
 (GPU only: the CPU has no Triton backend outside the interpreter). ``--cuda-graphs on,off`` runs the
 engine's scenarios with its steps replayed from CUDA graphs and with every operator launched eagerly
@@ -32,6 +36,7 @@ many it timed. Results: a table, and <out>.json / <out>.csv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -61,7 +66,7 @@ CONFIGS = {
 }
 LATENCY_SCENARIOS = ("full", "hit-199+1", "hit-100+1", "slide", "full-compiled")
 HTTP_SCENARIOS = ("http-full", "http-hit-199+1")
-SCENARIOS = LATENCY_SCENARIOS + HTTP_SCENARIOS + ("throughput", "throughput-engine")
+SCENARIOS = LATENCY_SCENARIOS + HTTP_SCENARIOS + ("throughput", "throughput-engine", "throughput-host")
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s != "full-compiled")
 K = 10
 WEIGHTS_NOTE = "random weights of the configuration's shapes (latency does not depend on their values)"
@@ -323,6 +328,56 @@ def throughput_rows(args, name, recommender, device, card, interaction, historie
     return rows
 
 
+@contextlib.contextmanager
+def device_steps_stubbed(recommender: Recommender):
+    """The engine serving through static-shape steps without capture (what CUDA replays) whose device
+    work, like that of recommend()'s model call, is replaced by zeros of its output shapes (items 1..k):
+    everything else (history conversion, id mapping, plans, layouts, reports, result dicts) runs."""
+    from hstu.serving import static_shapes
+    from hstu.serving.graphs import StaticSteps
+
+    def step(encoder, unit_items, shape, inputs, cached_kv, keep_kv):
+        packed = torch.zeros(shape.users + 1, 2 * shape.k, dtype=torch.float64)
+        packed[:, shape.k:] = torch.arange(shape.k, dtype=torch.float64)
+        return packed, None
+
+    def recommend(batch, k):
+        users = batch.seq_offsets.shape[0] - 1
+        return torch.zeros(users, k), torch.arange(1, k + 1).repeat(users, 1), None
+
+    engine = recommender.serving_engine(ServingOptions(cache_bytes=0, cuda_graphs=False))
+    engine.static_steps = StaticSteps(engine.encoder, engine.unit_items, engine.device, capture=False)
+    real_step, static_shapes.run, recommender.model.recommend = static_shapes.run, step, recommend
+    try:
+        yield engine
+    finally:
+        static_shapes.run = real_step
+
+
+def host_rows(args, name, config, histories) -> list[Row]:
+    """throughput-host: infer_batch and recommend over --batch-users users with the device step stubbed."""
+    from hstu.serving.engine import Request
+
+    recommender = Recommender(build_model(config, serving_kernel_flags("cpu")), histories.item_ids.tolist(),
+                              device="cpu")
+    rows = []
+    with device_steps_stubbed(recommender) as engine:
+        for form in ("lists", "arrays"):
+            batches = user_batches(args, histories, form)
+            requests = [[Request(b, items, times, K) for b, (items, times) in enumerate(batch)] for batch in batches]
+            calls = {"infer_batch(), cache off": lambda i: engine.infer_batch(requests[i % 4]),
+                     "recommend()": lambda i: recommender.recommend(batches[i % 4], k=K, batch_size=args.batch_users)}
+            for call_name, call in calls.items():
+                times_ms = timed_batches(args, call)
+                stats = percentiles(times_ms)
+                rows.append(Row(name, "cpu", card_name("cpu"), "-", "-", "throughput-host",
+                                f"{call_name}, histories as {form}, device step stubbed", len(times_ms), **stats,
+                                users_per_s=args.batch_users / (stats["p50_ms"] / 1e3),
+                                note=f"host work only: {args.batch_users} users a call; latencies are per call"))
+                print_row(rows[-1])
+    return rows
+
+
 def http_rows(args, name, config, device, interaction, histories, flags) -> list[Row]:
     scenarios = [s for s in args.scenarios if s in HTTP_SCENARIOS]
     if not scenarios:
@@ -431,6 +486,8 @@ def main(argv=None) -> list[Row]:
     for name in args.configs.split(","):
         config = CONFIGS[name]
         histories = Histories(config["histories"], config["num_items"], args.data_dir)
+        if "throughput-host" in args.scenarios:
+            rows += host_rows(args, name, config, histories)
         for device in args.devices.split(","):
             for interaction in args.interaction.split(","):
                 if device == "cpu" and interaction == "on":

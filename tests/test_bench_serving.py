@@ -28,7 +28,8 @@ def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
                        "--requests", "3", "--warmup", "1", "--batch-users", "16", "--throughput-batches", "2",
                        "--out", str(tmp_path / "results" / "serving")])
     scenarios = [(r.scenario, r.transport.split(",")[0]) for r in rows]
-    assert [s for s, _ in scenarios] == ["full", "hit-199+1", "hit-100+1", "slide", "throughput-engine",
+    assert [s for s, _ in scenarios] == ["throughput-host"] * 4 + ["full", "hit-199+1", "hit-100+1", "slide",
+                                         "throughput-engine",
                                          "throughput-engine", "throughput", "throughput", "http-full",
                                          "http-hit-199+1"]
     assert all(r.cuda_graphs == "-" for r in rows)  # the CPU has no CUDA graphs
@@ -38,6 +39,9 @@ def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
     assert "cache hit x3" in by_name["http-hit-199+1"].path
     assert all(r.users_per_s > 0 for r in rows if r.scenario.startswith("throughput"))
     assert "whole window, cache off" in by_name["throughput-engine"].path
+    assert [r.transport for r in rows[:4]] == [f"{call}, histories as {form}, device step stubbed"
+                                               for form in ("lists", "arrays")
+                                               for call in ("infer_batch(), cache off", "recommend()")]
     assert len(json.loads((tmp_path / "results" / "serving.json").read_text())) == len(rows)
     assert (tmp_path / "results" / "serving.csv").read_text().count("\n") == len(rows) + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing else written

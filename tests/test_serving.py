@@ -113,6 +113,9 @@ def test_vectorised_id_lookup_equals_the_dict_mapping(kind):
     rng.shuffle(queries)
     assert index.lookup(queries).tolist() == dict_lookup(catalogue, queries)
     assert index.lookup(np.asarray(known)).tolist() == dict_lookup(catalogue, known)
+    for outside in ([-5], [10**9 + 3], [min(catalogue) - 1, max(catalogue) + 1]) if kind != "str" else ():
+        ints = known[:3] + outside  # plain ints (the fast conversion) beyond either end of the id span
+        assert index.lookup(ints).tolist() == dict_lookup(catalogue, ints)
     assert index.lookup([]).tolist() == []
 
 
@@ -278,6 +281,86 @@ def test_batch_of_hits_and_misses_equals_single_requests():
         got = [(r["item"], r["score"]) for r in result["recommendations"]]
         assert_same_top_k(got, full_recompute(recommender, items, times, k=5))
         assert result["optimizations_applied"]["batch_size"] == 5
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 24], ids=["cache-off", "cache-on"])
+@pytest.mark.parametrize("form", ["lists", "arrays", "tuples"])
+def test_batch_equals_each_request_alone(form, cache_bytes):
+    """A batch of histories given as lists, numpy arrays or tuples (events out of time order, repeated
+    items, k and request times per request, a slid window, hits and misses): each user's result equals
+    the same request served alone, and its report says the same except the batch size."""
+    from hstu.serving.engine import Request
+
+    convert = {"lists": list, "arrays": np.asarray, "tuples": tuple}[form]
+    histories = [random_history(n, seed=40 + n) for n in (1, 2, 5, MAX_SEQ_LEN, MAX_SEQ_LEN + 5, 7)]
+    histories[2][1][3] -= 10 ** 6  # an event that happened before the ones given before it
+    histories[5][0][4] = histories[5][0][1]
+    requests = [Request(f"u{b}", convert(items), convert(times), k, request_time)
+                for b, ((items, times), k, request_time) in enumerate(zip(
+                    histories, (1, 5, NUM_ITEMS, 8, 3, 5), (None, None, 1_700_000_000, None, None, 1_600_000_001)))]
+    batched, alone = make_recommender(cache_bytes=cache_bytes), make_recommender(cache_bytes=cache_bytes)
+    for recommender in (batched, alone):  # the cache holds a prefix of three users' histories
+        for request in (requests[1], requests[3], requests[4]):
+            served(recommender, request.user_id, list(request.items)[:-1], list(request.timestamps)[:-1])
+    results = batched.serving_engine().infer_batch(requests)
+    outcomes = set()
+    for result, request in zip(results, requests, strict=True):
+        want = alone.infer_with_optimal_strategy(request.user_id, list(zip(request.items, request.timestamps)),
+                                                 request.k, request.request_time)
+        assert_same_top_k([(r["item"], r["score"]) for r in result["recommendations"]],
+                          [(r["item"], r["score"]) for r in want["recommendations"]])
+        assert len(result["recommendations"]) == min(request.k, NUM_ITEMS - len(set(request.items)))  # seen: out
+        applied = result["optimizations_applied"]
+        assert applied == {**want["optimizations_applied"], "batch_size": len(requests)}
+        outcomes.add(applied["kv_cache"])
+        assert result["latency_ms"] > 0
+    assert outcomes == ({"hit", "miss"} if cache_bytes else {"off"})
+    assert len({id(result["optimizations_applied"]) for result in results}) == len(results)  # each its own
+    stats = batched.get_comprehensive_stats()["serving"]
+    assert stats["requests"] == 3 + len(requests) and sum(stats["paths"].values()) == stats["requests"]
+
+
+def python_calls(call) -> int:
+    """Python function calls (and generator resumptions) made while ``call()`` runs."""
+    import sys
+
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-shapes"])
+@pytest.mark.parametrize("form", ["lists", "arrays"])
+def test_a_batch_costs_no_python_call_per_user_or_event(form, static):
+    """With the cache off, a batch's host work is array operations and comprehensions: 64 users make
+    as many Python function calls as 4 (a per-user check, plan, report or result helper, or a per-event
+    conversion, would add one per user or event). The eager and the static-shape (CUDA-graph) paths."""
+    from hstu.serving.engine import Request
+    from hstu.serving.graphs import StaticSteps
+
+    recommender = make_recommender(cache_bytes=0)
+    engine = recommender.serving_engine()
+    if static:
+        engine.static_steps = StaticSteps(engine.encoder, engine.unit_items, engine.device, capture=False)
+    convert = list if form == "lists" else np.asarray
+    histories = [random_history(3 + b % MAX_SEQ_LEN, seed=b) for b in range(64)]
+
+    def batch(num_users):
+        return [Request(b, convert(items), convert(times), 5) for b, (items, times) in enumerate(histories[:num_users])]
+
+    small, large = batch(4), batch(64)
+    engine.infer_batch(small), engine.infer_batch(large)  # first calls: lazy imports, caches
+    calls = [python_calls(lambda: engine.infer_batch(requests)) for requests in (small, large)]
+    assert calls[1] - calls[0] < 20, calls
 
 
 

@@ -75,13 +75,13 @@ def test_filled_inputs_put_every_padding_token_in_a_sequence(delta):
 
 # ---- the static engine on the CPU ------------------------------------------------------------------
 
-def with_static_steps(recommender, enlarge=False, max_graphs=64):
+def with_static_steps(recommender, enlarge=False, max_bytes=1 << 30):
     """The recommender's engine serving through static steps without capture (what CUDA replays);
     ``enlarge``: buckets larger than needed in every dimension."""
     engine = recommender.serving_engine()
     steps_class = LargerSteps if enlarge else StaticSteps
     engine.static_steps = steps_class(engine.encoder, engine.unit_items, engine.device, capture=False,
-                                      max_graphs=max_graphs)
+                                      max_bytes=max_bytes)
     return engine
 
 
@@ -169,15 +169,96 @@ def test_static_steps_equal_the_eager_engine(kernels, enlarge, rounds):
         assert len(set(shapes)) < len(shapes) == rounds  # buckets met again, with other inputs
 
 
-def test_static_steps_keep_at_most_max_graphs_buckets():
-    recommender = make_recommender()
-    engine = with_static_steps(recommender, max_graphs=2)
+class FakeGraphs(StaticSteps):
+    """Static steps that "capture" on the CPU: the graph reruns the step into its first outputs, and its
+    memory pool counts ``pool_bytes`` (what the CUDA capture measures)."""
+
+    def __init__(self, engine, max_bytes, pool_bytes):
+        super().__init__(engine.encoder, engine.unit_items, engine.device, capture=False, max_bytes=max_bytes)
+        self.capture, self.pool_bytes, self.captures = True, pool_bytes, 0
+
+    def _capture(self, slot):
+        from hstu.serving import static_shapes
+
+        def run():
+            return static_shapes.run(self.encoder, self.unit_items, slot.shape, slot.inputs, slot.cached_kv,
+                                     slot.keep_kv)
+
+        class Graph:
+            def replay(self):
+                for output, value in zip(slot.outputs, run()):
+                    if output is not None:
+                        output.copy_(value)
+
+        slot.graph, slot.outputs = Graph(), run()
+        self.captures += 1
+        self._account(slot, self.pool_bytes)
+        return True
+
+
+def whole_window_buckets(engine, lengths, user="u"):
+    """Serve one user's first n events for each n (each n below its own bucket): the reports."""
     items, times = random_history(MAX_SEQ_LEN, seed=1)
-    for user, n in enumerate((1, 3, MAX_SEQ_LEN)):  # three whole-window buckets
-        engine.infer_batch([Request(user, items[:n], times[:n], 4)])
-    assert len(engine.static_steps) == 2
+    return [engine.infer_batch([Request(user, items[:n], times[:n], 4)])[0]["optimizations_applied"]
+            for n in lengths]
+
+
+def held(engine):
+    return [shape.tokens for shape, _ in engine.static_steps._slots]
+
+
+@pytest.mark.parametrize("pool_bytes", [0, 5000], ids=["buffers", "buffers-and-graph-pools"])
+def test_static_steps_are_bounded_in_bytes_least_recently_used_first_out(pool_bytes):
+    """Buckets of 1, 3 and 12 tokens: a bound that holds the two largest evicts the least recently used
+    bucket, by bytes (buffers and graph pools), and the stats add them up."""
+    probe = make_recommender(cache_bytes=0)
+    probe_engine = with_static_steps(probe)
+    probe_engine.static_steps = FakeGraphs(probe_engine, 1 << 30, pool_bytes)
+    whole_window_buckets(probe_engine, (1, 3, MAX_SEQ_LEN))
+    size = {shape.tokens: slot.nbytes for (shape, _), slot in probe_engine.static_steps._slots.items()}
+    assert sorted(size) == [1, 3, MAX_SEQ_LEN] and size[MAX_SEQ_LEN] > size[3] > size[1]
+
+    recommender = make_recommender(cache_bytes=0)
+    engine = with_static_steps(recommender)
+    engine.static_steps = FakeGraphs(engine, size[3] + size[MAX_SEQ_LEN], pool_bytes)
+    whole_window_buckets(engine, (1, 3, MAX_SEQ_LEN))
+    assert held(engine) == [3, MAX_SEQ_LEN]
+    whole_window_buckets(engine, (3, 1))  # 3 used again: 12 is the least recent, and goes
+    assert held(engine) == [3, 1]
     assert recommender.get_comprehensive_stats()["cuda_graphs"] == {
-        "enabled": True, "buckets": 2, "max_buckets": 2, "captured": 0, "reason": None}
+        "enabled": True, "buckets": 2, "captured": 2, "bytes": size[3] + size[1], "graph_pool_bytes": 2 * pool_bytes,
+        "max_bytes": size[3] + size[MAX_SEQ_LEN], "evictions": 2, "too_large_buckets": 0, "reason": None}
+    assert engine.static_steps.captures == 4  # 1, 3, 12, then 1 again after its eviction
+
+
+@pytest.mark.parametrize("pool_bytes", [0, 5000], ids=["its-buffers", "its-graph-pool"])
+def test_a_bucket_above_the_bound_runs_eagerly_and_says_so(pool_bytes):
+    """A bucket whose buffers (or buffers and graph pool) exceed the whole bound is not kept: its
+    steps run eagerly on its static shapes with the same results, and the report says why."""
+    probe = with_static_steps(make_recommender(cache_bytes=0))
+    probe.static_steps = FakeGraphs(probe, 1 << 30, pool_bytes)
+    whole_window_buckets(probe, (MAX_SEQ_LEN,))
+    (slot,) = probe.static_steps._slots.values()
+    bound = slot.buffer_bytes + pool_bytes // 2 if pool_bytes else slot.buffer_bytes - 1
+
+    eager = make_recommender(cache_bytes=0).serving_engine()
+    recommender = make_recommender(cache_bytes=0)
+    engine = with_static_steps(recommender)
+    engine.static_steps = FakeGraphs(engine, bound, pool_bytes)
+    reports = whole_window_buckets(engine, (MAX_SEQ_LEN, MAX_SEQ_LEN))
+    needs = f"the bucket needs {slot.nbytes:,} bytes, more than graph_bytes={bound:,}: run eagerly"
+    if pool_bytes:  # captured once (which measures its pool), then dropped
+        assert reports[0]["cuda_graph"] is True and reports[0]["cuda_graph_detail"].startswith("captured and replayed")
+    else:
+        assert reports[0]["cuda_graph"] is False and reports[0]["cuda_graph_detail"].startswith(needs)
+    assert reports[1]["cuda_graph"] is False and reports[1]["cuda_graph_detail"].startswith(needs)
+    assert engine.static_steps.captures == (1 if pool_bytes else 0)
+    assert recommender.get_comprehensive_stats()["cuda_graphs"] == {
+        "enabled": True, "buckets": 0, "captured": 0, "bytes": 0, "graph_pool_bytes": 0, "max_bytes": bound,
+        "evictions": 0, "too_large_buckets": 1, "reason": None}
+    items, times = random_history(MAX_SEQ_LEN, seed=2)
+    assert_same_results(engine.infer_batch([Request("v", items, times, 4)]),
+                        eager.infer_batch([Request("v", items, times, 4)]))
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["whole", "delta"])
@@ -328,3 +409,43 @@ def test_gpu_warm_up_captures_the_single_user_buckets_it_meets():
         (result,) = engine.infer_batch([Request("u", items[:n], times[:n], 10)])
         assert result["optimizations_applied"]["cuda_graph_detail"].startswith("replayed: ")
     assert engine.stats()["cuda_graphs"]["captured"] == captured
+
+
+@pytest.mark.gpu
+def test_gpu_graph_pools_are_measured_bounded_and_released():
+    """A captured graph's pool is measured exactly (the allocator's segments of that pool); under a
+    bound of 1.5 such buckets, new buckets evict the least recently used, the bytes held stay within
+    it and the device's reserved memory does not grow with each capture; a bucket above the bound is
+    captured once, then runs eagerly with the same results."""
+    recommender, ids = hstu_large(True, cuda_graphs=True, cache_bytes=0)
+    eager, _ = hstu_large(True, cuda_graphs=False, cache_bytes=0)
+    items, times = random_history(200, seed=4, ids=ids)
+
+    def serve(n):
+        request = Request("u", items[:n], times[:n], 10)
+        (got,) = recommender.serving_engine().infer_batch([request])
+        assert_same_results([got], eager.serving_engine().infer_batch([request]))
+        return got["optimizations_applied"]
+
+    serve(200)
+    (slot,) = recommender.serving_engine().static_steps._slots.values()
+    pool = tuple(slot.graph.pool())
+    segments = [s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) == pool]
+    assert slot.graph_bytes == sum(segments) > 0
+
+    bound = slot.nbytes * 3 // 2
+    recommender.serving_engine(ServingOptions(cache_bytes=0, graph_bytes=bound))
+    reserved = []
+    for n in (200, 100, 50, 25, 200):  # five whole-window buckets (200, 112, 56, 28 and 200 tokens)
+        assert serve(n)["cuda_graph"] is True
+        stats = recommender.get_comprehensive_stats()["cuda_graphs"]
+        assert 0 < stats["bytes"] <= bound and stats["graph_pool_bytes"] > 0
+        reserved.append(torch.cuda.memory_reserved())
+    assert stats["evictions"] >= 2 and stats["too_large_buckets"] == 0
+    assert reserved[-1] - reserved[0] <= bound, reserved
+
+    recommender.serving_engine(ServingOptions(cache_bytes=0, graph_bytes=slot.buffer_bytes + 1))
+    assert serve(200)["cuda_graph_detail"].startswith("captured and replayed")
+    report = serve(200)
+    assert report["cuda_graph"] is False and report["cuda_graph_detail"].startswith("the bucket needs ")
+    assert recommender.get_comprehensive_stats()["cuda_graphs"]["too_large_buckets"] == 1

@@ -140,6 +140,8 @@ def test_stats_endpoint_counts_requests_per_worker(server):
     assert "own model and KV cache" in stats["note"]
     (worker,) = stats["workers"].values()
     assert worker["kv_cache"]["hits"] >= 1 and worker["serving"]["latency_ms"]["p99"] > 0
+    assert stats["aggregate"]["kv_cache_bytes"] == worker["kv_cache"]["bytes"] > 0
+    assert stats["aggregate"]["cuda_graph_bytes"] == stats["aggregate"]["cuda_graph_buckets"] == 0  # CPU: no graphs
 
 
 def test_binds_loopback_and_writes_nothing_into_the_working_directory(server):

@@ -32,13 +32,19 @@ How the path is chosen (checked in this order; each call reports the outcome in
    incremental encoder computes (cache hit, miss or off) and the compiled package does not serve
    runs on the fixed shapes of its bucket (``hstu.serving.static_shapes``: users, computed and
    cached tokens, query rows, exclusions and k rounded up) and is replayed from the CUDA graph
-   captured for that bucket at its first use (``hstu.serving.graphs``; at most ``MAX_GRAPHS``
-   buckets kept, least recently used first out; batches of at most ``MAX_GRAPH_USERS`` users).
+   captured for that bucket at its first use (``hstu.serving.graphs``; the buckets' buffers and graph
+   memory pools held within ``ServingOptions.graph_bytes``, least recently used first out, a bucket
+   larger than that alone run eagerly; batches of at most ``MAX_GRAPH_USERS`` users).
    The whole step, top-k included, is one replay: the host copies the packed inputs in, the
    cached keys and values of hit users into the bucket's buffer, and scores and ids out. The
    report says ``cuda_graph`` true with the bucket, or false and why (switched off, not CUDA, a
-   model without the incremental path, the compiled package, a batch above the cap, a failed
-   capture, which switches graphs off for the engine).
+   model without the incremental path, the compiled package, a batch above the cap, a bucket
+   above ``graph_bytes``, a failed capture, which switches graphs off for the engine).
+
+The host work of a batch (history conversion, id mapping, plans, reports, result dicts) is array
+operations and comprehensions, with no Python call per user or event where the cache is off; a
+cache lookup and store per user where it is on. On the device the reports are built while the step
+runs; only the recommendations wait for its outputs.
 
 Results equal ``Recommender.recommend`` on the same history and request time within float32
 rounding (1e-5 on cosine scores, tests/test_serving.py): an incremental step, a batch, a padded
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import threading
 import time
 from collections import Counter, deque
@@ -61,6 +68,7 @@ import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
 from hstu.serving.histories import Events, prepare_histories
+from hstu.serving.graphs import DEFAULT_MAX_BYTES as DEFAULT_GRAPH_BYTES
 from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
 from hstu.serving.graphs import StaticSteps
 from hstu.serving.incremental import DeltaBatch, IncrementalEncoder, unsupported_reason
@@ -89,11 +97,13 @@ def serving_kernel_flags(device: str | torch.device) -> dict[str, bool]:
 class ServingOptions:
     """How the engine may serve: ``cache_bytes`` 0 switches the KV cache off; ``compiled`` False
     ignores a compiled scoring package in the export folder; ``cuda_graphs`` False launches every
-    operator eagerly on CUDA instead of replaying a captured step."""
+    operator eagerly on CUDA instead of replaying a captured step; ``graph_bytes`` bounds the bytes the
+    static-shape buckets hold (buffers and CUDA-graph memory pools, least recently used first out)."""
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
     compiled: bool = True
     cuda_graphs: bool = True
+    graph_bytes: int = DEFAULT_GRAPH_BYTES
 
 
 @dataclass
@@ -110,25 +120,31 @@ class Request:
     def from_behaviors(cls, user_id, user_behaviors, k, request_time=None) -> "Request":
         """``user_behaviors``: (original item id, Unix seconds) pairs."""
         pairs = list(user_behaviors)
-        for position, pair in enumerate(pairs):
-            if len(pair) != 2:
-                raise RequestError(f"user_behaviors[{position}] must be an (item, timestamp) pair, got {pair!r}")
-        items = [item for item, _ in pairs]
-        timestamps = [timestamp for _, timestamp in pairs]
-        return cls(user_id, items, timestamps, k, request_time)
+        if not set(map(len, pairs)) <= {2}:
+            position = next(i for i, pair in enumerate(pairs) if len(pair) != 2)
+            raise RequestError(f"user_behaviors[{position}] must be an (item, timestamp) pair, got {pairs[position]!r}")
+        items, timestamps = zip(*pairs) if pairs else ((), ())
+        return cls(user_id, list(items), list(timestamps), k, request_time)
 
 
 @dataclass
-class _Plan:
-    """Per user of a batch: what is reused and what is computed."""
+class _Plans:
+    """The users of a batch, as arrays and lists: what each reuses and what it computes."""
 
-    user_id: Hashable
-    history_len: int
-    window: slice  # the user's window inside the batch's window arrays
-    cached: CacheEntry | None
-    cache_outcome: str  # "hit", "miss", "off"
-    cache_detail: str
-    first_new: int  # window position of the first computed token
+    user_ids: list
+    history_lengths: np.ndarray  # int64 [B]
+    window_offsets: np.ndarray  # int64 [B+1]: user b's window in the batch's window arrays
+    first_new: np.ndarray  # int64 [B]: window position of the first computed token (the positions reused)
+    cached: list  # [B] the CacheEntry of a hit, else None
+    outcomes: list[str]  # [B] "hit", "miss", "off"
+    details: list[str]  # [B] why
+
+    @property
+    def window_lengths(self) -> np.ndarray:
+        return np.diff(self.window_offsets)
+
+    def hits(self) -> list[CacheEntry]:
+        return [entry for entry in self.cached if entry is not None]
 
 
 @dataclass
@@ -194,7 +210,8 @@ class ServingEngine:
             return None, f"no static-shape step for this model: {self.incremental_reason}"
         if self.device.type != "cuda":
             return None, f"CUDA only (device {self.device})"
-        return StaticSteps(self.encoder, self.unit_items, self.device, capture=True), None
+        return StaticSteps(self.encoder, self.unit_items, self.device, capture=True,
+                           max_bytes=self.options.graph_bytes), None
 
     # ---- requests -----------------------------------------------------------------------------
     def infer(self, user_id, user_behaviors, num_recommendations: int, request_time: int | None = None) -> dict:
@@ -206,6 +223,17 @@ class ServingEngine:
         """Raise ValueError / KeyError naming what is wrong with a request, before it joins a batch."""
         self._check_fields(request)
         prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+
+    def _check_batch_fields(self, requests: Sequence[Request]) -> None:
+        """:meth:`_check_fields` of every request: a few C-level passes where every k and request time
+        is a plain int (or None) and no history is empty, else request by request (the first fault named)."""
+        ks = [request.k for request in requests]
+        times = [request.request_time for request in requests]
+        if (not requests or set(map(type, ks)) != {int} or not set(map(type, times)) <= {int, type(None)}
+                or not 1 <= min(ks) <= max(ks) <= self.model.num_items
+                or not all(map(len, [request.items for request in requests]))):
+            for request in requests:
+                self._check_fields(request)
 
     def _check_fields(self, request: Request) -> None:
         num_items = self.model.num_items
@@ -229,14 +257,13 @@ class ServingEngine:
     def infer_batch(self, requests: Sequence[Request]) -> list[dict]:
         """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together."""
         start = time.perf_counter()
-        for request in requests:
-            self._check_fields(request)
+        self._check_batch_fields(requests)
         if not requests:
             return []
         events = self._histories(requests)
         with self._lock:
             try:
-                results = self._serve(requests, events)
+                results, plans = self._serve(requests, events)
             except Exception:
                 self._stats.errors += len(requests)
                 raise
@@ -245,34 +272,41 @@ class ServingEngine:
             self._stats.requests += len(requests)
             for result in results:
                 result["latency_ms"] = elapsed_ms
-                self._stats.latencies_ms.append(elapsed_ms)
-                self._stats.paths[result["optimizations_applied"]["path"]] += 1
+            self._stats.latencies_ms.extend(itertools.repeat(elapsed_ms, len(results)))
+            num_hits = len(plans.hits())
+            if num_hits:
+                self._stats.paths["incremental"] += num_hits
+            if num_hits < len(results):
+                self._stats.paths["whole window"] += len(results) - num_hits
         return results
 
-    def _serve(self, requests: Sequence[Request], events: Events) -> list[dict]:
+    def _serve(self, requests: Sequence[Request], events: Events) -> tuple[list[dict], _Plans]:
+        """(the result dicts, the plans). On the device, the per-user reports are built while the step
+        runs: only the recommendations wait for its outputs."""
+        num_users = len(requests)
         recent, window_offsets = events.recent(self.model.max_seq_len)
         window_items, window_times = events.item_ids[recent], events.timestamps[recent]
         request_times = events.last_timestamps()
-        for b, request in enumerate(requests):
-            if request.request_time is not None:
-                request_times[b] = request.request_time
-        bounds, history_lengths = window_offsets.tolist(), events.lengths.tolist()
-        plans = [self._plan(request.user_id, history_lengths[b], slice(bounds[b], bounds[b + 1]), window_items,
-                            window_times) for b, request in enumerate(requests)]
-        k = max(r.k for r in requests)
+        times = [request.request_time for request in requests]
+        given = [b for b, request_time in enumerate(times) if request_time is not None]
+        if given:
+            request_times[given] = [times[b] for b in given]
+        plans = self._plans(requests, events.lengths, window_offsets, window_items, window_times)
+        ks = [request.k for request in requests]
+        k = max(ks)
         if self.package is not None and k <= self.package_k:
             scores, ids = self.package(*self._upload(
                 window_items, window_times, window_offsets, request_times, events.item_ids, events.offsets))
-            ranked = self.recommender.ranked(ids.cpu().numpy(), scores.cpu().numpy())
-            return [self._result(request, plan, ranked[b][:request.k], {}, len(requests), compiled=True)
-                    for b, (request, plan) in enumerate(zip(requests, plans))]
+            reports = self._reports(plans, {}, compiled=True, threads=torch.get_num_threads(), graph=(False, ""))
+            return self._results(ids.cpu().numpy(), scores.cpu().numpy(), ks, reports), plans
         calls_before = self.manager.call_counts()
-        computed_tokens = sum(plan.window.stop - plan.window.start - plan.first_new for plan in plans)
-        static, graph_detail = self._graph_use(len(requests))
+        computed_tokens = int(window_offsets[-1] - plans.first_new.sum())
+        static, graph_detail = self._graph_use(num_users)
         graph = (False, graph_detail)
         with intra_op_threads_for(self.device, computed_tokens * self.model.embedding.dim) as threads:
             if static:
-                scores, ids, graph = self._encode_static(plans, window_items, window_times, request_times, events, k)
+                packed, packed_k, graph = self._encode_static(plans, window_items, window_times, request_times,
+                                                              events, k)
             elif self.encoder is None:
                 queries = self._whole_windows_by_model(window_items, window_times, window_offsets, request_times)
                 exclude_ids, exclude_offsets = self._upload(events.item_ids - 1, events.offsets)
@@ -284,12 +318,13 @@ class ServingEngine:
                 scores, ids, _ = hstu_kernels.topk_items(
                     l2_normalize(queries.float()), self.unit_items, k, exclude_ids=exclude_ids,
                     exclude_offsets=exclude_offsets, l2_norm=False, backend=self.manager, validate=False)
-            scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
-        ranked = self.recommender.ranked(ids + 1, scores)
         kernels = _backends_run(calls_before, self.manager.call_counts())
-        return [self._result(request, plan, ranked[b][:request.k], kernels, len(requests), threads=threads,
-                             graph=graph)
-                for b, (request, plan) in enumerate(zip(requests, plans))]
+        reports = self._reports(plans, kernels, compiled=False, threads=threads, graph=graph)
+        if static:
+            scores, ids = StaticSteps.unpack(packed, num_users, packed_k)
+        else:
+            scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
+        return self._results(ids + 1, scores, ks, reports), plans
 
     def _graph_use(self, num_users: int) -> tuple[bool, str]:
         """(whether this batch runs as a static step, why not / which)."""
@@ -301,37 +336,53 @@ class ServingEngine:
             return False, f"batch of {num_users} users: graphs hold at most {MAX_GRAPH_USERS}"
         return True, ""
 
-    def _plan(self, user_id, history_len: int, window: slice, window_items, window_times) -> _Plan:
+    def _plans(self, requests: Sequence[Request], history_lengths: np.ndarray, window_offsets: np.ndarray,
+               window_items: np.ndarray, window_times: np.ndarray) -> _Plans:
+        """Each user's cache lookup (none when the cache is off)."""
+        num_users = len(requests)
+        user_ids = [request.user_id for request in requests]
+        first_new = np.zeros(num_users, dtype=np.int64)
         if self.cache is None:
-            return _Plan(user_id, history_len, window, None, "off", self.cache_off_reason, 0)
-        entry, detail = self.cache.lookup(user_id, self.export_fingerprint, window_items[window],
-                                          window_times[window], history_len, self.model.max_seq_len)
-        if entry is None:
-            return _Plan(user_id, history_len, window, None, "miss", detail, 0)
-        return _Plan(user_id, history_len, window, entry, "hit", detail, entry.num_events - 1)
+            return _Plans(user_ids, history_lengths, window_offsets, first_new, [None] * num_users,
+                          ["off"] * num_users, [self.cache_off_reason] * num_users)
+        cached, outcomes, details = [], [], []
+        bounds, lengths = window_offsets.tolist(), history_lengths.tolist()
+        for b, user_id in enumerate(user_ids):
+            window = slice(bounds[b], bounds[b + 1])
+            entry, detail = self.cache.lookup(user_id, self.export_fingerprint, window_items[window],
+                                              window_times[window], lengths[b], self.model.max_seq_len)
+            cached.append(entry)
+            outcomes.append("miss" if entry is None else "hit")
+            details.append(detail)
+            if entry is not None:
+                first_new[b] = entry.num_events - 1
+        return _Plans(user_ids, history_lengths, window_offsets, first_new, cached, outcomes, details)
 
-    def _encode_static(self, plans, window_items, window_times, request_times, events: Events, k: int):
-        """(scores, item rows, (graph replayed, the step's shape)) of the batch as a static step
-        (``hstu.serving.static_shapes``), replayed from its CUDA graph when the steps capture; fills the cache."""
+    def _encode_static(self, plans: _Plans, window_items, window_times, request_times, events: Events, k: int):
+        """(scores and item rows packed on the device (``StaticSteps.unpack`` reads them), their k,
+        (graph replayed, the step's shape)) of the batch as a static step (``hstu.serving.static_shapes``),
+        launched and not waited for; replayed from its CUDA graph when the steps capture; fills the cache."""
         new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
             plans, window_times, request_times)
-        hits = [plan.cached.kv for plan in plans if plan.cached is not None]
+        hits = [entry.kv for entry in plans.hits()]
         step = HostStep(window_items[new_index], window_times[new_index], positions, query_times, seq_offsets,
                         cached_offsets, cached_times, events.item_ids - 1, events.offsets)
         shape = self.static_steps.shape("delta" if hits else "whole", step, k)
-        scores, ids, new_kv, graphed = self.static_steps.run(shape, step, hits, keep_kv=self.cache is not None)
+        keep_kv = self.cache is not None
+        packed, new_kv, graphed = self.static_steps.launch(shape, step, hits, keep_kv=keep_kv)
         if self.cache is not None:
             self._store(plans, window_items, window_times, new_kv, seq_offsets)
         if graphed:
-            return scores, ids, (True, f"{graphed}: {shape.describe()}")
-        return scores, ids, (False, self.static_steps.reason or f"static shapes run eagerly: {shape.describe()}")
+            return packed, shape.k, (True, f"{graphed}: {shape.describe()}")
+        return packed, shape.k, (False, self.static_steps.reason or self.static_steps.eager_reason(shape, keep_kv)
+                                 or f"static shapes run eagerly: {shape.describe()}")
 
-    def _encode(self, plans, window_items, window_times, request_times, events: Events):
+    def _encode(self, plans: _Plans, window_items, window_times, request_times, events: Events):
         """(states after each user's last event, the exclusions for top-k on the device), computing only
         what the cache does not hold; fills the cache."""
         new_index, positions, query_times, seq_offsets, cached_offsets, cached_times = _delta_layout(
             plans, window_times, request_times)
-        hits = [plan.cached for plan in plans if plan.cached is not None]
+        hits = plans.hits()
         (item_ids, timestamps, positions, query_times, device_offsets, cached_offsets, cached_times, last,
          exclude_ids, exclude_offsets) = self._upload(
             window_items[new_index], window_times[new_index], positions, query_times, seq_offsets, cached_offsets,
@@ -347,18 +398,19 @@ class ServingEngine:
             self._store(plans, window_items, window_times, new_kv, seq_offsets)
         return states[last], exclude_ids, exclude_offsets
 
-    def _store(self, plans, window_items, window_times, new_kv, seq_offsets) -> None:
-        for b, plan in enumerate(plans):
-            window_len = plan.window.stop - plan.window.start
+    def _store(self, plans: _Plans, window_items, window_times, new_kv, seq_offsets) -> None:
+        bounds, lengths = plans.window_offsets.tolist(), plans.history_lengths.tolist()
+        for b, (user_id, entry) in enumerate(zip(plans.user_ids, plans.cached)):
+            window, window_len = slice(bounds[b], bounds[b + 1]), bounds[b + 1] - bounds[b]
             if window_len < 2:
                 continue
             computed = new_kv[:, seq_offsets[b]:seq_offsets[b + 1] - 1]  # all but the last position
             # A copy, never a view: new_kv may be a graph's output, which the next replay overwrites.
-            kv = computed.clone(memory_format=torch.contiguous_format) if plan.cached is None else \
-                torch.cat([plan.cached.kv, computed], dim=1)
-            self.cache.store(plan.user_id, CacheEntry(
-                export=self.export_fingerprint, num_events=window_len, history_len=plan.history_len,
-                prefix=events_fingerprint(window_items[plan.window], window_times[plan.window]), kv=kv))
+            kv = computed.clone(memory_format=torch.contiguous_format) if entry is None else \
+                torch.cat([entry.kv, computed], dim=1)
+            self.cache.store(user_id, CacheEntry(
+                export=self.export_fingerprint, num_events=window_len, history_len=lengths[b],
+                prefix=events_fingerprint(window_items[window], window_times[window]), kv=kv))
 
     def _whole_windows_by_model(self, window_items, window_times, window_offsets, request_times):
         """Encoders without an incremental path: the model's own forward over whole windows."""
@@ -373,29 +425,37 @@ class ServingEngine:
         with torch.no_grad():
             return self.model.user_states(batch.to(self.device))
 
-    def _result(self, request: Request, plan: _Plan, ranked, kernels: dict, batch_size: int,
-                compiled: bool = False, threads: int | None = None,
-                graph: tuple[bool, str] = (False, "")) -> dict:
-        window_len = plan.window.stop - plan.window.start
-        return {
-            "recommendations": [{"item": item, "score": score} for item, score in ranked],
-            "optimizations_applied": {
-                "path": "incremental" if plan.cached is not None else "whole window",
-                "device": self._device_name,
-                "dtype": self._dtype_name,
-                "kernels": kernels if not compiled else "inside the compiled package",
-                "kv_cache": plan.cache_outcome,
-                "kv_cache_detail": plan.cache_detail,
-                "positions_reused": plan.first_new,
-                "positions_computed": window_len - plan.first_new,
-                "cuda_graph": graph[0],
-                "cuda_graph_detail": graph[1] if not compiled else "inside the compiled package: not captured",
-                "compiled": compiled,
-                "compiled_detail": self.package_reason,
-                "batch_size": batch_size,
-                "intra_op_threads": threads if threads is not None else torch.get_num_threads(),
-            },
-        }
+    def _reports(self, plans: _Plans, kernels: dict, compiled: bool, threads: int,
+                 graph: tuple[bool, str]) -> list[dict]:
+        """Each user's ``optimizations_applied``: one dict per user (a caller may change its own)."""
+        batch_size = len(plans.user_ids)
+        kernels = kernels if not compiled else "inside the compiled package"
+        graph_used, graph_detail = graph if not compiled else (False, "inside the compiled package: not captured")
+        device, dtype, package = self._device_name, self._dtype_name, self.package_reason
+        computed = (plans.window_lengths - plans.first_new).tolist()
+        return [{
+            "path": "incremental" if entry is not None else "whole window",
+            "device": device,
+            "dtype": dtype,
+            "kernels": kernels,
+            "kv_cache": outcome,
+            "kv_cache_detail": detail,
+            "positions_reused": reused,
+            "positions_computed": positions_computed,
+            "cuda_graph": graph_used,
+            "cuda_graph_detail": graph_detail,
+            "compiled": compiled,
+            "compiled_detail": package,
+            "batch_size": batch_size,
+            "intra_op_threads": threads,
+        } for entry, outcome, detail, reused, positions_computed in zip(
+            plans.cached, plans.outcomes, plans.details, plans.first_new.tolist(), computed)]
+
+    def _results(self, ids: np.ndarray, scores: np.ndarray, ks: list[int], reports: list[dict]) -> list[dict]:
+        """Result dicts from model item indices and scores [B, k] (the first ``ks[b]`` of row b kept)."""
+        recommendations = self.recommender.ranked(ids, scores, limits=ks, as_dicts=True)
+        return [{"recommendations": ranked, "optimizations_applied": report}
+                for ranked, report in zip(recommendations, reports)]
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """int64 host arrays -> device tensors, in one copy (each copy to a GPU costs ~10 us of host time)."""
@@ -441,31 +501,33 @@ class ServingEngine:
             }
 
 
-def _delta_layout(plans: Sequence[_Plan], window_times: np.ndarray, request_times: np.ndarray):
-    """Host arrays of a DeltaBatch: which window events are computed, at which positions, with which
-    query times, and the jagged offsets of the new and the cached parts (no loop over events)."""
-    num_users = len(plans)
-    window_starts = np.fromiter((p.window.start for p in plans), np.int64, num_users)
-    window_stops = np.fromiter((p.window.stop for p in plans), np.int64, num_users)
-    cached_lengths = np.fromiter((p.first_new for p in plans), np.int64, num_users)
+def _delta_layout(plans: _Plans, window_times: np.ndarray, request_times: np.ndarray):
+    """Host arrays of a DeltaBatch: which window events are computed (an index, or ``slice(None)``: all,
+    when nothing is cached), at which positions, with which query times, and the jagged offsets of the
+    new and the cached parts (no loop over events)."""
+    window_starts, window_stops = plans.window_offsets[:-1], plans.window_offsets[1:]
+    cached_lengths = plans.first_new
     starts = window_starts + cached_lengths
-    seq_offsets, owner = _jagged(window_stops - starts)
-    new_index = np.arange(seq_offsets[-1], dtype=np.int64) - seq_offsets[owner] + starts[owner]
-    positions = new_index - window_starts[owner]
+    new_lengths = window_stops - starts
+    seq_offsets = np.zeros(new_lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=seq_offsets[1:])
+    # Token i of user b is window event i - seq_offsets[b] + starts[b], at position that - window_starts[b].
+    tokens = np.arange(seq_offsets[-1], dtype=np.int64)
+    positions = tokens - np.repeat(seq_offsets[:-1] - cached_lengths, new_lengths)
     # The query time of position i is the time of event i+1; the last position's is the request time.
-    query_times = np.empty_like(new_index)
-    query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
+    query_times = np.empty_like(tokens)
+    if cached_lengths.any():
+        new_index = tokens + np.repeat(starts - seq_offsets[:-1], new_lengths)
+        query_times[:-1] = window_times[np.minimum(new_index[:-1] + 1, window_times.shape[0] - 1)]
+    else:  # whole windows: the tokens are the window events
+        new_index = slice(None)
+        query_times[:-1] = window_times[1:]
     query_times[seq_offsets[1:] - 1] = request_times
-    cached_offsets, cached_owner = _jagged(cached_lengths)
-    cached_index = np.arange(cached_offsets[-1], dtype=np.int64) - cached_offsets[cached_owner] + window_starts[cached_owner]
+    cached_offsets = np.zeros_like(seq_offsets)
+    np.cumsum(cached_lengths, out=cached_offsets[1:])
+    cached_index = np.arange(cached_offsets[-1], dtype=np.int64) + np.repeat(window_starts - cached_offsets[:-1],
+                                                                             cached_lengths)
     return new_index, positions, query_times, seq_offsets, cached_offsets, window_times[cached_index]
-
-
-def _jagged(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [B+1], the owner of each of the sum(lengths) elements) of jagged lengths."""
-    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets, np.repeat(np.arange(lengths.shape[0]), lengths)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Every step works on the concatenation of all histories (one id lookup, one sortedness check, one
 window computation), so preparing 1,024 histories costs a few array operations plus one pass over
-the users for their lengths and types, not a Python loop over events.
+the users for their lengths and types, not a Python loop over events. Histories given as Python
+lists are flattened into one list and converted by one C call (``int64_values``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from hstu.data.sequences import _ranges
 from hstu.errors import RequestError, UnknownIdError
-from hstu.serving.ids import ItemIdIndex
+from hstu.serving.ids import ItemIdIndex, int64_values
 
 History = tuple[Sequence[Hashable], Sequence[int]]
 UNKNOWN_ITEM_POLICIES = ("error", "skip")
@@ -60,14 +61,13 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
     """
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
         raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
-    lengths = np.empty(len(histories), dtype=np.int64)
-    item_parts, time_parts = [], []
-    for user, (items, timestamps) in enumerate(histories):
-        if len(items) != len(timestamps):
-            raise RequestError(f"history {user}: {len(items)} items but {len(timestamps)} timestamps")
-        lengths[user] = len(items)
-        item_parts.append(items)
-        time_parts.append(timestamps)
+    item_parts = [items for items, _ in histories]
+    time_parts = [timestamps for _, timestamps in histories]
+    lengths = np.fromiter(map(len, item_parts), dtype=np.int64, count=len(histories))
+    mismatched = np.flatnonzero(lengths != np.fromiter(map(len, time_parts), dtype=np.int64, count=len(histories)))
+    if mismatched.size:
+        user = int(mismatched[0])
+        raise RequestError(f"history {user}: {lengths[user]} items but {len(time_parts[user])} timestamps")
     offsets = np.zeros(len(histories) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     timestamps = _concatenated(time_parts)
@@ -77,7 +77,7 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
             if part.size and (part.dtype.kind not in "iu" or part.ndim != 1):
                 raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {part.dtype}")
     timestamps = timestamps.astype(np.int64, copy=False)
-    if item_parts and all(isinstance(items, np.ndarray) for items in item_parts):
+    if _all_arrays(item_parts):
         item_ids = index.lookup(np.concatenate(item_parts))
     else:  # one flat list: converted once, or compared value by value where the types are mixed
         item_ids = index.lookup(list(itertools.chain.from_iterable(item_parts)))
@@ -102,9 +102,16 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
 
 def _concatenated(parts: list) -> np.ndarray:
     """Per-user arrays or lists as one array: arrays joined, lists flattened and converted at once."""
-    if parts and all(isinstance(part, np.ndarray) for part in parts):
+    if _all_arrays(parts):
         return np.concatenate(parts)
-    return np.asarray(list(itertools.chain.from_iterable(parts)))
+    values = list(itertools.chain.from_iterable(parts))
+    exact = int64_values(values)
+    return exact if exact is not None else np.asarray(values)
+
+
+def _all_arrays(parts: list) -> bool:
+    """Whether there are parts and every one is a numpy array (one C-level pass)."""
+    return bool(parts) and all(map(isinstance, parts, itertools.repeat(np.ndarray)))
 
 
 def _in_time_order(item_ids: np.ndarray, timestamps: np.ndarray, offsets: np.ndarray):

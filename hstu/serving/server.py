@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from hstu.inference import Recommender, read_export_config, read_item_ids
-from hstu.serving.engine import Request, ServingOptions, serving_kernel_flags
+from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.ids import ItemIdIndex
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,22 @@ class RecommendAPI(ls.LitAPI):
     """One inference worker: a Recommender with its own ServingEngine (and KV cache)."""
 
     def __init__(self, export_dir: str, kernels: dict[str, bool] | None, cache_bytes: int, shared_stats,
-                 max_batch_size: int, batch_timeout: float, warm_up: bool = True, cuda_graphs: bool = True):
+                 max_batch_size: int, batch_timeout: float, warm_up: bool = True, cuda_graphs: bool = True,
+                 graph_bytes: int = DEFAULT_GRAPH_BYTES):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/recommend")
         self.export_dir = export_dir
         self.kernels = kernels
         self.cache_bytes = cache_bytes
         self.cuda_graphs = cuda_graphs
+        self.graph_bytes = graph_bytes
         self.shared_stats = shared_stats
         self.warm_up = warm_up
 
     def setup(self, device: str) -> None:
         self.worker = f"worker {os.environ.get('LITSERVE_WORKER_ID', os.getpid())} ({device}, pid {os.getpid()})"
         self.recommender = Recommender.from_export(self.export_dir, device=device, kernels=self.kernels)
-        self.engine = self.recommender.serving_engine(ServingOptions(cache_bytes=self.cache_bytes,
-                                                                           cuda_graphs=self.cuda_graphs))
+        self.engine = self.recommender.serving_engine(ServingOptions(
+            cache_bytes=self.cache_bytes, cuda_graphs=self.cuda_graphs, graph_bytes=self.graph_bytes))
         if self.warm_up:
             self.engine.warm_up()
         self._published = -1
@@ -113,8 +115,8 @@ class RecommendAPI(ls.LitAPI):
         threading.Thread(target=self._publish_periodically, name="stats-publisher", daemon=True).start()
 
     def decode_request(self, request: RecommendRequest) -> Request:
-        return Request(request.user_id, [item for item, _ in request.events], [ts for _, ts in request.events],
-                       request.k, request.request_time)
+        items, timestamps = zip(*request.events)  # events is not empty (validated)
+        return Request(request.user_id, items, timestamps, request.k, request.request_time)
 
     def predict(self, requests):
         if isinstance(requests, Request):  # max_batch_size 1: LitServe passes requests one by one
@@ -140,7 +142,8 @@ class RecommendAPI(ls.LitAPI):
 
 
 def aggregate_stats(per_worker: dict[str, dict]) -> dict[str, Any]:
-    """Sums over workers of the request and cache counters (percentiles stay per worker)."""
+    """Sums over workers of the request and cache counters and the bytes their caches and CUDA-graph
+    buckets hold (percentiles stay per worker)."""
     requests = sum(w["serving"]["requests"] for w in per_worker.values())
     hits = sum(w["kv_cache"].get("hits", 0) for w in per_worker.values())
     misses = sum(w["kv_cache"].get("misses", 0) for w in per_worker.values())
@@ -152,17 +155,22 @@ def aggregate_stats(per_worker: dict[str, dict]) -> dict[str, Any]:
         "kv_cache_misses": misses,
         "kv_cache_hit_rate": hits / (hits + misses) if hits + misses else None,
         "kv_cache_evictions": sum(w["kv_cache"].get("evictions", 0) for w in per_worker.values()),
+        "kv_cache_bytes": sum(w["kv_cache"].get("bytes", 0) for w in per_worker.values()),
+        "cuda_graph_buckets": sum(w["cuda_graphs"].get("buckets", 0) for w in per_worker.values()),
+        "cuda_graph_bytes": sum(w["cuda_graphs"].get("bytes", 0) for w in per_worker.values()),
     }
 
 
 def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 1, max_batch_size: int = 32,
                  batch_timeout: float = 0.002, cache_bytes: int = 1 << 30, kernels: dict[str, bool] | None = None,
-                 timeout: float = 30.0, warm_up: bool = True, cuda_graphs: bool = True) -> ls.LitServer:
+                 timeout: float = 30.0, warm_up: bool = True, cuda_graphs: bool = True,
+                 graph_bytes: int = DEFAULT_GRAPH_BYTES) -> ls.LitServer:
     """A LitServer for ``export_dir`` (not started: call ``.run(host=..., port=...)``).
 
     ``workers`` inference workers on ``device`` ("cpu" or "cuda"), each with its own KV cache of
     ``cache_bytes``; ``kernels``: operator flags (None: Triton where it can run, see
-    ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs``: ``ServingOptions.cuda_graphs``.
+    ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs`` and ``graph_bytes`` (per worker): the
+    ``ServingOptions`` fields.
     """
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
@@ -172,7 +180,7 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     shared_stats = stats_manager.dict()
     kernels = serving_kernel_flags(device) if kernels is None else kernels
     api = RecommendAPI(export_dir, kernels, cache_bytes, shared_stats, max_batch_size, batch_timeout, warm_up,
-                       cuda_graphs)
+                       cuda_graphs, graph_bytes)
     server = ls.LitServer(api, accelerator=device, devices=1, workers_per_device=workers, timeout=timeout,
                           model_metadata={"export_dir": export_dir, "num_items": num_items})
     server.stats_manager = stats_manager  # kept alive as long as the server
