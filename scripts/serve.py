@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> None:
     server = build_server(cfg.export_dir, device=device, workers=cfg.workers, max_batch_size=cfg.max_batch_size,
                           batch_timeout=cfg.batch_timeout, cache_bytes=cfg.cache_bytes,
                           cuda_graphs=cfg.cuda_graphs, graph_bytes=cfg.graph_bytes, kernels=kernels,
-                          timeout=cfg.timeout, warm_up=cfg.warm_up)
+                          timeout=cfg.timeout, warm_up=cfg.warm_up, stage_timing=cfg.stage_timing)
     print(f"serving {cfg.export_dir} on http://{cfg.host}:{cfg.port} ({device}, {cfg.workers} worker(s))", flush=True)
     server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, log_level=cfg.log_level,
                generate_client_file=False)

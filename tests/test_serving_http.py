@@ -3,7 +3,12 @@ called with an HTTP client; load stays on loopback, bounded in count and time.""
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import inspect
 import json
+import multiprocessing.queues
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from test_serving import MAX_SEQ_LEN, NUM_ITEMS, ORIGINAL_IDS, make_model, rando
 
 STARTUP_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 60
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_config():
@@ -52,7 +58,7 @@ class Server(ServerProcess):
 def server(export_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("server") / "cwd"
     cwd.mkdir()
-    server = Server(export_dir, cwd, max_batch_size=8, batch_timeout=0.05)
+    server = Server(export_dir, cwd, max_batch_size=8)  # batch_timeout: the default, 0
     yield server
     server.stop()
 
@@ -109,7 +115,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
 
 def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(server):
     """48 requests from 12 threads, a third of them bad: every good one succeeds, every bad one gets a
-    4xx, and some good ones shared a batch (batch_timeout 50 ms)."""
+    4xx, and some good ones shared a batch (with batch_timeout 0: those that queued while one ran)."""
     bodies = []
     for i in range(48):
         if i % 3 == 2:
@@ -153,6 +159,114 @@ def test_binds_loopback_and_writes_nothing_into_the_working_directory(server):
             listening.add(address)
     assert listening == {"0100007F"}  # 127.0.0.1, little-endian hex
     assert list(server.cwd.iterdir()) == []
+
+
+def worker_pid(server) -> int:
+    (name,) = requests.get(server.url + "/stats", timeout=10).json()["workers"]
+    return int(name.rsplit("pid ", 1)[1].rstrip(")"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_idle_worker_blocks_on_its_queue_instead_of_polling(server):
+    """Between requests the inference worker sleeps in one blocking get: LitServe's own batched loop
+    polls its queue, without pause when batch_timeout is 0 and every millisecond otherwise."""
+    assert server.recommend(GOOD).status_code == 200
+    pid = worker_pid(server)
+    before, start = cpu_seconds(pid), time.monotonic()
+    time.sleep(2.0)
+    busy = (cpu_seconds(pid) - before) / (time.monotonic() - start)
+    assert busy < 0.02, f"the idle worker used {busy:.0%} of a core"
+
+
+@pytest.mark.slow
+def test_lone_request_waits_batch_timeout_from_its_own_arrival(export_dir, tmp_path):
+    """With batch_timeout 50 ms a request that arrives alone waits the 50 ms for companions, counted
+    from its arrival whatever the worker did before (LitServe's loop counts from the start of its
+    polling window, so a lone request waits anywhere between 0 and 50 ms)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    server = Server(export_dir, cwd, max_batch_size=8, batch_timeout=0.05)
+    try:
+        latencies = []
+        for pause in (0.013, 0.031, 0.007, 0.044, 0.022):  # the arrival falls anywhere in a 50 ms window
+            time.sleep(pause)
+            start = time.perf_counter()
+            assert server.recommend(GOOD).status_code == 200
+            latencies.append(time.perf_counter() - start)
+    finally:
+        server.stop()
+    assert min(latencies) >= 0.05, latencies
+
+
+def test_requests_and_answers_cross_pipes_not_a_manager_process(export_dir):
+    """FastLitServer's queues replace LitServe's manager queues (this fails, rather than the server
+    quietly keeping the slower queues, if a LitServe release renames what FastLitServer overrides)."""
+    from hstu.serving.server import build_server
+
+    server = build_server(export_dir, warm_up=False)
+    manager = server._init_manager(1)
+    try:
+        queues = [*server.litapi_request_queues.values(), *server._transport._queues]
+        assert len(queues) == 2 and all(isinstance(q, multiprocessing.queues.Queue) for q in queues), queues
+    finally:
+        manager.shutdown()
+        server.stats_manager.shutdown()
+
+
+@pytest.mark.parametrize("api_key", [None, "secret"])
+def test_recommend_dependency_is_a_coroutine_unless_an_api_key_is_set(export_dir, monkeypatch, api_key):
+    """Without LIT_SERVER_API_KEY, /recommend's one dependency is a coroutine (awaited inline, no
+    thread hop); with it, LitServe's key check stays."""
+    import litserve.server
+
+    from hstu.serving.server import build_server
+
+    monkeypatch.setattr(litserve.server, "LIT_SERVER_API_KEY", api_key)
+    server = build_server(export_dir, warm_up=False)
+    try:
+        (route,) = [r for r in server.app.routes if getattr(r, "path", None) == "/recommend"]
+        (dependency,) = [d.call for d in route.dependant.dependencies]
+    finally:
+        server.stats_manager.shutdown()
+    if api_key is None:
+        assert inspect.iscoroutinefunction(dependency), dependency
+    else:
+        assert dependency is litserve.server.api_key_auth
+
+
+def load_script(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_breakdown_covers_every_stage_and_adds_up_to_the_client_latency(tmp_path, monkeypatch):
+    """scripts/bench_http_stages.py against the default batching (max_batch_size 32, batch_timeout 0):
+    every stage is there, stamps come in order (no negative stage), the stages add up to the latency
+    timed around each call, and a lone request does not wait for companions."""
+    stages = load_script("bench_http_stages", monkeypatch)
+    rows = stages.main(["--configs", "tiny", "--devices", "cpu", "--variants", "32:0", "--clients", "requests",
+                        "--requests", "30", "--warmup", "3", "--no-control", "--out", str(tmp_path / "stages")])
+    in_process, *http = rows
+    assert in_process["stage"] == "total (in process)" and in_process["requests"] == 30
+    by_stage = {row["stage"]: row for row in http}
+    assert list(by_stage) == [*stages.STAGES, "total (client)"]
+    assert all(row["requests"] == 30 and row["variant"] == "max_batch_size 32, batch_timeout 0" for row in http)
+    assert all(by_stage[stage]["min_ms"] >= 0 for stage in stages.STAGES), {s: by_stage[s]["min_ms"] for s in by_stage}
+    stage_sum = sum(by_stage[stage]["mean_ms"] for stage in stages.STAGES)
+    total = by_stage["total (client)"]["mean_ms"]
+    assert abs(stage_sum - total) <= 0.02 * total, (stage_sum, total)  # the timer's own call is all that differs
+    assert by_stage["batch_wait"]["p50_ms"] < 0.5 * by_stage["predict"]["p50_ms"], by_stage["batch_wait"]
+    written = json.loads((tmp_path / "stages.json").read_text())
+    assert written["rows"] == rows and written["meta"]["stages"] == list(stages.STAGES)
+    assert (tmp_path / "stages.csv").read_text().count("\n") == len(rows) + 1
 
 
 @pytest.mark.slow

@@ -8,8 +8,26 @@ Endpoints:
     published by that worker (each worker has its own model and KV cache), and their sum.
 
 Why LitServe: it runs the model in inference workers of their own (one or more per device) behind
-uvicorn, with dynamic batching (``max_batch_size`` requests or ``batch_timeout`` seconds, whichever
-comes first), so this module only says how a request is checked, batched and answered.
+uvicorn, so this module only says how a request is checked, batched and answered.
+
+Batching (``GreedyBatchLoop``): a worker blocks until a request arrives, takes every request already
+queued behind it (up to ``max_batch_size``), and waits at most ``batch_timeout`` seconds after the
+first one's arrival for more. With the default ``batch_timeout`` 0 a lone request never waits for
+companions that are not coming, and under load batches still form from the requests that queue up
+while the previous batch runs. (LitServe's own batched loop waits out a window of ``batch_timeout``
+whether or not a second request comes, and with 0 it polls its queue without blocking.)
+
+Hand-offs (``FastLitServer``): the requests go to the workers, and the answers back, through
+``multiprocessing`` queues (a pipe each) rather than LitServe's queues of a ``multiprocessing``
+manager, where every put and get is a round trip through the manager process; the request needs
+no authorisation, and says so with a coroutine, which FastAPI awaits inline (LitServe's default is
+a plain function, which FastAPI runs on its thread pool: a thread hop per request). An
+``LIT_SERVER_API_KEY`` in the environment keeps LitServe's key check.
+
+``stage_timing=True`` stamps each ``/recommend`` request at every hand-off (``time.perf_counter_ns``,
+CLOCK_MONOTONIC: one clock for every process of the host): the HTTP process's stamps come back in
+the ``x-stage-ns`` header, the inference worker's in the response's ``stage_ns``. See
+``STAGE_STAMPS`` and scripts/bench_http_stages.py, which turns them into a latency breakdown.
 
 Requests are validated in the HTTP process, before they join a batch: an error raised inside a
 batched ``predict`` would fail every request of that batch. The request model (pydantic) rejects
@@ -30,13 +48,18 @@ import multiprocessing
 import os
 import threading
 import time
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
 import numpy as np
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.transport.process_transport import MPQueueTransport
+from litserve.utils import LitAPIStatus, LoopResponseType
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, model_validator
 
 from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
@@ -46,6 +69,27 @@ log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to; loopback unless told otherwise
+
+STAGE_HEADER = "x-stage-ns"
+# With stage_timing, in the order a request meets them: the HTTP process's (header) and the worker's (body).
+HTTP_STAMPS = ("app_in",             # the ASGI app is called: uvicorn has parsed the request line and headers
+               "validate_start",     # the body is read and JSON-decoded; pydantic starts on it
+               "validate_end",       # the request model, the catalogue checks included, is valid
+               "enqueue")            # LitServe puts it on the inference workers' queue
+WORKER_STAMPS = ("dequeued",         # a worker took it off the queue
+                 "decode_start",     # its batch is formed (the wait for companions is over)
+                 "predict_start",    # decode_request done for the batch
+                 "predict_end",      # the engine's infer_batch returned
+                 "encode_end")       # encode_response done; then it goes back to the HTTP process
+RESPONSE_STAMPS = ("response_received",  # the HTTP process has the worker's answer
+                   "response_start")     # FastAPI has serialised (and gzipped) it; the headers go out
+STAGE_STAMPS = HTTP_STAMPS + WORKER_STAMPS + RESPONSE_STAMPS
+_http_stamps: ContextVar[dict | None] = ContextVar("hstu_http_stage_ns", default=None)
+
+
+def _stamp(stamps: dict | None, name: str) -> None:
+    if stamps is not None:
+        stamps[name] = time.perf_counter_ns()
 
 
 class _Catalogue:
@@ -71,6 +115,13 @@ class RecommendRequest(BaseModel):
         description="[[original item id, Unix seconds], ...], any order (sorted by time, stably)")
     k: StrictInt = 10
     request_time: StrictInt | None = Field(None, description="Unix seconds; default: the last event's")
+    _stage_ns: dict | None = PrivateAttr(None)  # the worker's stamps, with stage_timing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stamp_validation_start(cls, data: Any) -> Any:
+        _stamp(_http_stamps.get(), "validate_start")
+        return data
 
     @model_validator(mode="after")
     def _known_to_the_model(self) -> "RecommendRequest":
@@ -85,7 +136,92 @@ class RecommendRequest(BaseModel):
             shown = [items[i] for i in unknown[:10]]
             raise ValueError(f"events: {unknown.size} item id(s) unknown to the model, e.g. {shown} "
                              f"(at positions {unknown[:10].tolist()})")
+        http_stamps = _http_stamps.get()
+        if http_stamps is not None:
+            _stamp(http_stamps, "validate_end")
+            self._stage_ns = {}
         return self
+
+
+class GreedyBatchLoop(BatchedLoop):
+    """LitServe's batched loop with the batch formed as the module docstring says: block for one
+    request, take what is queued, wait for more only up to ``batch_timeout`` after the first."""
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
+        payloads, timed_out = [], []
+        item = self.get_request(request_queue, timeout=1.0)  # LitServe's own poll period for its stop signal
+        deadline = time.monotonic() + lit_api.batch_timeout
+        check_age = lit_api.request_timeout not in (-1, False)
+        while item is not None:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, enqueued_at, request = item
+            _stamp(getattr(request, "_stage_ns", None), "dequeued")
+            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
+            if check_age and time.monotonic() - enqueued_at > lit_api.request_timeout:
+                timed_out.append((response_queue_id, uid))
+            else:
+                payloads.append((response_queue_id, uid, request))
+            if len(payloads) + len(timed_out) >= lit_api.max_batch_size:
+                break
+            remaining = deadline - time.monotonic()
+            item = self.get_request(request_queue, block=remaining > 0, timeout=remaining if remaining > 0 else None)
+        return payloads, timed_out
+
+
+class FastLitServer(ls.LitServer):
+    """LitServer with the hand-off queues of the module docstring (LitServe's own otherwise)."""
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        if self.use_zmq:  # LitServe's ZMQ transport (fast_queue) is left as it is
+            return manager
+        spawn = multiprocessing.get_context("spawn")  # LitServe spawns its inference workers
+        for api_path in self.litapi_request_queues:
+            self.litapi_request_queues[api_path] = spawn.Queue()
+        self._transport = MPQueueTransport(None, [spawn.Queue() for _ in range(num_api_servers)])
+        return manager
+
+
+async def _no_authorisation() -> None:
+    """The ``/recommend`` dependency where no API key is set (see the module docstring)."""
+
+
+class _HandOffStamps(ls.Callback):
+    """Stamps, in the HTTP process, the request's hand-off to the workers and the answer's return."""
+
+    def on_request(self, *args, **kwargs) -> None:
+        _stamp(_http_stamps.get(), "enqueue")
+
+    def on_response(self, *args, **kwargs) -> None:
+        _stamp(_http_stamps.get(), "response_received")
+
+
+class StageTimestampMiddleware:
+    """ASGI middleware: stamps ``/recommend`` requests on arrival and when the response starts, and
+    sends the HTTP process's stamps in the ``x-stage-ns`` header (``name=ns,name=ns,...``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/recommend":
+            await self.app(scope, receive, send)
+            return
+        stamps = {"app_in": time.perf_counter_ns()}
+        token = _http_stamps.set(stamps)
+
+        async def send_with_stamps(message):
+            if message["type"] == "http.response.start":
+                _stamp(stamps, "response_start")
+                header = ",".join(f"{name}={ns}" for name, ns in stamps.items()).encode()
+                message = {**message, "headers": [*message.get("headers", []), (STAGE_HEADER.encode(), header)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_stamps)
+        finally:
+            _http_stamps.reset(token)
 
 
 class RecommendAPI(ls.LitAPI):
@@ -94,7 +230,8 @@ class RecommendAPI(ls.LitAPI):
     def __init__(self, export_dir: str, kernels: dict[str, bool] | None, cache_bytes: int, shared_stats,
                  max_batch_size: int, batch_timeout: float, warm_up: bool = True, cuda_graphs: bool = True,
                  graph_bytes: int = DEFAULT_GRAPH_BYTES):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/recommend")
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/recommend",
+                         loop=GreedyBatchLoop())
         self.export_dir = export_dir
         self.kernels = kernels
         self.cache_bytes = cache_bytes
@@ -114,16 +251,26 @@ class RecommendAPI(ls.LitAPI):
         self._publish()
         threading.Thread(target=self._publish_periodically, name="stats-publisher", daemon=True).start()
 
-    def decode_request(self, request: RecommendRequest) -> Request:
+    def decode_request(self, request: RecommendRequest) -> tuple[Request, dict | None]:
+        """The engine's request, and the stage stamps it carries (None: stage_timing is off)."""
+        stamps = request._stage_ns
+        _stamp(stamps, "decode_start")
         items, timestamps = zip(*request.events)  # events is not empty (validated)
-        return Request(request.user_id, items, timestamps, request.k, request.request_time)
+        return Request(request.user_id, items, timestamps, request.k, request.request_time), stamps
 
-    def predict(self, requests):
-        if isinstance(requests, Request):  # max_batch_size 1: LitServe passes requests one by one
-            return self.engine.infer_batch([requests])[0]
-        return self.engine.infer_batch(list(requests))
+    def predict(self, batch: list[tuple[Request, dict | None]]) -> list[dict[str, Any]]:
+        requests, stamps = zip(*batch)
+        started = time.perf_counter_ns()
+        outputs = self.engine.infer_batch(list(requests))
+        if stamps[0] is None:
+            return outputs
+        ended = time.perf_counter_ns()
+        for output, request_stamps in zip(outputs, stamps):
+            output["stage_ns"] = {**request_stamps, "predict_start": started, "predict_end": ended}
+        return outputs
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        _stamp(output.get("stage_ns"), "encode_end")
         return output
 
     def _publish(self) -> None:
@@ -162,15 +309,17 @@ def aggregate_stats(per_worker: dict[str, dict]) -> dict[str, Any]:
 
 
 def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 1, max_batch_size: int = 32,
-                 batch_timeout: float = 0.002, cache_bytes: int = 1 << 30, kernels: dict[str, bool] | None = None,
+                 batch_timeout: float = 0.0, cache_bytes: int = 1 << 30, kernels: dict[str, bool] | None = None,
                  timeout: float = 30.0, warm_up: bool = True, cuda_graphs: bool = True,
-                 graph_bytes: int = DEFAULT_GRAPH_BYTES) -> ls.LitServer:
+                 graph_bytes: int = DEFAULT_GRAPH_BYTES, stage_timing: bool = False) -> ls.LitServer:
     """A LitServer for ``export_dir`` (not started: call ``.run(host=..., port=...)``).
 
     ``workers`` inference workers on ``device`` ("cpu" or "cuda"), each with its own KV cache of
-    ``cache_bytes``; ``kernels``: operator flags (None: Triton where it can run, see
+    ``cache_bytes``; batches of up to ``max_batch_size`` requests, formed as ``GreedyBatchLoop`` says
+    with ``batch_timeout`` seconds; ``kernels``: operator flags (None: Triton where it can run, see
     ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs`` and ``graph_bytes`` (per worker): the
-    ``ServingOptions`` fields.
+    ``ServingOptions`` fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off
+    (module docstring).
     """
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
@@ -181,8 +330,13 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     kernels = serving_kernel_flags(device) if kernels is None else kernels
     api = RecommendAPI(export_dir, kernels, cache_bytes, shared_stats, max_batch_size, batch_timeout, warm_up,
                        cuda_graphs, graph_bytes)
-    server = ls.LitServer(api, accelerator=device, devices=1, workers_per_device=workers, timeout=timeout,
-                          model_metadata={"export_dir": export_dir, "num_items": num_items})
+    if not ls.server.LIT_SERVER_API_KEY:
+        api.authorize = _no_authorisation
+    server = FastLitServer(api, accelerator=device, devices=1, workers_per_device=workers, timeout=timeout,
+                           model_metadata={"export_dir": export_dir, "num_items": num_items},
+                           callbacks=[_HandOffStamps()] if stage_timing else None)
+    if stage_timing:
+        server.app.add_middleware(StageTimestampMiddleware)  # outermost: it sees the gzipped response
     server.stats_manager = stats_manager  # kept alive as long as the server
 
     async def stats() -> JSONResponse:
