@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import CONFIGS, Histories, build_model, card_name, model_config, scenario_calls  # noqa: E402
+from bench_serving import (CONFIGS, Histories, build_model, card_name, model_config, percentiles,  # noqa: E402
+                           scenario_calls, timed_requests)
 
 from hstu.export import write_export  # noqa: E402
 from hstu.inference import Recommender  # noqa: E402
@@ -123,30 +124,9 @@ class Client:
         (self.session if self.kind == "requests" else self.connection).close()
 
 
-def timed(call, prime, args) -> tuple[list[float], list]:
-    """(latencies in ms of up to --requests calls after --warmup, what ``call`` returned for each)."""
-    latencies, results = [], []
-    deadline = None
-    for i in range(args.warmup + args.requests):
-        if i == args.warmup:
-            deadline = time.perf_counter() + args.time_limit
-        if prime:
-            prime(i)
-        start = time.perf_counter()
-        result = call(i)
-        elapsed = (time.perf_counter() - start) * 1e3
-        if i >= args.warmup:
-            latencies.append(elapsed)
-            results.append(result)
-            if time.perf_counter() > deadline:
-                break
-    return latencies, results
-
-
 def stats_ms(values_ms) -> dict:
-    values = np.asarray(values_ms, dtype=float)
-    p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
-    return dict(mean_ms=float(values.mean()), p50_ms=p50, p90_ms=p90, p99_ms=p99, min_ms=float(values.min()))
+    values = np.asarray(values_ms, dtype=float).tolist()
+    return {**percentiles(values), "min_ms": min(values)}
 
 
 def stage_rows(base: dict, latencies: list[float], stamps: list[dict]) -> list[dict]:
@@ -176,11 +156,16 @@ def http_rows(args, name, config, device, flags, histories, export_dir: Path, sc
                 client = Client(kind, server.url)
                 call, prime = scenario_calls(args.scenario, histories, client.send, config["max_seq_len"])
 
-                def call_keeping_stamps(i):
-                    call(i)
-                    return client.last_stamps
+                stamps = []
 
-                latencies, stamps = timed(call_keeping_stamps, prime, args)
+                def call_keeping_stamps(i):
+                    report = call(i)
+                    stamps.append(client.last_stamps)
+                    return report
+
+                latencies, _, _ = timed_requests(call_keeping_stamps, prime, args.requests, args.warmup,
+                                                 args.time_limit)
+                stamps = stamps[args.warmup:]
                 client.close()
                 base = dict(config=name, device=device, card=card_name(device), scenario=args.scenario,
                             cuda_graphs=args.cuda_graphs if device.startswith("cuda") else "-",
@@ -205,7 +190,7 @@ def in_process_row(args, name, config, device, flags, histories) -> dict:
         return recommender.infer_with_optimal_strategy(user, list(zip(items, times)), K)
 
     call, prime = scenario_calls(args.scenario, histories, send, config["max_seq_len"])
-    latencies, _ = timed(call, prime, args)
+    latencies, _, _ = timed_requests(call, prime, args.requests, args.warmup, args.time_limit)
     row = dict(config=name, device=device, card=card_name(device), scenario=args.scenario,
                cuda_graphs=args.cuda_graphs if device.startswith("cuda") else "-",
                transport="in process (Recommender.infer_with_optimal_strategy)", variant="-", stage_timing=False,
