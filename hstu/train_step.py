@@ -22,8 +22,10 @@ non-finite flag is made the maximum over processes before the update (``share_fl
 gradients of a step carry one process's NaN to all of them, so all of them must skip that update.
 
 The first step of each capacity runs eagerly (on a side stream, as warm-up before capture must) and is
-then captured; later steps of that capacity replay. Operator calls inside the graph are counted by the
-manager per replay (``TritonOperatorManager.region``).
+then captured; later steps of that capacity replay. Warm-ups and captures use one side stream and one
+capture stream for the step's lifetime, and cuBLAS workspaces are kept out of the graphs' way
+(``own_cublas_workspaces``). Operator calls inside the graph are counted by the manager per replay
+(``TritonOperatorManager.region``).
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ class TrainStep:
         self.steps = 0  # host count of steps this epoch
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # (input kind, capacity) -> graph
         self._pool = None
+        # one warm-up stream and one capture stream: cuBLAS keeps a workspace per stream it meets
+        self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if capture else None
         if capture and layout is None:
             raise ValueError("TrainStep: capture needs a PackingLayout (the capacities graphs are captured for)")
         if sequences is not None:
@@ -142,17 +146,18 @@ class TrainStep:
         """Run this step eagerly on a side stream (warm-up: kernels compiled, optimizer state and
         workspaces allocated), then capture it for the steps to come (a capture runs nothing)."""
         self._ensure_grads()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._body(self._packed(key))
-        torch.cuda.current_stream().wait_stream(side)
+        side, capture_stream = self._streams
         graph = torch.cuda.CUDAGraph()
-        with self.model.manager.region(f"train_step_{key}", executes=False), syncs_raise():
-            # thread_local: the loader's pin-memory thread keeps allocating page-locked memory while the step
-            # is captured; in the default (global) mode its CUDA calls would invalidate this capture
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with own_cublas_workspaces():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
                 self._body(self._packed(key))
+            torch.cuda.current_stream().wait_stream(side)
+            with self.model.manager.region(f"train_step_{key}", executes=False), syncs_raise():
+                # thread_local: the loader's pin-memory thread keeps allocating page-locked memory while the
+                # step is captured; in the default (global) mode its CUDA calls would invalidate this capture
+                with torch.cuda.graph(graph, pool=self._pool, stream=capture_stream, capture_error_mode="thread_local"):
+                    self._body(self._packed(key))
         self._pool = graph.pool() if self._pool is None else self._pool
         self.graphs[key] = graph
 
@@ -163,6 +168,20 @@ class TrainStep:
         self.loss_sum.zero_()
         self.steps = 0
         return mean
+
+
+@contextlib.contextmanager
+def own_cublas_workspaces() -> Iterator[None]:
+    """Drop torch's cached cuBLAS workspaces before and after a warm-up and capture, so that the graph
+    captures a workspace allocated in its own memory pool, and no later eager call or capture reuses a
+    workspace that a live graph has baked in. torch caches one workspace per (handle, stream), and
+    destroying a graph frees the workspace of the stream it was captured on even where other live
+    graphs use it (pytorch#193402). torch's own CUDA-graph trees clear the cache the same way."""
+    torch._C._cuda_clearCublasWorkspaces()
+    try:
+        yield
+    finally:
+        torch._C._cuda_clearCublasWorkspaces()
 
 
 @contextlib.contextmanager
