@@ -128,6 +128,14 @@ class RecModule(L.LightningModule):
         loss.backward()
         strategy.post_backward(loss)
 
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning frees the gradients before each validation pass (``zero_grad`` to None). Captured
+        steps have the gradients' addresses in their graphs: freed, every later replay would accumulate
+        into memory that other tensors then hold (and fault once that memory goes back to the device).
+        They are kept; each step zeroes them in place itself."""
+        if not self.capture:
+            super().on_validation_model_zero_grad()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """The epoch's mean loss, read from the device once, after its last training step."""
         if batch_idx + 1 == self.trainer.num_training_batches and self._train_step is not None:

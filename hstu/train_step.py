@@ -78,6 +78,7 @@ class TrainStep:
         self.steps = 0  # host count of steps this epoch
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # (input kind, capacity) -> graph
         self._pool = None
+        self._captured_gradients: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its gradient) in the graphs
         # one warm-up stream and one capture stream: cuBLAS keeps a workspace per stream it meets
         self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if capture else None
         if capture and layout is None:
@@ -112,12 +113,22 @@ class TrainStep:
         return self._jagged.packed(capacity)
 
     def _run_captured(self, key: tuple[str, int]) -> None:
+        self._check_captured_gradients()
         graph = self.graphs.get(key)
         if graph is None:
             self._warm_up_and_capture(key)
         else:
             with self.model.manager.region(f"train_step_{key}"):
                 graph.replay()
+
+    def _check_captured_gradients(self) -> None:
+        """The graphs accumulate into the gradient tensors that existed when the first was captured: refuse
+        to replay or capture once any was replaced or set to None (``zero_grad(set_to_none=True)``), after
+        which the graphs would write into freed memory."""
+        if any(p.grad is not g for p, g in self._captured_gradients):
+            raise RuntimeError("TrainStep: a parameter's gradient was replaced or freed after its step was captured "
+                               "(zero_grad with set_to_none=True?); captured steps write into the gradient tensors "
+                               "they were captured with, so gradients must only be zeroed in place")
 
     def _body(self, batch: JaggedBatch) -> None:
         """The step: gradients zeroed in place, loss, backward, flag, update, loss sum."""
@@ -160,6 +171,9 @@ class TrainStep:
                     self._body(self._packed(key))
         self._pool = graph.pool() if self._pool is None else self._pool
         self.graphs[key] = graph
+        if not self._captured_gradients:
+            self._captured_gradients = [(p, p.grad) for group in self.optimizer.param_groups
+                                        for p in group["params"] if p.requires_grad]
 
     # ---- epoch bookkeeping (host reads, once per epoch) -------------------------------------
     def end_epoch(self) -> float:

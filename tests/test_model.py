@@ -169,6 +169,23 @@ def test_rec_module_backward_thread_follows_its_flag(on_caller_thread):
     assert torch._C._is_multithreading_enabled()
 
 
+@pytest.mark.parametrize("capture", [True, False], ids=["captured", "eager"])
+def test_validation_keeps_the_gradients_of_captured_steps(capture):
+    """Lightning frees the gradients before validation; captured steps have their addresses in the
+    graphs, so a module whose steps are captured keeps them (an eager one lets Lightning free them)."""
+    from hstu.module import RecModule
+
+    module = RecModule(NUM_ITEMS, MAX_LEN, 8, 0.0, HSTU, LOSS, {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.0})
+    module.capture = capture
+    gradients = []
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+        gradients.append(p.grad)
+    module.on_validation_model_zero_grad()
+    kept = [p.grad is g for p, g in zip(module.parameters(), gradients)]
+    assert kept == [capture] * len(kept)
+
+
 def test_model_compiled_before_its_first_call_runs_triton_without_graph_break(monkeypatch):
     """The manager decides the attention backend on the first call, inside the trace here: the
     decision must trace (imports and environment were settled when the manager was built)."""

@@ -158,6 +158,23 @@ def test_replayed_steps_never_synchronise_with_the_host():
 
 
 @pytest.mark.gpu
+def test_captured_steps_refuse_gradients_freed_after_capture():
+    """A zero_grad that frees the gradients (set_to_none, as Lightning does before validation) would leave
+    the graphs accumulating into freed memory: the next captured step refuses to run."""
+    sequences = sequences_of(lengths_for_gpu(), seed=4)
+    examples = training_examples(sequences)
+    layout = PackingLayout(batch_size=8, max_seq_len=MAX_LEN, bucket_tokens=16)
+    _, plans = epoch_batches(sequences, examples, layout)
+    model, optimizer = setup("cuda", dropout=0.1)
+    step = TrainStep(model, optimizer, NonFiniteLossFlag(), sequences=DeviceSequences.from_sequences(sequences, "cuda"),
+                     layout=layout, capture=True)
+    step(plans[0].to("cuda"))
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="gradient was replaced or freed"):
+        step(plans[0].to("cuda"))
+
+
+@pytest.mark.gpu
 def test_compiled_steps_do_not_recompile_across_capacities():
     """Regional compilation with dynamic shapes: 50 steps over every capacity of an epoch compile each
     part once, captured or not."""
