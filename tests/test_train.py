@@ -151,8 +151,9 @@ def test_captured_training_matches_uncaptured_training_over_five_epochs(tmp_path
 def test_captured_hstu_trains_across_validation_with_every_kernel(tmp_path):
     """ML-1M model=hstu (2 blocks, 1 head of 50), ours protocol, +triton=all, captured steps: three epochs, each
     followed by a full-ranking validation pass, with every epoch's loss read back. Lightning's zero_grad before
-    validation once freed the gradients under the graphs: later replays wrote into freed memory (epoch losses
-    read near 0, then an illegal memory access). In its own process: a device fault poisons its CUDA context."""
+    validation must not free the gradients under the graphs: later replays would write into freed memory (epoch
+    losses read near 0, then an illegal memory access). In its own process: a device fault poisons its CUDA
+    context."""
     data_dir = Path(os.environ.get("HSTU_TEST_DATA_DIR", ROOT / "data"))
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=ml1m-hstu", "+triton=all",
            "trainer.max_epochs=3", "test=false", "logger=[]", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}"]

@@ -21,8 +21,8 @@ graph's share of it could be measured. Evicted pools are returned to the device
 (``torch.cuda.empty_cache``). Warm-ups and captures run on one side stream and one capture stream of
 the engine's, with torch's cached cuBLAS workspaces cleared around each
 (``hstu.train_step.own_cublas_workspaces``): each graph's workspace is allocated in its own pool and
-counted with it, and a fresh stream per capture no longer leaves a cuBLAS workspace behind (32 MiB
-of reserved memory per capture on an H200). A bucket larger than the whole bound is captured once (to measure it),
+counted with it, and no stream's workspace outlives its captures (cuBLAS keeps 32 MiB for every
+stream it meets on an H200). A bucket larger than the whole bound is captured once (to measure it),
 dropped when the next step starts, and from then on runs eagerly on its fixed shapes, saying why.
 Each replay's outputs are read (and the cache's keys and values copied out) before the next replay
 of the same graph; the engine's lock serialises steps. Operator calls inside a graph are counted per
