@@ -22,20 +22,18 @@ non-finite flag is made the maximum over processes before the update (``share_fl
 gradients of a step carry one process's NaN to all of them, so all of them must skip that update.
 
 The first step of each capacity runs eagerly (on a side stream, as warm-up before capture must) and is
-then captured; later steps of that capacity replay. Warm-ups and captures use one side stream and one
-capture stream for the step's lifetime, and cuBLAS workspaces are kept out of the graphs' way
-(``own_cublas_workspaces``). Operator calls inside the graph are counted by the manager per replay
-(``TritonOperatorManager.region``).
+then captured (``hstu.graph_capture.GraphCapture``); later steps of that capacity replay. Operator
+calls inside the graph are counted by the manager per replay (``TritonOperatorManager.region``).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from hstu.data.batch import JaggedBatch
 from hstu.data.packing import DeviceSequences, PackingLayout, PlannedBatch, StaticJaggedInput, pack_batch
+from hstu.graph_capture import GraphCapture
 from hstu.guards import NonFiniteLossFlag
 from hstu.model.recommender import SequentialRecommender
 
@@ -79,8 +77,7 @@ class TrainStep:
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # (input kind, capacity) -> graph
         self._pool = None
         self._captured_gradients: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its gradient) in the graphs
-        # one warm-up stream and one capture stream: cuBLAS keeps a workspace per stream it meets
-        self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if capture else None
+        self._graph_capture = GraphCapture(device) if capture else None
         if capture and layout is None:
             raise ValueError("TrainStep: capture needs a PackingLayout (the capacities graphs are captured for)")
         if sequences is not None:
@@ -157,18 +154,9 @@ class TrainStep:
         """Run this step eagerly on a side stream (warm-up: kernels compiled, optimizer state and
         workspaces allocated), then capture it for the steps to come (a capture runs nothing)."""
         self._ensure_grads()
-        side, capture_stream = self._streams
         graph = torch.cuda.CUDAGraph()
-        with own_cublas_workspaces():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._body(self._packed(key))
-            torch.cuda.current_stream().wait_stream(side)
-            with self.model.manager.region(f"train_step_{key}", executes=False), syncs_raise():
-                # thread_local: the loader's pin-memory thread keeps allocating page-locked memory while the
-                # step is captured; in the default (global) mode its CUDA calls would invalidate this capture
-                with torch.cuda.graph(graph, pool=self._pool, stream=capture_stream, capture_error_mode="thread_local"):
-                    self._body(self._packed(key))
+        self._graph_capture(graph, lambda: self._body(self._packed(key)), pool=self._pool,
+                      capture_context=self.model.manager.region(f"train_step_{key}", executes=False))
         self._pool = graph.pool() if self._pool is None else self._pool
         self.graphs[key] = graph
         if not self._captured_gradients:
@@ -182,29 +170,3 @@ class TrainStep:
         self.loss_sum.zero_()
         self.steps = 0
         return mean
-
-
-@contextlib.contextmanager
-def own_cublas_workspaces() -> Iterator[None]:
-    """Drop torch's cached cuBLAS workspaces before and after a warm-up and capture, so that the graph
-    captures a workspace allocated in its own memory pool, and no later eager call or capture reuses a
-    workspace that a live graph has baked in. torch caches one workspace per (handle, stream), and
-    destroying a graph frees the workspace of the stream it was captured on even where other live
-    graphs use it (pytorch#193402). torch's own CUDA-graph trees clear the cache the same way."""
-    torch._C._cuda_clearCublasWorkspaces()
-    try:
-        yield
-    finally:
-        torch._C._cuda_clearCublasWorkspaces()
-
-
-@contextlib.contextmanager
-def syncs_raise() -> Iterator[None]:
-    """Make a host-device synchronisation inside the captured step raise where it is called (a Python
-    traceback naming the line) instead of failing the capture with CUDA's generic error at its end."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)

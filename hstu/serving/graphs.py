@@ -18,11 +18,9 @@ memory pool, measured as the growth of the device's reserved memory while the gr
 Each graph therefore has a pool of its own (unlike ``hstu.train_step``'s graphs, which share one): a
 shared pool is freed only when its last graph goes, so evicting a graph would release nothing, and no
 graph's share of it could be measured. Evicted pools are returned to the device
-(``torch.cuda.empty_cache``). Warm-ups and captures run on one side stream and one capture stream of
-the engine's, with torch's cached cuBLAS workspaces cleared around each
-(``hstu.train_step.own_cublas_workspaces``): each graph's workspace is allocated in its own pool and
-counted with it, and no stream's workspace outlives its captures (cuBLAS keeps 32 MiB for every
-stream it meets on an H200). A bucket larger than the whole bound is captured once (to measure it),
+(``torch.cuda.empty_cache``). Steps are warmed up and captured by ``hstu.graph_capture.GraphCapture``
+(one side and one capture stream per engine, cuBLAS workspaces allocated in each graph's own pool and
+counted with it). A bucket larger than the whole bound is captured once (to measure it),
 dropped when the next step starts, and from then on runs eagerly on its fixed shapes, saying why.
 Each replay's outputs are read (and the cache's keys and values copied out) before the next replay
 of the same graph; the engine's lock serialises steps. Operator calls inside a graph are counted per
@@ -38,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hstu.graph_capture import GraphCapture
 from hstu.serving import static_shapes
 from hstu.serving.incremental import IncrementalEncoder
 from hstu.serving.static_shapes import HostStep, StaticShape
@@ -94,8 +93,7 @@ class StaticSteps:
         self._too_large: dict[tuple, int] = {}  # (shape, keep_kv) -> the bytes its slot needs, above max_bytes
         self._dropped: list[tuple] = []  # slots above max_bytes, held until the step that used them is read
         self.evictions = 0
-        # one warm-up stream and one capture stream: cuBLAS keeps a workspace per stream it meets
-        self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if capture else None
+        self._graph_capture = GraphCapture(device) if capture else None
 
     def shape(self, form: str, step: HostStep, k: int) -> StaticShape:
         return step.shape(form, k, self.model.max_seq_len, self.model.num_items)
@@ -200,27 +198,15 @@ class StaticSteps:
     def _capture(self, slot: _Slot) -> bool:
         """Warm the step up on a side stream, then capture it; False (graphs off, ``reason`` set) when
         the capture fails."""
-        from hstu.train_step import own_cublas_workspaces, syncs_raise
+        def step():
+            with torch.no_grad():
+                return static_shapes.run(self.encoder, self.unit_items, slot.shape, slot.inputs, slot.cached_kv,
+                                         slot.keep_kv)
 
         try:
-            side, capture_stream = self._streams
-            with own_cublas_workspaces():
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), torch.no_grad():
-                    static_shapes.run(self.encoder, self.unit_items, slot.shape, slot.inputs, slot.cached_kv,
-                                      slot.keep_kv)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # torch.cuda.graph empties the allocator's cache on entry: do it first, so that what the reserved
-                # memory gains across the capture is the new graph's pool alone (its cuBLAS workspace included).
-                torch.cuda.synchronize(self.device)
-                torch.cuda.empty_cache()
-                reserved = torch.cuda.memory_reserved(self.device)
-                with self.manager.region(self._region(slot.shape), executes=False), syncs_raise(), torch.no_grad():
-                    with torch.cuda.graph(graph, stream=capture_stream, capture_error_mode="thread_local"):
-                        slot.outputs = static_shapes.run(self.encoder, self.unit_items, slot.shape, slot.inputs,
-                                                         slot.cached_kv, slot.keep_kv)  # a pool of its own
-                graph_bytes = max(torch.cuda.memory_reserved(self.device) - reserved, 0)
+            graph = torch.cuda.CUDAGraph()  # a pool of its own
+            slot.outputs, graph_bytes = self._graph_capture(
+                graph, step, capture_context=self.manager.region(self._region(slot.shape), executes=False))
         except Exception as error:  # noqa: BLE001 - any failure: serve eagerly, say why
             torch.cuda.synchronize()
             self.reason = f"capture of {slot.shape.describe()} failed: {type(error).__name__}: {error}"
