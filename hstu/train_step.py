@@ -156,7 +156,7 @@ class TrainStep:
         self._ensure_grads()
         graph = torch.cuda.CUDAGraph()
         self._graph_capture(graph, lambda: self._body(self._packed(key)), pool=self._pool,
-                      capture_context=self.model.manager.region(f"train_step_{key}", executes=False))
+                            capture_context=self.model.manager.region(f"train_step_{key}", executes=False))
         self._pool = graph.pool() if self._pool is None else self._pool
         self.graphs[key] = graph
         if not self._captured_gradients:
