@@ -20,7 +20,8 @@ Input side, ``attention_input``: ``SiLU(LayerNorm(x) @ W)``, per ``input_normali
   computed in the program, stored once for the backward) and whose epilogue applies SiLU; the
   backward is one kernel per row block (dz = dy * SiLU'(z) written once for dW, dLN(x) = dz @ W^T in
   registers, then the LayerNorm backward);
-- wide rows: a LayerNorm kernel writes LN(x) in the matmul dtype (kept for the backward), then a
+- wide rows: a LayerNorm kernel writes LN(x) in the matmul dtype (kept for the backward; rows
+  zero-padded to a multiple of 16 elements so that the matmuls load them as vectors), then a
   plain tiled matmul with the SiLU epilogue; the backward is a dz kernel, cuBLAS for dz @ W^T and a
   LayerNorm-backward kernel.
 The pre-activation z is recomputed in the backward or kept from the forward (``keep_preactivation``);
@@ -42,13 +43,15 @@ import triton.language as tl
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.dropout import draw_seed, seed_tensor
 from hstu_kernels.triton.common import (
-    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms, sigmoid, silu,
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms, known_multiple,
+    row_alignment, sigmoid, silu,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 8192  # a gate or LayerNorm row is held whole in registers by one program
 ROW_ALIGN = 8  # gated rows (K values + the ones column) padded to a multiple of 8 elements (16 bytes in bf16)
 TAIL_BLOCK = tl.constexpr(ROW_ALIGN)
+NORMED_ALIGN = 16  # stored LN(x) rows padded to a multiple of 16 elements (``_normed_width``)
 
 # Per-shape rules (kernel notes, "Choices"; the benchmark variants force each side of them), set from
 # GPU kernel times (H200, bf16 autocast, L = 25,600 and 200,000, D = H*dv in {50, 64, 256, 512}):
@@ -143,7 +146,11 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
 @triton.jit
 def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_g, tail, eps, p, scale,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     WIDE_COUNTERS: tl.constexpr):
+                     WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr):
+    K = known_multiple(K, ALIGN)
+    stride_a = known_multiple(stride_a, ALIGN)
+    stride_u = known_multiple(stride_u, ALIGN)
+    stride_g = known_multiple(stride_g, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
@@ -158,7 +165,13 @@ def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_
 @triton.jit
 def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stride_a, stride_u, stride_da, stride_du,
                      eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     WIDE_COUNTERS: tl.constexpr):
+                     WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr):
+    K = known_multiple(K, ALIGN)
+    stride_grad = known_multiple(stride_grad, ALIGN)
+    stride_a = known_multiple(stride_a, ALIGN)
+    stride_u = known_multiple(stride_u, ALIGN)
+    stride_da = known_multiple(stride_da, ALIGN)
+    stride_du = known_multiple(stride_du, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
@@ -245,11 +258,12 @@ def _tile_position(L, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _input_product(x, w, mean, rstd, rows, rows_ok, cols_n, cols_ok, D, stride_x, stride_w,
+def _input_product(x, w, mean, rstd, rows, rows_ok, cols_n, cols_ok, D, W_ROWS, stride_x, stride_w,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     """LN(x) @ W for a [BLOCK_M, BLOCK_N] tile: x normalised chunk by chunk as it is loaded (NORMALIZE),
-    or x already LN(x) in the matmul dtype."""
+    or x already LN(x) in the matmul dtype. x rows hold D values, W has W_ROWS rows: LN(x) rows padded
+    with zeros past W_ROWS to a 16-element multiple D load as unmasked vectors."""
     x_rows = _row_offsets(rows, stride_x)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -258,8 +272,8 @@ def _input_product(x, w, mean, rstd, rows, rows_ok, cols_n, cols_ok, D, stride_x
         chunk = tl.load(x + x_rows[:, None] + dims[None, :], mask=mask, other=0.0)
         if NORMALIZE:
             chunk = tl.where(mask, (chunk.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
-        w_tile = tl.load(w + dims[:, None] * stride_w + cols_n[None, :], mask=(dims[:, None] < D) & cols_ok[None, :],
-                         other=0.0)
+        w_tile = tl.load(w + dims[:, None] * stride_w + cols_n[None, :],
+                         mask=(dims[:, None] < W_ROWS) & cols_ok[None, :], other=0.0)
         acc = tl.dot(chunk.to(w.dtype.element_ty), w_tile, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -285,12 +299,17 @@ def _row_statistics(x, rows, rows_ok, D, stride_x, eps, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _input_fwd_kernel(x, w, out, pre, mean_out, rstd_out, L, D, E, stride_x, stride_w, stride_o, stride_p, eps,
+def _input_fwd_kernel(x, w, out, pre, mean_out, rstd_out, L, D, W_ROWS, E, stride_x, stride_w, stride_o, stride_p, eps,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
                       NORMALIZE: tl.constexpr, STORE_PRE: tl.constexpr, FAST_SILU: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """SiLU(LN(x) @ W) for one [BLOCK_M, BLOCK_N] tile. NORMALIZE: x is the raw input, normalised in the
-    prologue (the first column block stores mean and rstd); else x holds LN(x) already."""
+    prologue (the first column block stores mean and rstd); else x holds LN(x) already, its rows padded
+    to D >= W_ROWS. ALIGN divides E and the strides of the E-wide rows (W, out, pre)."""
+    E = known_multiple(E, ALIGN)
+    stride_w = known_multiple(stride_w, ALIGN)
+    stride_o = known_multiple(stride_o, ALIGN)
+    stride_p = known_multiple(stride_p, ALIGN)
     pid_m, pid_n = _tile_position(L, E, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
@@ -304,7 +323,7 @@ def _input_fwd_kernel(x, w, out, pre, mean_out, rstd_out, L, D, E, stride_x, str
     else:
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         rstd = mean
-    z = _input_product(x, w, mean, rstd, rows, rows_ok, cols_n, cols_ok, D, stride_x, stride_w,
+    z = _input_product(x, w, mean, rstd, rows, rows_ok, cols_n, cols_ok, D, W_ROWS, stride_x, stride_w,
                        BLOCK_M, BLOCK_N, BLOCK_D, NORMALIZE, DOT_PRECISION)
     mask = rows_ok[:, None] & cols_ok[None, :]
     if STORE_PRE:
@@ -314,15 +333,19 @@ def _input_fwd_kernel(x, w, out, pre, mean_out, rstd_out, L, D, E, stride_x, str
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x, normed, mean_out, rstd_out, L, D, stride_x, stride_n, eps,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Wide rows: LN(x) in the matmul dtype, with per-row mean and rstd, for the matmuls that follow."""
+def _layer_norm_fwd_kernel(x, normed, mean_out, rstd_out, L, D, D_OUT, stride_x, stride_n, eps,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    """Wide rows: LN(x) in the matmul dtype, zero-padded to D_OUT <= BLOCK_D columns, with per-row mean
+    and rstd, for the matmuls that follow."""
+    D = known_multiple(D, ALIGN)
+    stride_x = known_multiple(stride_x, ALIGN)
+    stride_n = known_multiple(stride_n, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     dims = tl.arange(0, BLOCK_D)
     xhat, mean, rstd = _normalized_rows(x, rows, rows_ok, dims, D, stride_x, eps)
     tl.store(normed + _row_offsets(rows, stride_n)[:, None] + dims[None, :], xhat.to(normed.dtype.element_ty),
-             mask=rows_ok[:, None] & (dims[None, :] < D))
+             mask=rows_ok[:, None] & (dims[None, :] < D_OUT))
     tl.store(mean_out + rows, mean, mask=rows_ok)
     tl.store(rstd_out + rows, rstd, mask=rows_ok)
 
@@ -335,10 +358,17 @@ def _silu_grad(grad_y, z, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
-def _input_dz_kernel(normed, w, pre, grad_y, dz, L, D, E, stride_n, stride_w, stride_p, stride_gy, stride_gyn, stride_dz,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-                     LOAD_PRE: tl.constexpr, FAST_SILU: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Wide rows: dz = dy * SiLU'(z) for one tile, z = LN(x) @ W recomputed from the stored LN(x), or read back."""
+def _input_dz_kernel(normed, w, pre, grad_y, dz, L, D, W_ROWS, E, stride_n, stride_w, stride_p, stride_gy, stride_gyn,
+                     stride_dz, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUP_M: tl.constexpr, LOAD_PRE: tl.constexpr, FAST_SILU: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+    """Wide rows: dz = dy * SiLU'(z) for one tile, z = LN(x) @ W recomputed from the stored LN(x) (rows
+    padded to D >= W_ROWS), or read back. ALIGN divides E and the strides of the E-wide rows."""
+    E = known_multiple(E, ALIGN)
+    stride_w = known_multiple(stride_w, ALIGN)
+    stride_p = known_multiple(stride_p, ALIGN)
+    stride_gy = known_multiple(stride_gy, ALIGN)
+    stride_dz = known_multiple(stride_dz, ALIGN)
     pid_m, pid_n = _tile_position(L, E, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
@@ -349,7 +379,7 @@ def _input_dz_kernel(normed, w, pre, grad_y, dz, L, D, E, stride_n, stride_w, st
         z = tl.load(pre + _row_offsets(rows, stride_p)[:, None] + cols_n[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         unused = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        z = _input_product(normed, w, unused, unused, rows, rows_ok, cols_n, cols_ok, D, stride_n, stride_w,
+        z = _input_product(normed, w, unused, unused, rows, rows_ok, cols_n, cols_ok, D, W_ROWS, stride_n, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
     gy = tl.load(grad_y + _row_offsets(rows, stride_gy)[:, None] + cols_n[None, :] * stride_gyn, mask=mask,
                  other=0.0).to(tl.float32)
@@ -415,8 +445,12 @@ def _input_bwd_fused_kernel(x, w, pre, grad_y, mean_in, rstd_in, dz, dx, xn_out,
 
 @triton.jit
 def _layer_norm_bwd_kernel(grad_xn, x, mean_in, rstd_in, dx, L, D, stride_g, stride_x, stride_dx,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
     """Wide rows: the LayerNorm backward of dLN(x) = dz @ W^T computed by cuBLAS."""
+    D = known_multiple(D, ALIGN)
+    stride_g = known_multiple(stride_g, ALIGN)
+    stride_x = known_multiple(stride_x, ALIGN)
+    stride_dx = known_multiple(stride_dx, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     dims = tl.arange(0, BLOCK_D)
@@ -443,6 +477,13 @@ def keep_preactivation(dim: int) -> bool:
 def input_normalization(dim: int) -> str:
     """Where the input side normalises x of model width ``dim``: in the matmul's prologue, or in a kernel of its own."""
     return "prologue" if dim <= PROLOGUE_INPUT_MAX_DIM else "kernel"
+
+
+def _normed_width(dim: int) -> int:
+    """Row width of the stored LN(x): D zero-padded to a multiple of NORMED_ALIGN, so that the matmuls
+    reading it load unmasked 16-element vectors (at D = 50 the 100-byte rows would load two bytes at a
+    time and stall their software pipeline)."""
+    return cdiv(dim, NORMED_ALIGN) * NORMED_ALIGN
 
 
 def _padded_width(width: int) -> int:
@@ -577,7 +618,8 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
     _gate_fwd_kernel[grid](
         attn, u, attn if seed is None else seed, gated, rows, width, attn.stride(0), u.stride(0), gated.stride(0),
         (padded - width) if padded else 0, eps, p, scale,
-        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide, **constants,
+        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
+        ALIGN=row_alignment(width, attn.stride(0), u.stride(0), gated.stride(0)), **constants,
     )
     return gated
 
@@ -595,7 +637,9 @@ def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
     _gate_bwd_kernel[grid](
         grad, attn, u, attn if seed is None else seed, dattn, du, rows, width, grad.stride(0), attn.stride(0),
         u.stride(0), dattn.stride(0), du.stride(0), eps, p, scale,
-        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide, **constants,
+        BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
+        ALIGN=row_alignment(width, grad.stride(0), attn.stride(0), u.stride(0), dattn.stride(0), du.stride(0)),
+        **constants,
     )
     return dattn, du
 
@@ -670,7 +714,7 @@ def input_forward(x, weight, eps: float, keep_pre: bool, normalization: str):
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     pre = torch.empty((rows, cols) if keep_pre else (0,), dtype=dtype, device=x.device)
     by_kernel = normalization == "kernel"
-    normed = torch.empty((rows, dim) if by_kernel else (0,), dtype=dtype, device=x.device)
+    normed = torch.empty((rows, _normed_width(dim)) if by_kernel else (0,), dtype=dtype, device=x.device)
     if rows == 0:
         return out, mean, rstd, pre, normed
     if cols == 0:  # nothing to project, and a backward of zeros
@@ -678,15 +722,17 @@ def input_forward(x, weight, eps: float, keep_pre: bool, normalization: str):
     x = _unit_column_stride(x)
     if by_kernel:
         grid, constants = _row_plan(rows, dim)
-        _layer_norm_fwd_kernel[grid](x, normed, mean, rstd, rows, dim, x.stride(0), normed.stride(0), eps,
-                                     BLOCK_D=block_dim(dim), **constants)
+        _layer_norm_fwd_kernel[grid](
+            x, normed, mean, rstd, rows, dim, normed.shape[1], x.stride(0), normed.stride(0), eps,
+            BLOCK_D=block_dim(dim), ALIGN=row_alignment(dim, x.stride(0), normed.stride(0)), **constants,
+        )
     source = normed if by_kernel else x
     grid, constants = _input_tile_plan(rows, dim, cols, dtype, by_kernel)
     _input_fwd_kernel[grid](
-        source, weight, out, pre, mean, rstd, rows, dim, cols, source.stride(0), weight.stride(0), out.stride(0),
-        pre.stride(0) if keep_pre else 0, eps,
+        source, weight, out, pre, mean, rstd, rows, source.shape[1], dim, cols, source.stride(0), weight.stride(0),
+        out.stride(0), pre.stride(0) if keep_pre else 0, eps,
         NORMALIZE=not by_kernel, STORE_PRE=keep_pre, FAST_SILU=_use_fast_silu(dtype), DOT_PRECISION=dot_precision(dtype),
-        **constants,
+        ALIGN=row_alignment(cols, weight.stride(0), out.stride(0), pre.stride(0) if keep_pre else 0), **constants,
     )
     return out, mean, rstd, pre, normed
 
@@ -715,17 +761,19 @@ def input_backward(grad_y, x, weight, mean, rstd, pre, normed, keep_pre: bool, n
     else:
         grid, constants = _input_tile_plan(rows, dim, cols, dtype, True)
         _input_dz_kernel[grid](
-            normed, weight, pre, grad_y, dz, rows, dim, cols, normed.stride(0), weight.stride(0), pre_stride,
-            grad_y.stride(0), grad_y.stride(1), dz.stride(0),
-            LOAD_PRE=keep_pre, FAST_SILU=fast_silu, DOT_PRECISION=precision, **constants,
+            normed, weight, pre, grad_y, dz, rows, normed.shape[1], dim, cols, normed.stride(0), weight.stride(0),
+            pre_stride, grad_y.stride(0), grad_y.stride(1), dz.stride(0),
+            LOAD_PRE=keep_pre, FAST_SILU=fast_silu, DOT_PRECISION=precision,
+            ALIGN=row_alignment(cols, weight.stride(0), pre_stride, grad_y.stride(0), dz.stride(0)), **constants,
         )
         grad_normed = torch.mm(dz, weight.t())
         grid, constants = _row_plan(rows, dim)
         _layer_norm_bwd_kernel[grid](
             grad_normed, x, mean, rstd, dx, rows, dim, grad_normed.stride(0), x.stride(0), dx.stride(0),
-            BLOCK_D=block_dim(dim), **constants,
+            BLOCK_D=block_dim(dim), ALIGN=row_alignment(dim, grad_normed.stride(0), x.stride(0), dx.stride(0)),
+            **constants,
         )
-    return dx, (torch.mm(normed.t(), dz) if weight_grad else weight.new_empty((0, 0)))
+    return dx, (torch.mm(normed[:, :dim].t(), dz) if weight_grad else weight.new_empty((0, 0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,7 +849,7 @@ def _input_fwd_fake(x, weight, eps, keep_pre, normalization):
     stats = x.new_empty((rows,), dtype=torch.float32)
     return (x.new_empty((rows, cols), dtype=weight.dtype), stats, stats.new_empty((rows,)),
             x.new_empty((rows, cols) if keep_pre else (0,), dtype=weight.dtype),
-            x.new_empty((rows, dim) if normalization == "kernel" else (0,), dtype=weight.dtype))
+            x.new_empty((rows, _normed_width(dim)) if normalization == "kernel" else (0,), dtype=weight.dtype))
 
 
 def _input_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,

@@ -116,6 +116,15 @@ def gather(table, index, PTX_MATH: tl.constexpr):
 
 
 @triton.jit
+def known_multiple(value, MULTIPLE: tl.constexpr):
+    """``value``, a scalar the launcher knows to be a multiple of MULTIPLE, rewritten so that the
+    compiler knows it too. Triton notes only divisibility by 16 of integer arguments, and
+    ``tl.multiple_of`` leaves scalars unmarked; a row stride and width known to be even let 16-bit rows
+    load and store two elements an instruction instead of one (``row_alignment``)."""
+    return value // MULTIPLE * MULTIPLE
+
+
+@triton.jit
 def load_tile(ptrs, rows_ok, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a [rows, BLOCK_D] tile, zero-filled outside rows_ok (if CHECK_ROWS) and past column D.
 
@@ -154,6 +163,16 @@ def cdiv(a: int, b: int) -> int:
 def block_dim(d: int, minimum: int = 16) -> int:
     """The power-of-2 tile width (at least ``minimum``) that holds ``d`` columns."""
     return max(minimum, 1 << (d - 1).bit_length())
+
+
+def row_alignment(*values: int, cap: int = 16) -> int:
+    """The largest power of two, at most ``cap``, that divides every value: the MULTIPLE for
+    ``known_multiple`` of a row kernel's width and row strides (at width 50 it is 2)."""
+    align = cap
+    for value in values:
+        while value % align:
+            align //= 2
+    return align
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -511,6 +511,22 @@ def test_unsupported_reason_looks_at_dtypes_and_the_normalised_width():
     assert "width" in module.unsupported_reason((torch.zeros(2, 0), torch.zeros(0, 6)))
 
 
+@needs_triton
+def test_row_alignment_divides_the_width_and_every_stride():
+    """The row kernels' ALIGN: a wrong one would make the kernels misread rows (and misalign vector loads
+    on a GPU), so every value it is taken from must be a multiple of it."""
+    from hstu_kernels.triton.common import row_alignment
+
+    assert row_alignment(50, 50, 200, 56) == 2  # the model's gate at width 50: attn, a slice of uvqk, gated rows
+    assert row_alignment(64, 64, 256, 72) == 8
+    assert row_alignment(256, 1024) == 16
+    assert row_alignment(7, 7) == 1
+    assert row_alignment(48, 0) == 16  # a zero stride (one row, or a broadcast) constrains nothing
+    for values in [(50, 100), (12, 36, 20), (3,), (96, 40, 8)]:
+        align = row_alignment(*values)
+        assert all(v % align == 0 for v in values) and any(v % (2 * align) for v in values)
+
+
 @pytest.mark.parametrize("variant", ["", "output", "output-fused", "output-cublas", "gate", "input", "input-stored",
                                      "input-recompute", "input-prologue", "input-kernel"])
 def test_bench_variants_agree_with_the_reference_at_a_tiny_shape(variant):
