@@ -6,6 +6,8 @@ defined, and the launchers choose block sizes (and whether PTX inline assembly m
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -166,13 +168,9 @@ def block_dim(d: int, minimum: int = 16) -> int:
 
 
 def row_alignment(*values: int, cap: int = 16) -> int:
-    """The largest power of two, at most ``cap``, that divides every value: the MULTIPLE for
-    ``known_multiple`` of a row kernel's width and row strides (at width 50 it is 2)."""
-    align = cap
-    for value in values:
-        while value % align:
-            align //= 2
-    return align
+    """The largest power of two, at most ``cap`` (a power of two), that divides every value: the
+    MULTIPLE for ``known_multiple`` of a row kernel's width and row strides (at width 50 it is 2)."""
+    return math.gcd(cap, *values)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
