@@ -347,11 +347,13 @@ def device_steps_stubbed(recommender: Recommender):
 
     engine = recommender.serving_engine(ServingOptions(cache_bytes=0, cuda_graphs=False))
     engine.static_steps = StaticSteps(engine.encoder, engine.unit_items, engine.device, capture=False)
-    real_step, static_shapes.run, recommender.model.recommend = static_shapes.run, step, recommend
+    model, real_step = recommender.model, static_shapes.run
+    static_shapes.run, model.recommend = step, recommend
     try:
         yield engine
     finally:
         static_shapes.run = real_step
+        del model.recommend  # the instance attribute set above: the model's own method shows again
 
 
 def host_rows(args, name, config, histories) -> list[Row]:

@@ -60,3 +60,19 @@ def test_bench_serving_full_compiled_builds_the_package_of_its_export(tmp_path, 
                        "--warmup", "1", "--out", str(tmp_path / "serving")])
     assert builds == [("export", "cpu", bench.K)]
     assert [(r.scenario, r.requests) for r in rows] == [("full-compiled", 2)]
+
+
+def test_device_steps_stub_is_undone_on_exit(monkeypatch):
+    """The host-only scenario's stubs (the static-shape step and the model's recommend) are gone afterwards."""
+    from hstu.inference import Recommender
+    from hstu.serving import static_shapes
+    from hstu.serving.engine import serving_kernel_flags
+
+    bench = load_bench(monkeypatch)
+    model = bench.build_model(bench.CONFIGS["tiny"], serving_kernel_flags("cpu"))
+    recommender = Recommender(model, list(range(1, 301)), device="cpu")
+    real_step, real_recommend = static_shapes.run, model.recommend
+    with bench.device_steps_stubbed(recommender):
+        assert static_shapes.run is not real_step and model.recommend != real_recommend
+    assert static_shapes.run is real_step
+    assert "recommend" not in vars(model) and model.recommend == real_recommend
