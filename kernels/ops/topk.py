@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hstu_kernels.benchmarking import random_values, seeded
+from hstu_kernels.benchmarking import random_values, seeded, triton_function
 from hstu_kernels.manager import implementation
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
 
@@ -86,13 +86,20 @@ def _check_id_range(name, ids, num_items):
             raise ValueError(f"topk_items: {name} must lie in [0, {num_items}); got [{lowest}, {highest}]")
 
 
+SELECTION_VARIANTS = ("stream", "rows")  # --variant: the Triton launcher's selection ("" = its rule)
+
+
 def build_bench_case(shape, dtype, device, options) -> BenchCase:
     """(B, D, items, K): B queries scored against every item, each query's seen items masked, the top
     K kept and its target ranked. Seen lists have ML-1M's spread of user history lengths (log-normal,
     median 96, mean 165, clipped to ML-1M's 20..2314 and below the catalogue size; ids drawn with
     repeats); targets are uniform. "eager" is the reference's ops over all queries at once: one
-    [B, I] fp32 score matrix, matmul + mask + rank + topk."""
+    [B, I] fp32 score matrix, matmul + mask + rank + topk. ``options.variant`` names the Triton
+    selection ("stream" or "rows"; "" for its rule)."""
     num_queries, dim, num_items, top = shape
+    variant = getattr(options, "variant", "")
+    if variant not in ("", *SELECTION_VARIANTS):
+        raise SystemExit(f"--variant {variant!r}: {KEY} takes '' or one of {', '.join(SELECTION_VARIANTS)}")
     g = seeded(options.seed)
     queries = random_values(g, num_queries, dim, dtype=dtype, device=device, requires_grad=False)
     item_table = random_values(g, num_items, dim, dtype=dtype, device=device, requires_grad=False)
@@ -104,6 +111,10 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     inputs = dict(exclude_ids=exclude_ids, exclude_offsets=exclude_offsets, target_ids=target_ids)
 
     def call(backend: str) -> torch.Tensor:
+        if backend == "triton" and variant:  # the Triton function itself, told which selection to use
+            check_topk_items(queries, item_table, top, *inputs.values(), options.validate)
+            triton_topk = triton_function(KEY, "topk_items", (queries, item_table))
+            return triton_topk(queries, item_table, top, **inputs, selection=variant)[0]
         scores, _, _ = topk_items(queries, item_table, top, **inputs, backend=backend, validate=options.validate)
         return scores
 

@@ -1,9 +1,9 @@
-"""Triton backend of ``interaction``: ``topk_items``, every query scored against the whole item table
-in one streaming pass, seen items masked, the top k kept and the target's rank counted, without a
-[B, I] score matrix.
+"""Triton backend of ``interaction``: ``topk_items``, every query scored against the whole item table,
+seen items masked, the top k kept and the target's rank counted, without a [B, I] score matrix
+beyond one chunk of queries.
 
 Layers: ``@triton.jit`` kernels -> ``topk_items_forward`` (the launcher: a launch plan cached per
-shape, three launches, nothing read back) -> the ``torch.library`` op ``hstu_kernels::topk_items``
+shape, nothing read back) -> the ``torch.library`` op ``hstu_kernels::topk_items``
 (a ``triton_op`` on the GPU, so that ``torch.export`` keeps it as one node and AOTInductor compiles
 its kernels into the package; under the interpreter a plain custom op with a fake) -> ``topk_items``,
 which ``hstu_kernels.topk_items`` dispatches to after its input checks. Forward only: retrieval has
@@ -30,6 +30,13 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   item id, which streaming in id order gives for free.
 - Splits run side by side; a last kernel merges their lists and sums their rank counts. Extra
   memory is O(B * splits * (KP + NEW)) for the lists plus the sorted keys: never a [B, I] tensor.
+- The row selection, for catalogues of at most ``ROW_SELECT_ITEMS_LIMIT`` items (where the rule
+  ``selection_for`` sends them; the streaming kernel is the other selection): per chunk of queries
+  (about 2^24 scores, the reference's chunk), one kernel writes every score's int32 order key (the
+  same tiles, exclusions and target column as above) and per-tile rank counts, and one program per
+  query holds its whole row of keys, finds the k-th largest bit by bit (32 counts), gathers the keys
+  above it and the first equal ones (smaller ids first) and sorts those k. Many short programs
+  instead of a few long list-merging ones.
 """
 from __future__ import annotations
 
@@ -54,7 +61,15 @@ MAX_TOPK = 2048
 # Widest merge of the splits' lists (splits rounded up to a power of 2, times KP) per row.
 MERGE_WIDTH = 8192
 MAX_SPLITS = 64
+# The row selection holds a query's whole row of order keys in one program: catalogues up to this size.
+ROW_SELECT_ITEMS_LIMIT = 8192
+# The rule: catalogues up to this size take the row selection. 0 (no catalogue) until the row selection
+# is timed against the streaming kernel on a GPU (``--variant rows`` and ``stream`` of the benchmark).
+ROW_SELECT_MAX_ITEMS = 0
+SELECTIONS = ("stream", "rows")
 NEG_INF = tl.constexpr(float("-inf"))
+INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)
+INT64_MIN = tl.constexpr(-2**63)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,11 +82,22 @@ def _inverse_norm(x, EPS_SQUARED: tl.constexpr):
 
 
 @triton.jit
+def _ordered_bits(value):
+    """int32 that orders as the fp32 ``value`` (for non-NaN values)."""
+    bits = value.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _pack_ordered(ordered, index):
+    """int64 keys that order as (``_ordered_bits`` of a value, then smaller int32 index first)."""
+    return (ordered.to(tl.int64) << 32) | ((~index).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
 def _pack(value, index):
     """int64 keys that order as (fp32 value, then smaller int32 index first); index -1 packs lowest."""
-    bits = value.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | ((~index).to(tl.int64) & 0xFFFFFFFF)
+    return _pack_ordered(_ordered_bits(value), index)
 
 
 @triton.jit
@@ -177,6 +203,23 @@ def _lower_bound(keys, first, last, value):
 
 
 @triton.jit
+def _no_exclusions(BLOCK_M: tl.constexpr):
+    """The four exclusion words of ``_exclusion_words`` with no bit set."""
+    zero = tl.full([BLOCK_M], 0, tl.int32)
+    return zero, zero, zero, zero
+
+
+@triton.jit
+def _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items, first_item):
+    """(cursor, segment end, key base) of each row's sorted exclusion keys (``_topk_prologue_kernel``),
+    the cursor at its first key of an item >= first_item."""
+    segment_start = tl.load(exclude_offsets + rows, mask=row_ok, other=0).to(tl.int64)
+    segment_end = tl.load(exclude_offsets + rows + 1, mask=row_ok, other=0).to(tl.int64)
+    key_base = rows.to(tl.int64) * (num_items + 2) + 1
+    return _lower_bound(exclude_keys, segment_start, segment_end, key_base + first_item), segment_end, key_base
+
+
+@triton.jit
 def _exclusion_words(keys, cursor, segment_end, tile_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      WINDOW: tl.constexpr):
     """(word0..word3, cursor): bit j of word w is set when column 32 w + j of the tile is excluded for
@@ -275,6 +318,63 @@ def _merge_lists(cand_values, cand_ids, top_scores, top_ids, row_block, split, n
     tl.debug_barrier()  # the merged lists are visible to every thread
 
 
+@triton.jit
+def _query_rows(queries, items, item_inverse_norms, target_ids, rows, row_ok, num_items, stride_query, stride_item,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, L2_NORM: tl.constexpr,
+                HAS_TARGET: tl.constexpr, EPS_SQUARED: tl.constexpr):
+    """(queries [BLOCK_M, BLOCK_D], their inverse norms (1 without L2_NORM), target ids (-1 without
+    targets), the targets' scores): each target scored once from its own row of the table."""
+    dims = tl.arange(0, BLOCK_D)
+    q = load_tile(queries + rows.to(tl.int64)[:, None] * stride_query + dims[None, :], row_ok, dims, D, BLOCK_D, True)
+    query_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+    if L2_NORM:
+        query_scale = _inverse_norm(q.to(tl.float32), EPS_SQUARED)
+    target = tl.full([BLOCK_M], -1, tl.int64)
+    target_score = tl.full([BLOCK_M], 0.0, tl.float32)
+    if HAS_TARGET:
+        target = tl.load(target_ids + rows, mask=row_ok, other=-1).to(tl.int64)
+        safe = tl.minimum(tl.maximum(target, 0), num_items - 1)
+        target_row = load_tile(items + safe[:, None] * stride_item + dims[None, :], row_ok, dims, D, BLOCK_D, True)
+        target_score = tl.sum(q.to(tl.float32) * target_row.to(tl.float32), axis=1)
+        if L2_NORM:
+            target_score = target_score * query_scale * tl.load(item_inverse_norms + safe)
+    return q, query_scale, target, target_score
+
+
+@triton.jit
+def _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols, col_ok,
+                 stride_query, stride_item, word0, word1, word2, word3,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_CHUNK: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_TARGET: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """fp32 scores [BLOCK_M, BLOCK_N] of the rows against the item columns ``cols``: -inf outside the
+    problem and at the excluded columns (the words of ``_exclusion_words``), the target's own score at
+    its column (never excluded)."""
+    dims = tl.arange(0, BLOCK_D)
+    if DOT_CHUNK == BLOCK_D:  # the queries stay in registers
+        tile = load_tile(items + cols.to(tl.int64)[:, None] * stride_item + dims[None, :], col_ok, dims, D, BLOCK_D, True)
+        s = tl.dot(q, tl.trans(tile), input_precision=PRECISION, out_dtype=tl.float32)
+    else:  # fp32 dots run on FMA units: D in chunks, the queries re-read from L1, so nothing spills
+        s = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for first in tl.static_range(0, BLOCK_D, DOT_CHUNK):
+            chunk = first + tl.arange(0, DOT_CHUNK)
+            q_part = tl.load(queries + rows.to(tl.int64)[:, None] * stride_query + chunk[None, :],
+                             mask=row_ok[:, None] & (chunk < D)[None, :], other=0.0)
+            tile = tl.load(items + cols.to(tl.int64)[:, None] * stride_item + chunk[None, :],
+                           mask=col_ok[:, None] & (chunk < D)[None, :], other=0.0)
+            s = tl.dot(q_part, tl.trans(tile), s, input_precision=PRECISION)
+    if L2_NORM:
+        item_scale = tl.load(item_inverse_norms + cols, mask=col_ok, other=0.0)
+        s = s * query_scale[:, None] * item_scale[None, :]
+    s = tl.where(row_ok[:, None] & col_ok[None, :], s, NEG_INF)
+    if HAS_EXCLUDE:
+        if tl.max(((word0 | word1 | word2 | word3) != 0).to(tl.int32), axis=0) > 0:
+            s = _exclude_columns(s, word0, word1, word2, word3, BLOCK_N)
+    if HAS_TARGET:
+        s = tl.where((cols[None, :] == target[:, None]) & col_ok[None, :], target_score[:, None], s)
+    return s
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -324,25 +424,15 @@ def _topk_kernel(
     row_block = pid % row_blocks
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_queries
-    dims = tl.arange(0, BLOCK_D)
-    q = load_tile(queries + rows.to(tl.int64)[:, None] * stride_query + dims[None, :], row_ok, dims, D, BLOCK_D, True)
-    if L2_NORM:
-        query_scale = _inverse_norm(q.to(tl.float32), EPS_SQUARED)
-    if HAS_TARGET:
-        target = tl.load(target_ids + rows, mask=row_ok, other=-1).to(tl.int64)
-        safe = tl.minimum(tl.maximum(target, 0), num_items - 1)
-        target_row = load_tile(items + safe[:, None] * stride_item + dims[None, :], row_ok, dims, D, BLOCK_D, True)
-        target_score = tl.sum(q.to(tl.float32) * target_row.to(tl.float32), axis=1)
-        if L2_NORM:
-            target_score = target_score * query_scale * tl.load(item_inverse_norms + safe)
-        rank_count = tl.full([BLOCK_M], 0, tl.int32)
+    q, query_scale, target, target_score = _query_rows(
+        queries, items, item_inverse_norms, target_ids, rows, row_ok, num_items, stride_query, stride_item,
+        D, BLOCK_M, BLOCK_D, L2_NORM, HAS_TARGET, EPS_SQUARED)
+    rank_count = tl.full([BLOCK_M], 0, tl.int32)
     lo = split * items_per_split
     hi = tl.minimum(lo + items_per_split, num_items)
+    word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
     if HAS_EXCLUDE:
-        segment_start = tl.load(exclude_offsets + rows, mask=row_ok, other=0).to(tl.int64)
-        segment_end = tl.load(exclude_offsets + rows + 1, mask=row_ok, other=0).to(tl.int64)
-        key_base = rows.to(tl.int64) * (num_items + 2) + 1
-        cursor = _lower_bound(exclude_keys, segment_start, segment_end, key_base + lo)
+        cursor, segment_end, key_base = _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items, lo)
     if K > 0:
         list_base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
         # Appends address the program's own lists with 32-bit offsets from one base pointer.
@@ -362,28 +452,10 @@ def _topk_kernel(
         if HAS_EXCLUDE:  # before the scores exist: fewer values live at once
             word0, word1, word2, word3, cursor = _exclusion_words(exclude_keys, cursor, segment_end, key_base + start,
                                                                   BLOCK_M, BLOCK_N, WINDOW)
-        if DOT_CHUNK == BLOCK_D:  # the queries stay in registers
-            tile = load_tile(items + cols.to(tl.int64)[:, None] * stride_item + dims[None, :], col_ok, dims, D,
-                             BLOCK_D, True)
-            s = tl.dot(q, tl.trans(tile), input_precision=PRECISION, out_dtype=tl.float32)
-        else:  # fp32 dots run on FMA units: D in chunks, the queries re-read from L1, so nothing spills
-            s = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-            for first in tl.static_range(0, BLOCK_D, DOT_CHUNK):
-                chunk = first + tl.arange(0, DOT_CHUNK)
-                q_part = tl.load(queries + rows.to(tl.int64)[:, None] * stride_query + chunk[None, :],
-                                 mask=row_ok[:, None] & (chunk < D)[None, :], other=0.0)
-                tile = tl.load(items + cols.to(tl.int64)[:, None] * stride_item + chunk[None, :],
-                               mask=col_ok[:, None] & (chunk < D)[None, :], other=0.0)
-                s = tl.dot(q_part, tl.trans(tile), s, input_precision=PRECISION)
-        if L2_NORM:
-            item_scale = tl.load(item_inverse_norms + cols, mask=col_ok, other=0.0)
-            s = s * query_scale[:, None] * item_scale[None, :]
-        s = tl.where(row_ok[:, None] & col_ok[None, :], s, NEG_INF)
-        if HAS_EXCLUDE:
-            if tl.max(((word0 | word1 | word2 | word3) != 0).to(tl.int32), axis=0) > 0:
-                s = _exclude_columns(s, word0, word1, word2, word3, BLOCK_N)
-        if HAS_TARGET:  # never excluded; its score is the one the rank is counted against
-            s = tl.where((cols[None, :] == target[:, None]) & col_ok[None, :], target_score[:, None], s)
+        s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
+                         col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                         DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
+        if HAS_TARGET:  # the items at or above the target's score, less the target itself
             here = (target >= start) & (target < tl.minimum(start + BLOCK_N, hi))
             rank_count += tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
         if K > 0:
@@ -441,6 +513,91 @@ def _topk_merge_kernel(
         tl.store(target_rank + rows, (tl.sum(counts, axis=1) + 1).to(tl.int64), mask=ok)
 
 
+@triton.jit
+def _score_keys_kernel(
+    queries, items, item_inverse_norms, exclude_keys, exclude_offsets, target_ids, keys, rank_partials,
+    first_row, num_rows, num_items, stride_query, stride_item, row_blocks, col_tiles,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
+    WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_TARGET: tl.constexpr,
+    PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
+):
+    """One [BLOCK_M queries, BLOCK_N items] tile of rows first_row.. first_row + num_rows: the order
+    keys of its scores (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into
+    ``keys`` [num_rows, I], and per row the count of items at or above the target's score, less the
+    target itself, into ``rank_partials`` [num_rows, col_tiles]."""
+    pid = tl.program_id(0)
+    tile = pid // row_blocks  # consecutive programs share an item tile: it stays in L2
+    local = (pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < num_rows
+    rows = first_row + local
+    q, query_scale, target, target_score = _query_rows(
+        queries, items, item_inverse_norms, target_ids, rows, row_ok, num_items, stride_query, stride_item,
+        D, BLOCK_M, BLOCK_D, L2_NORM, HAS_TARGET, EPS_SQUARED)
+    start = tile * BLOCK_N
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_items
+    word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
+    if HAS_EXCLUDE:
+        cursor, segment_end, key_base = _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items,
+                                                          start)
+        word0, word1, word2, word3, cursor = _exclusion_words(exclude_keys, cursor, segment_end, key_base + start,
+                                                              BLOCK_M, BLOCK_N, WINDOW)
+    s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
+                     col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                     DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
+    at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(keys + at, tl.where(s > NEG_INF, _ordered_bits(s), INT32_MIN), mask=ok)
+    if HAS_TARGET:
+        here = (target >= start) & (target < tl.minimum(start + BLOCK_N, num_items))
+        count = tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
+        tl.store(rank_partials + local.to(tl.int64) * col_tiles + tile, count, mask=row_ok)
+
+
+@triton.jit
+def _select_rows_kernel(
+    keys, rank_partials, scratch, top_scores, top_ids, target_rank, first_row, num_items, col_tiles,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
+):
+    """One query (row first_row + program id): its top K from its whole row of order keys held at once.
+    The K-th largest key is found bit by bit (the largest T with at least K keys >= T, 32 counts of
+    the row); the keys above it and the first of those equal to it (smaller ids first) are gathered
+    into ``scratch`` [rows, KP] and sorted there. Then the rank: the row's partial counts summed."""
+    local = tl.program_id(0)
+    row = first_row + local
+    if K > 0:
+        cols = tl.arange(0, BLOCK_I)
+        key = tl.load(keys + local * num_items + cols, mask=cols < num_items, other=INT32_MIN)
+        wanted = tl.minimum(tl.sum((key > INT32_MIN).to(tl.int32), axis=0), K)
+        # T runs over [0, 2^32) with int32 key k standing for k + 2^31: the comparisons stay in int32.
+        threshold = tl.zeros([], tl.int64)
+        for i in tl.static_range(32):
+            candidate = threshold | (1 << (31 - i))
+            enough = tl.sum((key >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0) >= wanted
+            threshold = tl.where(enough, candidate, threshold)
+        kth = (threshold - 2147483648).to(tl.int32)
+        above = key > kth
+        equal = (key == kth) & (key > INT32_MIN)
+        taken = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= wanted - tl.sum(above.to(tl.int32), axis=0)))
+        position = tl.cumsum(taken.to(tl.int32), axis=0) - 1
+        base = scratch + local.to(tl.int64) * KP
+        tl.store(base + position, _pack_ordered(key, cols), mask=taken)
+        tl.debug_barrier()  # every thread's gathered keys are visible from here on
+        slot = tl.arange(0, KP)
+        gathered = tl.load(base + slot, mask=slot < wanted, other=0)
+        value, index = _unpack(_top_rows(tl.where(slot < wanted, gathered, INT64_MIN)[None, :], KP))
+        value = tl.reshape(value, [KP])
+        index = tl.reshape(index, [KP])
+        filled = slot < wanted
+        out = row.to(tl.int64) * K + slot
+        tl.store(top_scores + out, tl.where(filled, value, NEG_INF), mask=slot < K)
+        tl.store(top_ids + out, tl.where(filled, index, -1).to(tl.int64), mask=slot < K)
+    if HAS_TARGET:
+        part = tl.arange(0, TILES_POW2)
+        counts = tl.load(rank_partials + local.to(tl.int64) * col_tiles + part, mask=part < col_tiles, other=0)
+        tl.store(target_rank + row, (tl.sum(counts, axis=0) + 1).to(tl.int64))
+
+
 # --------------------------------------------------------------------------------------------
 # Launch plan
 # --------------------------------------------------------------------------------------------
@@ -470,10 +627,8 @@ def _split_cost(items_per_split: int, waves: int, kp: int) -> float:
     return waves * (items_per_split + list_work + 1024)
 
 
-@functools.lru_cache(maxsize=256)
-def _plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int,
-          splits: int | None = None) -> _Plan:
-    """Block sizes and the split count for one problem shape (plain ints: no host helpers per call)."""
+def _tile_sizes(num_queries: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, DOT_CHUNK, WINDOW, warps) of the score tiles, in both selections."""
     block_d = block_dim(dim)
     element = torch.empty(0, dtype=dtype).element_size()
     dot_chunk = block_d
@@ -491,7 +646,20 @@ def _plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype
         block_n = max(32, min(128, (64 * 1024) // (block_d * element)))
         window = 16
         num_warps = 8 if block_m == 64 else 4
-    kp = max(16, 1 << max(k - 1, 0).bit_length())
+    return block_m, block_n, block_d, dot_chunk, window, num_warps
+
+
+def _list_length(k: int) -> int:
+    """KP: k rounded up to a power of 2, at least 16."""
+    return max(16, 1 << max(k - 1, 0).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int,
+          splits: int | None = None) -> _Plan:
+    """Block sizes and the split count for one problem shape (plain ints: no host helpers per call)."""
+    block_m, block_n, block_d, dot_chunk, window, num_warps = _tile_sizes(num_queries, dim, dtype)
+    kp = _list_length(k)
     new = max(kp, block_n)
     row_blocks = cdiv(num_queries, block_m)
     if splits is None:
@@ -516,6 +684,41 @@ def _plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype
     )
 
 
+class _RowsPlan(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int
+    dot_chunk: int
+    window: int
+    num_warps: int
+    kp: int
+    chunk_rows: int  # queries scored per launch pair: their keys [chunk_rows, I] are the chunk
+    col_tiles: int
+    tiles_pow2: int
+    block_i: int  # a row of keys, padded to a power of 2
+    select_warps: int
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype) -> _RowsPlan:
+    """Tiles and chunks of the row selection for one problem shape."""
+    block_m, block_n, block_d, dot_chunk, window, num_warps = _tile_sizes(num_queries, dim, dtype)
+    block_i = max(16, 1 << (num_items - 1).bit_length())
+    col_tiles = cdiv(num_items, block_n)
+    return _RowsPlan(
+        block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=num_warps,
+        kp=_list_length(k), chunk_rows=min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items)),
+        col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), block_i=block_i,
+        select_warps=max(4, min(16, block_i // 512)),
+    )
+
+
+def selection_for(num_items: int) -> str:
+    """The rule: "rows" (``_score_keys_kernel`` then ``_select_rows_kernel``) for catalogues of at most
+    ``ROW_SELECT_MAX_ITEMS`` items, else "stream" (``_topk_kernel``)."""
+    return "rows" if num_items <= ROW_SELECT_MAX_ITEMS else "stream"
+
+
 @functools.lru_cache(maxsize=16)
 def _multiprocessors(device_index: int) -> int:
     if KERNELS_INTERPRETED or not torch.cuda.is_available():
@@ -534,16 +737,24 @@ def topk_items_forward(
     exclude_offsets: Optional[torch.Tensor],
     target_ids: Optional[torch.Tensor],
     l2_norm: bool,
+    selection: Optional[str] = None,
     splits: Optional[int] = None,
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the prologue, the streaming kernel and (with more than one split) the merge ->
-    (scores [B, k] fp32, ids [B, k] int64, target rank [B] int64, or [0] without targets).
-    ``queries`` and ``item_table`` share a dtype and have unit stride in D; ``splits`` overrides the
-    plan's split count (tests); ``traced``: called inside the op, whose trace must see the kernels."""
+    """Launch the prologue, then the streaming kernel and (with more than one split) its merge, or the
+    row selection's two kernels per chunk of queries -> (scores [B, k] fp32, ids [B, k] int64, target
+    rank [B] int64, or [0] without targets). ``queries`` and ``item_table`` share a dtype and have unit
+    stride in D; ``selection`` "stream" or "rows" (None: ``selection_for``); ``splits`` overrides the
+    streaming plan's split count (tests); ``traced``: called inside the op, whose trace must see the kernels."""
     num_queries, dim = queries.shape
     num_items = item_table.shape[0]
     device = queries.device
+    if selection is None:
+        selection = selection_for(num_items)
+    elif selection not in SELECTIONS:
+        raise ValueError(f"topk.py: selection must be one of {SELECTIONS}, got {selection!r}")
+    elif selection == "rows" and num_items > ROW_SELECT_ITEMS_LIMIT:
+        raise ValueError(f"topk.py: the row selection takes at most {ROW_SELECT_ITEMS_LIMIT} items, got {num_items}")
     scores = torch.empty((num_queries, k), dtype=torch.float32, device=device)
     ids = torch.empty((num_queries, k), dtype=torch.int64, device=device)
     has_target = target_ids is not None
@@ -553,13 +764,10 @@ def topk_items_forward(
     if num_items == 0:  # nothing to rank: empty lists, every target first
         return scores, ids, rank.fill_(1)
     has_exclude = exclude_ids is not None and exclude_ids.shape[0] > 0
-    plan = _plan(num_queries, num_items, dim, k, queries.dtype, _multiprocessors(device.index or 0), splits)
     # Inside the op a trace must record the launches (``wrap_triton`` hands back the kernel itself
     # where the op runs for real); torch reads these calls to key its caches on the kernels' source.
     wrap = traced and not KERNELS_INTERPRETED
     prologue_kernel = wrap_triton(_topk_prologue_kernel) if wrap else _topk_prologue_kernel
-    main_kernel = wrap_triton(_topk_kernel) if wrap else _topk_kernel
-    merge_kernel = wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel
     eps_squared = NORM_EPS * NORM_EPS
     item_inverse_norms = torch.empty((num_items if l2_norm else 0,), dtype=torch.float32, device=device)
     exclude_keys = torch.empty((exclude_ids.shape[0] if has_exclude else 0,), dtype=torch.int64, device=device)
@@ -569,25 +777,45 @@ def topk_items_forward(
             item_table, item_inverse_norms, exclude_ids if has_exclude else exclude_keys,
             exclude_offsets if has_exclude else exclude_keys, exclude_keys,
             num_items, item_table.stride(0), norm_programs,
-            D=dim, BLOCK_D=plan.block_d, NORM_ROWS=32, KEY_BLOCK=256, EPS_SQUARED=eps_squared,
+            D=dim, BLOCK_D=block_dim(dim), NORM_ROWS=32, KEY_BLOCK=256, EPS_SQUARED=eps_squared,
             num_warps=4,
         )
     if has_exclude:
         exclude_keys = torch.sort(exclude_keys).values
+    inputs = (queries, item_table, item_inverse_norms, exclude_keys, exclude_offsets if has_exclude else exclude_keys,
+              target_ids if has_target else exclude_keys)
+    flags = dict(L2_NORM=l2_norm, HAS_EXCLUDE=has_exclude, HAS_TARGET=has_target, PRECISION=dot_precision(queries.dtype),
+                 EPS_SQUARED=eps_squared)
+    if selection == "rows":
+        kernels = (wrap_triton(_score_keys_kernel) if wrap else _score_keys_kernel,
+                   wrap_triton(_select_rows_kernel) if wrap else _select_rows_kernel)
+        _launch_row_selection(kernels, inputs, flags, scores, ids, rank, k)
+    else:
+        kernels = (wrap_triton(_topk_kernel) if wrap else _topk_kernel,
+                   wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel)
+        _launch_streaming(kernels, inputs, flags, scores, ids, rank, k, splits)
+    return scores, ids, rank
+
+
+def _launch_streaming(kernels, inputs, flags, scores, ids, rank, k, splits):
+    """``_topk_kernel`` over (row block, split) programs, then ``_topk_merge_kernel`` with several splits
+    (``kernels``: the two, wrapped for a trace or not)."""
+    main_kernel, merge_kernel = kernels
+    queries, item_table = inputs[:2]
+    (num_queries, dim), num_items, device = queries.shape, item_table.shape[0], queries.device
+    plan = _plan(num_queries, num_items, dim, k, queries.dtype, _multiprocessors(device.index or 0), splits)
     list_slots = num_queries * plan.splits * (plan.kp + plan.new) if k > 0 else 0
     cand_values = torch.empty((list_slots,), dtype=torch.float32, device=device)
     cand_ids = torch.empty((list_slots,), dtype=torch.int32, device=device)
+    has_target = flags["HAS_TARGET"]
     rank_partials = torch.empty((num_queries * plan.splits if has_target and plan.splits > 1 else 0,),
                                 dtype=torch.int32, device=device)
     main_kernel[(plan.row_blocks * plan.splits,)](
-        queries, item_table, item_inverse_norms, exclude_keys,
-        exclude_offsets if has_exclude else exclude_keys, target_ids if has_target else exclude_keys,
-        cand_values, cand_ids, rank_partials, scores, ids, rank,
+        *inputs, cand_values, cand_ids, rank_partials, scores, ids, rank,
         num_queries, num_items, queries.stride(0), item_table.stride(0), plan.items_per_split, plan.row_blocks,
         D=dim, K=k, KP=plan.kp, NEW=plan.new, SPLITS=plan.splits, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, FLUSH_ROWS=plan.flush_rows, WINDOW=plan.window, L2_NORM=l2_norm,
-        HAS_EXCLUDE=has_exclude, HAS_TARGET=has_target, PRECISION=dot_precision(queries.dtype),
-        EPS_SQUARED=eps_squared, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, FLUSH_ROWS=plan.flush_rows, WINDOW=plan.window,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
     )
     if plan.splits > 1 and (k > 0 or has_target):
         merge_kernel[(cdiv(num_queries, plan.merge_rows),)](
@@ -595,7 +823,33 @@ def topk_items_forward(
             K=k, KP=plan.kp, NEW=plan.new, SPLITS=plan.splits, SPLITS_POW2=plan.splits_pow2,
             MERGE_ROWS=plan.merge_rows, HAS_TARGET=has_target, num_warps=plan.merge_warps,
         )
-    return scores, ids, rank
+
+
+def _launch_row_selection(kernels, inputs, flags, scores, ids, rank, k):
+    """Per chunk of queries: ``_score_keys_kernel`` writes the chunk's order keys [rows, I], then
+    ``_select_rows_kernel`` selects each row's top k and sums its rank counts (``kernels``: the two,
+    wrapped for a trace or not)."""
+    score_kernel, select_kernel = kernels
+    queries, item_table = inputs[:2]
+    (num_queries, dim), num_items, device = queries.shape, item_table.shape[0], queries.device
+    plan = _rows_plan(num_queries, num_items, dim, k, queries.dtype)
+    keys = torch.empty((plan.chunk_rows * num_items,), dtype=torch.int32, device=device)
+    scratch = torch.empty((plan.chunk_rows * plan.kp if k > 0 else 0,), dtype=torch.int64, device=device)
+    rank_partials = torch.empty((plan.chunk_rows * plan.col_tiles if flags["HAS_TARGET"] else 0,), dtype=torch.int32,
+                                device=device)
+    for first_row in range(0, num_queries, plan.chunk_rows):
+        rows = min(plan.chunk_rows, num_queries - first_row)
+        row_blocks = cdiv(rows, plan.block_m)
+        score_kernel[(row_blocks * plan.col_tiles,)](
+            *inputs, keys, rank_partials, first_row, rows, num_items, queries.stride(0), item_table.stride(0),
+            row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+            DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window, num_warps=plan.num_warps, num_stages=2, **flags,
+        )
+        select_kernel[(rows,)](
+            keys, rank_partials, scratch, scores, ids, rank, first_row, num_items, plan.col_tiles,
+            K=k, KP=plan.kp, BLOCK_I=plan.block_i, TILES_POW2=plan.tiles_pow2, HAS_TARGET=flags["HAS_TARGET"],
+            num_warps=plan.select_warps,
+        )
 
 
 def _topk_items_op(
@@ -606,15 +860,17 @@ def _topk_items_op(
     exclude_offsets: Optional[torch.Tensor],
     target_ids: Optional[torch.Tensor],
     l2_norm: bool,
+    selection: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return topk_items_forward(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, l2_norm, traced=True)
+    return topk_items_forward(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, l2_norm, selection,
+                              traced=True)
 
 
 if KERNELS_INTERPRETED:  # interpreted kernels cannot run on fake tensors: an opaque op with a fake
     _topk_op = torch.library.custom_op("hstu_kernels::topk_items", _topk_items_op, mutates_args=())
 
     @_topk_op.register_fake
-    def _topk_items_fake(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, l2_norm):
+    def _topk_items_fake(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, l2_norm, selection):
         rows = queries.shape[0]
         return (queries.new_empty((rows, k), dtype=torch.float32), queries.new_empty((rows, k), dtype=torch.int64),
                 queries.new_empty((rows if target_ids is not None else 0,), dtype=torch.int64))
@@ -634,10 +890,12 @@ def topk_items(
     exclude_offsets: torch.Tensor | None = None,
     target_ids: torch.Tensor | None = None,
     l2_norm: bool = True,
+    selection: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(scores [B, k] fp32, ids [B, k] int64, target_rank [B] int64 or None), as the reference defines
     them (inputs checked by the caller). Scores in fp32 whatever the input dtype and autocast; k above
-    ``MAX_TOPK`` runs the reference's chunked torch ops."""
+    ``MAX_TOPK`` runs the reference's chunked torch ops. ``selection``: "stream" or "rows" (None: the
+    rule ``selection_for``)."""
     k = int(k)
     if k > MAX_TOPK:
         warnings.warn(f"topk_items: k={k} > {MAX_TOPK}, the largest the Triton kernel keeps; using the reference",
@@ -652,7 +910,7 @@ def topk_items(
     # export, fake or functional tensors) must see the op.
     traced = (torch.compiler.is_compiling() or torch.compiler.is_exporting()
               or type(queries) not in (torch.Tensor, torch.nn.Parameter))
-    arguments = (queries, item_table, k, exclude_ids, exclude_offsets, target_ids, bool(l2_norm))
+    arguments = (queries, item_table, k, exclude_ids, exclude_offsets, target_ids, bool(l2_norm), selection)
     scores, ids, rank = _topk_op(*arguments) if traced else topk_items_forward(*arguments)
     return scores, ids, rank if target_ids is not None else None
 

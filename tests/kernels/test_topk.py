@@ -4,6 +4,7 @@ reference (CPU: the interpreter, fp32 and fp16; ``gpu``: full sizes in bf16, CUD
 AOTInductor, autocast). The tolerance is defined above the Triton tests."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 
@@ -177,6 +178,7 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 TRITON_MODULE = "hstu_kernels.triton.topk"
 # The interpreter computes bf16 wrongly: bf16 only on the GPU.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+SELECTIONS = ("stream", "rows")  # the Triton launcher's two ways of keeping each query's best k
 
 
 needs_triton = needs_triton_for("interaction")
@@ -195,7 +197,8 @@ class Case:
     l2_norm: bool = True
     exclude: str = "random"  # "none", "empty" (lists of length 0), "random" (lengths 0, 1, any; repeats)
     targets: bool = True
-    splits: int | None = None  # the Triton plan's split count (None: its own choice)
+    splits: int | None = None  # the streaming plan's split count (None: its own choice)
+    selection: str | None = None  # the Triton launcher's "stream" or "rows" (None: its rule)
 
 
 def make_inputs(case: Case, device=DEVICE) -> dict:
@@ -312,10 +315,10 @@ def near_ties(inputs) -> int:
 def check_case(case: Case):
     """Ours is valid on the truth; without near-ties it equals the reference exactly."""
     inputs = make_inputs(case)
-    if case.splits is None:
+    if case.splits is None and case.selection is None:
         ours = call(inputs, "triton")
     else:
-        ours = triton_forward(inputs, splits=case.splits)
+        ours = triton_forward(inputs, splits=case.splits, selection=case.selection)
     reference = call(inputs, "reference")
     assert_valid_topk(ours, inputs, "triton")
     assert_valid_topk(reference, inputs, "reference")
@@ -326,12 +329,12 @@ def check_case(case: Case):
     torch.testing.assert_close(ours[0], reference[0], rtol=0, atol=2 * largest_tolerance(inputs))
 
 
-def triton_forward(inputs, splits=None):
-    """The launcher itself, with a chosen split count (the public path picks its own)."""
+def triton_forward(inputs, splits=None, selection=None):
+    """The launcher itself, with a chosen selection and split count (the public path follows its rule)."""
     module = importlib.import_module(TRITON_MODULE)
     scores, ids, rank = module.topk_items_forward(
         inputs["queries"], inputs["item_table"], inputs["k"], inputs.get("exclude_ids"), inputs.get("exclude_offsets"),
-        inputs.get("target_ids"), inputs["l2_norm"], splits=splits)
+        inputs.get("target_ids"), inputs["l2_norm"], selection=selection, splits=splits)
     return scores, ids, rank if "target_ids" in inputs else None
 
 
@@ -340,17 +343,19 @@ def triton_forward(inputs, splits=None):
     num_queries=st.integers(1, 21), num_items=st.integers(1, 90), dim=st.sampled_from([3, 8, 25]),
     k_fraction=st.floats(0, 1), seed=st.integers(0, 2**16), dtype=st.sampled_from(TRITON_DTYPES[:2]),
     l2_norm=st.booleans(), exclude=st.sampled_from(["none", "empty", "random"]), targets=st.booleans(),
-    splits=st.sampled_from([None, 1, 3]),
+    launch=st.sampled_from([(None, None), ("stream", 1), ("stream", 3), ("rows", None)]),
 )
-def test_triton_random_cases(num_queries, num_items, dim, k_fraction, seed, dtype, l2_norm, exclude, targets, splits):
+def test_triton_random_cases(num_queries, num_items, dim, k_fraction, seed, dtype, l2_norm, exclude, targets, launch):
     k = min(round(k_fraction * num_items), 40)
-    check_case(Case(num_queries, num_items, dim, k, seed, dtype, l2_norm, exclude, targets, splits))
+    selection, splits = launch
+    check_case(Case(num_queries, num_items, dim, k, seed, dtype, l2_norm, exclude, targets, splits, selection))
 
 
 @needs_triton
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES[:2], ids=str)
 @pytest.mark.parametrize("l2_norm", [True, False])
-def test_triton_near_ties_are_the_only_disagreements(dtype, l2_norm):
+def test_triton_near_ties_are_the_only_disagreements(dtype, l2_norm, selection):
     """Items repeated exactly and up to one rounding step, a repeated query, targets among the copies:
     ours and the reference may differ only where the truth has near-ties, and both stay valid."""
     g = torch.Generator().manual_seed(5)
@@ -367,7 +372,7 @@ def test_triton_near_ties_are_the_only_disagreements(dtype, l2_norm):
                   exclude_ids=exclude.to(DEVICE), exclude_offsets=offsets_of(lengths).to(DEVICE),
                   target_ids=targets.to(DEVICE))
     assert near_ties(inputs) > 0
-    ours, reference = call(inputs, "triton"), call(inputs, "reference")
+    ours, reference = triton_forward(inputs, selection=selection), call(inputs, "reference")
     assert_valid_topk(ours, inputs, "triton")
     assert_valid_topk(reference, inputs, "reference")
     truth, tol = truth_of(inputs), tolerance_of(inputs)
@@ -377,19 +382,19 @@ def test_triton_near_ties_are_the_only_disagreements(dtype, l2_norm):
 
 
 @needs_triton
-def test_triton_hand_computed_ties_count_against_the_target():
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_triton_hand_computed_ties_count_against_the_target(selection):
     scores = torch.tensor([[0.1, 0.5, 0.3, 0.5], [0.9, 0.2, 0.2, 0.4]], device=DEVICE)
-    table = torch.eye(4, device=DEVICE)
-    top, ids, rank = hstu_kernels.topk_items(
-        scores, table, 2, exclude_ids=torch.tensor([1, 0, 2], device=DEVICE),
-        exclude_offsets=torch.tensor([0, 1, 3], device=DEVICE), target_ids=torch.tensor([3, 2], device=DEVICE),
-        l2_norm=False, backend="triton")
+    inputs = dict(queries=scores, item_table=torch.eye(4, device=DEVICE), k=2, l2_norm=False,
+                  exclude_ids=torch.tensor([1, 0, 2], device=DEVICE), exclude_offsets=torch.tensor([0, 1, 3], device=DEVICE),
+                  target_ids=torch.tensor([3, 2], device=DEVICE))
+    top, ids, rank = triton_forward(inputs, selection=selection)
     assert rank.tolist() == [1, 3]
     assert ids.tolist() == [[3, 2], [3, 1]]  # exact ties go to the smaller id
     torch.testing.assert_close(top.cpu(), torch.tensor([[0.5, 0.3], [0.4, 0.2]]))
-    _, _, rank = hstu_kernels.topk_items(scores, table, 1, target_ids=torch.tensor([3, 2], device=DEVICE),
-                                         l2_norm=False, backend="triton")
-    assert rank.tolist() == [2, 4]
+    inputs.update(k=1, exclude_ids=None, exclude_offsets=None)
+    _, ids, rank = triton_forward(inputs, selection=selection)
+    assert rank.tolist() == [2, 4] and ids.tolist() == [[1], [0]]
 
 
 @needs_triton
@@ -400,31 +405,42 @@ def test_triton_hand_computed_ties_count_against_the_target():
     Case(4, 1, 3, 1, seed=4, exclude="empty"),  # one item
     Case(7, 40, 6, 5, seed=5, exclude="empty", targets=False),  # exclude_ids of length 0
 ], ids=lambda c: f"B{c.num_queries}-I{c.num_items}-k{c.k}-{c.exclude}")
-def test_triton_edge_cases(case):
-    check_case(case)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_triton_edge_cases(case, selection):
+    check_case(dataclasses.replace(case, selection=selection))
 
 
 @needs_triton
-def test_triton_everything_excluded_pads_and_keeps_the_target():
-    table = torch.eye(3, device=DEVICE)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_triton_everything_excluded_pads_and_keeps_the_target(selection):
     queries = torch.tensor([[0.3, 0.1, 0.2], [0.0, 0.0, 0.0]], device=DEVICE)  # a zero query scores 0 everywhere
-    exclude = dict(exclude_ids=torch.tensor([2, 0, 1, 1, 0, 1, 2], device=DEVICE),
-                   exclude_offsets=torch.tensor([0, 4, 7], device=DEVICE))
-    top, ids, rank = hstu_kernels.topk_items(queries, table, 3, **exclude, target_ids=torch.tensor([1, 2], device=DEVICE),
-                                             backend="triton")
+    inputs = dict(queries=queries, item_table=torch.eye(3, device=DEVICE), k=3, l2_norm=True,
+                  exclude_ids=torch.tensor([2, 0, 1, 1, 0, 1, 2], device=DEVICE),
+                  exclude_offsets=torch.tensor([0, 4, 7], device=DEVICE), target_ids=torch.tensor([1, 2], device=DEVICE))
+    top, ids, rank = triton_forward(inputs, selection=selection)
     assert ids.tolist() == [[1, -1, -1], [2, -1, -1]] and rank.tolist() == [1, 1]
     assert torch.isneginf(top[:, 1:]).all() and top[1, 0] == 0
-    _, ids, rank = hstu_kernels.topk_items(queries, table, 2, **exclude, backend="triton")
+    del inputs["target_ids"]
+    _, ids, rank = triton_forward(inputs | dict(k=2), selection=selection)
     assert rank is None and ids.tolist() == [[-1, -1], [-1, -1]]
 
 
 @needs_triton
-def test_triton_splits_agree():
-    """One split per program or several merged at the end: the same ids, ranks and (within the
-    tolerance: tiles hold other items) scores."""
+def test_triton_selections_and_splits_agree():
+    """Streaming with one split per program or several merged at the end, or the row selection in one
+    chunk of queries or several: the same ids, ranks and (within the tolerance: tiles hold other items)
+    scores."""
+    module = importlib.import_module(TRITON_MODULE)
     inputs = make_inputs(Case(13, 150, 25, 12, seed=8))
     assert near_ties(inputs) == 0
-    results = [triton_forward(inputs, splits=s) for s in (1, 2, 5)]
+    results = [triton_forward(inputs, splits=s, selection="stream") for s in (1, 2, 5)]
+    results.append(triton_forward(inputs, selection="rows"))
+    module._rows_plan.cache_clear()  # plans are cached per shape: a smaller chunk needs a new one
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module.reference, "SCORES_PER_CHUNK", 5 * 150)  # five queries a chunk: three chunks
+        assert module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype).chunk_rows == 5
+        results.append(triton_forward(inputs, selection="rows"))
+    module._rows_plan.cache_clear()
     for scores, ids, rank in results[1:]:
         assert torch.equal(ids, results[0][1]) and torch.equal(rank, results[0][2])
         torch.testing.assert_close(scores, results[0][0], rtol=0, atol=2 * largest_tolerance(inputs))
@@ -443,8 +459,8 @@ def test_triton_writes_every_output_and_clears_its_lists(monkeypatch):
         return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor.fill_(-77)
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    for splits in (1, 3):
-        got = triton_forward(inputs, splits=splits)
+    for selection, splits in (("stream", 1), ("stream", 3), ("rows", None)):
+        got = triton_forward(inputs, splits=splits, selection=selection)
         assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
         assert not torch.isnan(got[0]).any()
 
@@ -457,6 +473,22 @@ def test_triton_large_k_runs_the_reference():
         ours = module.topk_items(**{n: v for n, v in inputs.items()})
     reference = call(inputs, "reference")
     assert torch.equal(ours[1], reference[1]) and torch.equal(ours[2], reference[2])
+
+
+@needs_triton
+def test_triton_selection_is_named_and_bounded():
+    """An unknown selection and a catalogue too large for the row selection are refused with the
+    reason; the largest catalogue it takes runs."""
+    module = importlib.import_module(TRITON_MODULE)
+    inputs = make_inputs(Case(2, 5, 4, 3, seed=17))
+    with pytest.raises(ValueError, match="selection must be one of"):
+        triton_forward(inputs, selection="heap")
+    wide = make_inputs(Case(2, module.ROW_SELECT_ITEMS_LIMIT + 1, 4, 3, seed=18, exclude="none"))
+    with pytest.raises(ValueError, match=f"at most {module.ROW_SELECT_ITEMS_LIMIT} items"):
+        triton_forward(wide, selection="rows")
+    check_case(Case(2, module.ROW_SELECT_ITEMS_LIMIT, 4, 7, seed=19, selection="rows"))
+    assert module.selection_for(module.ROW_SELECT_MAX_ITEMS) == "rows" or module.ROW_SELECT_MAX_ITEMS == 0
+    assert module.selection_for(module.ROW_SELECT_MAX_ITEMS + 1) == "stream"
 
 
 def test_triton_unsupported_inputs_are_named():
@@ -484,22 +516,30 @@ def test_triton_mixed_dtypes_and_strided_inputs():
 
 
 @needs_triton
-def test_triton_custom_op_opcheck():
+@pytest.mark.parametrize("selection", [None, *SELECTIONS])
+def test_triton_custom_op_opcheck(selection):
     module = importlib.import_module(TRITON_MODULE)
     inputs = make_inputs(Case(5, 30, 8, 4, seed=12))
     arguments = (inputs["queries"], inputs["item_table"], 4, inputs["exclude_ids"], inputs["exclude_offsets"],
-                 inputs["target_ids"], True)
+                 inputs["target_ids"], True, selection)
     torch.library.opcheck(torch.ops.hstu_kernels.topk_items.default, arguments)
     assert all(torch.equal(a, b) for a, b in zip(module._topk_op(*arguments), module.topk_items_forward(*arguments)))
 
 
 @needs_triton
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_triton_compiled_matches_eager(compile_backend):
-    """torch.compile(fullgraph=True) of the public call (checks off): one graph, the same results."""
+@pytest.mark.parametrize("selection", [None, "rows"])
+def test_triton_compiled_matches_eager(compile_backend, selection):
+    """torch.compile(fullgraph=True) of the public call (checks off), or of the Triton function with
+    the row selection named: one graph, the same results."""
+    module = importlib.import_module(TRITON_MODULE)
     inputs = make_inputs(Case(7, 50, 8, 5, seed=13))
 
     def retrieve(queries, item_table):
+        if selection is not None:
+            return module.topk_items(queries, item_table, 5, exclude_ids=inputs["exclude_ids"],
+                                     exclude_offsets=inputs["exclude_offsets"], target_ids=inputs["target_ids"],
+                                     selection=selection)
         return hstu_kernels.topk_items(queries, item_table, 5, exclude_ids=inputs["exclude_ids"],
                                        exclude_offsets=inputs["exclude_offsets"], target_ids=inputs["target_ids"],
                                        backend="triton", validate=False)
@@ -568,15 +608,21 @@ GPU_CASES = [
     Case(300, 100_003, 256, 10, seed=22, dtype=torch.bfloat16),
     Case(77, 3706, 64, 100, seed=23, dtype=torch.float16, l2_norm=False),
     Case(200, 5000, 50, 20, seed=24, dtype=torch.float32),
+    Case(6040, 3706, 50, 200, seed=25, dtype=torch.bfloat16, selection="rows"),
+    Case(77, 3706, 64, 100, seed=23, dtype=torch.float16, l2_norm=False, selection="rows"),
+    Case(200, 8192, 256, 10, seed=26, dtype=torch.bfloat16, selection="rows"),
+    Case(200, 5000, 50, 20, seed=24, dtype=torch.float32, selection="rows"),
 ]
 
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c.num_queries}x{c.num_items}x{c.dim}-k{c.k}-{c.dtype}")
+@pytest.mark.parametrize("case", GPU_CASES,
+                         ids=lambda c: f"{c.num_queries}x{c.num_items}x{c.dim}-k{c.k}-{c.dtype}-{c.selection or 'rule'}")
 def test_gpu_full_size(case):
     inputs = make_inputs(case)
-    ours, reference = call(inputs, "triton"), call(inputs, "reference")
+    ours = call(inputs, "triton") if case.selection is None else triton_forward(inputs, selection=case.selection)
+    reference = call(inputs, "reference")
     assert_valid_topk(ours, inputs, "triton")
     assert_valid_topk(reference, inputs, "reference")
     truth, tol = truth_of(inputs), tolerance_of(inputs)
@@ -587,24 +633,33 @@ def test_gpu_full_size(case):
 
 @pytest.mark.gpu
 @needs_triton
-def test_gpu_cuda_graph_replays_new_inputs():
+@pytest.mark.parametrize("num_items", [26744, 3706])  # the rule's selection; the row selection is named below
+def test_gpu_cuda_graph_replays_new_inputs(num_items):
     """Captured once (no host reads in the launch path), replayed on new values copied into the inputs."""
-    first, second = (make_inputs(Case(1024, 26744, 50, 200, seed=s, dtype=torch.bfloat16)) for s in (31, 32))
+    module = importlib.import_module(TRITON_MODULE)
+    selection = None if num_items > module.ROW_SELECT_ITEMS_LIMIT else "rows"
+
+    def retrieve(inputs):  # the public call (checks off) where the rule decides
+        if selection is None:
+            return hstu_kernels.topk_items(**inputs, backend="triton", validate=False)
+        return triton_forward(inputs, selection=selection)
+
+    first, second = (make_inputs(Case(1024, num_items, 50, 200, seed=s, dtype=torch.bfloat16)) for s in (31, 32))
     static = {name: value.clone() if torch.is_tensor(value) else value for name, value in first.items()}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        call(static, "triton")  # warm-up: compilation and the launch plan outside the capture
+        retrieve(static)  # warm-up: compilation and the launch plan outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = hstu_kernels.topk_items(**static, backend="triton", validate=False)
+        captured = retrieve(static)
     for new in (second, first):
         for name, value in new.items():
             if torch.is_tensor(value):
                 static[name].copy_(value)
         graph.replay()
-        expected = call(new, "triton")
+        expected = retrieve(new)
         for got, want in zip(captured, expected):
             assert torch.equal(got, want)
 
@@ -612,13 +667,13 @@ def test_gpu_cuda_graph_replays_new_inputs():
 @pytest.mark.gpu
 @needs_triton
 def test_gpu_inductor_compiles_the_kernels_into_the_graph():
-    """On the GPU the op is a triton_op: Inductor sees (and compiles) its three kernels, and torch's
-    compile caches key on their source."""
+    """On the GPU the op is a triton_op: Inductor sees (and compiles) its kernels, and torch's compile
+    caches key on their source."""
     importlib.import_module(TRITON_MODULE)
     kernels_of = getattr(torch._library.triton, "get_triton_kernels_for_op", None)  # newer torch only
     if kernels_of is not None:
         assert sorted(kernel.fn.__name__ for kernel in kernels_of("hstu_kernels::topk_items")) == [
-            "_topk_kernel", "_topk_merge_kernel", "_topk_prologue_kernel"]
+            "_score_keys_kernel", "_select_rows_kernel", "_topk_kernel", "_topk_merge_kernel", "_topk_prologue_kernel"]
     inputs = make_inputs(GPU_CASES[0])
 
     def retrieve(queries, item_table):
