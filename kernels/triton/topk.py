@@ -560,8 +560,8 @@ def _select_rows_kernel(
     K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
 ):
     """One query (row first_row + program id): its top K from its whole row of order keys held at once.
-    The K-th largest key is found bit by bit (the largest T with at least K keys >= T, 32 counts of
-    the row); the keys above it and the first of those equal to it (smaller ids first) are gathered
+    With W = min(K, the row's candidates), the W-th largest key is found bit by bit (the largest T with
+    at least W keys >= T, 32 counts of the row); the keys above it and the first of those equal to it (smaller ids first) are gathered
     into ``scratch`` [rows, KP] and sorted there. Then the rank: the row's partial counts summed."""
     local = tl.program_id(0)
     row = first_row + local
@@ -716,7 +716,7 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
 def selection_for(num_items: int) -> str:
     """The rule: "rows" (``_score_keys_kernel`` then ``_select_rows_kernel``) for catalogues of at most
     ``ROW_SELECT_MAX_ITEMS`` items, else "stream" (``_topk_kernel``)."""
-    return "rows" if num_items <= ROW_SELECT_MAX_ITEMS else "stream"
+    return "rows" if 0 < num_items <= ROW_SELECT_MAX_ITEMS else "stream"
 
 
 @functools.lru_cache(maxsize=16)
