@@ -63,9 +63,16 @@ MERGE_WIDTH = 8192
 MAX_SPLITS = 64
 # The row selection holds a query's whole row of order keys in one program: catalogues up to this size.
 ROW_SELECT_ITEMS_LIMIT = 8192
-# The rule: catalogues up to this size take the row selection. 0 (no catalogue) until the row selection
-# is timed against the streaming kernel on a GPU (``--variant rows`` and ``stream`` of the benchmark).
+# The rule's bound: catalogues up to this size may take the row selection. 0 (no catalogue) until its
+# full-size GPU tests (``pytest -m gpu tests/kernels/test_topk.py``) have passed; then ROW_SELECT_ITEMS_LIMIT.
 ROW_SELECT_MAX_ITEMS = 0
+# The rule's time models (ms), fitted to H200 kernel times, bf16, B in {1,024, 6,040}, I in {3,706, 8,000},
+# k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part plus a time per score,
+# whatever k and D; the streaming kernel a time per unit of its plan's ``_split_cost`` (within 10% at k = 200;
+# at k = 10 it takes 1.8-2.9x the model's time, so there the rule leans to streaming).
+ROWS_FIXED_MS = 0.07
+ROWS_MS_PER_SCORE = 3.7e-8
+STREAM_MS_PER_COST = 2.7e-5
 SELECTIONS = ("stream", "rows")
 NEG_INF = tl.constexpr(float("-inf"))
 INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)
@@ -713,10 +720,17 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
     )
 
 
-def selection_for(num_items: int) -> str:
+def selection_for(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int) -> str:
     """The rule: "rows" (``_score_keys_kernel`` then ``_select_rows_kernel``) for catalogues of at most
-    ``ROW_SELECT_MAX_ITEMS`` items, else "stream" (``_topk_kernel``)."""
-    return "rows" if 0 < num_items <= ROW_SELECT_MAX_ITEMS else "stream"
+    ``ROW_SELECT_MAX_ITEMS`` items where its time model beats the streaming plan's, else "stream"
+    (``_topk_kernel``)."""
+    if not 0 < num_items <= ROW_SELECT_MAX_ITEMS:
+        return "stream"
+    plan = _plan(num_queries, num_items, dim, k, dtype, multiprocessors)
+    waves = cdiv(plan.row_blocks * plan.splits, multiprocessors)
+    stream_ms = STREAM_MS_PER_COST * _split_cost(plan.items_per_split, waves, plan.kp)
+    rows_ms = ROWS_FIXED_MS + ROWS_MS_PER_SCORE * num_queries * num_items
+    return "rows" if rows_ms < stream_ms else "stream"
 
 
 @functools.lru_cache(maxsize=16)
@@ -750,7 +764,7 @@ def topk_items_forward(
     num_items = item_table.shape[0]
     device = queries.device
     if selection is None:
-        selection = selection_for(num_items)
+        selection = selection_for(num_queries, num_items, dim, k, queries.dtype, _multiprocessors(device.index or 0))
     elif selection not in SELECTIONS:
         raise ValueError(f"topk.py: selection must be one of {SELECTIONS}, got {selection!r}")
     elif selection == "rows" and num_items > ROW_SELECT_ITEMS_LIMIT:
