@@ -426,6 +426,26 @@ def test_triton_everything_excluded_pads_and_keeps_the_target(selection):
 
 
 @needs_triton
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_triton_exclusions_outside_the_catalogue_exclude_nothing(selection):
+    """Unchecked calls (validate=False) may list ids outside [0, I): those exclude nothing, and the
+    in-range ids listed around them still apply in every tile (the row selection's per-tile cursors
+    count the negative ones)."""
+    inputs = make_inputs(Case(6, 150, 8, 9, seed=23))
+    lists = [[-3, 7, 149, 160, -1, 40], [], [150, 151], [-7, -7, 0, 0, 120], [75], [-2, 64, 33, 95, 149, 1000]]
+    wild = torch.tensor([i for ids in lists for i in ids], device=DEVICE)
+    offsets = offsets_of([len(ids) for ids in lists]).to(DEVICE)
+    kept = (wild >= 0) & (wild < 150)
+    within = torch.tensor([i for ids in lists for i in ids if 0 <= i < 150], device=DEVICE)
+    within_offsets = offsets_of([sum(0 <= i < 150 for i in ids) for ids in lists]).to(DEVICE)
+    assert int(kept.sum()) == within.numel()
+    got = triton_forward(inputs | dict(exclude_ids=wild, exclude_offsets=offsets), selection=selection)
+    expected = triton_forward(inputs | dict(exclude_ids=within, exclude_offsets=within_offsets), selection=selection)
+    for name, ours, theirs in zip(("scores", "ids", "rank"), got, expected):
+        assert torch.equal(ours, theirs), name
+
+
+@needs_triton
 def test_triton_selections_and_splits_agree():
     """Streaming with one split per program or several merged at the end, or the row selection in one
     chunk of queries or several: the same ids, ranks and (within the tolerance: tiles hold other items)
