@@ -303,6 +303,31 @@ def _show(value: Any) -> str:
 
 # ---- building objects ----------------------------------------------------------------------------
 
+# The classes a data config read back from a file (a run's .hydra/config.yaml, an export's config.json)
+# may name: Hydra calls whatever a _target_ names, so a file that named anything else could run code.
+DATA_TARGETS = (
+    "hstu.data.datamodule.SequenceDataModule", "hstu.data.sources.MovieLens1M", "hstu.data.sources.MovieLens20M",
+    "hstu.data.sources.AmazonBooks", "hstu.data.sources.Interactions", "hstu.data.synthetic.Synthetic",
+)
+
+
+def check_data_targets(config: Any, where: str) -> None:
+    """ConfigError naming the key if any ``_target_`` inside ``config`` is not one of ``DATA_TARGETS``."""
+    def visit(node: Any, key: str) -> None:
+        if isinstance(node, (dict, DictConfig)):
+            target = node.get("_target_")
+            if target is not None and target not in DATA_TARGETS:
+                raise ConfigError(f"{where}{key}._target_={target!r}: a data config read from a file may name only "
+                                  f"{list(DATA_TARGETS)}")
+            for name, value in node.items():
+                visit(value, f"{key}.{name}")
+        elif isinstance(node, (list, tuple, ListConfig)):
+            for index, value in enumerate(node):
+                visit(value, f"{key}[{index}]")
+
+    visit(config, "")
+
+
 def instantiate_config(config: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, letting the framework's own errors through as they are (Hydra would
     wrap them in a message that repeats the class path before the useful line)."""

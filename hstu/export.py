@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 
-from hstu.config import instantiate_config
+from hstu.config import check_data_targets, instantiate_config
 from hstu.data.datamodule import SequenceDataModule
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
@@ -156,6 +156,7 @@ def build_datamodule(run: TrainingRun, data_dir: str | None = None, trainer: L.T
     data_config = run.resolved("data")
     if not isinstance(data_config, dict):
         raise ConfigError(f"{run.config_path}: no 'data' section")
+    check_data_targets(data_config, f"{run.config_path}: data")
     if data_dir is not None:
         data_config["data_dir"] = data_dir
     datamodule = instantiate_config(data_config, _convert_="all")

@@ -29,10 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from hstu.config import instantiate_config
+from hstu.config import check_data_targets, instantiate_config
 from hstu.data.batch import JaggedBatch
 from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
-from hstu.model.recommender import SequentialRecommender
+from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.engine import ServingEngine, ServingOptions
 from hstu.serving.histories import UNKNOWN_ITEM_POLICIES, Events, History, prepare_histories
 from hstu.serving.ids import ItemIdIndex
@@ -45,8 +45,6 @@ ITEMS_FILE = "items.json"
 MODEL_KEYS = ("num_items", "max_seq_len", "dim", "input_dropout", "encoder", "loss", "time_scales",
               "position_from_end")
 CONFIG_KEYS = ("format_version", "model", "metrics", "data")
-# config.json names the encoder class to build; only the framework's own encoders may be named there.
-ENCODER_TARGETS = ("hstu.model.hstu.HSTUEncoder", "hstu.model.sasrec.SASRecEncoder")
 
 
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
@@ -64,6 +62,7 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     target = config["model"]["encoder"].get("_target_")
     if target not in ENCODER_TARGETS:
         raise ExportFormatError(f"{path}: model.encoder._target_ must be one of {ENCODER_TARGETS}, got {target!r}")
+    check_data_targets(config["data"].get("datamodule"), f"{path}: data.datamodule")
     return config
 
 
@@ -281,6 +280,7 @@ def _per_user_times(request_time, num_users: int) -> list[int | None]:
 def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | None = None) -> History:
     """(original item ids, timestamps) of every event of ``user`` (an original user id) in the data the
     model was trained on, rebuilt from the ``data`` section of an export's config.json."""
+    check_data_targets(config["data"]["datamodule"], "config.json: data.datamodule")
     data_config = dict(config["data"]["datamodule"])
     if data_dir is not None:
         data_config["data_dir"] = data_dir

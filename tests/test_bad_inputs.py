@@ -10,6 +10,7 @@ case as a real process, to show the exit status and the clean output end to end.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from cli import SCRIPTS, run_script
 
@@ -104,6 +106,15 @@ CASES = {
     "recommend: no request": Case("recommend", ["export_dir={export}"],
                                   r"^give either user=<original user id> or history=\[original item ids\]$"),
     "recommend: k=0": Case("recommend", ["export_dir={export}", "history=[0]", "k=0"], r"^k must be >= 1, got 0$"),
+    # ---- loading never calls what a file names ------------------------------------------------------
+    "recommend: config.json names a function": Case(
+        "recommend", ["export_dir={planted_export}", "user=1"],
+        r"^.*config\.json: data\.datamodule\._target_='hstu\.files\.write_text_atomically': a data config read "
+        r"from a file may name only \['hstu\.data\.datamodule\.SequenceDataModule', "),
+    "eval: the run's config names a function": Case(
+        "eval", ["run_dir={planted_run}"],
+        r"^.*config\.yaml: data\.source\._target_='hstu\.files\.write_text_atomically': a data config read from "
+        r"a file may name only "),
 }
 
 
@@ -122,11 +133,21 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     for checkpoint in (truncated_run / "checkpoints").glob("*.ckpt"):
         checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
     run = Path(shutil.copytree(tiny_run_dir, tmp / "run"))
+    planted = {"_target_": "hstu.files.write_text_atomically", "path": str(tmp / "planted.txt"), "text": "ran"}
+    planted_export = Path(shutil.copytree(tiny_export_dir, tmp / "planted-export"))
+    config = json.loads((planted_export / "config.json").read_text())
+    config["data"]["datamodule"] = planted
+    (planted_export / "config.json").write_text(json.dumps(config))
+    planted_run = Path(shutil.copytree(tiny_run_dir, tmp / "planted-run"))
+    run_config = OmegaConf.load(planted_run / ".hydra" / "config.yaml")
+    run_config.data.source = planted
+    OmegaConf.save(run_config, planted_run / ".hydra" / "config.yaml")
     return {
         "tmp": str(tmp), "good": _csv(tmp / "good.csv", rows), "bad": _csv(tmp / "bad.csv", bad),
         "short": _csv(tmp / "short.csv", [r for r in rows if r[2] < 1003]),
         "run": str(run), "export": str(tiny_export_dir), "truncated_run": str(truncated_run),
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
+        "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
     }
 
 
@@ -157,6 +178,7 @@ def test_bad_input_gets_one_clear_line(name, inputs, tmp_path, monkeypatch):
         assert re.search(case.more, "\n".join(lines[1:])), lines
     if name == "another run's directory":  # stopped before Hydra wrote anything there
         assert not (Path(inputs["run"]) / ".hydra" / "hydra.yaml").exists()
+    assert not Path(inputs["planted"]).exists(), "a function named in a file ran"  # for every case
 
 
 def test_unknown_items_can_be_skipped(inputs):

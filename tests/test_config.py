@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from hstu.config import config_errors
+from hstu.config import check_data_targets, config_errors
+from hstu.model.recommender import ENCODER_TARGETS
 from hstu_kernels import OPERATORS, TritonOperatorManager
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -80,3 +81,15 @@ def test_non_boolean_flag_fails_naming_key_and_reason(value):
         _compose(f"model.kernels.interaction={value}")
     assert "is not a boolean" in str(info.value.__cause__)
     assert _compose("model.kernels.interaction=true").model.kernels.interaction is True
+
+
+@pytest.mark.parametrize("data", _options("data"))
+def test_every_data_option_is_loadable_back_from_a_file(data):
+    """Evaluation, export and serving rebuild the data from a saved config, which may name only
+    DATA_TARGETS: every data option of the tree passes that check."""
+    check_data_targets(OmegaConf.to_container(_compose(f"data={data}").data), f"data={data}")
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_option_names_a_buildable_encoder(model):
+    assert _compose(f"model={model}").model.encoder._target_ in ENCODER_TARGETS

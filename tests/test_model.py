@@ -4,9 +4,11 @@ import sys
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 
 import hstu_kernels
 from hstu.data.batch import JaggedBatch
+from hstu.errors import ConfigError
 from hstu.model.recommender import SequentialRecommender
 from hstu_kernels import OPERATORS
 from hstu_kernels.jagged import next_in_sequence
@@ -263,3 +265,14 @@ def test_compiled_parts_count_every_operator_call():
     assert calls["hstu_hierarchical_attention"] == steps * blocks
     assert calls["fused_attention_layernorm"] == steps * blocks * 2  # attention_input and attention_output
     assert calls["hierarchical_sequence_fusion"] == steps and calls["sequence_recommendation_interaction"] == steps
+
+
+def test_the_encoder_config_builds_only_the_framework_encoders(tmp_path):
+    """An encoder config comes from files too (config.json, a checkpoint's hyper_parameters): a _target_
+    outside ENCODER_TARGETS is refused, and nested _target_ entries are passed on, never called."""
+    planted = {"_target_": "hstu.files.write_text_atomically", "path": str(tmp_path / "planted.txt"), "text": "ran"}
+    with pytest.raises(ConfigError, match=r"^model\.encoder\._target_='hstu\.files\.write_text_atomically': must be"):
+        build(planted)
+    with pytest.raises(InstantiationException, match="unexpected keyword argument 'planted'"):  # passed on as data
+        build({**HSTU, "planted": planted})
+    assert not (tmp_path / "planted.txt").exists()

@@ -18,8 +18,13 @@ from hstu_kernels import TritonOperatorManager
 from hstu_kernels.jagged import last_index, next_in_sequence
 
 from hstu.data.batch import JaggedBatch
+from hstu.errors import ConfigError
 from hstu.model.embedding import InputEmbedding
 from hstu.model.loss import RecLoss
+
+# The encoders a model may name (model.encoder._target_). Configs also come from files (an export's
+# config.json, a checkpoint's hyper_parameters), and Hydra calls whatever a _target_ names.
+ENCODER_TARGETS = ("hstu.model.hstu.HSTUEncoder", "hstu.model.sasrec.SASRecEncoder")
 
 
 class SequentialRecommender(nn.Module):
@@ -42,7 +47,11 @@ class SequentialRecommender(nn.Module):
         self.manager = TritonOperatorManager(kernels, kernel_fallback)
         self.embedding = InputEmbedding(num_items, dim, max_seq_len, input_dropout, self.manager,
                                         time_scales, position_from_end)
-        self.encoder = instantiate(dict(encoder), dim=dim, max_seq_len=max_seq_len, manager=self.manager)
+        target = encoder.get("_target_")
+        if target not in ENCODER_TARGETS:
+            raise ConfigError(f"model.encoder._target_={target!r}: must be one of {list(ENCODER_TARGETS)}")
+        self.encoder = instantiate(dict(encoder), dim=dim, max_seq_len=max_seq_len, manager=self.manager,
+                                   _recursive_=False)
         self.loss = RecLoss(self.manager, **loss)
         self.count_regions = False  # set by compile_parts: operator calls are counted per compiled part
 
