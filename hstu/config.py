@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ValidationError
 from omegaconf.nodes import BooleanNode
+import torch
 
 from hstu.data.sequences import PROTOCOL_MIN_EVENTS, REPEAT_POLICIES
 from hstu.distributed import shared_new_directory
@@ -222,6 +223,58 @@ def register_configs() -> None:
         store.store(group=group, name=option, node=strict_schema(schema))
 
 
+# ---- Lightning's Trainer keys (trainer.*: no schema, Lightning takes many; the common ones checked) ---
+
+def _integer(low: int, rule: str) -> Check:
+    return Check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, rule)
+
+
+def _batches_limit() -> Check:  # limit_*_batches: a count of batches, or a fraction of them
+    return Check(lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                 or (isinstance(v, float) and 0.0 <= v <= 1.0), "must be a batch count >= 0 or a fraction in [0, 1]")
+
+
+# Lightning's precision names (it also takes 16, 32 and 64 as integers)
+TRAINER_PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+                      "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
+TRAINER_CHECKS = {
+    "max_epochs": _integer(-1, "must be an integer >= -1 (-1: no limit)"),
+    "min_epochs": _integer(0, "must be an integer >= 0"),
+    "max_steps": _integer(-1, "must be an integer >= -1 (-1: no limit)"),
+    "check_val_every_n_epoch": _integer(1, "must be an integer >= 1"),
+    "log_every_n_steps": _integer(1, "must be an integer >= 1"),
+    "accumulate_grad_batches": _integer(1, "must be an integer >= 1"),
+    "num_sanity_val_steps": _integer(-1, "must be an integer >= -1 (-1: the whole validation set)"),
+    "limit_train_batches": _batches_limit(),
+    "limit_val_batches": _batches_limit(),
+    "limit_test_batches": _batches_limit(),
+    "gradient_clip_val": Check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                               "must be a number >= 0"),
+    "accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+    "precision": Check(lambda v: str(v) in TRAINER_PRECISIONS and not isinstance(v, (bool, float)),
+                       f"must be one of {list(TRAINER_PRECISIONS)}"),
+}
+
+
+def _trainer_errors(trainer: Any) -> list[str]:
+    if not isinstance(trainer, DictConfig):
+        return []
+    errors = []
+    for key, check in TRAINER_CHECKS.items():
+        if key in trainer and not OmegaConf.is_missing(trainer, key) and trainer[key] is not None \
+                and not check.test(trainer[key]):
+            errors.append(f"trainer.{key}={trainer[key]}: {check.rule}")
+    return errors
+
+
+def check_accelerator(trainer: Any) -> None:
+    """ConfigError when trainer.accelerator asks for a GPU that this machine does not have."""
+    accelerator = trainer.get("accelerator") if isinstance(trainer, (dict, DictConfig)) else None
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}: no CUDA GPU is visible on this machine "
+                          "(trainer.accelerator=cpu or auto runs on the CPU)")
+
+
 # ---- checks before anything is built -------------------------------------------------------------
 
 _SIMPLE_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
@@ -232,6 +285,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     their range or choices, and combinations that cannot work. Each names the key as typed."""
     errors: list[str] = []
     _check_node(cfg, "", errors)
+    errors += _trainer_errors(cfg.get("trainer"))
     metric = cfg.get("optimized_metric")
     if metric:
         if OmegaConf.select(cfg, "data.protocol") == "paper":
@@ -340,6 +394,17 @@ def instantiate_config(config: Any, **kwargs: Any) -> Any:
 
 
 # ---- run directories -----------------------------------------------------------------------------
+
+def make_directory(path: str | Path, key: str) -> Path:
+    """Create the folder ``key`` names (with its parents) before anything is computed for it; one
+    ConfigError naming the key when that cannot be done (a file in the way, no permission)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{key}={path}: cannot create this folder ({error.strerror or error})") from error
+    return folder
+
 
 def new_directory(path: str) -> str:
     """Create and return ``path``, or ``path_1``, ``path_2`` ... if it exists: never one that existed."""

@@ -22,20 +22,27 @@ from typing import Any, Callable
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from hstu.config import check_config
+from hstu.config import check_accelerator, check_config, make_directory
 from hstu.errors import UserError
 from hstu.files import write_text_atomically
-from hstu.train import METRICS_FILE, check_run_dir, report_console
+from hstu.train import METRICS_FILE, check_run_dir, report_console, resume_checkpoint
 
 SUMMARY_FILE = "summary.csv"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
 class CheckBeforeStart(Callback):
+    """The checks that must pass before Hydra creates the run directory and writes into it."""
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, lambda: check_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path")))
+        run_dir = Path(config.hydra.run.dir)
+        self._check(config, lambda: check_accelerator(config.get("trainer")),
+                    lambda: check_run_dir(run_dir, resume_checkpoint(config.get("ckpt_path"), run_dir)),
+                    lambda: make_directory(run_dir, "hydra.run.dir"),
+                    lambda: make_directory(config.data.data_dir, "paths.data_dir"
+                                           if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hstu.data.batch import JaggedBatch
 from hstu.data.packing import PlannedBatch
+from hstu.errors import ConfigError
 from hstu.guards import NonFiniteLossFlag
 from hstu.metrics import RetrievalMetrics
 from hstu.model.recommender import SequentialRecommender
@@ -87,7 +88,7 @@ class RecModule(L.LightningModule):
             reason = (f"the DDP strategy, {self.trainer.world_size} process(es) (collectives inside captured graphs are "
                       "not set up)")
         if reason is not None and mode == "on":
-            raise ValueError(f"model.cuda_graphs=on: steps cannot be captured: {reason}")
+            raise ConfigError(f"model.cuda_graphs=on: steps cannot be captured: {reason}")
         self.capture = mode != "off" and reason is None
         if mode == "auto" and reason is not None and device.type == "cuda" and self.trainer.is_global_zero:
             log.info("training steps are not captured as CUDA graphs: %s", reason)

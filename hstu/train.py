@@ -26,7 +26,7 @@ from hstu.callbacks import (
     RichProgressBar,
     StopOnNonFiniteLoss,
 )
-from hstu.config import check_config, instantiate_config
+from hstu.config import check_accelerator, check_config, instantiate_config
 from hstu.data.sources import absolute_path
 from hstu.distributed import prepare_on_rank_zero, refuse_launched_multirun, summed_operator_stats
 from hstu.errors import CheckpointError, ConfigError, MissingFileError
@@ -64,11 +64,22 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
-    """Refuse to start a new run in a directory that holds another run's results or checkpoints."""
-    if ckpt_path is not None:
-        return  # resuming: the directory is this run's own
+def _check_kernels_can_run(manager) -> None:
+    """With model.kernel_fallback=error, a switched-on Triton operator that cannot run on this machine
+    stops the run before training, not at its first call."""
+    for op, state in manager.get_operator_availability().items():
+        if state["requested"] and not state["available"]:
+            raise ConfigError(f"model.kernel_fallback=error: the Triton operator {op!r} cannot run here: "
+                              f"{state['reason']}")
+
+
+def check_run_dir(run_dir: Path, resume: Path | None) -> None:
+    """Refuse to write into a directory that holds another run's results or checkpoints, unless this run
+    resumes from a checkpoint inside it (``ckpt_path=last``, or a file of its checkpoints folder):
+    starting from another run's checkpoint makes a new run, which needs a directory of its own."""
     checkpoints = run_dir / CHECKPOINT_DIR
+    if resume is not None and resume.resolve().parent == checkpoints.resolve():
+        return
     for found in (run_dir / METRICS_FILE, *(sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else [])):
         if found.is_file():
             raise ConfigError(f"{run_dir} holds another run ({found.relative_to(run_dir)}); resume it with "
@@ -110,12 +121,13 @@ def default_precision(trainer_cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate with full ranking and write ``metrics.json`` in ``paths.output_dir``."""
     check_config(cfg)
+    check_accelerator(cfg.trainer)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         log.info("run directory: %s", out_dir.resolve())
     resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir)
-    check_run_dir(out_dir, cfg.get("ckpt_path"))
+    check_run_dir(out_dir, resume)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -136,6 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_on_rank_zero(trainer, datamodule.prepare_data)
     datamodule.setup("fit")
     module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
+    if cfg.model.kernel_fallback == "error":
+        _check_kernels_can_run(module.manager)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

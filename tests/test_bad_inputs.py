@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from cli import SCRIPTS, run_script
@@ -70,6 +71,18 @@ CASES = {
                                   r"^foo: unknown key; the top level has \['callbacks', 'ckpt_path', "),
     "unknown kernel flag": Case("train", [*TRAIN, "data.source.path={good}", "+model.kernels.hstu_attn=true"],
                                 r"^model\.kernels\.hstu_attn: unknown key; model\.kernels has "),
+    "max_epochs not a number": Case("train", [*TRAIN, "data.source.path={good}", "trainer.max_epochs=1O"],
+                                    r"^trainer\.max_epochs=1O: must be an integer >= -1 \(-1: no limit\)$"),
+    "precision unknown": Case("train", [*TRAIN, "data.source.path={good}", "trainer.precision=fp16"],
+                              r"^trainer\.precision=fp16: must be one of \['transformer-engine', "),
+    "GPU asked for, none here": Case("train", [*TRAIN, "data.source.path={good}", "trainer.accelerator=gpu"],
+                                     r"^trainer\.accelerator=gpu: no CUDA GPU is visible on this machine"),
+    "captured steps on a CPU": Case("train", [*TRAIN, "data.source.path={good}", "model.cuda_graphs=on"],
+                                    r"^model\.cuda_graphs=on: steps cannot be captured: the run is on cpu$"),
+    "Triton required, cannot run": Case("train", [*TRAIN, "data.source.path={good}", "+triton=all",
+                                                  "model.kernel_fallback=error"],
+                                        r"^model\.kernel_fallback=error: the Triton operator '\w+' cannot run here: "
+                                        r"no CUDA device and TRITON_INTERPRET is not set"),
     "search without validation": Case("train", ["-m", "hparams_search=ml1m-optuna", *TRAIN, "data.source.path={good}",
                                                 "data.protocol=paper"],
                                       r"^optimized_metric=val/ndcg@10: data\.protocol=paper has no validation split"),
@@ -83,6 +96,14 @@ CASES = {
                                           r"directory too: hydra\.run\.dir=<run dir> ckpt_path=last$"),
     "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
                                  r"^ckpt_path=.*: .* is not a readable checkpoint \(truncated, or not written by"),
+    "another run's checkpoint into a run's directory": Case(
+        "train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={second_run}",
+                  "ckpt_path={planted_run}/checkpoints/last.ckpt"],
+        r"^.* holds another run \(metrics\.json\); resume it with ckpt_path=last, or leave hydra\.run\.dir unset"),
+    "run directory under a file": Case("train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={good}/run"],
+                                       r"^hydra\.run\.dir=.*good\.csv/run: cannot create this folder \(Not a directory\)$"),
+    "data folder under a file": Case("train", [*TRAIN, "data.source.path={good}", "data.data_dir={good}/data"],
+                                     r"^data\.data_dir=.*good\.csv/data: cannot create this folder \(Not a directory\)$"),
     "another run's directory": Case("train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={run}"],
                                     r"^.* holds another run \(metrics\.json\); resume it with ckpt_path=last, or "
                                     r"leave hydra\.run\.dir unset for a new directory$"),
@@ -118,6 +139,9 @@ CASES = {
 }
 
 
+NEEDS_NO_GPU = {"GPU asked for, none here", "Triton required, cannot run"}
+
+
 def _csv(path: Path, rows: list[tuple[int, str, int]]) -> str:
     path.write_text("".join(f"{u},{i},{t}\n" for u, i, t in rows))
     return str(path)
@@ -133,6 +157,7 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     for checkpoint in (truncated_run / "checkpoints").glob("*.ckpt"):
         checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
     run = Path(shutil.copytree(tiny_run_dir, tmp / "run"))
+    second_run = Path(shutil.copytree(tiny_run_dir, tmp / "second-run"))
     planted = {"_target_": "hstu.files.write_text_atomically", "path": str(tmp / "planted.txt"), "text": "ran"}
     planted_export = Path(shutil.copytree(tiny_export_dir, tmp / "planted-export"))
     config = json.loads((planted_export / "config.json").read_text())
@@ -148,6 +173,7 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         "run": str(run), "export": str(tiny_export_dir), "truncated_run": str(truncated_run),
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
         "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
+        "second_run": str(second_run),
     }
 
 
@@ -162,6 +188,10 @@ def answer(result) -> list[str]:
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_gets_one_clear_line(name, inputs, tmp_path, monkeypatch):
     case = CASES[name]
+    if name in NEEDS_NO_GPU and torch.cuda.is_available():
+        pytest.skip("the case is about a machine without a CUDA GPU")
+    if name == "Triton required, cannot run":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would run the kernels on the CPU
     monkeypatch.chdir(tmp_path)  # new run directories go here
     if case.args[0] == "-m":
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
