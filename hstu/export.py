@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
 # and the wrapper of a torch.compile'd submodule.
 MODULE_PREFIX = "model."
 COMPILED_PREFIX = "_orig_mod."
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
 
 
 @dataclass
@@ -70,7 +72,7 @@ def load_run(run_dir: str | Path) -> TrainingRun:
     if not run_dir.is_dir():
         raise MissingFileError(f"run_dir={run_dir}: no such directory")
     metrics_path = run_dir / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = _read_metrics(metrics_path) if metrics_path.is_file() else {}
     config_path = run_dir / HYDRA_CONFIG_FILE
     if config_path.is_file():
         config = OmegaConf.load(config_path)
@@ -83,6 +85,16 @@ def load_run(run_dir: str | Path) -> TrainingRun:
     # .hydra/config.yaml has ${hydra:runtime.output_dir} here, which only the training job could resolve.
     OmegaConf.update(config, "paths.output_dir", str(run_dir.resolve()), force_add=True)
     return TrainingRun(run_dir, config, config_path, metrics)
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not text at all
+        raise DataError(f"{path}: not valid JSON ({error}); was it cut short or edited?") from error
+    if not isinstance(metrics, dict):
+        raise DataError(f"{path}: holds a JSON {type(metrics).__name__}, not the object a run writes")
+    return metrics
 
 
 def resolve_checkpoint(run: TrainingRun, ckpt_path: str | Path | None = None) -> Path:
@@ -117,13 +129,20 @@ def _rerooted(path: Path, run: TrainingRun) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint's contents, unpickling tensors and plain containers only."""
+    unreadable = f"{path}: not a readable checkpoint (truncated, or not written by torch.save)"
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:  # else torch would try its legacy format, with any error
+            raise CheckpointError(f"{unreadable}: not a zip archive")
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({error})") from error
-    except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader fails on a cut or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written by torch.save): "
-                              f"{str(error).splitlines()[0]}") from error
+        # torch's message advises weights_only=False, which would run whatever the file names: not repeated
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses"
+                              f"{f' ({found.group(1)})' if found else ''}, not only tensors and plain data; "
+                              "it is not loaded") from error
+    except Exception as error:  # torch's zip reader fails on a cut file
+        raise CheckpointError(f"{unreadable}: {(str(error).splitlines() or [type(error).__name__])[0]}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
     for key in ("state_dict", "hyper_parameters"):
@@ -139,6 +158,28 @@ def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> di
     if missing:
         raise CheckpointError(f"{path}: hyper_parameters lack {missing}")
     return {key: hparams[key] for key in MODEL_KEYS}
+
+
+def check_checkpoint_of_run(run: TrainingRun, checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """CheckpointError naming the model keys whose values in the checkpoint differ from the run's config."""
+    missing = "<missing>"
+    model = run.resolved("model")
+    ours, theirs = {}, {}
+    for key in MODEL_KEYS:
+        if key != "num_items":  # not a config key; the data decides it (checked against the data later)
+            ours.update(_flat(model.get(key, missing) if isinstance(model, dict) else missing, f"model.{key}"))
+            theirs.update(_flat(checkpoint["hyper_parameters"].get(key, missing), f"model.{key}"))
+    differ = [f"{key} ({theirs.get(key, missing)}; the run has {ours.get(key, missing)})"
+              for key in sorted(ours.keys() | theirs.keys()) if ours.get(key, missing) != theirs.get(key, missing)]
+    if differ:
+        raise CheckpointError(f"{path}: not a checkpoint of the run in {run.run_dir}: its model differs from "
+                              f"{run.config_path} in {', '.join(differ)}")
+
+
+def _flat(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}").items()}
+    return {key: value}
 
 
 def recommender_state_dict(module_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,6 +233,7 @@ def export_run(
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
+    check_checkpoint_of_run(run, checkpoint, checkpoint_path)
 
     model = SequentialRecommender(**model_config)
     try:
@@ -303,6 +345,7 @@ def evaluate_run(
     run = load_run(run_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
+    check_checkpoint_of_run(run, checkpoint, checkpoint_path)
     hparams = dict(checkpoint["hyper_parameters"], compile=False)
     if kernels is not None:
         hparams["kernels"] = dict(kernels)

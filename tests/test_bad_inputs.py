@@ -95,6 +95,19 @@ CASES = {
                                        r"^.*\.ckpt: not a readable checkpoint \(truncated"),
     "export: folder exists": Case("export", ["run_dir={run}", "out_dir={export}"],
                                   r"^.*export exists; pass overwrite=true to replace it$"),
+    "export: metrics.json cut short": Case("export", ["run_dir={cut_run}", "out_dir={tmp}/never"],
+                                           r"^.*cut-run/metrics\.json: not valid JSON \(.*: line \d+ column \d+ "
+                                           r"\(char \d+\)\); was it cut short or edited\?$"),
+    "export: a text file as checkpoint": Case("export", ["run_dir={run}", "ckpt_path={notes}", "out_dir={tmp}/never"],
+                                              r"^.*notes\.ckpt: not a readable checkpoint \(truncated, or not written "
+                                              r"by torch\.save\): not a zip archive$"),
+    "eval: checkpoint with pickled objects": Case("eval", ["run_dir={run}", "ckpt_path={evil}"],
+                                                  r"^.*evil\.ckpt: holds objects that weights_only loading refuses "
+                                                  r"\(pathlib\.PosixPath\), not only tensors and plain data; it is not "
+                                                  r"loaded$"),
+    "eval: another run's checkpoint": Case("eval", ["run_dir={run}", "ckpt_path={other_ckpt}", "out_file=eval.json"],
+                                           r"^.*other\.ckpt: not a checkpoint of the run in .*run: its model differs "
+                                           r"from .*config\.yaml in model\.dim \(16; the run has 8\)$"),
     # ---- recommendation requests --------------------------------------------------------------------
     "recommend: no export_dir": Case("recommend", ["export_dir={tmp}/nope", "history=[0]"],
                                      r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),
@@ -133,6 +146,16 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     for checkpoint in (truncated_run / "checkpoints").glob("*.ckpt"):
         checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
     run = Path(shutil.copytree(tiny_run_dir, tmp / "run"))
+    cut_run = Path(shutil.copytree(tiny_run_dir, tmp / "cut-run"))
+    (cut_run / "metrics.json").write_bytes((cut_run / "metrics.json").read_bytes()[:300])
+    (tmp / "notes.ckpt").write_text("not a checkpoint\n")
+    import torch
+    from hstu.module import RecModule
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, tmp / "evil.ckpt")
+    other = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=True)  # a model of another dim
+    hparams = dict(other["hyper_parameters"], dim=16)
+    other.update(hyper_parameters=hparams, state_dict=RecModule(**hparams).state_dict())
+    torch.save(other, tmp / "other.ckpt")
     planted = {"_target_": "hstu.files.write_text_atomically", "path": str(tmp / "planted.txt"), "text": "ran"}
     planted_export = Path(shutil.copytree(tiny_export_dir, tmp / "planted-export"))
     config = json.loads((planted_export / "config.json").read_text())
@@ -148,6 +171,8 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         "run": str(run), "export": str(tiny_export_dir), "truncated_run": str(truncated_run),
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
         "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
+        "cut_run": str(cut_run), "notes": str(tmp / "notes.ckpt"),
+        "evil": str(tmp / "evil.ckpt"), "other_ckpt": str(tmp / "other.ckpt"),
     }
 
 

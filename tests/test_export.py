@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
 import hstu.export
+from hstu.errors import CheckpointError, DataError
 from hstu.export import (
     build_datamodule,
     evaluate_run,
@@ -79,6 +80,17 @@ def _assert_same_top_k(got, want, atol):
 
 def _copy(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(run_dir, tmp_path_factory) -> Path:
+    """A checkpoint of another model (dim 16, the run's is 8) that loads and evaluates."""
+    checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
+    hparams = dict(checkpoint["hyper_parameters"], dim=16)
+    checkpoint.update(hyper_parameters=hparams, state_dict=RecModule(**hparams).state_dict())
+    path = tmp_path_factory.mktemp("other") / "other.ckpt"
+    torch.save(checkpoint, path)
+    return path
 
 
 # ---- the export folder ---------------------------------------------------------------------------
@@ -319,8 +331,37 @@ def test_run_without_best_checkpoint_needs_ckpt_path(run_dir, tmp_path):
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, path)
-    with pytest.raises(ValueError, match="evil.ckpt: holds objects that weights_only loading refuses"):
+    with pytest.raises(ValueError, match="evil.ckpt: holds objects that weights_only loading refuses") as error:
         load_checkpoint(path)
+    assert "pathlib.PosixPath" in str(error.value) and "False" not in str(error.value), error.value
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b'{"best_checkpoint": "checkpoints/epoch', b"[1, 2]", b"\xff\xfe\x00"],
+                         ids=["cut", "not an object", "not text"])
+def test_unreadable_metrics_json_is_named(run_dir, tmp_path, content):
+    broken = _copy(run_dir, tmp_path / "run")
+    (broken / "metrics.json").write_bytes(content)
+    with pytest.raises(DataError, match=r"metrics\.json: "):
+        load_run(broken)
+
+
+@pytest.mark.parametrize("write", [lambda path: path.write_text("just notes\n"), lambda path: path.write_bytes(b"")],
+                         ids=["text", "empty"])
+def test_file_that_is_not_a_checkpoint_is_named(tmp_path, write):
+    path = tmp_path / "notes.ckpt"
+    write(path)
+    with pytest.raises(CheckpointError, match=r"notes\.ckpt: not a readable checkpoint .*: not a zip archive$"):
+        load_checkpoint(path)
+
+
+def test_another_models_checkpoint_is_refused(run_dir, other_checkpoint, tmp_path):
+    message = r"other\.ckpt: not a checkpoint of the run in .*: its model differs .* in model\.dim \(16; the run has 8"
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_run(run_dir, other_checkpoint, accelerator="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        export_run(run_dir, tmp_path / "export", ckpt_path=other_checkpoint)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_run_reproduces_the_recorded_test_metrics(run_dir):
