@@ -7,8 +7,10 @@ else from ``metrics.json``; ``paths.output_dir`` is taken to be the run director
 folder that was moved or copied elsewhere still resolves (checkpoint paths are re-rooted likewise).
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
-arbitrary pickled objects. The export folder (format: :mod:`hstu.inference`) is written to a temporary
-folder next to its destination and moved into place with ``os.replace``: a failed export leaves nothing.
+arbitrary pickled objects. The export folder (format: :mod:`hstu.inference`), with its scoring package
+when one is asked for, is written to a temporary folder next to its destination and moved into place
+with ``os.replace``: a failed export leaves nothing. Bad options and output paths are refused before
+the checkpoint is read.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import numpy as np
@@ -38,6 +40,7 @@ from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
+from hstu.serving.compiled import DEFAULT_K, compile_export
 from hstu.train import device_name
 
 METRICS_FILE = "metrics.json"
@@ -47,6 +50,7 @@ HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
 MODULE_PREFIX = "model."
 COMPILED_PREFIX = "_orig_mod."
 ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
+COMPILED_CHOICES = ("auto", "cpu", "cuda", "none")
 
 
 @dataclass
@@ -224,12 +228,15 @@ def export_run(
     ckpt_path: str | Path | None = None,
     data_dir: str | None = None,
     overwrite: bool = False,
+    compiled: str = "none",
+    compiled_k: int = DEFAULT_K,
 ) -> Path:
-    """Write the export folder of a run (default ``<run_dir>/export``) and return its path."""
+    """Write the export folder of a run (default ``<run_dir>/export``) and return its path; with ``compiled``
+    (auto|cpu|cuda) it also holds the scoring package (:mod:`hstu.serving.compiled`) of ``compiled_k`` items."""
+    device = compiled_device(compiled, compiled_k)
     run = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "export"
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+    check_out_dir(out_dir, overwrite)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
@@ -267,7 +274,36 @@ def export_run(
             "torch": run.metrics.get("torch"),
         },
         overwrite=overwrite,
+        compiled=device,
+        compiled_k=compiled_k,
     )
+
+
+def compiled_device(compiled: str, k: int) -> str | None:
+    """The device that ``compiled`` (auto|cpu|cuda|none) builds a scoring package for here, None for none;
+    ConfigError when it is not one of those, cuda without a GPU, or ``k`` is not an integer >= 1."""
+    if compiled not in COMPILED_CHOICES:
+        raise ConfigError(f"compiled={compiled}: must be one of {list(COMPILED_CHOICES)}")
+    if compiled == "none":
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"compiled_k={k}: must be an integer >= 1")
+    if compiled == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("compiled=cuda: no CUDA GPU is visible on this machine; use compiled=cpu (or auto, or none)")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if compiled == "auto" else compiled
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Before anything is loaded: OutputExistsError if ``out_dir`` exists (without ``overwrite``), ConfigError
+    if it, or the nearest existing folder above it, is a file."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ConfigError(f"out_dir={out_dir}: is a file, not a folder")
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+    above = next(parent for parent in out_dir.parents if parent.exists())
+    if not above.is_dir():
+        raise ConfigError(f"out_dir={out_dir}: {above} is a file, not a folder")
 
 
 def write_export(
@@ -280,9 +316,12 @@ def write_export(
     data: Mapping[str, Any],
     training: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    compiled: str | None = None,
+    compiled_k: int = DEFAULT_K,
 ) -> Path:
     """Write an export folder (format: :mod:`hstu.inference`) for ``model``, built from ``model_config``
-    (the MODEL_KEYS arguments); ``original_ids[i]`` is the original id of item index i + 1."""
+    (the MODEL_KEYS arguments); ``original_ids[i]`` is the original id of item index i + 1. With a
+    ``compiled`` device it also holds the scoring package, built before the folder is moved into place."""
     out_dir = Path(out_dir)
     original_ids = np.asarray(original_ids)
     config = {"format_version": FORMAT_VERSION, "model": dict(model_config), "metrics": dict(metrics),
@@ -293,12 +332,14 @@ def write_export(
         WEIGHTS_FILE: lambda path: save_file(weights, str(path), metadata={"format": "pt"}),
         CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2, default=str)),
         ITEMS_FILE: lambda path: path.write_text(json.dumps(items)),
-    }, overwrite)
+    }, overwrite, finish=None if compiled is None else lambda folder: compile_export(folder, compiled, k=compiled_k))
     return out_dir
 
 
-def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool) -> None:
-    """Each writer fills one file of a temporary sibling folder, which then replaces ``out_dir``."""
+def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool,
+                             finish: Callable[[Path], Any] | None = None) -> None:
+    """Each writer fills one file of a temporary sibling folder, ``finish`` (if any) then adds to the
+    complete folder, and the folder replaces ``out_dir``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out_dir.parent, f".{out_dir.name}.tmp-")  # staging folders of exports that were killed
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=owned_prefix(f".{out_dir.name}.tmp-")))
@@ -311,6 +352,8 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
             os.chmod(staging / name, 0o666 & ~umask)
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
+        if finish is not None:
+            finish(staging)
         if out_dir.exists():
             if not overwrite:
                 raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")

@@ -108,6 +108,12 @@ CASES = {
     "eval: another run's checkpoint": Case("eval", ["run_dir={run}", "ckpt_path={other_ckpt}", "out_file=eval.json"],
                                            r"^.*other\.ckpt: not a checkpoint of the run in .*run: its model differs "
                                            r"from .*config\.yaml in model\.dim \(16; the run has 8\)$"),
+    "export: compiled=cdu": Case("export", ["run_dir={run}", "out_dir={tmp}/never", "compiled=cdu"],
+                                 r"^compiled=cdu: must be one of \['auto', 'cpu', 'cuda', 'none'\]$"),
+    "export: compiled_k=0": Case("export", ["run_dir={run}", "out_dir={tmp}/never", "compiled=cpu", "compiled_k=0"],
+                                 r"^compiled_k=0: must be an integer >= 1$"),
+    "export: out_dir under a file": Case("export", ["run_dir={run}", "out_dir={notes}/export"],
+                                         r"^out_dir=.*notes\.ckpt/export: .*notes\.ckpt is a file, not a folder$"),
     # ---- recommendation requests --------------------------------------------------------------------
     "recommend: no export_dir": Case("recommend", ["export_dir={tmp}/nope", "history=[0]"],
                                      r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),

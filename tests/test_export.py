@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
 import hstu.export
-from hstu.errors import CheckpointError, DataError
+from hstu.errors import CheckpointError, ConfigError, DataError
 from hstu.export import (
     build_datamodule,
     evaluate_run,
@@ -362,6 +362,45 @@ def test_another_models_checkpoint_is_refused(run_dir, other_checkpoint, tmp_pat
     with pytest.raises(CheckpointError, match=message):
         export_run(run_dir, tmp_path / "export", ckpt_path=other_checkpoint)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("compiled, k", [("cdu", 100), ("cpu", 0), ("cpu", "10"), ("cuda", 100)])
+def test_bad_compiled_options_write_nothing(run_dir, tmp_path, monkeypatch, compiled, k):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=rf"^compiled(_k)?={compiled if k == 100 else k}: "):
+        export_run(run_dir, tmp_path / "export", compiled=compiled, compiled_k=k)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scoring_package_is_built_before_the_folder_is_moved_into_place(run_dir, tmp_path, monkeypatch):
+    def build(folder, device, k):
+        assert (folder / "model.safetensors").is_file() and not (tmp_path / "export").exists()
+        (folder / "scoring-cpu.pt2").write_bytes(b"package")
+        return folder / "scoring-cpu.pt2"
+
+    monkeypatch.setattr(hstu.export, "compile_export", build)
+    out = export_run(run_dir, tmp_path / "export", compiled="cpu", compiled_k=5)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "items.json", "model.safetensors",
+                                                     "scoring-cpu.pt2"]
+
+
+def test_failed_scoring_package_leaves_no_folder(run_dir, tmp_path, monkeypatch):
+    def build_then_fail(folder, device, k):
+        (folder / "scoring-cpu.pt2").write_bytes(b"half a package")
+        raise RuntimeError("the package does not load and run in a fresh process")
+
+    monkeypatch.setattr(hstu.export, "compile_export", build_then_fail)
+    with pytest.raises(RuntimeError, match="fresh process"):
+        export_run(run_dir, tmp_path / "export", compiled="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", ["", "/export"], ids=["a file", "under a file"])
+def test_out_dir_on_a_file_is_refused_before_loading(run_dir, tmp_path, monkeypatch, below):
+    (tmp_path / "notes").write_text("x")
+    monkeypatch.setattr(hstu.export, "load_checkpoint", lambda path: pytest.fail("loaded the checkpoint"))
+    with pytest.raises(ConfigError, match=r"^out_dir=.*notes.*: .*is a file, not a folder$"):
+        export_run(run_dir, f"{tmp_path / 'notes'}{below}", overwrite=True)
 
 
 def test_evaluate_run_reproduces_the_recorded_test_metrics(run_dir):
