@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 
@@ -42,6 +43,7 @@ from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
 from hstu.serving.compiled import DEFAULT_K, compile_export
 from hstu.train import device_name
+from hstu_kernels import OPERATORS
 
 METRICS_FILE = "metrics.json"
 HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -370,7 +372,7 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
 
 
 def evaluate_run(
-    run_dir: str | Path,
+    run_dir: str | Path | TrainingRun,
     ckpt_path: str | Path | None = None,
     *,
     accelerator: str = "auto",
@@ -385,7 +387,10 @@ def evaluate_run(
     ``recorded_test``, the test metrics the run wrote, for comparison. ``kernels`` (default: the
     run's flags) chooses the operators' backends. ``devices`` x ``num_nodes`` > 1 evaluates on that many
     DDP processes, each ranking its own slice of the users (the same metrics as one process)."""
-    run = load_run(run_dir)
+    run = run_dir if isinstance(run_dir, TrainingRun) else load_run(run_dir)
+    if kernels is not None:
+        check_kernel_flags(kernels)
+    trainer = _evaluation_trainer(run, accelerator, devices, num_nodes)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)
@@ -397,13 +402,6 @@ def evaluate_run(
         module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
-    single = devices == 1 and num_nodes == 1
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-        strategy="auto" if single else DDPStrategy(broadcast_buffers=False), use_distributed_sampler=False,
-        precision=run.resolved("trainer.precision") or "32-true",
-        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-    )
     datamodule = build_datamodule(run, data_dir, trainer)
     _check_same_items(datamodule, module.model.num_items, checkpoint_path)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -419,3 +417,34 @@ def evaluate_run(
         "kernels": {"flags": hparams["kernels"], "fallbacks": module.manager.fallbacks()},
         "data": datamodule.stats,
     }
+
+
+def check_kernel_flags(kernels: Any) -> None:
+    """ConfigError naming the key unless ``kernels`` maps operator names of OPERATORS to booleans."""
+    if not isinstance(kernels, Mapping):
+        raise ConfigError(f"kernels={kernels}: must map operators to true/false, e.g. {{interaction: true}}")
+    for key, value in kernels.items():
+        if key not in OPERATORS:
+            raise ConfigError(f"kernels.{key}: unknown key; kernels has {sorted(OPERATORS)}")
+        if not isinstance(value, bool):
+            raise ConfigError(f"kernels.{key}={value}: must be true or false")
+
+
+def _evaluation_trainer(run: TrainingRun, accelerator: str, devices: int | str, num_nodes: int) -> L.Trainer:
+    """The Trainer that tests the checkpoint; ConfigError naming accelerator, devices and num_nodes when
+    Lightning refuses them."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"accelerator={accelerator}: no CUDA GPU is visible on this machine; use accelerator=cpu "
+                          "(or auto)")
+    single = devices == 1 and num_nodes == 1
+    precision = run.resolved("trainer.precision") or "32-true"
+    try:
+        return L.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+            strategy="auto" if single else DDPStrategy(broadcast_buffers=False), use_distributed_sampler=False,
+            precision=precision,
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+        )
+    except (MisconfigurationException, ValueError, TypeError) as error:  # how Lightning refuses these arguments
+        raise ConfigError(f"accelerator={accelerator} devices={devices} num_nodes={num_nodes}: "
+                          f"{' '.join(str(error).split())}") from error

@@ -108,12 +108,22 @@ CASES = {
     "eval: another run's checkpoint": Case("eval", ["run_dir={run}", "ckpt_path={other_ckpt}", "out_file=eval.json"],
                                            r"^.*other\.ckpt: not a checkpoint of the run in .*run: its model differs "
                                            r"from .*config\.yaml in model\.dim \(16; the run has 8\)$"),
+    "eval: out_file in a missing folder": Case("eval", ["run_dir={run}", "out_file={tmp}/nope/eval.json"],
+                                               r"^out_file=.*nope/eval\.json: .*nope is not an existing folder$"),
+    "eval: report exists": Case("eval", ["run_dir={run}", "out_file={report}"],
+                                r"^out_file=.*report\.json exists; pass overwrite=true to replace it, or another "
+                                r"out_file$"),
     "export: compiled=cdu": Case("export", ["run_dir={run}", "out_dir={tmp}/never", "compiled=cdu"],
                                  r"^compiled=cdu: must be one of \['auto', 'cpu', 'cuda', 'none'\]$"),
     "export: compiled_k=0": Case("export", ["run_dir={run}", "out_dir={tmp}/never", "compiled=cpu", "compiled_k=0"],
                                  r"^compiled_k=0: must be an integer >= 1$"),
     "export: out_dir under a file": Case("export", ["run_dir={run}", "out_dir={notes}/export"],
                                          r"^out_dir=.*notes\.ckpt/export: .*notes\.ckpt is a file, not a folder$"),
+    "eval: unknown kernel flag": Case("eval", ["run_dir={run}", "kernels={{interction: true}}"],
+                                      r"^kernels\.interction: unknown key; kernels has \['fused_attention_layernorm'"),
+    "eval: unknown accelerator": Case("eval", ["run_dir={run}", "accelerator=foo"],
+                                      r"^accelerator=foo devices=1 num_nodes=1: You selected an invalid accelerator "
+                                      r"name"),
     # ---- recommendation requests --------------------------------------------------------------------
     "recommend: no export_dir": Case("recommend", ["export_dir={tmp}/nope", "history=[0]"],
                                      r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),
@@ -155,6 +165,7 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     cut_run = Path(shutil.copytree(tiny_run_dir, tmp / "cut-run"))
     (cut_run / "metrics.json").write_bytes((cut_run / "metrics.json").read_bytes()[:300])
     (tmp / "notes.ckpt").write_text("not a checkpoint\n")
+    (tmp / "report.json").write_text("{}")
     import torch
     from hstu.module import RecModule
     torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, tmp / "evil.ckpt")
@@ -177,7 +188,7 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         "run": str(run), "export": str(tiny_export_dir), "truncated_run": str(truncated_run),
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
         "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
-        "cut_run": str(cut_run), "notes": str(tmp / "notes.ckpt"),
+        "cut_run": str(cut_run), "notes": str(tmp / "notes.ckpt"), "report": str(tmp / "report.json"),
         "evil": str(tmp / "evil.ckpt"), "other_ckpt": str(tmp / "other.ckpt"),
     }
 

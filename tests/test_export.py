@@ -6,6 +6,7 @@ name the file or key at fault when something is broken, and never leave a half-w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from hstu.export import (
 from hstu.inference import ExportFormatError, Recommender, training_history
 from hstu.module import RecModule
 from hstu_kernels import OPERATORS
+from cli import run_script
 from tiny_run import MAX_SEQ_LEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +93,11 @@ def other_checkpoint(run_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("other") / "other.ckpt"
     torch.save(checkpoint, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def eval_report(run_dir) -> dict:
+    return evaluate_run(run_dir, accelerator="cpu")
 
 
 # ---- the export folder ---------------------------------------------------------------------------
@@ -403,10 +410,33 @@ def test_out_dir_on_a_file_is_refused_before_loading(run_dir, tmp_path, monkeypa
         export_run(run_dir, f"{tmp_path / 'notes'}{below}", overwrite=True)
 
 
-def test_evaluate_run_reproduces_the_recorded_test_metrics(run_dir):
-    report = evaluate_run(run_dir, accelerator="cpu")
+def test_evaluate_run_reproduces_the_recorded_test_metrics(eval_report):
+    report = eval_report
     assert report["test"] == pytest.approx(report["recorded_test"], abs=1e-6)
     assert set(report["test"]) == {"hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"}
+
+
+@pytest.mark.parametrize("kernels, message", [
+    ({"interction": True}, r"^kernels\.interction: unknown key; kernels has \["),
+    ({"interaction": 2}, r"^kernels\.interaction=2: must be true or false$"),
+    (True, r"^kernels=True: must map operators to true/false"),
+])
+def test_bad_kernel_flags_are_named(run_dir, kernels, message):
+    with pytest.raises(ConfigError, match=message):
+        evaluate_run(run_dir, kernels=kernels, accelerator="cpu")
+
+
+# ids other than "gpu": that keyword is the marker conftest.py skips without a GPU
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"], ids=["accelerator=gpu", "accelerator=cuda"])
+def test_gpu_accelerator_without_a_gpu_is_named(run_dir, monkeypatch, accelerator):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=rf"^accelerator={accelerator}: no CUDA GPU is visible"):
+        evaluate_run(run_dir, accelerator=accelerator)
+
+
+def test_unusable_devices_are_named(run_dir):
+    with pytest.raises(ConfigError, match=r"^accelerator=cpu devices=0 num_nodes=1: "):
+        evaluate_run(run_dir, accelerator="cpu", devices=0)
 
 
 # ---- the command-line entry points ---------------------------------------------------------------
@@ -417,6 +447,52 @@ def test_entry_point_configs_compose(name):
         cfg = compose(name, overrides=["run_dir=r"] if name != "recommend" else ["export_dir=e"])
     if name == "export":
         assert cfg.out_dir == "r/export"
+
+
+@pytest.fixture
+def evaluations(monkeypatch, eval_report):
+    """evaluate_run replaced by one that returns ``eval_report`` and records its calls."""
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(args)
+        return eval_report
+
+    monkeypatch.setattr(hstu.export, "evaluate_run", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("out_file, message", [
+    ("nope/eval.json", r"^out_file=.*nope/eval\.json: .*nope is not an existing folder$"),
+    ("folder", r"^out_file=.*folder: is a folder$"),
+    ("eval.json", r"^out_file=.*eval\.json exists; pass overwrite=true to replace it"),
+])
+def test_eval_checks_its_out_file_before_evaluating(run_dir, tmp_path, evaluations, out_file, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "eval.json").write_text("an earlier report")
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / out_file}", "overwrite=true"
+                        if out_file == "folder" else "overwrite=false")
+    assert result.code == 1 and re.search(message, result.error_lines[-1]), result.stderr
+    assert evaluations == [] and (tmp_path / "eval.json").read_text() == "an earlier report"
+
+
+def test_eval_replaces_a_report_only_with_overwrite(run_dir, tmp_path, evaluations, eval_report):
+    (tmp_path / "eval.json").write_text("an earlier report")
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}", "overwrite=true")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["test"] == eval_report["test"]
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_eval_keeps_a_report_written_while_it_ran(run_dir, tmp_path, monkeypatch, eval_report):
+    def evaluate_while_another_writes(*args, **kwargs):
+        (tmp_path / "eval.json").write_text("the other evaluation's report")
+        return eval_report
+
+    monkeypatch.setattr(hstu.export, "evaluate_run", evaluate_while_another_writes)
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}")
+    assert result.code == 1 and "exists; pass overwrite=true" in result.stderr, result.stderr
+    assert (tmp_path / "eval.json").read_text() == "the other evaluation's report"
 
 
 def test_recommend_script_prints_top_k(export_dir):
