@@ -7,25 +7,29 @@ else from ``metrics.json``; ``paths.output_dir`` is taken to be the run director
 folder that was moved or copied elsewhere still resolves (checkpoint paths are re-rooted likewise).
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
-arbitrary pickled objects. The export folder (format: :mod:`hstu.inference`) is written to a temporary
-folder next to its destination and moved into place with ``os.replace``: a failed export leaves nothing.
+arbitrary pickled objects. The export folder (format: :mod:`hstu.inference`), with its scoring package
+when one is asked for, is written to a temporary folder next to its destination and moved into place
+with ``os.replace``: a failed export leaves nothing. Bad options and output paths are refused before
+the checkpoint is read.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 
@@ -37,7 +41,9 @@ from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
+from hstu.serving.compiled import DEFAULT_K, compile_export
 from hstu.train import device_name
+from hstu_kernels import OPERATORS
 
 METRICS_FILE = "metrics.json"
 HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -45,6 +51,8 @@ HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
 # and the wrapper of a torch.compile'd submodule.
 MODULE_PREFIX = "model."
 COMPILED_PREFIX = "_orig_mod."
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
+COMPILED_CHOICES = ("auto", "cpu", "cuda", "none")
 
 
 @dataclass
@@ -70,7 +78,7 @@ def load_run(run_dir: str | Path) -> TrainingRun:
     if not run_dir.is_dir():
         raise MissingFileError(f"run_dir={run_dir}: no such directory")
     metrics_path = run_dir / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = _read_metrics(metrics_path) if metrics_path.is_file() else {}
     config_path = run_dir / HYDRA_CONFIG_FILE
     if config_path.is_file():
         config = OmegaConf.load(config_path)
@@ -83,6 +91,16 @@ def load_run(run_dir: str | Path) -> TrainingRun:
     # .hydra/config.yaml has ${hydra:runtime.output_dir} here, which only the training job could resolve.
     OmegaConf.update(config, "paths.output_dir", str(run_dir.resolve()), force_add=True)
     return TrainingRun(run_dir, config, config_path, metrics)
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not text at all
+        raise DataError(f"{path}: not valid JSON ({error}); was it cut short or edited?") from error
+    if not isinstance(metrics, dict):
+        raise DataError(f"{path}: holds a JSON {type(metrics).__name__}, not the object a run writes")
+    return metrics
 
 
 def resolve_checkpoint(run: TrainingRun, ckpt_path: str | Path | None = None) -> Path:
@@ -117,13 +135,20 @@ def _rerooted(path: Path, run: TrainingRun) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint's contents, unpickling tensors and plain containers only."""
+    unreadable = f"{path}: not a readable checkpoint (truncated, or not written by torch.save)"
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:  # else torch would try its legacy format, with any error
+            raise CheckpointError(f"{unreadable}: not a zip archive")
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({error})") from error
-    except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader fails on a cut or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written by torch.save): "
-                              f"{str(error).splitlines()[0]}") from error
+        # torch's message advises weights_only=False, which would run whatever the file names: not repeated
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses"
+                              f"{f' ({found.group(1)})' if found else ''}, not only tensors and plain data; "
+                              "it is not loaded") from error
+    except Exception as error:  # torch's zip reader fails on a cut file
+        raise CheckpointError(f"{unreadable}: {(str(error).splitlines() or [type(error).__name__])[0]}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
     for key in ("state_dict", "hyper_parameters"):
@@ -139,6 +164,28 @@ def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> di
     if missing:
         raise CheckpointError(f"{path}: hyper_parameters lack {missing}")
     return {key: hparams[key] for key in MODEL_KEYS}
+
+
+def check_checkpoint_of_run(run: TrainingRun, checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """CheckpointError naming the model keys whose values in the checkpoint differ from the run's config."""
+    missing = "<missing>"
+    model = run.resolved("model")
+    ours, theirs = {}, {}
+    for key in MODEL_KEYS:
+        if key != "num_items":  # not a config key; the data decides it (checked against the data later)
+            ours.update(_flat(model.get(key, missing) if isinstance(model, dict) else missing, f"model.{key}"))
+            theirs.update(_flat(checkpoint["hyper_parameters"].get(key, missing), f"model.{key}"))
+    differ = [f"{key} ({theirs.get(key, missing)}; the run has {ours.get(key, missing)})"
+              for key in sorted(ours.keys() | theirs.keys()) if ours.get(key, missing) != theirs.get(key, missing)]
+    if differ:
+        raise CheckpointError(f"{path}: not a checkpoint of the run in {run.run_dir}: its model differs from "
+                              f"{run.config_path} in {', '.join(differ)}")
+
+
+def _flat(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}").items()}
+    return {key: value}
 
 
 def recommender_state_dict(module_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,15 +230,19 @@ def export_run(
     ckpt_path: str | Path | None = None,
     data_dir: str | None = None,
     overwrite: bool = False,
+    compiled: str = "none",
+    compiled_k: int = DEFAULT_K,
 ) -> Path:
-    """Write the export folder of a run (default ``<run_dir>/export``) and return its path."""
+    """Write the export folder of a run (default ``<run_dir>/export``) and return its path; with ``compiled``
+    (auto|cpu|cuda) it also holds the scoring package (:mod:`hstu.serving.compiled`) of ``compiled_k`` items."""
+    device = compiled_device(compiled, compiled_k)
     run = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "export"
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+    check_out_dir(out_dir, overwrite)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
+    check_checkpoint_of_run(run, checkpoint, checkpoint_path)
 
     model = SequentialRecommender(**model_config)
     try:
@@ -225,7 +276,36 @@ def export_run(
             "torch": run.metrics.get("torch"),
         },
         overwrite=overwrite,
+        compiled=device,
+        compiled_k=compiled_k,
     )
+
+
+def compiled_device(compiled: str, k: int) -> str | None:
+    """The device that ``compiled`` (auto|cpu|cuda|none) builds a scoring package for here, None for none;
+    ConfigError when it is not one of those, cuda without a GPU, or ``k`` is not an integer >= 1."""
+    if compiled not in COMPILED_CHOICES:
+        raise ConfigError(f"compiled={compiled}: must be one of {list(COMPILED_CHOICES)}")
+    if compiled == "none":
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"compiled_k={k}: must be an integer >= 1")
+    if compiled == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("compiled=cuda: no CUDA GPU is visible on this machine; use compiled=cpu (or auto, or none)")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if compiled == "auto" else compiled
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Before anything is loaded: OutputExistsError if ``out_dir`` exists (without ``overwrite``), ConfigError
+    if it, or the nearest existing folder above it, is a file."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ConfigError(f"out_dir={out_dir}: is a file, not a folder")
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+    above = next(parent for parent in out_dir.parents if parent.exists())
+    if not above.is_dir():
+        raise ConfigError(f"out_dir={out_dir}: {above} is a file, not a folder")
 
 
 def write_export(
@@ -238,9 +318,12 @@ def write_export(
     data: Mapping[str, Any],
     training: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    compiled: str | None = None,
+    compiled_k: int = DEFAULT_K,
 ) -> Path:
     """Write an export folder (format: :mod:`hstu.inference`) for ``model``, built from ``model_config``
-    (the MODEL_KEYS arguments); ``original_ids[i]`` is the original id of item index i + 1."""
+    (the MODEL_KEYS arguments); ``original_ids[i]`` is the original id of item index i + 1. With a
+    ``compiled`` device it also holds the scoring package, built before the folder is moved into place."""
     out_dir = Path(out_dir)
     original_ids = np.asarray(original_ids)
     config = {"format_version": FORMAT_VERSION, "model": dict(model_config), "metrics": dict(metrics),
@@ -251,12 +334,14 @@ def write_export(
         WEIGHTS_FILE: lambda path: save_file(weights, str(path), metadata={"format": "pt"}),
         CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2, default=str)),
         ITEMS_FILE: lambda path: path.write_text(json.dumps(items)),
-    }, overwrite)
+    }, overwrite, finish=None if compiled is None else lambda folder: compile_export(folder, compiled, k=compiled_k))
     return out_dir
 
 
-def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool) -> None:
-    """Each writer fills one file of a temporary sibling folder, which then replaces ``out_dir``."""
+def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool,
+                             finish: Callable[[Path], Any] | None = None) -> None:
+    """Each writer fills one file of a temporary sibling folder, ``finish`` (if any) then adds to the
+    complete folder, and the folder replaces ``out_dir``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out_dir.parent, f".{out_dir.name}.tmp-")  # staging folders of exports that were killed
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=owned_prefix(f".{out_dir.name}.tmp-")))
@@ -269,6 +354,8 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
             os.chmod(staging / name, 0o666 & ~umask)
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
+        if finish is not None:
+            finish(staging)
         if out_dir.exists():
             if not overwrite:
                 raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
@@ -285,7 +372,7 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
 
 
 def evaluate_run(
-    run_dir: str | Path,
+    run_dir: str | Path | TrainingRun,
     ckpt_path: str | Path | None = None,
     *,
     accelerator: str = "auto",
@@ -300,9 +387,13 @@ def evaluate_run(
     ``recorded_test``, the test metrics the run wrote, for comparison. ``kernels`` (default: the
     run's flags) chooses the operators' backends. ``devices`` x ``num_nodes`` > 1 evaluates on that many
     DDP processes, each ranking its own slice of the users (the same metrics as one process)."""
-    run = load_run(run_dir)
+    run = run_dir if isinstance(run_dir, TrainingRun) else load_run(run_dir)
+    if kernels is not None:
+        check_kernel_flags(kernels)
+    trainer = _evaluation_trainer(run, accelerator, devices, num_nodes)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
+    check_checkpoint_of_run(run, checkpoint, checkpoint_path)
     hparams = dict(checkpoint["hyper_parameters"], compile=False)
     if kernels is not None:
         hparams["kernels"] = dict(kernels)
@@ -311,13 +402,6 @@ def evaluate_run(
         module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
-    single = devices == 1 and num_nodes == 1
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-        strategy="auto" if single else DDPStrategy(broadcast_buffers=False), use_distributed_sampler=False,
-        precision=run.resolved("trainer.precision") or "32-true",
-        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-    )
     datamodule = build_datamodule(run, data_dir, trainer)
     _check_same_items(datamodule, module.model.num_items, checkpoint_path)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -333,3 +417,34 @@ def evaluate_run(
         "kernels": {"flags": hparams["kernels"], "fallbacks": module.manager.fallbacks()},
         "data": datamodule.stats,
     }
+
+
+def check_kernel_flags(kernels: Any) -> None:
+    """ConfigError naming the key unless ``kernels`` maps operator names of OPERATORS to booleans."""
+    if not isinstance(kernels, Mapping):
+        raise ConfigError(f"kernels={kernels}: must map operators to true/false, e.g. {{interaction: true}}")
+    for key, value in kernels.items():
+        if key not in OPERATORS:
+            raise ConfigError(f"kernels.{key}: unknown key; kernels has {sorted(OPERATORS)}")
+        if not isinstance(value, bool):
+            raise ConfigError(f"kernels.{key}={value}: must be true or false")
+
+
+def _evaluation_trainer(run: TrainingRun, accelerator: str, devices: int | str, num_nodes: int) -> L.Trainer:
+    """The Trainer that tests the checkpoint; ConfigError naming accelerator, devices and num_nodes when
+    Lightning refuses them."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"accelerator={accelerator}: no CUDA GPU is visible on this machine; use accelerator=cpu "
+                          "(or auto)")
+    single = devices == 1 and num_nodes == 1
+    precision = run.resolved("trainer.precision") or "32-true"
+    try:
+        return L.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+            strategy="auto" if single else DDPStrategy(broadcast_buffers=False), use_distributed_sampler=False,
+            precision=precision,
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+        )
+    except (MisconfigurationException, ValueError, TypeError) as error:  # how Lightning refuses these arguments
+        raise ConfigError(f"accelerator={accelerator} devices={devices} num_nodes={num_nodes}: "
+                          f"{' '.join(str(error).split())}") from error

@@ -6,19 +6,35 @@ import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from hstu.export import evaluate_run
+from hstu.errors import ConfigError, MissingFileError, OutputExistsError
+from hstu.export import evaluate_run, load_run
+from hstu.files import write_text_atomically
 from hstu.train import print_report
+
+
+def check_out_file(path: Path, overwrite: bool) -> None:
+    """Refuse an out_file that cannot take the report: no folder for it, a folder in its place, or a file
+    already there (unless ``overwrite``)."""
+    if not path.parent.is_dir():
+        raise MissingFileError(f"out_file={path}: {path.parent} is not an existing folder")
+    if path.is_dir():
+        raise ConfigError(f"out_file={path}: is a folder")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"out_file={path} exists; pass overwrite=true to replace it, or another out_file")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    kernels = OmegaConf.to_container(cfg.kernels) if cfg.kernels is not None else None
-    report = evaluate_run(cfg.run_dir, cfg.ckpt_path, accelerator=cfg.accelerator, kernels=kernels,
+    run = load_run(cfg.run_dir)
+    path = Path(cfg.out_file)
+    check_out_file(path, cfg.overwrite)
+    kernels = OmegaConf.to_container(cfg.kernels) if OmegaConf.is_config(cfg.kernels) else cfg.kernels
+    report = evaluate_run(run, cfg.ckpt_path, accelerator=cfg.accelerator, kernels=kernels,
                           data_dir=cfg.data_dir, devices=cfg.devices, num_nodes=cfg.num_nodes)
     if rank_zero_only.rank != 0:
         return  # every process ranked its slice of the users; rank zero reports the sums
-    path = Path(cfg.out_file)
-    path.write_text(json.dumps(report, indent=2, default=str))
+    check_out_file(path, cfg.overwrite)  # another evaluation may have written it meanwhile
+    write_text_atomically(path, json.dumps(report, indent=2, default=str))
     print(f"checkpoint {report['checkpoint']}; test metrics recorded at training: {report['recorded_test']}")
     print_report(report, path)
 

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cli import SCRIPTS, run_script
+from hstu.module import RecModule
 
 # One tiny data set: 6 users with 6-9 events each over 30 items, as an interactions CSV.
 TRAIN = ["data=interactions", "data.source.columns=[user,item,timestamp]", "model.max_seq_len=8", "model.dim=8",
@@ -116,6 +117,35 @@ CASES = {
                                        r"^.*\.ckpt: not a readable checkpoint \(truncated"),
     "export: folder exists": Case("export", ["run_dir={run}", "out_dir={export}"],
                                   r"^.*export exists; pass overwrite=true to replace it$"),
+    "export: metrics.json cut short": Case("export", ["run_dir={cut_run}", "out_dir={tmp}/never"],
+                                           r"^.*cut-run/metrics\.json: not valid JSON \(.*: line \d+ column \d+ "
+                                           r"\(char \d+\)\); was it cut short or edited\?$"),
+    "export: a text file as checkpoint": Case("export", ["run_dir={run}", "ckpt_path={notes}", "out_dir={tmp}/never"],
+                                              r"^.*notes\.ckpt: not a readable checkpoint \(truncated, or not written "
+                                              r"by torch\.save\): not a zip archive$"),
+    "eval: checkpoint with pickled objects": Case("eval", ["run_dir={run}", "ckpt_path={evil}"],
+                                                  r"^.*evil\.ckpt: holds objects that weights_only loading refuses "
+                                                  r"\(pathlib\.PosixPath\), not only tensors and plain data; it is not "
+                                                  r"loaded$"),
+    "eval: another run's checkpoint": Case("eval", ["run_dir={run}", "ckpt_path={other_ckpt}", "out_file=eval.json"],
+                                           r"^.*other\.ckpt: not a checkpoint of the run in .*run: its model differs "
+                                           r"from .*config\.yaml in model\.dim \(16; the run has 8\)$"),
+    "eval: out_file in a missing folder": Case("eval", ["run_dir={run}", "out_file={tmp}/nope/eval.json"],
+                                               r"^out_file=.*nope/eval\.json: .*nope is not an existing folder$"),
+    "eval: report exists": Case("eval", ["run_dir={run}", "out_file={report}"],
+                                r"^out_file=.*report\.json exists; pass overwrite=true to replace it, or another "
+                                r"out_file$"),
+    "export: compiled=cdu": Case("export", ["run_dir={run}", "out_dir={tmp}/never", "compiled=cdu"],
+                                 r"^compiled=cdu: must be one of \['auto', 'cpu', 'cuda', 'none'\]$"),
+    "export: compiled_k=0": Case("export", ["run_dir={run}", "out_dir={tmp}/never", "compiled=cpu", "compiled_k=0"],
+                                 r"^compiled_k=0: must be an integer >= 1$"),
+    "export: out_dir under a file": Case("export", ["run_dir={run}", "out_dir={notes}/export"],
+                                         r"^out_dir=.*notes\.ckpt/export: .*notes\.ckpt is a file, not a folder$"),
+    "eval: unknown kernel flag": Case("eval", ["run_dir={run}", "kernels={{interction: true}}"],
+                                      r"^kernels\.interction: unknown key; kernels has \['fused_attention_layernorm'"),
+    "eval: unknown accelerator": Case("eval", ["run_dir={run}", "accelerator=foo"],
+                                      r"^accelerator=foo devices=1 num_nodes=1: You selected an invalid accelerator "
+                                      r"name"),
     # ---- recommendation requests --------------------------------------------------------------------
     "recommend: no export_dir": Case("recommend", ["export_dir={tmp}/nope", "history=[0]"],
                                      r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),
@@ -158,6 +188,15 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
     run = Path(shutil.copytree(tiny_run_dir, tmp / "run"))
     second_run = Path(shutil.copytree(tiny_run_dir, tmp / "second-run"))
+    cut_run = Path(shutil.copytree(tiny_run_dir, tmp / "cut-run"))
+    (cut_run / "metrics.json").write_bytes((cut_run / "metrics.json").read_bytes()[:300])
+    (tmp / "notes.ckpt").write_text("not a checkpoint\n")
+    (tmp / "report.json").write_text("{}")
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, tmp / "evil.ckpt")
+    other = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=True)  # a model of another dim
+    hparams = dict(other["hyper_parameters"], dim=16)
+    other.update(hyper_parameters=hparams, state_dict=RecModule(**hparams).state_dict())
+    torch.save(other, tmp / "other.ckpt")
     planted = {"_target_": "hstu.files.write_text_atomically", "path": str(tmp / "planted.txt"), "text": "ran"}
     planted_export = Path(shutil.copytree(tiny_export_dir, tmp / "planted-export"))
     config = json.loads((planted_export / "config.json").read_text())
@@ -174,6 +213,8 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
         "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
         "second_run": str(second_run),
+        "cut_run": str(cut_run), "notes": str(tmp / "notes.ckpt"), "report": str(tmp / "report.json"),
+        "evil": str(tmp / "evil.ckpt"), "other_ckpt": str(tmp / "other.ckpt"),
     }
 
 

@@ -6,6 +6,7 @@ name the file or key at fault when something is broken, and never leave a half-w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
 import hstu.export
+from hstu.errors import CheckpointError, ConfigError, DataError
 from hstu.export import (
     build_datamodule,
     evaluate_run,
@@ -31,6 +33,7 @@ from hstu.export import (
 from hstu.inference import ExportFormatError, Recommender, training_history
 from hstu.module import RecModule
 from hstu_kernels import OPERATORS
+from cli import run_script
 from tiny_run import MAX_SEQ_LEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +82,22 @@ def _assert_same_top_k(got, want, atol):
 
 def _copy(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(run_dir, tmp_path_factory) -> Path:
+    """A checkpoint of another model (dim 16, the run's is 8) that loads and evaluates."""
+    checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
+    hparams = dict(checkpoint["hyper_parameters"], dim=16)
+    checkpoint.update(hyper_parameters=hparams, state_dict=RecModule(**hparams).state_dict())
+    path = tmp_path_factory.mktemp("other") / "other.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_report(run_dir) -> dict:
+    return evaluate_run(run_dir, accelerator="cpu")
 
 
 # ---- the export folder ---------------------------------------------------------------------------
@@ -319,14 +338,105 @@ def test_run_without_best_checkpoint_needs_ckpt_path(run_dir, tmp_path):
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, path)
-    with pytest.raises(ValueError, match="evil.ckpt: holds objects that weights_only loading refuses"):
+    with pytest.raises(ValueError, match="evil.ckpt: holds objects that weights_only loading refuses") as error:
+        load_checkpoint(path)
+    assert "pathlib.PosixPath" in str(error.value) and "False" not in str(error.value), error.value
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b'{"best_checkpoint": "checkpoints/epoch', b"[1, 2]", b"\xff\xfe\x00"],
+                         ids=["cut", "not an object", "not text"])
+def test_unreadable_metrics_json_is_named(run_dir, tmp_path, content):
+    broken = _copy(run_dir, tmp_path / "run")
+    (broken / "metrics.json").write_bytes(content)
+    with pytest.raises(DataError, match=r"metrics\.json: "):
+        load_run(broken)
+
+
+@pytest.mark.parametrize("write", [lambda path: path.write_text("just notes\n"), lambda path: path.write_bytes(b"")],
+                         ids=["text", "empty"])
+def test_file_that_is_not_a_checkpoint_is_named(tmp_path, write):
+    path = tmp_path / "notes.ckpt"
+    write(path)
+    with pytest.raises(CheckpointError, match=r"notes\.ckpt: not a readable checkpoint .*: not a zip archive$"):
         load_checkpoint(path)
 
 
-def test_evaluate_run_reproduces_the_recorded_test_metrics(run_dir):
-    report = evaluate_run(run_dir, accelerator="cpu")
+def test_another_models_checkpoint_is_refused(run_dir, other_checkpoint, tmp_path):
+    message = r"other\.ckpt: not a checkpoint of the run in .*: its model differs .* in model\.dim \(16; the run has 8"
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_run(run_dir, other_checkpoint, accelerator="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        export_run(run_dir, tmp_path / "export", ckpt_path=other_checkpoint)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("compiled, k", [("cdu", 100), ("cpu", 0), ("cpu", "10"), ("cuda", 100)])
+def test_bad_compiled_options_write_nothing(run_dir, tmp_path, monkeypatch, compiled, k):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=rf"^compiled(_k)?={compiled if k == 100 else k}: "):
+        export_run(run_dir, tmp_path / "export", compiled=compiled, compiled_k=k)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scoring_package_is_built_before_the_folder_is_moved_into_place(run_dir, tmp_path, monkeypatch):
+    def build(folder, device, k):
+        assert (folder / "model.safetensors").is_file() and not (tmp_path / "export").exists()
+        (folder / "scoring-cpu.pt2").write_bytes(b"package")
+        return folder / "scoring-cpu.pt2"
+
+    monkeypatch.setattr(hstu.export, "compile_export", build)
+    out = export_run(run_dir, tmp_path / "export", compiled="cpu", compiled_k=5)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "items.json", "model.safetensors",
+                                                     "scoring-cpu.pt2"]
+
+
+def test_failed_scoring_package_leaves_no_folder(run_dir, tmp_path, monkeypatch):
+    def build_then_fail(folder, device, k):
+        (folder / "scoring-cpu.pt2").write_bytes(b"half a package")
+        raise RuntimeError("the package does not load and run in a fresh process")
+
+    monkeypatch.setattr(hstu.export, "compile_export", build_then_fail)
+    with pytest.raises(RuntimeError, match="fresh process"):
+        export_run(run_dir, tmp_path / "export", compiled="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", ["", "/export"], ids=["a file", "under a file"])
+def test_out_dir_on_a_file_is_refused_before_loading(run_dir, tmp_path, monkeypatch, below):
+    (tmp_path / "notes").write_text("x")
+    monkeypatch.setattr(hstu.export, "load_checkpoint", lambda path: pytest.fail("loaded the checkpoint"))
+    with pytest.raises(ConfigError, match=r"^out_dir=.*notes.*: .*is a file, not a folder$"):
+        export_run(run_dir, f"{tmp_path / 'notes'}{below}", overwrite=True)
+
+
+def test_evaluate_run_reproduces_the_recorded_test_metrics(eval_report):
+    report = eval_report
     assert report["test"] == pytest.approx(report["recorded_test"], abs=1e-6)
     assert set(report["test"]) == {"hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"}
+
+
+@pytest.mark.parametrize("kernels, message", [
+    ({"interction": True}, r"^kernels\.interction: unknown key; kernels has \["),
+    ({"interaction": 2}, r"^kernels\.interaction=2: must be true or false$"),
+    (True, r"^kernels=True: must map operators to true/false"),
+])
+def test_bad_kernel_flags_are_named(run_dir, kernels, message):
+    with pytest.raises(ConfigError, match=message):
+        evaluate_run(run_dir, kernels=kernels, accelerator="cpu")
+
+
+# ids other than "gpu": that keyword is the marker conftest.py skips without a GPU
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"], ids=["accelerator=gpu", "accelerator=cuda"])
+def test_gpu_accelerator_without_a_gpu_is_named(run_dir, monkeypatch, accelerator):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=rf"^accelerator={accelerator}: no CUDA GPU is visible"):
+        evaluate_run(run_dir, accelerator=accelerator)
+
+
+def test_unusable_devices_are_named(run_dir):
+    with pytest.raises(ConfigError, match=r"^accelerator=cpu devices=0 num_nodes=1: "):
+        evaluate_run(run_dir, accelerator="cpu", devices=0)
 
 
 # ---- the command-line entry points ---------------------------------------------------------------
@@ -337,6 +447,52 @@ def test_entry_point_configs_compose(name):
         cfg = compose(name, overrides=["run_dir=r"] if name != "recommend" else ["export_dir=e"])
     if name == "export":
         assert cfg.out_dir == "r/export"
+
+
+@pytest.fixture
+def evaluations(monkeypatch, eval_report):
+    """evaluate_run replaced by one that returns ``eval_report`` and records its calls."""
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(args)
+        return eval_report
+
+    monkeypatch.setattr(hstu.export, "evaluate_run", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("out_file, message", [
+    ("nope/eval.json", r"^out_file=.*nope/eval\.json: .*nope is not an existing folder$"),
+    ("folder", r"^out_file=.*folder: is a folder$"),
+    ("eval.json", r"^out_file=.*eval\.json exists; pass overwrite=true to replace it"),
+])
+def test_eval_checks_its_out_file_before_evaluating(run_dir, tmp_path, evaluations, out_file, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "eval.json").write_text("an earlier report")
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / out_file}", "overwrite=true"
+                        if out_file == "folder" else "overwrite=false")
+    assert result.code == 1 and re.search(message, result.error_lines[-1]), result.stderr
+    assert evaluations == [] and (tmp_path / "eval.json").read_text() == "an earlier report"
+
+
+def test_eval_replaces_a_report_only_with_overwrite(run_dir, tmp_path, evaluations, eval_report):
+    (tmp_path / "eval.json").write_text("an earlier report")
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}", "overwrite=true")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["test"] == eval_report["test"]
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_eval_keeps_a_report_written_while_it_ran(run_dir, tmp_path, monkeypatch, eval_report):
+    def evaluate_while_another_writes(*args, **kwargs):
+        (tmp_path / "eval.json").write_text("the other evaluation's report")
+        return eval_report
+
+    monkeypatch.setattr(hstu.export, "evaluate_run", evaluate_while_another_writes)
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}")
+    assert result.code == 1 and "exists; pass overwrite=true" in result.stderr, result.stderr
+    assert (tmp_path / "eval.json").read_text() == "the other evaluation's report"
 
 
 def test_recommend_script_prints_top_k(export_dir):
