@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,16 +25,17 @@ from typing import Any, Callable, Mapping
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
 from hstu.config import check_data_targets, instantiate_config
 from hstu.data.datamodule import SequenceDataModule
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
+from hstu.checkpoints import load_checkpoint, model_differences
 from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
@@ -51,7 +50,6 @@ HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
 # and the wrapper of a torch.compile'd submodule.
 MODULE_PREFIX = "model."
 COMPILED_PREFIX = "_orig_mod."
-ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
 COMPILED_CHOICES = ("auto", "cpu", "cuda", "none")
 
 
@@ -133,30 +131,6 @@ def _rerooted(path: Path, run: TrainingRun) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, unpickling tensors and plain containers only."""
-    unreadable = f"{path}: not a readable checkpoint (truncated, or not written by torch.save)"
-    with open(path, "rb") as f:
-        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:  # else torch would try its legacy format, with any error
-            raise CheckpointError(f"{unreadable}: not a zip archive")
-    try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as error:
-        # torch's message advises weights_only=False, which would run whatever the file names: not repeated
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses"
-                              f"{f' ({found.group(1)})' if found else ''}, not only tensors and plain data; "
-                              "it is not loaded") from error
-    except Exception as error:  # torch's zip reader fails on a cut file
-        raise CheckpointError(f"{unreadable}: {(str(error).splitlines() or [type(error).__name__])[0]}") from error
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
-    for key in ("state_dict", "hyper_parameters"):
-        if key not in checkpoint:
-            raise CheckpointError(f"{path}: no {key!r} entry; is it a RecModule checkpoint?")
-    return checkpoint
-
-
 def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """SequentialRecommender's network arguments from a RecModule checkpoint's ``hyper_parameters``."""
     hparams = checkpoint["hyper_parameters"]
@@ -168,24 +142,11 @@ def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> di
 
 def check_checkpoint_of_run(run: TrainingRun, checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """CheckpointError naming the model keys whose values in the checkpoint differ from the run's config."""
-    missing = "<missing>"
     model = run.resolved("model")
-    ours, theirs = {}, {}
-    for key in MODEL_KEYS:
-        if key != "num_items":  # not a config key; the data decides it (checked against the data later)
-            ours.update(_flat(model.get(key, missing) if isinstance(model, dict) else missing, f"model.{key}"))
-            theirs.update(_flat(checkpoint["hyper_parameters"].get(key, missing), f"model.{key}"))
-    differ = [f"{key} ({theirs.get(key, missing)}; the run has {ours.get(key, missing)})"
-              for key in sorted(ours.keys() | theirs.keys()) if ours.get(key, missing) != theirs.get(key, missing)]
+    differ = model_differences(model if isinstance(model, dict) else {}, checkpoint["hyper_parameters"], MODEL_KEYS)
     if differ:
         raise CheckpointError(f"{path}: not a checkpoint of the run in {run.run_dir}: its model differs from "
                               f"{run.config_path} in {', '.join(differ)}")
-
-
-def _flat(value: Any, key: str) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}").items()}
-    return {key: value}
 
 
 def recommender_state_dict(module_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

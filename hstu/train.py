@@ -26,11 +26,13 @@ from hstu.callbacks import (
     RichProgressBar,
     StopOnNonFiniteLoss,
 )
+from hstu.checkpoints import load_checkpoint, model_differences
 from hstu.config import check_accelerator, check_config, instantiate_config
 from hstu.data.sources import absolute_path
 from hstu.distributed import prepare_on_rank_zero, refuse_launched_multirun, summed_operator_stats
 from hstu.errors import CheckpointError, ConfigError, MissingFileError
 from hstu.files import write_text_atomically
+from hstu.inference import MODEL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,10 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
     return [instantiate_config(node) for node in (section or {}).values() if node is not None and "_target_" in node]
 
 
-def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> Path | None:
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictConfig) -> Path | None:
     """The checkpoint to resume from: None, ``<run_dir>/checkpoints/last.ckpt`` for ``last``, else the file.
-    A checkpoint that is missing or not a torch file is an error: training never silently starts over."""
+    A checkpoint that is missing, unreadable, holding pickled objects or of another model (settings that
+    differ from ``model_config``) is an error: training never silently starts over or mixes models."""
     if ckpt_path is None:
         return None
     path = run_dir / CHECKPOINT_DIR / "last.ckpt" if ckpt_path == "last" else absolute_path(ckpt_path)
@@ -61,6 +64,14 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> Path | None:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"ckpt_path={ckpt_path}: {path} is not a readable checkpoint (truncated, or not "
                               "written by torch.save)")
+    try:
+        hyper_parameters = load_checkpoint(path)["hyper_parameters"]
+    except CheckpointError as error:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: {error}") from error
+    differ = model_differences(OmegaConf.to_container(model_config, resolve=True), hyper_parameters, MODEL_KEYS)
+    if differ:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: a checkpoint of another model: it differs from this run's "
+                              f"config in {', '.join(differ)}")
     return path
 
 
@@ -126,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         log.info("run directory: %s", out_dir.resolve())
-    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir)
+    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir, cfg.model)
     check_run_dir(out_dir, resume)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():

@@ -95,6 +95,12 @@ CASES = {
     "ckpt_path=last, new directory": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path=last"],
                                           r"^ckpt_path=last: .*last\.ckpt does not exist; to resume a run, give its "
                                           r"directory too: hydra\.run\.dir=<run dir> ckpt_path=last$"),
+    "resume from pickled objects": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={evil}"],
+                                        r"^ckpt_path=.*evil\.ckpt: .*evil\.ckpt: holds objects that weights_only loading "
+                                        r"refuses \(pathlib\.PosixPath\), not only tensors and plain data; it is not loaded$"),
+    "resume from another model": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={other_ckpt}"],
+                                      r"^ckpt_path=.*other\.ckpt: a checkpoint of another model: it differs from this "
+                                      r"run's config in .*model\.dim \(16; the run has 8\)"),
     "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
                                  r"^ckpt_path=.*: .* is not a readable checkpoint \(truncated, or not written by"),
     "another run's checkpoint into a run's directory": Case(

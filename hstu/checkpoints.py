@@ -1,0 +1,62 @@
+"""Reading Lightning checkpoints safely: tensors and plain containers only, never pickled objects.
+
+:func:`load_checkpoint` names the file and what is wrong with it in one line (not a torch file, cut
+short, holding objects); :func:`model_differences` names the model settings in which a checkpoint
+differs from a config, so that neither evaluation nor a resumed run pairs one model with another's
+weights or records.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from hstu.errors import CheckpointError
+
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
+MISSING = "<missing>"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents, unpickling tensors and plain containers only."""
+    unreadable = f"{path}: not a readable checkpoint (truncated, or not written by torch.save)"
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:  # else torch would try its legacy format, with any error
+            raise CheckpointError(f"{unreadable}: not a zip archive")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        # torch's message advises weights_only=False, which would run whatever the file names: not repeated
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses"
+                              f"{f' ({found.group(1)})' if found else ''}, not only tensors and plain data; "
+                              "it is not loaded") from error
+    except Exception as error:  # torch's zip reader fails on a cut file
+        raise CheckpointError(f"{unreadable}: {(str(error).splitlines() or [type(error).__name__])[0]}") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+    for key in ("state_dict", "hyper_parameters"):
+        if key not in checkpoint:
+            raise CheckpointError(f"{path}: no {key!r} entry; is it a RecModule checkpoint?")
+    return checkpoint
+
+
+def model_differences(config: Mapping[str, Any], hyper_parameters: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """``model.<key> (checkpoint value; the config has value)`` for each setting under ``keys`` (nested
+    ones flattened) that differs; ``num_items`` is left out, since the data decides it."""
+    ours, theirs = {}, {}
+    for key in keys:
+        if key != "num_items":
+            ours.update(_flat(config.get(key, MISSING), f"model.{key}"))
+            theirs.update(_flat(hyper_parameters.get(key, MISSING), f"model.{key}"))
+    return [f"{key} ({theirs.get(key, MISSING)}; the run has {ours.get(key, MISSING)})"
+            for key in sorted(ours.keys() | theirs.keys()) if ours.get(key, MISSING) != theirs.get(key, MISSING)]
+
+
+def _flat(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}").items()}
+    return {key: value}
