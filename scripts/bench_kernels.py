@@ -410,14 +410,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_shapes(spec: OperatorSpec, texts: Sequence[str] | None) -> list[tuple[int, ...]]:
+    """Each of --shapes as the op's fields: integers >= 1, or >= 0 in a field that the op's own target
+    shapes set to 0 (the full softmax's R)."""
     if not texts:
         return list(spec.bench.default_shapes)
+    fields = spec.bench.shape_fields
+    zero_allowed = {i for shape in spec.bench.default_shapes for i, size in enumerate(shape) if size == 0}
     shapes = []
     for text in texts:
-        shape = tuple(int(part) for part in text.split(","))
-        if len(shape) != len(spec.bench.shape_fields):
-            raise SystemExit(f"--shapes {text!r}: {spec.key} takes {','.join(spec.bench.shape_fields)}")
-        shapes.append(shape)
+        parts = text.split(",")
+        if len(parts) != len(fields):
+            raise SystemExit(f"--shapes {text!r}: {spec.key} takes {','.join(fields)}")
+        for i, (field, part) in enumerate(zip(fields, parts)):
+            lowest = 0 if i in zero_allowed else 1
+            if not (part.strip().isdecimal() and int(part) >= lowest):
+                raise SystemExit(f"--shapes {text!r}: {field} must be an integer >= {lowest}, got {part!r}")
+        shapes.append(tuple(int(part) for part in parts))
     return shapes
 
 

@@ -1,0 +1,47 @@
+"""scripts/bench_kernels.py refuses bad options with one line naming the option, before timing or writing anything."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTENTION = "hstu_hierarchical_attention"
+TINY = ["--dtype", "fp32", "--mode", "fwd", "--providers", "reference", "--rep", "2", "--warmup", "1"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_kernels", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(bench, args, csv_path) -> str:
+    """The message bench_kernels exits with; nothing may have been written to ``csv_path``."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args + ["--csv", str(csv_path)])
+    assert not csv_path.exists()
+    return str(exit_.value.code)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("2,16,1,1b", r"--shapes '2,16,1,1b': d must be an integer >= 1, got '1b'"),
+    ("2,16,x,16", r"--shapes '2,16,x,16': H must be an integer >= 1, got 'x'"),
+    ("0,16,1,16", r"--shapes '0,16,1,16': B must be an integer >= 1, got '0'"),
+    ("2,-16,1,16", r"--shapes '2,-16,1,16': N must be an integer >= 1, got '-16'"),
+])
+def test_a_shape_field_that_is_not_a_positive_integer_is_refused(bench, tmp_path, shape, message):
+    assert refused(bench, ["--op", ATTENTION, "--shapes", shape, *TINY], tmp_path / "bench.csv") == message
+
+
+def test_a_field_that_the_ops_target_shapes_set_to_0_takes_0(bench, tmp_path):
+    """The full softmax's shapes have R = 0 (M x D x R x I)."""
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--op", "sequence_recommendation_interaction", "--variant", "full", "--shapes", "4,8,0,16", *TINY,
+                "--csv", str(csv_path)])
+    header, row = csv_path.read_text().splitlines()
+    row = dict(zip(header.split(","), row.split(",")))
+    assert row["shape"] == "4x8x0x16" and row["variant"] == "full" and float(row["ms"]) > 0
