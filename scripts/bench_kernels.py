@@ -437,6 +437,15 @@ def parse_modes(spec: OperatorSpec, text: str) -> list[str]:
     return [m for m in modes if m in spec.bench.modes]
 
 
+def parse_providers(text: str) -> list[str]:
+    providers = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown or not providers:
+        problem = f"unknown {unknown}" if unknown else "no provider named"
+        raise SystemExit(f"--providers {text!r}: {problem}; valid: {', '.join(PROVIDERS)}")
+    return providers
+
+
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float], list[Result]]]:
     args = parse_args(argv)
     # Autograd's threading is thread-local state: set for this (single-threaded) harness, restored after.
@@ -448,10 +457,10 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     spec = OPERATORS[args.op]
     args.validate = args.call == "api"  # read by the operators' case builders
     shapes, modes = parse_shapes(spec, args.shapes), parse_modes(spec, args.mode)
+    providers = parse_providers(args.providers)
     if args.peer_worker:
         peer_worker(spec, shapes[0], args, modes)
         return []
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     # The reference first: its output is what the others' max|diff| is measured against.
     providers.sort(key=lambda p: (p != "reference", p == "peer"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -45,3 +45,13 @@ def test_a_field_that_the_ops_target_shapes_set_to_0_takes_0(bench, tmp_path):
     header, row = csv_path.read_text().splitlines()
     row = dict(zip(header.split(","), row.split(",")))
     assert row["shape"] == "4x8x0x16" and row["variant"] == "full" and float(row["ms"]) > 0
+
+
+@pytest.mark.parametrize("providers, message", [
+    ("reference,trition", "--providers 'reference,trition': unknown ['trition']; valid: "
+                          "triton, reference, eager, compiled, peer, copy"),
+    (",", "--providers ',': no provider named; valid: triton, reference, eager, compiled, peer, copy"),
+])
+def test_an_unknown_provider_is_refused_before_any_row_is_written(bench, tmp_path, providers, message):
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--providers", providers]
+    assert refused(bench, args, tmp_path / "bench.csv") == message
