@@ -268,11 +268,30 @@ def run_peer_in_child(spec: OperatorSpec, shape, args, modes, case: BenchCase) -
     return results
 
 
+def build_case(spec: OperatorSpec, shape, args, device: torch.device) -> BenchCase:
+    """The op's case at ``shape``. An op takes --variant if its case builder reads ``variant`` (and
+    then checks the name itself); a --variant given to one that never reads it is refused. Only that
+    one read is watched: the case's calls read the other options as plain attributes."""
+    read = []
+
+    class Options(argparse.Namespace):
+        @property
+        def variant(self) -> str:
+            read.append(True)
+            return args.variant
+
+    options = Options(**{name: value for name, value in vars(args).items() if name != "variant"})
+    case = spec.bench.build(shape, DTYPES[args.dtype], device, options)
+    if args.variant and not read:
+        raise SystemExit(f"--variant {args.variant!r}: {spec.key} takes no --variant")
+    return case
+
+
 def peer_worker(spec: OperatorSpec, shape, args, modes) -> None:
     """Child side of run_peer_in_child: time the peer, print one tagged JSON line per mode.
     max_diff is against our Triton output when that runs here (a check that the peer is called right)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    case = spec.bench.build(shape, DTYPES[args.dtype], device, args)
+    case = build_case(spec, shape, args, device)
     try:
         with torch.no_grad():
             ours = case.call("triton")
@@ -466,7 +485,7 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for shape in shapes:
-        case = spec.bench.build(shape, DTYPES[args.dtype], device, args)
+        case = build_case(spec, shape, args, device)
         results, reference_out = [], None
         for provider in providers:
             if provider == "peer":

@@ -55,3 +55,13 @@ def test_a_field_that_the_ops_target_shapes_set_to_0_takes_0(bench, tmp_path):
 def test_an_unknown_provider_is_refused_before_any_row_is_written(bench, tmp_path, providers, message):
     args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--providers", providers]
     assert refused(bench, args, tmp_path / "bench.csv") == message
+
+
+def test_a_variant_is_refused_by_an_op_that_takes_none(bench, tmp_path):
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--variant", "rows"]
+    assert refused(bench, args, tmp_path / "bench.csv") == f"--variant 'rows': {ATTENTION} takes no --variant"
+
+
+def test_an_op_with_variants_refuses_one_it_does_not_have(bench, tmp_path):
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--variant", "row"]
+    assert refused(bench, args, tmp_path / "bench.csv") == "--variant 'row': interaction takes '' or one of stream, rows"
