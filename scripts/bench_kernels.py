@@ -465,6 +465,15 @@ def parse_providers(text: str) -> list[str]:
     return providers
 
 
+def check_csv(text: str) -> None:
+    """--csv must name a file (new or to append to) in an existing folder: checked before any timing."""
+    path = Path(text)
+    if path.is_dir():
+        raise SystemExit(f"--csv {text}: is a folder, not a file")
+    if not path.parent.is_dir():
+        raise SystemExit(f"--csv {text}: {path.parent} is not an existing folder")
+
+
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float], list[Result]]]:
     args = parse_args(argv)
     # Autograd's threading is thread-local state: set for this (single-threaded) harness, restored after.
@@ -477,6 +486,8 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     args.validate = args.call == "api"  # read by the operators' case builders
     shapes, modes = parse_shapes(spec, args.shapes), parse_modes(spec, args.mode)
     providers = parse_providers(args.providers)
+    if args.csv:
+        check_csv(args.csv)
     if args.peer_worker:
         peer_worker(spec, shapes[0], args, modes)
         return []

@@ -65,3 +65,14 @@ def test_a_variant_is_refused_by_an_op_that_takes_none(bench, tmp_path):
 def test_an_op_with_variants_refuses_one_it_does_not_have(bench, tmp_path):
     args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--variant", "row"]
     assert refused(bench, args, tmp_path / "bench.csv") == "--variant 'row': interaction takes '' or one of stream, rows"
+
+
+def test_a_csv_path_that_cannot_be_written_is_refused_before_timing(bench, tmp_path):
+    (tmp_path / "file").write_text("")
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY]
+    assert refused(bench, args, tmp_path / "file" / "bench.csv") == \
+        f"--csv {tmp_path}/file/bench.csv: {tmp_path}/file is not an existing folder"
+    assert refused(bench, args, tmp_path / "missing" / "bench.csv") == \
+        f"--csv {tmp_path}/missing/bench.csv: {tmp_path}/missing is not an existing folder"
+    with pytest.raises(SystemExit, match=f"^--csv {tmp_path}: is a folder, not a file$"):
+        bench.main(args + ["--csv", str(tmp_path)])
