@@ -453,7 +453,10 @@ def parse_modes(spec: OperatorSpec, text: str) -> list[str]:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"--mode {text!r}: unknown {unknown}; valid: {', '.join(MODES)}")
-    return [m for m in modes if m in spec.bench.modes]
+    modes = [m for m in modes if m in spec.bench.modes]
+    if not modes:
+        raise SystemExit(f"--mode {text!r}: {spec.key} times only {', '.join(spec.bench.modes)}")
+    return modes
 
 
 def parse_providers(text: str) -> list[str]:

@@ -76,3 +76,9 @@ def test_a_csv_path_that_cannot_be_written_is_refused_before_timing(bench, tmp_p
         f"--csv {tmp_path}/missing/bench.csv: {tmp_path}/missing is not an existing folder"
     with pytest.raises(SystemExit, match=f"^--csv {tmp_path}: is a folder, not a file$"):
         bench.main(args + ["--csv", str(tmp_path)])
+
+
+def test_modes_that_leave_nothing_to_time_are_refused(bench, tmp_path):
+    """--mode keeps the op's modes among those named (topk has fwd only); none left is refused."""
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--mode", "bwd,fwd+bwd"]
+    assert refused(bench, args, tmp_path / "bench.csv") == "--mode 'bwd,fwd+bwd': interaction times only fwd"
