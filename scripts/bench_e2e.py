@@ -500,6 +500,8 @@ def new_run_dir(out: Path) -> Path:
             return run_dir
         except FileExistsError:
             continue
+        except OSError as error:  # a file on the way, no permission, ...
+            raise SystemExit(f"--out {out}: cannot make a run folder there ({error.strerror})") from None
 
 
 def run_variant(config: str, variant: str, batches_file: Path, run_dir: Path, timeout: float,

@@ -240,3 +240,11 @@ def test_compiled_yardstick_matches_eager_on_cuda(mode):
         # Inductor sums in another order, and after a few AdamW steps (which divide by sqrt(v) and so
         # magnify differences in small gradients) fp32 rounding shows in the 4th-5th digit.
         assert losses[1] == pytest.approx(losses[0], rel=1e-3), step
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    bench = load_script()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path}/file/bench: cannot make a run folder there "
+                                         r"\(Not a directory\)$"):
+        bench.main(["--configs", "smoke", "--variants", "yardstick-eager", "--out", str(tmp_path / "file" / "bench")])
