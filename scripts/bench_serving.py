@@ -482,6 +482,10 @@ def main(argv=None) -> list[Row]:
         setattr(args, option, values)
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.error("--devices: cuda named, but torch sees no CUDA device here")
+    out_folder = Path(args.out).parent
+    nearest = next(folder for folder in (out_folder, *out_folder.parents) if folder.exists())
+    if not nearest.is_dir():  # checked now: write_results makes <out>'s folder only after the whole run
+        parser.error(f"--out {args.out}: {nearest} is a file, not a folder")
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown scenario(s) or config(s): {unknown}")

@@ -102,3 +102,13 @@ def test_cuda_is_refused_where_torch_sees_no_cuda_device(tmp_path, monkeypatch, 
     last_line = capsys.readouterr().err.splitlines()[-1]
     assert exit_.value.code == 2
     assert last_line.endswith("error: --devices: cuda named, but torch sees no CUDA device here")
+
+
+def test_an_out_under_a_file_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    bench = load_bench(monkeypatch)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "deeper" / "serving"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --out {out}: {tmp_path}/file is a file, not a folder")
