@@ -68,7 +68,6 @@ from hstu.serving.ids import ItemIdIndex
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
-HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to; loopback unless told otherwise
 
 STAGE_HEADER = "x-stage-ns"
 # With stage_timing, in the order a request meets them: the HTTP process's (header) and the worker's (body).
