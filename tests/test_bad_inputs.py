@@ -117,6 +117,10 @@ CASES = {
                                                             "request_time=yesterday"],
                                               r"^Error merging override request_time=yesterday$",
                                               r"Value 'yesterday' of type 'str' could not be converted"),
+    "recommend: request_time before the history": Case(
+        "recommend", ["export_dir={export}", "history=[0,1,2]", "timestamps=[1600000000,1600000060,1600000120]",
+                      "request_time=1500000000"],
+        r"^request_time=1500000000 is before the last event of history 0 \(1600000120\): a request comes after"),
     # ---- serving -------------------------------------------------------------------------------------
     "serve: port not a number": Case("serve", ["export_dir={export}", "port=80OO"],
                                      r"^Error merging override port=80OO$", r"Value '80OO' of type 'str' could not be"),

@@ -97,6 +97,8 @@ BAD_REQUESTS = {
     "empty history": ({**GOOD, "events": []}, "events is empty"),
     "k zero": ({**GOOD, "k": 0}, "k=0 is out of range"),
     "k above items": ({**GOOD, "k": NUM_ITEMS + 1}, f"k={NUM_ITEMS + 1} is out of range"),
+    "request_time before the events": ({**GOOD, "request_time": 1_600_000_059},
+                                       "request_time=1600000059 is before the last event (1600000060)"),
     "float timestamp": ({**GOOD, "events": [[ORIGINAL_IDS[0], 1_600_000_000.5]]}, "int"),
     "string timestamp": ({**GOOD, "events": [[ORIGINAL_IDS[0], "yesterday"]]}, "int"),
     "missing events": ({"user_id": 1, "k": 3}, "events"),
