@@ -122,6 +122,8 @@ CASES = {
                       "request_time=1500000000"],
         r"^request_time=1500000000 is before the last event of history 0 \(1600000120\): a request comes after"),
     # ---- serving -------------------------------------------------------------------------------------
+    "serve: no export_dir": Case("serve", ["export_dir={tmp}/nope"],
+                                 r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),
     "serve: port not a number": Case("serve", ["export_dir={export}", "port=80OO"],
                                      r"^Error merging override port=80OO$", r"Value '80OO' of type 'str' could not be"),
     "serve: port below 1024": Case("serve", ["export_dir={export}", "port=80"],

@@ -61,6 +61,7 @@ from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import LitAPIStatus, LoopResponseType
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, model_validator
 
+from hstu.errors import MissingFileError
 from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.ids import ItemIdIndex
@@ -325,6 +326,8 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     ``ServingOptions`` fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off
     (module docstring).
     """
+    if not Path(export_dir).is_dir():
+        raise MissingFileError(f"export_dir={export_dir}: no such directory (scripts/export.py writes one)")
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
     num_items = config["model"]["num_items"]
