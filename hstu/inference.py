@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import operator
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -184,13 +184,17 @@ class Recommender:
         time order with a stable sort (ties keep the given order), as in training. The model sees the
         ``max_seq_len`` most recent events; ``exclude_seen`` masks every item of the full history.
         ``request_time``: Unix seconds per user (or one value for all), the time the recommendation is
-        for; it is the query time of the last position in the HSTU time bias. None: the last event's.
+        for, not before the user's last event; it is the query time of the last position in the HSTU
+        time bias. None: the last event's.
         Scores are cosine similarities. Fewer than ``k`` pairs come back when fewer items are left.
         """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise RequestError(f"k must be an integer, got {k!r}")
         if k < 1:
             raise RequestError(f"k must be >= 1, got {k}")
         times = _per_user_times(request_time, len(histories))
         events = prepare_histories(self._ids, histories, unknown_items)
+        _check_not_before_history(times, events.last_timestamps())
         results: list[list[tuple[Hashable, float]]] = []
         for start in range(0, len(events), batch_size):
             results += self._recommend_batch(events.users(start, start + batch_size),
@@ -267,14 +271,42 @@ class Recommender:
 
 
 def _per_user_times(request_time, num_users: int) -> list[int | None]:
+    """``recommend``'s request_time as one entry per history (None: the last event's time)."""
     if request_time is None:
         return [None] * num_users
-    if isinstance(request_time, (int, np.integer)):
-        return [int(request_time)] * num_users
+    single = _unix_seconds(request_time)
+    if single is not None:
+        return [single] * num_users
+    if isinstance(request_time, (str, bytes, Mapping)) or not isinstance(request_time, Iterable):
+        raise RequestError(f"request_time={request_time!r}: must be Unix seconds (an int) or a list of them, "
+                           "one per history")
     times = list(request_time)
     if len(times) != num_users:
         raise RequestError(f"request_time has {len(times)} entries for {num_users} histories")
-    return [None if t is None else operator.index(t) for t in times]
+    seconds = [None if t is None else _unix_seconds(t) for t in times]
+    bad = [b for b, (t, s) in enumerate(zip(times, seconds)) if t is not None and s is None]
+    if bad:
+        raise RequestError(f"request_time[{bad[0]}]={times[bad[0]]!r}: must be Unix seconds (an int) or None")
+    return seconds
+
+
+def _unix_seconds(value) -> int | None:
+    """``value`` as an int when it is an integer (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_not_before_history(times: list[int | None], last_timestamps: np.ndarray) -> None:
+    """RequestError when a request time precedes its history's last event (the time bias would read
+    the gap as if the request came that long after it)."""
+    for b, request_time in enumerate(times):
+        if request_time is not None and request_time < last_timestamps[b]:
+            raise RequestError(f"request_time={request_time} is before the last event of history {b} "
+                               f"({last_timestamps[b]}): a request comes after its history")
 
 
 def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | None = None) -> History:

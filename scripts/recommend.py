@@ -6,10 +6,12 @@ from omegaconf import DictConfig
 
 from hstu.errors import ConfigError
 from hstu.inference import Recommender, training_history
+from hstu.serving.config import check_recommend_config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="recommend")
 def main(cfg: DictConfig) -> None:
+    check_recommend_config(cfg)
     if (cfg.user is None) == (cfg.history is None):
         raise ConfigError("give either user=<original user id> or history=[original item ids]")
     recommender = Recommender.from_export(cfg.export_dir, device=cfg.device)

@@ -3,21 +3,22 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hstu.serving.server import HOSTS, build_server
+from hstu.serving.config import HOST_ALIASES, check_serve_config
+from hstu.serving.server import build_server
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
-    if cfg.host not in HOSTS:
-        raise ValueError(f"host must be one of {HOSTS} (what LitServe binds to), got {cfg.host!r}")
+    check_serve_config(cfg)
+    host = HOST_ALIASES.get(cfg.host, cfg.host)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     kernels = OmegaConf.to_container(cfg.kernels) if cfg.kernels is not None else None
     server = build_server(cfg.export_dir, device=device, workers=cfg.workers, max_batch_size=cfg.max_batch_size,
                           batch_timeout=cfg.batch_timeout, cache_bytes=cfg.cache_bytes,
                           cuda_graphs=cfg.cuda_graphs, graph_bytes=cfg.graph_bytes, kernels=kernels,
                           timeout=cfg.timeout, warm_up=cfg.warm_up, stage_timing=cfg.stage_timing)
-    print(f"serving {cfg.export_dir} on http://{cfg.host}:{cfg.port} ({device}, {cfg.workers} worker(s))", flush=True)
-    server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, log_level=cfg.log_level,
+    print(f"serving {cfg.export_dir} on http://{host}:{cfg.port} ({device}, {cfg.workers} worker(s))", flush=True)
+    server.run(host=host, port=cfg.port, num_api_servers=cfg.api_servers, log_level=cfg.log_level,
                generate_client_file=False)
 
 

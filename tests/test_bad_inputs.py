@@ -163,6 +163,38 @@ CASES = {
     "recommend: no request": Case("recommend", ["export_dir={export}"],
                                   r"^give either user=<original user id> or history=\[original item ids\]$"),
     "recommend: k=0": Case("recommend", ["export_dir={export}", "history=[0]", "k=0"], r"^k must be >= 1, got 0$"),
+    "recommend: k=ten": Case("recommend", ["export_dir={export}", "history=[0]", "k=ten"],
+                             r"^Error merging override k=ten$", r"Value 'ten' of type 'str' could not be converted"),
+    "recommend: history not a list": Case("recommend", ["export_dir={export}", "history=12"],
+                                          r"^Error merging override history=12$", r"int is not a ListConfig, list"),
+    "recommend: no such GPU": Case("recommend", ["export_dir={export}", "history=[0]", "device=cuda:99"],
+                                   r"^device=cuda:99: (no CUDA GPU is visible here|only \d+ CUDA GPU\(s\) are "
+                                   r"visible)"),
+    "recommend: request_time=yesterday": Case("recommend", ["export_dir={export}", "history=[0,1]",
+                                                            "request_time=yesterday"],
+                                              r"^Error merging override request_time=yesterday$",
+                                              r"Value 'yesterday' of type 'str' could not be converted"),
+    "recommend: request_time before the history": Case(
+        "recommend", ["export_dir={export}", "history=[0,1,2]", "timestamps=[1600000000,1600000060,1600000120]",
+                      "request_time=1500000000"],
+        r"^request_time=1500000000 is before the last event of history 0 \(1600000120\): a request comes after"),
+    # ---- serving -------------------------------------------------------------------------------------
+    "serve: no export_dir": Case("serve", ["export_dir={tmp}/nope"],
+                                 r"^export_dir=.*nope: no such directory \(scripts/export\.py writes one\)$"),
+    "serve: port not a number": Case("serve", ["export_dir={export}", "port=80OO"],
+                                     r"^Error merging override port=80OO$", r"Value '80OO' of type 'str' could not be"),
+    "serve: port below 1024": Case("serve", ["export_dir={export}", "port=80"],
+                                   r"^port=80: must lie in \[1024, 65535\] \(what LitServe binds to\)$"),
+    "serve: workers=0": Case("serve", ["export_dir={export}", "workers=0"], r"^workers=0: must be >= 1$"),
+    "serve: unknown host": Case("serve", ["export_dir={export}", "host=example.com"],
+                                r"^host=example\.com: must be one of \['127\.0\.0\.1', '0\.0\.0\.0', '::', "
+                                r"'localhost'\]$"),
+    "serve: unknown kernel flag": Case("serve", ["export_dir={export}", "kernels={{interction: true}}"],
+                                       r"^kernels\.interction: unknown kernel flag; kernels has \['hstu_hierarchical_"),
+    "serve: kernel flag yes": Case("serve", ["export_dir={export}", "kernels={{interaction: yes}}"],
+                                   r"^kernels\.interaction=yes: must be true or false$"),
+    "serve: batch_timeout above timeout": Case("serve", ["export_dir={export}", "batch_timeout=40", "timeout=30"],
+                                               r"^batch_timeout=40\.0: must not exceed timeout=30\.0$"),
     # ---- loading never calls what a file names ------------------------------------------------------
     "recommend: config.json names a function": Case(
         "recommend", ["export_dir={planted_export}", "user=1"],

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from hstu.errors import RequestError
 from hstu.inference import Recommender
 from hstu.model.recommender import SequentialRecommender
 from hstu.serving.engine import ServingOptions
@@ -470,6 +471,20 @@ def test_bad_requests_are_named(behaviors, k, message):
     with pytest.raises((ValueError, KeyError), match=message):
         recommender.infer_with_optimal_strategy("u", behaviors, k)
     assert recommender.get_comprehensive_stats()["serving"]["requests"] == 0
+
+
+@pytest.mark.parametrize("k, request_time, message", [
+    ("ten", None, r"^k must be an integer, got 'ten'$"),
+    (3, "yesterday", r"^request_time='yesterday': must be Unix seconds \(an int\) or a list of them, one per history$"),
+    (3, [1_700_000_000, "a"], r"^request_time\[1\]='a': must be Unix seconds \(an int\) or None$"),
+    (3, [1_700_000_000, 1_500_000_000], r"^request_time=1500000000 is before the last event of history 1 \(\d+\)"),
+])
+def test_bad_recommend_arguments_are_named(k, request_time, message):
+    """Recommender.recommend names k or request_time (a string is not read character by character, a
+    time before the history is refused) instead of failing inside or ranking for that time."""
+    histories = [random_history(4, seed=seed) for seed in (1, 2)]  # events in 2020, before 1_700_000_000
+    with pytest.raises(RequestError, match=message):
+        make_recommender().recommend(histories, k=k, request_time=request_time)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("litserve", reason="the serve extra is not installed (pip install -e .[serve])")
 requests = pytest.importorskip("requests")
 
+from cli import run_script  # noqa: E402
 from hstu.export import write_export  # noqa: E402
 from hstu.inference import Recommender  # noqa: E402
 from hstu.serving.process import ServerProcess  # noqa: E402
@@ -96,6 +97,8 @@ BAD_REQUESTS = {
     "empty history": ({**GOOD, "events": []}, "events is empty"),
     "k zero": ({**GOOD, "k": 0}, "k=0 is out of range"),
     "k above items": ({**GOOD, "k": NUM_ITEMS + 1}, f"k={NUM_ITEMS + 1} is out of range"),
+    "request_time before the events": ({**GOOD, "request_time": 1_600_000_059},
+                                       "request_time=1600000059 is before the last event (1600000060)"),
     "float timestamp": ({**GOOD, "events": [[ORIGINAL_IDS[0], 1_600_000_000.5]]}, "int"),
     "string timestamp": ({**GOOD, "events": [[ORIGINAL_IDS[0], "yesterday"]]}, "int"),
     "missing events": ({"user_id": 1, "k": 3}, "events"),
@@ -159,6 +162,20 @@ def test_binds_loopback_and_writes_nothing_into_the_working_directory(server):
             listening.add(address)
     assert listening == {"0100007F"}  # 127.0.0.1, little-endian hex
     assert list(server.cwd.iterdir()) == []
+
+
+def test_localhost_binds_loopback(export_dir, monkeypatch):
+    """host=localhost is taken as 127.0.0.1 (LitServe binds only to addresses)."""
+    ran = {}
+
+    class NotStarted:
+        def run(self, **kwargs):
+            ran.update(kwargs)
+
+    monkeypatch.setattr("hstu.serving.server.build_server", lambda *args, **kwargs: NotStarted())
+    result = run_script("serve", f"export_dir={export_dir}", "host=localhost")
+    assert result.code == 0, result.stderr
+    assert ran["host"] == "127.0.0.1" and "on http://127.0.0.1:8000 " in result.stdout
 
 
 def worker_pid(server) -> int:

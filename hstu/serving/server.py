@@ -32,9 +32,9 @@ the ``x-stage-ns`` header, the inference worker's in the response's ``stage_ns``
 Requests are validated in the HTTP process, before they join a batch: an error raised inside a
 batched ``predict`` would fail every request of that batch. The request model (pydantic) rejects
 malformed JSON, missing or extra fields, non-integer timestamps, k out of [1, num_items], an empty
-history and items the model never saw, each with a 422 whose ``detail`` names the field and the
-problem; the server keeps serving. The catalogue the check needs (items.json) is loaded in the
-main process, so uvicorn's forked HTTP processes have it.
+history, a request_time before the last event and items the model never saw, each with a 422 whose
+``detail`` names the field and the problem; the server keeps serving. The catalogue the check needs
+(items.json) is loaded in the main process, so uvicorn's forked HTTP processes have it.
 
 Each inference worker publishes its stats to a dict shared through a ``multiprocessing`` manager,
 at most every ``STATS_PERIOD_S`` seconds and after its first batch; ``/stats`` reads them.
@@ -61,6 +61,7 @@ from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import LitAPIStatus, LoopResponseType
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, model_validator
 
+from hstu.errors import MissingFileError
 from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.ids import ItemIdIndex
@@ -68,7 +69,6 @@ from hstu.serving.ids import ItemIdIndex
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
-HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to; loopback unless told otherwise
 
 STAGE_HEADER = "x-stage-ns"
 # With stage_timing, in the order a request meets them: the HTTP process's (header) and the worker's (body).
@@ -130,6 +130,11 @@ class RecommendRequest(BaseModel):
             raise ValueError(f"k={self.k} is out of range: it must lie in [1, {_Catalogue.num_items}] (the number of items)")
         if not self.events:
             raise ValueError("events is empty: at least one [item, timestamp] event is needed")
+        if self.request_time is not None:
+            last = max(timestamp for _, timestamp in self.events)
+            if self.request_time < last:
+                raise ValueError(f"request_time={self.request_time} is before the last event ({last}): "
+                                 "a request comes after its history")
         items = [item for item, _ in self.events]
         unknown = np.flatnonzero(index.lookup(items) == 0)
         if unknown.size:
@@ -321,6 +326,8 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     ``ServingOptions`` fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off
     (module docstring).
     """
+    if not Path(export_dir).is_dir():
+        raise MissingFileError(f"export_dir={export_dir}: no such directory (scripts/export.py writes one)")
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
     num_items = config["model"]["num_items"]
