@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cli import SCRIPTS, run_script
+from tiny_run import TINY_RUN
 from hstu.module import RecModule
 
 # One tiny data set: 6 users with 6-9 events each over 30 items, as an interactions CSV.
@@ -104,8 +105,7 @@ CASES = {
     "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
                                  r"^ckpt_path=.*: .* is not a readable checkpoint \(truncated, or not written by"),
     "another run's checkpoint into a run's directory": Case(
-        "train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={second_run}",
-                  "ckpt_path={planted_run}/checkpoints/last.ckpt"],
+        "train", [*TINY_RUN, "hydra.run.dir={second_run}", "ckpt_path={planted_run}/checkpoints/last.ckpt"],
         r"^.* holds another run \(metrics\.json\); resume it with ckpt_path=last, or leave hydra\.run\.dir unset"),
     "run directory under a file": Case("train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={good}/run"],
                                        r"^hydra\.run\.dir=.*good\.csv/run: cannot create this folder \(Not a directory\)$"),
