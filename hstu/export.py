@@ -79,7 +79,13 @@ def load_run(run_dir: str | Path) -> TrainingRun:
     metrics = _read_metrics(metrics_path) if metrics_path.is_file() else {}
     config_path = run_dir / HYDRA_CONFIG_FILE
     if config_path.is_file():
-        config = OmegaConf.load(config_path)
+        try:
+            config = OmegaConf.load(config_path)
+        except Exception as error:  # YAML's parser errors, or a file that is not text
+            raise ConfigError(f"{config_path}: not a readable config ({str(error).splitlines()[0]}); was it cut "
+                              "short or edited?") from error
+        if not isinstance(config, DictConfig):
+            raise ConfigError(f"{config_path}: holds a {type(config).__name__}, not the mapping a run writes")
     elif "config" in metrics:
         config_path = metrics_path
         config = OmegaConf.create(metrics["config"])

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from hstu.export import write_export
+from hstu.files import write_text_atomically
 from hstu.inference import Recommender
 from hstu.model.recommender import SequentialRecommender
 from hstu.serving.engine import ServingOptions, serving_kernel_flags
@@ -444,12 +446,12 @@ def print_row(row: Row) -> None:
 def write_results(rows: list[Row], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     records = [asdict(r) for r in rows]
-    out.with_suffix(".json").write_text(json.dumps(records, indent=2))
-    columns = list(records[0]) if records else []
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    write_text_atomically(out.with_suffix(".json"), json.dumps(records, indent=2))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(records[0]) if records else [], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    write_text_atomically(out.with_suffix(".csv"), table.getvalue())
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
 
 

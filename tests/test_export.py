@@ -353,6 +353,15 @@ def test_unreadable_metrics_json_is_named(run_dir, tmp_path, content):
         load_run(broken)
 
 
+@pytest.mark.parametrize("content", [b"model: {dim: 8\n", b"- a list\n", b"\xff\xfe\x00"],
+                         ids=["cut short", "a list", "not text"])
+def test_unreadable_run_config_is_named(run_dir, tmp_path, content):
+    broken = _copy(run_dir, tmp_path / "run")
+    (broken / ".hydra" / "config.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"\.hydra/config\.yaml: "):
+        load_run(broken)
+
+
 @pytest.mark.parametrize("write", [lambda path: path.write_text("just notes\n"), lambda path: path.write_bytes(b"")],
                          ids=["text", "empty"])
 def test_file_that_is_not_a_checkpoint_is_named(tmp_path, write):
