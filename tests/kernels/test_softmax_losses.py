@@ -523,6 +523,22 @@ def test_triton_per_row_losses_take_per_row_gradients(variant, deterministic):
 
 
 @needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("variant", ["shared", "full"])
+def test_triton_fp16_all_zero_per_row_gradients(variant, deterministic):
+    """reduction="none" with every row's upstream gradient zero (a batch that is all padding): the fp16
+    item-gradient matmul divides the gradients by their largest magnitude, which is then 0 and must be
+    taken as 1 (0 / 0 would make the table's gradient NaN). Both gradients are exactly zero, as the
+    reference's (the rule's bound is 0 for gradients here: its upstream scale and max|ref| are 0)."""
+    states, pos, neg, table = make_inputs(37, 25, 45, 19 if variant != "full" else 0, variant, torch.float16,
+                                          device=DEVICE)
+    upstream = torch.zeros(37, device=DEVICE)
+    ours, exact, _ = check(states, pos, neg, table, torch.float16, deterministic=deterministic, upstream=upstream)
+    for name, got, ref in zip(("d states", "d table"), ours[1:], exact[1:]):
+        assert not ref.any() and torch.equal(got, torch.zeros_like(got)), f"{name}: not all zero"
+
+
+@needs_triton
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_one_row_one_item_and_only_hits(variant):
     check_case(Case(variant, rows=1, dim=2, negatives=0 if variant == "full" else 4, num_items=1))
