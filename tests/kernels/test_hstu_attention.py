@@ -65,8 +65,11 @@ class Problem:
     fused_qkv: bool = False  # q, k, v as non-contiguous slices of one [L, H, 2*dqk + dv + dv] projection
     grad_kind: str = "random"  # "random" or "ones_expanded" (stride-0 grad_output, as out.sum() gives)
     num_buckets: int = 129
-    timestamps: str = "increasing"  # "increasing", "sessions" or "shuffled" (see random_timestamps)
+    timestamps: str = "increasing"  # "increasing", "sessions", "shuffled" or "shuffled_far" (see random_timestamps)
     seed: int = 0
+    # q, k, v as views whose head dimension is not unit-stride: "every_other" (every other element of a
+    # tensor twice as wide, the elements between them NaN) or "dim_major" (stored [d, L, H], permuted)
+    head_dim_views: str | None = None
 
 
 @dataclass
@@ -89,9 +92,20 @@ def random_timestamps(lengths, generator, kind: str = "increasing") -> tuple[tor
     - sessions: bursts of 32 events a few seconds apart, bursts 10^2, 10^3.5, ... s apart, and each
       query time a few seconds after its own event: tiles inside a burst span many buckets, tiles
       between bursts one;
-    - shuffled: increasing times in random order (gaps of both signs within a tile)."""
+    - shuffled: increasing times in random order (gaps of both signs within a tile);
+    - shuffled_far: the first key at 1.7e9 + 2^31, every other time 2^30 to 2^31 - 1 s before or after
+      it (sign at random), in random order: each within 2^31 of the first key, but times on its two
+      sides more than 2^31 apart, whose difference wraps in int32."""
     k_parts, q_parts = [], []
     for n in lengths:
+        if kind == "shuffled_far":
+            base = 1_700_000_000 + 2**31
+            far = 2**30 + (torch.rand(n, generator=generator, dtype=torch.float64) * (2**30 - 1)).to(torch.int64)
+            sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1, 1)
+            times = torch.cat([torch.tensor([base]), base + sign * far])
+            k_parts.append(times[:n])
+            q_parts.append(times[1:])
+            continue
         if kind == "sessions":
             session, within = torch.arange(n) // 32, torch.arange(n) % 32
             starts = (10.0 ** (2 + 1.5 * torch.arange(n // 32 + 1, dtype=torch.float64))).to(torch.int64).cumsum(0)
@@ -126,7 +140,10 @@ def make_inputs(p: Problem, dtype: torch.dtype, device=DEVICE) -> Inputs:
     widths = (p.dqk, p.dqk, p.dv, p.dv)
     fused = values(L, H, sum(widths), round_to=p.dtype, to=dtype).requires_grad_()
     if p.fused_qkv:
+        assert p.head_dim_views is None
         q, k, v, _ = torch.split(fused, widths, dim=-1)
+    elif p.head_dim_views is not None:
+        q, k, v, _ = (head_dim_view(t.detach(), p.head_dim_views) for t in torch.split(fused, widths, dim=-1))
     else:
         q, k, v, _ = (t.detach().contiguous().requires_grad_() for t in torch.split(fused, widths, dim=-1))
     leaves = {"q": q, "k": k, "v": v}
@@ -139,6 +156,17 @@ def make_inputs(p: Problem, dtype: torch.dtype, device=DEVICE) -> Inputs:
         time_weight = values(p.num_buckets, round_to=torch.float32, to=table_dtype, scale=0.5).requires_grad_()
         leaves["time_weight"] = time_weight
     return Inputs(q, k, v, offsets.to(device), q_ts, k_ts, pos_weight, time_weight, leaves)
+
+
+def head_dim_view(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """t's values [L, H, d] as a view of a new leaf whose last (head) dimension is not unit-stride."""
+    if kind == "every_other":  # stride 2 along d; the skipped elements NaN, so reading one shows
+        wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide.requires_grad_()[..., ::2]
+    if kind == "dim_major":  # stored [d, L, H]: stride L * H along d, 1 along the heads
+        return t.permute(2, 0, 1).contiguous().requires_grad_().permute(1, 2, 0)
+    raise ValueError(f"unknown head_dim_views {kind!r}")
 
 
 def run(p: Problem, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -439,6 +467,36 @@ def test_triton_time_bias_bursts_and_unsorted_times(dtype, timestamps):
     unsorted times (gaps of both signs in a tile), over several tiles."""
     p = Problem((100, 70, 0, 1), max_seq_len=100, heads=2, dqk=16, dv=8, alpha=0.5, use_pos=False,
                 use_time=True, dtype=dtype, timestamps=timestamps, seed=14)
+    check_triton_against_reference(p)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_time_bias_times_far_on_both_sides_of_the_first_key(dtype):
+    """Unsorted times each within 2^31 s of their sequence's first key but on both sides of it, more
+    than 2^31 s apart ("shuffled_far"): the kernels' int32 gaps (relative to the first key) would wrap,
+    so such a sequence must take the int64 gaps. Output and every gradient against float64."""
+    p = Problem((40, 0, 1, 9), max_seq_len=40, heads=2, dqk=16, dv=8, alpha=0.5, use_pos=True,
+                use_time=True, dtype=dtype, timestamps="shuffled_far", seed=17)
+    x = make_inputs(p, p.dtype)
+    for start, end in zip(x.seq_offsets[:-1].tolist(), x.seq_offsets[1:].tolist()):
+        if end - start > 1:
+            times = torch.cat([x.q_timestamps[start:end], x.k_timestamps[start:end]])
+            assert (times - x.k_timestamps[start]).abs().max() < 2**31 < times.max() - times.min()
+    check_triton_against_reference(p)
+
+
+@needs_triton
+@pytest.mark.parametrize("views", ["every_other", "dim_major"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_qkv_head_dim_not_unit_stride(dtype, views):
+    """q, k, v as views whose head dimension has stride 2 (the elements between NaN) or L * H (a
+    permuted [d, L, H] tensor), both biases on: the op passes the strides to the kernels, which must
+    step along the head dimension by them. Output and every gradient against float64."""
+    p = Problem((5, 12, 0, 3), max_seq_len=12, heads=2, dqk=16, dv=32, alpha=1.0, use_pos=True, use_time=True,
+                dtype=dtype, head_dim_views=views, seed=2)
+    x = make_inputs(p, p.dtype)
+    assert all(t.stride(-1) > 1 for t in (x.q, x.k, x.v))
     check_triton_against_reference(p)
 
 
