@@ -267,12 +267,28 @@ def _trainer_errors(trainer: Any) -> list[str]:
     return errors
 
 
-def check_accelerator(trainer: Any) -> None:
-    """ConfigError when trainer.accelerator asks for a GPU that this machine does not have."""
-    accelerator = trainer.get("accelerator") if isinstance(trainer, (dict, DictConfig)) else None
+def check_accelerator(accelerator: Any, key: str) -> None:
+    """ConfigError naming ``key`` when the accelerator asks for a GPU that this machine does not have."""
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={accelerator}: no CUDA GPU is visible on this machine "
-                          "(trainer.accelerator=cpu or auto runs on the CPU)")
+        raise ConfigError(f"{key}={accelerator}: no CUDA GPU is visible on this machine ({key}=cpu or auto runs "
+                          "on the CPU)")
+
+
+def kernel_flag_errors(kernels: Any, key: str = "kernels") -> list[str]:
+    """One message per wrong entry of ``kernels``: null, or a mapping of operator names to booleans."""
+    if kernels is None:
+        return []
+    if isinstance(kernels, DictConfig):
+        kernels = OmegaConf.to_container(kernels)
+    if not isinstance(kernels, dict):
+        return [f"{key}={kernels}: must be null or a mapping of operator flags, e.g. {{{OPERATORS[0]}: true}}"]
+    errors = []
+    for name, value in kernels.items():
+        if name not in OPERATORS:
+            errors.append(f"{key}.{name}: unknown kernel flag; {key} has {list(OPERATORS)}")
+        elif not isinstance(value, bool):
+            errors.append(f"{key}.{name}={value}: must be true or false")
+    return errors
 
 
 # ---- checks before anything is built -------------------------------------------------------------

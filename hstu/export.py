@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
-from hstu.config import check_data_targets, instantiate_config
+from hstu.config import check_accelerator, check_data_targets, instantiate_config, kernel_flag_errors
 from hstu.data.datamodule import SequenceDataModule
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
@@ -42,7 +42,6 @@ from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
 from hstu.serving.compiled import DEFAULT_K, compile_export
 from hstu.train import device_name
-from hstu_kernels import OPERATORS
 
 METRICS_FILE = "metrics.json"
 HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -355,8 +354,9 @@ def evaluate_run(
     run's flags) chooses the operators' backends. ``devices`` x ``num_nodes`` > 1 evaluates on that many
     DDP processes, each ranking its own slice of the users (the same metrics as one process)."""
     run = run_dir if isinstance(run_dir, TrainingRun) else load_run(run_dir)
-    if kernels is not None:
-        check_kernel_flags(kernels)
+    errors = kernel_flag_errors(kernels)
+    if errors:
+        raise ConfigError("; ".join(errors))
     trainer = _evaluation_trainer(run, accelerator, devices, num_nodes)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -386,23 +386,10 @@ def evaluate_run(
     }
 
 
-def check_kernel_flags(kernels: Any) -> None:
-    """ConfigError naming the key unless ``kernels`` maps operator names of OPERATORS to booleans."""
-    if not isinstance(kernels, Mapping):
-        raise ConfigError(f"kernels={kernels}: must map operators to true/false, e.g. {{interaction: true}}")
-    for key, value in kernels.items():
-        if key not in OPERATORS:
-            raise ConfigError(f"kernels.{key}: unknown key; kernels has {sorted(OPERATORS)}")
-        if not isinstance(value, bool):
-            raise ConfigError(f"kernels.{key}={value}: must be true or false")
-
-
 def _evaluation_trainer(run: TrainingRun, accelerator: str, devices: int | str, num_nodes: int) -> L.Trainer:
     """The Trainer that tests the checkpoint; ConfigError naming accelerator, devices and num_nodes when
     Lightning refuses them."""
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"accelerator={accelerator}: no CUDA GPU is visible on this machine; use accelerator=cpu "
-                          "(or auto)")
+    check_accelerator(accelerator, "accelerator")
     single = devices == 1 and num_nodes == 1
     precision = run.resolved("trainer.precision") or "32-true"
     try:

@@ -38,7 +38,7 @@ class CheckBeforeStart(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
-        self._check(config, lambda: check_accelerator(config.get("trainer")),
+        self._check(config, lambda: check_accelerator(OmegaConf.select(config, "trainer.accelerator"), "trainer.accelerator"),
                     lambda: check_run_dir(run_dir, resume_checkpoint(config.get("ckpt_path"), run_dir, config.model)),
                     lambda: make_directory(run_dir, "hydra.run.dir"),
                     lambda: make_directory(config.data.data_dir, "paths.data_dir"

@@ -34,7 +34,7 @@ from hstu.data.batch import JaggedBatch
 from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.engine import ServingEngine, ServingOptions
-from hstu.serving.histories import UNKNOWN_ITEM_POLICIES, Events, History, prepare_histories
+from hstu.serving.histories import Events, History, prepare_histories
 from hstu.serving.ids import ItemIdIndex
 
 FORMAT_VERSION = 1

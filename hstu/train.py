@@ -132,7 +132,7 @@ def default_precision(trainer_cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate with full ranking and write ``metrics.json`` in ``paths.output_dir``."""
     check_config(cfg)
-    check_accelerator(cfg.trainer)
+    check_accelerator(cfg.trainer.get("accelerator"), "trainer.accelerator")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:

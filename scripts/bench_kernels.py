@@ -22,7 +22,6 @@ import csv
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import subprocess

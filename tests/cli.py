@@ -7,12 +7,14 @@ state (its logging setup, GlobalHydra) is put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import runpy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from hydra.core.global_hydra import GlobalHydra
 
@@ -57,3 +59,14 @@ def run_script(name: str, *args: str) -> Result:
         root.setLevel(level)
         GlobalHydra.instance().clear()
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def load_script(name: str, monkeypatch) -> ModuleType:
+    """scripts/<name>.py imported as the module ``name``, with scripts/ on sys.path (a script imports its
+    neighbours) and the module in sys.modules (dataclasses look their module up there) while the test runs."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

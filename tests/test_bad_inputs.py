@@ -148,7 +148,7 @@ CASES = {
     "export: out_dir under a file": Case("export", ["run_dir={run}", "out_dir={notes}/export"],
                                          r"^out_dir=.*notes\.ckpt/export: .*notes\.ckpt is a file, not a folder$"),
     "eval: unknown kernel flag": Case("eval", ["run_dir={run}", "kernels={{interction: true}}"],
-                                      r"^kernels\.interction: unknown key; kernels has \['fused_attention_layernorm'"),
+                                      r"^kernels\.interction: unknown kernel flag; kernels has \['hstu_hierarchical_"),
     "eval: unknown accelerator": Case("eval", ["run_dir={run}", "accelerator=foo"],
                                       r"^accelerator=foo devices=1 num_nodes=1: You selected an invalid accelerator "
                                       r"name"),

@@ -1,22 +1,14 @@
 """scripts/bench_kernels.py refuses bad options with one line naming the option, before timing or writing anything."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from cli import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = "hstu_hierarchical_attention"
 TINY = ["--dtype", "fp32", "--mode", "fwd", "--providers", "reference", "--rep", "2", "--warmup", "1"]
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_kernels", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_kernels", monkeypatch)
 
 
 def refused(bench, args, csv_path) -> str:

@@ -1,27 +1,16 @@
 """scripts/bench_serving.py end to end on the CPU at a tiny size: the default scenarios run, rows and files are written."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from cli import load_script
 
 pytest.importorskip("litserve", reason="the serve extra is not installed (pip install -e .[serve])")
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "scripts" / "bench_serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_serving", bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
 
 
 @pytest.mark.slow
 def test_bench_serving_runs_every_scenario(tmp_path, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     monkeypatch.chdir(tmp_path)
     # full-compiled is left out: its package build (a minute or more here) is tested in test_compiled_export.py
     rows = bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", ",".join(bench.DEFAULT_SCENARIOS),
@@ -52,7 +41,7 @@ def test_bench_serving_full_compiled_builds_the_package_of_its_export(tmp_path, 
     the build itself (a minute or more on a CPU) is replaced here and tested in test_compiled_export.py."""
     import hstu.serving.compiled
 
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     builds = []
     monkeypatch.setattr(hstu.serving.compiled, "compile_export",
                         lambda folder, device, k: builds.append((Path(folder).name, device, k)))
@@ -68,7 +57,7 @@ def test_device_steps_stub_is_undone_on_exit(monkeypatch):
     from hstu.serving import static_shapes
     from hstu.serving.engine import serving_kernel_flags
 
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     model = bench.build_model(bench.CONFIGS["tiny"], serving_kernel_flags("cpu"))
     recommender = Recommender(model, list(range(1, 301)), device="cpu")
     real_step, real_recommend = static_shapes.run, model.recommend
@@ -85,7 +74,7 @@ def test_device_steps_stub_is_undone_on_exit(monkeypatch):
 ])
 def test_a_bad_choice_is_refused_in_one_line_before_anything_runs(option, value, message, tmp_path, monkeypatch,
                                                                    capsys):
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--configs", "tiny", "--scenarios", "full", "--requests", "1", "--warmup", "1", option, value,
                     "--out", str(tmp_path / "serving")])
@@ -94,7 +83,7 @@ def test_a_bad_choice_is_refused_in_one_line_before_anything_runs(option, value,
 
 
 def test_cuda_is_refused_where_torch_sees_no_cuda_device(tmp_path, monkeypatch, capsys):
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--configs", "tiny", "--scenarios", "full", "--devices", "cuda",
@@ -105,7 +94,7 @@ def test_cuda_is_refused_where_torch_sees_no_cuda_device(tmp_path, monkeypatch, 
 
 
 def test_an_out_under_a_file_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "deeper" / "serving"
     with pytest.raises(SystemExit) as exit_:
@@ -115,7 +104,7 @@ def test_an_out_under_a_file_is_refused_before_anything_runs(tmp_path, monkeypat
 
 
 def test_an_out_that_holds_another_runs_results_is_refused(tmp_path, monkeypatch, capsys):
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_serving", monkeypatch)
     (tmp_path / "serving.csv").write_text("earlier results\n")
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--configs", "tiny", "--devices", "cpu", "--scenarios", "full", "--out", str(tmp_path / "serving")])

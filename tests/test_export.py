@@ -426,9 +426,9 @@ def test_evaluate_run_reproduces_the_recorded_test_metrics(eval_report):
 
 
 @pytest.mark.parametrize("kernels, message", [
-    ({"interction": True}, r"^kernels\.interction: unknown key; kernels has \["),
+    ({"interction": True}, r"^kernels\.interction: unknown kernel flag; kernels has \["),
     ({"interaction": 2}, r"^kernels\.interaction=2: must be true or false$"),
-    (True, r"^kernels=True: must map operators to true/false"),
+    (True, r"^kernels=True: must be null or a mapping of operator flags"),
 ])
 def test_bad_kernel_flags_are_named(run_dir, kernels, message):
     with pytest.raises(ConfigError, match=message):

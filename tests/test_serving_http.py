@@ -3,12 +3,10 @@ called with an HTTP client; load stays on loopback, bounded in count and time.""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import inspect
 import json
 import multiprocessing.queues
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 pytest.importorskip("litserve", reason="the serve extra is not installed (pip install -e .[serve])")
 requests = pytest.importorskip("requests")
 
-from cli import run_script  # noqa: E402
+from cli import load_script, run_script  # noqa: E402
 from hstu.export import write_export  # noqa: E402
 from hstu.inference import Recommender  # noqa: E402
 from hstu.serving.process import ServerProcess  # noqa: E402
@@ -26,7 +24,6 @@ from test_serving import MAX_SEQ_LEN, NUM_ITEMS, ORIGINAL_IDS, make_model, rando
 
 STARTUP_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 60
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_config():
@@ -253,15 +250,6 @@ def test_recommend_dependency_is_a_coroutine_unless_an_api_key_is_set(export_dir
         assert inspect.iscoroutinefunction(dependency), dependency
     else:
         assert dependency is litserve.server.api_key_auth
-
-
-def load_script(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_stage_breakdown_covers_every_stage_and_adds_up_to_the_client_latency(tmp_path, monkeypatch):

@@ -13,12 +13,11 @@ from typing import Any, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from hstu.config import Check, above, at_least, checked, config_errors, one_of, strict_schema
+from hstu.config import Check, above, at_least, checked, config_errors, kernel_flag_errors, one_of, strict_schema
 from hstu.errors import ConfigError
 from hstu.serving.histories import UNKNOWN_ITEM_POLICIES
-from hstu_kernels import OPERATORS
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds to; loopback unless told otherwise
 HOST_ALIASES = {"localhost": "127.0.0.1"}
@@ -56,7 +55,7 @@ class ServeConfig:
     cache_bytes: int = checked(at_least(0))
     cuda_graphs: bool = MISSING
     graph_bytes: int = checked(at_least(0))
-    kernels: Any = MISSING  # null or {operator: bool}: see kernel_flag_errors
+    kernels: Any = MISSING  # null or {operator: bool}: hstu.config.kernel_flag_errors
     timeout: float = checked(above(0))
     warm_up: bool = MISSING
     log_level: str = checked(one_of(*LOG_LEVELS))
@@ -82,21 +81,6 @@ def device_errors(device: str) -> list[str]:
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             return [f"device={device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible"]
     return []
-
-
-def kernel_flag_errors(kernels: Any) -> list[str]:
-    """One message per wrong entry of ``kernels`` (null, or a mapping of operator names to booleans)."""
-    if kernels is None:
-        return []
-    if not isinstance(kernels, DictConfig):
-        return [f"kernels: must be null or a mapping of operator flags, e.g. {{{OPERATORS[0]}: true}}"]
-    errors = []
-    for key, value in OmegaConf.to_container(kernels).items():
-        if key not in OPERATORS:
-            errors.append(f"kernels.{key}: unknown kernel flag; kernels has {list(OPERATORS)}")
-        elif not isinstance(value, bool):
-            errors.append(f"kernels.{key}={value}: must be true or false")
-    return errors
 
 
 def check_recommend_config(cfg: DictConfig) -> None:

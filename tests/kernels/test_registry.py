@@ -4,7 +4,6 @@ import argparse
 import importlib
 import importlib.util
 import inspect
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import yaml
 
 import hstu_kernels
+from cli import load_script
 from hstu_kernels import OPERATORS, REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,17 +73,9 @@ def test_each_bench_case_builds_at_a_tiny_shape(op):
     assert torch.is_tensor(out) and set(case.work) >= set(bench.modes)
 
 
-def load_harness(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_kernels", bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.parametrize("op", OPERATORS)
 def test_bench_harness_runs_every_operator_and_writes_csv_rows(op, tmp_path, monkeypatch):
-    bench = load_harness(monkeypatch)
+    bench = load_script("bench_kernels", monkeypatch)
     assert bench.OPERATORS is REGISTRY
     shape = ",".join(str(max(2, min(s, 8))) for s in REGISTRY[op].bench.default_shapes[0])
     mode = "fwd+bwd" if "fwd+bwd" in REGISTRY[op].bench.modes else "fwd"
