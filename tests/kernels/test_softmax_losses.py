@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from cases import deterministic_algorithms
 from cases import needs_triton as needs_triton_for
+from cli import load_script
 
 import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
@@ -1022,9 +1023,7 @@ def test_bench_case_per_variant_and_shapes_that_do_not_fit(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bench_harness_runs_every_variant(variant, tmp_path, monkeypatch, capsys):
     """The harness end to end at a tiny shape: Triton and the reference, fwd+bwd, rows in the CSV."""
-    from test_registry import load_harness
-
-    bench = load_harness(monkeypatch)
+    bench = load_script("bench_kernels", monkeypatch)
     shape = "6,8,0,9" if variant == "full" else "6,8,3,9"
     csv_path = tmp_path / "bench.csv"
     bench.main(["--op", OP, "--variant", variant, "--shapes", shape, "--providers", "triton,reference",
@@ -1063,9 +1062,7 @@ def test_bench_case_scatter_variants(variant):
 @pytest.mark.parametrize("variant", ["per-row-sort", "per-row-atomic"])
 def test_bench_harness_runs_scatter_variants(variant, tmp_path, monkeypatch):
     """The harness end to end with a scatter variant: Triton and the reference, rows in the CSV."""
-    from test_registry import load_harness
-
-    bench = load_harness(monkeypatch)
+    bench = load_script("bench_kernels", monkeypatch)
     csv_path = tmp_path / "bench.csv"
     bench.main(["--op", OP, "--variant", variant, "--shapes", "6,8,3,9", "--providers", "triton,reference",
                 "--mode", "fwd+bwd", "--dtype", "fp32", "--csv", str(csv_path), "--rep", "3", "--warmup", "1"])
