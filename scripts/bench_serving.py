@@ -499,10 +499,13 @@ def main(argv=None) -> list[Row]:
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     print(f"bench_serving: {WEIGHTS_NOTE}; torch {torch.__version__}", flush=True)
+    names = args.configs.split(",")
+    # Every config's histories first: a missing ML-1M cache stops the run before anything is timed.
+    all_histories = {name: Histories(CONFIGS[name]["histories"], CONFIGS[name]["num_items"], args.data_dir)
+                     for name in names}
     rows: list[Row] = []
-    for name in args.configs.split(","):
-        config = CONFIGS[name]
-        histories = Histories(config["histories"], config["num_items"], args.data_dir)
+    for name in names:
+        config, histories = CONFIGS[name], all_histories[name]
         if "throughput-host" in args.scenarios:
             rows += host_rows(args, name, config, histories)
         for device in args.devices:

@@ -111,3 +111,15 @@ def test_an_out_that_holds_another_runs_results_is_refused(tmp_path, monkeypatch
     assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: --out {tmp_path}/serving: {tmp_path}/serving.csv already there (another run's results); name a new --out")
     assert (tmp_path / "serving.csv").read_text() == "earlier results\n" and not (tmp_path / "serving.json").exists()
+
+
+def test_a_missing_ml1m_cache_stops_the_run_before_any_config_is_timed(tmp_path, monkeypatch):
+    """The ML-1M cache is looked for before the first config runs, wherever ml1m sits in --configs."""
+    bench = load_script("bench_serving", monkeypatch)
+    timed = []
+    monkeypatch.setattr(bench, "in_process_rows", lambda *args, **kwargs: timed.append(args[1]) or [])
+    monkeypatch.setattr(bench, "http_rows", lambda *args, **kwargs: [])
+    with pytest.raises(SystemExit, match=r"^--data-dir .*: no parsed ML-1M cache "):
+        bench.main(["--configs", "tiny,ml1m-hstu-large", "--scenarios", "full", "--devices", "cpu",
+                    "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "serving")])
+    assert timed == [] and not list(tmp_path.glob("serving*"))
