@@ -47,18 +47,22 @@ def remove_abandoned(folder: Path, prefix: str) -> list[Path]:
     return removed
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file in its folder and ``os.replace``: readers never see half of it."""
+def write_text_atomically(path: Path, text: str, replace: bool = True) -> None:
+    """Write ``path`` through a temporary file in its folder: readers never see half of it. The file takes
+    ``path``'s place with ``os.replace``; without ``replace`` with a hard link, which raises FileExistsError
+    when ``path`` exists, so of two writers racing for a new file one fails and nothing is lost."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=owned_prefix(f".{path.name}."), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def current_umask() -> int:

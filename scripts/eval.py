@@ -33,8 +33,11 @@ def main(cfg: DictConfig) -> None:
                           data_dir=cfg.data_dir, devices=cfg.devices, num_nodes=cfg.num_nodes)
     if rank_zero_only.rank != 0:
         return  # every process ranked its slice of the users; rank zero reports the sums
-    check_out_file(path, cfg.overwrite)  # another evaluation may have written it meanwhile
-    write_text_atomically(path, json.dumps(report, indent=2, default=str))
+    try:  # without overwrite, a report another evaluation wrote meanwhile is never replaced
+        write_text_atomically(path, json.dumps(report, indent=2, default=str), replace=cfg.overwrite)
+    except FileExistsError as error:
+        raise OutputExistsError(f"out_file={path} was written while this evaluation ran; pass overwrite=true to "
+                                "replace it, or another out_file") from error
     print(f"checkpoint {report['checkpoint']}; test metrics recorded at training: {report['recorded_test']}")
     print_report(report, path)
 

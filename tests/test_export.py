@@ -500,8 +500,10 @@ def test_eval_keeps_a_report_written_while_it_ran(run_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(hstu.export, "evaluate_run", evaluate_while_another_writes)
     result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}")
-    assert result.code == 1 and "exists; pass overwrite=true" in result.stderr, result.stderr
+    assert result.code == 1 and "was written while this evaluation ran; pass overwrite=true" in result.stderr, \
+        result.stderr
     assert (tmp_path / "eval.json").read_text() == "the other evaluation's report"
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left
 
 
 def test_recommend_script_prints_top_k(export_dir):
