@@ -257,6 +257,16 @@ def test_request_time_moves_the_last_position_only():
     assert [s for _, s in want] != [s for _, s in full_recompute(recommender, items, times)]
 
 
+def test_a_request_time_before_the_history_is_refused():
+    """The engine's entry points, like recommend() and the HTTP model, name a request time that precedes
+    the user's last event (the time bias would take it for as long after the events)."""
+    recommender = make_recommender()
+    items, times = random_history(8, seed=3)
+    with pytest.raises(RequestError, match=r"^request_time=\d+ of user 'u' is before their last event"):
+        served(recommender, "u", items, times, request_time=times[-1] - 1)
+    served(recommender, "u", items, times, request_time=times[-1])  # the same second is no earlier
+
+
 def test_out_of_order_event_recomputes():
     recommender = make_recommender()
     items, times = random_history(9, seed=4)
@@ -298,7 +308,8 @@ def test_batch_equals_each_request_alone(form, cache_bytes):
     histories[5][0][4] = histories[5][0][1]
     requests = [Request(f"u{b}", convert(items), convert(times), k, request_time)
                 for b, ((items, times), k, request_time) in enumerate(zip(
-                    histories, (1, 5, NUM_ITEMS, 8, 3, 5), (None, None, 1_700_000_000, None, None, 1_600_000_001)))]
+                    histories, (1, 5, NUM_ITEMS, 8, 3, 5),
+                    (None, None, 1_700_000_000, None, None, max(histories[5][1]) + 1)))]
     batched, alone = make_recommender(cache_bytes=cache_bytes), make_recommender(cache_bytes=cache_bytes)
     for recommender in (batched, alone):  # the cache holds a prefix of three users' histories
         for request in (requests[1], requests[3], requests[4]):

@@ -290,6 +290,11 @@ class ServingEngine:
         times = [request.request_time for request in requests]
         given = [b for b, request_time in enumerate(times) if request_time is not None]
         if given:
+            early = [b for b in given if times[b] < request_times[b]]
+            if early:  # the time bias would read the gap as if the request came that long after the events
+                raise RequestError(f"request_time={times[early[0]]} of user {requests[early[0]].user_id!r} is "
+                                   f"before their last event ({request_times[early[0]]}): a request comes after "
+                                   "its history")
             request_times[given] = [times[b] for b in given]
         plans = self._plans(requests, events.lengths, window_offsets, window_items, window_times)
         ks = [request.k for request in requests]
