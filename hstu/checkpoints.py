@@ -21,13 +21,14 @@ MISSING = "<missing>"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, unpickling tensors and plain containers only."""
+    """A Lightning checkpoint's contents, unpickling tensors and plain containers only. The tensors are
+    memory-mapped: a caller that only checks the checkpoint (a resumed run) reads none of their bytes."""
     unreadable = f"{path}: not a readable checkpoint (truncated, or not written by torch.save)"
     with open(path, "rb") as f:
         if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:  # else torch would try its legacy format, with any error
             raise CheckpointError(f"{unreadable}: not a zip archive")
     try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as error:
         # torch's message advises weights_only=False, which would run whatever the file names: not repeated
         found = re.search(r"GLOBAL (\S+)", str(error))

@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
+from hstu.checkpoints import load_checkpoint, model_differences
 from hstu.config import check_accelerator, check_data_targets, instantiate_config, kernel_flag_errors
 from hstu.data.datamodule import SequenceDataModule
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
-from hstu.checkpoints import load_checkpoint, model_differences
 from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
@@ -256,8 +256,7 @@ def compiled_device(compiled: str, k: int) -> str | None:
         return None
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"compiled_k={k}: must be an integer >= 1")
-    if compiled == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("compiled=cuda: no CUDA GPU is visible on this machine; use compiled=cpu (or auto, or none)")
+    check_accelerator(compiled, "compiled")
     return ("cuda" if torch.cuda.is_available() else "cpu") if compiled == "auto" else compiled
 
 

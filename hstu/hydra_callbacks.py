@@ -38,11 +38,12 @@ class CheckBeforeStart(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
-        self._check(config, lambda: check_accelerator(OmegaConf.select(config, "trainer.accelerator"), "trainer.accelerator"),
+        data_key = "paths.data_dir" if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"
+        self._check(config,
+                    lambda: check_accelerator(OmegaConf.select(config, "trainer.accelerator"), "trainer.accelerator"),
                     lambda: check_run_dir(run_dir, resume_checkpoint(config.get("ckpt_path"), run_dir, config.model)),
                     lambda: make_directory(run_dir, "hydra.run.dir"),
-                    lambda: make_directory(config.data.data_dir, "paths.data_dir"
-                                           if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"))
+                    lambda: make_directory(config.data.data_dir, data_key))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

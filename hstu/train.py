@@ -7,7 +7,6 @@ import os
 import platform
 import re
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +60,6 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictCo
         hint = "; to resume a run, give its directory too: hydra.run.dir=<run dir> ckpt_path=last" \
             if ckpt_path == "last" else ""
         raise MissingFileError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"ckpt_path={ckpt_path}: {path} is not a readable checkpoint (truncated, or not "
-                              "written by torch.save)")
     try:
         hyper_parameters = load_checkpoint(path)["hyper_parameters"]
     except CheckpointError as error:

@@ -103,7 +103,7 @@ CASES = {
                                       r"^ckpt_path=.*other\.ckpt: a checkpoint of another model: it differs from this "
                                       r"run's config in .*model\.dim \(16; the run has 8\)"),
     "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
-                                 r"^ckpt_path=.*: .* is not a readable checkpoint \(truncated, or not written by"),
+                                 r"^ckpt_path=.*: .*: not a readable checkpoint \(truncated, or not written by"),
     "another run's checkpoint into a run's directory": Case(
         "train", [*TINY_RUN, "hydra.run.dir={second_run}", "ckpt_path={planted_run}/checkpoints/last.ckpt"],
         r"^.* holds another run \(metrics\.json\); resume it with ckpt_path=last, or leave hydra\.run\.dir unset"),
