@@ -74,7 +74,6 @@ ROWS_FIXED_MS = 0.07
 ROWS_MS_PER_SCORE = 3.7e-8
 STREAM_MS_PER_COST = 2.7e-5
 SELECTIONS = ("stream", "rows")
-NEG_INF = tl.constexpr(float("-inf"))
 INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)
 INT64_MIN = tl.constexpr(-2**63)
 
@@ -271,7 +270,7 @@ def _exclude_columns(s, word0, word1, word2, word3, BLOCK_N: tl.constexpr):
     chosen = tl.where(column < 32, word0[:, None], word1[:, None])
     if BLOCK_N > 64:
         chosen = tl.where(column < 64, chosen, tl.where(column < 96, word2[:, None], word3[:, None]))
-    return tl.where(((chosen >> (column & 31)) & 1) != 0, NEG_INF, s)
+    return tl.where(((chosen >> (column & 31)) & 1) != 0, float("-inf"), s)
 
 
 @triton.jit
@@ -284,9 +283,10 @@ def _clear_lists(cand_values, cand_ids, row_block, split, num_queries, KP: tl.co
         rows = row_block * BLOCK_M + first + tl.arange(0, FLUSH_ROWS)
         ok = (rows < num_queries)[:, None]
         base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
-        tl.store(cand_values + base[:, None] + held[None, :], tl.full([FLUSH_ROWS, KP], NEG_INF, tl.float32), mask=ok)
+        tl.store(cand_values + base[:, None] + held[None, :], tl.full([FLUSH_ROWS, KP], float("-inf"), tl.float32),
+                 mask=ok)
         tl.store(cand_ids + base[:, None] + held[None, :], tl.full([FLUSH_ROWS, KP], -1, tl.int32), mask=ok)
-        tl.store(cand_values + base[:, None] + KP + fresh[None, :], tl.full([FLUSH_ROWS, NEW], NEG_INF, tl.float32),
+        tl.store(cand_values + base[:, None] + KP + fresh[None, :], tl.full([FLUSH_ROWS, NEW], float("-inf"), tl.float32),
                  mask=ok)
         tl.store(cand_ids + base[:, None] + KP + fresh[None, :], tl.full([FLUSH_ROWS, NEW], -1, tl.int32), mask=ok)
 
@@ -320,7 +320,7 @@ def _merge_lists(cand_values, cand_ids, top_scores, top_ids, row_block, split, n
             tl.store(cand_values + held_at, value, mask=ok)
             tl.store(cand_ids + held_at, index, mask=ok)
             if not FINAL:
-                tl.store(cand_values + fresh_at, tl.full([FLUSH_ROWS, NEW], NEG_INF, tl.float32), mask=ok)
+                tl.store(cand_values + fresh_at, tl.full([FLUSH_ROWS, NEW], float("-inf"), tl.float32), mask=ok)
                 tl.store(cand_ids + fresh_at, tl.full([FLUSH_ROWS, NEW], -1, tl.int32), mask=ok)
     tl.debug_barrier()  # the merged lists are visible to every thread
 
@@ -373,7 +373,7 @@ def _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, tar
     if L2_NORM:
         item_scale = tl.load(item_inverse_norms + cols, mask=col_ok, other=0.0)
         s = s * query_scale[:, None] * item_scale[None, :]
-    s = tl.where(row_ok[:, None] & col_ok[None, :], s, NEG_INF)
+    s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
     if HAS_EXCLUDE:
         if tl.max(((word0 | word1 | word2 | word3) != 0).to(tl.int32), axis=0) > 0:
             s = _exclude_columns(s, word0, word1, word2, word3, BLOCK_N)
@@ -450,7 +450,7 @@ def _topk_kernel(
         _clear_lists(cand_values, cand_ids, row_block, split, num_queries, KP, NEW, SPLITS, BLOCK_M, FLUSH_ROWS)
         tl.debug_barrier()
         appended = tl.full([BLOCK_M], 0, tl.int32)
-        threshold = tl.full([BLOCK_M], NEG_INF, tl.float32)
+        threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)
 
     columns = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
@@ -554,7 +554,7 @@ def _score_keys_kernel(
                      DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
     at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
     ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(keys + at, tl.where(s > NEG_INF, _ordered_bits(s), INT32_MIN), mask=ok)
+    tl.store(keys + at, tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN), mask=ok)
     if HAS_TARGET:
         here = (target >= start) & (target < tl.minimum(start + BLOCK_N, num_items))
         count = tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
@@ -597,7 +597,7 @@ def _select_rows_kernel(
         index = tl.reshape(index, [KP])
         filled = slot < wanted
         out = row.to(tl.int64) * K + slot
-        tl.store(top_scores + out, tl.where(filled, value, NEG_INF), mask=slot < K)
+        tl.store(top_scores + out, tl.where(filled, value, float("-inf")), mask=slot < K)
         tl.store(top_ids + out, tl.where(filled, index, -1).to(tl.int64), mask=slot < K)
     if HAS_TARGET:
         part = tl.arange(0, TILES_POW2)

@@ -58,6 +58,22 @@ def test_each_function_has_a_public_entry_a_reference_and_its_triton_twin(op):
         assert callable(triton.unsupported_reason)
 
 
+TRITON_FILES = sorted(p.stem for p in (REPO / "kernels" / "triton").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", TRITON_FILES)
+def test_module_constants_survive_inductors_copy_of_the_kernels(name):
+    """Inductor copies a kernel's module-level ``tl.constexpr`` globals into its generated code as
+    ``tl.constexpr(<repr>)``; a value whose repr is no Python literal (``-inf``) breaks ``torch.compile``
+    and AOTInductor there, so each one must read back equal from that line."""
+    triton_language = pytest.importorskip("triton.language")
+    module = importlib.import_module(f"hstu_kernels.triton.{name}")
+    for constant, value in vars(module).items():
+        if isinstance(value, triton_language.constexpr):
+            line = f"tl.constexpr({value.value!r})"
+            assert eval(line, {"tl": triton_language}).value == value.value, f"{name}.{constant}: {line}"
+
+
 @pytest.mark.parametrize("op", OPERATORS)
 def test_each_operator_has_its_test_file(op):
     assert (REPO / REGISTRY[op].test_file).is_file()
