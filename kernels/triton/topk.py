@@ -63,9 +63,8 @@ MERGE_WIDTH = 8192
 MAX_SPLITS = 64
 # The row selection holds a query's whole row of order keys in one program: catalogues up to this size.
 ROW_SELECT_ITEMS_LIMIT = 8192
-# The rule's bound: catalogues up to this size may take the row selection. 0 (no catalogue) until its
-# full-size GPU tests (``pytest -m gpu tests/kernels/test_topk.py``) have passed; then ROW_SELECT_ITEMS_LIMIT.
-ROW_SELECT_MAX_ITEMS = 0
+# The rule's bound: catalogues up to this size may take the row selection.
+ROW_SELECT_MAX_ITEMS = ROW_SELECT_ITEMS_LIMIT
 # The rule's time models (ms), fitted to H200 kernel times, bf16, B in {1,024, 6,040}, I in {3,706, 8,000},
 # k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part plus a time per score,
 # whatever k and D; the streaming kernel a time per unit of its plan's ``_split_cost`` (within 10% at k = 200;

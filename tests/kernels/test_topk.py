@@ -522,11 +522,10 @@ FASTER_SELECTION_MEASURED = {
 
 
 def test_selection_rule_picks_the_selection_measured_faster(monkeypatch):
-    """With the row selection allowed, the rule's time models pick the selection that ran faster on an
-    H200 (132 multiprocessors) at every measured shape."""
+    """The rule's time models pick the selection that ran faster on an H200 (132 multiprocessors) at every
+    measured shape."""
     module = importlib.import_module(TRITON_MODULE)
     monkeypatch.setattr(module, "KERNELS_INTERPRETED", False)  # the GPU's tiles, not the interpreter's
-    monkeypatch.setattr(module, "ROW_SELECT_MAX_ITEMS", module.ROW_SELECT_ITEMS_LIMIT)
     module._plan.cache_clear()
     try:
         for (num_queries, dim, num_items, k), faster in FASTER_SELECTION_MEASURED.items():
