@@ -750,6 +750,7 @@ def test_gpu_aot_inductor_package_runs_the_kernels(tmp_path):
     """torch.export keeps one hstu_kernels::topk_items node; AOTInductor compiles its Triton kernels
     into the package, which runs without this Python code's launchers (loaded in a fresh process: a crash
     of the loader there does not take the test session down)."""
+    importlib.import_module(TRITON_MODULE)  # export traces the public function, which cannot import there
     inputs = make_inputs(GPU_CASES[0])  # the kernels compiled for test_gpu_full_size: no new variant
     model = Retrieval(inputs["item_table"], GPU_CASES[0].k)
     arguments = (inputs["queries"], inputs["exclude_ids"], inputs["exclude_offsets"], inputs["target_ids"])
