@@ -422,6 +422,10 @@ def make_directory(path: str | Path, key: str) -> Path:
     return folder
 
 
+# Directories new_directory made in this process: only these may be removed again (remove_new_directory).
+_MADE_HERE: set[Path] = set()
+
+
 def new_directory(path: str) -> str:
     """Create and return ``path``, or ``path_1``, ``path_2`` ... if it exists: never one that existed."""
     base = Path(path)
@@ -432,8 +436,33 @@ def new_directory(path: str) -> str:
             os.mkdir(candidate)  # atomic: of two processes, exactly one creates it
         except FileExistsError:
             continue
+        _MADE_HERE.add(candidate.absolute())
         return str(candidate)
     raise ConfigError(f"{base}: 10000 directories of that name exist already")
+
+
+def remove_new_directory(path: str | Path, leftovers: tuple[str, ...] = ()) -> bool:
+    """Remove ``path`` if :func:`new_directory` made it in this process and it holds nothing but files
+    named in ``leftovers`` (paths relative to it) and their folders: a run stopped by a user error before
+    it wrote anything of its own leaves no directory behind. True when it was removed."""
+    folder = Path(path).absolute()
+    if folder not in _MADE_HERE or not folder.is_dir():
+        return False
+    allowed = {folder / name for name in leftovers}
+    allowed |= {parent for name in allowed for parent in name.parents if folder in parent.parents}
+    if any(entry not in allowed or entry.is_symlink() for entry in folder.rglob("*")):
+        return False
+    try:
+        for entry in sorted(folder.rglob("*"), key=lambda entry: len(entry.parts), reverse=True):
+            if entry.is_dir():
+                entry.rmdir()
+            else:
+                entry.unlink()
+        folder.rmdir()
+    except OSError:  # a file appeared meanwhile (another rank's): what is left stays
+        return False
+    _MADE_HERE.discard(folder)
+    return True
 
 
 def new_run_directory(path: str) -> str:

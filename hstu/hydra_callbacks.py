@@ -7,7 +7,9 @@ including ones that run jobs elsewhere and capture their output.
 
 :class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
 any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
-included), or a new run pointed (``hydra.run.dir=...``) at the directory of another run.
+included), or a new run pointed (``hydra.run.dir=...``) at the directory of another run. The new
+directory the run (or sweep) was given goes with it, as does a run's when the job itself stops with
+a user error before writing anything but Hydra's files.
 """
 from __future__ import annotations
 
@@ -21,15 +23,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hstu.config import check_accelerator, check_config, make_directory
+from hstu.config import check_accelerator, check_config, make_directory, remove_new_directory
 from hstu.errors import UserError
 from hstu.files import write_text_atomically
 from hstu.train import METRICS_FILE, check_run_dir, report_console, resume_checkpoint
 
 SUMMARY_FILE = "summary.csv"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes in hydra.output_subdir
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
@@ -39,17 +45,27 @@ class CheckBeforeStart(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
         data_key = "paths.data_dir" if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"
-        self._check(config,
+        self._check(config, run_dir,
                     lambda: check_accelerator(OmegaConf.select(config, "trainer.accelerator"), "trainer.accelerator"),
                     lambda: check_run_dir(run_dir, resume_checkpoint(config.get("ckpt_path"), run_dir, config.model)),
                     lambda: make_directory(run_dir, "hydra.run.dir"),
                     lambda: make_directory(config.data.data_dir, data_key))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config)
+        self._check(config, Path(config.hydra.sweep.dir))
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """A run that a user error stopped (bad data, say) before it wrote anything of its own leaves no
+        directory: Hydra's copies of the config and the job's log go, with the directory ``hstu.new_dir``
+        made for it. Anything else in it (a checkpoint, Lightning's logs), or another error, keeps it all."""
+        error = job_return._return_value if job_return.status == JobStatus.FAILED else None  # no public getter
+        if isinstance(error, UserError) and HydraConfig.get().mode == RunMode.RUN:
+            hydra_files = tuple(f"{config.hydra.output_subdir}/{name}" for name in HYDRA_FILES)
+            remove_new_directory(config.hydra.runtime.output_dir, (*hydra_files, f"{config.hydra.job.name}.log"))
 
     @staticmethod
-    def _check(config: DictConfig, *more: Callable[[], None]) -> None:
+    def _check(config: DictConfig, job_dir: Path, *more: Callable[[], None]) -> None:
+        """Stop with one line on a user error; the run's (or sweep's) new directory goes, empty as it is."""
         try:
             check_config(config)
             for check in more:
@@ -59,6 +75,7 @@ class CheckBeforeStart(Callback):
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()
             sys.stderr.write(f"{error}\n")
+            remove_new_directory(job_dir)
             sys.exit(1)
 
 

@@ -287,6 +287,8 @@ def test_bad_input_gets_one_clear_line(name, inputs, tmp_path, monkeypatch):
         assert re.search(case.more, "\n".join(lines[1:])), lines
     if name == "another run's directory":  # stopped before Hydra wrote anything there
         assert not (Path(inputs["run"]) / ".hydra" / "hydra.yaml").exists()
+    if case.script == "train":  # the new run (or sweep) directory went with the run, whatever stopped it
+        assert not [str(p) for top in ("outputs", "multirun") for p in (tmp_path / top).glob("*/*")]
     assert not Path(inputs["planted"]).exists(), "a function named in a file ran"  # for every case
 
 

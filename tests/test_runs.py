@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import hstu.config  # noqa: F401
-from hstu.config import new_directory
+from hstu.config import new_directory, remove_new_directory
 from hstu.errors import TrainingDivergedError
 from hstu.guards import NonFiniteLossFlag
 from hstu.train import train
@@ -51,6 +51,20 @@ def test_new_directory_never_returns_one_that_existed(tmp_path):
     made = [new_directory(str(tmp_path / "runs" / "12-00-00")) for _ in range(3)]
     assert [Path(m).name for m in made] == ["12-00-00_1", "12-00-00_2", "12-00-00_3"]
     assert all(Path(m).is_dir() and not any(Path(m).iterdir()) for m in made)
+
+
+def test_a_new_directory_is_removed_only_while_it_holds_nothing_but_the_named_files(tmp_path):
+    made = Path(new_directory(str(tmp_path / "runs" / "a")))
+    (made / ".hydra").mkdir()
+    (made / ".hydra" / "config.yaml").write_text("x")
+    (made / "train.log").write_text("x")
+    (made / "metrics.json").write_text("{}")
+    leftovers = (".hydra/config.yaml", "train.log")
+    assert not remove_new_directory(made, leftovers) and (made / "metrics.json").is_file()  # a file of its own
+    (made / "metrics.json").unlink()
+    assert remove_new_directory(made, leftovers) and not made.exists() and (tmp_path / "runs").is_dir()
+    (tmp_path / "mine").mkdir()  # a directory this process's new_directory did not make: never removed
+    assert not remove_new_directory(tmp_path / "mine") and (tmp_path / "mine").is_dir()
 
 
 def test_run_directory_comes_from_the_resolver():
