@@ -63,8 +63,11 @@ MERGE_WIDTH = 8192
 MAX_SPLITS = 64
 # The row selection holds a query's whole row of order keys in one program: catalogues up to this size.
 ROW_SELECT_ITEMS_LIMIT = 8192
-# The rule's bound: catalogues up to this size may take the row selection.
+# The rule's bounds: catalogues up to this size, batches of at least this many queries (the fewest its time
+# models were checked at: 512 fp32 queries, BENCHMARKS.md) may take the row selection; smaller batches (a
+# served user's request) stream, as timed in serving.
 ROW_SELECT_MAX_ITEMS = ROW_SELECT_ITEMS_LIMIT
+ROW_SELECT_MIN_QUERIES = 512
 # The rule's time models (ms), fitted to H200 kernel times, bf16, B in {1,024, 6,040}, I in {3,706, 8,000},
 # k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part plus a time per score,
 # whatever k and D; the streaming kernel a time per unit of its plan's ``_split_cost`` (within 10% at k = 200;
@@ -721,9 +724,9 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
 
 def selection_for(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int) -> str:
     """The rule: "rows" (``_score_keys_kernel`` then ``_select_rows_kernel``) for catalogues of at most
-    ``ROW_SELECT_MAX_ITEMS`` items where its time model beats the streaming plan's, else "stream"
-    (``_topk_kernel``)."""
-    if not 0 < num_items <= ROW_SELECT_MAX_ITEMS:
+    ``ROW_SELECT_MAX_ITEMS`` items and batches of at least ``ROW_SELECT_MIN_QUERIES`` queries where its
+    time model beats the streaming plan's, else "stream" (``_topk_kernel``)."""
+    if not 0 < num_items <= ROW_SELECT_MAX_ITEMS or num_queries < ROW_SELECT_MIN_QUERIES:
         return "stream"
     plan = _plan(num_queries, num_items, dim, k, dtype, multiprocessors)
     waves = cdiv(plan.row_blocks * plan.splits, multiprocessors)

@@ -510,6 +510,8 @@ def test_triton_selection_is_named_and_bounded():
     check_case(Case(2, module.ROW_SELECT_ITEMS_LIMIT, 4, 7, seed=19, selection="rows"))
     assert module.ROW_SELECT_MAX_ITEMS <= module.ROW_SELECT_ITEMS_LIMIT  # the rule stays within the kernel's bound
     assert module.selection_for(1024, module.ROW_SELECT_MAX_ITEMS + 1, 50, 200, torch.bfloat16, 132) == "stream"
+    fewer = module.ROW_SELECT_MIN_QUERIES - 1  # below the batches its time model was checked at
+    assert module.selection_for(fewer, 3706, 50, 200, torch.bfloat16, 132) == "stream"
 
 
 # The faster selection by H200 kernel time (bf16; BENCHMARKS.md, `interaction`) at each measured (B, D, I, k).
