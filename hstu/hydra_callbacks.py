@@ -40,7 +40,8 @@ OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
 class CheckBeforeStart(Callback):
-    """The checks that must pass before Hydra creates the run directory and writes into it."""
+    """The checks that must pass before Hydra writes into the run directory, and the removal of the new
+    directory a run or sweep was given when a user error stops it."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
