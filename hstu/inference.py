@@ -34,7 +34,7 @@ from hstu.data.batch import JaggedBatch
 from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.engine import ServingEngine, ServingOptions
-from hstu.serving.histories import Events, History, prepare_histories
+from hstu.serving.histories import Events, History, check_request_times, prepare_histories
 from hstu.serving.ids import ItemIdIndex
 
 FORMAT_VERSION = 1
@@ -194,7 +194,7 @@ class Recommender:
             raise RequestError(f"k must be >= 1, got {k}")
         times = _per_user_times(request_time, len(histories))
         events = prepare_histories(self._ids, histories, unknown_items)
-        _check_not_before_history(times, events.last_timestamps())
+        check_request_times(times, events.last_timestamps(), lambda b: f"history {b}")
         results: list[list[tuple[Hashable, float]]] = []
         for start in range(0, len(events), batch_size):
             results += self._recommend_batch(events.users(start, start + batch_size),
@@ -298,15 +298,6 @@ def _unix_seconds(value) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
-
-
-def _check_not_before_history(times: list[int | None], last_timestamps: np.ndarray) -> None:
-    """RequestError when a request time precedes its history's last event (the time bias would read
-    the gap as if the request came that long after it)."""
-    for b, request_time in enumerate(times):
-        if request_time is not None and request_time < last_timestamps[b]:
-            raise RequestError(f"request_time={request_time} is before the last event of history {b} "
-                               f"({last_timestamps[b]}): a request comes after its history")
 
 
 def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | None = None) -> History:

@@ -67,7 +67,7 @@ import torch
 import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
-from hstu.serving.histories import Events, prepare_histories
+from hstu.serving.histories import Events, check_request_times, prepare_histories
 from hstu.serving.graphs import DEFAULT_MAX_BYTES as DEFAULT_GRAPH_BYTES
 from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
 from hstu.serving.graphs import StaticSteps
@@ -290,11 +290,7 @@ class ServingEngine:
         times = [request.request_time for request in requests]
         given = [b for b, request_time in enumerate(times) if request_time is not None]
         if given:
-            early = [b for b in given if times[b] < request_times[b]]
-            if early:  # the time bias would read the gap as if the request came that long after the events
-                raise RequestError(f"request_time={times[early[0]]} of user {requests[early[0]].user_id!r} is "
-                                   f"before their last event ({request_times[early[0]]}): a request comes after "
-                                   "its history")
+            check_request_times(times, request_times, lambda b: f"user {requests[b].user_id!r}")
             request_times[given] = [times[b] for b in given]
         plans = self._plans(requests, events.lengths, window_offsets, window_items, window_times)
         ks = [request.k for request in requests]

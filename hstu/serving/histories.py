@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -49,6 +49,17 @@ class Events:
     def last_timestamps(self) -> np.ndarray:
         """[B] each user's latest event time (users have at least one event)."""
         return self.timestamps[self.offsets[1:] - 1]
+
+
+def check_request_times(times: Sequence[Optional[int]], last_timestamps: Sequence[int],
+                        name: Optional[Callable[[int], str]] = None) -> None:
+    """RequestError for the first request time before its history's last event (the time bias would read
+    the gap as if the request came that long after it); ``name(b)`` names history b in the message."""
+    for b, request_time in enumerate(times):
+        if request_time is not None and request_time < last_timestamps[b]:
+            of = f" of {name(b)}" if name is not None else ""
+            raise RequestError(f"request_time={request_time} is before the last event{of} ({last_timestamps[b]}): "
+                               "a request comes after its history")
 
 
 def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_items: str = "error") -> Events:

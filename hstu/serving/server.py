@@ -64,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, Stric
 from hstu.errors import MissingFileError
 from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
+from hstu.serving.histories import check_request_times
 from hstu.serving.ids import ItemIdIndex
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,7 @@ class RecommendRequest(BaseModel):
             raise ValueError(f"k={self.k} is out of range: it must lie in [1, {_Catalogue.num_items}] (the number of items)")
         if not self.events:
             raise ValueError("events is empty: at least one [item, timestamp] event is needed")
-        if self.request_time is not None:
-            last = max(timestamp for _, timestamp in self.events)
-            if self.request_time < last:
-                raise ValueError(f"request_time={self.request_time} is before the last event ({last}): "
-                                 "a request comes after its history")
+        check_request_times([self.request_time], [max(timestamp for _, timestamp in self.events)])
         items = [item for item, _ in self.events]
         unknown = np.flatnonzero(index.lookup(items) == 0)
         if unknown.size:
