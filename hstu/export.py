@@ -36,7 +36,7 @@ from hstu.config import check_accelerator, check_data_targets, instantiate_confi
 from hstu.data.datamodule import SequenceDataModule
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
-from hstu.files import current_umask, owned_prefix, remove_abandoned
+from hstu.files import current_umask, file_in_the_way, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
@@ -263,14 +263,11 @@ def compiled_device(compiled: str, k: int) -> str | None:
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Before anything is loaded: OutputExistsError if ``out_dir`` exists (without ``overwrite``), ConfigError
     if it, or the nearest existing folder above it, is a file."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ConfigError(f"out_dir={out_dir}: is a file, not a folder")
-        if not overwrite:
-            raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
-    above = next(parent for parent in out_dir.parents if parent.exists())
-    if not above.is_dir():
-        raise ConfigError(f"out_dir={out_dir}: {above} is a file, not a folder")
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        raise ConfigError(f"out_dir={out_dir}: {blocking} is a file, not a folder")
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
 
 
 def write_export(

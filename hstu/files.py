@@ -65,6 +65,13 @@ def write_text_atomically(path: Path, text: str, replace: bool = True) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing path at or above ``folder`` when it is a file (so ``folder`` can never be made),
+    else None."""
+    nearest = next(path for path in (Path(folder), *Path(folder).parents) if path.exists())
+    return None if nearest.is_dir() else nearest
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from hstu.export import write_export
-from hstu.files import write_text_atomically
+from hstu.files import file_in_the_way, write_text_atomically
 from hstu.inference import Recommender
 from hstu.model.recommender import SequentialRecommender
 from hstu.serving.engine import ServingOptions, serving_kernel_flags
@@ -484,10 +484,9 @@ def main(argv=None) -> list[Row]:
         setattr(args, option, values)
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.error("--devices: cuda named, but torch sees no CUDA device here")
-    out_folder = Path(args.out).parent
-    nearest = next(folder for folder in (out_folder, *out_folder.parents) if folder.exists())
-    if not nearest.is_dir():  # checked now: write_results makes <out>'s folder only after the whole run
-        parser.error(f"--out {args.out}: {nearest} is a file, not a folder")
+    blocking = file_in_the_way(Path(args.out).parent)
+    if blocking is not None:  # checked now: write_results makes <out>'s folder only after the whole run
+        parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
     taken = [str(path) for path in (Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".csv"))
              if path.exists()]
     if taken:
