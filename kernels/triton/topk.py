@@ -64,10 +64,10 @@ MAX_SPLITS = 64
 # The row selection holds a query's whole row of order keys in one program: catalogues up to this size.
 ROW_SELECT_ITEMS_LIMIT = 8192
 # The rule's bounds: catalogues up to this size, batches of at least this many queries (the fewest its time
-# models were checked at: 512 fp32 queries, BENCHMARKS.md) may take the row selection; smaller batches (a
+# models were checked at: 16 fp32 queries, BENCHMARKS.md) may take the row selection; smaller batches (a
 # served user's request) stream, as timed in serving.
 ROW_SELECT_MAX_ITEMS = ROW_SELECT_ITEMS_LIMIT
-ROW_SELECT_MIN_QUERIES = 512
+ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H200 kernel times, bf16, B in {1,024, 6,040}, I in {3,706, 8,000},
 # k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part plus a time per score,
 # whatever k and D; the streaming kernel a time per unit of its plan's ``_split_cost`` (within 10% at k = 200;
