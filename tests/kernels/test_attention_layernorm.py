@@ -381,7 +381,7 @@ EPS_CASES = [pytest.param(1e-3, 0.0, 1e-6, id="tiny-spread-rows"), pytest.param(
 @needs_triton
 @pytest.mark.xfail(strict=True, reason="the row kernels' plain two-pass mean loses up to 2x the accuracy rule on rows "
                                        "far from zero against their spread (kernels/triton/attention_layernorm_notes.md, "
-                                       "Limits); a corrected sum fixes it and waits on its GPU timing")
+                                       "Limits); a corrected sum fixes it but slows the gate 4-10% (notes, Tried and rejected)")
 @pytest.mark.parametrize("seed", [0, 10, 11, 12, 34])  # draws where the plain mean fails the rule
 def test_triton_rows_with_a_common_offset(seed):
     """Rows far from zero against their spread (offset 100, spread 1; offset 0.5, spread 1e-3), against
