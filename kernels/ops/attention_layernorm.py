@@ -111,8 +111,8 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=mixed)
 
-    if variant == "gate":
-        attn, u = (random_values(g, rows, attn_dim, dtype=dtype, device=device) for _ in range(2))
+    if variant == "gate":  # attn and u laid out as the model passes them (``_model_layout``)
+        attn, u = _model_layout(g, rows, attn_dim, dtype, device)
         elements = rows * attn_dim * act_size
         gate = _triton_entry("attention_gate", "attention_output", (attn, attn, u, attn))
 
@@ -176,6 +176,17 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     bwd = residual_bytes + 4 * gate_bytes + parameter_bytes
     return BenchCase(tuple(shape), call, [x, attn, u, weight, bias_vec], {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
                      eager_call=eager)
+
+
+def _model_layout(g: torch.Generator, rows: int, width: int, dtype: torch.dtype, device) -> tuple:
+    """(attn, u) as the STU block passes them to the gate: attn in rows padded to a multiple of 8 elements
+    (the Triton attention's output, ``hstu_kernels.triton.common.padded_rows``), u the first ``width``
+    columns of the [rows, 4 * width] projection. Leaves for autograd: its copies of the gate's padded
+    gradients into them are in the backward's time (the model's autograd makes none)."""
+    padded = -(-width // 8) * 8
+    attn = random_values(g, rows, padded, dtype=dtype, device=device, requires_grad=False)[:, :width]
+    u = random_values(g, rows, 4 * width, dtype=dtype, device=device, requires_grad=False)[:, :width]
+    return attn.requires_grad_(), u.requires_grad_()
 
 
 def _triton_entry(function: str, dispatched_as: str, tensors) -> Callable[[], Callable]:

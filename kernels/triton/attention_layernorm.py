@@ -43,13 +43,12 @@ import triton.language as tl
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.dropout import draw_seed, seed_tensor
 from hstu_kernels.triton.common import (
-    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms, known_multiple,
-    row_alignment, sigmoid, silu,
+    KERNELS_INTERPRETED, ROW_ALIGN, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms,
+    known_multiple, padded_rows, row_alignment, sigmoid, silu,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 8192  # a gate or LayerNorm row is held whole in registers by one program
-ROW_ALIGN = 8  # gated rows (K values + the ones column) padded to a multiple of 8 elements (16 bytes in bf16)
 TAIL_BLOCK = tl.constexpr(ROW_ALIGN)
 NORMED_ALIGN = 16  # stored LN(x) rows padded to a multiple of 16 elements (``_normed_width``)
 
@@ -85,10 +84,19 @@ def _row_offsets(rows, stride):
 
 
 @triton.jit
-def _normalized_rows(ptr, rows, rows_ok, cols, width, stride, eps):
+def _load_rows(ptr, rows, rows_ok, cols, width, load_width, stride):
+    """A [BLOCK_M, BLOCK] row tile in fp32, zero past ``width``. ``load_width`` >= width columns are read:
+    a multiple of 8 over rows whose padding the launcher knows is readable loads 16 bytes at a time."""
+    x = tl.load(ptr + _row_offsets(rows, stride)[:, None] + cols[None, :],
+                mask=rows_ok[:, None] & (cols[None, :] < load_width), other=0.0).to(tl.float32)
+    return tl.where(cols[None, :] < width, x, 0.0)
+
+
+@triton.jit
+def _normalized_rows(ptr, rows, rows_ok, cols, width, load_width, stride, eps):
     """(x - mean) * rstd of [BLOCK_M, BLOCK] row tiles in fp32 (zero outside), with mean and rstd [BLOCK_M]."""
     mask = rows_ok[:, None] & (cols[None, :] < width)
-    x = tl.load(ptr + _row_offsets(rows, stride)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_rows(ptr, rows, rows_ok, cols, width, load_width, stride)
     mean = tl.sum(x, axis=1) / width
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
@@ -96,12 +104,11 @@ def _normalized_rows(ptr, rows, rows_ok, cols, width, stride, eps):
 
 
 @triton.jit
-def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, eps, p, scale,
+def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, load_k, stride_a, stride_u, eps, p, scale,
                BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
-    """Dropout(LayerNorm(attn) * u) of a row tile in fp32 (zero outside the tile)."""
-    xhat, _, _ = _normalized_rows(attn, rows, rows_ok, cols, K, stride_a, eps)
-    mask = rows_ok[:, None] & (cols[None, :] < K)
-    gate = tl.load(u + _row_offsets(rows, stride_u)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    """Dropout(LayerNorm(attn) * u) of a row tile in fp32 (zero outside the tile); ``load_k`` columns read."""
+    xhat, _, _ = _normalized_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
+    gate = _load_rows(u, rows, rows_ok, cols, K, load_k, stride_u)
     gated = xhat * gate
     if HAS_DROPOUT:
         keep = dropout_uniforms(seed_ptr, rows, 0, K, BLOCK_K, WIDE_COUNTERS) >= p
@@ -120,13 +127,14 @@ def _store_ones_column(gated, rows, rows_ok, K, stride_g, tail):
 
 
 @triton.jit
-def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K,
+def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, load_k,
                         stride_a, stride_u, stride_da, stride_du, eps, p, scale,
                         BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
-    """Given dL/dgated (fp32 [BLOCK_M, BLOCK_K]), write dL/dattn and dL/du of the row tile."""
+    """Given dL/dgated (fp32 [BLOCK_M, BLOCK_K]), write dL/dattn and dL/du of the row tile: ``load_k``
+    columns read and written (past K, the padding of rows the launcher allocated padded)."""
     mask = rows_ok[:, None] & (cols[None, :] < K)
-    xhat, _, rstd = _normalized_rows(attn, rows, rows_ok, cols, K, stride_a, eps)
-    gate = tl.load(u + _row_offsets(rows, stride_u)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat, _, rstd = _normalized_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
+    gate = _load_rows(u, rows, rows_ok, cols, K, load_k, stride_u)
     if HAS_DROPOUT:
         keep = dropout_uniforms(seed_ptr, rows, 0, K, BLOCK_K, WIDE_COUNTERS) >= p
         grad = tl.where(keep, grad * scale, 0.0)
@@ -136,9 +144,11 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
     mean_grad = tl.sum(grad_xhat, axis=1) / K
     mean_grad_xhat = tl.sum(grad_xhat * xhat, axis=1) / K
     grad_attn = (grad_xhat - mean_grad[:, None] - xhat * mean_grad_xhat[:, None]) * rstd[:, None]
+    stored = rows_ok[:, None] & (cols[None, :] < load_k)
     tl.store(dattn + _row_offsets(rows, stride_da)[:, None] + cols[None, :], grad_attn.to(dattn.dtype.element_ty),
-             mask=mask)
-    tl.store(du + _row_offsets(rows, stride_du)[:, None] + cols[None, :], grad_gate.to(du.dtype.element_ty), mask=mask)
+             mask=stored)
+    tl.store(du + _row_offsets(rows, stride_du)[:, None] + cols[None, :], grad_gate.to(du.dtype.element_ty),
+             mask=stored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,27 +157,40 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
 @triton.jit
 def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_g, tail, eps, p, scale,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr):
-    K = known_multiple(K, ALIGN)
+                     WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr, LOAD_K: tl.constexpr):
+    """LOAD_K > 0: rows padded to LOAD_K (a multiple of ALIGN) are read, and the gated row, ones column
+    and padding included, is one store of LOAD_K columns; 0: K columns read, the ones column apart."""
+    if LOAD_K == 0:
+        K = known_multiple(K, ALIGN)
     stride_a = known_multiple(stride_a, ALIGN)
     stride_u = known_multiple(stride_u, ALIGN)
     stride_g = known_multiple(stride_g, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
-    value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, eps, p, scale,
-                       BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
-    tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
-             mask=rows_ok[:, None] & (cols[None, :] < K))
-    if tail > 0:
-        _store_ones_column(gated, rows, rows_ok, K, stride_g, tail)
+    if LOAD_K > 0:
+        value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K, stride_a, stride_u, eps, p, scale,
+                           BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+        if tail > 0:
+            value = tl.where(cols[None, :] < K, value, tl.where(cols[None, :] == K, 1.0, 0.0))
+        tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
+                 mask=rows_ok[:, None] & (cols[None, :] < LOAD_K))
+    else:
+        value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, K, stride_a, stride_u, eps, p, scale,
+                           BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+        tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
+                 mask=rows_ok[:, None] & (cols[None, :] < K))
+        if tail > 0:
+            _store_ones_column(gated, rows, rows_ok, K, stride_g, tail)
 
 
 @triton.jit
 def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stride_a, stride_u, stride_da, stride_du,
                      eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr):
-    K = known_multiple(K, ALIGN)
+                     WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr, LOAD_K: tl.constexpr):
+    """LOAD_K > 0: rows padded to LOAD_K (a multiple of ALIGN) are read and written; 0: K columns."""
+    if LOAD_K == 0:
+        K = known_multiple(K, ALIGN)
     stride_grad = known_multiple(stride_grad, ALIGN)
     stride_a = known_multiple(stride_a, ALIGN)
     stride_u = known_multiple(stride_u, ALIGN)
@@ -176,10 +199,10 @@ def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stri
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
-    mask = rows_ok[:, None] & (cols[None, :] < K)
-    g = tl.load(grad + _row_offsets(rows, stride_grad)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    _gate_backward_rows(g, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, stride_a, stride_u, stride_da,
-                        stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+    load_k = LOAD_K if LOAD_K > 0 else K
+    g = _load_rows(grad, rows, rows_ok, cols, K, load_k, stride_grad)
+    _gate_backward_rows(g, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, load_k, stride_a, stride_u,
+                        stride_da, stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
 
 
 @triton.jit
@@ -191,7 +214,7 @@ def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
-    value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, stride_a, stride_u, eps, p, scale,
+    value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, K, stride_a, stride_u, eps, p, scale,
                        BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
     tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
              mask=rows_ok[:, None] & (cols[None, :] < K))
@@ -237,7 +260,7 @@ def _output_bwd_kernel(grad_out, w, attn, u, seed_ptr, grad_mm, dattn, du, L, D,
         w_tile = tl.load(w + outs[:, None] * stride_w + cols[None, :], mask=outs_ok[:, None] & (cols[None, :] < K),
                          other=0.0)
         acc = tl.dot(g, w_tile, acc, input_precision=DOT_PRECISION)
-    _gate_backward_rows(acc, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, stride_a, stride_u, stride_da,
+    _gate_backward_rows(acc, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, K, stride_a, stride_u, stride_da,
                         stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
 
 
@@ -344,7 +367,7 @@ def _layer_norm_fwd_kernel(x, normed, mean_out, rstd_out, L, D, D_OUT, stride_x,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     dims = tl.arange(0, BLOCK_D)
-    xhat, mean, rstd = _normalized_rows(x, rows, rows_ok, dims, D, stride_x, eps)
+    xhat, mean, rstd = _normalized_rows(x, rows, rows_ok, dims, D, D, stride_x, eps)
     tl.store(normed + _row_offsets(rows, stride_n)[:, None] + dims[None, :], xhat.to(normed.dtype.element_ty),
              mask=rows_ok[:, None] & (dims[None, :] < D_OUT))
     tl.store(mean_out + rows, mean, mask=rows_ok)
@@ -492,6 +515,20 @@ def _padded_width(width: int) -> int:
     return cdiv(width + 1, ROW_ALIGN) * ROW_ALIGN
 
 
+def _load_width(width: int, *rows: torch.Tensor) -> int:
+    """Columns the gate kernels read from each of ``rows`` (unit column stride, at least one row):
+    ``width`` rounded up to ROW_ALIGN where every row stride is a multiple of ROW_ALIGN and the storage
+    holds the padding (``padded_rows``, or u followed by v in the STU projection), else ``width``."""
+    load = cdiv(width, ROW_ALIGN) * ROW_ALIGN
+    for t in rows:
+        if load == width or t.stride(0) % ROW_ALIGN or t.stride(0) < load:
+            return width
+        end = t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + load
+        if end * t.element_size() > t.untyped_storage().nbytes():
+            return width
+    return load
+
+
 # Block sizes below: registers and spills from an AOT compile for sm_90 (kernel notes), about 16 fp32
 # values a thread per row tile; not tuned on a GPU.
 @functools.lru_cache(maxsize=1024)
@@ -610,17 +647,20 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
     """Dropout(LayerNorm(attn) * u) -> [L, padded or K] in out_dtype (with ``padded``: the ones column
     and zero padding after the K values)."""
     rows, width = attn.shape
-    gated = torch.empty((rows, padded or width), dtype=out_dtype, device=attn.device)
+    gated = (torch.empty((rows, padded), dtype=out_dtype, device=attn.device) if padded
+             else padded_rows(rows, width, out_dtype, attn.device))
     if rows == 0:
         return gated
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
+    load = _load_width(width, attn, u)
     p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     grid, constants = _row_plan(rows, width)
     _gate_fwd_kernel[grid](
         attn, u, attn if seed is None else seed, gated, rows, width, attn.stride(0), u.stride(0), gated.stride(0),
         (padded - width) if padded else 0, eps, p, scale,
         BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
-        ALIGN=row_alignment(width, attn.stride(0), u.stride(0), gated.stride(0)), **constants,
+        ALIGN=row_alignment(load, attn.stride(0), u.stride(0), gated.stride(0)), LOAD_K=0 if load == width else load,
+        **constants,
     )
     return gated
 
@@ -628,19 +668,19 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
 def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
     """dL/dattn, dL/du of the gate from dL/dgated [L, >= K] (any row stride)."""
     rows, width = attn.shape
-    dattn = torch.empty((rows, width), dtype=attn.dtype, device=attn.device)
-    du = torch.empty((rows, width), dtype=u.dtype, device=u.device)
+    dattn, du = padded_rows(rows, width, attn.dtype, attn.device), padded_rows(rows, width, u.dtype, u.device)
     if rows == 0:
         return dattn, du
     grad, attn, u = _unit_column_stride(grad), _unit_column_stride(attn), _unit_column_stride(u)
+    load = _load_width(width, grad, attn, u)
     p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     grid, constants = _row_plan(rows, width)
     _gate_bwd_kernel[grid](
         grad, attn, u, attn if seed is None else seed, dattn, du, rows, width, grad.stride(0), attn.stride(0),
         u.stride(0), dattn.stride(0), du.stride(0), eps, p, scale,
         BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
-        ALIGN=row_alignment(width, grad.stride(0), attn.stride(0), u.stride(0), dattn.stride(0), du.stride(0)),
-        **constants,
+        ALIGN=row_alignment(load, grad.stride(0), attn.stride(0), u.stride(0), dattn.stride(0), du.stride(0)),
+        LOAD_K=0 if load == width else load, **constants,
     )
     return dattn, du
 
@@ -682,10 +722,10 @@ def output_backward(grad_out, attn, u, weight, gated, seed, dropout_p: float, ep
     mm_dtype = weight.dtype
     if projection == "cublas" or rows == 0:
         grad_mm = grad_out.to(mm_dtype)
-        dattn, du = gate_backward(torch.mm(grad_mm, weight), attn, u, seed, dropout_p, eps)
+        grad_gated = torch.mm(grad_mm, weight, out=padded_rows(rows, width, mm_dtype, grad_mm.device))
+        dattn, du = gate_backward(grad_gated, attn, u, seed, dropout_p, eps)
     else:
-        dattn = torch.empty((rows, width), dtype=attn.dtype, device=attn.device)
-        du = torch.empty((rows, width), dtype=u.dtype, device=u.device)
+        dattn, du = padded_rows(rows, width, attn.dtype, attn.device), padded_rows(rows, width, u.dtype, u.device)
         attn, u = _unit_column_stride(attn), _unit_column_stride(u)
         store_grad_mm = weight_grad and grad_out.dtype != mm_dtype
         grad_mm = torch.empty((rows, dim), dtype=mm_dtype, device=grad_out.device) if store_grad_mm else grad_out
@@ -802,7 +842,7 @@ def _output_bwd(
 
 def _output_bwd_fake(grad_out, attn, u, weight, gated, seed, dropout_p, eps, projection, weight_grad):
     grad_ext = weight.new_empty((weight.shape[0], gated.shape[1]) if weight_grad else (0, 0))
-    return attn.new_empty(attn.shape), u.new_empty(u.shape), grad_ext
+    return (padded_rows(*attn.shape, attn.dtype, attn.device), padded_rows(*u.shape, u.dtype, u.device), grad_ext)
 
 
 def _output_setup_context(ctx, inputs, output):
@@ -894,7 +934,7 @@ def _gate_fwd(attn: torch.Tensor, u: torch.Tensor, seed: Optional[torch.Tensor],
 
 
 def _gate_fwd_fake(attn, u, seed, dropout_p, eps):
-    return attn.new_empty(attn.shape, dtype=torch.promote_types(attn.dtype, u.dtype))
+    return padded_rows(*attn.shape, torch.promote_types(attn.dtype, u.dtype), attn.device)
 
 
 def _gate_bwd(grad: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
@@ -903,7 +943,7 @@ def _gate_bwd(grad: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, seed: Opt
 
 
 def _gate_bwd_fake(grad, attn, u, seed, dropout_p, eps):
-    return attn.new_empty(attn.shape), u.new_empty(u.shape)
+    return padded_rows(*attn.shape, attn.dtype, attn.device), padded_rows(*u.shape, u.dtype, u.device)
 
 
 def _gate_setup_context(ctx, inputs, output):

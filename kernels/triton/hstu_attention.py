@@ -60,7 +60,8 @@ import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.triton.common import (
-    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, gather, load_tile, log2, sequence_span, sigmoid, silu,
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, gather, load_tile, log2, padded_rows, sequence_span, sigmoid,
+    silu,
 )
 from hstu_kernels.time_buckets import BUCKET_LOG_BASE, bucket_thresholds
 
@@ -1286,11 +1287,11 @@ def _forward_plan(batch: int, num_heads: int, max_seq_len: int, dqk: int, dv: in
 def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
                            q_timestamps=None, k_timestamps=None, pos_weight=None, time_weight=None,
                            time_table=None, gaps_fit=None):
-    """Launch the forward kernel -> out [L, H, dv] in v's dtype (time_table, gaps_fit: see
-    ``time_bias_context``; computed here when absent)."""
+    """Launch the forward kernel -> out [L, H, dv] in v's dtype, its rows of H*dv padded (``output_rows``)
+    (time_table, gaps_fit: see ``time_bias_context``; computed here when absent)."""
     num_tokens, num_heads, dqk = q.shape
     dv = v.shape[-1]
-    out = torch.empty((num_tokens, num_heads, dv), dtype=v.dtype, device=v.device)
+    out = output_rows(num_tokens, num_heads, dv, v.dtype, v.device)
     batch = seq_offsets.numel() - 1
     if num_tokens == 0 or batch <= 0 or num_heads == 0 or max_seq_len <= 0:
         return out
@@ -1305,6 +1306,12 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
         num_heads, max_seq_len, bias.num_buckets, float(alpha), 1.0 / max_seq_len, **constants,
     )
     return out
+
+
+def output_rows(num_tokens: int, num_heads: int, dv: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The forward's output [L, H, dv]: a view of rows of H*dv padded to ROW_ALIGN (``padded_rows``), so
+    that the LayerNorm gate reading it as [L, H*dv] loads 16 bytes at a time at H*dv such as 50."""
+    return padded_rows(num_tokens, num_heads * dv, dtype, device).view(num_tokens, num_heads, dv)
 
 
 # Delta-query forward with at most this many new tokens per sequence: query blocks of 16 rows
@@ -1495,7 +1502,7 @@ def _attention_fwd(
 
 def _attention_fwd_fake(q, k, v, seq_offsets, max_seq_len, alpha,
                         q_timestamps, k_timestamps, pos_weight, time_weight, time_table, gaps_fit):
-    return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    return output_rows(q.shape[0], q.shape[1], v.shape[2], v.dtype, v.device)
 
 
 def _attention_bwd(

@@ -170,7 +170,9 @@ class OutputProblem:
     training: bool = True
     bias: bool = True
     projection: str = "fused"
-    strided_u: bool = False  # u as a slice of a wider [L, 3 * width] tensor, as the model's split gives
+    strided_u: bool = False  # u as a slice of a wider [L, 3 * width] tensor
+    model_layout: bool = False  # as the model calls it: attn in the attention's padded rows, u the first slice of
+    # [L, 4 * width] (the STU projection); at widths that are not multiples of 8 the gate reads past the width
     x_view: str = "contiguous"  # or "transposed" (x = [D, L].T) or "every_other" (x = [L, 2D][:, ::2])
     autocast: bool = False  # x, W, b in fp32 and the call under autocast to ``dtype``
     attn_scale: float = 2.0  # attn = attn_shift + attn_scale * randn: 1e-3 gives near-constant rows
@@ -197,12 +199,22 @@ def output_inputs(p: OutputProblem, dtype: torch.dtype, device=DEVICE):
         x = leaf_x[:, ::2]
     else:
         leaf_x = x = values(p.rows, p.dim, kind=wide)
-    attn = values(p.rows, p.width, kind=p.dtype, scale=p.attn_scale, shift=p.attn_shift)
-    wide_u = values(p.rows, 3 * p.width, kind=p.dtype)
-    u = wide_u[:, p.width:2 * p.width] if p.strided_u else wide_u[:, :p.width].detach().contiguous().requires_grad_()
+    padded_width = -(-p.width // 8) * 8 if p.model_layout else p.width
+    leaf_attn = values(p.rows, padded_width, kind=p.dtype, scale=p.attn_scale, shift=p.attn_shift)
+    attn = leaf_attn[:, :p.width]
+    wide_u = values(p.rows, (4 if p.model_layout else 3) * p.width, kind=p.dtype)
+    if p.model_layout:
+        u = wide_u[:, :p.width]
+        with torch.no_grad():  # what the gate reads past the width must not reach any result
+            leaf_attn[:, p.width:] = float("nan")
+            wide_u[:, p.width:] = float("nan")
+    elif p.strided_u:
+        u = wide_u[:, p.width:2 * p.width]
+    else:
+        u = wide_u[:, :p.width].detach().contiguous().requires_grad_()
     weight = values(p.dim, p.width, kind=wide, scale=1.0 / math.sqrt(max(p.width, 1)))
     bias = values(p.dim, kind=wide) if p.bias else None
-    leaves = {"x": leaf_x, "attn": attn, "u": wide_u if p.strided_u else u, "weight": weight}
+    leaves = {"x": leaf_x, "attn": leaf_attn, "u": wide_u if p.strided_u or p.model_layout else u, "weight": weight}
     if bias is not None:
         leaves["bias"] = bias
     return x, attn, u, weight, bias, leaves
@@ -291,6 +303,7 @@ def output_problems(draw):
         bias=draw(st.booleans()),
         projection=draw(st.sampled_from(["fused", "cublas"])),
         strided_u=draw(st.booleans()),
+        model_layout=draw(st.booleans()),
         x_view=draw(st.sampled_from(["contiguous", "transposed", "every_other"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -346,6 +359,24 @@ def test_triton_input_several_row_and_column_blocks(dtype, keep_pre, normalizati
     column blocks: the chunked LayerNorm prologue and every backward path."""
     check_input_against_reference(InputProblem(rows=70, dim=50, cols=100, dtype=dtype, keep_pre=keep_pre,
                                                normalization=normalization, seed=4))
+
+
+@needs_triton
+@pytest.mark.parametrize("width", [7, 50, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("projection", ["fused", "cublas"])
+def test_triton_output_in_the_models_layout(width, dtype, projection):
+    """attn in the attention's padded rows and u followed by v (NaN past the width): at widths that are
+    not multiples of 8 the gate reads and writes whole padded rows; results and gradients as the
+    reference's, and the gradients of attn and u are views of padded rows too."""
+    check_output_against_reference(OutputProblem(rows=37, dim=24, width=width, dtype=dtype, dropout_p=0.3,
+                                                 projection=projection, model_layout=True, seed=width))
+    module = triton_module()
+    attn = module.padded_rows(37, width, dtype, DEVICE).normal_()
+    u = torch.randn(37, 4 * width, dtype=dtype, device=DEVICE)[:, :width]
+    grad = module.padded_rows(37, width, dtype, DEVICE).normal_()
+    for got in module.gate_backward(grad, attn, u, None, 0.0, 1e-6):
+        assert got.shape == (37, width) and got.stride() == (-(-width // 8) * 8, 1)
 
 
 @needs_triton
@@ -661,8 +692,8 @@ def test_gpu_output_bf16_autocast_full_size(shape, projection):
     if projection == "fused" and width > triton_module().FUSED_OUTPUT_WIDTH_LIMIT:
         pytest.skip("the fused projection takes H*dv <= FUSED_OUTPUT_WIDTH_LIMIT")
     check_output_against_reference(OutputProblem(rows=rows, dim=dim, width=width, dtype=torch.bfloat16,
-                                                 dropout_p=0.2, projection=projection, strided_u=True, autocast=True,
-                                                 seed=rows + width))
+                                                 dropout_p=0.2, projection=projection, model_layout=True,
+                                                 autocast=True, seed=rows + width))
 
 
 @pytest.mark.gpu
