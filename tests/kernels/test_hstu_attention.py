@@ -549,7 +549,8 @@ def test_triton_custom_ops_opcheck():
     """torch.library.opcheck on the forward and backward custom ops (schema, fake, autograd, AOT dispatch)."""
     importlib.import_module(TRITON_MODULE)  # registers hstu_kernels::hstu_attention_fwd / _bwd / _time_context
     ops = torch.ops.hstu_kernels
-    p = Problem((6, 0, 1, 9), max_seq_len=9, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=6)
+    # H*dv = 50: the output's rows are padded (output_rows), and the fake must give the same strides
+    p = Problem((6, 0, 1, 9), max_seq_len=9, heads=2, dqk=8, dv=25, alpha=0.7, use_pos=True, use_time=True, seed=6)
     x = make_inputs(p, torch.float32)
     q, k, v = (t.detach().requires_grad_() for t in (x.q, x.k, x.v))
     biases = (x.q_timestamps, x.k_timestamps, x.pos_weight, x.time_weight)
@@ -693,8 +694,9 @@ def test_launcher_integer_helpers_match_triton():
 
 @needs_triton
 def test_triton_compiled_forward_backward_matches_eager():
-    """torch.compile(fullgraph=True) of a function calling the Triton backend: one graph, same numbers."""
-    p = Problem((7, 0, 1, 12), max_seq_len=12, heads=2, dqk=16, dv=16, alpha=0.8, use_pos=True, use_time=True, seed=8)
+    """torch.compile(fullgraph=True) of a function calling the Triton backend: one graph, same numbers (H*dv =
+    50, so Inductor's code reads and differentiates the output's padded rows)."""
+    p = Problem((7, 0, 1, 12), max_seq_len=12, heads=2, dqk=16, dv=25, alpha=0.8, use_pos=True, use_time=True, seed=8)
     x = make_inputs(p, torch.float32)
     leaves = [x.q, x.k, x.v, x.pos_weight, x.time_weight]
 
@@ -705,6 +707,7 @@ def test_triton_compiled_forward_backward_matches_eager():
 
     eager = f(*leaves)
     compiled = torch.compile(f, fullgraph=True)(*leaves)
+    assert compiled.stride() == eager.stride() == (56, 25, 1)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
     eager_grads = torch.autograd.grad(eager.square().sum(), leaves)
     compiled_grads = torch.autograd.grad(compiled.square().sum(), leaves)
@@ -922,7 +925,8 @@ def test_delta_cached_plus_new_longer_than_max_seq_len_raises(backend):
 def test_delta_triton_custom_op_opcheck_and_compiled():
     """opcheck on the forward-only custom op; torch.compile(fullgraph=True) through it equals eager."""
     module = importlib.import_module(TRITON_MODULE)
-    p = Problem((6, 0, 1, 9), max_seq_len=9, heads=2, dqk=8, dv=16, alpha=0.7, use_pos=True, use_time=True, seed=6)
+    # H*dv = 50: the output's rows are padded (output_rows), and the fake must give the same strides
+    p = Problem((6, 0, 1, 9), max_seq_len=9, heads=2, dqk=8, dv=25, alpha=0.7, use_pos=True, use_time=True, seed=6)
     dp = DeltaProblem(p, cached=(5, 0, 0, 4))
     x = make_inputs(p, torch.float32)
     cached_rows, new_rows, cached_offsets, new_offsets = split_rows(x.seq_offsets, dp.cached)
