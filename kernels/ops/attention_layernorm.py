@@ -84,7 +84,7 @@ INPUT_VARIANTS = {  # variant -> (keep the pre-activation, where x is normalised
     "input": (None, None), "input-stored": (True, None), "input-recompute": (False, None),
     "input-prologue": (None, "prologue"), "input-kernel": (None, "kernel"),
 }
-VARIANTS = (*OUTPUT_VARIANTS, *INPUT_VARIANTS, "gate")
+VARIANTS = (*OUTPUT_VARIANTS, *INPUT_VARIANTS, "gate", "gate-padded")
 BENCH_DROPOUT = 0.2
 BENCH_EPS = 1e-6
 
@@ -93,7 +93,7 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     """(L, D, HDV) tokens, model dim and H*dv; the input side projects to E = 4 * HDV (dqk = dv).
 
     ``dtype`` is the activations' (attn, u): in bf16/fp16 the sides run as the model runs them, under
-    autocast with x, W and b in fp32; "gate" runs attn and u in ``dtype`` without autocast. ``work``
+    autocast with x, W and b in fp32; "gate" and "gate-padded" run attn and u in ``dtype`` without autocast. ``work``
     is the minimum bytes moved (each input read once, each output written once; intermediates such
     as the gated rows, which the backward could recompute, not counted).
     """
@@ -111,8 +111,11 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=mixed)
 
-    if variant == "gate":  # attn and u laid out as the model passes them (``_model_layout``)
-        attn, u = _model_layout(g, rows, attn_dim, dtype, device)
+    if variant in ("gate", "gate-padded"):  # gate-padded: attn and u as the model passes them (``_model_layout``)
+        if variant == "gate-padded":
+            attn, u = _model_layout(g, rows, attn_dim, dtype, device)
+        else:
+            attn, u = (random_values(g, rows, attn_dim, dtype=dtype, device=device) for _ in range(2))
         elements = rows * attn_dim * act_size
         gate = _triton_entry("attention_gate", "attention_output", (attn, attn, u, attn))
 

@@ -654,8 +654,8 @@ def test_row_alignment_divides_the_width_and_every_stride():
         assert all(v % align == 0 for v in values) and any(v % (2 * align) for v in values)
 
 
-@pytest.mark.parametrize("variant", ["", "output", "output-fused", "output-cublas", "gate", "input", "input-stored",
-                                     "input-recompute", "input-prologue", "input-kernel"])
+@pytest.mark.parametrize("variant", ["", "output", "output-fused", "output-cublas", "gate", "gate-padded", "input",
+                                     "input-stored", "input-recompute", "input-prologue", "input-kernel"])
 def test_bench_variants_agree_with_the_reference_at_a_tiny_shape(variant):
     """Each benchmark variant's Triton call gives the reference's output (same seeded mask); its eager
     form (torch's dropout) has the same shape and dtype."""
