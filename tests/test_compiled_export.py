@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -69,7 +70,12 @@ def test_package_loads_with_plain_torch_and_matches_the_recommender(compiled_exp
 @pytest.mark.gpu
 def test_gpu_package_loads_with_plain_torch_and_matches_the_recommender(export_dir, datamodule, tmp_path,  # noqa: F811
                                                                       tmp_path_factory):
-    folder, package = compile_copy(export_dir, tmp_path_factory, "cuda")
+    try:
+        folder, package = compile_copy(export_dir, tmp_path_factory, "cuda")
+    except RuntimeError as error:
+        if f"exit status {-signal.SIGSEGV}:" in str(error):
+            pytest.xfail("aoti_load_package crashes on CUDA packages under torch 2.11+cu130 (README, Known problems)")
+        raise
     assert target_name(torch.device("cuda"))["gpu_arch"] in package.name
     check_package(folder, package, "cuda", datamodule, tmp_path)
 
