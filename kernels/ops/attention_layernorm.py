@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from hstu_kernels.benchmarking import element_size, random_values, seeded, triton_function
 from hstu_kernels.dropout import check_dropout_p, dropout, seed_tensor
+from hstu_kernels.layout import aligned_width
 from hstu_kernels.manager import implementation
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
 
@@ -182,12 +183,11 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
 
 
 def _model_layout(g: torch.Generator, rows: int, width: int, dtype: torch.dtype, device) -> tuple:
-    """(attn, u) as the STU block passes them to the gate: attn in rows padded to a multiple of 8 elements
-    (the Triton attention's output, ``hstu_kernels.triton.common.padded_rows``), u the first ``width``
-    columns of the [rows, 4 * width] projection. Leaves for autograd: its copies of the gate's padded
-    gradients into them are in the backward's time (the model's autograd makes none)."""
-    padded = -(-width // 8) * 8
-    attn = random_values(g, rows, padded, dtype=dtype, device=device, requires_grad=False)[:, :width]
+    """(attn, u) as the STU block passes them to the gate: attn in aligned rows (the Triton attention's
+    output, ``hstu_kernels.layout.aligned_rows``), u the first ``width`` columns of the [rows, 4 * width]
+    projection. Leaves for autograd: its copies of the gate's padded gradients into them are in the
+    backward's time (the model's autograd makes none)."""
+    attn = random_values(g, rows, aligned_width(width), dtype=dtype, device=device, requires_grad=False)[:, :width]
     u = random_values(g, rows, 4 * width, dtype=dtype, device=device, requires_grad=False)[:, :width]
     return attn.requires_grad_(), u.requires_grad_()
 

@@ -42,9 +42,10 @@ import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
 from hstu_kernels.dropout import draw_seed, seed_tensor
+from hstu_kernels.layout import ROW_ALIGN, aligned_rows, aligned_width
 from hstu_kernels.triton.common import (
-    KERNELS_INTERPRETED, ROW_ALIGN, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms,
-    known_multiple, padded_rows, row_alignment, sigmoid, silu,
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms, known_multiple,
+    row_alignment, sigmoid, silu,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -518,8 +519,8 @@ def _padded_width(width: int) -> int:
 def _load_width(width: int, *rows: torch.Tensor) -> int:
     """Columns the gate kernels read from each of ``rows`` (unit column stride, at least one row):
     ``width`` rounded up to ROW_ALIGN where every row stride is a multiple of ROW_ALIGN and the storage
-    holds the padding (``padded_rows``, or u followed by v in the STU projection), else ``width``."""
-    load = cdiv(width, ROW_ALIGN) * ROW_ALIGN
+    holds the padding (``aligned_rows``, or u followed by v in the STU projection), else ``width``."""
+    load = aligned_width(width)
     for t in rows:
         if load == width or t.stride(0) % ROW_ALIGN or t.stride(0) < load:
             return width
@@ -648,7 +649,7 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
     and zero padding after the K values)."""
     rows, width = attn.shape
     gated = (torch.empty((rows, padded), dtype=out_dtype, device=attn.device) if padded
-             else padded_rows(rows, width, out_dtype, attn.device))
+             else aligned_rows(rows, width, out_dtype, attn.device))
     if rows == 0:
         return gated
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
@@ -668,7 +669,7 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
 def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
     """dL/dattn, dL/du of the gate from dL/dgated [L, >= K] (any row stride)."""
     rows, width = attn.shape
-    dattn, du = padded_rows(rows, width, attn.dtype, attn.device), padded_rows(rows, width, u.dtype, u.device)
+    dattn, du = aligned_rows(rows, width, attn.dtype, attn.device), aligned_rows(rows, width, u.dtype, u.device)
     if rows == 0:
         return dattn, du
     grad, attn, u = _unit_column_stride(grad), _unit_column_stride(attn), _unit_column_stride(u)
@@ -722,10 +723,10 @@ def output_backward(grad_out, attn, u, weight, gated, seed, dropout_p: float, ep
     mm_dtype = weight.dtype
     if projection == "cublas" or rows == 0:
         grad_mm = grad_out.to(mm_dtype)
-        grad_gated = torch.mm(grad_mm, weight, out=padded_rows(rows, width, mm_dtype, grad_mm.device))
+        grad_gated = torch.mm(grad_mm, weight, out=aligned_rows(rows, width, mm_dtype, grad_mm.device))
         dattn, du = gate_backward(grad_gated, attn, u, seed, dropout_p, eps)
     else:
-        dattn, du = padded_rows(rows, width, attn.dtype, attn.device), padded_rows(rows, width, u.dtype, u.device)
+        dattn, du = aligned_rows(rows, width, attn.dtype, attn.device), aligned_rows(rows, width, u.dtype, u.device)
         attn, u = _unit_column_stride(attn), _unit_column_stride(u)
         store_grad_mm = weight_grad and grad_out.dtype != mm_dtype
         grad_mm = torch.empty((rows, dim), dtype=mm_dtype, device=grad_out.device) if store_grad_mm else grad_out
@@ -842,7 +843,7 @@ def _output_bwd(
 
 def _output_bwd_fake(grad_out, attn, u, weight, gated, seed, dropout_p, eps, projection, weight_grad):
     grad_ext = weight.new_empty((weight.shape[0], gated.shape[1]) if weight_grad else (0, 0))
-    return (padded_rows(*attn.shape, attn.dtype, attn.device), padded_rows(*u.shape, u.dtype, u.device), grad_ext)
+    return (aligned_rows(*attn.shape, attn.dtype, attn.device), aligned_rows(*u.shape, u.dtype, u.device), grad_ext)
 
 
 def _output_setup_context(ctx, inputs, output):
@@ -934,7 +935,7 @@ def _gate_fwd(attn: torch.Tensor, u: torch.Tensor, seed: Optional[torch.Tensor],
 
 
 def _gate_fwd_fake(attn, u, seed, dropout_p, eps):
-    return padded_rows(*attn.shape, torch.promote_types(attn.dtype, u.dtype), attn.device)
+    return aligned_rows(*attn.shape, torch.promote_types(attn.dtype, u.dtype), attn.device)
 
 
 def _gate_bwd(grad: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
@@ -943,7 +944,7 @@ def _gate_bwd(grad: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, seed: Opt
 
 
 def _gate_bwd_fake(grad, attn, u, seed, dropout_p, eps):
-    return padded_rows(*attn.shape, attn.dtype, attn.device), padded_rows(*u.shape, u.dtype, u.device)
+    return aligned_rows(*attn.shape, attn.dtype, attn.device), aligned_rows(*u.shape, u.dtype, u.device)
 
 
 def _gate_setup_context(ctx, inputs, output):

@@ -15,7 +15,6 @@ import triton.language as tl
 from hstu_kernels.manager import interpreter_active
 
 KERNELS_INTERPRETED = interpreter_active()
-ROW_ALIGN = 8  # elements: rows padded to a multiple of it load and store 16 bytes at a time in bf16 and fp16
 NEG_LOG2_E = tl.constexpr(-1.4426950408889634)
 
 
@@ -166,13 +165,6 @@ def cdiv(a: int, b: int) -> int:
 def block_dim(d: int, minimum: int = 16) -> int:
     """The power-of-2 tile width (at least ``minimum``) that holds ``d`` columns."""
     return max(minimum, 1 << (d - 1).bit_length())
-
-
-def padded_rows(rows: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised [rows, width] view of rows padded to a multiple of ROW_ALIGN elements: the layout
-    of the attention's output and of the LayerNorm gate's outputs, which the gate reads and writes 16
-    bytes at a time at widths such as 50. It depends on the width alone, so fake kernels match it."""
-    return torch.empty((rows, cdiv(width, ROW_ALIGN) * ROW_ALIGN), dtype=dtype, device=device)[:, :width]
 
 
 def row_alignment(*values: int, cap: int = 16) -> int:

@@ -59,9 +59,9 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
+from hstu_kernels.layout import aligned_rows
 from hstu_kernels.triton.common import (
-    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, gather, load_tile, log2, padded_rows, sequence_span, sigmoid,
-    silu,
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, gather, load_tile, log2, sequence_span, sigmoid, silu,
 )
 from hstu_kernels.time_buckets import BUCKET_LOG_BASE, bucket_thresholds
 
@@ -1309,9 +1309,9 @@ def hstu_attention_forward(q, k, v, seq_offsets, max_seq_len, alpha,
 
 
 def output_rows(num_tokens: int, num_heads: int, dv: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The forward's output [L, H, dv]: a view of rows of H*dv padded to ROW_ALIGN (``padded_rows``), so
+    """The forward's output [L, H, dv]: a view of rows of H*dv padded to ROW_ALIGN (``aligned_rows``), so
     that the LayerNorm gate reading it as [L, H*dv] loads 16 bytes at a time at H*dv such as 50."""
-    return padded_rows(num_tokens, num_heads * dv, dtype, device).view(num_tokens, num_heads, dv)
+    return aligned_rows(num_tokens, num_heads * dv, dtype, device).view(num_tokens, num_heads, dv)
 
 
 # Delta-query forward with at most this many new tokens per sequence: query blocks of 16 rows

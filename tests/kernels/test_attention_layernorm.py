@@ -7,6 +7,7 @@ import torch
 
 import hstu_kernels
 from hstu_kernels.dropout import seeded_dropout_mask
+from hstu_kernels.layout import aligned_rows, aligned_width
 from hstu_kernels.reference.attention_layernorm import attention_output
 
 f64 = torch.float64
@@ -199,8 +200,7 @@ def output_inputs(p: OutputProblem, dtype: torch.dtype, device=DEVICE):
         x = leaf_x[:, ::2]
     else:
         leaf_x = x = values(p.rows, p.dim, kind=wide)
-    padded_width = -(-p.width // 8) * 8 if p.model_layout else p.width
-    leaf_attn = values(p.rows, padded_width, kind=p.dtype, scale=p.attn_scale, shift=p.attn_shift)
+    leaf_attn = values(p.rows, aligned_width(p.width) if p.model_layout else p.width, kind=p.dtype, scale=p.attn_scale, shift=p.attn_shift)
     attn = leaf_attn[:, :p.width]
     wide_u = values(p.rows, (4 if p.model_layout else 3) * p.width, kind=p.dtype)
     if p.model_layout:
@@ -371,12 +371,11 @@ def test_triton_output_in_the_models_layout(width, dtype, projection):
     reference's, and the gradients of attn and u are views of padded rows too."""
     check_output_against_reference(OutputProblem(rows=37, dim=24, width=width, dtype=dtype, dropout_p=0.3,
                                                  projection=projection, model_layout=True, seed=width))
-    module = triton_module()
-    attn = module.padded_rows(37, width, dtype, DEVICE).normal_()
+    attn = aligned_rows(37, width, dtype, DEVICE).normal_()
     u = torch.randn(37, 4 * width, dtype=dtype, device=DEVICE)[:, :width]
-    grad = module.padded_rows(37, width, dtype, DEVICE).normal_()
-    for got in module.gate_backward(grad, attn, u, None, 0.0, 1e-6):
-        assert got.shape == (37, width) and got.stride() == (-(-width // 8) * 8, 1)
+    grad = aligned_rows(37, width, dtype, DEVICE).normal_()
+    for got in triton_module().gate_backward(grad, attn, u, None, 0.0, 1e-6):
+        assert got.shape == (37, width) and got.stride() == (aligned_width(width), 1)
 
 
 @needs_triton
