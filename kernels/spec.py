@@ -25,7 +25,7 @@ class BenchCase:
 
     shape: tuple[int, ...]
     call: Callable[[str], torch.Tensor]  # backend name ("triton" / "reference") -> output
-    leaves: list[torch.Tensor]  # tensors that receive gradients (reset between timed runs)
+    leaves: list[torch.Tensor]  # the inputs whose gradients a timed backward computes
     work: dict[str, float]  # mode -> FLOPs or bytes, in units of ``BenchSpec.rate_unit``
     eager_call: Callable[[], torch.Tensor] | None = None  # plain PyTorch ops, where they differ from the reference
     peer_inputs: dict | None = None  # named inputs for the harness's peer adapter of this operator

@@ -9,7 +9,8 @@ Triton HSTU attention, imported from the git-ignored ``.peers/generative-recomme
 a child process per shape because a crash there (an illegal memory access) poisons the CUDA context.
 Times are medians of ``triton.testing.do_bench`` on CUDA (a perf_counter median on CPU, where Triton
 runs in the interpreter). ``bwd`` times the backward alone (graph retained), ``fwd`` a training forward
-(inputs require grad). A provider that cannot run (not implemented, OOM, error) gets its reason in the
+(inputs require grad); a backward computes the inputs' gradients with ``torch.autograd.grad``, never
+accumulating them into ``.grad``. A provider that cannot run (not implemented, OOM, error) gets its reason in the
 table and in the CSV. The operators and their cases come from the registry (``hstu_kernels.registry``):
 each spec's ``bench`` holds its shape fields, target shapes and a case builder (seeded inputs, how to
 call each backend, the peer's inputs if any, FLOPs or bytes per mode); an operator without a Triton
@@ -80,15 +81,15 @@ PEERS = {"hstu_hierarchical_attention": peer_attention}  # operator -> loader of
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
-def median_ms(fn: Callable[[], object], leaves: Sequence[torch.Tensor], warmup_ms: float, rep_ms: float) -> float:
+def median_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
     if torch.cuda.is_available():
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
-    return cpu_median_ms(fn, leaves, warmup_ms, rep_ms)
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return cpu_median_ms(fn, warmup_ms, rep_ms)
 
 
-def cpu_median_ms(fn, leaves, warmup_ms, rep_ms) -> float:
+def cpu_median_ms(fn, warmup_ms, rep_ms) -> float:
     """do_bench's protocol with a wall clock: a first call, five to estimate, warm up, then the median.
     A smoke test of the harness more than a measurement: one thread, since on a busy 2-core machine
     OpenMP threads waiting on each other turn a 0.2 ms call into tens of ms."""
@@ -102,24 +103,29 @@ def cpu_median_ms(fn, leaves, warmup_ms, rep_ms) -> float:
         fn()
     times = []
     for _ in range(max(1, int(rep_ms / estimate))):
-        for t in leaves:
-            t.grad = None
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return float(torch.tensor(times).median())
 
 
-def timed_function(forward: Callable[[], torch.Tensor], mode: str) -> Callable[[], object]:
-    """The callable to time for ``mode``: forward, backward alone (graph retained), or both."""
+def timed_function(forward: Callable[[], torch.Tensor], mode: str,
+                   leaves: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """The callable to time for ``mode``: forward, backward alone (graph retained), or both.
+
+    The backward returns the gradients of ``leaves`` (``torch.autograd.grad``) as the operator makes them,
+    as a model's autograd hands them on: accumulated into ``.grad``, a gradient whose layout differs
+    from its input's (the output side's aligned rows at widths that are not multiples of 8) would be
+    copied, a cost of the harness and not of the operator."""
     if mode == "fwd":
         return forward
+    inputs = [t for t in leaves if t.requires_grad]
     if mode == "bwd":
         retained = forward()
         grad = torch.randn_like(retained)
-        return lambda: retained.backward(grad, retain_graph=True)
+        return lambda: torch.autograd.grad(retained, inputs, grad, retain_graph=True, allow_unused=True)
     grad = torch.randn_like(forward().detach())
-    return lambda: forward().backward(grad)
+    return lambda: torch.autograd.grad(forward(), inputs, grad, allow_unused=True)
 
 
 def provider_forward(spec: OperatorSpec, case: BenchCase, provider: str, compile_mode: str) -> Callable[[], torch.Tensor]:
@@ -181,7 +187,7 @@ class Result:
     kernel_ms: float | None = None  # GPU kernel time per call from the profiler (--kernel-time), against ms (wall)
 
 
-def profiled_kernel_ms(fn: Callable[[], object], leaves: Sequence[torch.Tensor], calls: int = 20) -> float | None:
+def profiled_kernel_ms(fn: Callable[[], object], calls: int = 20) -> float | None:
     """Sum of the GPU kernels' durations per call, from torch.profiler (CUDA only): with ``ms`` (events
     around back-to-back calls), it tells host-bound calls (ms >> kernel_ms) from GPU-bound ones."""
     if not torch.cuda.is_available():
@@ -192,20 +198,16 @@ def profiled_kernel_ms(fn: Callable[[], object], leaves: Sequence[torch.Tensor],
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            for t in leaves:
-                t.grad = None
             fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return sum(e.device_time for e in kernels) / 1e3 / calls
 
 
-def extra_peak_mb(fn: Callable[[], object], leaves: Sequence[torch.Tensor]) -> float | None:
+def extra_peak_mb(fn: Callable[[], object]) -> float | None:
     """Peak device memory one call allocates beyond what was allocated before it, in MB (CUDA only)."""
     if not torch.cuda.is_available():
         return None
-    for t in leaves:
-        t.grad = None
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -226,11 +228,10 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
         if provider != "copy" and reference_out is not None and first_out.shape == reference_out.shape:
             max_diff = (first_out.float() - reference_out.float()).abs().max().item() if first_out.numel() else 0.0
         for mode in modes if provider != "copy" else [m for m in modes if m == "fwd"]:
-            timed = timed_function(forward, mode)
-            ms = median_ms(timed, case.leaves, args.warmup, args.rep)
-            kernel_ms = profiled_kernel_ms(timed, case.leaves) if args.kernel_time else None
-            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed, case.leaves),
-                                  kernel_ms=kernel_ms))
+            timed = timed_function(forward, mode, case.leaves)
+            ms = median_ms(timed, args.warmup, args.rep)
+            kernel_ms = profiled_kernel_ms(timed) if args.kernel_time else None
+            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed), kernel_ms=kernel_ms))
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)

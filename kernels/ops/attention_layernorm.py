@@ -185,8 +185,7 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
 def _model_layout(g: torch.Generator, rows: int, width: int, dtype: torch.dtype, device) -> tuple:
     """(attn, u) as the STU block passes them to the gate: attn in aligned rows (the Triton attention's
     output, ``hstu_kernels.layout.aligned_rows``), u the first ``width`` columns of the [rows, 4 * width]
-    projection. Leaves for autograd: its copies of the gate's padded gradients into them are in the
-    backward's time (the model's autograd makes none)."""
+    projection."""
     attn = random_values(g, rows, aligned_width(width), dtype=dtype, device=device, requires_grad=False)[:, :width]
     u = random_values(g, rows, 4 * width, dtype=dtype, device=device, requires_grad=False)[:, :width]
     return attn.requires_grad_(), u.requires_grad_()

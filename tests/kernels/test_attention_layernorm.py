@@ -674,6 +674,22 @@ def test_bench_variants_agree_with_the_reference_at_a_tiny_shape(variant):
         spec.bench.build((9, 25, 16), torch.float16, DEVICE, argparse.Namespace(seed=0, call="api", variant="nope"))
 
 
+@needs_triton
+def test_bench_backward_times_the_gates_aligned_gradients_as_made(monkeypatch):
+    """The harness's fwd+bwd of ``gate-padded`` at width 50 returns the gate's gradients in aligned rows and
+    accumulates nothing into ``.grad``: a copy of them into the inputs' layout would be timed otherwise."""
+    import argparse
+
+    from cli import load_script
+
+    bench = load_script("bench_kernels", monkeypatch)
+    options = argparse.Namespace(seed=0, call="api-unchecked", validate=False, variant="gate-padded")
+    case = hstu_kernels.REGISTRY[OP].bench.build((37, 50, 50), torch.float16, DEVICE, options)
+    grads = bench.timed_function(lambda: case.call("triton"), "fwd+bwd", case.leaves)()
+    assert [g.stride() for g in grads] == [(aligned_width(50), 1)] * 2
+    assert all(t.grad is None for t in case.leaves)
+
+
 # --------------------------------------------------------------------------------------------- GPU
 # Full sizes under bf16 autocast as the model runs (x, W, b in fp32; attn and u in bf16), the model's
 # non-power-of-2 widths, both projections and both pre-activation choices; CUDA graphs; inductor.
