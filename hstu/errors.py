@@ -51,5 +51,14 @@ class UnknownIdError(RequestError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PackageLoadError(UserError, RuntimeError):
+    """A compiled scoring package does not load and run in a fresh process on this machine; it was not
+    recorded. ``exit_status`` is the process's (negative: the signal that killed it; None: it timed out)."""
+
+    def __init__(self, message: str, exit_status: int | None):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class TrainingDivergedError(UserError, RuntimeError):
     """The training loss became NaN or inf; the message names the epoch and step."""

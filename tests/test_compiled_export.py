@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hstu.errors import PackageLoadError
 from hstu.inference import Recommender
 from hstu.serving.compiled import compile_export, package_file_name, target_name
 from hstu.serving.engine import ServingOptions
@@ -72,8 +74,8 @@ def test_gpu_package_loads_with_plain_torch_and_matches_the_recommender(export_d
                                                                       tmp_path_factory):
     try:
         folder, package = compile_copy(export_dir, tmp_path_factory, "cuda")
-    except RuntimeError as error:
-        if f"exit status {-signal.SIGSEGV}:" in str(error):
+    except PackageLoadError as error:
+        if error.exit_status == -signal.SIGSEGV:
             pytest.xfail("aoti_load_package crashes on CUDA packages under torch 2.11+cu130 (README, Known problems)")
         raise
     assert target_name(torch.device("cuda"))["gpu_arch"] in package.name
@@ -138,6 +140,28 @@ def test_a_package_that_does_not_load_is_not_written(export_dir, tmp_path_factor
             f.write(b"not a pt2 archive")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", write_garbage)
-    with pytest.raises(RuntimeError, match=r"does not load and run in a fresh process \(exit status 1: .+\); it was not written"):
+    refusal = r"does not load and run in a fresh process \(exit status 1: .+\); it was not written"
+    with pytest.raises(PackageLoadError, match=refusal) as raised:
         compile_export(folder, "cpu", k=K)
+    assert raised.value.exit_status == 1
     assert (sorted(p.name for p in folder.iterdir()), (folder / "config.json").read_text()) == before
+
+
+def test_export_command_reports_a_package_that_does_not_load_in_one_line(run_dir, tmp_path, monkeypatch):  # noqa: F811
+    """``scripts/export.py compiled=cpu`` whose package fails to load: exit status 1, one line naming the
+    package and the loader's exit status, no traceback, and no export folder."""
+    import torch._inductor
+
+    from cli import run_script
+
+    def write_garbage(exported, package_path, inductor_configs):
+        with open(package_path, "wb") as f:
+            f.write(b"not a pt2 archive")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", write_garbage)
+    result = run_script("export", f"run_dir={run_dir}", f"out_dir={tmp_path / 'export'}", "compiled=cpu")
+    assert result.code == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.error_lines) == 2, result.stderr  # Hydra's line naming the overrides, then the message
+    assert re.fullmatch(r"scoring-cpu-[^ ]+\.pt2: the package does not load and run in a fresh process "
+                        r"\(exit status 1: .+\); it was not written", result.error_lines[-1]), result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hstu.errors import PackageLoadError
 from hstu.inference import CONFIG_FILE, MODEL_KEYS, WEIGHTS_FILE, ExportFormatError, load_weights, read_export_config
 from hstu.model.recommender import SequentialRecommender
 from hstu_kernels.jagged import last_index, sequence_index
@@ -140,7 +141,7 @@ def compile_export(export_dir: str | Path, device: str | torch.device = "cpu", k
         # Inductor's bounds asserts on CUDA (pytorch/pytorch#192143); kernels then use their heuristic configs.
         aoti_compile_and_package(exported, package_path=staging,
                                  inductor_configs={"triton.autotune_at_compile_time": False})
-        check_package_runs(Path(staging), example_inputs(model, device), device)
+        check_package_runs(Path(staging), name, example_inputs(model, device), device)
         os.chmod(staging, 0o644)
         os.replace(staging, export_dir / name)
     except BaseException:
@@ -163,11 +164,12 @@ print(tuple(scores.shape), tuple(items.shape))
 """
 
 
-def check_package_runs(package: Path, inputs: tuple[torch.Tensor, ...], device: torch.device,
+def check_package_runs(package: Path, name: str, inputs: tuple[torch.Tensor, ...], device: torch.device,
                        timeout: float = 600.0) -> None:
-    """Load ``package`` in a fresh Python process and score ``inputs`` there; raise with its exit status
-    and last output line if that fails. A package that crashes its loader (a segmentation fault kills
-    the process, so no caller could catch it) is never recorded in an export."""
+    """Load ``package`` (to be written as ``name``) in a fresh Python process and score ``inputs`` there;
+    raise PackageLoadError with its exit status and last output line if that fails. A package that
+    crashes its loader (a segmentation fault kills the process, so no caller could catch it) is never
+    recorded in an export."""
     with tempfile.TemporaryDirectory() as scratch:
         inputs_file = Path(scratch) / "inputs.pt"
         torch.save([t.cpu() for t in inputs], inputs_file)
@@ -175,11 +177,12 @@ def check_package_runs(package: Path, inputs: tuple[torch.Tensor, ...], device: 
             result = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(package), str(inputs_file), device.type],
                                     capture_output=True, text=True, timeout=timeout, cwd=scratch)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{package.name}: loading and running it in a fresh process took over {timeout:.0f} s") from None
+            raise PackageLoadError(f"{name}: loading and running it in a fresh process took over "
+                                   f"{timeout:.0f} s; it was not written", None) from None
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise RuntimeError(f"{package.name}: the package does not load and run in a fresh process "
-                           f"(exit status {result.returncode}: {last}); it was not written")
+        raise PackageLoadError(f"{name}: the package does not load and run in a fresh process "
+                               f"(exit status {result.returncode}: {last}); it was not written", result.returncode)
 
 
 def _replace_json(path: Path, content: dict) -> None:
