@@ -48,14 +48,16 @@ def draw_seed(device: torch.device | str) -> torch.Tensor:
 
 
 def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``seed`` as an int64 0-d tensor on ``device`` (a tensor seed is only moved, never read)."""
+    """``seed`` as an int64 0-d tensor on ``device`` (a tensor seed is only moved, never read). An int
+    becomes a fill on the device, as do the constants below: ``torch.tensor(value, device="cuda")``
+    copies from the host and waits for the stream, on every call (and fails inside a CUDA-graph capture)."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise ValueError(f"a dropout seed tensor must be one int64 value; got {seed.dtype} {tuple(seed.shape)}")
         return seed.reshape(()).to(device)
     if not 0 <= seed < 2**63:
         raise ValueError(f"dropout seed must be in [0, 2**63), got {seed}")
-    return torch.tensor(seed, dtype=torch.int64, device=device)
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _mul_hi_lo(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +110,7 @@ def _philox_uniform_op(seed: torch.Tensor, first_row: int, rows: int, width: int
     words = torch.stack(_philox_4x32(seed.to(device), counter), dim=-1).reshape(rows, 4 * groups)[:, :width]
     # Reinterpret as int32 and fold negatives with bitwise not: a value in [0, 2**31 - 1].
     folded = torch.where(words >= 2**31, _UINT32_MASK - words, words)
-    scale = torch.tensor(_INT31_TO_UNIT_SCALE, dtype=torch.float32, device=device)
+    scale = torch.full((), _INT31_TO_UNIT_SCALE, dtype=torch.float32, device=device)
     return (folded.to(torch.float32) * scale).contiguous()
 
 
@@ -125,7 +127,7 @@ def seeded_dropout_mask(shape, p: float, seed: int | torch.Tensor, device=None) 
     for size in shape[:-1]:
         rows *= size
     uniform = philox_uniform(seed, rows, width, device)
-    return (uniform >= torch.tensor(p, dtype=torch.float32, device=uniform.device)).reshape(shape)
+    return (uniform >= torch.full((), p, dtype=torch.float32, device=uniform.device)).reshape(shape)
 
 
 def check_dropout_p(p: float) -> None:

@@ -201,3 +201,28 @@ def test_seeded_dropout_traces_with_a_tensor_seed_without_graph_breaks():
     x = torch.ones(64)
     for seed in (1, 2):
         torch.testing.assert_close(compiled(x, torch.tensor(seed)), dropout(x, 0.5, True, seed))
+
+
+@pytest.mark.gpu
+def test_int_seeds_and_the_masks_constants_make_no_host_sync():
+    """An int seed and the reference mask's float32 constants are fills on the device: a seeded call, the
+    reference's or a Triton operator's, never waits for the GPU (a host-to-device copy would)."""
+    import hstu_kernels
+
+    x, weight = torch.randn(300, 50, device="cuda"), torch.randn(50, 50, device="cuda")
+    items, positions = torch.randn(40, 50, device="cuda"), torch.randn(200, 50, device="cuda")
+    ids, times = torch.randint(0, 40, (300,), device="cuda"), torch.arange(300, device="cuda") * 60
+    offsets = torch.tensor([0, 120, 300], device="cuda")
+    backends = ("reference", "triton") if triton is not None else ("reference",)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        seed_tensor(2**40 + 3, "cuda")
+        dropout(x, 0.2, True, 5)
+        for backend in backends:
+            hstu_kernels.attention_output(x, x, x, weight, None, dropout_p=0.2, training=True, seed=5,
+                                          backend=backend)
+            hstu_kernels.sequence_fusion(ids, times, offsets, items, positions, [], scale=1.0, time_scales=[],
+                                         dropout_p=0.2, training=True, seed=5, backend=backend, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
