@@ -16,7 +16,7 @@ import torch
 
 from hstu.serving.engine import Request, ServingOptions
 from hstu.serving.graphs import StaticSteps
-from hstu.serving.static_shapes import HostStep, StaticShape, dummy_sequences, fill, round_up
+from hstu.serving.static_shapes import HostStep, dummy_sequences, fill, round_up
 from test_serving import MAX_SEQ_LEN, NUM_ITEMS, assert_same_top_k, make_recommender, random_history
 
 

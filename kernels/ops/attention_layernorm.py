@@ -105,7 +105,7 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     g = seeded(options.seed)
     mixed = dtype != torch.float32
     wide = torch.float32  # the residual stream and parameters under autocast
-    act_size, wide_size = element_size(dtype), element_size(wide)
+    act_size = element_size(dtype)
     seed = seed_tensor(0, device)
     validate = getattr(options, "validate", True)
 
