@@ -10,8 +10,8 @@ a child process per shape because a crash there (an illegal memory access) poiso
 Times are medians of ``triton.testing.do_bench`` on CUDA (a perf_counter median on CPU, where Triton
 runs in the interpreter). ``bwd`` times the backward alone (graph retained), ``fwd`` a training forward
 (inputs require grad); a backward computes the inputs' gradients with ``torch.autograd.grad``, never
-accumulating them into ``.grad``. A provider that cannot run (not implemented, OOM, error) gets its reason in the
-table and in the CSV. The operators and their cases come from the registry (``hstu_kernels.registry``):
+accumulating them into ``.grad``. A provider that cannot run (not implemented, OOM, error) gets its
+reason in the table and in the CSV. The operators and their cases come from the registry (``hstu_kernels.registry``):
 each spec's ``bench`` holds its shape fields, target shapes and a case builder (seeded inputs, how to
 call each backend, the peer's inputs if any, FLOPs or bytes per mode); an operator without a Triton
 backend still compares its baselines.
@@ -231,7 +231,8 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
             timed = timed_function(forward, mode, case.leaves)
             ms = median_ms(timed, args.warmup, args.rep)
             kernel_ms = profiled_kernel_ms(timed) if args.kernel_time else None
-            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed), kernel_ms=kernel_ms))
+            results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed),
+                                  kernel_ms=kernel_ms))
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)

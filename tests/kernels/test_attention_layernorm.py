@@ -200,7 +200,8 @@ def output_inputs(p: OutputProblem, dtype: torch.dtype, device=DEVICE):
         x = leaf_x[:, ::2]
     else:
         leaf_x = x = values(p.rows, p.dim, kind=wide)
-    leaf_attn = values(p.rows, aligned_width(p.width) if p.model_layout else p.width, kind=p.dtype, scale=p.attn_scale, shift=p.attn_shift)
+    attn_stride = aligned_width(p.width) if p.model_layout else p.width
+    leaf_attn = values(p.rows, attn_stride, kind=p.dtype, scale=p.attn_scale, shift=p.attn_shift)
     attn = leaf_attn[:, :p.width]
     wide_u = values(p.rows, (4 if p.model_layout else 3) * p.width, kind=p.dtype)
     if p.model_layout:
