@@ -11,10 +11,10 @@ Times are medians of ``triton.testing.do_bench`` on CUDA (a perf_counter median 
 runs in the interpreter). ``bwd`` times the backward alone (graph retained), ``fwd`` a training forward
 (inputs require grad); a backward computes the inputs' gradients with ``torch.autograd.grad``, never
 accumulating them into ``.grad``. A provider that cannot run (not implemented, OOM, error) gets its
-reason in the table and in the CSV. The operators and their cases come from the registry (``hstu_kernels.registry``):
-each spec's ``bench`` holds its shape fields, target shapes and a case builder (seeded inputs, how to
-call each backend, the peer's inputs if any, FLOPs or bytes per mode); an operator without a Triton
-backend still compares its baselines.
+reason in the table and in the CSV. The operators and their cases come from the registry
+(``hstu_kernels.registry``): each spec's ``bench`` holds its shape fields, target shapes and a case
+builder (seeded inputs, how to call each backend, the peer's inputs if any, FLOPs or bytes per mode); an
+operator without a Triton backend still compares its baselines.
 """
 from __future__ import annotations
 
