@@ -123,6 +123,36 @@ def test_triton_attention_flag_gives_the_same_loss_curve():
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
 
 
+def test_every_triton_operator_on_gives_the_reference_models_curve_and_ranking():
+    """The whole model with all five flags on (interpreter on CPU, fp32; H*dv = 10, so the attention writes
+    aligned rows that the gate reads) against all off: the same loss curve over four steps with empty and
+    length-1 sequences, each operator counted on Triton, and the same top-k and target ranks afterwards."""
+    runs = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = build(HSTU, kernels={op: flag for op in OPERATORS}, shared_negatives=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        curve = []
+        for step in range(4):
+            torch.manual_seed(100 + step)
+            loss = model.training_loss(make_batch([7, 0, 1, 5], seed=step))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        with torch.no_grad():
+            scores, ids, rank = model.eval().recommend(make_batch([6, 1, 4], seed=9, with_seen=True), k=10,
+                                                        with_target_rank=True)
+        runs[flag] = curve, scores, ids, rank
+        calls = {op: stats["calls"] for op, stats in model.manager.get_stats().items()}
+        expected = "triton" if flag else "reference"
+        assert all(calls[op][expected] > 0 for op in OPERATORS), calls
+    (curve_off, scores_off, ids_off, rank_off), (curve_on, scores_on, ids_on, rank_on) = runs[False], runs[True]
+    torch.testing.assert_close(torch.tensor(curve_on), torch.tensor(curve_off), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores_on, scores_off, rtol=1e-4, atol=1e-5)
+    assert torch.equal(ids_on, ids_off) and torch.equal(rank_on, rank_off)
+
+
 @pytest.mark.parametrize("triton_attention", [False, True])
 def test_compiled_model_does_not_recompile_per_jagged_shape(triton_attention):
     """model.compile=true compiles with dynamic shapes and no graph break: new batch sizes and token
