@@ -20,6 +20,7 @@ from hstu.serving.engine import ServingOptions
 from hstu.serving.histories import prepare_histories
 from hstu.serving.ids import ItemIdIndex
 from hstu.serving.kv_cache import ENTRY_OVERHEAD_BYTES, CacheEntry, KVCache
+from hstu_kernels import OPERATORS
 
 HAS_CUDA = torch.cuda.is_available()
 ATOL = 1e-5
@@ -185,7 +186,8 @@ def test_cache_misses_name_their_reason():
 
 # ---- incremental inference equals a full recomputation ------------------------------------------------
 
-@pytest.mark.parametrize("kernels", [None, {"hstu_hierarchical_attention": True}], ids=["reference", "triton"])
+@pytest.mark.parametrize("kernels", [None, {"hstu_hierarchical_attention": True}, dict.fromkeys(OPERATORS, True)],
+                         ids=["reference", "triton", "every-triton"])
 def test_incremental_steps_equal_full_recomputation(kernels):
     """A user returns again and again: 1 event, +1, +3, +1, the same history at a later time, then past
     max_seq_len (the window slides: recomputed) and the same long history again (one position)."""
@@ -203,8 +205,9 @@ def test_incremental_steps_equal_full_recomputation(kernels):
             assert report["kv_cache"] == "hit" and report["positions_reused"] + report["positions_computed"] == min(
                 n, MAX_SEQ_LEN)
     assert report["positions_computed"] == 1
-    backend = "triton" if kernels else "reference"
-    assert report["kernels"]["hstu_hierarchical_attention"] == backend
+    assert "hstu_hierarchical_attention" in report["kernels"]
+    for op, backend in report["kernels"].items():
+        assert backend == ("triton" if (kernels or {}).get(op) else "reference"), report["kernels"]
 
 
 @pytest.mark.parametrize("kernels", [None, {"hstu_hierarchical_attention": True}], ids=["reference", "triton"])
@@ -502,8 +505,6 @@ def test_bad_recommend_arguments_are_named(k, request_time, message):
 @pytest.mark.parametrize("kernels", [None, "all"])
 def test_gpu_incremental_equals_full_at_hstu_large_size(kernels):
     """HSTU-large ML-1M shapes on CUDA (random weights): incremental steps equal a full recomputation."""
-    from hstu_kernels import OPERATORS
-
     flags = {op: True for op in OPERATORS} if kernels == "all" else None
     ids = list(range(1, 3707))
     recommender = make_recommender(device="cuda", num_blocks=8, heads=2, dqk=25, dv=25, dim=50, max_seq_len=200,
