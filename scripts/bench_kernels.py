@@ -116,15 +116,18 @@ def timed_function(forward: Callable[[], torch.Tensor], mode: str,
     The backward returns the gradients of ``leaves`` (``torch.autograd.grad``) as the operator makes them,
     as a model's autograd hands them on: accumulated into ``.grad``, a gradient whose layout differs
     from its input's (the output side's aligned rows at widths that are not multiples of 8) would be
-    copied, a cost of the harness and not of the operator."""
+    copied, a cost of the harness and not of the operator. A backward that reaches none of ``leaves``
+    would time nothing: ProviderUnavailable."""
     if mode == "fwd":
         return forward
     inputs = [t for t in leaves if t.requires_grad]
-    if mode == "bwd":
-        retained = forward()
-        grad = torch.randn_like(retained)
-        return lambda: torch.autograd.grad(retained, inputs, grad, retain_graph=True, allow_unused=True)
-    grad = torch.randn_like(forward().detach())
+    out = forward()
+    grad = torch.randn_like(out.detach())
+    retain = mode == "bwd"
+    if all(g is None for g in torch.autograd.grad(out, inputs, grad, retain_graph=retain, allow_unused=True)):
+        raise ProviderUnavailable("its backward reaches none of the case's inputs")
+    if retain:
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True, allow_unused=True)
     return lambda: torch.autograd.grad(forward(), inputs, grad, allow_unused=True)
 
 

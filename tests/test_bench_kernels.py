@@ -1,5 +1,7 @@
-"""scripts/bench_kernels.py refuses bad options with one line naming the option, before timing or writing anything."""
+"""scripts/bench_kernels.py refuses bad options with one line naming the option, before timing or writing anything;
+its timed backward computes the case's gradients or refuses to time."""
 import pytest
+import torch
 from cli import load_script
 
 ATTENTION = "hstu_hierarchical_attention"
@@ -74,3 +76,15 @@ def test_modes_that_leave_nothing_to_time_are_refused(bench, tmp_path):
     """--mode keeps the op's modes among those named (topk has fwd only); none left is refused."""
     args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--mode", "bwd,fwd+bwd"]
     assert refused(bench, args, tmp_path / "bench.csv") == "--mode 'bwd,fwd+bwd': interaction times only fwd"
+
+
+@pytest.mark.parametrize("mode", ["bwd", "fwd+bwd"])
+def test_a_backward_that_reaches_no_input_of_the_case_is_not_timed(bench, mode):
+    """A provider whose output hangs off other tensors than the case's inputs would time an empty backward:
+    refused with the reason; one that reaches them returns their gradients and writes no ``.grad``."""
+    inputs, stranger = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with pytest.raises(bench.ProviderUnavailable, match="reaches none of the case's inputs"):
+        bench.timed_function(lambda: stranger * 2, mode, [inputs])
+    timed = bench.timed_function(lambda: inputs * 2 + stranger, mode, [inputs])
+    (grad,), _ = timed(), timed()  # bwd: the retained graph runs again
+    assert grad.shape == (3,) and inputs.grad is None
