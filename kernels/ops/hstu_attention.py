@@ -36,6 +36,9 @@ def hstu_attention(
     """Jagged causal HSTU attention: out[s+i] = sum_{j<=i} SiLU(alpha q.k + rab(i,j)) / max_seq_len * v[s+j].
 
     q, k [L, H, dqk], v [L, H, dv]; rab = pos_weight[max_seq_len-1+j-i] + time_weight[bucket(|t_q(i)-t_k(j)|)].
+    Returns [L, H, dv]; the Triton backend's rows of H*dv start 16 bytes apart (``hstu_kernels.layout``),
+    so where H*dv is not a multiple of 8 the output is a view of padded rows: ``reshape(L, -1)`` is free,
+    ``view(-1)`` needs ``contiguous()`` first.
     ``layout``: this batch's :func:`hstu_attention_layout`, built once and shared by calls over the same
     offsets and timestamps (the blocks of a model); the reference uses it, the Triton kernel computes
     its indices itself. ``validate=False`` skips the checks of the offsets' values, which wait for the
