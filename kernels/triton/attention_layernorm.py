@@ -513,7 +513,7 @@ def _normed_width(dim: int) -> int:
 
 def _padded_width(width: int) -> int:
     """Gated row width: the values, the ones column, zero padding to ROW_ALIGN."""
-    return cdiv(width + 1, ROW_ALIGN) * ROW_ALIGN
+    return aligned_width(width + 1)
 
 
 def _load_width(width: int, *rows: torch.Tensor) -> int:
@@ -521,8 +521,10 @@ def _load_width(width: int, *rows: torch.Tensor) -> int:
     ``width`` rounded up to ROW_ALIGN where every row stride is a multiple of ROW_ALIGN and the storage
     holds the padding (``aligned_rows``, or u followed by v in the STU projection), else ``width``."""
     load = aligned_width(width)
+    if load == width:
+        return width
     for t in rows:
-        if load == width or t.stride(0) % ROW_ALIGN or t.stride(0) < load:
+        if t.stride(0) % ROW_ALIGN or t.stride(0) < load:
             return width
         end = t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + load
         if end * t.element_size() > t.untyped_storage().nbytes():
