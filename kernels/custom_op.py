@@ -50,6 +50,12 @@ def autograd_custom_op(
 
         @staticmethod
         def backward(ctx, *grad_outputs):
+            # Under create_graph=True these graph-free gradients would give a second backward zeros
+            # wherever another term kept the graph alive: refused instead.
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"hstu_kernels::{name}: the Triton backward cannot be differentiated again "
+                    "(create_graph=True); use the reference backend for higher-order gradients")
             return gradients(ctx, grad_outputs, backward)
 
     EagerFunction.__name__ = EagerFunction.__qualname__ = f"{name}_eager"

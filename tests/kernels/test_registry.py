@@ -14,6 +14,7 @@ import yaml
 import hstu_kernels
 from cli import load_script
 from hstu_kernels import OPERATORS, REGISTRY
+from hstu_kernels.manager import TritonOperatorManager
 
 REPO = Path(__file__).resolve().parents[2]
 TRITON_CONF = REPO / "conf" / "triton"
@@ -103,3 +104,20 @@ def test_bench_harness_runs_every_operator_and_writes_csv_rows(op, tmp_path, mon
     row = dict(zip(lines[0].split(","), lines[1].split(",")))
     assert len(lines) == 2 and row["op"] == op and row["provider"] == "reference" and row["mode"] == mode
     assert row["backward_thread"] == "caller" and float(row["ms"]) > 0 and float(row["rate"]) > 0
+
+
+@pytest.mark.parametrize("op", [op for op in OPERATORS if "fwd+bwd" in REGISTRY[op].bench.modes])
+def test_a_backward_with_create_graph_through_a_triton_operator_raises(op):
+    """The Triton backwards build no graph, so a second backward would get zeros from them wherever another
+    term (here a zero-weighted square of the inputs) kept the first backward's graph alive: refused."""
+    available, why = TritonOperatorManager.availability(op)
+    if not available:
+        pytest.skip(why)
+    shape = tuple(max(2, min(s, 8)) for s in REGISTRY[op].bench.default_shapes[0])
+    options = argparse.Namespace(seed=0, bias="both", call="api", validate=True)
+    case = REGISTRY[op].bench.build(shape, torch.float32, torch.device("cpu"), options)
+    leaves = case.leaves
+    loss = case.call("triton").float().square().sum() + 0.0 * sum(leaf.sum() ** 2 for leaf in leaves)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(loss, leaves, create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(loss, leaves))  # a plain backward still runs
