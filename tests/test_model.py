@@ -296,8 +296,9 @@ def test_model_compiled_before_its_first_call_runs_triton_without_graph_break(mo
 def test_batch_check_names_the_broken_field():
     from dataclasses import replace
 
-    good = make_batch([3, 0, 2])
+    good, seen = make_batch([3, 0, 2]), make_batch([3, 0, 2], with_seen=True)
     checked = good.check(MAX_LEN, NUM_ITEMS)
+    assert seen.check(MAX_LEN, NUM_ITEMS).extent == checked.extent
     assert checked.extent == (3, int(torch.cat([good.item_ids, good.targets]).max())) and good.extent is None
     broken = {
         "seq_offsets: must start at 0": replace(good, seq_offsets=torch.tensor([0, 3, 3, 4])),
@@ -306,6 +307,12 @@ def test_batch_check_names_the_broken_field():
         "item_ids/targets: ids must lie in": replace(good, targets=torch.tensor([1, NUM_ITEMS + 1, 2])),
         "item_ids/targets: ids must be >= 0": replace(good, targets=torch.tensor([1, -1, 2])),
         "JaggedBatch.timestamps: expected shape": replace(good, timestamps=good.timestamps[:-1]),
+        "seen_ids/seen_offsets: give both or neither": replace(good, seen_ids=good.item_ids),
+        "seen_ids/seen_offsets: expected shapes": replace(seen, seen_offsets=seen.seen_offsets[1:]),
+        "seen_offsets: must start at 0, end at 5 and not decrease": replace(seen, seen_offsets=torch.tensor([0, 4, 3, 5])),
+        "seen_offsets: must start at 0, end at 5": replace(seen, seen_offsets=torch.tensor([0, 3, 3, 6])),
+        "item_ids/targets/seen_ids: ids must lie in": replace(seen, seen_ids=torch.tensor([1, 2, 3, NUM_ITEMS + 1, 1])),
+        "item_ids/targets/seen_ids: ids must be >= 0": replace(seen, seen_ids=torch.tensor([1, 2, -1, 4, 1])),
     }
     for message, batch in broken.items():
         with pytest.raises(ValueError, match=message):

@@ -37,7 +37,7 @@ class JaggedBatch:
         if longest > max_seq_len:
             raise ValueError(f"JaggedBatch.seq_offsets: a sequence of {longest} items exceeds max_seq_len={max_seq_len}")
         if highest > num_items:
-            raise ValueError(f"JaggedBatch.item_ids/targets: ids must lie in [0, {num_items}]; the largest is {highest}")
+            raise ValueError(f"JaggedBatch.{self._id_fields()}: ids must lie in [0, {num_items}]; the largest is {highest}")
         return batch
 
     def _read_extent(self) -> "JaggedBatch":
@@ -47,20 +47,35 @@ class JaggedBatch:
                               ("user_ids", self.user_ids, batch_size)):
             if t.shape != (size,):
                 raise ValueError(f"JaggedBatch.{name}: expected shape ({size},), got {tuple(t.shape)}")
-        lengths = self.seq_offsets[1:] - self.seq_offsets[:-1]
+        if (self.seen_ids is None) != (self.seen_offsets is None):
+            raise ValueError("JaggedBatch.seen_ids/seen_offsets: give both or neither")
+        seen = self.seen_ids is not None
+        if seen and (self.seen_ids.dim() != 1 or self.seen_offsets.shape != (batch_size + 1,)):
+            raise ValueError(f"JaggedBatch.seen_ids/seen_offsets: expected shapes (S,) and ({batch_size + 1},), "
+                             f"got {tuple(self.seen_ids.shape)} and {tuple(self.seen_offsets.shape)}")
         none = torch.zeros((), dtype=torch.int64, device=self.seq_offsets.device)
-        ids = torch.cat([self.item_ids, self.targets]).long()
-        first, last, shortest, longest, lowest, highest = torch.stack([
-            self.seq_offsets[0].long(), self.seq_offsets[-1].long(),
-            lengths.min().long() if batch_size else none, lengths.max().long() if batch_size else none,
-            ids.min() if ids.numel() else none, ids.max() if ids.numel() else none,
-        ]).tolist()  # the one host read
-        if first != 0 or last != num_tokens or shortest < 0:
-            raise ValueError(f"JaggedBatch.seq_offsets: must start at 0, end at {num_tokens} and not decrease; "
-                             f"got first {first}, last {last}, shortest sequence {shortest}")
+        ids = torch.cat([self.item_ids, self.targets, *([self.seen_ids] if seen else [])]).long()
+        layouts = [("seq_offsets", self.seq_offsets, num_tokens)]
+        if seen:
+            layouts.append(("seen_offsets", self.seen_offsets, self.seen_ids.shape[0]))
+        # per offsets tensor: first, last, shortest, longest (0 and 0 for an empty batch); then the id range
+        values = torch.stack([value for _, offsets, _ in layouts for lengths in [offsets[1:] - offsets[:-1]]
+                              for value in (offsets[0].long(), offsets[-1].long(),
+                                            lengths.min().long() if batch_size else none,
+                                            lengths.max().long() if batch_size else none)]
+                             + [ids.min() if ids.numel() else none, ids.max() if ids.numel() else none])
+        *extents, lowest, highest = values.tolist()  # the one host read
+        for index, (name, _, size) in enumerate(layouts):
+            first, last, shortest, _ = extents[4 * index:4 * index + 4]
+            if first != 0 or last != size or shortest < 0:
+                raise ValueError(f"JaggedBatch.{name}: must start at 0, end at {size} and not decrease; "
+                                 f"got first {first}, last {last}, shortest sequence {shortest}")
         if lowest < 0:
-            raise ValueError(f"JaggedBatch.item_ids/targets: ids must be >= 0; the smallest is {lowest}")
-        return replace(self, extent=(longest, highest))
+            raise ValueError(f"JaggedBatch.{self._id_fields()}: ids must be >= 0; the smallest is {lowest}")
+        return replace(self, extent=(extents[3], highest))
+
+    def _id_fields(self) -> str:
+        return "item_ids/targets" + ("/seen_ids" if self.seen_ids is not None else "")
 
     @property
     def batch_size(self) -> int:
