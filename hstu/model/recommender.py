@@ -101,7 +101,8 @@ class SequentialRecommender(nn.Module):
 
     @torch.no_grad()
     def recommend(self, batch: JaggedBatch, k: int, with_target_rank: bool = False):
-        """Top-k items over the whole catalogue with seen items masked -> (scores, item ids, target rank)."""
+        """Top-k items over the whole catalogue with seen items masked -> (scores, item ids, target rank).
+        The target rank is defined for real targets (1..num_items), not for the padding id 0."""
         queries = self.user_states(batch)
         exclude = batch.seen_ids if batch.seen_ids is not None else batch.item_ids
         exclude_offsets = batch.seen_offsets if batch.seen_ids is not None else batch.seq_offsets
@@ -109,6 +110,6 @@ class SequentialRecommender(nn.Module):
             queries.float(), self.item_table[1:].float(), min(k, self.num_items),
             exclude_ids=exclude - 1, exclude_offsets=exclude_offsets,
             target_ids=batch.targets - 1 if with_target_rank else None, backend=self.manager,
-            validate=False,  # the batch was checked once (encode)
+            validate=False,  # the batch was checked once (encode); a padding id 0 excludes nothing
         )
         return scores, ids + 1, rank

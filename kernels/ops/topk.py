@@ -29,7 +29,8 @@ def topk_items(
     returned nor counted, except its target, which is never excluded. target_rank = 1 + the number of
     other unexcluded items scoring >= the target (ties count against the model). Missing slots (fewer
     than k items left) hold id -1 and score -inf. ``validate`` checks offsets, ids and finiteness
-    (host reads); without it nothing here reads device values.
+    (host reads); without it nothing here reads device values, and exclusion ids outside [0, N)
+    exclude nothing.
     """
     check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, validate)
     impl = implementation(KEY, "topk_items", backend, (queries, item_table))

@@ -34,10 +34,11 @@ def topk_items(
 
     scores = queries @ item_table.T in float32 (cosine when ``l2_norm``). Query b's excluded items,
     ``exclude_ids[exclude_offsets[b]:exclude_offsets[b+1]]``, are neither returned nor counted, except
-    its target, which is never excluded (returned when it ranks in the top k). target_rank = 1 + the
-    number of other unexcluded items scoring >= the target (ties count against the model). When fewer
-    than k items remain unexcluded, the missing slots hold id -1 and score -inf. ``chunk_size``
-    queries are scored at a time (default: about 2**24 scores per chunk).
+    its target, which is never excluded (returned when it ranks in the top k); ids outside [0, N)
+    exclude nothing. target_rank = 1 + the number of other unexcluded items scoring >= the target
+    (ties count against the model). When fewer than k items remain unexcluded, the missing slots
+    hold id -1 and score -inf. ``chunk_size`` queries are scored at a time (default: about 2**24
+    scores per chunk).
     """
     num_queries, num_items = queries.shape[0], item_table.shape[0]
     device = queries.device
@@ -47,9 +48,14 @@ def topk_items(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"topk_items: chunk_size must be >= 1, got {chunk_size}")
     chunk_size = chunk_size or max(1, SCORES_PER_CHUNK // max(num_items, 1))
+    if num_items == 0:  # nothing to exclude from
+        exclude_ids = None
     if exclude_ids is not None:
         exclude_query = sequence_index(exclude_offsets, exclude_ids.shape[0])
         exclude_ids = exclude_ids.to(torch.int64)
+        # ids outside the table exclude nothing: their entries go to the spare row
+        exclude_query = torch.where((exclude_ids >= 0) & (exclude_ids < num_items), exclude_query, num_queries)
+        exclude_ids = exclude_ids.clamp(0, max(num_items - 1, 0))
 
     top_scores = torch.empty(num_queries, k, dtype=torch.float32, device=device)
     top_ids = torch.empty(num_queries, k, dtype=torch.int64, device=device)

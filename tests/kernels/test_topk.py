@@ -105,6 +105,24 @@ def test_topk_chunking_does_not_change_results():
         assert torch.equal(other_ids, ids) and torch.equal(other_rank, rank)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_topk_exclusions_outside_the_catalogue_exclude_nothing(chunk_size):
+    """As in the Triton backend: unchecked calls may list ids outside [0, I) (the model's padding id 0
+    becomes -1), and those exclude nothing, in every chunk of queries."""
+    gen = torch.Generator().manual_seed(9)
+    queries, table = torch.randn(4, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    lists = [[-1, 3, 20, 7], [], [-5, -1], [25, 0, 19]]
+    wild = torch.tensor([i for ids in lists for i in ids])
+    within = wild[(wild >= 0) & (wild < 20)]
+    targets = torch.tensor([5, 0, 19, 2])
+    got = topk_items(queries, table, 20, exclude_ids=wild, exclude_offsets=offsets_of([len(ids) for ids in lists]),
+                     target_ids=targets, chunk_size=chunk_size)
+    expected = topk_items(queries, table, 20, exclude_ids=within, target_ids=targets, chunk_size=chunk_size,
+                          exclude_offsets=offsets_of([sum(0 <= i < 20 for i in ids) for ids in lists]))
+    for name, ours, theirs in zip(("scores", "ids", "rank"), got, expected):
+        assert torch.equal(ours, theirs), name
+    assert (got[1] == 19).sum() == 3  # the last item, where index -1 would land, is excluded for query 3 only
+
 
 def test_topk_does_not_search_a_sliced_view():
     """The query that owns each excluded id, found over ``offsets[1:]``, was the next query wherever
