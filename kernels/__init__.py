@@ -3,7 +3,8 @@
 Import name ``hstu_kernels`` (folder ``kernels/``): a PyPI package called ``kernels`` exists.
 Every public function dispatches through the operator registry (``hstu_kernels.registry``): its
 ``backend=`` is None (the default manager: Triton where it can run), ``"triton"`` / ``"reference"``
-(forced), or a ``TritonOperatorManager`` (what models pass).
+(forced), or a ``TritonOperatorManager`` (what models pass). Set ``TRITON_INTERPRET`` before importing
+this package: the default manager, built on import, reads it.
 """
 from hstu_kernels.manager import TritonOperatorManager, TritonUnavailableError, default_manager
 from hstu_kernels.ops.attention_layernorm import attention_input, attention_output
@@ -15,6 +16,8 @@ from hstu_kernels.ops.softmax_losses import full_softmax_loss, sampled_softmax_l
 from hstu_kernels.ops.topk import topk_items
 from hstu_kernels.registry import OPERATORS, REGISTRY
 from hstu_kernels.time_buckets import bucket_thresholds, time_bucket
+
+default_manager()  # built here: a torch.compile trace that calls with backend=None cannot import its modules
 
 __all__ = [
     "AttentionLayout",

@@ -154,6 +154,9 @@ class TritonOperatorManager:
         unknown = sorted(set(enabled) - set(specs))
         if unknown:
             raise KeyError(f"unknown kernel flag(s) {unknown}; valid keys: {list(specs)}")
+        not_bool = {op: value for op, value in enabled.items() if not isinstance(value, bool)}
+        if not_bool:
+            raise TypeError(f"kernel flags must be True or False; got {not_bool}")
         if fallback not in FALLBACK_POLICIES:
             raise ValueError(f"kernel_fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
         self.fallback = fallback
@@ -442,7 +445,8 @@ _default_manager: TritonOperatorManager | None = None
 
 def default_manager() -> TritonOperatorManager:
     """Used when an operator is called with ``backend=None`` outside a model: every operator asks
-    for Triton and falls back, with one logged warning, to the reference."""
+    for Triton and falls back, with one logged warning, to the reference. ``import hstu_kernels``
+    builds it (with the Triton modules it imports), so that a torch.compile trace only reads it."""
     global _default_manager
     if _default_manager is None:
         _default_manager = TritonOperatorManager({op: True for op in _specs()}, fallback="warn")

@@ -2,6 +2,8 @@
 what it counts as a call in eager code, inside torch.compile and inside a captured region."""
 import dataclasses
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,20 @@ def attention_inputs(heads=1, dim=4, tokens=5):
 def test_unknown_flag_is_named():
     with pytest.raises(KeyError, match="hstu_attn"):
         TritonOperatorManager({"hstu_attn": True})
+
+
+def test_a_flag_that_is_not_a_bool_is_named():
+    with pytest.raises(TypeError, match=r"True or False; got \{'interaction': 'no'\}"):
+        TritonOperatorManager({"interaction": "no"})
+
+
+def test_a_first_call_with_the_default_backend_may_be_inside_torch_compile():
+    """The default manager is built on import: a trace that meets it first only reads it."""
+    code = ("import torch, hstu_kernels\n"
+            "f = torch.compile(lambda q, t: hstu_kernels.topk_items(q, t, 2), fullgraph=True, backend='eager')\n"
+            "print(f(torch.randn(3, 4), torch.randn(5, 4))[1].shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "torch.Size([3, 2])", done.stderr[-3000:]
 
 
 def test_bad_fallback_policy():
