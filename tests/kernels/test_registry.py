@@ -121,3 +121,30 @@ def test_a_backward_with_create_graph_through_a_triton_operator_raises(op):
     with pytest.raises(RuntimeError, match="cannot be differentiated again"):
         torch.autograd.grad(loss, leaves, create_graph=True)
     assert all(g is not None for g in torch.autograd.grad(loss, leaves))  # a plain backward still runs
+
+
+def _checked_calls():
+    """A call per public function whose ``validate`` reads device values, on small CPU inputs."""
+    states, table, pos = torch.randn(4, 6), torch.randn(5, 6), torch.tensor([0, 1, 2, 3])
+    offsets, q = torch.tensor([0, 2, 5]), torch.randn(5, 1, 4)
+    layout = hstu_kernels.hstu_attention_layout(offsets, 4, 5)
+    return {
+        "topk_items": lambda: hstu_kernels.topk_items(states, table, 2, target_ids=pos),
+        "full_softmax_loss": lambda: hstu_kernels.full_softmax_loss(states, pos, table, temperature=0.1),
+        "sampled_softmax_loss": lambda: hstu_kernels.sampled_softmax_loss(states, pos, pos[:2], table, temperature=0.1),
+        "hstu_attention": lambda: hstu_kernels.hstu_attention(q, q, q, offsets, 4, 0.5),
+        "hstu_attention(layout=)": lambda: hstu_kernels.hstu_attention(q, q, q, offsets.clone(), 4, 0.5, layout=layout),
+        "hstu_attention_delta": lambda: hstu_kernels.hstu_attention_delta(
+            q, q, q, offsets, q[:3], q[:3], torch.tensor([0, 1, 3]), 8, 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", list(_checked_calls()))
+def test_checked_calls_trace_whole_their_value_checks_skipped(name):
+    """validate=True (the default) inside torch.compile: the checks that read device values are skipped
+    in the trace, as for every function, instead of breaking the graph on a data-dependent guard."""
+    call = _checked_calls()[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: call(), fullgraph=True, backend="eager")
+    for got, want in zip(torch.utils._pytree.tree_leaves(compiled()), torch.utils._pytree.tree_leaves(call())):
+        assert torch.equal(got, want)
