@@ -60,7 +60,7 @@ def check_common(name, states, pos_ids, item_table, temperature, reduction="mean
         raise ValueError(
             f"{name}: states [M, D] and item_table [N, D] must share D; got {tuple(states.shape)} and {tuple(item_table.shape)}"
         )
-    if states.shape[0] == 0:
+    if states.shape[0] == 0 and reduction == "mean":
         raise ValueError(f"{name}: no rows to score (M = 0); the mean over rows is undefined")
     if item_table.shape[0] == 0:
         raise ValueError(f"{name}: item_table has no rows to score")

@@ -793,6 +793,9 @@ def softmax_loss_backward(grad_rows, states, pos_ids, neg_ids, item_table, lse, 
     or ``DEFAULT_SCATTER`` when it is ""; "sort" whenever ``deterministic``."""
     num_rows, dim = states.shape
     num_items = item_table.shape[0]
+    if num_rows == 0:  # reduction="none" over no rows
+        return (torch.empty_like(states) if states_grad else states.new_empty(0),
+                torch.zeros_like(item_table) if table_grad else item_table.new_empty(0))
     pos_ids, neg_ids = _id_vectors(pos_ids, neg_ids)
     per_row = neg_ids is not None and neg_ids.dim() == 2
     shared = neg_ids is not None and neg_ids.dim() == 1

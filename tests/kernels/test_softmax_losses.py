@@ -698,19 +698,21 @@ def test_triton_per_row_many_items(scatter):
     assert untouched.sum() > 200 and not ours[2][untouched].any()
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("scatter", SCATTERS)
-def test_triton_per_row_without_rows(scatter):
-    """M = 0, which the public functions refuse (a mean over no rows): the Triton function itself gives
-    no losses and zero gradients, as the reference does."""
-    triton_losses = importlib.import_module("hstu_kernels.triton.softmax_losses")
-    _, _, _, table = make_inputs(1, 50, 7, 5, "per-row", device=DEVICE)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_rows_give_no_losses_and_zero_gradients(variant, scatter, backend):
+    """M = 0 with reduction="none" (a mean over no rows is refused): no losses, zero table gradients."""
+    if variant == "full" and scatter == "atomic":
+        pytest.skip("the full softmax has no table scatter")
+    _, _, neg, table = make_inputs(1, 50, 7, 5, variant, device=DEVICE)
     states = torch.randn(0, 50, device=DEVICE, requires_grad=True)
     table.requires_grad_()
-    pos, neg = torch.zeros(0, dtype=torch.int64, device=DEVICE), torch.zeros(0, 5, dtype=torch.int64, device=DEVICE)
+    pos = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    if variant == "per-row":
+        neg = neg[:0]
     with forced_scatter(scatter):
-        losses = triton_losses.sampled_softmax_loss(states, pos, neg, table, temperature=0.05, reduction="none",
-                                                    scatter=scatter)
+        losses = loss_of(states, pos, neg, table, backend=backend, reduction="none")
         losses.sum().backward()
     assert losses.shape == (0,) and states.grad.shape == (0, 50)
     assert torch.equal(table.grad, torch.zeros_like(table))
