@@ -60,6 +60,7 @@ def check_attention_input(x, weight, eps):
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
     if not eps > 0:
         raise ValueError(f"attention_input: eps must be > 0, got {eps}")
+    check_matmul_dtypes("attention_input", x=x, weight=weight)
 
 
 def check_attention_output(x, attn, u, weight, bias, dropout_p, eps):
@@ -74,8 +75,19 @@ def check_attention_output(x, attn, u, weight, bias, dropout_p, eps):
     if bias is not None and bias.shape != (x.shape[1],):
         raise ValueError(f"attention_output: bias must be [D={x.shape[1]}] or None; got {tuple(bias.shape)}")
     check_dropout_p(dropout_p)
-    if not eps >= 0:
-        raise ValueError(f"attention_output: eps must be >= 0, got {eps}")
+    if not eps > 0:
+        raise ValueError(f"attention_output: eps must be > 0, got {eps}")
+    check_matmul_dtypes("attention_output", attn=attn, u=u, weight=weight, bias=bias)
+
+
+def check_matmul_dtypes(name, **operands):
+    """Outside autocast the projection's operands share a dtype, as torch's matmuls require (under
+    autocast each backend casts them to the autocast dtype)."""
+    device_type = next(iter(operands.values())).device.type
+    dtypes = {key: t.dtype for key, t in operands.items() if t is not None}
+    if len(set(dtypes.values())) > 1 and not torch.is_autocast_enabled(device_type):
+        listed = ", ".join(f"{key} {str(dtype).removeprefix('torch.')}" for key, dtype in dtypes.items())
+        raise TypeError(f"{name}: outside autocast {', '.join(dtypes)} must share a dtype; got {listed}")
 
 
 # Benchmark variants (``--variant``): a side of the operator, with its per-shape rules or one choice forced,

@@ -93,6 +93,15 @@ def test_attention_output_rejects_bad_shapes(backend):
         check(torch.zeros(3, 3), attn, attn, torch.zeros(3, 4), None)
     with pytest.raises(ValueError, match="dropout_p must be in"):
         check(x, attn, attn, torch.zeros(3, 4), None, p=1.5)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        hstu_kernels.attention_output(x, attn, attn, torch.zeros(3, 4), None, dropout_p=0.0, training=False, eps=0.0,
+                                      backend=backend)
+    half = attn.half()
+    with pytest.raises(TypeError, match="outside autocast attn, u, weight, bias must share a dtype; got attn float16, "
+                                        "u float16, weight float32, bias float32"):
+        check(x, half, half, torch.zeros(3, 4), torch.zeros(3))
+    with pytest.raises(TypeError, match="got attn float32, u float32, weight float32, bias float16"):
+        check(x, attn, attn, torch.zeros(3, 4), torch.zeros(3).half())
 
 
 # --------------------------------------------------------------------------- attention_input
@@ -122,6 +131,10 @@ def test_attention_input_rejects_bad_shapes():
         hstu_kernels.attention_input(torch.zeros(2, 3), torch.zeros(4, 6), backend="reference")
     with pytest.raises(ValueError, match="eps must be > 0"):
         hstu_kernels.attention_input(torch.zeros(2, 3), torch.zeros(3, 6), eps=0.0, backend="reference")
+    with pytest.raises(TypeError, match="outside autocast x, weight must share a dtype; got x float16, weight float32"):
+        hstu_kernels.attention_input(torch.zeros(2, 3).half(), torch.zeros(3, 6), backend="reference")
+    with torch.autocast("cpu", dtype=torch.float16):  # autocast casts the operands
+        assert hstu_kernels.attention_input(torch.zeros(2, 3).half(), torch.zeros(3, 6), backend="reference").shape == (2, 6)
 
 
 
