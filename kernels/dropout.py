@@ -143,6 +143,6 @@ def dropout(x: torch.Tensor, p: float, training: bool, seed: int | torch.Tensor 
     if seed is None:
         return F.dropout(x, p, training=True)
     if p == 1.0:
-        return torch.zeros_like(x)
+        return x * 0.0  # as F.dropout: zeros that keep the graph (zero gradients, not none)
     keep = seeded_dropout_mask(x.shape, p, seed, x.device)
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))

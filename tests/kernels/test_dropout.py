@@ -169,6 +169,9 @@ def test_dropout_identity_cases_and_unseeded_statistics():
     assert dropout(x, 0.5, training=False, seed=None) is x
     assert dropout(x, 0.0, training=True, seed=3) is x
     assert torch.equal(dropout(x, 1.0, training=True, seed=3), torch.zeros_like(x))
+    leaf = x.clone().requires_grad_()
+    dropout(leaf, 1.0, training=True, seed=3).sum().backward()  # p = 1 keeps the graph, as F.dropout does
+    assert torch.equal(leaf.grad, torch.zeros_like(x))
     out = dropout(x, 0.3, training=True, seed=None)
     kept = out != 0
     assert abs(float(kept.float().mean()) - 0.7) < 0.03
