@@ -61,8 +61,10 @@ def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_time
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"hstu_attention: expected q, k [L, H, dqk] and v [L, H, dv]; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"hstu_attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"hstu_attention: q, k, v must share a floating-point dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if 0 in q.shape[1:] or v.shape[2] == 0:
+        raise ValueError(f"hstu_attention: heads and head dims must be >= 1; got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError("hstu_attention: seq_offsets must be a 1-D int32/int64 tensor [B+1]")
     if (q_timestamps is None) != (k_timestamps is None):

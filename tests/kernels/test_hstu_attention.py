@@ -333,6 +333,18 @@ def test_sequence_longer_than_max_seq_len_raises(backend):
         hstu_kernels.hstu_attention(q, q, q, torch.tensor([0, 5]), 4, 1.0, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_integer_or_empty_heads_are_refused_before_any_backend(backend):
+    ints, offsets = torch.ones(5, 1, 4, dtype=torch.int64), torch.tensor([0, 5])
+    with pytest.raises(TypeError, match="must share a floating-point dtype; got torch.int64"):
+        hstu_kernels.hstu_attention(ints, ints, ints, offsets, 8, 1.0, backend=backend)
+    q = torch.randn(5, 1, 4)
+    for v in (torch.randn(5, 1, 0), torch.randn(5, 0, 4)):  # dv = 0; H = 0
+        k = q if v.shape[1] else v
+        with pytest.raises(ValueError, match="heads and head dims must be >= 1"):
+            hstu_kernels.hstu_attention(k, k, v, offsets, 8, 1.0, backend=backend)
+
+
 def expected_bucket(delta: int, num_buckets: int) -> int:
     """floor(ln(max(|delta|, 1)) / 0.301) clamped to [0, NB-1], in exact decimal arithmetic."""
     x = max(abs(delta), 1)
