@@ -2,6 +2,8 @@
 masked, top-k returned, and the target's rank for full-ranking metrics."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from hstu_kernels.benchmarking import random_values, seeded, triton_function
@@ -34,7 +36,7 @@ def topk_items(
     """
     check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, validate)
     impl = implementation(KEY, "topk_items", backend, (queries, item_table))
-    return impl(queries, item_table, k, exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,
+    return impl(queries, item_table, int(k), exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,
                 target_ids=target_ids, l2_norm=l2_norm)
 
 
@@ -44,6 +46,8 @@ def check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, targe
             f"topk_items: queries [B, D] and item_table [N, D] must share D; got {tuple(queries.shape)} and {tuple(item_table.shape)}"
         )
     num_queries, num_items = queries.shape[0], item_table.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"topk_items: k must be an int, got {k!r}")
     if not 0 <= k <= num_items:
         raise ValueError(f"topk_items: k={k} must lie in [0, {num_items}] (the number of items in item_table)")
     if (exclude_ids is None) != (exclude_offsets is None):
@@ -55,6 +59,7 @@ def check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, targe
                 f"got {tuple(exclude_ids.shape)} and {tuple(exclude_offsets.shape)}"
             )
         _check_id_dtype("exclude_ids", exclude_ids)
+        _check_id_dtype("exclude_offsets", exclude_offsets)
     if target_ids is not None:
         if target_ids.shape != (num_queries,):
             raise ValueError(f"topk_items: target_ids must be [B={num_queries}]; got {tuple(target_ids.shape)}")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,12 @@ def test_topk_errors():
     queries, table = torch.randn(2, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"k=5 must lie in \[0, 4\]"):
         hstu_kernels.topk_items(queries, table, 5)
+    for k in (2.5, True):
+        with pytest.raises(TypeError, match=f"k must be an int, got {k}"):
+            hstu_kernels.topk_items(queries, table, k)
+    assert hstu_kernels.topk_items(queries, table, np.int64(2))[0].shape == (2, 2)
+    with pytest.raises(ValueError, match="exclude_offsets must be an integer tensor"):
+        hstu_kernels.topk_items(queries, table, 2, exclude_ids=torch.tensor([1]), exclude_offsets=torch.tensor([0., 1., 1.]))
     bad = queries.clone()
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="queries holds NaN or inf"):
