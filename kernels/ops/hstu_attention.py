@@ -79,8 +79,8 @@ def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_time
     if pos_weight is not None and pos_weight.shape != (2 * max_seq_len - 1,):
         raise ValueError(f"hstu_attention: pos_weight must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
                          f"got {tuple(pos_weight.shape)}")
-    if time_weight is not None and time_weight.dim() != 1:
-        raise ValueError("hstu_attention: time_weight must be 1-D [num_buckets]")
+    if time_weight is not None and (time_weight.dim() != 1 or time_weight.numel() == 0):
+        raise ValueError(f"hstu_attention: time_weight must be 1-D [num_buckets >= 1]; got {tuple(time_weight.shape)}")
     if validate:
         check_offsets(seq_offsets, q.shape[0], max_seq_len, "hstu_attention")
 

@@ -334,7 +334,7 @@ def test_sequence_longer_than_max_seq_len_raises(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_integer_or_empty_heads_are_refused_before_any_backend(backend):
+def test_integer_inputs_empty_heads_and_no_time_buckets_are_refused_before_any_backend(backend):
     ints, offsets = torch.ones(5, 1, 4, dtype=torch.int64), torch.tensor([0, 5])
     with pytest.raises(TypeError, match="must share a floating-point dtype; got torch.int64"):
         hstu_kernels.hstu_attention(ints, ints, ints, offsets, 8, 1.0, backend=backend)
@@ -343,6 +343,10 @@ def test_integer_or_empty_heads_are_refused_before_any_backend(backend):
         k = q if v.shape[1] else v
         with pytest.raises(ValueError, match="heads and head dims must be >= 1"):
             hstu_kernels.hstu_attention(k, k, v, offsets, 8, 1.0, backend=backend)
+    stamps = torch.arange(5)
+    with pytest.raises(ValueError, match=r"time_weight must be 1-D \[num_buckets >= 1\]; got \(0,\)"):
+        hstu_kernels.hstu_attention(q, q, q, offsets, 8, 1.0, q_timestamps=stamps, k_timestamps=stamps,
+                                    time_weight=torch.randn(0), backend=backend)
 
 
 def expected_bucket(delta: int, num_buckets: int) -> int:
