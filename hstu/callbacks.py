@@ -2,7 +2,8 @@
 resumes from exactly, and the stop on a NaN/inf loss.
 
 ``hstu.train.train`` adds the ones a run cannot do without (:class:`EpochThroughput`,
-:class:`EpochLog`, :class:`RandomState`, :class:`StopOnNonFiniteLoss`, :class:`LastCheckpoint`)
+:class:`EpochLog`, :class:`RandomState`, :class:`StopOnNonFiniteLoss`, :class:`LastCheckpoint`,
+:class:`CheckpointsOfThisRun`)
 when the ``callbacks`` config group has none. The states that a resumed run must continue from
 (throughput and epoch records, random number generators) are saved in every checkpoint and
 restored only when fitting resumes: ``trainer.validate/test(ckpt_path=...)`` restore callbacks too,
@@ -11,9 +12,11 @@ and must not rewind them.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -252,6 +255,34 @@ class LastCheckpoint(ModelCheckpoint):
     def path(self) -> str | None:
         """The checkpoint written last (with no monitor, Lightning records it as the "best")."""
         return self.best_model_path or None
+
+
+class CheckpointsOfThisRun(L.Callback):
+    """Keeps the checkpoint callbacks' records (best path and score, top k) in the run's own folder.
+
+    A ModelCheckpoint records its files by absolute path and, restored under another ``dirpath``,
+    Lightning keeps only its best path, which then names the old folder's file. Resuming from a file
+    in a checkpoint callback's own folder (a run moved or copied) re-roots the record there, so it is
+    restored whole and the resumed run selects the epoch the uninterrupted run would."""
+
+    PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        loaded = Path(os.path.realpath(trainer.ckpt_path)).parent if trainer.ckpt_path else None
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if state is not None and state.get("dirpath") not in (None, callback.dirpath) \
+                    and callback.dirpath is not None and loaded == Path(callback.dirpath):
+                states[callback.state_key] = self._rerooted(state, Path(state["dirpath"]), Path(callback.dirpath))
+
+    @classmethod
+    def _rerooted(cls, state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
+        def moved(path: str) -> str:
+            return str(new / Path(path).relative_to(old)) if path and Path(path).is_relative_to(old) else path
+
+        return {**state, "dirpath": str(new), **{key: moved(state[key]) for key in cls.PATH_KEYS if key in state},
+                "best_k_models": {moved(path): score for path, score in state.get("best_k_models", {}).items()}}
 
 
 class RichProgressBar(_RichProgressBar):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hstu.baselines import baseline_metrics
 from hstu.callbacks import (
+    CheckpointsOfThisRun,
     EpochLog,
     EpochThroughput,
     LastCheckpoint,
@@ -112,7 +113,8 @@ def _with_run_callbacks(callbacks: list[Any]) -> tuple[list[Any], EpochThroughpu
     throughput = existing(EpochThroughput) or EpochThroughput()
     epoch_log = existing(EpochLog) or EpochLog()
     rest = [c for c in callbacks if c is not throughput and c is not epoch_log]
-    extras = [kind() for kind in (RandomState, StopOnNonFiniteLoss) if existing(kind) is None]
+    extras = [kind() for kind in (RandomState, StopOnNonFiniteLoss, CheckpointsOfThisRun)
+              if existing(kind) is None]
     return [*rest, throughput, epoch_log, *extras], throughput, epoch_log
 
 

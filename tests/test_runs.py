@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from hstu.config import new_directory, remove_new_directory
 from hstu.errors import TrainingDivergedError
 from hstu.guards import NonFiniteLossFlag
 from hstu.train import train
+from tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 users, 4 training batches an epoch: tiny, yet dropout, sampled negatives and shuffling all draw.
@@ -133,6 +135,34 @@ def test_resume_after_sigkill_or_sigint_continues_exactly(tmp_path):
         assert result["val"] == reference["val"] and result["test"] == reference["test"]
         assert result["best_epoch"] == reference["best_epoch"]
         assert result["throughput"]["epochs_timed"] == 3  # epochs 0-1 restored from the checkpoint
+
+
+# The tiny run at a high learning rate: validation peaks at epoch 1 of 4, so resuming after epoch 2 must keep
+# an earlier epoch's checkpoint as the best.
+PEAKS_EARLY = [*TINY_RUN, "model.optimizer.lr=0.3", "seed=1"]
+
+
+def train_in(out: Path, *overrides: str, data_dir: Path) -> dict:
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[*PEAKS_EARLY, *overrides, f"paths.output_dir={out}",
+                                          f"paths.data_dir={data_dir}"])
+    return train(cfg)
+
+
+def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
+    """A run resumed in the folder it was moved or copied to selects the epoch the uninterrupted run selects,
+    from its own folder's file (the checkpoints record absolute paths of the old folder)."""
+    data_dir = tmp_path / "data"
+    reference = train_in(tmp_path / "full", "trainer.max_epochs=4", data_dir=data_dir)
+    assert reference["best_epoch"] < 2
+    for how, transfer in (("moved", shutil.move), ("copied", shutil.copytree)):
+        first, second = tmp_path / f"{how}-first", tmp_path / f"{how}-second"
+        train_in(first, "trainer.max_epochs=3", data_dir=data_dir)
+        transfer(first, second)
+        resumed = train_in(second, "trainer.max_epochs=4", "ckpt_path=last", data_dir=data_dir)
+        assert resumed["best_epoch"] == reference["best_epoch"], how
+        assert resumed["best_checkpoint"] == str(second / "checkpoints" / f"epoch{reference['best_epoch']:03d}.ckpt")
+        assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"], how
 
 
 # ---- NaN / inf loss --------------------------------------------------------------------------------
