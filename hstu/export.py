@@ -14,6 +14,7 @@ the checkpoint is read.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -50,6 +51,10 @@ HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
 MODULE_PREFIX = "model."
 COMPILED_PREFIX = "_orig_mod."
 COMPILED_CHOICES = ("auto", "cpu", "cuda", "none")
+# The files of an export folder: the three of hstu.inference, and scoring packages (hstu.serving.compiled).
+EXPORT_FILE_PATTERNS = (WEIGHTS_FILE, CONFIG_FILE, ITEMS_FILE, "scoring-*.pt2")
+# Keys of evaluate_run's report that tell it from other JSON files.
+EVAL_REPORT_KEYS = ("recorded_test", "checkpoint")
 
 
 @dataclass
@@ -261,13 +266,46 @@ def compiled_device(compiled: str, k: int) -> str | None:
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Before anything is loaded: OutputExistsError if ``out_dir`` exists (without ``overwrite``), ConfigError
-    if it, or the nearest existing folder above it, is a file."""
+    """Before anything is loaded: OutputExistsError if ``out_dir`` exists (without ``overwrite``), or is not
+    an export folder (see :func:`check_replaceable_export`); ConfigError if it, or the nearest existing folder
+    above it, is a file."""
     blocking = file_in_the_way(out_dir)
     if blocking is not None:
         raise ConfigError(f"out_dir={out_dir}: {blocking} is a file, not a folder")
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+    if out_dir.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+        check_replaceable_export(out_dir)
+
+
+def check_replaceable_export(out_dir: Path) -> None:
+    """OutputExistsError unless ``out_dir`` is empty or an export folder: its config.json an export's (with
+    ``format_version``) and nothing in it but an export's files. Overwriting replaces the whole folder, so
+    a run folder, a folder above one, or any other files must never be taken for an earlier export."""
+    refusal = f"out_dir={out_dir}: not an export folder, so overwrite=true does not replace it"
+    entries = sorted(out_dir.iterdir())
+    foreign = next((entry for entry in entries if entry.is_symlink() or not entry.is_file()
+                    or not _is_export_file(entry.name)), None)
+    if foreign is not None:
+        raise OutputExistsError(f"{refusal} ({foreign.name} is not a file of an export); give another out_dir")
+    if entries and "format_version" not in _json_object(out_dir / CONFIG_FILE):
+        raise OutputExistsError(f"{refusal} (no {CONFIG_FILE} with a format_version); give another out_dir")
+
+
+def _is_export_file(name: str) -> bool:
+    """Whether ``name`` is a file an export folder holds, or the temporary one of them is written through."""
+    if name.startswith(".") and ".tmp-" in name:
+        name = name[1:].split(".tmp-", 1)[0]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in EXPORT_FILE_PATTERNS)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
+    try:
+        content = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def write_export(
@@ -303,7 +341,7 @@ def write_export(
 def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrite: bool,
                              finish: Callable[[Path], Any] | None = None) -> None:
     """Each writer fills one file of a temporary sibling folder, ``finish`` (if any) then adds to the
-    complete folder, and the folder replaces ``out_dir``."""
+    complete folder, and the folder replaces ``out_dir`` (with ``overwrite``, an export folder only)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out_dir.parent, f".{out_dir.name}.tmp-")  # staging folders of exports that were killed
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=owned_prefix(f".{out_dir.name}.tmp-")))
@@ -321,6 +359,7 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
         if out_dir.exists():
             if not overwrite:
                 raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
+            check_replaceable_export(out_dir)
             previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=owned_prefix(f".{out_dir.name}.old-")))
             os.replace(out_dir, previous)  # a folder replaces only an empty one, hence the move aside
         os.replace(staging, out_dir)
@@ -331,6 +370,12 @@ def _write_folder_atomically(out_dir: Path, writers: Mapping[str, Any], overwrit
         raise
     if previous is not None:
         shutil.rmtree(previous)
+
+
+def is_evaluation_report(path: Path) -> bool:
+    """Whether ``path`` holds a report of :func:`evaluate_run` (a run's metrics.json lacks these keys)."""
+    report = _json_object(path)
+    return all(key in report for key in EVAL_REPORT_KEYS)
 
 
 def evaluate_run(

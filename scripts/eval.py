@@ -7,20 +7,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from hstu.errors import ConfigError, MissingFileError, OutputExistsError
-from hstu.export import evaluate_run, load_run
+from hstu.export import evaluate_run, is_evaluation_report, load_run
 from hstu.files import write_text_atomically
 from hstu.train import print_report
 
 
 def check_out_file(path: Path, overwrite: bool) -> None:
     """Refuse an out_file that cannot take the report: no folder for it, a folder in its place, or a file
-    already there (unless ``overwrite``)."""
+    already there (unless ``overwrite`` and it is an earlier report: never a run's metrics.json or other file)."""
     if not path.parent.is_dir():
         raise MissingFileError(f"out_file={path}: {path.parent} is not an existing folder")
     if path.is_dir():
         raise ConfigError(f"out_file={path}: is a folder")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"out_file={path} exists; pass overwrite=true to replace it, or another out_file")
+    if path.exists() and not is_evaluation_report(path):
+        raise OutputExistsError(f"out_file={path}: not an earlier evaluation report, so overwrite=true does not "
+                                "replace it; give another out_file")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
@@ -33,6 +36,8 @@ def main(cfg: DictConfig) -> None:
                           data_dir=cfg.data_dir, devices=cfg.devices, num_nodes=cfg.num_nodes)
     if rank_zero_only.rank != 0:
         return  # every process ranked its slice of the users; rank zero reports the sums
+    if cfg.overwrite:  # what appeared there while the evaluation ran is replaced only if it is a report
+        check_out_file(path, overwrite=True)
     try:  # without overwrite, a report another evaluation wrote meanwhile is never replaced
         write_text_atomically(path, json.dumps(report, indent=2, default=str), replace=cfg.overwrite)
     except FileExistsError as error:

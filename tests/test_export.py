@@ -316,6 +316,44 @@ def test_failed_overwrite_keeps_the_previous_export(run_dir, export_dir, tmp_pat
     assert (previous / "config.json").read_text() == (export_dir / "config.json").read_text()
 
 
+@pytest.mark.parametrize("target", ["the run", "above the run", "its checkpoints", "an export with notes",
+                                    "another json"])
+def test_overwrite_replaces_only_an_export_folder(run_dir, export_dir, tmp_path, monkeypatch, target):
+    run = _copy(run_dir, tmp_path / "parent" / "run")
+    out_dir = {"the run": run, "above the run": run.parent, "its checkpoints": run / "checkpoints",
+               "an export with notes": _copy(export_dir, tmp_path / "export"),
+               "another json": tmp_path / "other"}[target]
+    if target == "an export with notes":
+        (out_dir / "notes.txt").write_text("mine")
+    if target == "another json":
+        out_dir.mkdir()
+        (out_dir / "config.json").write_text(json.dumps({"model": {}}))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(hstu.export, "load_checkpoint", lambda path: pytest.fail("loaded the checkpoint"))
+    with pytest.raises(FileExistsError, match=rf"^out_dir={re.escape(str(out_dir))}: not an export folder, so "
+                                              r"overwrite=true does not replace it \(.*\); give another out_dir$"):
+        export_run(run, out_dir, overwrite=True)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_an_export_with_its_packages(run_dir, export_dir, tmp_path):
+    previous = _copy(export_dir, tmp_path / "export")
+    (previous / "scoring-cpu-x86_64.pt2").write_bytes(b"an old package")
+    (previous / ".scoring-cpu-x86_64.pt2.tmp-abc.pt2").write_bytes(b"a killed build's")
+    assert sorted(p.name for p in export_run(run_dir, previous, overwrite=True).iterdir()) == \
+        ["config.json", "items.json", "model.safetensors"]
+
+
+def test_export_into_its_own_run_is_refused_on_the_command_line(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path / "run")
+    before = sorted(str(p) for p in run.rglob("*"))
+    result = run_script("export", f"run_dir={run}", f"out_dir={run}", "overwrite=true", "compiled=none")
+    assert result.code == 1 and len(result.error_lines) == 2, result.stderr  # Hydra's "Error executing job" first
+    assert re.match(r"^out_dir=.*run: not an export folder, so overwrite=true does not replace it",
+                    result.error_lines[-1]), result.stderr
+    assert sorted(str(p) for p in run.rglob("*")) == before
+
+
 def test_moved_run_finds_its_checkpoint(run_dir, tmp_path):
     moved = _copy(run_dir, tmp_path / "moved")
     assert resolve_checkpoint(load_run(moved)).is_relative_to(moved)
@@ -486,11 +524,33 @@ def test_eval_checks_its_out_file_before_evaluating(run_dir, tmp_path, evaluatio
 
 
 def test_eval_replaces_a_report_only_with_overwrite(run_dir, tmp_path, evaluations, eval_report):
-    (tmp_path / "eval.json").write_text("an earlier report")
+    (tmp_path / "eval.json").write_text(json.dumps({**eval_report, "test": {}}))  # an earlier report
     result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}", "overwrite=true")
     assert result.code == 0, result.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["test"] == eval_report["test"]
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+@pytest.mark.parametrize("out_file", ["metrics.json", ".hydra/config.yaml"])
+def test_eval_overwrites_only_an_earlier_report(run_dir, tmp_path, evaluations, out_file):
+    run = _copy(run_dir, tmp_path / "run")
+    before = (run / out_file).read_bytes()
+    result = run_script("eval", f"run_dir={run}", f"out_file={run / out_file}", "overwrite=true")
+    assert result.code == 1 and re.match(r"^out_file=.*: not an earlier evaluation report, so overwrite=true does "
+                                         r"not replace it; give another out_file$", result.error_lines[-1]), \
+        result.stderr
+    assert evaluations == [] and (run / out_file).read_bytes() == before
+
+
+def test_eval_keeps_a_file_that_is_no_report_put_there_while_it_ran(run_dir, tmp_path, monkeypatch, eval_report):
+    def evaluate_while_another_writes(*args, **kwargs):
+        (tmp_path / "eval.json").write_text("notes")
+        return eval_report
+
+    monkeypatch.setattr(hstu.export, "evaluate_run", evaluate_while_another_writes)
+    result = run_script("eval", f"run_dir={run_dir}", f"out_file={tmp_path / 'eval.json'}", "overwrite=true")
+    assert result.code == 1 and "not an earlier evaluation report" in result.error_lines[-1], result.stderr
+    assert (tmp_path / "eval.json").read_text() == "notes"
 
 
 def test_eval_keeps_a_report_written_while_it_ran(run_dir, tmp_path, monkeypatch, eval_report):
