@@ -234,19 +234,28 @@ def _batches_limit() -> Check:  # limit_*_batches: a count of batches, or a frac
                  or (isinstance(v, float) and 0.0 <= v <= 1.0), "must be a batch count >= 0 or a fraction in [0, 1]")
 
 
+def _trains(rule: str) -> Check:
+    """A limit of 0 (epochs, steps or training batches) trains nothing: the run would test untrained weights."""
+    return Check(lambda v: v != 0, f"trains nothing (the run would test untrained weights); {rule}")
+
+
 # Lightning's precision names (it also takes 16, 32 and 64 as integers)
 TRAINER_PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
                       "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
+# a key's checks in order; the first that fails is reported
 TRAINER_CHECKS = {
-    "max_epochs": _integer(-1, "must be an integer >= -1 (-1: no limit)"),
+    "max_epochs": (_integer(-1, "must be an integer >= -1 (-1: no limit)"), _trains("use >= 1, or -1 for no limit")),
     "min_epochs": _integer(0, "must be an integer >= 0"),
-    "max_steps": _integer(-1, "must be an integer >= -1 (-1: no limit)"),
+    "max_steps": (_integer(-1, "must be an integer >= -1 (-1: no limit)"), _trains("use >= 1, or -1 for no limit")),
     "check_val_every_n_epoch": _integer(1, "must be an integer >= 1"),
     "log_every_n_steps": _integer(1, "must be an integer >= 1"),
     "accumulate_grad_batches": _integer(1, "must be an integer >= 1"),
     "num_sanity_val_steps": _integer(-1, "must be an integer >= -1 (-1: the whole validation set)"),
-    "limit_train_batches": _batches_limit(),
-    "limit_val_batches": _batches_limit(),
+    "limit_train_batches": (_batches_limit(), _trains("use a batch count >= 1 or a fraction in (0, 1]")),
+    # the run selects its best checkpoint, and stops early, on validation
+    "limit_val_batches": (_batches_limit(), Check(lambda v: v != 0, "validates nothing, and the run selects its best "
+                                                  "checkpoint on validation; use a batch count >= 1 or a fraction in "
+                                                  "(0, 1]")),
     "limit_test_batches": _batches_limit(),
     "gradient_clip_val": Check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                                "must be a number >= 0"),
@@ -260,10 +269,13 @@ def _trainer_errors(trainer: Any) -> list[str]:
     if not isinstance(trainer, DictConfig):
         return []
     errors = []
-    for key, check in TRAINER_CHECKS.items():
-        if key in trainer and not OmegaConf.is_missing(trainer, key) and trainer[key] is not None \
-                and not check.test(trainer[key]):
-            errors.append(f"trainer.{key}={trainer[key]}: {check.rule}")
+    for key, checks in TRAINER_CHECKS.items():
+        if key not in trainer or OmegaConf.is_missing(trainer, key) or trainer[key] is None:
+            continue
+        failed = next((c for c in (checks if isinstance(checks, tuple) else (checks,)) if not c.test(trainer[key])),
+                      None)
+        if failed is not None:
+            errors.append(f"trainer.{key}={trainer[key]}: {failed.rule}")
     return errors
 
 

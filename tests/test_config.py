@@ -93,3 +93,19 @@ def test_every_data_option_is_loadable_back_from_a_file(data):
 @pytest.mark.parametrize("model", _options("model"))
 def test_every_model_option_names_a_buildable_encoder(model):
     assert _compose(f"model={model}").model.encoder._target_ in ENCODER_TARGETS
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("trainer.max_epochs=0", "trains nothing (the run would test untrained weights); use >= 1, or -1 for no limit"),
+    ("+trainer.max_steps=0", "trains nothing (the run would test untrained weights); use >= 1, or -1 for no limit"),
+    ("+trainer.limit_train_batches=0", "trains nothing (the run would test untrained weights); use a batch count "
+                                       ">= 1 or a fraction in (0, 1]"),
+    ("+trainer.limit_train_batches=0.0", "trains nothing (the run would test untrained weights); use a batch count "
+                                         ">= 1 or a fraction in (0, 1]"),
+    ("+trainer.limit_val_batches=0", "validates nothing, and the run selects its best checkpoint on validation; use "
+                                     "a batch count >= 1 or a fraction in (0, 1]"),
+])
+def test_a_run_that_would_train_or_validate_nothing_is_refused(override, rule):
+    """Else it would report test metrics of untrained weights, or die after an epoch in early stopping."""
+    assert config_errors(_compose(override)) == [f"{override.lstrip('+')}: {rule}"]
+    assert config_errors(_compose("trainer.max_epochs=-1", "+trainer.limit_val_batches=0.5")) == []
