@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,8 @@ from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
 from hstu.serving.compiled import DEFAULT_K, compile_export
 from hstu.train import device_name
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -186,12 +189,26 @@ def build_datamodule(run: TrainingRun, data_dir: str | None = None, trainer: L.T
     return datamodule
 
 
-def _check_same_items(datamodule: SequenceDataModule, num_items: int, checkpoint_path: Path) -> None:
+def _check_same_items(datamodule: SequenceDataModule, num_items: int, hparams: Mapping[str, Any],
+                      checkpoint_path: Path) -> None:
+    """DataError when the data's items are not those the checkpoint was trained on: another count, or (by
+    the ``item_ids_digest`` the checkpoint records) other ids or another order. A checkpoint that records
+    no digest is checked by the count alone, with a warning."""
+    changed = "the data source or its settings changed since training"
     if datamodule.num_items != num_items:
-        raise DataError(
-            f"{checkpoint_path}: trained on {num_items} items but the data now has {datamodule.num_items}; "
-            "the data source or its settings changed since training"
-        )
+        raise DataError(f"{checkpoint_path}: trained on {num_items} items but the data now has "
+                        f"{datamodule.num_items}; {changed}")
+    recorded = hparams.get("item_ids_digest")
+    if recorded is None:
+        log.warning("%s: records no item_ids_digest (written by an older version); only the number of items (%d) "
+                    "is checked against the data", checkpoint_path, num_items)
+    elif not isinstance(recorded, str):
+        raise CheckpointError(f"{checkpoint_path}: hyper_parameters.item_ids_digest is a "
+                              f"{type(recorded).__name__}, not the sha256 string training records")
+    elif recorded != datamodule.item_ids_digest:
+        raise DataError(f"{checkpoint_path}: trained on other item ids than the data now has (both {num_items} "
+                        f"items, but their ids or order differ: item_ids_digest {recorded[:12]}... at training, "
+                        f"{datamodule.item_ids_digest[:12]}... now); {changed}")
 
 
 def export_run(
@@ -221,7 +238,7 @@ def export_run(
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
     datamodule = build_datamodule(run, data_dir)
-    _check_same_items(datamodule, model.num_items, checkpoint_path)
+    _check_same_items(datamodule, model.num_items, checkpoint["hyper_parameters"], checkpoint_path)
     original_ids = datamodule.sequences.item_original_ids
 
     return write_export(
@@ -411,7 +428,7 @@ def evaluate_run(
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
     datamodule = build_datamodule(run, data_dir, trainer)
-    _check_same_items(datamodule, module.model.num_items, checkpoint_path)
+    _check_same_items(datamodule, module.model.num_items, hparams, checkpoint_path)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {
         "val": {},

@@ -31,7 +31,11 @@ class RecModule(L.LightningModule):
     otherwise an eager step. Either way nothing in a step waits for the device: each loss is recorded in
     ``nonfinite`` (AdamW runs fused and skips its update while that flag is set;
     ``hstu.callbacks.StopOnNonFiniteLoss`` ends the run at the epoch's end) and added to a sum on the
-    device, read once per epoch as ``train/loss``."""
+    device, read once per epoch as ``train/loss``.
+
+    ``item_ids_digest`` (the datamodule's :attr:`~hstu.data.datamodule.SequenceDataModule.item_ids_digest`,
+    taken from it at fit when not given) names the items the item table's rows stand for: export and
+    evaluation compare it with the data they rebuild."""
 
     def __init__(
         self,
@@ -50,6 +54,7 @@ class RecModule(L.LightningModule):
         eval_ks: Sequence[int] = (10, 50, 200),
         time_scales: Sequence[Sequence[int]] = (),
         position_from_end: bool = False,
+        item_ids_digest: str | None = None,
     ):
         super().__init__()
         if cuda_graphs not in CUDA_GRAPH_MODES:
@@ -75,11 +80,15 @@ class RecModule(L.LightningModule):
         return self.model.manager
 
     def setup(self, stage: str) -> None:
-        """Capture training steps when ``cuda_graphs`` asks for it and the run allows it (one CUDA device, no
-        DDP: NCCL collectives inside captured graphs need their own setup, so DDP runs stay eager),
-        and then have the datamodule plan batches for device-side packing."""
+        """At fit: record the datamodule's ``item_ids_digest`` (when not given); capture training steps when
+        ``cuda_graphs`` asks for it and the run allows it (one CUDA device, no DDP: NCCL collectives inside
+        captured graphs need their own setup, so DDP runs stay eager), and then have the datamodule plan
+        batches for device-side packing."""
         if stage != "fit":
             return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.item_ids_digest is None:  # saved with the hyperparameters in every checkpoint
+            self.hparams.item_ids_digest = getattr(datamodule, "item_ids_digest", None)
         mode, device = self.hparams.cuda_graphs, self.trainer.strategy.root_device
         reason = None
         if device.type != "cuda":
@@ -92,7 +101,6 @@ class RecModule(L.LightningModule):
         self.capture = mode != "off" and reason is None
         if mode == "auto" and reason is not None and device.type == "cuda" and self.trainer.is_global_zero:
             log.info("training steps are not captured as CUDA graphs: %s", reason)
-        datamodule = getattr(self.trainer, "datamodule", None)
         if self.capture and hasattr(datamodule, "planned_batches"):
             datamodule.planned_batches = True
 

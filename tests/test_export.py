@@ -373,6 +373,37 @@ def test_run_without_best_checkpoint_needs_ckpt_path(run_dir, tmp_path):
     assert resolve_checkpoint(load_run(paper)) == checkpoint
 
 
+def test_checkpoint_records_the_trained_item_ids(run_dir, datamodule):
+    hparams = load_checkpoint(resolve_checkpoint(load_run(run_dir)))["hyper_parameters"]
+    assert hparams["item_ids_digest"] == datamodule.item_ids_digest
+
+
+def test_data_with_a_replaced_item_is_refused(run_dir, tmp_path):
+    """Same number of items, one id replaced: every item's index would shift under the trained weights."""
+    run = _copy(run_dir, tmp_path / "run")
+    (cache,) = (run / "data").glob("*.npz")
+    with np.load(cache) as npz:
+        arrays = dict(npz)
+    arrays["item"] = np.where(arrays["item"] == arrays["item"].max(), 1000, arrays["item"])
+    np.savez(cache, **arrays)
+    message = r"\.ckpt: trained on other item ids than the data now has \(both 40 items, but their ids or order differ"
+    with pytest.raises(DataError, match=message):
+        export_run(run, tmp_path / "export", data_dir=str(run / "data"))
+    with pytest.raises(DataError, match=message):
+        evaluate_run(run, accelerator="cpu", data_dir=str(run / "data"))
+    assert not (tmp_path / "export").exists()
+
+
+def test_checkpoint_without_item_ids_digest_exports_with_a_warning(run_dir, tmp_path, caplog):
+    checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
+    del checkpoint["hyper_parameters"]["item_ids_digest"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    out = export_run(run_dir, tmp_path / "export", ckpt_path=tmp_path / "old.ckpt")
+    assert (out / "model.safetensors").is_file()
+    (warning,) = [r.getMessage() for r in caplog.records if "item_ids_digest" in r.getMessage()]
+    assert re.match(r"^.*old\.ckpt: records no item_ids_digest .*only the number of items \(40\) is checked", warning)
+
+
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, path)

@@ -17,6 +17,8 @@ of the users, with no padding, so each user is counted exactly once when the met
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Iterator
 
@@ -233,6 +235,13 @@ class SequenceDataModule(L.LightningDataModule):
     def num_items(self) -> int:
         """Real items are 1..num_items; an item table needs num_items + 1 rows (row 0 is padding)."""
         return self.sequences.num_items
+
+    @property
+    def item_ids_digest(self) -> str:
+        """sha256 of the original item ids in index order (JSON): a checkpoint records it (RecModule), so that
+        data whose items changed since training, even with the same count, is not paired with its item table."""
+        ids = json.dumps(self.sequences.item_original_ids.tolist(), separators=(",", ":"))
+        return hashlib.sha256(ids.encode()).hexdigest()
 
     @property
     def has_validation(self) -> bool:
