@@ -36,9 +36,10 @@ from safetensors.torch import save_file
 from hstu.checkpoints import load_checkpoint, model_differences
 from hstu.config import check_accelerator, check_data_targets, instantiate_config, kernel_flag_errors
 from hstu.data.datamodule import SequenceDataModule
+from hstu.data.sources import absolute_path
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
-from hstu.files import current_umask, file_in_the_way, owned_prefix, remove_abandoned
+from hstu.files import check_folder_path, current_umask, owned_prefix, remove_abandoned
 from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
@@ -189,6 +190,17 @@ def build_datamodule(run: TrainingRun, data_dir: str | None = None, trainer: L.T
     return datamodule
 
 
+def check_data_dir(run: TrainingRun, data_dir: str | None) -> None:
+    """ConfigError naming ``data_dir`` (or the run's data.data_dir when it is None) when a file stands where
+    the data's folder would be."""
+    if data_dir is not None:
+        check_folder_path(absolute_path(data_dir), "data_dir")
+    else:
+        run_data_dir = run.resolved("data.data_dir")
+        if run_data_dir is not None:
+            check_folder_path(absolute_path(run_data_dir), f"{run.config_path}: data.data_dir")
+
+
 def _check_same_items(datamodule: SequenceDataModule, num_items: int, hparams: Mapping[str, Any],
                       checkpoint_path: Path) -> None:
     """DataError when the data's items are not those the checkpoint was trained on: another count, or (by
@@ -227,6 +239,7 @@ def export_run(
     run = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "export"
     check_out_dir(out_dir, overwrite)
+    check_data_dir(run, data_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
@@ -286,9 +299,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Before anything is loaded: OutputExistsError if ``out_dir`` exists (without ``overwrite``), or is not
     an export folder (see :func:`check_replaceable_export`); ConfigError if it, or the nearest existing folder
     above it, is a file."""
-    blocking = file_in_the_way(out_dir)
-    if blocking is not None:
-        raise ConfigError(f"out_dir={out_dir}: {blocking} is a file, not a folder")
+    check_folder_path(out_dir, "out_dir")
     if out_dir.exists():
         if not overwrite:
             raise OutputExistsError(f"{out_dir} exists; pass overwrite=true to replace it")
@@ -416,6 +427,7 @@ def evaluate_run(
     if errors:
         raise ConfigError("; ".join(errors))
     trainer = _evaluation_trainer(run, accelerator, devices, num_nodes)
+    check_data_dir(run, data_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
     checkpoint = load_checkpoint(checkpoint_path)
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)

@@ -14,6 +14,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from hstu.errors import ConfigError
+
 
 def owned_prefix(prefix: str) -> str:
     """``prefix`` followed by this host and process: the start of a temporary name this process owns."""
@@ -63,6 +65,14 @@ def write_text_atomically(path: Path, text: str, replace: bool = True) -> None:
             os.link(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def check_folder_path(folder: str | Path, key: str) -> None:
+    """ConfigError naming ``key`` when ``folder``, or the nearest existing path above it, is a file: no
+    folder can be made or read there."""
+    blocking = file_in_the_way(Path(folder))
+    if blocking is not None:
+        raise ConfigError(f"{key}={folder}: {blocking} is a file, not a folder")
 
 
 def file_in_the_way(folder: Path) -> Path | None:

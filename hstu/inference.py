@@ -31,7 +31,9 @@ from safetensors.torch import load_file
 
 from hstu.config import check_data_targets, instantiate_config
 from hstu.data.batch import JaggedBatch
+from hstu.data.sources import absolute_path
 from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
+from hstu.files import check_folder_path
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.engine import ServingEngine, ServingOptions
 from hstu.serving.histories import Events, History, check_request_times, prepare_histories
@@ -307,6 +309,8 @@ def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | 
     data_config = dict(config["data"]["datamodule"])
     if data_dir is not None:
         data_config["data_dir"] = data_dir
+    check_folder_path(absolute_path(data_config.get("data_dir", "data")),
+                      "data_dir" if data_dir is not None else "config.json: data.datamodule.data_dir")
     datamodule = instantiate_config(data_config, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
@@ -488,6 +489,26 @@ def test_out_dir_on_a_file_is_refused_before_loading(run_dir, tmp_path, monkeypa
         export_run(run_dir, f"{tmp_path / 'notes'}{below}", overwrite=True)
 
 
+@pytest.mark.parametrize("where", ["data_dir", "the run's data.data_dir"])
+def test_data_dir_on_a_file_is_refused_before_loading(run_dir, tmp_path, monkeypatch, where):
+    (tmp_path / "notes").write_text("x")
+    data_dir = None
+    if where == "data_dir":
+        run, data_dir, key = run_dir, str(tmp_path / "notes"), "data_dir"
+    else:
+        run, key = _copy(run_dir, tmp_path / "run"), r".*config\.yaml: data\.data_dir"
+        config = OmegaConf.load(run / ".hydra" / "config.yaml")
+        config.data.data_dir = str(tmp_path / "notes")
+        OmegaConf.save(config, run / ".hydra" / "config.yaml")
+    monkeypatch.setattr(hstu.export, "load_checkpoint", lambda path: pytest.fail("loaded the checkpoint"))
+    message = rf"^{key}=.*notes: .*notes is a file, not a folder$"
+    with pytest.raises(ConfigError, match=message):
+        export_run(run, tmp_path / "export", data_dir=data_dir)
+    with pytest.raises(ConfigError, match=message):
+        evaluate_run(run, accelerator="cpu", data_dir=data_dir)
+    assert not (tmp_path / "export").exists()
+
+
 def test_evaluate_run_reproduces_the_recorded_test_metrics(eval_report):
     report = eval_report
     assert report["test"] == pytest.approx(report["recorded_test"], abs=1e-6)
@@ -595,6 +616,22 @@ def test_eval_keeps_a_report_written_while_it_ran(run_dir, tmp_path, monkeypatch
         result.stderr
     assert (tmp_path / "eval.json").read_text() == "the other evaluation's report"
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["data_dir", "config.json"])
+def test_recommend_names_a_data_dir_on_a_file(export_dir, tmp_path, where):
+    (tmp_path / "notes").write_text("x")
+    args = [f"data_dir={tmp_path / 'notes'}"]
+    if where == "config.json":
+        export_dir = _copy(export_dir, tmp_path / "export")
+        config = json.loads((export_dir / "config.json").read_text())
+        config["data"]["datamodule"]["data_dir"] = str(tmp_path / "notes" / "data")
+        (export_dir / "config.json").write_text(json.dumps(config))
+        args = []
+    result = run_script("recommend", f"export_dir={export_dir}", "user=1", *args)
+    key = "data_dir" if where == "data_dir" else r"config\.json: data\.datamodule\.data_dir"
+    assert result.code == 1 and re.match(rf"^{key}=.*notes.*: .*notes is a file, not a folder$",
+                                         result.error_lines[-1]), result.stderr
 
 
 def test_recommend_script_prints_top_k(export_dir):
