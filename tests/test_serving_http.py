@@ -113,22 +113,99 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
     assert server.recommend(GOOD).status_code == 200
 
 
+def mixed_load(server, bad_bodies, every, seed):
+    """The responses to 48 requests from 12 threads: every ``every``-th one of ``bad_bodies`` in turn,
+    the others good."""
+    bodies = []
+    for i in range(48):
+        if i % every == every - 1:
+            bodies.append(bad_bodies[i // every % len(bad_bodies)])
+        else:
+            items, times = random_history(1 + i % MAX_SEQ_LEN, seed=seed + i)
+            bodies.append({"user_id": f"load-{seed + i}", "events": events_of(items, times), "k": 4})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        return list(pool.map(server.recommend, bodies, timeout=180))
+
+
 def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(server):
     """48 requests from 12 threads, a third of them bad: every good one succeeds, every bad one gets a
     4xx, and some good ones shared a batch (with batch_timeout 0: those that queued while one ran)."""
-    bodies = []
-    for i in range(48):
-        if i % 3 == 2:
-            bodies.append(BAD_REQUESTS["unknown item"][0])
-        else:
-            items, times = random_history(1 + i % MAX_SEQ_LEN, seed=100 + i)
-            bodies.append({"user_id": f"load-{i}", "events": events_of(items, times), "k": 4})
-    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
-        responses = list(pool.map(server.recommend, bodies, timeout=180))
+    responses = mixed_load(server, [BAD_REQUESTS["unknown item"][0]], every=3, seed=100)
     statuses = [r.status_code for r in responses]
     assert statuses == [422 if i % 3 == 2 else 200 for i in range(48)], statuses
     batch_sizes = [r.json()["optimizations_applied"]["batch_size"] for r in responses if r.status_code == 200]
     assert max(batch_sizes) > 1, batch_sizes
+
+
+def test_times_outside_int64_get_a_422_naming_the_field_and_fail_alone(server):
+    """Timestamps and request times beyond int64 (what the engine holds them in) are rejected by the
+    request model, in 48 concurrent requests as alone: the requests batched with them succeed."""
+    too_late, too_early = 2**64, -(2**63) - 1
+    bad = [({**GOOD, "events": [[ORIGINAL_IDS[0], 1_600_000_000], [ORIGINAL_IDS[1], too_late]]},
+            ["body", "events", 1, 1], "less than or equal to 9223372036854775807"),
+           ({**GOOD, "request_time": too_late}, ["body", "request_time"], "less than or equal to 9223372036854775807"),
+           ({**GOOD, "events": [[ORIGINAL_IDS[0], too_early]]}, ["body", "events", 0, 1],
+            "greater than or equal to -9223372036854775808")]
+    for body, location, message in bad:
+        response = server.recommend(body)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == location and message in error["msg"], error
+    responses = mixed_load(server, [body for body, _, _ in bad], every=4, seed=300)
+    statuses = [r.status_code for r in responses]
+    assert statuses == [422 if i % 4 == 3 else 200 for i in range(48)], statuses
+
+
+def test_a_request_that_fails_in_predict_fails_alone(export_dir):
+    """The inference worker's loop with a batch of five where two requests fail inside the engine (past
+    the HTTP checks): those two get their own error, 422 naming the problem for a RequestError, 500
+    for anything else, and the other three the answers they get alone."""
+    from queue import Queue
+
+    from litserve.callbacks import CallbackRunner
+    from litserve.loops.base import _SENTINEL_VALUE
+    from litserve.utils import LitAPIStatus
+
+    from hstu.serving.server import GreedyBatchLoop, RecommendAPI, RecommendRequest
+
+    items, times = random_history(5, seed=9)
+    good = {"user_id": "good", "events": events_of(items, times), "k": 3}
+    bodies = [good,
+              {**good, "user_id": "timestamp", "events": [[items[0], times[0]], [items[1], 2**64]]},
+              {**good, "user_id": "second"},
+              {**good, "user_id": "request_time", "request_time": 2**64},
+              {**good, "user_id": "third"}]
+    # One batch of all five (then the stop signal behind them).
+    api = RecommendAPI(str(export_dir), None, 1 << 20, {}, max_batch_size=len(bodies), batch_timeout=0.0,
+                       warm_up=False)
+    api.engine = Recommender.from_export(export_dir).serving_engine()
+    api.request_timeout = REQUEST_TIMEOUT_S
+    api.pre_setup()  # as LitServer does
+    queue = Queue()
+    for i, body in enumerate(bodies):  # past the request model's checks, as a request that fails only in predict
+        queue.put((0, f"uid-{i}", time.monotonic(), RecommendRequest.model_construct(**body)))
+    queue.put(_SENTINEL_VALUE)
+
+    class Transport:
+        sent = {}
+
+        def send(self, item, consumer_id):
+            uid, (response, status, _, _) = item
+            if status != LitAPIStatus.START:
+                self.sent[uid] = (response, status)
+
+    GreedyBatchLoop().run_batched_loop(api, queue, Transport(), CallbackRunner())
+    statuses = {uid: status for uid, (_, status) in Transport.sent.items()}
+    assert statuses == {"uid-0": LitAPIStatus.OK, "uid-1": LitAPIStatus.ERROR, "uid-2": LitAPIStatus.OK,
+                        "uid-3": LitAPIStatus.ERROR, "uid-4": LitAPIStatus.OK}, statuses
+    batch_sizes = {Transport.sent[uid][0]["optimizations_applied"]["batch_size"] for uid in ("uid-0", "uid-2", "uid-4")}
+    assert batch_sizes == {1}, batch_sizes
+    want = [r["item"] for r in api.engine.infer_batch([api.decode_request(RecommendRequest.model_construct(**good))[0]])
+            [0]["recommendations"]]
+    assert [r["item"] for r in Transport.sent["uid-2"][0]["recommendations"]] == want
+    timestamp_error, time_error = Transport.sent["uid-1"][0], Transport.sent["uid-3"][0]
+    assert timestamp_error.status_code == 422 and "timestamps must be integer" in timestamp_error.detail
+    assert time_error.status_code == 500 and time_error.detail == "Internal server error"
 
 
 def test_stats_endpoint_counts_requests_per_worker(server):

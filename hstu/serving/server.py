@@ -29,12 +29,14 @@ CLOCK_MONOTONIC: one clock for every process of the host): the HTTP process's st
 the ``x-stage-ns`` header, the inference worker's in the response's ``stage_ns``. See
 ``STAGE_STAMPS`` and scripts/bench_http_stages.py, which turns them into a latency breakdown.
 
-Requests are validated in the HTTP process, before they join a batch: an error raised inside a
-batched ``predict`` would fail every request of that batch. The request model (pydantic) rejects
-malformed JSON, missing or extra fields, non-integer timestamps, k out of [1, num_items], an empty
-history, a request_time before the last event and items the model never saw, each with a 422 whose
-``detail`` names the field and the problem; the server keeps serving. The catalogue the check needs
-(items.json) is loaded in the main process, so uvicorn's forked HTTP processes have it.
+Requests are validated in the HTTP process, before they join a batch. The request model (pydantic)
+rejects malformed JSON, missing or extra fields, timestamps and request times that are not int64
+integers, k out of [1, num_items], an empty history, a request_time before the last event and items
+the model never saw, each with a 422 whose ``detail`` names the field and the problem; the server
+keeps serving. A batch that still fails in ``predict`` is served again request by request: a request
+that fails alone gets its own error (422 with the message for a ``RequestError``, else 500), the
+others their answers. The catalogue the check needs (items.json) is loaded in the main process, so
+uvicorn's forked HTTP processes have it.
 
 Each inference worker publishes its stats to a dict shared through a ``multiprocessing`` manager,
 at most every ``STATS_PERIOD_S`` seconds and after its first batch; ``/stats`` reads them.
@@ -50,18 +52,19 @@ import threading
 import time
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import litserve as ls
 import numpy as np
+from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.transport.process_transport import MPQueueTransport
-from litserve.utils import LitAPIStatus, LoopResponseType
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, model_validator
+from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, StrictInt, StrictStr, model_validator
 
-from hstu.errors import MissingFileError
+from hstu.errors import MissingFileError, RequestError
 from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.histories import check_request_times
@@ -106,16 +109,20 @@ def _check_catalogue_loaded() -> ItemIdIndex:
     return _Catalogue.index
 
 
+# Unix seconds as the engine holds them (int64).
+UnixSeconds = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class RecommendRequest(BaseModel):
     """Body of ``POST /recommend``. Item ids as in the export's items.json (int or str)."""
 
     model_config = ConfigDict(extra="forbid")
 
     user_id: StrictInt | StrictStr
-    events: list[tuple[StrictInt | StrictStr, StrictInt]] = Field(
+    events: list[tuple[StrictInt | StrictStr, UnixSeconds]] = Field(
         description="[[original item id, Unix seconds], ...], any order (sorted by time, stably)")
     k: StrictInt = 10
-    request_time: StrictInt | None = Field(None, description="Unix seconds; default: the last event's")
+    request_time: UnixSeconds | None = Field(None, description="Unix seconds; default: the last event's")
     _stage_ns: dict | None = PrivateAttr(None)  # the worker's stamps, with stage_timing
 
     @model_validator(mode="before")
@@ -169,6 +176,13 @@ class GreedyBatchLoop(BatchedLoop):
             remaining = deadline - time.monotonic()
             item = self.get_request(request_queue, block=remaining > 0, timeout=remaining if remaining > 0 else None)
         return payloads, timed_out
+
+    def put_response(self, transport, response_queue_id, uid, response_data, status, response_type) -> None:
+        """LitServe's, with an output that is an HTTPException (a request that failed alone, see
+        ``RecommendAPI.predict``) sent back as that request's error."""
+        if isinstance(response_data, HTTPException):
+            response_data, status = PickleableHTTPException.from_exception(response_data), LitAPIStatus.ERROR
+        super().put_response(transport, response_queue_id, uid, response_data, status, response_type)
 
 
 class FastLitServer(ls.LitServer):
@@ -260,19 +274,33 @@ class RecommendAPI(ls.LitAPI):
         items, timestamps = zip(*request.events)  # events is not empty (validated)
         return Request(request.user_id, items, timestamps, request.k, request.request_time), stamps
 
-    def predict(self, batch: list[tuple[Request, dict | None]]) -> list[dict[str, Any]]:
+    def predict(self, batch: list[tuple[Request, dict | None]]) -> list[dict[str, Any] | HTTPException]:
+        """Each request's result dict, or the HTTPException it failed with (see :meth:`_infer`)."""
         requests, stamps = zip(*batch)
         started = time.perf_counter_ns()
-        outputs = self.engine.infer_batch(list(requests))
+        outputs = self._infer(list(requests))
         if stamps[0] is None:
             return outputs
         ended = time.perf_counter_ns()
         for output, request_stamps in zip(outputs, stamps):
-            output["stage_ns"] = {**request_stamps, "predict_start": started, "predict_end": ended}
+            if isinstance(output, dict):
+                output["stage_ns"] = {**request_stamps, "predict_start": started, "predict_end": ended}
         return outputs
 
-    def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
-        _stamp(output.get("stage_ns"), "encode_end")
+    def _infer(self, requests: list[Request]) -> list[dict[str, Any] | HTTPException]:
+        """The engine's results for the batch; if it fails, each request served alone, so that a request
+        that fails fails alone."""
+        try:
+            return self.engine.infer_batch(requests)
+        except Exception as error:
+            if len(requests) == 1:
+                return [_http_error(error)]
+        return [self._infer([request])[0] for request in requests]
+
+    def encode_response(self, output: dict[str, Any] | HTTPException):
+        """The output as it is (no return annotation: FastAPI would take it for the response model)."""
+        if isinstance(output, dict):
+            _stamp(output.get("stage_ns"), "encode_end")
         return output
 
     def _publish(self) -> None:
@@ -288,6 +316,14 @@ class RecommendAPI(ls.LitAPI):
                 self._publish()
             except (EOFError, BrokenPipeError, ConnectionError):  # the server is shutting down
                 return
+
+
+def _http_error(error: Exception) -> HTTPException:
+    """A request's failure in the worker: 422 with the message of a RequestError, else 500 (logged)."""
+    if isinstance(error, RequestError):
+        return HTTPException(422, detail=str(error))
+    log.error("a request failed in the inference worker", exc_info=error)
+    return HTTPException(500, detail="Internal server error")
 
 
 def aggregate_stats(per_worker: dict[str, dict]) -> dict[str, Any]:
