@@ -7,7 +7,8 @@ including ones that run jobs elsewhere and capture their output.
 
 :class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
 any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
-included), or a new run pointed (``hydra.run.dir=...``) at the directory of another run. The new
+included), a new run pointed (``hydra.run.dir=...``) at the directory of another run, or a run pointed at
+a directory that another run is writing into now (a claim held while a run runs). The new
 directory the run (or sweep) was given goes with it, as does a run's when the job itself stops with
 a user error before writing anything but Hydra's files.
 """
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from hstu.config import check_accelerator, check_config, make_directory, remove_new_directory
 from hstu.errors import UserError
 from hstu.files import write_text_atomically
-from hstu.train import METRICS_FILE, check_run_dir, report_console, resume_checkpoint
+from hstu.train import METRICS_FILE, RUN_LOCK, check_run_dir, claim_run_dir, report_console, resume_checkpoint
 
 SUMMARY_FILE = "summary.csv"
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes in hydra.output_subdir
@@ -40,17 +41,30 @@ OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
 class CheckBeforeStart(Callback):
-    """The checks that must pass before Hydra writes into the run directory, and the removal of the new
+    """The checks that must pass before Hydra writes into the run directory, the run's claim on that
+    directory (:func:`hstu.train.claim_run_dir`, held until the run ends), and the removal of the new
     directory a run or sweep was given when a user error stops it."""
+
+    def __init__(self) -> None:
+        self._claim: int | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
         data_key = "paths.data_dir" if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"
+
+        def claim_and_check_run_dir() -> None:
+            resume = resume_checkpoint(config.get("ckpt_path"), run_dir, config.model)
+            make_directory(run_dir, "hydra.run.dir")
+            self._claim = claim_run_dir(run_dir)
+            check_run_dir(run_dir, resume)  # under the claim: no other run writes there meanwhile
+
         self._check(config, run_dir,
                     lambda: check_accelerator(OmegaConf.select(config, "trainer.accelerator"), "trainer.accelerator"),
-                    lambda: check_run_dir(run_dir, resume_checkpoint(config.get("ckpt_path"), run_dir, config.model)),
-                    lambda: make_directory(run_dir, "hydra.run.dir"),
+                    claim_and_check_run_dir,
                     lambda: make_directory(config.data.data_dir, data_key))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, Path(config.hydra.sweep.dir))
@@ -62,10 +76,15 @@ class CheckBeforeStart(Callback):
         error = job_return._return_value if job_return.status == JobStatus.FAILED else None  # no public getter
         if isinstance(error, UserError) and HydraConfig.get().mode == RunMode.RUN:
             hydra_files = tuple(f"{config.hydra.output_subdir}/{name}" for name in HYDRA_FILES)
-            remove_new_directory(config.hydra.runtime.output_dir, (*hydra_files, f"{config.hydra.job.name}.log"))
+            remove_new_directory(config.hydra.runtime.output_dir,
+                                 (*hydra_files, f"{config.hydra.job.name}.log", RUN_LOCK))
 
-    @staticmethod
-    def _check(config: DictConfig, job_dir: Path, *more: Callable[[], None]) -> None:
+    def _release(self) -> None:
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
+
+    def _check(self, config: DictConfig, job_dir: Path, *more: Callable[[], None]) -> None:
         """Stop with one line on a user error; the run's (or sweep's) new directory goes, empty as it is."""
         try:
             check_config(config)
@@ -76,7 +95,8 @@ class CheckBeforeStart(Callback):
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()
             sys.stderr.write(f"{error}\n")
-            remove_new_directory(job_dir)
+            self._release()
+            remove_new_directory(job_dir, (RUN_LOCK,))
             sys.exit(1)
 
 

@@ -1,6 +1,7 @@
 """Fit, select, test, report: what ``scripts/train.py`` runs, from a composed Hydra config."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+RUN_LOCK = ".run.lock"  # locked by the process writing into the run directory (claim_run_dir)
 
 
 def device_name() -> str:
@@ -92,6 +94,23 @@ def check_run_dir(run_dir: Path, resume: Path | None) -> None:
         if found.is_file():
             raise ConfigError(f"{run_dir} holds another run ({found.relative_to(run_dir)}); resume it with "
                               "ckpt_path=last, or leave hydra.run.dir unset for a new directory")
+
+
+def claim_run_dir(run_dir: Path) -> int | None:
+    """Lock ``<run_dir>/.run.lock`` (flock) until the returned descriptor is closed or the process ends,
+    however it ends: of two runs started into one directory, new or resumed, the second stops here with a
+    ConfigError, before either has written what :func:`check_run_dir` looks for. The ranks other than zero
+    of a DDP job write into rank zero's directory and claim nothing (None)."""
+    if rank_zero_only.rank != 0 or os.environ.get("NODE_RANK", "0") != "0":
+        return None
+    descriptor = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ConfigError(f"hydra.run.dir={run_dir}: another run is writing into this directory now; wait for it "
+                          "to end, or leave hydra.run.dir unset for a new directory") from None
+    return descriptor
 
 
 def _checkpoint_callbacks(callbacks: list[Any], has_validation: bool, checkpoint_dir: Path) -> list[Any]:

@@ -18,7 +18,8 @@ import hstu.config  # noqa: F401
 from hstu.config import new_directory, remove_new_directory
 from hstu.errors import TrainingDivergedError
 from hstu.guards import NonFiniteLossFlag
-from hstu.train import train
+from cli import run_script
+from hstu.train import RUN_LOCK, claim_run_dir, train
 from tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,45 @@ def test_ddp_ranks_share_the_run_directory(tmp_path):
     (run_dir,) = tmp_path.glob("outputs/*/*")
     assert {"metrics.json", "train.log", "train_ddp_process_1.log"} <= {p.name for p in run_dir.iterdir()}
     assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("epoch 0/0") == 1
+
+
+IN_USE = ("hydra.run.dir={}: another run is writing into this directory now; wait for it to end, or leave "
+          "hydra.run.dir unset for a new directory")
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_directory_one_stops(tmp_path):
+    """Both find the directory empty (neither has written yet); the claim lets exactly one in."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, "trainer.max_epochs=1",
+                               "callbacks=none", f"paths.data_dir={tmp_path / 'data'}", "hydra.run.dir=run"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outcomes = sorted((proc.wait(timeout=900), proc.stderr.read()) for proc in procs)
+    assert [code for code, _ in outcomes] == [0, 1], outcomes
+    assert outcomes[1][1].strip().splitlines() == [IN_USE.format("run")]
+    assert [row["epoch"] for row in metrics(tmp_path / "run")["epochs"]] == [0]
+
+
+def test_a_run_directory_in_use_stops_the_run_and_frees_when_it_ends(tmp_path, monkeypatch):
+    """While a run holds its directory, another (new or resumed) stops with one line and writes nothing there;
+    once the claim is gone, the run and then its resumption go ahead."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}"]
+    run_dir.mkdir()
+    claim = claim_run_dir(run_dir)  # a run writing there now
+    try:
+        refused = run_script("train", *args)
+    finally:
+        os.close(claim)
+    assert refused.code == 1 and refused.error_lines == [IN_USE.format(run_dir)]
+    assert [p.name for p in run_dir.iterdir()] == [RUN_LOCK]
+    assert run_script("train", *args).code == 0
+    resumed = run_script("train", *args, "ckpt_path=last", "trainer.max_epochs=2")
+    assert resumed.code == 0, resumed.stderr[-3000:]
+    assert [row["epoch"] for row in metrics(run_dir)["epochs"]] == [0, 1]
 
 
 # ---- resume --------------------------------------------------------------------------------------------
