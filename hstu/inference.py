@@ -21,18 +21,27 @@ from __future__ import annotations
 
 import json
 import operator
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from hstu.config import check_data_targets, instantiate_config
+from hstu.config import (
+    HSTUEncoderConfig,
+    LossConfig,
+    ModelConfig,
+    SASRecEncoderConfig,
+    check_data_targets,
+    instantiate_config,
+)
 from hstu.data.batch import JaggedBatch
 from hstu.data.sources import absolute_path
-from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError
+from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError
 from hstu.files import check_folder_path
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.engine import ServingEngine, ServingOptions
@@ -47,25 +56,78 @@ ITEMS_FILE = "items.json"
 MODEL_KEYS = ("num_items", "max_seq_len", "dim", "input_dropout", "encoder", "loss", "time_scales",
               "position_from_end")
 CONFIG_KEYS = ("format_version", "model", "metrics", "data")
+# The MODEL_KEYS settings checked against the training config's ModelConfig schema (the rest: their own).
+MODEL_SCHEMA_KEYS = ("max_seq_len", "dim", "input_dropout", "time_scales", "position_from_end")
+ENCODER_SCHEMAS = {"hstu.model.hstu.HSTUEncoder": HSTUEncoderConfig, "hstu.model.sasrec.SASRecEncoder": SASRecEncoderConfig}
 
 
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
-    """config.json of an export folder, checked for its format version and every required key."""
+    """config.json of an export folder, checked for its format version, every required key, and the types and
+    ranges of the model's settings (those of the training config's schemas)."""
     path = Path(export_dir) / CONFIG_FILE
     config = _read_json(path)
     missing = [key for key in CONFIG_KEYS if key not in config]
-    missing += [f"model.{key}" for key in MODEL_KEYS if key not in config.get("model", {})]
     if missing:
         raise ExportFormatError(f"{path}: missing key(s) {missing}")
     if config["format_version"] != FORMAT_VERSION:
         raise ExportFormatError(
             f"{path}: format_version {config['format_version']!r} is not supported (this code reads {FORMAT_VERSION})"
         )
-    target = config["model"]["encoder"].get("_target_")
-    if target not in ENCODER_TARGETS:
+    _require_mappings(path, config, ("model", "metrics", "data"), "")
+    model = config["model"]
+    missing = [f"model.{key}" for key in MODEL_KEYS if key not in model]
+    if missing:
+        raise ExportFormatError(f"{path}: missing key(s) {missing}")
+    _require_mappings(path, model, ("encoder", "loss"), "model.")
+    target = model["encoder"].get("_target_")
+    if target not in ENCODER_SCHEMAS:
         raise ExportFormatError(f"{path}: model.encoder._target_ must be one of {ENCODER_TARGETS}, got {target!r}")
+    errors = _setting_errors({key: model[key] for key in MODEL_SCHEMA_KEYS}, ModelConfig, "model")
+    errors += _setting_errors(model["encoder"], ENCODER_SCHEMAS[target], "model.encoder")
+    errors += _setting_errors(model["loss"], LossConfig, "model.loss")
+    if isinstance(model["num_items"], bool) or not isinstance(model["num_items"], int) or model["num_items"] < 1:
+        errors.insert(0, f"model.num_items={model['num_items']!r}: must be an integer >= 1")
+    if errors:
+        raise ExportFormatError(f"{path}: {'; '.join(errors)}")
     check_data_targets(config["data"].get("datamodule"), f"{path}: data.datamodule")
     return config
+
+
+def _require_mappings(path: Path, section: Mapping[str, Any], keys: Sequence[str], prefix: str) -> None:
+    for key in keys:
+        if not isinstance(section[key], dict):
+            raise ExportFormatError(f"{path}: {prefix}{key} must be a mapping, got {type(section[key]).__name__}")
+
+
+def _setting_errors(settings: Mapping[str, Any], schema: type, key: str) -> list[str]:
+    """One message per setting that ``schema`` (a training config schema) does not have, or whose value is
+    not of its type or outside its range."""
+    known = {schema_field.name: schema_field for schema_field in fields(schema)}
+    types = get_type_hints(schema)
+    errors = []
+    for name, value in settings.items():
+        if name not in known:
+            errors.append(f"{key}.{name}: unknown key; {key} has {sorted(k for k in known if not k.startswith('_'))}")
+        elif not _is_of_type(value, types[name]):
+            type_name = getattr(types[name], "__name__", None) or str(types[name]).replace("typing.", "")
+            errors.append(f"{key}.{name}={value!r}: must be of type {type_name}")
+        elif "check" in known[name].metadata and not known[name].metadata["check"].test(value):
+            errors.append(f"{key}.{name}={value!r}: {known[name].metadata['check'].rule}")
+    return errors
+
+
+def _is_of_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of a schema field's type (bool is not an int; an int is a float)."""
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint in (bool, int, str):
+        return isinstance(value, hint)
+    if hint is float:
+        return isinstance(value, (int, float))
+    if get_origin(hint) is list:
+        (item,) = get_args(hint)
+        return isinstance(value, list) and all(_is_of_type(v, item) for v in value)
+    return True  # Any
 
 
 def read_item_ids(export_dir: str | Path, num_items: int) -> list:
@@ -148,8 +210,14 @@ class Recommender:
             raise MissingFileError(f"export_dir={path}: no such directory (scripts/export.py writes one)")
         config = read_export_config(path)
         model_config = config["model"]
-        model = SequentialRecommender(**{key: model_config[key] for key in MODEL_KEYS},
-                                      kernels=kernels, kernel_fallback=kernel_fallback)
+        try:
+            model = SequentialRecommender(**{key: model_config[key] for key in MODEL_KEYS},
+                                          kernels=kernels, kernel_fallback=kernel_fallback)
+        except UserError:  # a bad kernels or kernel_fallback argument names itself
+            raise
+        except (TypeError, ValueError, InstantiationException) as error:  # settings that do not go together
+            raise ExportFormatError(f"{path / CONFIG_FILE}: model does not build a network "
+                                    f"({' '.join(str(error).split())})") from error
         weights_path = path / WEIGHTS_FILE
         try:
             model.load_state_dict(load_weights(weights_path), strict=True)
@@ -305,8 +373,12 @@ def _unix_seconds(value) -> int | None:
 def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | None = None) -> History:
     """(original item ids, timestamps) of every event of ``user`` (an original user id) in the data the
     model was trained on, rebuilt from the ``data`` section of an export's config.json."""
-    check_data_targets(config["data"]["datamodule"], "config.json: data.datamodule")
-    data_config = dict(config["data"]["datamodule"])
+    data_config = config["data"].get("datamodule")
+    if not isinstance(data_config, dict):
+        raise ExportFormatError("config.json: data.datamodule is not a data config (an export not written from a "
+                                "training run has none); give history=[...] instead of user=")
+    check_data_targets(data_config, "config.json: data.datamodule")
+    data_config = dict(data_config)
     if data_dir is not None:
         data_config["data_dir"] = data_dir
     check_folder_path(absolute_path(data_config.get("data_dir", "data")),

@@ -279,6 +279,36 @@ def test_inconsistent_config_is_named(export_dir, tmp_path, edit, message):
         Recommender.from_export(broken)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model"].update(dim="abc"), r"model\.dim='abc': must be of type int$"),
+    (lambda c: c["model"].update(max_seq_len=-3), r"model\.max_seq_len=-3: must be >= 1$"),
+    (lambda c: c["model"].update(num_items=0), r"model\.num_items=0: must be an integer >= 1$"),
+    (lambda c: c["model"].update(input_dropout=True), r"model\.input_dropout=True: must be of type float$"),
+    (lambda c: c["model"].update(time_scales=[[0]]), r"model\.time_scales=\[\[0\]\]: must be \[seconds, buckets\]"),
+    (lambda c: c["model"].update(encoder=[1]), r"model\.encoder must be a mapping, got list$"),
+    (lambda c: c["model"]["encoder"].update(foo=1), r"model\.encoder\.foo: unknown key; model\.encoder has \["),
+    (lambda c: c["model"]["loss"].update(kind="x"), r"model\.loss\.kind='x': must be one of \["),
+    (lambda c: c["model"]["encoder"].pop("dqk"), r"model does not build a network \(.*'dqk'"),
+    (lambda c: c.update(data="x"), r"data must be a mapping, got str$"),
+    (lambda c: c.update(model=[1]), r"model must be a mapping, got list$"),
+], ids=["dim", "max_seq_len", "num_items", "input_dropout", "time_scales", "encoder", "encoder key", "loss.kind",
+        "encoder without dqk", "data", "model"])
+def test_bad_config_values_are_named(export_dir, tmp_path, edit, message):
+    broken = _copy(export_dir, tmp_path / "export")
+    config = json.loads((broken / "config.json").read_text())
+    edit(config)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match=r"^.*/config\.json: " + message) as error:
+        Recommender.from_export(broken)
+    assert "\n" not in str(error.value)
+
+
+def test_user_history_needs_an_export_of_a_training_run(recommender):
+    config = {**recommender.config, "data": {"source": "random weights"}}
+    with pytest.raises(ExportFormatError, match=r"^config\.json: data\.datamodule is not a data config"):
+        training_history(config, 1)
+
+
 def test_item_ids_must_match_the_model(export_dir, tmp_path):
     broken = _copy(export_dir, tmp_path / "export")
     items = json.loads((broken / "items.json").read_text())
