@@ -145,6 +145,17 @@ def _rerooted(path: Path, run: TrainingRun) -> Path:
     return path
 
 
+def load_module_checkpoint(path: Path) -> dict[str, Any]:
+    """A RecModule checkpoint (:func:`hstu.checkpoints.load_checkpoint`), its ``hyper_parameters`` and
+    ``state_dict`` checked to be mappings before anything reads them."""
+    checkpoint = load_checkpoint(path)
+    for key in ("hyper_parameters", "state_dict"):
+        if not isinstance(checkpoint[key], Mapping):
+            raise CheckpointError(f"{path}: its {key} is a {type(checkpoint[key]).__name__}, not the mapping a "
+                                  "RecModule checkpoint holds")
+    return checkpoint
+
+
 def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """SequentialRecommender's network arguments from a RecModule checkpoint's ``hyper_parameters``."""
     hparams = checkpoint["hyper_parameters"]
@@ -241,7 +252,7 @@ def export_run(
     check_out_dir(out_dir, overwrite)
     check_data_dir(run, data_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_module_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)
 
@@ -429,7 +440,7 @@ def evaluate_run(
     trainer = _evaluation_trainer(run, accelerator, devices, num_nodes)
     check_data_dir(run, data_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_module_checkpoint(checkpoint_path)
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)
     hparams = dict(checkpoint["hyper_parameters"], compile=False)
     if kernels is not None:

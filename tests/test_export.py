@@ -480,6 +480,19 @@ def test_another_models_checkpoint_is_refused(run_dir, other_checkpoint, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("key", ["hyper_parameters", "state_dict"])
+def test_checkpoint_parts_that_are_not_mappings_are_named(run_dir, tmp_path, key):
+    checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
+    checkpoint[key] = list(checkpoint[key])
+    torch.save(checkpoint, tmp_path / "hand-made.ckpt")
+    message = rf"^.*hand-made\.ckpt: its {key} is a list, not the mapping a RecModule checkpoint holds$"
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_run(run_dir, tmp_path / "hand-made.ckpt", accelerator="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        export_run(run_dir, tmp_path / "export", ckpt_path=tmp_path / "hand-made.ckpt")
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("compiled, k", [("cdu", 100), ("cpu", 0), ("cpu", "10"), ("cuda", 100)])
 def test_bad_compiled_options_write_nothing(run_dir, tmp_path, monkeypatch, compiled, k):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
