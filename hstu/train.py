@@ -74,6 +74,15 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictCo
     return path
 
 
+def check_resumed_items(path: Path, ckpt_path: str, num_items: int) -> None:
+    """CheckpointError naming the checkpoint when it was trained on another number of items than the data
+    has (a data override left out): its item embeddings cannot be loaded into this run's model."""
+    trained = load_checkpoint(path)["hyper_parameters"].get("num_items")
+    if trained != num_items:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: {path} was trained on {trained} items but the data has "
+                              f"{num_items}; resume with the data settings of the run that wrote it")
+
+
 def _check_kernels_can_run(manager) -> None:
     """With model.kernel_fallback=error, a switched-on Triton operator that cannot run on this machine
     stops the run before training, not at its first call."""
@@ -175,6 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     refuse_launched_multirun(trainer)
     prepare_on_rank_zero(trainer, datamodule.prepare_data)
     datamodule.setup("fit")
+    if resume is not None:
+        check_resumed_items(resume, cfg.ckpt_path, datamodule.num_items)
     module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
     if cfg.model.kernel_fallback == "error":
         _check_kernels_can_run(module.manager)

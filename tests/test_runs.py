@@ -205,6 +205,23 @@ def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
         assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"], how
 
 
+def test_resuming_with_another_item_count_stops_before_training(tmp_path, monkeypatch):
+    """A data override left out when resuming: one line naming the checkpoint and both item counts, and the new
+    run directory goes with the run."""
+    data_dir = tmp_path / "data"
+    train_in(tmp_path / "first", data_dir=data_dir)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    args = [arg for arg in PEAKS_EARLY if not arg.startswith("data.source.num_items=")]
+    result = run_script("train", *args, "data.source.num_items=50", f"ckpt_path={last}", f"paths.data_dir={data_dir}")
+    assert result.code == 1, result.stderr[-3000:]
+    job, *answer = result.error_lines
+    assert job.startswith("Error executing job") and answer == [
+        f"ckpt_path={last}: {last} was trained on 40 items but the data has 50; resume with the data settings of the "
+        "run that wrote it"]
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*"))
+
+
 # ---- NaN / inf loss --------------------------------------------------------------------------------
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
