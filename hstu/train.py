@@ -173,7 +173,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     has_validation = datamodule.has_validation
     callbacks = _checkpoint_callbacks(_instantiate_all(cfg.get("callbacks")), has_validation, out_dir / CHECKPOINT_DIR)
     callbacks, throughput, epoch_log = _with_run_callbacks(callbacks)
-    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    elif not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(RichProgressBar())  # Lightning's default would print its bars into log files too
     trainer_kwargs = {} if has_validation else {"limit_val_batches": 0}
     with open_dict(cfg):
