@@ -122,3 +122,12 @@ def test_num_time_buckets_is_checked_against_what_the_bucketing_takes():
         assert config_errors(_compose(f"model.encoder.num_time_buckets={value}")) == [
             f"model.encoder.num_time_buckets={value}: {rule}"]
     assert config_errors(_compose(f"model.encoder.num_time_buckets={MAX_TIME_BUCKETS}")) == []
+
+
+def test_data_histories_longer_than_the_model_takes_are_refused():
+    """data.max_seq_len follows model.max_seq_len; set above it, training failed at the first long batch."""
+    assert config_errors(_compose("model.max_seq_len=8", "data.max_seq_len=20")) == [
+        "data.max_seq_len=20: must be <= model.max_seq_len=8, the longest history the model takes (unset, "
+        "data.max_seq_len follows model.max_seq_len)"]
+    assert config_errors(_compose("model.max_seq_len=8", "data.max_seq_len=6")) == []
+    assert config_errors(_compose("model.max_seq_len=8")) == []
