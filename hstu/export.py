@@ -119,6 +119,8 @@ def resolve_checkpoint(run: TrainingRun, ckpt_path: str | Path | None = None) ->
     """``ckpt_path`` if given, else the run's best checkpoint (``last_checkpoint`` when there is none)."""
     if ckpt_path is not None:
         path = Path(ckpt_path)
+        if path.is_dir():
+            raise ConfigError(f"ckpt_path={path}: is a folder; give a checkpoint file (.ckpt) in it")
     else:
         recorded = run.metrics.get("best_checkpoint") or run.metrics.get("last_checkpoint")
         if not recorded:

@@ -208,6 +208,9 @@ class Recommender:
         path = Path(path)
         if not path.is_dir():
             raise MissingFileError(f"export_dir={path}: no such directory (scripts/export.py writes one)")
+        if not (path / CONFIG_FILE).exists() and (path / "metrics.json").is_file():
+            raise MissingFileError(f"export_dir={path}: a training run's folder, not an export folder; scripts/export.py "
+                                   f"writes its export to {path / 'export'}")
         config = read_export_config(path)
         model_config = config["model"]
         try:

@@ -677,6 +677,33 @@ def test_recommend_names_a_data_dir_on_a_file(export_dir, tmp_path, where):
                                          result.error_lines[-1]), result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["user=1", "timestamps=[1600000000]"], r"^timestamps= goes with history=; user= takes the times"),
+    (["history=[0,1,2]", "k=41"], r"^k=41 is out of range: it must lie in \[1, 40\] \(the number of items\)$"),
+], ids=["timestamps with user", "k above num_items"])
+def test_recommend_refuses_what_it_would_ignore(export_dir, args, message):
+    result = run_script("recommend", f"export_dir={export_dir}", *args)
+    assert result.code == 1 and re.match(message, result.error_lines[-1]), result.stderr
+
+
+def test_recommend_says_when_fewer_than_k_items_are_left(export_dir):
+    result = run_script("recommend", f"export_dir={export_dir}", "history=[0,1,2]", "k=40")
+    assert result.code == 0, result.stderr
+    assert "37 of k=40 items: the other items of the 40 are in the history" in result.stdout
+
+
+def test_recommend_from_a_run_folder_names_its_export(run_dir):
+    result = run_script("recommend", f"export_dir={run_dir}", "history=[0]")
+    assert result.code == 1 and re.match(r"^export_dir=.*: a training run's folder, not an export folder; "
+                                         r"scripts/export\.py writes its export to .*/export$",
+                                         result.error_lines[-1]), result.stderr
+
+
+def test_ckpt_path_to_a_folder_is_named(run_dir):
+    with pytest.raises(ConfigError, match=r"^ckpt_path=.*checkpoints: is a folder; give a checkpoint file"):
+        resolve_checkpoint(load_run(run_dir), run_dir / "checkpoints")
+
+
 def test_recommend_script_prints_top_k(export_dir):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "recommend.py"), f"export_dir={export_dir}", "history=[0,1,2]",
