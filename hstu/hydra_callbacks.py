@@ -7,7 +7,7 @@ including ones that run jobs elsewhere and capture their output.
 
 :class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
 any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
-included), a new run pointed (``hydra.run.dir=...``) at the directory of another run, or a run pointed at
+included, and any job of a grid sweep), a new run pointed (``hydra.run.dir=...``) at the directory of another run, or a run pointed at
 a directory that another run is writing into now (a claim held while a run runs). The new
 directory the run (or sweep) was given goes with it, as does a run's when the job itself stops with
 a user error before writing anything but Hydra's files.
@@ -24,14 +24,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hstu.config import check_accelerator, check_config, make_directory, remove_new_directory
-from hstu.errors import UserError
+from hstu.config import check_accelerator, check_config, config_errors, make_directory, remove_new_directory
+from hstu.errors import ConfigError, UserError
 from hstu.files import write_text_atomically
 from hstu.train import METRICS_FILE, RUN_LOCK, check_run_dir, claim_run_dir, report_console, resume_checkpoint
 
@@ -67,7 +71,7 @@ class CheckBeforeStart(Callback):
         self._release()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, Path(config.hydra.sweep.dir))
+        self._check(config, Path(config.hydra.sweep.dir), lambda: check_sweep_jobs(config))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """A run that a user error stopped (bad data, say) before it wrote anything of its own leaves no
@@ -98,6 +102,25 @@ class CheckBeforeStart(Callback):
             self._release()
             remove_new_directory(job_dir, (RUN_LOCK,))
             sys.exit(1)
+
+
+def check_sweep_jobs(config: DictConfig) -> None:
+    """ConfigError naming the job and its swept values when the config of a job of the command line's grid
+    (``a=1,2 b=x,y``) fails composition or :func:`hstu.config.config_errors`: the sweep stops before any job
+    trains, not when that job comes (Hydra's sweeper stops there, and the sweep ends with no summary)."""
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    swept = {override.get_key_element() for override in overrides if override.is_sweep_override()}
+    if not swept:
+        return  # the one job's config is the one checked already
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    for number, job in enumerate(jobs):
+        values = " ".join(override for override in job if override.split("=", 1)[0] in swept)
+        try:
+            errors = config_errors(compose(config.hydra.job.config_name, overrides=job))
+        except ConfigCompositionException as error:
+            errors = [str(error)]
+        if errors:
+            raise ConfigError(f"sweep job {number} ({values}): {'; '.join(errors)}")
 
 
 class SweepSummary(Callback):

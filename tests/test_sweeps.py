@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli import run_script
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -76,3 +78,12 @@ def test_submitit_local_sweep(tmp_path):
     assert [row["status"] for row in rows] == ["done", "done"]
     assert [("seed=1" in row["overrides"], "seed=2" in row["overrides"]) for row in rows] == [(True, False), (False, True)]
     assert (tmp_path / ".submitit").is_dir()  # the jobs ran through submitit
+
+
+def test_a_sweep_with_a_bad_job_stops_before_any_job_runs(tmp_path):
+    """Hydra's sweeper would run job 0, fail at job 1 and end with no summary; every job is checked first."""
+    result = run_script("train", "-m", *TINY, "model.optimizer.lr=0.001,-1,0.002", "seed=1,2",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.data_dir={tmp_path / 'data'}")
+    assert result.code == 1
+    assert result.error_lines == ["sweep job 2 (model.optimizer.lr=-1 seed=1): model.optimizer.lr=-1.0: must be > 0"]
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "data").exists()
