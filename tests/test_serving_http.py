@@ -7,6 +7,8 @@ import inspect
 import json
 import multiprocessing.queues
 import os
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -250,6 +252,42 @@ def test_localhost_binds_loopback(export_dir, monkeypatch):
     result = run_script("serve", f"export_dir={export_dir}", "host=localhost")
     assert result.code == 0, result.stderr
     assert ran["host"] == "127.0.0.1" and "on http://127.0.0.1:8000 " in result.stdout
+
+
+def session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes of a session."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_sigterm_to_the_main_process_stops_the_server_as_ctrl_c_does(export_dir, tmp_path):
+    """kill, systemd and docker stop send SIGTERM to the main process: it shuts the server down as on
+    Ctrl-C, with exit status 0, no process of the server's session left and the port free."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    server = Server(export_dir, cwd)
+    session = server.process.pid  # started in a session of its own
+    try:
+        assert len(session_processes(session)) > 1
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0, server.log()
+        deadline = time.monotonic() + 30
+        while session_processes(session) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_processes(session) == [], server.log()
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(("127.0.0.1", server.port))
+    finally:
+        for pid in session_processes(session):
+            os.kill(pid, signal.SIGKILL)
 
 
 def worker_pid(server) -> int:

@@ -48,6 +48,7 @@ FastAPI, which needs the request class itself, not its name.)
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from contextvars import ContextVar
@@ -186,7 +187,32 @@ class GreedyBatchLoop(BatchedLoop):
 
 
 class FastLitServer(ls.LitServer):
-    """LitServer with the hand-off queues of the module docstring (LitServe's own otherwise)."""
+    """LitServer with the hand-off queues of the module docstring (LitServe's own otherwise), and SIGTERM
+    taken as Ctrl-C (see :meth:`run`)."""
+
+    def run(self, *args, **kwargs) -> None:
+        """``LitServer.run``, with SIGTERM to this process (kill, systemd, docker stop) raising
+        KeyboardInterrupt as Ctrl-C does: LitServe's shutdown stops the HTTP servers and the inference
+        workers and frees the port. While the workers load, before LitServe's shutdown covers the
+        interrupt, the same shutdown stops what has started. A second SIGTERM is ignored."""
+        main = os.getpid()
+
+        def interrupt(signum, frame):
+            if os.getpid() != main:  # a forked child that set no handler of its own: SIGTERM's default
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            super().run(*args, **kwargs)
+        except KeyboardInterrupt:
+            if getattr(self, "inference_workers", None):
+                self._perform_graceful_shutdown(self.transport_config.manager, {}, "keyboard_interrupt")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
