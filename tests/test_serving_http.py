@@ -290,6 +290,25 @@ def test_sigterm_to_the_main_process_stops_the_server_as_ctrl_c_does(export_dir,
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_port_in_use_is_named_before_anything_loads(export_dir, monkeypatch):
+    """A port something listens on fails the config check: one line naming port=, before the export is
+    loaded or the "serving ..." line printed."""
+    def build_server(*args, **kwargs):
+        raise AssertionError("the server was built")
+
+    monkeypatch.setattr("hstu.serving.server.build_server", build_server)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_script("serve", f"export_dir={export_dir}", f"port={port}")
+    assert result.code == 1 and result.stdout == "", result
+    hydra_line, *lines = result.error_lines
+    assert hydra_line.startswith("Error executing job with overrides") and "Traceback" not in result.stderr
+    assert lines == [f"port={port}: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                     "stop what listens there or pick another port"], result.stderr
+
+
 def worker_pid(server) -> int:
     (name,) = requests.get(server.url + "/stats", timeout=10).json()["workers"]
     return int(name.rsplit("pid ", 1)[1].rstrip(")"))

@@ -4,10 +4,12 @@
 in Hydra's ConfigStore as hstu/config.py registers ``schema/train``: a value of the wrong type fails
 when Hydra composes the config, naming the key (``k=ten``, ``history=12``, ``port=80OO``).
 :func:`check_recommend_config` and :func:`check_serve_config` test ranges, choices, kernel flags and
-the device before anything is loaded or printed, naming the key as typed.
+the device (and for serving, that the port is free) before anything is loaded or printed, naming the
+key as typed.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -83,6 +85,21 @@ def device_errors(device: str) -> list[str]:
     return []
 
 
+def port_errors(host: str, port: int) -> list[str]:
+    """Why the server cannot listen on ``host:port`` (none: it can), from a socket bound there as
+    uvicorn binds it, and closed."""
+    ipv6 = ":" in host
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            address = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+            return [f"port={port}: cannot listen on {address} ({error.strerror}); "
+                    "stop what listens there or pick another port"]
+    return []
+
+
 def check_recommend_config(cfg: DictConfig) -> None:
     """ConfigError naming every wrong key of a composed conf/recommend.yaml."""
     _raise(config_errors(cfg) + device_errors(cfg.device))
@@ -95,6 +112,8 @@ def check_serve_config(cfg: DictConfig) -> None:
         errors += device_errors(cfg.device)
     if cfg.batch_timeout > cfg.timeout:  # LitServe's rule: a request would time out waiting for its batch
         errors.append(f"batch_timeout={cfg.batch_timeout}: must not exceed timeout={cfg.timeout}")
+    if not errors:  # host and port are valid
+        errors += port_errors(HOST_ALIASES.get(cfg.host, cfg.host), cfg.port)
     _raise(errors)
 
 
