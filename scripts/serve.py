@@ -1,4 +1,9 @@
-"""Serve an export folder over HTTP: python scripts/serve.py export_dir=... [device=cuda] [port=8000]"""
+"""Serve an export folder over HTTP: python scripts/serve.py export_dir=... [device=cuda] [port=8000]
+
+With cache_bytes=0 (or a model the KV cache cannot serve) the engine loads the export's compiled scoring
+package (scoring-*.pt2), native code that runs in the inference workers: serve only export folders you
+trust, or export with compiled=none (no package).
+"""
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf

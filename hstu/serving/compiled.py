@@ -6,6 +6,9 @@ indices and cosine scores out, with the export's weights inside. It is built fro
 ``torch._inductor.aoti_load_package(path)`` is all a user needs. The batch is dynamic (1 and up),
 and so are the numbers of tokens and seen events.
 
+A package is native code: loading it (``aoti_load_package``, the serving engine's whole-window path)
+runs the shared library inside it, so load only packages, and serve only export folders, you trust.
+
 A package is tied to its target: device, CPU architecture (and the vector ISA Inductor compiled
 for), GPU architecture and torch version. Each is built for the machine it is compiled on, named
 ``scoring-<target>.pt2``, and described in the export's config.json under ``compiled``:

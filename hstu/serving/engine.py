@@ -18,7 +18,10 @@ How the path is chosen (checked in this order; each call reports the outcome in
 4. Compiled package: when the cache does not serve (off, or no incremental path) and the export
    folder holds a scoring package built for exactly this target (``hstu.serving.compiled``: device,
    CPU and GPU architecture, torch version) whose k covers the request, whole windows run through
-   it (``compiled``: true). Otherwise operators are launched eagerly.
+   it (``compiled``: true). Otherwise operators are launched eagerly. The package is native code (a
+   shared library AOTInductor compiled) from the export folder, loaded and run in this process: serve
+   only export folders you trust. ``ServingOptions(compiled=False)`` never loads it, and an export
+   written with ``compiled=none`` has none.
 5. dtype: the model's parameter dtype (float32 unless loaded otherwise), reported.
 6. CPU threads: on the CPU, a step whose computed tokens hold fewer than ``SINGLE_THREAD_ELEMENTS``
    activations (tokens x dim) runs on one intra-op thread, then torch's thread count is restored
@@ -184,7 +187,8 @@ class ServingEngine:
         self._lock = threading.Lock()  # one batch at a time: the cache and the model are shared
 
     def _load_package(self):
-        """(the export's compiled scoring package for this target or None, its k, why not)."""
+        """(the export's compiled scoring package for this target or None, its k, why not). Loading it runs
+        the package's native code (module docstring, 4.)."""
         if not self.options.compiled:
             return None, 0, "switched off"
         if self.cache is not None:
