@@ -7,8 +7,9 @@ including ones that run jobs elsewhere and capture their output.
 
 :class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
 any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
-included, and any job of a grid sweep), a new run pointed (``hydra.run.dir=...``) at the directory of another run, or a run pointed at
-a directory that another run is writing into now (a claim held while a run runs). The new
+included, and any job of a grid sweep), a new run pointed (``hydra.run.dir=...``) at the directory of
+another run, or a run pointed at a directory that another run is writing into now (a claim held while a
+run runs). The new
 directory the run (or sweep) was given goes with it, as does a run's when the job itself stops with
 a user error before writing anything but Hydra's files.
 """
@@ -108,6 +109,8 @@ def check_sweep_jobs(config: DictConfig) -> None:
     """ConfigError naming the job and its swept values when the config of a job of the command line's grid
     (``a=1,2 b=x,y``) fails composition or :func:`hstu.config.config_errors`: the sweep stops before any job
     trains, not when that job comes (Hydra's sweeper stops there, and the sweep ends with no summary)."""
+    if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return  # another sweeper (Optuna) draws its jobs' values as it runs
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     swept = {override.get_key_element() for override in overrides if override.is_sweep_override()}
     if not swept:
