@@ -2,11 +2,13 @@
 
 :func:`load_checkpoint` names the file and what is wrong with it in one line (not a torch file, cut
 short, holding objects); :func:`model_differences` names the model settings in which a checkpoint
-differs from a config, so that neither evaluation nor a resumed run pairs one model with another's
-weights or records.
+differs from a config, and :func:`check_trained_items` the data whose items differ from those it was
+trained on, so that neither evaluation, export nor a resumed run pairs one model with another's
+weights, records or items.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -14,7 +16,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from hstu.errors import CheckpointError
+from hstu.errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
 
 ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
 MISSING = "<missing>"
@@ -42,12 +46,37 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("state_dict", "hyper_parameters"):
         if key not in checkpoint:
             raise CheckpointError(f"{path}: no {key!r} entry; is it a RecModule checkpoint?")
+        if not isinstance(checkpoint[key], Mapping):
+            raise CheckpointError(f"{path}: its {key} is a {type(checkpoint[key]).__name__}, not the mapping a "
+                                  "RecModule checkpoint holds")
     return checkpoint
+
+
+def check_trained_items(path: str | Path, hyper_parameters: Mapping[str, Any], num_items: int,
+                        item_ids_digest: str, remedy: str) -> None:
+    """DataError when the data's items are not those the checkpoint was trained on: another count, or (by
+    the ``item_ids_digest`` the checkpoint records) other ids or another order; ``remedy`` ends the line.
+    A checkpoint that records no digest is checked by the count alone, with a warning."""
+    trained = hyper_parameters.get("num_items")
+    if trained != num_items:
+        raise DataError(f"{path}: trained on {trained} items but the data has {num_items}; {remedy}")
+    recorded = hyper_parameters.get("item_ids_digest")
+    if recorded is None:
+        log.warning("%s: records no item_ids_digest (written by an older version); only the number of items (%d) "
+                    "is checked against the data", path, num_items)
+    elif not isinstance(recorded, str):
+        raise CheckpointError(f"{path}: hyper_parameters.item_ids_digest is a {type(recorded).__name__}, not the "
+                              "sha256 string training records")
+    elif recorded != item_ids_digest:
+        raise DataError(f"{path}: trained on other item ids than the data has (both {num_items} items, but their "
+                        f"ids or order differ: item_ids_digest {recorded[:12]}... at training, "
+                        f"{item_ids_digest[:12]}... now); {remedy}")
 
 
 def model_differences(config: Mapping[str, Any], hyper_parameters: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
     """``model.<key> (checkpoint value; the config has value)`` for each setting under ``keys`` (nested
-    ones flattened) that differs; ``num_items`` is left out, since the data decides it."""
+    ones flattened) that differs; ``num_items`` is left out, since the data decides it
+    (:func:`check_trained_items`)."""
     ours, theirs = {}, {}
     for key in keys:
         if key != "num_items":

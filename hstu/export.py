@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
-from hstu.checkpoints import load_checkpoint, model_differences
+from hstu.checkpoints import check_trained_items, load_checkpoint, model_differences
 from hstu.config import check_accelerator, check_data_targets, instantiate_config, kernel_flag_errors
 from hstu.data.datamodule import SequenceDataModule
 from hstu.data.sources import absolute_path
@@ -59,6 +59,7 @@ COMPILED_CHOICES = ("auto", "cpu", "cuda", "none")
 EXPORT_FILE_PATTERNS = (WEIGHTS_FILE, CONFIG_FILE, ITEMS_FILE, "scoring-*.pt2")
 # Keys of evaluate_run's report that tell it from other JSON files.
 EVAL_REPORT_KEYS = ("recorded_test", "checkpoint")
+DATA_CHANGED = "the data source or its settings changed since training"
 
 
 @dataclass
@@ -147,17 +148,6 @@ def _rerooted(path: Path, run: TrainingRun) -> Path:
     return path
 
 
-def load_module_checkpoint(path: Path) -> dict[str, Any]:
-    """A RecModule checkpoint (:func:`hstu.checkpoints.load_checkpoint`), its ``hyper_parameters`` and
-    ``state_dict`` checked to be mappings before anything reads them."""
-    checkpoint = load_checkpoint(path)
-    for key in ("hyper_parameters", "state_dict"):
-        if not isinstance(checkpoint[key], Mapping):
-            raise CheckpointError(f"{path}: its {key} is a {type(checkpoint[key]).__name__}, not the mapping a "
-                                  "RecModule checkpoint holds")
-    return checkpoint
-
-
 def model_hyperparameters(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """SequentialRecommender's network arguments from a RecModule checkpoint's ``hyper_parameters``."""
     hparams = checkpoint["hyper_parameters"]
@@ -214,28 +204,6 @@ def check_data_dir(run: TrainingRun, data_dir: str | None) -> None:
             check_folder_path(absolute_path(run_data_dir), f"{run.config_path}: data.data_dir")
 
 
-def _check_same_items(datamodule: SequenceDataModule, num_items: int, hparams: Mapping[str, Any],
-                      checkpoint_path: Path) -> None:
-    """DataError when the data's items are not those the checkpoint was trained on: another count, or (by
-    the ``item_ids_digest`` the checkpoint records) other ids or another order. A checkpoint that records
-    no digest is checked by the count alone, with a warning."""
-    changed = "the data source or its settings changed since training"
-    if datamodule.num_items != num_items:
-        raise DataError(f"{checkpoint_path}: trained on {num_items} items but the data now has "
-                        f"{datamodule.num_items}; {changed}")
-    recorded = hparams.get("item_ids_digest")
-    if recorded is None:
-        log.warning("%s: records no item_ids_digest (written by an older version); only the number of items (%d) "
-                    "is checked against the data", checkpoint_path, num_items)
-    elif not isinstance(recorded, str):
-        raise CheckpointError(f"{checkpoint_path}: hyper_parameters.item_ids_digest is a "
-                              f"{type(recorded).__name__}, not the sha256 string training records")
-    elif recorded != datamodule.item_ids_digest:
-        raise DataError(f"{checkpoint_path}: trained on other item ids than the data now has (both {num_items} "
-                        f"items, but their ids or order differ: item_ids_digest {recorded[:12]}... at training, "
-                        f"{datamodule.item_ids_digest[:12]}... now); {changed}")
-
-
 def export_run(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -254,7 +222,7 @@ def export_run(
     check_out_dir(out_dir, overwrite)
     check_data_dir(run, data_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
-    checkpoint = load_module_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
     model_config = model_hyperparameters(checkpoint, checkpoint_path)
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)
 
@@ -264,7 +232,8 @@ def export_run(
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
     datamodule = build_datamodule(run, data_dir)
-    _check_same_items(datamodule, model.num_items, checkpoint["hyper_parameters"], checkpoint_path)
+    check_trained_items(checkpoint_path, checkpoint["hyper_parameters"], datamodule.num_items,
+                        datamodule.item_ids_digest, DATA_CHANGED)
     original_ids = datamodule.sequences.item_original_ids
 
     return write_export(
@@ -442,7 +411,7 @@ def evaluate_run(
     trainer = _evaluation_trainer(run, accelerator, devices, num_nodes)
     check_data_dir(run, data_dir)
     checkpoint_path = resolve_checkpoint(run, ckpt_path)
-    checkpoint = load_module_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)
     hparams = dict(checkpoint["hyper_parameters"], compile=False)
     if kernels is not None:
@@ -453,7 +422,7 @@ def evaluate_run(
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
     datamodule = build_datamodule(run, data_dir, trainer)
-    _check_same_items(datamodule, module.model.num_items, hparams, checkpoint_path)
+    check_trained_items(checkpoint_path, hparams, datamodule.num_items, datamodule.item_ids_digest, DATA_CHANGED)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {
         "val": {},

@@ -27,7 +27,7 @@ from hstu.callbacks import (
     RichProgressBar,
     StopOnNonFiniteLoss,
 )
-from hstu.checkpoints import load_checkpoint, model_differences
+from hstu.checkpoints import check_trained_items, load_checkpoint, model_differences
 from hstu.config import check_accelerator, check_config, instantiate_config
 from hstu.data.sources import absolute_path
 from hstu.distributed import prepare_on_rank_zero, refuse_launched_multirun, summed_operator_stats
@@ -74,13 +74,12 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictCo
     return path
 
 
-def check_resumed_items(path: Path, ckpt_path: str, num_items: int) -> None:
-    """CheckpointError naming the checkpoint when it was trained on another number of items than the data
-    has (a data override left out): its item embeddings cannot be loaded into this run's model."""
-    trained = load_checkpoint(path)["hyper_parameters"].get("num_items")
-    if trained != num_items:
-        raise CheckpointError(f"ckpt_path={ckpt_path}: {path} was trained on {trained} items but the data has "
-                              f"{num_items}; resume with the data settings of the run that wrote it")
+def check_resumed_items(path: Path, ckpt_path: str, datamodule) -> None:
+    """DataError naming the checkpoint when it was trained on other items than the data has (a data
+    override left out): its item embeddings would be loaded against other items."""
+    check_trained_items(f"ckpt_path={ckpt_path}: {path}", load_checkpoint(path)["hyper_parameters"],
+                        datamodule.num_items, datamodule.item_ids_digest,
+                        "resume with the data settings of the run that wrote it")
 
 
 def _check_kernels_can_run(manager) -> None:
@@ -187,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_on_rank_zero(trainer, datamodule.prepare_data)
     datamodule.setup("fit")
     if resume is not None:
-        check_resumed_items(resume, cfg.ckpt_path, datamodule.num_items)
+        check_resumed_items(resume, cfg.ckpt_path, datamodule)
     module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
     if cfg.model.kernel_fallback == "error":
         _check_kernels_can_run(module.manager)

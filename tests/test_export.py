@@ -417,7 +417,7 @@ def test_data_with_a_replaced_item_is_refused(run_dir, tmp_path):
         arrays = dict(npz)
     arrays["item"] = np.where(arrays["item"] == arrays["item"].max(), 1000, arrays["item"])
     np.savez(cache, **arrays)
-    message = r"\.ckpt: trained on other item ids than the data now has \(both 40 items, but their ids or order differ"
+    message = r"\.ckpt: trained on other item ids than the data has \(both 40 items, but their ids or order differ"
     with pytest.raises(DataError, match=message):
         export_run(run, tmp_path / "export", data_dir=str(run / "data"))
     with pytest.raises(DataError, match=message):

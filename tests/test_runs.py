@@ -217,7 +217,7 @@ def test_resuming_with_another_item_count_stops_before_training(tmp_path, monkey
     assert result.code == 1, result.stderr[-3000:]
     job, *answer = result.error_lines
     assert job.startswith("Error executing job") and answer == [
-        f"ckpt_path={last}: {last} was trained on 40 items but the data has 50; resume with the data settings of the "
+        f"ckpt_path={last}: {last}: trained on 40 items but the data has 50; resume with the data settings of the "
         "run that wrote it"]
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*"))
 
