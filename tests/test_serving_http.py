@@ -202,12 +202,20 @@ def test_a_request_that_fails_in_predict_fails_alone(export_dir):
                         "uid-3": LitAPIStatus.ERROR, "uid-4": LitAPIStatus.OK}, statuses
     batch_sizes = {Transport.sent[uid][0]["optimizations_applied"]["batch_size"] for uid in ("uid-0", "uid-2", "uid-4")}
     assert batch_sizes == {1}, batch_sizes
+    served = api.engine.stats()["serving"]
+    assert (served["errors"], served["requests"]) == (1, 3), served  # the timestamp's was refused as a bad request
     want = [r["item"] for r in api.engine.infer_batch([api.decode_request(RecommendRequest.model_construct(**good))[0]])
             [0]["recommendations"]]
     assert [r["item"] for r in Transport.sent["uid-2"][0]["recommendations"]] == want
     timestamp_error, time_error = Transport.sent["uid-1"][0], Transport.sent["uid-3"][0]
     assert timestamp_error.status_code == 422 and "timestamps must be integer" in timestamp_error.detail
     assert time_error.status_code == 500 and time_error.detail == "Internal server error"
+    # A batch that fails while the engine serves it counts as errors only the requests that fail alone.
+    api.engine = Recommender.from_export(export_dir).serving_engine()
+    outputs = api._infer([api.decode_request(RecommendRequest.model_construct(**body))[0] for body in bodies[2:]])
+    served = api.engine.stats()["serving"]
+    assert [isinstance(output, dict) for output in outputs] == [True, False, True]
+    assert (served["errors"], served["requests"]) == (1, 2), served
 
 
 def test_stats_endpoint_counts_requests_per_worker(server):

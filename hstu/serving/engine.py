@@ -258,8 +258,10 @@ class ServingEngine:
                 self.check(request)
             raise
 
-    def infer_batch(self, requests: Sequence[Request]) -> list[dict]:
-        """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together."""
+    def infer_batch(self, requests: Sequence[Request], count_errors: bool = True) -> list[dict]:
+        """One result dict per request (see ``Recommender.infer_with_optimal_strategy``), computed together.
+        ``count_errors=False``: a failed batch adds nothing to the error count (a caller that serves its
+        requests again one by one counts the ones that fail then)."""
         start = time.perf_counter()
         self._check_batch_fields(requests)
         if not requests:
@@ -269,7 +271,8 @@ class ServingEngine:
             try:
                 results, plans = self._serve(requests, events)
             except Exception:
-                self._stats.errors += len(requests)
+                if count_errors:
+                    self._stats.errors += len(requests)
                 raise
             elapsed_ms = (time.perf_counter() - start) * 1e3
             self._stats.batches += 1

@@ -317,7 +317,7 @@ class RecommendAPI(ls.LitAPI):
         """The engine's results for the batch; if it fails, each request served alone, so that a request
         that fails fails alone."""
         try:
-            return self.engine.infer_batch(requests)
+            return self.engine.infer_batch(requests, count_errors=len(requests) == 1)
         except Exception as error:
             if len(requests) == 1:
                 return [_http_error(error)]
