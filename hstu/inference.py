@@ -1,12 +1,16 @@
 """Serving: rebuild a trained SequentialRecommender from an export folder and recommend in original ids.
 
-An export folder (written by :func:`hstu.export.export_run`) holds three files:
+An export folder (written by :func:`hstu.export.export_run`) holds three files, and a fourth with
+``compiled`` set:
   * ``model.safetensors``: ``SequentialRecommender.state_dict()``. Safetensors holds raw tensors only,
     so loading it runs no code (a pickled checkpoint can).
   * ``config.json``: ``format_version``, the ``model`` hyperparameters that rebuild the network, the
     run's ``metrics``, and the ``data`` section (source name and the datamodule config).
   * ``items.json``: ``{"id_type": "int" | "str", "original_ids": [...]}``; ``original_ids[i]`` is the
     original id of item index ``i + 1`` (index 0 is padding, never an item).
+  * ``scoring-<target>.pt2`` (exports with ``compiled``): an AOTInductor package, native code that the
+    serving engine loads and runs where the KV cache does not serve (:mod:`hstu.serving.compiled`), so
+    serve only export folders you trust; ``compiled=none`` at export leaves it out.
 
 Requests speak original item ids. Unknown ids (items the model never saw in training) raise an
 ``UnknownIdError`` (a ``KeyError``) naming them, unless ``unknown_items="skip"``, which drops them
