@@ -127,14 +127,24 @@ def check_sweep_jobs(config: DictConfig) -> None:
 
 
 class SweepSummary(Callback):
+    """``summary.csv`` of a sweep's jobs, rewritten as each job ends (Hydra's sweeper stops a sweep with a
+    failed job before its end, and the file keeps what ran), and the table printed at the sweep's end."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            self._write(Path(config.hydra.sweep.dir))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = sweep_rows(sweep_dir)
-        if not rows:
-            return
-        path = sweep_dir / SUMMARY_FILE
-        write_text_atomically(path, _csv(rows))
-        print_summary(rows, path)
+        rows, path = self._write(Path(config.hydra.sweep.dir))
+        if rows:
+            print_summary(rows, path)
+
+    @staticmethod
+    def _write(sweep_dir: Path) -> tuple[list[dict[str, Any]], Path]:
+        rows, path = sweep_rows(sweep_dir), sweep_dir / SUMMARY_FILE
+        if rows:
+            write_text_atomically(path, _csv(rows))
+        return rows, path
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:

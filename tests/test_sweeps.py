@@ -87,3 +87,18 @@ def test_a_sweep_with_a_bad_job_stops_before_any_job_runs(tmp_path):
     assert result.code == 1
     assert result.error_lines == ["sweep job 2 (model.optimizer.lr=-1 seed=1): model.optimizer.lr=-1.0: must be > 0"]
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_that_a_failing_job_stops_keeps_its_summary(tmp_path):
+    """A job that fails while it runs (its data folder is a file) stops Hydra's sweep before its end; the
+    summary written as each job ended lists the finished job and the failed one."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    result = run_script("train", "-m", *TINY, f"data.data_dir={tmp_path / 'data'},{blocked}",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.code == 1
+    with open(tmp_path / "sweep" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "done"), ("1", "failed")]
+    assert float(rows[0]["test/ndcg@10"]) > 0
