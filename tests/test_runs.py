@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -205,13 +206,27 @@ def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
         assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"], how
 
 
-def test_resuming_with_another_item_count_stops_before_training(tmp_path, monkeypatch):
-    """A data override left out when resuming: one line naming the checkpoint and both item counts, and the new
-    run directory goes with the run."""
+def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
+    """A resume on other items than the checkpoint's (a data override left out, or data that changed): one line
+    naming the checkpoint and what differs, and the new run directory goes with the run."""
     data_dir = tmp_path / "data"
     train_in(tmp_path / "first", data_dir=data_dir)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     monkeypatch.chdir(tmp_path)
+    # The same count with one id replaced in the cached data: refused by the item-id digest the checkpoint records.
+    (cache,) = data_dir.glob("*.npz")
+    with np.load(cache) as npz:
+        arrays = dict(npz)
+    changed = dict(arrays, item=np.where(arrays["item"] == arrays["item"].max(), 1000, arrays["item"]))
+    np.savez(cache, **changed)
+    result = run_script("train", *PEAKS_EARLY, f"ckpt_path={last}", f"paths.data_dir={data_dir}")
+    assert result.code == 1, result.stderr[-3000:]
+    (answer,) = result.error_lines[1:]
+    recorded = torch.load(last, weights_only=True)["hyper_parameters"]["item_ids_digest"]
+    assert answer.startswith(f"ckpt_path={last}: {last}: trained on other item ids than the data has (both 40 items")
+    assert f"item_ids_digest {recorded[:12]}... at training" in answer
+    assert answer.endswith("; resume with the data settings of the run that wrote it")
+    np.savez(cache, **arrays)
     args = [arg for arg in PEAKS_EARLY if not arg.startswith("data.source.num_items=")]
     result = run_script("train", *args, "data.source.num_items=50", f"ckpt_path={last}", f"paths.data_dir={data_dir}")
     assert result.code == 1, result.stderr[-3000:]
