@@ -49,7 +49,7 @@ from hstu.errors import ExportFormatError, MissingFileError, RequestError, Unkno
 from hstu.files import check_folder_path
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.engine import ServingEngine, ServingOptions
-from hstu.serving.histories import Events, History, check_request_times, prepare_histories
+from hstu.serving.histories import Events, History, check_k, check_request_times, prepare_histories
 from hstu.serving.ids import ItemIdIndex
 
 FORMAT_VERSION = 1
@@ -265,10 +265,7 @@ class Recommender:
         time bias. None: the last event's.
         Scores are cosine similarities. Fewer than ``k`` pairs come back when fewer items are left.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise RequestError(f"k must be an integer, got {k!r}")
-        if k < 1:
-            raise RequestError(f"k must be >= 1, got {k}")
+        check_k(k, self.model.num_items)
         times = _per_user_times(request_time, len(histories))
         events = prepare_histories(self._ids, histories, unknown_items)
         check_request_times(times, events.last_timestamps(), lambda b: f"history {b}")

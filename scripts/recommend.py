@@ -17,9 +17,6 @@ def main(cfg: DictConfig) -> None:
     if cfg.user is not None and cfg.timestamps is not None:
         raise ConfigError("timestamps= goes with history=; user= takes the times of the user's events from the data")
     recommender = Recommender.from_export(cfg.export_dir, device=cfg.device)
-    num_items = recommender.model.num_items
-    if cfg.k > num_items:  # as the HTTP server answers
-        raise ConfigError(f"k={cfg.k} is out of range: it must lie in [1, {num_items}] (the number of items)")
     request_time = cfg.request_time
     if cfg.user is not None:
         items, timestamps = training_history(recommender.config, cfg.user, cfg.data_dir)
@@ -31,7 +28,8 @@ def main(cfg: DictConfig) -> None:
                                    exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items)
     print(f"history: {len(items)} events, most recent {items[-5:]}")
     if len(top) < cfg.k:
-        print(f"{len(top)} of k={cfg.k} items: the other items of the {num_items} are in the history (exclude_seen=true)")
+        print(f"{len(top)} of k={cfg.k} items: the other items of the {recommender.model.num_items} are in the history "
+              "(exclude_seen=true)")
     for rank, (item, score) in enumerate(top, start=1):
         print(f"{rank:4d}  {item}  {score:.4f}")
 

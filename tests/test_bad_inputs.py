@@ -162,7 +162,7 @@ CASES = {
                                     r"^user 123456 is not in the synthetic data$"),
     "recommend: no request": Case("recommend", ["export_dir={export}"],
                                   r"^give either user=<original user id> or history=\[original item ids\]$"),
-    "recommend: k=0": Case("recommend", ["export_dir={export}", "history=[0]", "k=0"], r"^k must be >= 1, got 0$"),
+    "recommend: k=0": Case("recommend", ["export_dir={export}", "history=[0]", "k=0"], r"^k must be an integer in \[1, \d+\] \(the number of items\), got 0$"),
     "recommend: k=ten": Case("recommend", ["export_dir={export}", "history=[0]", "k=ten"],
                              r"^Error merging override k=ten$", r"Value 'ten' of type 'str' could not be converted"),
     "recommend: history not a list": Case("recommend", ["export_dir={export}", "history=12"],

@@ -679,7 +679,7 @@ def test_recommend_names_a_data_dir_on_a_file(export_dir, tmp_path, where):
 
 @pytest.mark.parametrize("args, message", [
     (["user=1", "timestamps=[1600000000]"], r"^timestamps= goes with history=; user= takes the times"),
-    (["history=[0,1,2]", "k=41"], r"^k=41 is out of range: it must lie in \[1, 40\] \(the number of items\)$"),
+    (["history=[0,1,2]", "k=41"], r"^k must be an integer in \[1, 40\] \(the number of items\), got 41$"),
 ], ids=["timestamps with user", "k above num_items"])
 def test_recommend_refuses_what_it_would_ignore(export_dir, args, message):
     result = run_script("recommend", f"export_dir={export_dir}", *args)

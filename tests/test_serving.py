@@ -488,7 +488,7 @@ def test_bad_requests_are_named(behaviors, k, message):
 
 
 @pytest.mark.parametrize("k, request_time, message", [
-    ("ten", None, r"^k must be an integer, got 'ten'$"),
+    ("ten", None, r"^k must be an integer in \[1, \d+\] \(the number of items\), got 'ten'$"),
     (3, "yesterday", r"^request_time='yesterday': must be Unix seconds \(an int\) or a list of them, one per history$"),
     (3, [1_700_000_000, "a"], r"^request_time\[1\]='a': must be Unix seconds \(an int\) or None$"),
     (3, [1_700_000_000, 1_500_000_000], r"^request_time=1500000000 is before the last event of history 1 \(\d+\)"),

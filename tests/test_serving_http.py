@@ -94,8 +94,9 @@ GOOD = {"user_id": 1, "events": [[ORIGINAL_IDS[0], 1_600_000_000], [ORIGINAL_IDS
 BAD_REQUESTS = {
     "unknown item": ({**GOOD, "events": [[ORIGINAL_IDS[0], 1_600_000_000], [424242, 1_600_000_060]]}, "424242"),
     "empty history": ({**GOOD, "events": []}, "events is empty"),
-    "k zero": ({**GOOD, "k": 0}, "k=0 is out of range"),
-    "k above items": ({**GOOD, "k": NUM_ITEMS + 1}, f"k={NUM_ITEMS + 1} is out of range"),
+    "k zero": ({**GOOD, "k": 0}, f"k must be an integer in [1, {NUM_ITEMS}] (the number of items), got 0"),
+    "k above items": ({**GOOD, "k": NUM_ITEMS + 1}, f"k must be an integer in [1, {NUM_ITEMS}] (the number of items), "
+                                                    f"got {NUM_ITEMS + 1}"),
     "request_time before the events": ({**GOOD, "request_time": 1_600_000_059},
                                        "request_time=1600000059 is before the last event (1600000060)"),
     "float timestamp": ({**GOOD, "events": [[ORIGINAL_IDS[0], 1_600_000_000.5]]}, "int"),

@@ -70,7 +70,7 @@ import torch
 import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
 from hstu.errors import RequestError
-from hstu.serving.histories import Events, check_request_times, prepare_histories
+from hstu.serving.histories import Events, check_k, check_request_times, prepare_histories
 from hstu.serving.graphs import DEFAULT_MAX_BYTES as DEFAULT_GRAPH_BYTES
 from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
 from hstu.serving.graphs import StaticSteps
@@ -240,9 +240,7 @@ class ServingEngine:
                 self._check_fields(request)
 
     def _check_fields(self, request: Request) -> None:
-        num_items = self.model.num_items
-        if isinstance(request.k, bool) or not isinstance(request.k, (int, np.integer)) or not 1 <= request.k <= num_items:
-            raise RequestError(f"k must be an integer in [1, {num_items}] (the number of items), got {request.k!r}")
+        check_k(request.k, self.model.num_items)
         if request.request_time is not None and (isinstance(request.request_time, bool)
                                                  or not isinstance(request.request_time, (int, np.integer))):
             raise RequestError(f"request_time must be integer Unix seconds, got {request.request_time!r}")

@@ -51,6 +51,12 @@ class Events:
         return self.timestamps[self.offsets[1:] - 1]
 
 
+def check_k(k, num_items: int) -> None:
+    """RequestError unless ``k`` is an integer in [1, num_items]: the one rule of every serving path."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_items:
+        raise RequestError(f"k must be an integer in [1, {num_items}] (the number of items), got {k!r}")
+
+
 def check_request_times(times: Sequence[Optional[int]], last_timestamps: Sequence[int],
                         name: Optional[Callable[[int], str]] = None) -> None:
     """RequestError for the first request time before its history's last event (the time bias would read

@@ -68,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, StrictIn
 from hstu.errors import MissingFileError, RequestError
 from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
-from hstu.serving.histories import check_request_times
+from hstu.serving.histories import check_k, check_request_times
 from hstu.serving.ids import ItemIdIndex
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ class RecommendRequest(BaseModel):
     @model_validator(mode="after")
     def _known_to_the_model(self) -> "RecommendRequest":
         index = _check_catalogue_loaded()
-        if not 1 <= self.k <= _Catalogue.num_items:
-            raise ValueError(f"k={self.k} is out of range: it must lie in [1, {_Catalogue.num_items}] (the number of items)")
+        check_k(self.k, _Catalogue.num_items)  # a RequestError is a ValueError: pydantic reports it (422)
         if not self.events:
             raise ValueError("events is empty: at least one [item, timestamp] event is needed")
         check_request_times([self.request_time], [max(timestamp for _, timestamp in self.events)])
