@@ -39,7 +39,7 @@ from hstu.model.loss import LOSS_KINDS
 from hstu.module import CUDA_GRAPH_MODES
 from hstu_kernels import OPERATORS
 from hstu_kernels.manager import FALLBACK_POLICIES
-from hstu_kernels.time_buckets import threshold_values
+from hstu_kernels.time_buckets import max_num_buckets
 
 # One boolean per operator of the registry (hstu_kernels.registry), all off by default.
 KernelFlags = make_dataclass("KernelFlags", [(op, bool, field(default=False)) for op in OPERATORS])
@@ -75,25 +75,7 @@ def one_of(*choices: str) -> Check:
 SEED = Check(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)")  # what seed_everything and numpy accept
 
 
-def _max_time_buckets() -> int:
-    """The most time buckets the bucketing takes: above it a bucket threshold overflows int64 (ValueError)."""
-    def fits(num_buckets: int) -> bool:
-        try:
-            threshold_values(num_buckets)
-        except ValueError:
-            return False
-        return True
-
-    low, high = 1, 2
-    while fits(high):
-        low, high = high, 2 * high
-    while high - low > 1:  # fits(low), not fits(high)
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
-
-MAX_TIME_BUCKETS = _max_time_buckets()
+MAX_TIME_BUCKETS = max_num_buckets()
 
 
 def checked(check: Check, default: Any = MISSING) -> Any:

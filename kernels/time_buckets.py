@@ -17,16 +17,26 @@ BUCKET_LOG_BASE = decimal.Decimal("0.301")
 DEFAULT_NUM_BUCKETS = 129
 
 
+def _threshold(k: int) -> int:
+    """T_k, exactly."""
+    ctx = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)
+    return int(ctx.exp(BUCKET_LOG_BASE * k).to_integral_value(rounding=decimal.ROUND_CEILING))
+
+
+@functools.lru_cache(maxsize=None)
+def max_num_buckets() -> int:
+    """The most buckets whose thresholds T_1 .. T_{NB-1} fit int64."""
+    k = 1
+    while _threshold(k) < 2**63:
+        k += 1
+    return k
+
+
 @functools.lru_cache(maxsize=None)
 def _thresholds(num_buckets: int) -> tuple[int, ...]:
-    ctx = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)
-    out = []
-    for k in range(1, num_buckets):
-        t = int(ctx.exp(BUCKET_LOG_BASE * k).to_integral_value(rounding=decimal.ROUND_CEILING))
-        if t >= 2**63:
-            raise ValueError(f"num_buckets={num_buckets} overflows int64 thresholds")
-        out.append(t)
-    return tuple(out)
+    if num_buckets > max_num_buckets():
+        raise ValueError(f"num_buckets={num_buckets} overflows int64 thresholds (at most {max_num_buckets()})")
+    return tuple(_threshold(k) for k in range(1, num_buckets))
 
 
 @torch.compiler.assume_constant_result
