@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -45,8 +44,6 @@ from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
 from hstu.serving.compiled import DEFAULT_K, compile_export
 from hstu.train import device_name
-
-log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
