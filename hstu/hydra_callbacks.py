@@ -58,7 +58,7 @@ class CheckBeforeStart(Callback):
         data_key = "paths.data_dir" if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"
 
         def claim_and_check_run_dir() -> None:
-            resume = resume_checkpoint(config.get("ckpt_path"), run_dir, config.model)
+            resume = resume_checkpoint(config.get("ckpt_path"), run_dir, config.model, config.trainer)
             make_directory(run_dir, "hydra.run.dir")
             self._claim = claim_run_dir(run_dir)
             check_run_dir(run_dir, resume)  # under the claim: no other run writes there meanwhile

@@ -52,10 +52,12 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
     return [instantiate_config(node) for node in (section or {}).values() if node is not None and "_target_" in node]
 
 
-def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictConfig) -> Path | None:
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictConfig,
+                      trainer_config: DictConfig) -> Path | None:
     """The checkpoint to resume from: None, ``<run_dir>/checkpoints/last.ckpt`` for ``last``, else the file.
-    A checkpoint that is missing, unreadable, holding pickled objects or of another model (settings that
-    differ from ``model_config``) is an error: training never silently starts over or mixes models."""
+    A checkpoint that is missing, unreadable, holding pickled objects, of another model (settings that
+    differ from ``model_config``) or already at ``trainer_config``'s epoch or step limit is an error:
+    training never silently starts over, mixes models or trains nothing."""
     if ckpt_path is None:
         return None
     path = run_dir / CHECKPOINT_DIR / "last.ckpt" if ckpt_path == "last" else absolute_path(ckpt_path)
@@ -64,14 +66,30 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictCo
             if ckpt_path == "last" else ""
         raise MissingFileError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
     try:
-        hyper_parameters = load_checkpoint(path)["hyper_parameters"]
+        checkpoint = load_checkpoint(path)
     except CheckpointError as error:
         raise CheckpointError(f"ckpt_path={ckpt_path}: {error}") from error
-    differ = model_differences(OmegaConf.to_container(model_config, resolve=True), hyper_parameters, MODEL_KEYS)
+    differ = model_differences(OmegaConf.to_container(model_config, resolve=True), checkpoint["hyper_parameters"],
+                               MODEL_KEYS)
     if differ:
         raise CheckpointError(f"ckpt_path={ckpt_path}: a checkpoint of another model: it differs from this run's "
                               f"config in {', '.join(differ)}")
+    _check_trains_further(f"ckpt_path={ckpt_path}: {path}", checkpoint, trainer_config)
     return path
+
+
+def _check_trains_further(name: str, checkpoint: dict[str, Any], trainer_config: DictConfig) -> None:
+    """ConfigError when the checkpoint has reached ``trainer.max_epochs`` or ``trainer.max_steps``: Lightning
+    would train nothing and the run would only test the old weights again."""
+    epochs = checkpoint.get("loops")
+    for key in ("fit_loop", "epoch_progress", "current", "processed"):
+        epochs = epochs.get(key) if isinstance(epochs, dict) else None
+    steps = checkpoint.get("global_step")
+    for key, done, unit in (("max_epochs", epochs, "epochs"), ("max_steps", steps, "steps")):
+        limit = trainer_config.get(key)
+        if isinstance(limit, int) and isinstance(done, int) and 0 <= limit <= done:
+            raise ConfigError(f"{name}: has trained {done} {unit}, and trainer.{key}={limit} trains no more; raise "
+                              f"trainer.{key} to train on, or evaluate it with scripts/eval.py")
 
 
 def check_resumed_items(path: Path, ckpt_path: str, datamodule) -> None:
@@ -162,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         log.info("run directory: %s", out_dir.resolve())
-    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir, cfg.model)
+    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir, cfg.model, cfg.trainer)
     check_run_dir(out_dir, resume)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():

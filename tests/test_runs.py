@@ -219,7 +219,8 @@ def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
         arrays = dict(npz)
     changed = dict(arrays, item=np.where(arrays["item"] == arrays["item"].max(), 1000, arrays["item"]))
     np.savez(cache, **changed)
-    result = run_script("train", *PEAKS_EARLY, f"ckpt_path={last}", f"paths.data_dir={data_dir}")
+    result = run_script("train", *PEAKS_EARLY, "trainer.max_epochs=2", f"ckpt_path={last}",
+                        f"paths.data_dir={data_dir}")
     assert result.code == 1, result.stderr[-3000:]
     (answer,) = result.error_lines[1:]
     recorded = torch.load(last, weights_only=True)["hyper_parameters"]["item_ids_digest"]
@@ -228,13 +229,34 @@ def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
     assert answer.endswith("; resume with the data settings of the run that wrote it")
     np.savez(cache, **arrays)
     args = [arg for arg in PEAKS_EARLY if not arg.startswith("data.source.num_items=")]
-    result = run_script("train", *args, "data.source.num_items=50", f"ckpt_path={last}", f"paths.data_dir={data_dir}")
+    result = run_script("train", *args, "data.source.num_items=50", "trainer.max_epochs=2", f"ckpt_path={last}",
+                        f"paths.data_dir={data_dir}")
     assert result.code == 1, result.stderr[-3000:]
     job, *answer = result.error_lines
     assert job.startswith("Error executing job") and answer == [
         f"ckpt_path={last}: {last}: trained on 40 items but the data has 50; resume with the data settings of the "
         "run that wrote it"]
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*"))
+
+
+def test_resuming_a_run_at_its_epoch_or_step_limit_is_refused(tmp_path, monkeypatch):
+    """A resume whose checkpoint has reached trainer.max_epochs or trainer.max_steps would train nothing and test
+    the old weights again: one line naming the checkpoint and the limit, before anything is written."""
+    data_dir = tmp_path / "data"
+    train_in(tmp_path / "first", "trainer.max_epochs=2", data_dir=data_dir)  # 2 batches an epoch: step 4
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    for limits, key, answer in ((["trainer.max_epochs=2"], "trainer.max_epochs", "has trained 2 epochs, and "
+                                 "trainer.max_epochs=2 trains no more"),
+                                (["trainer.max_epochs=3", "+trainer.max_steps=4"], "trainer.max_steps",
+                                 "has trained 4 steps, and trainer.max_steps=4 trains no more")):
+        result = run_script("train", *PEAKS_EARLY, *limits, f"ckpt_path={last}", f"paths.data_dir={data_dir}")
+        assert result.code == 1, result.stderr[-3000:]
+        assert result.error_lines == [f"ckpt_path={last}: {last}: {answer}; raise {key} to train on, or evaluate it "
+                                      "with scripts/eval.py"]
+        assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*"))
+    resumed = train_in(tmp_path / "first", "trainer.max_epochs=3", "ckpt_path=last", data_dir=data_dir)
+    assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2]
 
 
 # ---- NaN / inf loss --------------------------------------------------------------------------------
