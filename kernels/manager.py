@@ -227,7 +227,9 @@ class TritonOperatorManager:
         """The function that computes ``hstu_kernels.<function>`` of operator ``op`` on these inputs
         (Triton or reference), counted as one call."""
         choice = self.backend(op, tensors)
-        impl = self._functions[(op, function, choice)]
+        impl = self._functions.get((op, function, choice))
+        if impl is None:
+            raise KeyError(f"operator {op!r} has no function {function!r}; it has {list(_spec(op).functions)}")
         if self.timing and not _tracing():
             return self._timed(op, impl, tensors[0].device)
         return impl
@@ -236,7 +238,7 @@ class TritonOperatorManager:
         """The backend ``op`` runs with on these inputs, as :meth:`backend` decides it, not counted as a
         call: for eager callers that prepare what only one backend needs (the reference attention's
         index layout)."""
-        if self._requested[op] == "reference":
+        if self._requested_backend(op) == "reference":
             return "reference"
         if torch.compiler.is_compiling():  # never read the cache in a trace (see backend)
             return self._traced_decision(op, tensors)[0]
@@ -251,7 +253,7 @@ class TritonOperatorManager:
         """The backend ``op`` runs with on these inputs (decided once per device, dtype and trailing
         dims of each tensor), counted as one call."""
         reason = None
-        if self._requested[op] == "reference":
+        if self._requested_backend(op) == "reference":
             choice = "reference"
         elif torch.compiler.is_compiling():
             # Decided afresh in each trace, from metadata, and recorded at trace time: reading the decision
@@ -265,6 +267,13 @@ class TritonOperatorManager:
         else:
             self._count(op, choice, 1)
         return choice
+
+    def _requested_backend(self, op: str) -> str:
+        """The backend the flags request for ``op``; a KeyError naming the operators for an unknown one."""
+        try:
+            return self._requested[op]
+        except KeyError:
+            raise KeyError(f"unknown operator {op!r}; valid: {list(self._requested)}") from None
 
     def _unsupported(self, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
         """Why Triton cannot run ``op`` on these tensors: checks of tensor metadata only (traceable); the

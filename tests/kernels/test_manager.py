@@ -25,6 +25,15 @@ def test_unknown_flag_is_named():
         TritonOperatorManager({"hstu_attn": True})
 
 
+def test_an_unknown_operator_or_function_is_named():
+    manager, tensors = TritonOperatorManager(), attention_inputs()
+    for call in (manager.backend, manager.choice, lambda op, t: manager.implementation(op, "hstu_attention", t)):
+        with pytest.raises(KeyError, match=r"unknown operator 'hstu_attn'; valid: \['hstu_hierarchical_attention'"):
+            call("hstu_attn", tensors)
+    with pytest.raises(KeyError, match=rf"operator '{ATTENTION}' has no function 'topk_items'; it has \["):
+        manager.implementation(ATTENTION, "topk_items", tensors)
+
+
 def test_a_flag_that_is_not_a_bool_is_named():
     with pytest.raises(TypeError, match=r"True or False; got \{'interaction': 'no'\}"):
         TritonOperatorManager({"interaction": "no"})
