@@ -1,10 +1,10 @@
 """Reading Lightning checkpoints safely: tensors and plain containers only, never pickled objects.
 
 :func:`load_checkpoint` names the file and what is wrong with it in one line (not a torch file, cut
-short, holding objects); :func:`model_differences` names the model settings in which a checkpoint
-differs from a config, and :func:`check_trained_items` the data whose items differ from those it was
-trained on, so that neither evaluation, export nor a resumed run pairs one model with another's
-weights, records or items.
+short, holding objects, no positive item count); :func:`model_differences` names the model settings
+in which a checkpoint differs from a config, and :func:`check_trained_items` the data whose items
+differ from those it was trained on, so that neither evaluation, export nor a resumed run pairs one
+model with another's weights, records or items.
 """
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if not isinstance(checkpoint[key], Mapping):
             raise CheckpointError(f"{path}: its {key} is a {type(checkpoint[key]).__name__}, not the mapping a "
                                   "RecModule checkpoint holds")
+    num_items = checkpoint["hyper_parameters"].get("num_items", 1)  # a missing one is named by the model's loader
+    if not isinstance(num_items, int) or isinstance(num_items, bool) or num_items < 1:
+        raise CheckpointError(f"{path}: hyper_parameters.num_items is {num_items!r}, not the positive item count "
+                              "training records")
     return checkpoint
 
 

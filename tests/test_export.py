@@ -435,6 +435,17 @@ def test_checkpoint_without_item_ids_digest_exports_with_a_warning(run_dir, tmp_
     assert re.match(r"^.*old\.ckpt: records no item_ids_digest .*only the number of items \(40\) is checked", warning)
 
 
+@pytest.mark.parametrize("num_items", ["40", 40.0, None, 0])
+def test_checkpoint_with_a_malformed_item_count_is_refused(run_dir, tmp_path, num_items):
+    checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
+    checkpoint["hyper_parameters"]["num_items"] = num_items
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    with pytest.raises(CheckpointError, match=rf"edited\.ckpt: hyper_parameters\.num_items is {num_items!r}, not the "
+                       "positive item count training records$"):
+        export_run(run_dir, tmp_path / "export", ckpt_path=tmp_path / "edited.ckpt")
+    assert not (tmp_path / "export").exists()
+
+
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Path("/")}}, path)
