@@ -2,7 +2,7 @@
 
 With cache_bytes=0 (or a model the KV cache cannot serve) the engine loads the export's compiled scoring
 package (scoring-*.pt2), native code that runs in the inference workers: serve only export folders you
-trust, or export with compiled=none (no package).
+trust, or serve with compiled=false (the package is never loaded).
 """
 import hydra
 import torch
@@ -20,7 +20,8 @@ def main(cfg: DictConfig) -> None:
     kernels = OmegaConf.to_container(cfg.kernels) if cfg.kernels is not None else None
     server = build_server(cfg.export_dir, device=device, workers=cfg.workers, max_batch_size=cfg.max_batch_size,
                           batch_timeout=cfg.batch_timeout, cache_bytes=cfg.cache_bytes,
-                          cuda_graphs=cfg.cuda_graphs, graph_bytes=cfg.graph_bytes, kernels=kernels,
+                          cuda_graphs=cfg.cuda_graphs, graph_bytes=cfg.graph_bytes, compiled=cfg.compiled,
+                          kernels=kernels,
                           timeout=cfg.timeout, warm_up=cfg.warm_up, stage_timing=cfg.stage_timing)
     print(f"serving {cfg.export_dir} on http://{host}:{cfg.port} ({device}, {cfg.workers} worker(s))", flush=True)
     server.run(host=host, port=cfg.port, num_api_servers=cfg.api_servers, log_level=cfg.log_level,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli import run_script
 from hstu.errors import PackageLoadError
 from hstu.inference import Recommender
 from hstu.serving.compiled import compile_export, package_file_name, target_name
@@ -126,6 +127,30 @@ def test_engine_serves_whole_windows_through_the_package_when_the_cache_is_off(c
     assert applied["compiled"] is False and "KV cache serves" in applied["compiled_detail"]
 
 
+def test_serve_with_compiled_false_never_loads_the_package(compiled_export, monkeypatch):  # noqa: F811
+    """``scripts/serve.py compiled=false`` reaches each worker's engine: the package is not loaded."""
+    from hstu.serving.server import RecommendAPI
+
+    folder, _ = compiled_export
+    built = {}
+
+    class NotStarted:
+        def run(self, **kwargs):
+            pass
+
+    def build_server(*args, **kwargs):
+        built.update(kwargs)
+        return NotStarted()
+
+    monkeypatch.setattr("hstu.serving.server.build_server", build_server)
+    result = run_script("serve", f"export_dir={folder}", "compiled=false", "cache_bytes=0")
+    assert result.code == 0 and built["compiled"] is False, result.stderr
+    api = RecommendAPI(str(folder), None, 0, {}, 1, 0.0, warm_up=False, compiled=built["compiled"])
+    api.setup("cpu")
+    applied = api.recommender.infer_with_optimal_strategy("u", [(1, 0), (2, 1)], 5)["optimizations_applied"]
+    assert applied["compiled"] is False and applied["compiled_detail"] == "switched off"
+
+
 def test_a_package_that_does_not_load_is_not_written(export_dir, tmp_path_factory, monkeypatch):  # noqa: F811
     """The build loads its package in a fresh process before recording it: a package whose loader fails
     (here a file that is not an archive; on CUDA, a loader that crashed with a segmentation fault) raises
@@ -152,7 +177,6 @@ def test_export_command_reports_a_package_that_does_not_load_in_one_line(run_dir
     package and the loader's exit status, no traceback, and no export folder."""
     import torch._inductor
 
-    from cli import run_script
 
     def write_garbage(exported, package_path, inductor_configs):
         with open(package_path, "wb") as f:

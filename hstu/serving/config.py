@@ -57,6 +57,7 @@ class ServeConfig:
     cache_bytes: int = checked(at_least(0))
     cuda_graphs: bool = MISSING
     graph_bytes: int = checked(at_least(0))
+    compiled: bool = MISSING
     kernels: Any = MISSING  # null or {operator: bool}: hstu.config.kernel_flag_errors
     timeout: float = checked(above(0))
     warm_up: bool = MISSING

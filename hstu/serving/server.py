@@ -270,7 +270,7 @@ class RecommendAPI(ls.LitAPI):
 
     def __init__(self, export_dir: str, kernels: dict[str, bool] | None, cache_bytes: int, shared_stats,
                  max_batch_size: int, batch_timeout: float, warm_up: bool = True, cuda_graphs: bool = True,
-                 graph_bytes: int = DEFAULT_GRAPH_BYTES):
+                 graph_bytes: int = DEFAULT_GRAPH_BYTES, compiled: bool = True):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/recommend",
                          loop=GreedyBatchLoop())
         self.export_dir = export_dir
@@ -278,6 +278,7 @@ class RecommendAPI(ls.LitAPI):
         self.cache_bytes = cache_bytes
         self.cuda_graphs = cuda_graphs
         self.graph_bytes = graph_bytes
+        self.compiled = compiled
         self.shared_stats = shared_stats
         self.warm_up = warm_up
 
@@ -285,7 +286,8 @@ class RecommendAPI(ls.LitAPI):
         self.worker = f"worker {os.environ.get('LITSERVE_WORKER_ID', os.getpid())} ({device}, pid {os.getpid()})"
         self.recommender = Recommender.from_export(self.export_dir, device=device, kernels=self.kernels)
         self.engine = self.recommender.serving_engine(ServingOptions(
-            cache_bytes=self.cache_bytes, cuda_graphs=self.cuda_graphs, graph_bytes=self.graph_bytes))
+            cache_bytes=self.cache_bytes, cuda_graphs=self.cuda_graphs, graph_bytes=self.graph_bytes,
+            compiled=self.compiled))
         if self.warm_up:
             self.engine.warm_up()
         self._published = -1
@@ -374,14 +376,15 @@ def aggregate_stats(per_worker: dict[str, dict]) -> dict[str, Any]:
 def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 1, max_batch_size: int = 32,
                  batch_timeout: float = 0.0, cache_bytes: int = 1 << 30, kernels: dict[str, bool] | None = None,
                  timeout: float = 30.0, warm_up: bool = True, cuda_graphs: bool = True,
-                 graph_bytes: int = DEFAULT_GRAPH_BYTES, stage_timing: bool = False) -> ls.LitServer:
+                 graph_bytes: int = DEFAULT_GRAPH_BYTES, compiled: bool = True,
+                 stage_timing: bool = False) -> ls.LitServer:
     """A LitServer for ``export_dir`` (not started: call ``.run(host=..., port=...)``).
 
     ``workers`` inference workers on ``device`` ("cpu" or "cuda"), each with its own KV cache of
     ``cache_bytes``; batches of up to ``max_batch_size`` requests, formed as ``GreedyBatchLoop`` says
     with ``batch_timeout`` seconds; ``kernels``: operator flags (None: Triton where it can run, see
-    ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs`` and ``graph_bytes`` (per worker): the
-    ``ServingOptions`` fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off
+    ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs``, ``graph_bytes`` (per worker) and
+    ``compiled`` (False: never load the export's compiled scoring package): the ``ServingOptions`` fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off
     (module docstring).
     """
     if not Path(export_dir).is_dir():
@@ -394,7 +397,7 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     shared_stats = stats_manager.dict()
     kernels = serving_kernel_flags(device) if kernels is None else kernels
     api = RecommendAPI(export_dir, kernels, cache_bytes, shared_stats, max_batch_size, batch_timeout, warm_up,
-                       cuda_graphs, graph_bytes)
+                       cuda_graphs, graph_bytes, compiled)
     if not ls.server.LIT_SERVER_API_KEY:
         api.authorize = _no_authorisation
     server = FastLitServer(api, accelerator=device, devices=1, workers_per_device=workers, timeout=timeout,
