@@ -435,16 +435,21 @@ def instantiate_config(config: Any, **kwargs: Any) -> Any:
 
 def make_directory(path: str | Path, key: str) -> Path:
     """Create the folder ``key`` names (with its parents) before anything is computed for it; one
-    ConfigError naming the key when that cannot be done (a file in the way, no permission)."""
+    ConfigError naming the key when that cannot be done (a file in the way, no permission). A folder it
+    creates (not its parents) may be removed again by :func:`remove_new_directory`."""
     folder = Path(path)
+    existed = folder.is_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"{key}={path}: cannot create this folder ({error.strerror or error})") from error
+    if not existed:
+        _MADE_HERE.add(folder.absolute())
     return folder
 
 
-# Directories new_directory made in this process: only these may be removed again (remove_new_directory).
+# Directories new_directory or make_directory made in this process: only these may be removed again
+# (remove_new_directory).
 _MADE_HERE: set[Path] = set()
 
 
@@ -464,9 +469,9 @@ def new_directory(path: str) -> str:
 
 
 def remove_new_directory(path: str | Path, leftovers: tuple[str, ...] = ()) -> bool:
-    """Remove ``path`` if :func:`new_directory` made it in this process and it holds nothing but files
-    named in ``leftovers`` (paths relative to it) and their folders: a run stopped by a user error before
-    it wrote anything of its own leaves no directory behind. True when it was removed."""
+    """Remove ``path`` if this process made it (:func:`new_directory`, :func:`make_directory`) and it holds
+    nothing but files named in ``leftovers`` (paths relative to it) and their folders: a run stopped by a
+    user error before it wrote anything of its own leaves no directory behind. True when it was removed."""
     folder = Path(path).absolute()
     if folder not in _MADE_HERE or not folder.is_dir():
         return False

@@ -208,7 +208,7 @@ def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
 
 def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
     """A resume on other items than the checkpoint's (a data override left out, or data that changed): one line
-    naming the checkpoint and what differs, and the new run directory goes with the run."""
+    naming the checkpoint and what differs, and the run directory the run made goes with it."""
     data_dir = tmp_path / "data"
     train_in(tmp_path / "first", data_dir=data_dir)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
@@ -237,6 +237,12 @@ def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
         f"ckpt_path={last}: {last}: trained on 40 items but the data has 50; resume with the data settings of the "
         "run that wrote it"]
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*"))
+    # An explicit hydra.run.dir goes too when this run made it; one that existed stays.
+    (tmp_path / "mine").mkdir()
+    for run_dir, existed in ((tmp_path / "new" / "run", False), (tmp_path / "mine", True)):
+        result = run_script("train", *args, "data.source.num_items=50", "trainer.max_epochs=2", f"ckpt_path={last}",
+                            f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}")
+        assert result.code == 1 and run_dir.exists() == existed and (tmp_path / "new").is_dir()
 
 
 def test_resuming_a_run_at_its_epoch_or_step_limit_is_refused(tmp_path, monkeypatch):
