@@ -105,7 +105,8 @@ CASES = {
     "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
                                  r"^ckpt_path=.*: .*: not a readable checkpoint \(truncated, or not written by"),
     "another run's checkpoint into a run's directory": Case(
-        "train", [*TINY_RUN, "hydra.run.dir={second_run}", "ckpt_path={planted_run}/checkpoints/last.ckpt"],
+        "train", [*TINY_RUN, "trainer.max_epochs=2", "hydra.run.dir={second_run}",
+                  "ckpt_path={planted_run}/checkpoints/last.ckpt"],
         r"^.* holds another run \(metrics\.json\); resume it with ckpt_path=last, or leave hydra\.run\.dir unset"),
     "run directory under a file": Case("train", [*TRAIN, "data.source.path={good}", "hydra.run.dir={good}/run"],
                                        r"^hydra\.run\.dir=.*good\.csv/run: cannot create this folder \(Not a directory\)$"),
