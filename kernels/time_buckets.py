@@ -15,6 +15,9 @@ import torch
 
 BUCKET_LOG_BASE = decimal.Decimal("0.301")
 DEFAULT_NUM_BUCKETS = 129
+# Unix seconds in [-TIMESTAMP_BOUND, TIMESTAMP_BOUND) differ by less than 2**63, so every gap the time bias
+# and the time embeddings take fits int64 and never wraps (2**62 seconds are about 1.5e11 years).
+TIMESTAMP_BOUND = 2**62
 
 
 def _threshold(k: int) -> int:

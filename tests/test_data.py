@@ -196,9 +196,13 @@ GOOD_DAT = ["1::10::5::100", "1::11::4::101"]
          r"ratings_Books.csv:2: user '' is empty"),
         ("ratings_Books.csv", ["a,b,5.0,10", "a,b,5.0"], lambda p: AmazonBooks(str(p)),
          r"ratings_Books.csv:2: expected 4 fields separated by ',', got 'a,b,5.0'"),
+        ("mine.csv", ["1,2,3", "1,3,4611686018427387904"], lambda p: Interactions(str(p), columns=["user", "item",
+                                                                                             "timestamp"]),
+         r"^mine.csv:2: timestamp '4611686018427387904' lies outside \[-2\*\*62, 2\*\*62\) seconds, where the gaps "
+         r"between times \(int64\) cannot wrap in '1,3,4611686018427387904'$"),
     ],
     ids=["dat-fields", "dat-timestamp", "dat-extra-field", "csv-empty-rating", "csv-extra-field", "csv-nan",
-         "int-id", "empty-string-id", "short-line"],
+         "int-id", "empty-string-id", "short-line", "timestamp-range"],
 )
 def test_malformed_line_is_named(tmp_path, name, lines, make_source, message):
     path = write(tmp_path, name, "\n".join(lines) + "\n")

@@ -492,6 +492,8 @@ def test_bad_requests_are_named(behaviors, k, message):
     (3, "yesterday", r"^request_time='yesterday': must be Unix seconds \(an int\) or a list of them, one per history$"),
     (3, [1_700_000_000, "a"], r"^request_time\[1\]='a': must be Unix seconds \(an int\) or None$"),
     (3, [1_700_000_000, 1_500_000_000], r"^request_time=1500000000 is before the last event of history 1 \(\d+\)"),
+    (3, [1_700_000_000, 2**62], r"^request_time=4611686018427387904 of history 1 lies outside \[-2\*\*62, 2\*\*62\) "
+                                r"Unix seconds, where the gaps between times \(int64\) cannot wrap$"),
 ])
 def test_bad_recommend_arguments_are_named(k, request_time, message):
     """Recommender.recommend names k or request_time (a string is not read character by character, a
@@ -499,6 +501,14 @@ def test_bad_recommend_arguments_are_named(k, request_time, message):
     histories = [random_history(4, seed=seed) for seed in (1, 2)]  # events in 2020, before 1_700_000_000
     with pytest.raises(RequestError, match=message):
         make_recommender().recommend(histories, k=k, request_time=request_time)
+
+
+@pytest.mark.parametrize("extreme", [2**62, -(2**62) - 1, 2**64 - 1])
+def test_history_times_outside_the_range_are_named(extreme):
+    """Times whose gaps could wrap in int64 (the time bias would bucket the wrapped gap) are refused."""
+    items, times = random_history(4, seed=2)
+    with pytest.raises(RequestError, match=rf"^history 1: timestamp {extreme} lies outside \[-2\*\*62, 2\*\*62\)"):
+        make_recommender().recommend([random_history(4, seed=1), (items, [*times[:-1], extreme])], k=3)
 
 
 @pytest.mark.gpu

@@ -38,6 +38,7 @@ from hydra.utils import to_absolute_path
 
 from hstu.errors import ConfigError, DataError, MissingFileError
 from hstu.files import owned_prefix, remove_abandoned
+from hstu_kernels.time_buckets import TIMESTAMP_BOUND
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,9 @@ def _frame_to_arrays(frame: pd.DataFrame, columns: list[str], used: list[int], k
             ids[name], vocabs[name] = _sorted_codes(series)
         else:
             ids[name] = series.to_numpy(np.int64)
+    timestamp = by_name["timestamp"].to_numpy(np.int64)
+    if timestamp.size and (timestamp.min() < -TIMESTAMP_BOUND or timestamp.max() >= TIMESTAMP_BOUND):
+        raise ValueError("a timestamp lies outside [-2**62, 2**62)")  # the line scan names it
     rating = None
     if "rating" in by_name:
         rating = by_name["rating"].to_numpy(np.float32)
@@ -262,7 +266,7 @@ def _frame_to_arrays(frame: pd.DataFrame, columns: list[str], used: list[int], k
     return RawInteractions(
         user=ids["user"],
         item=ids["item"],
-        timestamp=by_name["timestamp"].to_numpy(np.int64),
+        timestamp=timestamp,
         rating=rating,
         user_vocab=vocabs.get("user"),
         item_vocab=vocabs.get("item"),
@@ -336,6 +340,8 @@ def _field_problem(name: str, value: str, kind: str) -> str | None:
         return f"is not {'an integer' if kind == 'int' else 'a number'}{hint}"
     if kind == "int" and not -(2**63) <= number < 2**63:
         return "does not fit in int64"
+    if name == "timestamp" and not -TIMESTAMP_BOUND <= number < TIMESTAMP_BOUND:
+        return "lies outside [-2**62, 2**62) seconds, where the gaps between times (int64) cannot wrap"
     if kind == "float" and not math.isfinite(number):
         return "is not finite"
     return None

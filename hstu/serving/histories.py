@@ -16,9 +16,12 @@ import numpy as np
 from hstu.data.sequences import _ranges
 from hstu.errors import RequestError, UnknownIdError
 from hstu.serving.ids import ItemIdIndex, int64_values
+from hstu_kernels.time_buckets import TIMESTAMP_BOUND
 
 History = tuple[Sequence[Hashable], Sequence[int]]
 UNKNOWN_ITEM_POLICIES = ("error", "skip")
+OUTSIDE_TIME_RANGE = ("lies outside [-2**62, 2**62) Unix seconds, where the gaps between times (int64) cannot "
+                      "wrap")
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,13 @@ def check_k(k, num_items: int) -> None:
 
 def check_request_times(times: Sequence[Optional[int]], last_timestamps: Sequence[int],
                         name: Optional[Callable[[int], str]] = None) -> None:
-    """RequestError for the first request time before its history's last event (the time bias would read
-    the gap as if the request came that long after it); ``name(b)`` names history b in the message."""
+    """RequestError for the first request time outside [-2**62, 2**62) or before its history's last event
+    (the time bias would read the gap as if the request came that long after it); ``name(b)`` names
+    history b in the message."""
     for b, request_time in enumerate(times):
+        if request_time is not None and not -TIMESTAMP_BOUND <= request_time < TIMESTAMP_BOUND:
+            of = f" of {name(b)}" if name is not None else ""
+            raise RequestError(f"request_time={request_time}{of} {OUTSIDE_TIME_RANGE}")
         if request_time is not None and request_time < last_timestamps[b]:
             of = f" of {name(b)}" if name is not None else ""
             raise RequestError(f"request_time={request_time} is before the last event{of} ({last_timestamps[b]}): "
@@ -72,7 +79,7 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
     """(item ids, Unix-second timestamps) per user in original ids -> :class:`Events`.
 
     Raises ``RequestError`` (a ValueError) naming the history (its position in ``histories``) for
-    mismatched lengths, non-integer timestamps or no known item, and ``UnknownIdError`` (a KeyError) for
+    mismatched lengths, non-integer timestamps or ones outside [-2**62, 2**62) or no known item, and ``UnknownIdError`` (a KeyError) for
     unknown items when ``unknown_items`` is "error" ("skip" drops them). Events are put in time order with a stable sort (ties keep the
     given order), as in training.
     """
@@ -92,7 +99,15 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
         for user, part in enumerate(time_parts):  # name the first history at fault
             part = np.asarray(part)
             if part.size and (part.dtype.kind not in "iu" or part.ndim != 1):
+                beyond = [t for t in time_parts[user] if isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                          and not -TIMESTAMP_BOUND <= t < TIMESTAMP_BOUND] if part.ndim == 1 else []
+                if beyond:  # integers beyond int64 make numpy's array float64: the range is the problem
+                    raise RequestError(f"history {user}: timestamp {beyond[0]} {OUTSIDE_TIME_RANGE}")
                 raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {part.dtype}")
+    outside = np.flatnonzero((timestamps < -TIMESTAMP_BOUND) | (timestamps >= TIMESTAMP_BOUND))
+    if outside.size:
+        user = int(np.searchsorted(offsets, outside[0], side="right") - 1)
+        raise RequestError(f"history {user}: timestamp {timestamps[outside[0]]} {OUTSIDE_TIME_RANGE}")
     timestamps = timestamps.astype(np.int64, copy=False)
     if _all_arrays(item_parts):
         item_ids = index.lookup(np.concatenate(item_parts))

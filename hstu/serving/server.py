@@ -30,8 +30,9 @@ the ``x-stage-ns`` header, the inference worker's in the response's ``stage_ns``
 ``STAGE_STAMPS`` and scripts/bench_http_stages.py, which turns them into a latency breakdown.
 
 Requests are validated in the HTTP process, before they join a batch. The request model (pydantic)
-rejects malformed JSON, missing or extra fields, timestamps and request times that are not int64
-integers, k out of [1, num_items], an empty history, a request_time before the last event and items
+rejects malformed JSON, missing or extra fields, timestamps and request times that are not integers
+in [-2**62, 2**62) (any two differ by less than 2**63: their int64 gaps cannot wrap), k out of
+[1, num_items], an empty history, a request_time before the last event and items
 the model never saw, each with a 422 whose ``detail`` names the field and the problem; the server
 keeps serving. A batch that still fails in ``predict`` is served again request by request: a request
 that fails alone gets its own error (422 with the message for a ``RequestError``, else 500), the
@@ -70,6 +71,7 @@ from hstu.inference import Recommender, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.histories import check_k, check_request_times
 from hstu.serving.ids import ItemIdIndex
+from hstu_kernels.time_buckets import TIMESTAMP_BOUND
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def _check_catalogue_loaded() -> ItemIdIndex:
 
 
 # Unix seconds as the engine holds them (int64).
-UnixSeconds = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+UnixSeconds = Annotated[int, Strict(), Field(ge=-TIMESTAMP_BOUND, le=TIMESTAMP_BOUND - 1)]  # gaps fit int64
 
 
 class RecommendRequest(BaseModel):
