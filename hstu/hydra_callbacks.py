@@ -77,7 +77,8 @@ class CheckBeforeStart(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """A run that a user error stopped (bad data, say) before it wrote anything of its own leaves no
         directory: Hydra's copies of the config and the job's log go, with the directory made for it
-        (by ``hstu.new_dir``, or an explicit ``hydra.run.dir`` that did not exist). Anything else in it (a checkpoint, Lightning's logs), or another error, keeps it all."""
+        (by ``hstu.new_dir``, or an explicit ``hydra.run.dir`` that did not exist). Anything else in it
+        (a checkpoint, Lightning's logs), or another error, keeps it all."""
         error = job_return._return_value if job_return.status == JobStatus.FAILED else None  # no public getter
         if isinstance(error, UserError) and HydraConfig.get().mode == RunMode.RUN:
             hydra_files = tuple(f"{config.hydra.output_subdir}/{name}" for name in HYDRA_FILES)

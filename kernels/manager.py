@@ -226,10 +226,11 @@ class TritonOperatorManager:
     def implementation(self, op: str, function: str, tensors: Sequence[torch.Tensor]) -> Callable:
         """The function that computes ``hstu_kernels.<function>`` of operator ``op`` on these inputs
         (Triton or reference), counted as one call."""
-        choice = self.backend(op, tensors)
-        impl = self._functions.get((op, function, choice))
-        if impl is None:
+        if (op, function, "reference") not in self._functions:  # checked before the call is counted
+            self._requested_backend(op)  # an unknown operator is named first
             raise KeyError(f"operator {op!r} has no function {function!r}; it has {list(_spec(op).functions)}")
+        choice = self.backend(op, tensors)
+        impl = self._functions[(op, function, choice)]
         if self.timing and not _tracing():
             return self._timed(op, impl, tensors[0].device)
         return impl

@@ -79,9 +79,9 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
     """(item ids, Unix-second timestamps) per user in original ids -> :class:`Events`.
 
     Raises ``RequestError`` (a ValueError) naming the history (its position in ``histories``) for
-    mismatched lengths, non-integer timestamps or ones outside [-2**62, 2**62) or no known item, and ``UnknownIdError`` (a KeyError) for
-    unknown items when ``unknown_items`` is "error" ("skip" drops them). Events are put in time order with a stable sort (ties keep the
-    given order), as in training.
+    mismatched lengths, timestamps that are not integers in [-2**62, 2**62), or no known item, and
+    ``UnknownIdError`` (a KeyError) for unknown items when ``unknown_items`` is "error" ("skip" drops
+    them). Events are put in time order with a stable sort (ties keep the given order), as in training.
     """
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
         raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")

@@ -32,8 +32,8 @@ the ``x-stage-ns`` header, the inference worker's in the response's ``stage_ns``
 Requests are validated in the HTTP process, before they join a batch. The request model (pydantic)
 rejects malformed JSON, missing or extra fields, timestamps and request times that are not integers
 in [-2**62, 2**62) (any two differ by less than 2**63: their int64 gaps cannot wrap), k out of
-[1, num_items], an empty history, a request_time before the last event and items
-the model never saw, each with a 422 whose ``detail`` names the field and the problem; the server
+[1, num_items], an empty history, a request_time before the last event and items the model never
+saw, each with a 422 whose ``detail`` names the field and the problem; the server
 keeps serving. A batch that still fails in ``predict`` is served again request by request: a request
 that fails alone gets its own error (422 with the message for a ``RequestError``, else 500), the
 others their answers. The catalogue the check needs (items.json) is loaded in the main process, so
@@ -386,8 +386,8 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
     ``cache_bytes``; batches of up to ``max_batch_size`` requests, formed as ``GreedyBatchLoop`` says
     with ``batch_timeout`` seconds; ``kernels``: operator flags (None: Triton where it can run, see
     ``hstu.serving.engine.serving_kernel_flags``); ``cuda_graphs``, ``graph_bytes`` (per worker) and
-    ``compiled`` (False: never load the export's compiled scoring package): the ``ServingOptions`` fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off
-    (module docstring).
+    ``compiled`` (False: never load the export's compiled scoring package): the ``ServingOptions``
+    fields; ``stage_timing``: stamp every ``/recommend`` request at each hand-off (module docstring).
     """
     if not Path(export_dir).is_dir():
         raise MissingFileError(f"export_dir={export_dir}: no such directory (scripts/export.py writes one)")

@@ -32,6 +32,7 @@ def test_an_unknown_operator_or_function_is_named():
             call("hstu_attn", tensors)
     with pytest.raises(KeyError, match=rf"operator '{ATTENTION}' has no function 'topk_items'; it has \["):
         manager.implementation(ATTENTION, "topk_items", tensors)
+    assert manager.get_stats()[ATTENTION]["calls"] == {"triton": 0, "reference": 0}  # no call was made
 
 
 def test_a_flag_that_is_not_a_bool_is_named():
