@@ -1,6 +1,7 @@
 """Files written so that nothing half-written is ever read, and leftovers of killed processes are removed.
 
-A temporary file or folder is named ``<prefix><host>-<pid>-<random>``: the process that owns it.
+A temporary file or folder is named ``<prefix><host>@<pid>-<random>``: the process that owns it (no
+host name holds an ``@``, so one host's names never start with another's).
 A process killed with SIGKILL cannot remove its temporaries; the next one to use the same folder
 removes those whose owner is gone (:func:`remove_abandoned`), and never one whose owner still runs:
 another run may be downloading right now.
@@ -19,7 +20,7 @@ from hstu.errors import ConfigError
 
 def owned_prefix(prefix: str) -> str:
     """``prefix`` followed by this host and process: the start of a temporary name this process owns."""
-    return f"{prefix}{socket.gethostname()}-{os.getpid()}-"
+    return f"{prefix}{socket.gethostname()}@{os.getpid()}-"
 
 
 def _running(pid: int) -> bool:
@@ -35,7 +36,7 @@ def _running(pid: int) -> bool:
 def remove_abandoned(folder: Path, prefix: str) -> list[Path]:
     """Remove the temporaries named :func:`owned_prefix` (``prefix``) in ``folder`` whose process, on this
     host, no longer runs; return them. Other hosts' temporaries (a shared file system) are left alone."""
-    start = f"{prefix}{socket.gethostname()}-"
+    start = f"{prefix}{socket.gethostname()}@"
     removed = []
     for entry in Path(folder).glob(f"{glob.escape(start)}*"):
         pid = entry.name[len(start):].split("-", 1)[0]

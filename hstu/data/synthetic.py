@@ -14,7 +14,7 @@ import numpy as np
 
 from hstu.errors import ConfigError
 
-from .sources import RawInteractions, identity_digest
+from .sources import RawInteractions, identity_digest, source_value
 
 START_TIME = 1_600_000_000  # 2020-09-13, Unix seconds
 MIN_GAP_S, MAX_GAP_S = 60, 86_400
@@ -35,6 +35,11 @@ class Synthetic:
         stickiness: float = 0.9,
         seed: int = 0,
     ):
+        for key, value in (("num_users", num_users), ("num_items", num_items), ("num_clusters", num_clusters),
+                           ("min_len", min_len), ("max_len", max_len), ("seed", seed)):
+            source_value(key, value, int)
+        if isinstance(stickiness, bool) or not isinstance(stickiness, (int, float)):
+            raise ConfigError(f"data.source.stickiness={stickiness!r}: must be a number in [0, 1]")
         if not 1 <= num_clusters <= num_items:
             raise ConfigError(f"data.source: need 1 <= num_clusters <= num_items, got {num_clusters} and {num_items}")
         if not 1 <= min_len <= max_len:
