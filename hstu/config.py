@@ -255,7 +255,9 @@ TRAINER_CHECKS = {
     "max_steps": (_integer(-1, "must be an integer >= -1 (-1: no limit)"), _trains("use >= 1, or -1 for no limit")),
     "check_val_every_n_epoch": _integer(1, "must be an integer >= 1"),
     "log_every_n_steps": _integer(1, "must be an integer >= 1"),
-    "accumulate_grad_batches": _integer(1, "must be an integer >= 1"),
+    # the training step optimises manually (hstu.train_step): Lightning's accumulation and clipping do not apply
+    "accumulate_grad_batches": Check(lambda v: v == 1 and not isinstance(v, bool), "is not supported: the training "
+                                     "step (hstu.train_step) updates after every batch; raise data.batch_size instead"),
     "num_sanity_val_steps": _integer(-1, "must be an integer >= -1 (-1: the whole validation set)"),
     "limit_train_batches": (_batches_limit(), _trains("use a batch count >= 1 or a fraction in (0, 1]")),
     # the run selects its best checkpoint, and stops early, on validation
@@ -263,11 +265,13 @@ TRAINER_CHECKS = {
                                                   "checkpoint on validation; use a batch count >= 1 or a fraction in "
                                                   "(0, 1]")),
     "limit_test_batches": _batches_limit(),
-    "gradient_clip_val": Check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-                               "must be a number >= 0"),
+    "gradient_clip_val": Check(lambda v: v == 0 and not isinstance(v, bool), "is not supported: the training "
+                               "step (hstu.train_step) does not clip gradients; leave it unset"),
     "accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
-    "precision": Check(lambda v: str(v) in TRAINER_PRECISIONS and not isinstance(v, (bool, float)),
-                       f"must be one of {list(TRAINER_PRECISIONS)}"),
+    "precision": (Check(lambda v: str(v) in TRAINER_PRECISIONS and not isinstance(v, (bool, float)),
+                        f"must be one of {list(TRAINER_PRECISIONS)}"),
+                  Check(lambda v: str(v) not in ("16-mixed", "16"), "fp16 autocast needs loss scaling, which the "
+                        "training step (hstu.train_step) does not do; use bf16-mixed or 32-true")),
 }
 
 
@@ -326,11 +330,11 @@ def config_errors(cfg: DictConfig) -> list[str]:
             errors.append(f"optimized_metric={metric}: data.protocol=paper has no validation split to measure it "
                           "on; search with data.protocol=ours")
         else:
-            ks = OmegaConf.select(cfg, "model.eval_ks") or []
-            known = [f"val/{name}@{k}" for name in ("ndcg", "hr") for k in ks] + ["val/mrr"]
+            known = _validation_metrics(cfg)
             if metric not in known:
                 errors.append(f"optimized_metric={metric}: must be one of {known} (a search tunes on validation "
                               "metrics; test metrics would tune on the test split)")
+    errors += _monitor_errors(cfg)
     if OmegaConf.select(cfg, "trainer.use_distributed_sampler") is True:
         errors.append("trainer.use_distributed_sampler=true: the datamodule shards examples by rank itself (a "
                       "distributed sampler would pad evaluation with duplicate users); leave it false")
@@ -344,6 +348,25 @@ def config_errors(cfg: DictConfig) -> list[str]:
         if isinstance(dim, int) and isinstance(heads, int) and heads >= 1 and dim % heads:
             errors.append(f"model.dim={dim}: SASRec needs it divisible by model.encoder.num_heads={heads}")
     return list(dict.fromkeys(errors))  # a value shared by interpolation is reported once
+
+
+def _validation_metrics(cfg: DictConfig) -> list[str]:
+    """The validation metrics a run logs: NDCG and HR at each of ``model.eval_ks``, and MRR."""
+    ks = OmegaConf.select(cfg, "model.eval_ks") or []
+    return [f"val/{name}@{k}" for name in ("ndcg", "hr") for k in ks] + ["val/mrr"]
+
+
+def _monitor_errors(cfg: DictConfig) -> list[str]:
+    """The callbacks' monitored metrics (best checkpoint, early stopping) must be validation metrics the model
+    computes: a missing one stops the run after its first epoch. Under data.protocol=paper they are dropped."""
+    callbacks = cfg.get("callbacks")
+    if not isinstance(callbacks, DictConfig) or OmegaConf.select(cfg, "data.protocol") == "paper":
+        return []
+    known = _validation_metrics(cfg)
+    return [f"callbacks.{name}.monitor={node.monitor}: must be one of {known} (the validation metrics of "
+            f"model.eval_ks)"
+            for name, node in callbacks.items()
+            if isinstance(node, DictConfig) and isinstance(node.get("monitor"), str) and node.monitor not in known]
 
 
 def check_config(cfg: DictConfig) -> None:

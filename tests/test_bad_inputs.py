@@ -63,6 +63,18 @@ CASES = {
     "lr not a number": Case("train", [*TRAIN, "data.source.path={good}", "model.optimizer.lr=abc"],
                             r"^Error merging override model\.optimizer\.lr=abc$",
                             r"Value 'abc' of type 'str' could not be converted to Float"),
+    "gradient clipping": Case("train", [*TRAIN, "data.source.path={good}", "+trainer.gradient_clip_val=1.0"],
+                              r"^trainer\.gradient_clip_val=1\.0: is not supported: the training step \(hstu\.train_step\) "
+                              r"does not clip gradients; leave it unset$"),
+    "gradient accumulation": Case("train", [*TRAIN, "data.source.path={good}", "+trainer.accumulate_grad_batches=2"],
+                                  r"^trainer\.accumulate_grad_batches=2: is not supported: .* raise data\.batch_size "
+                                  r"instead$"),
+    "fp16 autocast": Case("train", [*TRAIN, "data.source.path={good}", "trainer.precision=16-mixed"],
+                          r"^trainer\.precision=16-mixed: fp16 autocast needs loss scaling, which the training step "
+                          r"\(hstu\.train_step\) does not do; use bf16-mixed or 32-true$"),
+    "monitored metric not computed": Case("train", [*TINY_RUN, "model.eval_ks=[5,20]"],
+                                          r"^callbacks\.model_checkpoint\.monitor=val/ndcg@10: must be one of "
+                                          r"\['val/ndcg@5', 'val/ndcg@20', 'val/hr@5', 'val/hr@20', 'val/mrr'\]"),
     "batch size 0": Case("train", [*TRAIN, "data.source.path={good}", "data.batch_size=0"],
                          r"^data\.batch_size=0: must be >= 1$"),
     "batch size -1": Case("train", [*TRAIN, "data.source.path={good}", "data.batch_size=-1"],

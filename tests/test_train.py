@@ -38,7 +38,7 @@ MODEL_SIZE = {"hstu": ["model.encoder.dqk=16", "model.encoder.dv=16"], "sasrec":
     (["trainer.accelerator=cpu"], True, "32-true"),
     (["trainer=gpu"], True, "bf16-mixed"),
     (["trainer.precision=32-true"], True, "32-true"),
-    (["trainer.precision=16-mixed"], False, "16-mixed"),
+    (["trainer.precision=16-true"], False, "16-true"),
 ])
 def test_precision_defaults_to_bf16_mixed_on_cuda_only(monkeypatch, overrides, cuda, expected):
     """trainer.precision=null resolves in one place: bf16-mixed where the run lands on a CUDA device."""
