@@ -50,15 +50,16 @@ class EpochThroughput(_ResumableState):
     throughput, as ``samples_per_sec``), and ``samples_per_sec_per_process`` is that divided by the processes.
 
     Measured from the epoch's start to its last training step, with the device synchronised at both
-    ends, so it counts every step and no validation (Lightning runs the end-of-epoch validation before
-    ``on_train_epoch_end``). Lightning's ThroughputMonitor only reports after ``window_size`` steps,
-    and ML-1M has about 48 steps an epoch.
+    ends, so it counts every step and no validation: the clock pauses while any validation of the epoch
+    runs (``trainer.val_check_interval`` < 1 validates within it) and resumes at the next training
+    batch. Lightning's ThroughputMonitor only reports after ``window_size`` steps, and ML-1M has about
+    48 steps an epoch.
     """
 
     def __init__(self):
         self.history: list[dict[str, float]] = []
-        self._start = 0.0
-        self._seconds: float | None = None
+        self._running_since: float | None = None  # None while paused
+        self._seconds = 0.0
         self._samples = 0
         self._tokens = 0
 
@@ -68,22 +69,30 @@ class EpochThroughput(_ResumableState):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
         self._samples = self._tokens = 0
-        self._seconds = None
-        self._start = time.perf_counter()
+        self._seconds = 0.0
+        self._start_clock(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._running_since is None:  # after a validation within the epoch
+            self._start_clock(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += batch.batch_size
         self._tokens += batch.num_tokens
 
+    def _start_clock(self, pl_module) -> None:
+        self._sync(pl_module)
+        self._running_since = time.perf_counter()
+
     def _stop_clock(self, pl_module) -> None:
-        if self._seconds is None:
+        if self._running_since is not None:
             self._sync(pl_module)
-            self._seconds = time.perf_counter() - self._start
+            self._seconds += time.perf_counter() - self._running_since
+            self._running_since = None
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:  # the end-of-epoch validation inside fit
+        if trainer.state.fn == TrainerFn.FITTING:  # a validation inside fit (the epoch's end, or within it)
             self._stop_clock(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -203,11 +212,12 @@ class StopOnNonFiniteLoss(L.Callback):
     epoch is written, so the last checkpoint holds the last good weights.
 
     The module records its losses in a :class:`hstu.guards.NonFiniteLossFlag` (``pl_module.nonfinite``)
-    on the device; this callback reads it once an epoch: when the end-of-epoch validation starts, else
-    at the epoch's end (checkpoint callbacks save after both)."""
+    on the device; this callback reads it when a validation within fit starts (at the epoch's end, or
+    within it with ``trainer.val_check_interval`` < 1) and at the epoch's end, unless no step ran since
+    the last read (checkpoint callbacks save after each)."""
 
     def __init__(self):
-        self._checked_epoch: int | None = None
+        self._checked_step: int | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         flag = getattr(pl_module, "nonfinite", None)
@@ -216,7 +226,7 @@ class StopOnNonFiniteLoss(L.Callback):
         flag.reset(pl_module.device)  # steps are numbered from 0 in each epoch
         for optimizer in trainer.optimizers:
             flag.attach(optimizer)
-        self._checked_epoch = None
+        self._checked_step = None
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -227,9 +237,9 @@ class StopOnNonFiniteLoss(L.Callback):
 
     def _check(self, trainer, pl_module) -> None:
         flag = getattr(pl_module, "nonfinite", None)
-        if flag is None or self._checked_epoch == trainer.current_epoch:
+        if flag is None or self._checked_step == trainer.global_step:
             return
-        self._checked_epoch = trainer.current_epoch
+        self._checked_step = trainer.global_step
         batch = flag.first_bad(lambda t: trainer.strategy.reduce(t, reduce_op="min"))
         if batch is None:
             return

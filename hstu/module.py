@@ -146,8 +146,11 @@ class RecModule(L.LightningModule):
             super().on_validation_model_zero_grad()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """The epoch's mean loss, read from the device once, after its last training step."""
-        if batch_idx + 1 == self.trainer.num_training_batches and self._train_step is not None:
+        """The epoch's mean loss, read from the device once, after its last training step (the last batch,
+        or the step that reaches ``trainer.max_steps``)."""
+        trainer = self.trainer
+        last = batch_idx + 1 == trainer.num_training_batches or 0 <= trainer.max_steps <= trainer.global_step
+        if last and self._train_step is not None:
             self.log("train/loss", self._train_step.end_epoch(), on_step=False, on_epoch=True, prog_bar=True,
                      batch_size=1, sync_dist=True)  # the mean over processes (their own epoch means)
 

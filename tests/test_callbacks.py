@@ -1,5 +1,7 @@
-"""EpochThroughput counts training steps only: the end-of-epoch validation is not in the epoch time. The
+"""EpochThroughput counts training steps only: no validation (at the epoch's end or within it) is in the epoch
+time. The epoch line's loss is the epoch's own, also for an epoch that trainer.max_steps cuts short. The
 progress-bar flag turns the configured progress bar off."""
+import pytest
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,18 +38,29 @@ def batches(n):
     return DataLoader([SimpleNamespace(batch_size=4, num_tokens=40)] * n, batch_size=None, collate_fn=lambda b: b)
 
 
-def test_epoch_time_excludes_validation():
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])  # 0.5: a validation after batch 2 as well
+def test_epoch_time_excludes_validation(val_check_interval):
     throughput = EpochThroughput()
     trainer = L.Trainer(max_epochs=2, callbacks=[throughput], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        accelerator="cpu")
+                        accelerator="cpu", val_check_interval=val_check_interval)
     trainer.fit(SleepyModule(), batches(5), batches(2))
     assert len(throughput.history) == 2
     for row in throughput.history:
-        assert 5 * STEP_S <= row["epoch_time_s"] < 5 * STEP_S + VAL_S, row  # validation sleeps 2 * VAL_S
+        assert 5 * STEP_S <= row["epoch_time_s"] < 5 * STEP_S + VAL_S, row  # each validation sleeps 2 * VAL_S
         assert row["samples_per_sec"] == 20 / row["epoch_time_s"]
         assert row["tokens_per_sec"] == 200 / row["epoch_time_s"]
     assert throughput.summary()["epochs_timed"] == 1
+
+
+def test_an_epoch_cut_short_by_max_steps_reports_its_own_loss(tmp_path):
+    """Two batches an epoch and max_steps=3: epoch 1 trains one step, and its line has that step's loss, not
+    epoch 0's (the loss was logged at an epoch's last batch only)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        cfg = compose("train", overrides=[*TINY_RUN, "trainer.max_epochs=5", "+trainer.max_steps=3",
+                                          f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"])
+    epochs = train(cfg)["epochs"]
+    assert [row["epoch"] for row in epochs] == [0, 1] and epochs[1]["loss"] != epochs[0]["loss"], epochs
 
 
 def test_progress_bar_flag_drops_the_configured_progress_bar(tmp_path):

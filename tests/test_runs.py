@@ -282,6 +282,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_nan_loss_after_a_validation_within_the_epoch_stops_the_run(tmp_path):
+    """With trainer.val_check_interval=0.5 the flag is read at each validation and at the epoch's end: a NaN
+    after the mid-epoch validation (read then) still stops the run."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[*TINY, "trainer.max_epochs=2", "+trainer.val_check_interval=0.5",
+                                          "~callbacks.rich_progress_bar",
+                                          "+callbacks.fault._target_=train_faults.NaNLossFrom", "+callbacks.fault.epoch=0", "+callbacks.fault.batch=3",
+                                          f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"])
+    with pytest.raises(TrainingDivergedError, match=r"^the training loss was NaN or inf at epoch 0, batch 3; "):
+        train(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_fused_adamw_skips_updates_while_the_flag_is_set():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
