@@ -38,7 +38,15 @@ from omegaconf import DictConfig, OmegaConf
 from hstu.config import check_accelerator, check_config, config_errors, make_directory, remove_new_directory
 from hstu.errors import ConfigError, UserError
 from hstu.files import write_text_atomically
-from hstu.train import METRICS_FILE, RUN_LOCK, check_run_dir, claim_run_dir, report_console, resume_checkpoint
+from hstu.train import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    RUN_LOCK,
+    check_run_dir,
+    claim_run_dir,
+    report_console,
+    resume_checkpoint,
+)
 
 SUMMARY_FILE = "summary.csv"
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes in hydra.output_subdir
@@ -72,7 +80,8 @@ class CheckBeforeStart(Callback):
         self._release()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, Path(config.hydra.sweep.dir), lambda: check_sweep_jobs(config))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self._check(config, sweep_dir, lambda: check_sweep_dir(sweep_dir), lambda: check_sweep_jobs(config))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """A run that a user error stopped (bad data, say) before it wrote anything of its own leaves no
@@ -104,6 +113,18 @@ class CheckBeforeStart(Callback):
             self._release()
             remove_new_directory(job_dir, (RUN_LOCK,))
             sys.exit(1)
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """ConfigError when ``hydra.sweep.dir`` holds an earlier sweep's jobs (a job folder's Hydra files, results
+    or checkpoints): Hydra writes each new job's files into its folder before the job could refuse it."""
+    if not sweep_dir.is_dir():
+        return
+    for pattern in (f"*/{METRICS_FILE}", f"*/{CHECKPOINT_DIR}/*.ckpt", f"*/{OVERRIDES_FILE}"):
+        found = next(iter(sorted(sweep_dir.glob(pattern))), None)
+        if found is not None:
+            raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds an earlier sweep's jobs "
+                              f"({found.relative_to(sweep_dir)}); leave hydra.sweep.dir unset for a new directory")
 
 
 def check_sweep_jobs(config: DictConfig) -> None:

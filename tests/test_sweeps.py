@@ -89,6 +89,24 @@ def test_a_sweep_with_a_bad_job_stops_before_any_job_runs(tmp_path):
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "data").exists()
 
 
+def test_a_sweep_into_an_earlier_sweeps_directory_is_refused_before_it_writes(tmp_path):
+    """Hydra writes each job's .hydra files before the job runs: a second sweep into the first one's folder
+    would rewrite the finished jobs' configs (eval and export then refuse them) before any job could stop."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    earlier = {sweep / "0" / "metrics.json": "{}", sweep / "0" / ".hydra" / "config.yaml": "model:\n  dim: 8\n"}
+    for path, text in earlier.items():
+        path.write_text(text)
+    result = run_script("train", "-m", *TINY, "model.dim=16,32", f"hydra.sweep.dir={sweep}",
+                        f"paths.data_dir={tmp_path / 'data'}")
+    assert result.code == 1
+    assert result.error_lines == [f"hydra.sweep.dir={sweep} holds an earlier sweep's jobs (0/metrics.json); leave "
+                                  "hydra.sweep.dir unset for a new directory"]
+    assert {path: path.read_text() for path in earlier} == earlier
+    written = sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("*"))
+    assert written == ["0", "0/.hydra", "0/.hydra/config.yaml", "0/metrics.json"]
+
+
 @pytest.mark.slow
 def test_a_sweep_that_a_failing_job_stops_keeps_its_summary(tmp_path):
     """A job that fails while it runs (its data folder is a file) stops Hydra's sweep before its end; the
