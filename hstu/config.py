@@ -240,6 +240,19 @@ def _batches_limit() -> Check:  # limit_*_batches: a count of batches, or a frac
                  or (isinstance(v, float) and 0.0 <= v <= 1.0), "must be a batch count >= 0 or a fraction in [0, 1]")
 
 
+def _devices(value: Any) -> bool:
+    """What Lightning takes as ``devices``: a count, -1, "auto", device indices as a list or a string."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1 or value == -1
+    if isinstance(value, str):
+        return value == "auto" or re.fullmatch(r"-1|\d+(,\d+)*,?", value.replace(" ", "")) is not None
+    value = list(value) if isinstance(value, ListConfig) else value
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+
+
 def _trains(rule: str) -> Check:
     """A limit of 0 (epochs, steps or training batches) trains nothing: the run would test untrained weights."""
     return Check(lambda v: v != 0, f"trains nothing (the run would test untrained weights); {rule}")
@@ -268,6 +281,9 @@ TRAINER_CHECKS = {
     "gradient_clip_val": Check(lambda v: v == 0 and not isinstance(v, bool), "is not supported: the training "
                                "step (hstu.train_step) does not clip gradients; leave it unset"),
     "accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+    "deterministic": Check(lambda v: isinstance(v, bool) or v == "warn", "must be true, false or warn"),
+    "devices": Check(_devices, "must be a count >= 1, -1 (all), auto, a list of device indices or a string of "
+                     "them ('0,1')"),
     "precision": (Check(lambda v: str(v) in TRAINER_PRECISIONS and not isinstance(v, (bool, float)),
                         f"must be one of {list(TRAINER_PRECISIONS)}"),
                   Check(lambda v: str(v) not in ("16-mixed", "16"), "fp16 autocast needs loss scaling, which the "

@@ -63,6 +63,11 @@ CASES = {
     "lr not a number": Case("train", [*TRAIN, "data.source.path={good}", "model.optimizer.lr=abc"],
                             r"^Error merging override model\.optimizer\.lr=abc$",
                             r"Value 'abc' of type 'str' could not be converted to Float"),
+    "deterministic not a bool": Case("train", [*TRAIN, "data.source.path={good}", "trainer.deterministic=maybe"],
+                                     r"^trainer\.deterministic=maybe: must be true, false or warn$"),
+    "no devices": Case("train", [*TRAIN, "data.source.path={good}", "trainer.devices=0"],
+                       r"^trainer\.devices=0: must be a count >= 1, -1 \(all\), auto, a list of device indices or a "
+                       r"string of them \('0,1'\)$"),
     "gradient clipping": Case("train", [*TRAIN, "data.source.path={good}", "+trainer.gradient_clip_val=1.0"],
                               r"^trainer\.gradient_clip_val=1\.0: is not supported: the training step \(hstu\.train_step\) "
                               r"does not clip gradients; leave it unset$"),
