@@ -59,6 +59,7 @@ class EpochThroughput(_ResumableState):
     def __init__(self):
         self.history: list[dict[str, float]] = []
         self._running_since: float | None = None  # None while paused
+        self._timed_here = False  # whether this process has trained an epoch (a resumed run restores others)
         self._seconds = 0.0
         self._samples = 0
         self._tokens = 0
@@ -107,10 +108,12 @@ class EpochThroughput(_ResumableState):
         }
         if trainer.world_size > 1:
             row["samples_per_sec_per_process"] = samples / seconds / trainer.world_size
-        self.history.append(row)
         # the same on every process (sums over them): max over processes passes them unchanged
         pl_module.log_dict({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}, sync_dist=True,
                            reduce_fx="max")
+        row["warm_up"] = not self._timed_here  # this process's first epoch: compilation, capture, caches
+        self._timed_here = True
+        self.history.append(row)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(row) for row in self.history]}
@@ -119,8 +122,9 @@ class EpochThroughput(_ResumableState):
         self.history = [dict(row) for row in state["history"]]
 
     def summary(self) -> dict[str, float]:
-        """Means over epochs after the first (which pays compilation and warm-up)."""
-        rows = self.history[1:] or self.history
+        """Means over the epochs that were not a process's first (which pays compilation and warm-up: the
+        run's first epoch, and a resumed run's first)."""
+        rows = [r for i, r in enumerate(self.history) if i > 0 and not r.get("warm_up")] or self.history
         if not rows:
             return {}
         means = {key: sum(r[key] for r in rows) / len(rows)
