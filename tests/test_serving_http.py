@@ -147,7 +147,8 @@ def test_times_outside_the_range_get_a_422_naming_the_field_and_fail_alone(serve
     too_late, too_early, beyond_int64 = 2**62, -(2**62) - 1, 2**64
     bad = [({**GOOD, "events": [[ORIGINAL_IDS[0], 1_600_000_000], [ORIGINAL_IDS[1], too_late]]},
             ["body", "events", 1, 1], "less than or equal to 4611686018427387903"),
-           ({**GOOD, "request_time": beyond_int64}, ["body", "request_time"], "less than or equal to 4611686018427387903"),
+           ({**GOOD, "request_time": beyond_int64}, ["body", "request_time"],
+            "less than or equal to 4611686018427387903"),
            ({**GOOD, "events": [[ORIGINAL_IDS[0], too_early]]}, ["body", "events", 0, 1],
             "greater than or equal to -4611686018427387904")]
     for body, location, message in bad:
@@ -210,7 +211,8 @@ def test_a_request_that_fails_in_predict_fails_alone(export_dir):
             [0]["recommendations"]]
     assert [r["item"] for r in Transport.sent["uid-2"][0]["recommendations"]] == want
     timestamp_error, unexpected_error = Transport.sent["uid-1"][0], Transport.sent["uid-3"][0]
-    assert timestamp_error.status_code == 422 and "timestamp 18446744073709551616 lies outside" in timestamp_error.detail
+    assert timestamp_error.status_code == 422
+    assert "timestamp 18446744073709551616 lies outside" in timestamp_error.detail
     assert unexpected_error.status_code == 500 and unexpected_error.detail == "Internal server error"
     # A batch that fails while the engine serves it counts as errors only the requests that fail alone.
     api.engine = Recommender.from_export(export_dir).serving_engine()
