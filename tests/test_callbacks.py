@@ -1,12 +1,12 @@
 """EpochThroughput counts training steps only: no validation (at the epoch's end or within it) is in the epoch
 time. The epoch line's loss is the epoch's own, also for an epoch that trainer.max_steps cuts short. The
 progress-bar flag turns the configured progress bar off."""
-import pytest
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
