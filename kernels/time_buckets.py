@@ -18,6 +18,7 @@ DEFAULT_NUM_BUCKETS = 129
 # Unix seconds in [-TIMESTAMP_BOUND, TIMESTAMP_BOUND) differ by less than 2**63, so every gap the time bias
 # and the time embeddings take fits int64 and never wraps (2**62 seconds are about 1.5e11 years).
 TIMESTAMP_BOUND = 2**62
+OUTSIDE_TIMESTAMP_RANGE = "lies outside [-2**62, 2**62) seconds, where the gaps between times (int64) cannot wrap"
 
 
 def _threshold(k: int) -> int:

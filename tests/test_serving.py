@@ -493,7 +493,7 @@ def test_bad_requests_are_named(behaviors, k, message):
     (3, [1_700_000_000, "a"], r"^request_time\[1\]='a': must be Unix seconds \(an int\) or None$"),
     (3, [1_700_000_000, 1_500_000_000], r"^request_time=1500000000 is before the last event of history 1 \(\d+\)"),
     (3, [1_700_000_000, 2**62], r"^request_time=4611686018427387904 of history 1 lies outside \[-2\*\*62, 2\*\*62\) "
-                                r"Unix seconds, where the gaps between times \(int64\) cannot wrap$"),
+                                r"seconds, where the gaps between times \(int64\) cannot wrap$"),
 ])
 def test_bad_recommend_arguments_are_named(k, request_time, message):
     """Recommender.recommend names k or request_time (a string is not read character by character, a

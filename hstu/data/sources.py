@@ -38,7 +38,7 @@ from hydra.utils import to_absolute_path
 
 from hstu.errors import ConfigError, DataError, MissingFileError
 from hstu.files import current_umask, owned_prefix, remove_abandoned
-from hstu_kernels.time_buckets import TIMESTAMP_BOUND
+from hstu_kernels.time_buckets import OUTSIDE_TIMESTAMP_RANGE, TIMESTAMP_BOUND
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _frame_to_arrays(frame: pd.DataFrame, columns: list[str], used: list[int], k
             ids[name] = series.to_numpy(np.int64)
     timestamp = by_name["timestamp"].to_numpy(np.int64)
     if timestamp.size and (timestamp.min() < -TIMESTAMP_BOUND or timestamp.max() >= TIMESTAMP_BOUND):
-        raise ValueError("a timestamp lies outside [-2**62, 2**62)")  # the line scan names it
+        raise ValueError(f"a timestamp {OUTSIDE_TIMESTAMP_RANGE}")  # the line scan names its line
     rating = None
     if "rating" in by_name:
         rating = by_name["rating"].to_numpy(np.float32)
@@ -352,7 +352,7 @@ def _field_problem(name: str, value: str, kind: str) -> str | None:
     if kind == "int" and not -(2**63) <= number < 2**63:
         return "does not fit in int64"
     if name == "timestamp" and not -TIMESTAMP_BOUND <= number < TIMESTAMP_BOUND:
-        return "lies outside [-2**62, 2**62) seconds, where the gaps between times (int64) cannot wrap"
+        return OUTSIDE_TIMESTAMP_RANGE
     if kind == "float" and not math.isfinite(number):
         return "is not finite"
     if kind == "float" and abs(number) > float(np.finfo(np.float32).max):

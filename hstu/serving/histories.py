@@ -16,12 +16,10 @@ import numpy as np
 from hstu.data.sequences import _ranges
 from hstu.errors import RequestError, UnknownIdError
 from hstu.serving.ids import ItemIdIndex, int64_values
-from hstu_kernels.time_buckets import TIMESTAMP_BOUND
+from hstu_kernels.time_buckets import OUTSIDE_TIMESTAMP_RANGE, TIMESTAMP_BOUND
 
 History = tuple[Sequence[Hashable], Sequence[int]]
 UNKNOWN_ITEM_POLICIES = ("error", "skip")
-OUTSIDE_TIME_RANGE = ("lies outside [-2**62, 2**62) Unix seconds, where the gaps between times (int64) cannot "
-                      "wrap")
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,12 @@ def check_request_times(times: Sequence[Optional[int]], last_timestamps: Sequenc
     (the time bias would read the gap as if the request came that long after it); ``name(b)`` names
     history b in the message."""
     for b, request_time in enumerate(times):
-        if request_time is not None and not -TIMESTAMP_BOUND <= request_time < TIMESTAMP_BOUND:
-            of = f" of {name(b)}" if name is not None else ""
-            raise RequestError(f"request_time={request_time}{of} {OUTSIDE_TIME_RANGE}")
-        if request_time is not None and request_time < last_timestamps[b]:
-            of = f" of {name(b)}" if name is not None else ""
+        if request_time is None:
+            continue
+        of = f" of {name(b)}" if name is not None else ""
+        if not -TIMESTAMP_BOUND <= request_time < TIMESTAMP_BOUND:
+            raise RequestError(f"request_time={request_time}{of} {OUTSIDE_TIMESTAMP_RANGE}")
+        if request_time < last_timestamps[b]:
             raise RequestError(f"request_time={request_time} is before the last event{of} ({last_timestamps[b]}): "
                                "a request comes after its history")
 
@@ -102,12 +101,12 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
                 beyond = [t for t in time_parts[user] if isinstance(t, (int, np.integer)) and not isinstance(t, bool)
                           and not -TIMESTAMP_BOUND <= t < TIMESTAMP_BOUND] if part.ndim == 1 else []
                 if beyond:  # integers beyond int64 make numpy's array float64: the range is the problem
-                    raise RequestError(f"history {user}: timestamp {beyond[0]} {OUTSIDE_TIME_RANGE}")
+                    raise RequestError(f"history {user}: timestamp {beyond[0]} {OUTSIDE_TIMESTAMP_RANGE}")
                 raise RequestError(f"history {user}: timestamps must be integer Unix seconds, got dtype {part.dtype}")
     outside = np.flatnonzero((timestamps < -TIMESTAMP_BOUND) | (timestamps >= TIMESTAMP_BOUND))
     if outside.size:
         user = int(np.searchsorted(offsets, outside[0], side="right") - 1)
-        raise RequestError(f"history {user}: timestamp {timestamps[outside[0]]} {OUTSIDE_TIME_RANGE}")
+        raise RequestError(f"history {user}: timestamp {timestamps[outside[0]]} {OUTSIDE_TIMESTAMP_RANGE}")
     timestamps = timestamps.astype(np.int64, copy=False)
     if _all_arrays(item_parts):
         item_ids = index.lookup(np.concatenate(item_parts))

@@ -112,8 +112,8 @@ def _check_catalogue_loaded() -> ItemIdIndex:
     return _Catalogue.index
 
 
-# Unix seconds as the engine holds them (int64).
-UnixSeconds = Annotated[int, Strict(), Field(ge=-TIMESTAMP_BOUND, le=TIMESTAMP_BOUND - 1)]  # gaps fit int64
+# Unix seconds whose gaps fit the engine's int64 (hstu_kernels.time_buckets.TIMESTAMP_BOUND).
+UnixSeconds = Annotated[int, Strict(), Field(ge=-TIMESTAMP_BOUND, le=TIMESTAMP_BOUND - 1)]
 
 
 class RecommendRequest(BaseModel):
