@@ -302,7 +302,24 @@ def _trainer_errors(trainer: Any) -> list[str]:
                       None)
         if failed is not None:
             errors.append(f"trainer.{key}={trainer[key]}: {failed.rule}")
+    if not errors and _runs_on_cpu(trainer.get("accelerator")) and not _cpu_devices(trainer.get("devices")):
+        errors.append(f"trainer.devices={trainer.devices}: a CPU run takes a process count >= 1 or auto (device "
+                      "indices and -1 select GPUs)")
     return errors
+
+
+def _runs_on_cpu(accelerator: Any) -> bool:
+    """Whether Lightning will pick its CPU accelerator (auto picks CUDA where a GPU is visible)."""
+    return accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+
+
+def _cpu_devices(value: Any) -> bool:
+    """What Lightning's CPU accelerator takes as ``devices``: a process count, as an int or a digit string."""
+    if value is None or value == "auto":
+        return True
+    if isinstance(value, str):
+        value = int(value) if value.strip().isdigit() else None
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_accelerator(accelerator: Any, key: str) -> None:

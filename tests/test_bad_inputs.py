@@ -68,6 +68,9 @@ CASES = {
     "no devices": Case("train", [*TRAIN, "data.source.path={good}", "trainer.devices=0"],
                        r"^trainer\.devices=0: must be a count >= 1, -1 \(all\), auto, a list of device indices or a "
                        r"string of them \('0,1'\)$"),
+    "device indices on a CPU": Case("train", [*TRAIN, "data.source.path={good}", "trainer.devices=[0]"],
+                                    r"^trainer\.devices=\[0\]: a CPU run takes a process count >= 1 or auto \(device "
+                                    r"indices and -1 select GPUs\)$"),
     "gradient clipping": Case("train", [*TRAIN, "data.source.path={good}", "+trainer.gradient_clip_val=1.0"],
                               r"^trainer\.gradient_clip_val=1\.0: is not supported: the training step \(hstu\.train_step\) "
                               r"does not clip gradients; leave it unset$"),
