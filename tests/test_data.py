@@ -202,9 +202,15 @@ GOOD_DAT = ["1::10::5::100", "1::11::4::101"]
                                                                                              "timestamp"]),
          r"^mine.csv:2: timestamp '4611686018427387904' lies outside \[-2\*\*62, 2\*\*62\) seconds, where the gaps "
          r"between times \(int64\) cannot wrap in '1,3,4611686018427387904'$"),
+        # a column made only of True/False: pandas reads it as 1/0 without a word
+        ("mine.csv", ["1,True,3", "1,False,4"], lambda p: Interactions(str(p), columns=["user", "item", "timestamp"]),
+         r"^mine.csv:1: item 'True' is not an integer \(string ids need id_dtype: str\) in '1,True,3'$"),
+        ("ratings.csv", ["userId,movieId,rating,timestamp", "1,2,true,10", "1,3,false,11"],
+         lambda p: MovieLens20M(str(p)), r"^ratings.csv:2: rating 'true' is not a number in '1,2,true,10'$"),
     ],
     ids=["dat-fields", "dat-timestamp", "dat-extra-field", "csv-empty-rating", "csv-extra-field", "csv-nan",
-         "int-id", "empty-string-id", "short-line", "rating-range", "timestamp-range"],
+         "int-id", "empty-string-id", "short-line", "rating-range", "timestamp-range", "boolean-ids",
+         "boolean-ratings"],
 )
 def test_malformed_line_is_named(tmp_path, name, lines, make_source, message):
     path = write(tmp_path, name, "\n".join(lines) + "\n")

@@ -22,7 +22,9 @@ import io
 import json
 import logging
 import math
+import mmap
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -230,7 +232,29 @@ def read_table(
             raise DataError(f"{display_name}: could not be parsed: {error}") from error
         # The line scan found the cause: pandas' own error and its traceback would only bury it.
         raise DataError(problem) from None
+    # pandas reads a numeric column made only of True/False as 1/0, silently: the line scan names such a field
+    if any(kinds[columns[i]] != "str" for i in used) and _has_boolean_word(source):
+        problem = _first_malformed_line(
+            _text_lines(source), display_name=display_name, sep=sep, columns=columns, kinds=kinds, header=header
+        )
+        if problem is not None:
+            raise DataError(problem)
     return interactions
+
+
+# The words pandas' C parser reads as booleans, even into an integer or float column
+_BOOLEAN_WORD = re.compile(rb"[Tt]rue|TRUE|[Ff]alse|FALSE")
+
+
+def _has_boolean_word(source: Path | bytes) -> bool:
+    """Whether the text holds a word pandas may have read as a boolean (one pass at memory speed)."""
+    if isinstance(source, bytes):
+        return _BOOLEAN_WORD.search(source) is not None
+    with open(source, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as text:
+            return _BOOLEAN_WORD.search(text) is not None
 
 
 def source_value(key: str, value, kind: type):
