@@ -7,7 +7,7 @@ row of width 1). Element (r, c):
 - belongs to group g = r * ceil(width / 4) + c // 4 (groups of four columns, never straddling rows;
   the last group of a row whose width is not a multiple of 4 leaves its surplus words unused);
 - takes 32-bit word c mod 4 of one Philox-4x32-10 evaluation (Salmon et al., "Parallel random
-  numbers: as easy as 1, 2, 3", SC 2011) with key (seed mod 2**32, seed >> 32) and counter
+  numbers: as easy as 1, 2, 3", SC 2011) with key (seed mod 2**32, (seed >> 32) mod 2**32) and counter
   (g mod 2**32, g >> 32, 0, 0): the four words of ``triton.language.randint4x(seed, g)``, in order;
 - turns that word into a float32 uniform in [0, 1) as ``triton.language.random.uint_to_uniform_float``
   does: the word read as int32, a negative one replaced by its bitwise not (giving [0, 2**31 - 1]),
@@ -19,7 +19,8 @@ column start is a multiple of 4 regenerates the very same mask inside its forwar
 without storing it (``hstu_kernels.triton.common.dropout_uniforms``), and the mask is identical on
 every device.
 
-A seed is a Python int or an int64 device tensor. Training passes device tensors drawn from torch's
+A seed is a Python int in [0, 2**63) or an int64 device tensor, whose bits are read as an unsigned
+64-bit key (a negative one is taken mod 2**64, as Triton's generator takes it). Training passes device tensors drawn from torch's
 own generator (:func:`draw_seed`): a captured CUDA graph then draws a new seed, hence a new mask, on
 every replay, where a Python int would be frozen into the graph (and would recompile a
 ``torch.compile`` graph whenever it changed).
@@ -86,11 +87,11 @@ def philox_uniform(seed: int | torch.Tensor, rows: int, width: int, device: torc
 
 def _philox_4x32(seed: torch.Tensor, counter: torch.Tensor) -> list[torch.Tensor]:
     """The four output words (uint32 held in int64) of Philox-4x32-10 at counters (counter mod 2**32,
-    counter >> 32, 0, 0) under key (seed mod 2**32, seed >> 32)."""
+    counter >> 32, 0, 0) under key (seed mod 2**32, (seed >> 32) mod 2**32): seed's bits as a uint64."""
     c0, c1 = counter & _UINT32_MASK, counter >> 32
     c2 = torch.zeros_like(counter)
     c3 = torch.zeros_like(counter)
-    k0, k1 = seed & _UINT32_MASK, seed >> 32
+    k0, k1 = seed & _UINT32_MASK, (seed >> 32) & _UINT32_MASK  # >> keeps a negative seed's sign bits
     for _ in range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)

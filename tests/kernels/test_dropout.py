@@ -88,6 +88,17 @@ def test_kernel_tile_helper_with_counters_past_2_31(device):
             assert torch.equal(got, philox_uniform(seed, 6, width, device, first_row=first_row)), (width, first_row)
 
 
+@needs_triton
+def test_negative_tensor_seeds_are_read_as_uint64_by_kernel_and_reference(device):
+    """A tensor seed is any int64: its bits are the key, as Triton's generator reads them. A negative seed's sign
+    bits must not reach the key's high word (they give uniforms below 0 and a mask unlike the kernel's)."""
+    for seed in (-1, -12345, -(2**63), -(2**40) - 3):
+        got = _store_tiles(torch.tensor(seed), 6, 50, 0, 16, False, device)
+        expected = philox_uniform(torch.tensor(seed), 6, 50, device)
+        assert torch.equal(got, expected), seed
+        assert 0.0 <= expected.min() and expected.max() < 1.0, seed
+
+
 @pytest.mark.gpu
 @needs_triton
 def test_compiled_tile_helper_matches_the_reference_on_the_gpu():
