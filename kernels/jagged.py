@@ -80,16 +80,17 @@ def check_offsets(seq_offsets: torch.Tensor, num_tokens: int, max_seq_len: int |
     at most ``max_seq_len``. Skipped inside a torch.compile trace."""
     if torch.compiler.is_compiling():
         return
-    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    lengths = seq_offsets[1:] - seq_offsets[:-1]  # may wrap where offsets decrease: order is compared directly
     if lengths.numel():
-        first, last, shortest, longest = torch.stack(
-            [seq_offsets[0], seq_offsets[-1], lengths.min(), lengths.max()]).tolist()
+        decreasing = (seq_offsets[1:] < seq_offsets[:-1]).any().to(seq_offsets.dtype)
+        first, last, decreases, longest = torch.stack(
+            [seq_offsets[0], seq_offsets[-1], decreasing, lengths.max()]).tolist()
     else:
         first = last = int(seq_offsets[0])
-        shortest = longest = 0
+        decreases, longest = 0, 0
     if first != 0 or last != num_tokens:
         raise ValueError(f"{name}: seq_offsets must start at 0 and end at L={num_tokens}; got {first} and {last}")
-    if shortest < 0:
+    if decreases:
         raise ValueError(f"{name}: seq_offsets must be non-decreasing")
     if max_seq_len is not None and longest > max_seq_len:
         raise ValueError(f"{name}: a sequence of length {longest} exceeds max_seq_len={max_seq_len}")

@@ -70,7 +70,7 @@ def check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, targe
         first, last = exclude_offsets[0].item(), exclude_offsets[-1].item()
         if first != 0 or last != exclude_ids.shape[0]:
             raise ValueError(f"topk_items: exclude_offsets must start at 0 and end at len(exclude_ids)={exclude_ids.shape[0]}")
-        if num_queries and int((exclude_offsets[1:] - exclude_offsets[:-1]).min()) < 0:
+        if bool((exclude_offsets[1:] < exclude_offsets[:-1]).any()):  # differences could wrap
             raise ValueError("topk_items: exclude_offsets must be non-decreasing")
         _check_id_range("exclude_ids", exclude_ids, num_items)
     if target_ids is not None:

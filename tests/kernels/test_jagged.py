@@ -72,6 +72,19 @@ def test_emulation_reads_a_slice_from_its_buffer_start():
     assert torch.equal(whole, torch.searchsorted(offsets, token, right=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_check_offsets_names_each_fault(dtype):
+    """Start, end, order (also where the differences wrap around the integer type) and the longest length."""
+    top = torch.iinfo(dtype).max
+    for offsets, message in (([1, 3, 5], "must start at 0 and end at L=5"), ([0, 3, 4], "must start at 0 and end"),
+                             ([0, 3, 2, 5], "must be non-decreasing"), ([0, top, -2, 5], "must be non-decreasing"),
+                             ([0, 5, 5], "a sequence of length 5 exceeds max_seq_len=4")):
+        with pytest.raises(ValueError, match=f"^op: seq_offsets {message}|^op: {message}"):
+            jagged.check_offsets(torch.tensor(offsets, dtype=dtype), 5, 4, "op")
+    jagged.check_offsets(torch.tensor([0, 0, 4, 5], dtype=dtype), 5, 4, "op")
+    jagged.check_offsets(torch.tensor([0], dtype=dtype), 0, 4, "op")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: Inductor's Triton searchsorted
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,10 @@ def test_topk_errors():
         hstu_kernels.topk_items(queries, table, 2, exclude_ids=torch.tensor([1]), exclude_offsets=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="must start at 0 and end at len"):
         hstu_kernels.topk_items(queries, table, 2, exclude_ids=torch.tensor([1]), exclude_offsets=torch.tensor([0, 1, 2]))
+    for offsets in ([0, 2, 1, 1], [0, 2**63 - 1, -2, 1]):  # the second's differences wrap around int64
+        with pytest.raises(ValueError, match="exclude_offsets must be non-decreasing"):
+            hstu_kernels.topk_items(torch.randn(3, 3), table, 2, exclude_ids=torch.tensor([1]),
+                                    exclude_offsets=torch.tensor(offsets))
     with pytest.raises(ValueError, match=r"exclude_ids must lie in \[0, 4\)"):
         hstu_kernels.topk_items(queries, table, 2, exclude_ids=torch.tensor([4]), exclude_offsets=torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match=r"target_ids must lie in \[0, 4\)"):
