@@ -39,8 +39,9 @@ class BiasTableLookup(torch.autograd.Function):
     step. The bias is shared across heads, so autograd has already summed the gradient over heads
     (and over the batch for the position bias) through broadcasting before it reaches this
     backward, which then bins it with ``bincount`` (or ``scatter_add_`` where ``bincount`` is not
-    allowed: deterministic mode on CUDA, torch.compile traces, which need a static output size, and
-    CUDA-graph capture, since CUDA's ``bincount`` reads its largest index back to the host).
+    allowed: deterministic mode on CUDA, torch.compile traces, which need a static output size,
+    CUDA-graph capture, since CUDA's ``bincount`` reads its largest index back to the host, and a
+    backward with ``create_graph=True``, since ``bincount`` has no derivative).
     The sum is accumulated in float32 (float64 for float64 tables).
     """
 
@@ -58,7 +59,8 @@ class BiasTableLookup(torch.autograd.Function):
         flat_index = index.reshape(-1)
         flat_grad = grad.reshape(-1).to(acc_dtype)
         use_scatter = torch.compiler.is_compiling() or (grad.is_cuda and (
-            torch.are_deterministic_algorithms_enabled() or torch.cuda.is_current_stream_capturing()))
+            torch.are_deterministic_algorithms_enabled() or torch.cuda.is_current_stream_capturing())) or (
+            torch.is_grad_enabled() and grad.requires_grad)  # create_graph: bincount has no derivative
         if use_scatter:
             grad_table = flat_grad.new_zeros(ctx.table_size).scatter_add_(0, flat_index, flat_grad)
         else:

@@ -300,6 +300,7 @@ def test_reference_gradcheck(use_pos, use_time):
                                    pos_weight=t.get("pos_weight"), time_weight=t.get("time_weight"))
 
     assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)  # higher-order gradients are the reference's to give
 
 
 def test_reference_length_zero_and_one_sequences():
