@@ -39,7 +39,7 @@ from hstu.model.loss import LOSS_KINDS
 from hstu.module import CUDA_GRAPH_MODES
 from hstu_kernels import OPERATORS
 from hstu_kernels.manager import FALLBACK_POLICIES
-from hstu_kernels.time_buckets import max_num_buckets
+from hstu_kernels.time_buckets import MAX_NUM_BUCKETS
 
 # One boolean per operator of the registry (hstu_kernels.registry), all off by default.
 KernelFlags = make_dataclass("KernelFlags", [(op, bool, field(default=False)) for op in OPERATORS])
@@ -75,7 +75,7 @@ def one_of(*choices: str) -> Check:
 SEED = Check(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)")  # what seed_everything and numpy accept
 
 
-MAX_TIME_BUCKETS = max_num_buckets()
+MAX_TIME_BUCKETS = MAX_NUM_BUCKETS
 
 
 def checked(check: Check, default: Any = MISSING) -> Any:

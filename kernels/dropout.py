@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hstu_kernels.arguments import check_probability
+
 # Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
 # the generator behind triton.language.randint4x.
 _PHILOX_ROUND_A = 0xD2511F53
@@ -131,9 +133,8 @@ def seeded_dropout_mask(shape, p: float, seed: int | torch.Tensor, device=None) 
     return (uniform >= torch.full((), p, dtype=torch.float32, device=uniform.device)).reshape(shape)
 
 
-def check_dropout_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {p}")
+def check_dropout_p(p: float, name: str = "dropout") -> None:
+    check_probability(name, "dropout_p", p)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, seed: int | torch.Tensor | None) -> torch.Tensor:

@@ -36,6 +36,10 @@ def max_num_buckets() -> int:
     return k
 
 
+# a constant for the checks that torch.compile traces (dynamo cannot trace ``decimal``)
+MAX_NUM_BUCKETS = max_num_buckets()
+
+
 @functools.lru_cache(maxsize=None)
 def _thresholds(num_buckets: int) -> tuple[int, ...]:
     if num_buckets > max_num_buckets():

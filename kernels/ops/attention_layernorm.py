@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hstu_kernels.arguments import check_floating, check_real
 from hstu_kernels.benchmarking import element_size, random_values, seeded, triton_function
 from hstu_kernels.dropout import check_dropout_p, dropout, seed_tensor
 from hstu_kernels.layout import aligned_width
@@ -58,8 +59,8 @@ def check_attention_input(x, weight, eps):
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"attention_input: x [L, D] and weight [D, E] must share D; "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if not eps > 0:
-        raise ValueError(f"attention_input: eps must be > 0, got {eps}")
+    check_real("attention_input", "eps", eps, positive=True)
+    check_floating("attention_input", x=x, weight=weight)
     check_matmul_dtypes("attention_input", x=x, weight=weight)
 
 
@@ -74,9 +75,9 @@ def check_attention_output(x, attn, u, weight, bias, dropout_p, eps):
         )
     if bias is not None and bias.shape != (x.shape[1],):
         raise ValueError(f"attention_output: bias must be [D={x.shape[1]}] or None; got {tuple(bias.shape)}")
-    check_dropout_p(dropout_p)
-    if not eps > 0:
-        raise ValueError(f"attention_output: eps must be > 0, got {eps}")
+    check_dropout_p(dropout_p, "attention_output")
+    check_real("attention_output", "eps", eps, positive=True)
+    check_floating("attention_output", x=x, attn=attn, u=u, weight=weight, bias=bias)
     check_matmul_dtypes("attention_output", attn=attn, u=u, weight=weight, bias=bias)
 
 

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from hstu_kernels.arguments import check_count, check_floating, check_real
 from hstu_kernels.benchmarking import (
     increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded, triton_function,
 )
@@ -13,6 +14,7 @@ from hstu_kernels.manager import implementation
 from hstu_kernels.reference import hstu_attention as reference
 from hstu_kernels.reference.hstu_attention import AttentionLayout
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
+from hstu_kernels.time_buckets import MAX_NUM_BUCKETS
 
 KEY = "hstu_hierarchical_attention"
 
@@ -45,7 +47,7 @@ def hstu_attention(
     GPU, and of a layout's offsets and timestamps against these: for callers that checked their batch
     once (the model does, see ``JaggedBatch.check``).
     """
-    check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
+    check_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
                          validate)
     if layout is not None:
         check_layout(layout, "hstu_attention", "whole", seq_offsets, None, max_seq_len, max_seq_len, q,
@@ -55,9 +57,11 @@ def hstu_attention(
                 pos_weight=pos_weight, time_weight=time_weight, layout=layout)
 
 
-def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
-                         validate=True):
-    """Shapes and dtypes always; with ``validate``, the offsets' values too (one host read)."""
+def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight,
+                         time_weight, validate=True, name="hstu_attention"):
+    """Shapes, dtypes and scalars always; with ``validate``, the offsets' values too (one host read)."""
+    check_count(name, "max_seq_len", max_seq_len, 1)
+    check_real(name, "alpha", alpha)
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"hstu_attention: expected q, k [L, H, dqk] and v [L, H, dv]; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -81,6 +85,10 @@ def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_time
                          f"got {tuple(pos_weight.shape)}")
     if time_weight is not None and (time_weight.dim() != 1 or time_weight.numel() == 0):
         raise ValueError(f"hstu_attention: time_weight must be 1-D [num_buckets >= 1]; got {tuple(time_weight.shape)}")
+    if time_weight is not None and time_weight.numel() > MAX_NUM_BUCKETS:
+        raise ValueError(f"hstu_attention: time_weight has {time_weight.numel()} buckets; at most {MAX_NUM_BUCKETS} "
+                         "(the thresholds of more overflow int64)")
+    check_floating(name, pos_weight=pos_weight, time_weight=time_weight)
     if validate:
         check_offsets(seq_offsets, q.shape[0], max_seq_len, "hstu_attention")
 
@@ -118,8 +126,9 @@ def hstu_attention_delta(
     and timestamps (as in ``hstu_attention``). ``validate=False`` skips the checks of the offsets'
     values (host reads), and of a layout's offsets and timestamps against these.
     """
-    check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, max_new_len,
-                               q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight, validate)
+    check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
+                               max_new_len, q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight,
+                               validate)
     if layout is not None:
         check_layout(layout, "hstu_attention_delta", "delta", seq_offsets, cached_offsets, max_seq_len,
                      max_seq_len if max_new_len is None else max_new_len, q, cached_k.shape[0],
@@ -131,14 +140,14 @@ def hstu_attention_delta(
                 layout=layout)
 
 
-def check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, max_new_len,
-                               q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight,
+def check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
+                               max_new_len, q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight,
                                validate=True):
     """The new tokens as ``check_hstu_attention`` checks a sequence; the cache against them; with
     ``validate``, n_b + m_b <= max_seq_len and m_b <= max_new_len (host reads)."""
     name = "hstu_attention_delta"
-    check_hstu_attention(q, k, v, seq_offsets, max_seq_len, q_timestamps, k_timestamps, pos_weight, time_weight,
-                         validate=False)
+    check_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight,
+                         time_weight, validate=False, name=name)
     if cached_k.dim() != 3 or cached_k.shape[1:] != q.shape[1:] or cached_v.shape != (cached_k.shape[0], *v.shape[1:]):
         raise ValueError(f"{name}: expected cached_k [C, H, dqk] and cached_v [C, H, dv] like q {tuple(q.shape)} and "
                          f"v {tuple(v.shape)}; got {tuple(cached_k.shape)} and {tuple(cached_v.shape)}")
@@ -160,7 +169,9 @@ def check_delta_offsets(name, seq_offsets, num_new, cached_offsets, num_cached, 
     if cached_offsets.shape != seq_offsets.shape or cached_offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: cached_offsets must be a 1-D int32/int64 tensor shaped like seq_offsets "
                          f"{tuple(seq_offsets.shape)}; got {cached_offsets.dtype} {tuple(cached_offsets.shape)}")
-    if max_new_len is not None and not 0 <= max_new_len <= max_seq_len:
+    if max_new_len is not None:
+        check_count(name, "max_new_len", max_new_len, 0)
+    if max_new_len is not None and not max_new_len <= max_seq_len:
         raise ValueError(f"{name}: max_new_len={max_new_len} must lie in [0, max_seq_len={max_seq_len}]")
     if validate:
         check_offsets(seq_offsets, num_new, max_seq_len if max_new_len is None else max_new_len,
@@ -226,8 +237,7 @@ def hstu_attention_delta_layout(
     _check_layout_inputs(name, seq_offsets, max_seq_len, num_new, num_time_buckets,
                          {"q_timestamps": (q_timestamps, num_new), "k_timestamps": (k_timestamps, num_new),
                           "cached_k_timestamps": (cached_k_timestamps, num_cached)})
-    if num_cached < 0:
-        raise ValueError(f"{name}: num_cached must be >= 0, got {num_cached}")
+    check_count(name, "num_cached", num_cached, 0)
     check_delta_offsets(name, seq_offsets, num_new, cached_offsets, num_cached, max_seq_len, max_new_len, validate)
     return reference.hstu_attention_delta_layout(
         seq_offsets, cached_offsets, max_seq_len, num_new, num_cached, max_new_len=max_new_len,
@@ -238,12 +248,11 @@ def hstu_attention_delta_layout(
 def _check_layout_inputs(name, seq_offsets, max_seq_len, num_tokens, num_time_buckets, timestamps) -> None:
     if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: seq_offsets must be a 1-D int32/int64 tensor [B+1]")
-    if max_seq_len < 1 or num_tokens < 0:
-        raise ValueError(f"{name}: need max_seq_len >= 1 and a token count >= 0; got {max_seq_len} and {num_tokens}")
+    check_count(name, "max_seq_len", max_seq_len, 1)
+    check_count(name, "the token count", num_tokens, 0)
     if num_time_buckets is None:
         return
-    if num_time_buckets < 1:
-        raise ValueError(f"{name}: num_time_buckets must be >= 1, got {num_time_buckets}")
+    check_count(name, "num_time_buckets", num_time_buckets, 1)
     for what, (tensor, size) in timestamps.items():
         if tensor is None or tensor.dtype != torch.int64 or tensor.shape != (size,):
             got = "None" if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from hstu_kernels.arguments import check_floating, check_real, is_int
 from hstu_kernels.benchmarking import (
     element_size, increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded, triton_function,
 )
@@ -43,7 +44,7 @@ def sequence_fusion(
     ``validate=False`` skips the checks of offsets and ids that read values back from the device.
     """
     time_tables = list(time_tables)
-    check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales,
+    check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, scale, time_scales,
                           dropout_p, validate)
     impl = implementation(KEY, "sequence_fusion", backend, (item_table, pos_table, *time_tables))
     return impl(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, scale=scale,
@@ -51,7 +52,7 @@ def sequence_fusion(
                 position_from_end=position_from_end)
 
 
-def check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, time_scales,
+def check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, scale, time_scales,
                           dropout_p, validate):
     if item_ids.dim() != 1 or item_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sequence_fusion: item_ids must be a 1-D integer tensor [L]; got {item_ids.dtype} {tuple(item_ids.shape)}")
@@ -67,16 +68,23 @@ def check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_tab
             f"sequence_fusion: item_table [N, D] and pos_table [max_seq_len, D] must share D; "
             f"got {tuple(item_table.shape)} and {tuple(pos_table.shape)}"
         )
+    check_floating("sequence_fusion", item_table=item_table, pos_table=pos_table)
+    check_real("sequence_fusion", "scale", scale)
+    time_scales = list(time_scales)
+    for s, pair in enumerate(time_scales):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(value) for value in pair)):
+            raise TypeError(f"sequence_fusion: time_scales[{s}] must be a pair of ints (width, buckets), got {pair!r}")
     if len(time_tables) != len(time_scales):
         raise ValueError(f"sequence_fusion: {len(time_tables)} time_tables for {len(time_scales)} time_scales")
     for s, ((width, num_buckets), table) in enumerate(zip(time_scales, time_tables)):
         if width <= 0 or num_buckets <= 0:
             raise ValueError(f"sequence_fusion: time_scales[{s}] = ({width}, {num_buckets}) needs width > 0 and buckets > 0")
+        check_floating("sequence_fusion", **{f"time_tables[{s}]": table})
         if table.shape != (num_buckets, item_table.shape[1]):
             raise ValueError(
                 f"sequence_fusion: time_tables[{s}] must be [{num_buckets}, {item_table.shape[1]}]; got {tuple(table.shape)}"
             )
-    check_dropout_p(dropout_p)
+    check_dropout_p(dropout_p, "sequence_fusion")
     if not validate or torch.compiler.is_compiling():  # the checks below wait for the GPU
         return
     check_offsets(seq_offsets, item_ids.shape[0], pos_table.shape[0], "sequence_fusion")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hstu_kernels.arguments import check_floating, check_real
 from hstu_kernels.benchmarking import ProviderUnavailable, random_values, seeded, triton_function
 from hstu_kernels.manager import implementation
 from hstu_kernels.reference import softmax_losses as reference
@@ -66,8 +67,8 @@ def check_common(name, states, pos_ids, item_table, temperature, reduction="mean
         raise ValueError(f"{name}: item_table has no rows to score")
     if pos_ids.shape != (states.shape[0],) or pos_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: pos_ids must be integer [M={states.shape[0]}]; got {pos_ids.dtype} {tuple(pos_ids.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+    check_real(name, "temperature", temperature, positive=True)
+    check_floating(name, states=states, item_table=item_table)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if validate:

@@ -123,6 +123,67 @@ def test_a_backward_with_create_graph_through_a_triton_operator_raises(op):
     assert all(g is not None for g in torch.autograd.grad(loss, leaves))  # a plain backward still runs
 
 
+def _bad_argument_calls():
+    """(call taking a backend, error type, message) per plain argument of the public functions."""
+    q, offsets, ts = torch.randn(4, 1, 2), torch.tensor([0, 4]), torch.arange(4)
+    ids, table, tables = torch.tensor([0, 1, 2]), torch.randn(3, 4), [torch.randn(2, 4)]
+    states, pos = torch.randn(2, 4), torch.tensor([0, 1])
+    x = torch.randn(2, 4)
+
+    def fusion(backend, scale=1.0, time_scales=((1, 2),), dropout_p=0.0, item_table=table):
+        return hstu_kernels.sequence_fusion(ids, ts[:3], torch.tensor([0, 3]), item_table, table, tables, scale=scale,
+                                            time_scales=time_scales, dropout_p=dropout_p, training=True, backend=backend)
+
+    return {
+        "max_seq_len float": (lambda b: hstu_kernels.hstu_attention(q, q, q, offsets, 4.0, 0.5, backend=b), TypeError,
+                              "hstu_attention: max_seq_len must be an int, got 4.0"),
+        "alpha None": (lambda b: hstu_kernels.hstu_attention(q, q, q, offsets, 4, None, backend=b), TypeError,
+                       "hstu_attention: alpha must be a real number, got None"),
+        "alpha nan": (lambda b: hstu_kernels.hstu_attention(q, q, q, offsets, 4, float("nan"), backend=b), ValueError,
+                      "hstu_attention: alpha must be finite, got nan"),
+        "time_weight too long": (lambda b: hstu_kernels.hstu_attention(
+            q, q, q, offsets, 4, 0.5, q_timestamps=ts, k_timestamps=ts, time_weight=torch.randn(1000), backend=b),
+            ValueError, r"hstu_attention: time_weight has 1000 buckets; at most 146"),
+        "max_new_len float": (lambda b: hstu_kernels.hstu_attention_delta(
+            q, q, q, offsets, q[:0], q[:0], torch.tensor([0, 0]), 8, 0.5, max_new_len=4.0, backend=b), TypeError,
+            "hstu_attention_delta: max_new_len must be an int, got 4.0"),
+        "scale None": (lambda b: fusion(b, scale=None), TypeError, "sequence_fusion: scale must be a real number"),
+        "time scale float": (lambda b: fusion(b, time_scales=((1.5, 2),)), TypeError,
+                             r"sequence_fusion: time_scales\[0\] must be a pair of ints \(width, buckets\), got \(1.5, 2\)"),
+        "time scales a string": (lambda b: fusion(b, time_scales="ab"), TypeError,
+                                 r"sequence_fusion: time_scales\[0\] must be a pair of ints"),
+        "fusion dropout None": (lambda b: fusion(b, dropout_p=None), TypeError,
+                                "sequence_fusion: dropout_p must be a real number, got None"),
+        "integer item table": (lambda b: fusion(b, item_table=ids[:, None].expand(3, 4)), TypeError,
+                               "sequence_fusion: item_table must be a floating-point tensor, got torch.int64"),
+        "temperature None": (lambda b: hstu_kernels.full_softmax_loss(states, pos, table, temperature=None, backend=b),
+                             TypeError, "full_softmax_loss: temperature must be a real number, got None"),
+        "integer states": (lambda b: hstu_kernels.sampled_softmax_loss(
+            pos[:, None].expand(2, 4), pos, pos, table, temperature=0.1, backend=b), TypeError,
+            "sampled_softmax_loss: states must be a floating-point tensor, got torch.int64"),
+        "integer input": (lambda b: hstu_kernels.attention_input(x.long(), table.T.long(), backend=b), TypeError,
+                          "attention_input: x must be a floating-point tensor, got torch.int64"),
+        "eps None": (lambda b: hstu_kernels.attention_output(x, x, x, table.T @ table, None, dropout_p=0.1,
+                                                             training=True, eps=None, backend=b),
+                     TypeError, "attention_output: eps must be a real number, got None"),
+        "output dropout True": (lambda b: hstu_kernels.attention_output(x, x, x, table.T @ table, None, dropout_p=True,
+                                                                        training=True, backend=b),
+                                TypeError, "attention_output: dropout_p must be a real number, got True"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(_bad_argument_calls()))
+def test_plain_arguments_get_one_message_naming_them_on_every_backend(case, backend):
+    """Counts, scales, probabilities and dtypes are checked in the dispatch layer: the same error on every
+    backend, where a backend would fail deep inside in its own way, or run on a value it misreads."""
+    if backend == "triton" and not TritonOperatorManager.availability("interaction")[0]:
+        pytest.skip(TritonOperatorManager.availability("interaction")[1])
+    call, error, message = _bad_argument_calls()[case]
+    with pytest.raises(error, match=f"^{message}"):
+        call(backend)
+
+
 def _checked_calls():
     """A call per public function whose ``validate`` reads device values, on small CPU inputs."""
     states, table, pos = torch.randn(4, 6), torch.randn(5, 6), torch.tensor([0, 1, 2, 3])

@@ -1,0 +1,52 @@
+"""Checks of the operators' plain arguments (counts, scales, probabilities, dtypes), run in the dispatch
+layer: one TypeError or ValueError that names the function and the argument, the same on every backend
+(a backend would otherwise fail deep inside, each in its own way, or run on a value it misreads).
+
+Symbolic ints and floats of a ``torch.compile`` trace pass as numbers; nothing here reads device values.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_INTEGERS = (numbers.Integral, torch.SymInt)
+_REALS = (numbers.Real, torch.SymInt, torch.SymFloat)
+
+
+def is_int(value) -> bool:
+    """An int, numpy's included, or a symbolic one; not a bool."""
+    return isinstance(value, _INTEGERS) and not isinstance(value, bool)
+
+
+def check_count(name: str, argument: str, value, low: int) -> None:
+    """``value`` is an int (not a bool) >= ``low``."""
+    if not is_int(value):
+        raise TypeError(f"{name}: {argument} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: {argument} must be >= {low}, got {value}")
+
+
+def check_real(name: str, argument: str, value, *, positive: bool = False) -> None:
+    """``value`` is a finite real number (not a bool), > 0 where ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, _REALS):
+        raise TypeError(f"{name}: {argument} must be a real number, got {value!r}")
+    if isinstance(value, numbers.Real) and not -math.inf < value < math.inf:  # math.isfinite breaks a dynamo graph
+        raise ValueError(f"{name}: {argument} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name}: {argument} must be > 0, got {value}")
+
+
+def check_probability(name: str, argument: str, value) -> None:
+    """``value`` is a real number in [0, 1]."""
+    check_real(name, argument, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: {argument} must be in [0, 1], got {value}")
+
+
+def check_floating(name: str, **tensors: torch.Tensor | None) -> None:
+    """Every tensor given (None skipped) has a floating-point dtype."""
+    for argument, tensor in tensors.items():
+        if tensor is not None and not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name}: {argument} must be a floating-point tensor, got {tensor.dtype}")
