@@ -212,7 +212,10 @@ class TritonOperatorManager:
         out = {}
         for op, requested in self._requested.items():
             available, reason = self._static.get(op) or self.availability(op)
-            chosen = sorted({choice for (name, *_), choice in self._decisions.items() if name == op})
+            chosen = {choice for (name, *_), choice in self._decisions.items() if name == op}
+            if requested == "reference" and self._calls[op]["reference"]:  # decided without the cache
+                chosen.add("reference")
+            chosen = sorted(chosen)
             out[op] = {
                 "requested": requested,
                 "available": available,

@@ -57,12 +57,14 @@ def test_bad_fallback_policy():
 def test_flags_off_hand_back_the_reference_and_count():
     m = TritonOperatorManager({})
     x = torch.randn(3)
+    assert all(a["chosen"] is None for a in m.get_operator_availability().values())  # none called yet
     for op, spec in REGISTRY.items():
         for function in spec.functions:
             assert m.implementation(op, function, (x,)) is resolve_function(op, function, "reference")
     stats = m.get_stats()
     assert all(s["calls"]["reference"] == len(REGISTRY[op].functions) and s["requested"] == "reference"
                for op, s in stats.items())
+    assert all(a["chosen"] == "reference" for a in m.get_operator_availability().values())
     assert m.fallbacks() == {}
 
 
