@@ -42,7 +42,8 @@ def token_positions(seq_offsets: torch.Tensor, num_tokens: int, from_end: bool =
 
 
 def last_index(seq_offsets: torch.Tensor) -> torch.Tensor:
-    """[B] index of each sequence's last token (clamped to 0 for empty sequences)."""
+    """[B] index of each sequence's last token. An empty sequence gets the token before its start (an earlier
+    sequence's, or 0 when none precedes it, also where there are no tokens at all): callers mask those rows."""
     return (seq_offsets[1:] - 1).clamp(min=0)
 
 
