@@ -12,7 +12,7 @@ import logging
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -94,3 +94,27 @@ def _flat(value: Any, key: str) -> dict[str, Any]:
     if isinstance(value, Mapping):
         return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{key}.{name}").items()}
     return {key: value}
+
+
+def state_dict_mismatch(model: torch.nn.Module, shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """One line on what keeps tensors of these ``shapes`` (name -> shape) from loading into ``model``
+    strictly: missing, unexpected and resized names, a few of each (None: they load)."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    given = {name: tuple(shape) for name, shape in shapes.items()}
+    kinds = {
+        "missing": [name for name in expected if name not in given],
+        "unexpected": [name for name in given if name not in expected],
+        "of another shape": [f"{name} {list(given[name])} for the model's {list(shape)}"
+                             for name, shape in expected.items() if name in given and given[name] != shape],
+    }
+    parts = [f"{len(names)} {kind}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+             for kind, names in kinds.items() if names]
+    return "; ".join(parts) or None
+
+
+def load_state_strictly(model: torch.nn.Module, state: Mapping[str, torch.Tensor], error: Callable[[str], Exception]) -> None:
+    """``model.load_state_dict(state, strict=True)``, or ``error(one line on the mismatch)`` raised."""
+    mismatch = state_dict_mismatch(model, {name: tensor.shape for name, tensor in state.items()})
+    if mismatch:
+        raise error(mismatch)
+    model.load_state_dict(state, strict=True)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
-from hstu.checkpoints import check_trained_items, load_checkpoint, model_differences
+from hstu.checkpoints import check_trained_items, load_checkpoint, load_state_strictly, model_differences
 from hstu.config import check_accelerator, check_data_targets, instantiate_config, kernel_flag_errors
 from hstu.data.datamodule import SequenceDataModule
 from hstu.data.sources import absolute_path
@@ -224,10 +224,8 @@ def export_run(
     check_checkpoint_of_run(run, checkpoint, checkpoint_path)
 
     model = SequentialRecommender(**model_config)
-    try:
-        model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
+    load_state_strictly(model, recommender_state_dict(checkpoint["state_dict"]), lambda mismatch: CheckpointError(
+        f"{checkpoint_path}: weights do not fit its hyper_parameters: {mismatch}"))
     datamodule = build_datamodule(run, data_dir)
     check_trained_items(checkpoint_path, checkpoint["hyper_parameters"], datamodule.num_items,
                         datamodule.item_ids_digest, DATA_CHANGED)
@@ -414,10 +412,8 @@ def evaluate_run(
     if kernels is not None:
         hparams["kernels"] = dict(kernels)
     module = RecModule(**hparams)
-    try:
-        module.model.load_state_dict(recommender_state_dict(checkpoint["state_dict"]), strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint_path}: weights do not fit its hyper_parameters ({error})") from error
+    load_state_strictly(module.model, recommender_state_dict(checkpoint["state_dict"]), lambda mismatch: CheckpointError(
+        f"{checkpoint_path}: weights do not fit its hyper_parameters: {mismatch}"))
     datamodule = build_datamodule(run, data_dir, trainer)
     check_trained_items(checkpoint_path, hparams, datamodule.num_items, datamodule.item_ids_digest, DATA_CHANGED)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)

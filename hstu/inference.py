@@ -27,13 +27,15 @@ import json
 import operator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+
+from hstu.checkpoints import load_state_strictly, state_dict_mismatch
 
 from hstu.config import (
     HSTUEncoderConfig,
@@ -45,9 +47,10 @@ from hstu.config import (
 )
 from hstu.data.batch import JaggedBatch
 from hstu.data.sources import absolute_path
-from hstu.errors import ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError
+from hstu.errors import ConfigError, ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError
 from hstu.files import check_folder_path
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
+from hstu.serving.config import device_errors
 from hstu.serving.engine import ServingEngine, ServingOptions
 from hstu.serving.histories import Events, History, check_k, check_request_times, prepare_histories
 from hstu.serving.ids import ItemIdIndex
@@ -168,13 +171,56 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, with an error that names the file when it is missing or corrupt."""
+    return _read_safetensors(path, lambda: load_file(path, device="cpu"))
+
+
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each tensor of a safetensors file, from its header (checked against the file's size)."""
+    def read() -> dict[str, tuple[int, ...]]:
+        with safe_open(path, framework="pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    return _read_safetensors(path, read)
+
+
+def _read_safetensors(path: str | Path, read: Callable[[], Any]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ExportFormatError(f"{path}: missing from the export folder")
     try:
-        return load_file(path, device="cpu")
+        return read()
     except (SafetensorError, OSError, ValueError) as error:
         raise ExportFormatError(f"{path}: corrupt or not a safetensors file ({error})") from error
+
+
+def weights_mismatch(export_dir: Path) -> Callable[[str], ExportFormatError]:
+    """The error for weights that do not fit the network config.json describes, given the mismatch."""
+    return lambda mismatch: ExportFormatError(
+        f"{export_dir / WEIGHTS_FILE}: does not match {export_dir / CONFIG_FILE}: {mismatch}")
+
+
+def check_export_weights(export_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """The export's weights file is whole and fits config.json's network, read from its header alone: for
+    a server to refuse a broken export before its workers start (no tensor is loaded)."""
+    export_dir = Path(export_dir)
+    with torch.device("meta"):
+        model = build_model(export_dir, config, kernels=None, kernel_fallback="warn")
+    mismatch = state_dict_mismatch(model, weight_shapes(export_dir / WEIGHTS_FILE))
+    if mismatch:
+        raise weights_mismatch(export_dir)(mismatch)
+
+
+def build_model(export_dir: Path, config: Mapping[str, Any], kernels: Mapping[str, bool] | None,
+                kernel_fallback: str) -> SequentialRecommender:
+    """The network config.json describes (untrained), or an error naming config.json."""
+    model_config = config["model"]
+    try:
+        return SequentialRecommender(**{key: model_config[key] for key in MODEL_KEYS},
+                                     kernels=kernels, kernel_fallback=kernel_fallback)
+    except UserError:  # a bad kernels or kernel_fallback argument names itself
+        raise
+    except (TypeError, ValueError, InstantiationException) as error:  # settings that do not go together
+        raise ExportFormatError(f"{export_dir / CONFIG_FILE}: model does not build a network "
+                                f"({' '.join(str(error).split())})") from error
 
 
 class Recommender:
@@ -190,6 +236,9 @@ class Recommender:
     ):
         if len(item_original_ids) != model.num_items:
             raise ValueError(f"{len(item_original_ids)} original ids for a model of {model.num_items} items")
+        errors = device_errors(str(device))
+        if errors:
+            raise ConfigError(errors[0])
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = dict(config or {})
@@ -216,20 +265,8 @@ class Recommender:
             raise MissingFileError(f"export_dir={path}: a training run's folder, not an export folder; scripts/export.py "
                                    f"writes its export to {path / 'export'}")
         config = read_export_config(path)
-        model_config = config["model"]
-        try:
-            model = SequentialRecommender(**{key: model_config[key] for key in MODEL_KEYS},
-                                          kernels=kernels, kernel_fallback=kernel_fallback)
-        except UserError:  # a bad kernels or kernel_fallback argument names itself
-            raise
-        except (TypeError, ValueError, InstantiationException) as error:  # settings that do not go together
-            raise ExportFormatError(f"{path / CONFIG_FILE}: model does not build a network "
-                                    f"({' '.join(str(error).split())})") from error
-        weights_path = path / WEIGHTS_FILE
-        try:
-            model.load_state_dict(load_weights(weights_path), strict=True)
-        except RuntimeError as error:
-            raise ExportFormatError(f"{weights_path}: does not match {path / CONFIG_FILE} ({error})") from error
+        model = build_model(path, config, kernels, kernel_fallback)
+        load_state_strictly(model, load_weights(path / WEIGHTS_FILE), weights_mismatch(path))
         recommender = cls(model, read_item_ids(path, model.num_items), config=config, device=device)
         recommender.export_dir = path
         return recommender
@@ -266,6 +303,8 @@ class Recommender:
         Scores are cosine similarities. Fewer than ``k`` pairs come back when fewer items are left.
         """
         check_k(k, self.model.num_items)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RequestError(f"batch_size must be an int >= 1, got {batch_size!r}")
         times = _per_user_times(request_time, len(histories))
         events = prepare_histories(self._ids, histories, unknown_items)
         check_request_times(times, events.last_timestamps(), lambda b: f"history {b}")

@@ -226,6 +226,11 @@ CASES = {
                                    r"^kernels\.interaction=yes: must be true or false$"),
     "serve: batch_timeout above timeout": Case("serve", ["export_dir={export}", "batch_timeout=40", "timeout=30"],
                                                r"^batch_timeout=40\.0: must not exceed timeout=30\.0$"),
+    "serve: weights of another network": Case("serve", ["export_dir={resized_export}"],  # a worker's traceback before
+                                              r"^.*resized-export/model\.safetensors: does not match .*config\.json: "
+                                              r"\d+ of another shape: embedding\.item_table \[\d+, \d+\] for the model's "),
+    "serve: truncated weights": Case("serve", ["export_dir={truncated_export}"],
+                                     r"^.*truncated-export/model\.safetensors: corrupt or not a safetensors file "),
     # ---- loading never calls what a file names ------------------------------------------------------
     "recommend: config.json names a function": Case(
         "recommend", ["export_dir={planted_export}", "user=1"],
@@ -271,6 +276,13 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     config = json.loads((planted_export / "config.json").read_text())
     config["data"]["datamodule"] = planted
     (planted_export / "config.json").write_text(json.dumps(config))
+    resized_export = Path(shutil.copytree(tiny_export_dir, tmp / "resized-export"))
+    config = json.loads((resized_export / "config.json").read_text())
+    config["model"]["dim"] *= 2
+    (resized_export / "config.json").write_text(json.dumps(config))
+    truncated_export = Path(shutil.copytree(tiny_export_dir, tmp / "truncated-export"))
+    weights = truncated_export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
     planted_run = Path(shutil.copytree(tiny_run_dir, tmp / "planted-run"))
     run_config = OmegaConf.load(planted_run / ".hydra" / "config.yaml")
     run_config.data.source = planted
@@ -281,6 +293,7 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         "run": str(run), "export": str(tiny_export_dir), "truncated_run": str(truncated_run),
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
         "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
+        "resized_export": str(resized_export), "truncated_export": str(truncated_export),
         "second_run": str(second_run),
         "cut_run": str(cut_run), "notes": str(tmp / "notes.ckpt"), "report": str(tmp / "report.json"),
         "evil": str(tmp / "evil.ckpt"), "other_ckpt": str(tmp / "other.ckpt"),

@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cli import run_script
-from hstu.errors import PackageLoadError
+from hstu.errors import ExportFormatError, PackageLoadError
 from hstu.inference import Recommender
 from hstu.serving.compiled import compile_export, package_file_name, target_name
 from hstu.serving.engine import ServingOptions
@@ -125,6 +126,16 @@ def test_engine_serves_whole_windows_through_the_package_when_the_cache_is_off(c
     cached = Recommender.from_export(folder)  # the cache on: the eager encoder fills it, no package
     applied = cached.infer_with_optimal_strategy("u", list(zip(items, times)), 5)["optimizations_applied"]
     assert applied["compiled"] is False and "KV cache serves" in applied["compiled_detail"]
+
+
+def test_a_damaged_package_is_named_with_the_way_around_it(compiled_export, tmp_path):  # noqa: F811
+    folder, package = compiled_export
+    damaged = Path(shutil.copytree(folder, tmp_path / "export"))
+    (damaged / package.name).write_bytes(package.read_bytes()[:100_000])
+    recommender = Recommender.from_export(damaged)
+    with pytest.raises(ExportFormatError, match=rf"^{re.escape(str(damaged / package.name))}: the compiled scoring "
+                                                r"package does not load \(.*\); serve without it with compiled=false"):
+        recommender.serving_engine(ServingOptions(cache_bytes=0))
 
 
 def test_serve_with_compiled_false_never_loads_the_package(compiled_export, monkeypatch):  # noqa: F811

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
 import hstu.export
-from hstu.errors import CheckpointError, ConfigError, DataError
+from hstu.errors import CheckpointError, ConfigError, DataError, RequestError
 from hstu.export import (
     build_datamodule,
     evaluate_run,
@@ -31,7 +31,7 @@ from hstu.export import (
     recommender_state_dict,
     resolve_checkpoint,
 )
-from hstu.inference import ExportFormatError, Recommender, training_history
+from hstu.inference import ExportFormatError, Recommender, check_export_weights, read_export_config, training_history
 from hstu.module import RecModule
 from hstu_kernels import OPERATORS
 from cli import run_script
@@ -249,6 +249,33 @@ def test_broken_weights_file_is_named(export_dir, tmp_path, damage):
         weights.unlink()
     with pytest.raises(ExportFormatError, match=r"model\.safetensors"):
         Recommender.from_export(broken)
+
+
+def test_weights_of_another_network_are_named_in_one_line(export_dir, tmp_path, monkeypatch):
+    """What differs, a few names of each kind, on one line; the header alone tells (no tensor loaded), so a
+    server checks an export in its main process before its workers start."""
+    broken = _copy(export_dir, tmp_path / "export")
+    config = json.loads((broken / "config.json").read_text())
+    config["model"].update(dim=config["model"]["dim"] * 2)
+    (broken / "config.json").write_text(json.dumps(config))
+    one_line = rf"^{re.escape(str(broken / 'model.safetensors'))}: does not match .*config\.json: \d+ of another " \
+               r"shape: embedding\.item_table \[\d+, \d+\] for the model's \[\d+, \d+\], [^\n]*$"
+    with pytest.raises(ExportFormatError, match=one_line):
+        Recommender.from_export(broken)
+    monkeypatch.setattr("hstu.inference.load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
+    with pytest.raises(ExportFormatError, match=one_line):
+        check_export_weights(broken, read_export_config(broken))
+    check_export_weights(export_dir, read_export_config(export_dir))
+
+
+def test_recommend_refuses_a_batch_size_below_one_and_a_missing_gpu(export_dir):
+    recommender = Recommender.from_export(export_dir)
+    for batch_size in (-1, 0, 2.0):  # -1 returned no result for any history
+        with pytest.raises(RequestError, match=rf"^batch_size must be an int >= 1, got {batch_size}$"):
+            recommender.recommend([([1], [1])], k=3, batch_size=batch_size)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device=cuda: no CUDA GPU is visible here"):
+            Recommender.from_export(export_dir, device="cuda")
 
 
 @pytest.mark.parametrize("key", ["format_version", "model", "model.dim", "model.encoder", "data"])

@@ -35,7 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu.errors import PackageLoadError
-from hstu.inference import CONFIG_FILE, MODEL_KEYS, WEIGHTS_FILE, ExportFormatError, load_weights, read_export_config
+from hstu.checkpoints import load_state_strictly
+from hstu.inference import (
+    CONFIG_FILE, WEIGHTS_FILE, build_model, load_weights, read_export_config, weights_mismatch,
+)
 from hstu.model.recommender import SequentialRecommender
 from hstu_kernels.jagged import last_index, sequence_index
 from hstu_kernels.normalize import l2_normalize
@@ -90,11 +93,8 @@ def reference_model(export_dir: str | Path) -> tuple[SequentialRecommender, dict
     CUDA build runs the program with out= matmuls, which refuse parameters that require grad), and its config.json."""
     export_dir = Path(export_dir)
     config = read_export_config(export_dir)
-    model = SequentialRecommender(**{key: config["model"][key] for key in MODEL_KEYS}, kernels=None)
-    try:
-        model.load_state_dict(load_weights(export_dir / WEIGHTS_FILE), strict=True)
-    except RuntimeError as error:
-        raise ExportFormatError(f"{export_dir / WEIGHTS_FILE}: does not match {export_dir / CONFIG_FILE} ({error})") from error
+    model = build_model(export_dir, config, kernels=None, kernel_fallback="warn")
+    load_state_strictly(model, load_weights(export_dir / WEIGHTS_FILE), weights_mismatch(export_dir))
     return model.eval().requires_grad_(False), config
 
 

@@ -69,7 +69,7 @@ import torch
 
 import hstu_kernels
 from hstu_kernels.normalize import l2_normalize
-from hstu.errors import RequestError
+from hstu.errors import ExportFormatError, RequestError
 from hstu.serving.histories import Events, check_k, check_request_times, prepare_histories
 from hstu.serving.graphs import DEFAULT_MAX_BYTES as DEFAULT_GRAPH_BYTES
 from hstu.serving.graphs import MAX_USERS as MAX_GRAPH_USERS
@@ -203,7 +203,11 @@ class ServingEngine:
             return None, 0, f"no {package_file_name(target_name(self.device))} in {export_dir}"
         from torch._inductor import aoti_load_package
 
-        package = aoti_load_package(str(path))
+        try:
+            package = aoti_load_package(str(path))
+        except (RuntimeError, OSError, ValueError) as error:  # a truncated or damaged archive
+            raise ExportFormatError(f"{path}: the compiled scoring package does not load ({' '.join(str(error).split())}); "
+                                    "serve without it with compiled=false (ServingOptions(compiled=False))") from error
         return package, self.recommender.config["compiled"][path.name]["k"], f"{path.name}"
 
     def _static_steps(self) -> tuple[StaticSteps | None, str | None]:

@@ -67,7 +67,7 @@ from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPExcepti
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, StrictInt, StrictStr, model_validator
 
 from hstu.errors import MissingFileError, RequestError
-from hstu.inference import Recommender, read_export_config, read_item_ids
+from hstu.inference import Recommender, check_export_weights, read_export_config, read_item_ids
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.histories import check_k, check_request_times
 from hstu.serving.ids import ItemIdIndex
@@ -393,6 +393,7 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
         raise MissingFileError(f"export_dir={export_dir}: no such directory (scripts/export.py writes one)")
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
+    check_export_weights(export_dir, config)  # in this process: a worker's failure would be a traceback
     num_items = config["model"]["num_items"]
     _Catalogue.index, _Catalogue.num_items = ItemIdIndex(read_item_ids(export_dir, num_items)), num_items
     stats_manager = multiprocessing.Manager()
