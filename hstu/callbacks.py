@@ -156,7 +156,10 @@ class EpochLog(_ResumableState):
         for name, key in self.METRICS.items():
             if key in logged and (validated or not name.startswith("val_")):
                 row[name] = float(logged[key])
-        self.history.append(row)
+        if self.history and self.history[-1]["epoch"] == row["epoch"]:  # resumed inside this epoch: its whole row
+            self.history[-1] = row
+        else:
+            self.history.append(row)
         if trainer.is_global_zero:
             log.info(self.line(row, trainer.max_epochs))
 
@@ -180,7 +183,37 @@ class EpochLog(_ResumableState):
 class RandomState(_ResumableState):
     """Saves the random number generators (torch CPU and CUDA, numpy, Python) in every checkpoint and
     restores them when a run resumes, so dropout and sampled negatives continue as if uninterrupted.
-    Stored as tensors and plain values: checkpoints stay loadable with ``weights_only=True``."""
+    Stored as tensors and plain values: checkpoints stay loadable with ``weights_only=True``.
+
+    A checkpoint written inside an epoch (a ``trainer.max_steps`` stop, a validation within the epoch) holds
+    the generators as the epoch's last trained step left them, before a validation drew from them, and they
+    are restored once the resumed run has made its training loader (which draws a seed), as the epoch's
+    own loader had before that step."""
+
+    def __init__(self):
+        self._before_validation: tuple[int, dict[str, Any]] | None = None  # (global step, generators)
+        self._within_epoch: dict[str, Any] | None = None  # to restore when the resumed training starts
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._before_validation = (trainer.global_step, self.state_dict())
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches:
+            step, state = self._before_validation or (None, None)
+            state = state if step == trainer.global_step else self.state_dict()
+            checkpoint["callbacks"][self.state_key] = {**state, "within_epoch": True}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("within_epoch"):
+            self._within_epoch = state
+        else:
+            self._restore(state)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._within_epoch is not None:
+            self._restore(self._within_epoch)
+            self._within_epoch = None
 
     def state_dict(self) -> dict[str, Any]:
         numpy_state = np.random.get_state(legacy=False)
@@ -196,7 +229,7 @@ class RandomState(_ResumableState):
             "python": random.getstate(),
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])

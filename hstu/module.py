@@ -74,6 +74,8 @@ class RecModule(L.LightningModule):
         self.capture = False  # decided in setup(): whether training steps are captured as CUDA graphs
         self.eval_totals: dict[str, dict[str, int | float]] = {}  # stage -> RetrievalMetrics.totals()
         self._train_step: TrainStep | None = None
+        self._loss_at_stop: tuple[torch.Tensor, int] | None = None  # the epoch's loss sum where max_steps stopped it
+        self._resumed_epoch_loss: dict[str, Any] | None = None  # from a checkpoint written inside an epoch
 
     @property
     def manager(self):
@@ -107,6 +109,9 @@ class RecModule(L.LightningModule):
     def training_step(self, batch: PlannedBatch | JaggedBatch, batch_idx: int) -> None:
         if self._train_step is None:
             self._train_step = self._build_train_step()
+            if self._resumed_epoch_loss is not None:
+                self._train_step.resume_epoch_loss(self._resumed_epoch_loss["sum"], self._resumed_epoch_loss["steps"])
+                self._resumed_epoch_loss = None
         optimizer = self.optimizers()
         optimizer._on_before_step()  # Lightning counts global_step in these hooks of LightningOptimizer.step,
         with torch.autograd.set_multithreading_enabled(not self.hparams.backward_on_caller_thread):
@@ -151,8 +156,30 @@ class RecModule(L.LightningModule):
         trainer = self.trainer
         last = batch_idx + 1 == trainer.num_training_batches or 0 <= trainer.max_steps <= trainer.global_step
         if last and self._train_step is not None:
+            self._loss_at_stop = self._train_step.epoch_loss()  # a checkpoint of a max_steps stop keeps it
             self.log("train/loss", self._train_step.end_epoch(), on_step=False, on_epoch=True, prog_bar=True,
                      batch_size=1, sync_dist=True)  # the mean over processes (their own epoch means)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._loss_at_stop = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Inside an epoch (a max_steps stop, a validation within the epoch), the loss sum of its steps so far:
+        the data loader resumes after those steps (``ResumableTrainLoader``), and the resumed epoch's mean
+        loss then covers the whole epoch."""
+        inside = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed < self.trainer.num_training_batches
+        if not inside:
+            return
+        state = self._loss_at_stop or (self._train_step.epoch_loss() if self._train_step is not None else None)
+        if state is not None and state[1]:
+            checkpoint["epoch_loss"] = {"sum": state[0], "steps": state[1]}
+        # Lightning counts an epoch that max_steps stopped as processed: resumed, it would number the sampler's
+        # epoch one ahead and end the run an epoch early. The epoch is not done: processed as completed.
+        for progress in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+            progress["processed"] = progress["completed"]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_epoch_loss = checkpoint.get("epoch_loss")
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Batches arrive page-locked from the loaders (on GPU runs): copy them without waiting. Lightning
@@ -194,6 +221,13 @@ class RecModule(L.LightningModule):
         self.nonfinite.reset(self.device)
         self.nonfinite.attach(optimizer)
         return optimizer
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with its own ``model.optimizer`` settings: restoring the checkpoint's optimizer
+        state put the old run's lr, betas and weight decay back into the parameter groups."""
+        opt = self.hparams.optimizer
+        for group in self.optimizers().optimizer.param_groups:
+            group.update(lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"])
 
 
 def _max_over_processes(flag: torch.Tensor) -> None:

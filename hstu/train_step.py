@@ -164,6 +164,15 @@ class TrainStep:
                                         for p in group["params"] if p.requires_grad]
 
     # ---- epoch bookkeeping (host reads, once per epoch) -------------------------------------
+    def epoch_loss(self) -> tuple[torch.Tensor, int]:
+        """(the loss sum so far this epoch, on the CPU; the steps it sums), for a checkpoint inside an epoch."""
+        return self.loss_sum.detach().cpu().clone(), self.steps  # a copy: end_epoch zeroes the sum in place
+
+    def resume_epoch_loss(self, loss_sum: torch.Tensor, steps: int) -> None:
+        """Continue an epoch whose first ``steps`` steps summed to ``loss_sum`` (from :meth:`epoch_loss`)."""
+        self.loss_sum.copy_(loss_sum)
+        self.steps = int(steps)
+
     def end_epoch(self) -> float:
         """The mean loss of the epoch's steps (non-finite ones count 0: the flag reports them); resets the sum."""
         mean = self.loss_sum.item() / max(self.steps, 1)

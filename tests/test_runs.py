@@ -265,6 +265,38 @@ def test_resuming_a_run_at_its_epoch_or_step_limit_is_refused(tmp_path, monkeypa
     assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2]
 
 
+def test_a_run_stopped_inside_an_epoch_by_max_steps_resumes_exactly(tmp_path):
+    """Stopped by trainer.max_steps after the first batch of epoch 1 (2 batches an epoch), then resumed with a higher
+    limit: the loader goes on after the trained batch in the epoch's order, with the generators as that step left
+    them, and the epoch's loss covers both halves. Weights, epoch losses and metrics equal the uninterrupted run's."""
+    data_dir = tmp_path / "data"
+    full = train_in(tmp_path / "full", "trainer.max_epochs=3", "+trainer.max_steps=5", data_dir=data_dir)
+    train_in(tmp_path / "cut", "trainer.max_epochs=3", "+trainer.max_steps=3", data_dir=data_dir)
+    resumed = train_in(tmp_path / "cut", "trainer.max_epochs=3", "+trainer.max_steps=5", "ckpt_path=last",
+                       data_dir=data_dir)
+    untimed = lambda rows: [{k: v for k, v in row.items() if k not in ("samples_per_sec", "epoch_time_s")}  # noqa: E731
+                            for row in rows]
+    assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2]
+    assert untimed(resumed["epochs"]) == untimed(full["epochs"])
+    assert resumed["val"] == full["val"] and resumed["test"] == full["test"]
+    weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for run in ("full", "cut")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_a_resumed_run_trains_with_its_own_optimizer_settings(tmp_path):
+    """Restoring the optimizer's state put the old run's lr and weight decay back while the run recorded the
+    new ones: the resumed epochs train with what the resumed run's config says."""
+    data_dir = tmp_path / "data"
+    train_in(tmp_path / "run", "trainer.max_epochs=1", data_dir=data_dir)
+    train_in(tmp_path / "run", "trainer.max_epochs=2", "ckpt_path=last", "model.optimizer.lr=0.01",
+             "model.optimizer.weight_decay=0.2", "model.optimizer.betas=[0.8,0.9]", data_dir=data_dir)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1
+    assert [(g["lr"], g["weight_decay"], tuple(g["betas"])) for g in last["optimizer_states"][0]["param_groups"]] \
+        == [(0.01, 0.2, (0.8, 0.9))]
+
+
 # ---- NaN / inf loss --------------------------------------------------------------------------------
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

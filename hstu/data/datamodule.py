@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -88,18 +88,45 @@ class EpochShuffle(Sampler[int]):
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, examples of this rank's order already trained)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume_within(self, epoch: int, examples_done: int) -> None:
+        """The next pass is the rest of epoch ``epoch``, after its first ``examples_done`` examples (of this rank)."""
+        self._resume = (int(epoch), int(examples_done))
 
     def __len__(self) -> int:
         return -(-self.size // self.world_size)
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        # a resumed epoch by its own number: Lightning numbers the sampler's epoch after it when it resumes inside one
+        epoch, skip = self._resume or (self.epoch, 0)
+        self._resume = None
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
         if self.world_size > 1:
             order = np.resize(order, len(self) * self.world_size)[self.rank::self.world_size]
-        return iter(order.tolist())
+        return iter(order[skip:].tolist())
+
+
+class ResumableTrainLoader(DataLoader):
+    """The training loader, resumable inside an epoch: Lightning saves its ``state_dict`` in every checkpoint
+    and hands it back on resume. A checkpoint written inside an epoch (a ``trainer.max_steps`` stop, a
+    validation within the epoch) records how many of the epoch's batches were trained, and the resumed
+    loader starts after them in the same ``(seed, epoch)`` order; a plain loader would start the epoch over,
+    training its first batches twice and its last never."""
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self._batches_done())}  # 0 at an epoch's end
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["batches_done"]:  # 0 at an epoch's end: the next epoch starts as usual
+            self.sampler.resume_within(state["epoch"], state["batches_done"] * self.batch_size)
 
 
 class _CollateExamples:
@@ -290,13 +317,13 @@ class SequenceDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _loader(self, split: str, batch_size: int, collate, sampler: Sampler | None = None,
-                shard: bool = True) -> DataLoader:
+                shard: bool = True, loader: type[DataLoader] = DataLoader, **options) -> DataLoader:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         size = len(self._examples[split])
         # Training shards through its sampler; evaluation through the rank's contiguous slice of examples.
         sharded = shard and sampler is None
         start, stop = shard_bounds(size, *self._rank_and_world_size()) if sharded else (0, size)
-        return DataLoader(
+        return loader(
             _ExampleIndices(start, stop),
             batch_size=batch_size,
             sampler=sampler,
@@ -304,6 +331,7 @@ class SequenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_gpu,  # page-locked batches: RecModule copies them to the GPU without waiting
+            **options,
         )
 
     def _collate(self, split: str, with_seen: bool) -> _CollateExamples:
@@ -315,7 +343,15 @@ class SequenceDataModule(L.LightningDataModule):
             collate = PlanCollate(self._examples["train"], self.packing_layout)
         else:
             collate = self._collate("train", with_seen=False)
-        return self._loader("train", self.batch_size, collate, sampler=sampler)
+        return self._loader("train", self.batch_size, collate, sampler=sampler, loader=ResumableTrainLoader,
+                            batches_done=self._batches_done_this_epoch)
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches of the epoch done so far, where a checkpoint is written inside it; else 0."""
+        if self.trainer is None:
+            return 0
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return done if done < self.trainer.num_training_batches else 0
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
