@@ -17,8 +17,8 @@ make the stages below, so a request's stages add up to its latency at the client
   body_read_json         reading the body, JSON decoding (FastAPI)
   validation             the pydantic request model with the catalogue checks
   endpoint_dispatch      FastAPI to LitServe's handler, up to the queue
-  request_queue          LitServe's hand-off to the inference worker process (a multiprocessing
-                         manager queue: pickling, a round trip through the manager process)
+  request_queue          the hand-off to the inference worker process (a multiprocessing queue, one
+                         pipe: pickling and a write; FastLitServer in hstu.serving.server)
   batch_wait             waiting for companions (batch_timeout; GreedyBatchLoop)
   decode_request         body to the engine's Request
   predict                the engine's infer_batch (the model, top-k, history preparation)

@@ -2,7 +2,7 @@
 
     python scripts/bench_kernels.py --op hstu_hierarchical_attention [--shapes 64,1024,4,64 ...]
         [--dtype bf16] [--mode fwd,bwd,fwd+bwd] [--bias none|pos|time|both] [--call api|api-unchecked|direct]
-        [--providers triton,reference,eager,compiled,peer] [--backward-thread worker|caller] [--csv BENCHMARKS.csv]
+        [--providers triton,reference,eager,compiled,peer,copy] [--backward-thread worker|caller] [--csv BENCHMARKS.csv]
 
 Providers run in this process on the same seeded inputs, except ``peer`` (Meta's generative-recommenders
 Triton HSTU attention, imported from the git-ignored ``.peers/generative-recommenders``), which runs in
