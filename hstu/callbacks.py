@@ -199,7 +199,8 @@ class RandomState(_ResumableState):
             self._before_validation = (trainer.global_step, self.state_dict())
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches:
+        inside = trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches
+        if inside and "callbacks" in checkpoint:  # a weights-only checkpoint holds no callback states
             step, state = self._before_validation or (None, None)
             state = state if step == trainer.global_step else self.state_dict()
             checkpoint["callbacks"][self.state_key] = {**state, "within_epoch": True}

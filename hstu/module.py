@@ -175,7 +175,7 @@ class RecModule(L.LightningModule):
             checkpoint["epoch_loss"] = {"sum": state[0], "steps": state[1]}
         # Lightning counts an epoch that max_steps stopped as processed: resumed, it would number the sampler's
         # epoch one ahead and end the run an epoch early. The epoch is not done: processed as completed.
-        for progress in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+        for progress in checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).values():
             progress["processed"] = progress["completed"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
