@@ -20,10 +20,10 @@ without storing it (``hstu_kernels.triton.common.dropout_uniforms``), and the ma
 every device.
 
 A seed is a Python int in [0, 2**63) or an int64 device tensor, whose bits are read as an unsigned
-64-bit key (a negative one is taken mod 2**64, as Triton's generator takes it). Training passes device tensors drawn from torch's
-own generator (:func:`draw_seed`): a captured CUDA graph then draws a new seed, hence a new mask, on
-every replay, where a Python int would be frozen into the graph (and would recompile a
-``torch.compile`` graph whenever it changed).
+64-bit key (a negative one is taken mod 2**64, as Triton's generator takes it). Training passes device
+tensors drawn from torch's own generator (:func:`draw_seed`): a captured CUDA graph then draws a new seed,
+hence a new mask, on every replay, where a Python int would be frozen into the graph (and would recompile
+a ``torch.compile`` graph whenever it changed).
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps,
     if time_weight is not None and (time_weight.dim() != 1 or time_weight.numel() == 0):
         raise ValueError(f"hstu_attention: time_weight must be 1-D [num_buckets >= 1]; got {tuple(time_weight.shape)}")
     if time_weight is not None and time_weight.numel() > MAX_NUM_BUCKETS:
-        raise ValueError(f"hstu_attention: time_weight has {time_weight.numel()} buckets; at most {MAX_NUM_BUCKETS} "
+        raise ValueError(f"{name}: time_weight has {time_weight.numel()} buckets; at most {MAX_NUM_BUCKETS} "
                          "(the thresholds of more overflow int64)")
     check_floating(name, pos_weight=pos_weight, time_weight=time_weight)
     if validate:
