@@ -112,7 +112,8 @@ def state_dict_mismatch(model: torch.nn.Module, shapes: Mapping[str, Sequence[in
     return "; ".join(parts) or None
 
 
-def load_state_strictly(model: torch.nn.Module, state: Mapping[str, torch.Tensor], error: Callable[[str], Exception]) -> None:
+def load_state_strictly(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                        error: Callable[[str], Exception]) -> None:
     """``model.load_state_dict(state, strict=True)``, or ``error(one line on the mismatch)`` raised."""
     mismatch = state_dict_mismatch(model, {name: tensor.shape for name, tensor in state.items()})
     if mismatch:

@@ -206,8 +206,9 @@ class ServingEngine:
         try:
             package = aoti_load_package(str(path))
         except (RuntimeError, OSError, ValueError) as error:  # a truncated or damaged archive
-            raise ExportFormatError(f"{path}: the compiled scoring package does not load ({' '.join(str(error).split())}); "
-                                    "serve without it with compiled=false (ServingOptions(compiled=False))") from error
+            reason = " ".join(str(error).split())
+            raise ExportFormatError(f"{path}: the compiled scoring package does not load ({reason}); serve without "
+                                    "it with compiled=false (ServingOptions(compiled=False))") from error
         return package, self.recommender.config["compiled"][path.name]["k"], f"{path.name}"
 
     def _static_steps(self) -> tuple[StaticSteps | None, str | None]:
