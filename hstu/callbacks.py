@@ -185,25 +185,17 @@ class RandomState(_ResumableState):
     restores them when a run resumes, so dropout and sampled negatives continue as if uninterrupted.
     Stored as tensors and plain values: checkpoints stay loadable with ``weights_only=True``.
 
-    A checkpoint written inside an epoch (a ``trainer.max_steps`` stop, a validation within the epoch) holds
-    the generators as the epoch's last trained step left them, before a validation drew from them, and they
-    are restored once the resumed run has made its training loader (which draws a seed), as the epoch's
-    own loader had before that step."""
+    The generators of a checkpoint written inside an epoch (a ``trainer.max_steps`` stop, a validation within
+    the epoch) are restored once the resumed run has made its training loader, which draws a seed from them:
+    the epoch's own loader had drawn it before the steps the checkpoint follows."""
 
     def __init__(self):
-        self._before_validation: tuple[int, dict[str, Any]] | None = None  # (global step, generators)
         self._within_epoch: dict[str, Any] | None = None  # to restore when the resumed training starts
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._before_validation = (trainer.global_step, self.state_dict())
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         inside = trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches
         if inside and "callbacks" in checkpoint:  # a weights-only checkpoint holds no callback states
-            step, state = self._before_validation or (None, None)
-            state = state if step == trainer.global_step else self.state_dict()
-            checkpoint["callbacks"][self.state_key] = {**state, "within_epoch": True}
+            checkpoint["callbacks"][self.state_key]["within_epoch"] = True
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("within_epoch"):

@@ -265,14 +265,16 @@ def test_resuming_a_run_at_its_epoch_or_step_limit_is_refused(tmp_path, monkeypa
     assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2]
 
 
-def test_a_run_stopped_inside_an_epoch_by_max_steps_resumes_exactly(tmp_path):
-    """Stopped by trainer.max_steps after the first batch of epoch 1 (2 batches an epoch), then resumed with a higher
-    limit: the loader goes on after the trained batch in the epoch's order, with the generators as that step left
-    them, and the epoch's loss covers both halves. Weights, epoch losses and metrics equal the uninterrupted run's."""
+@pytest.mark.parametrize("validation", [[], ["+trainer.val_check_interval=0.5"]], ids=["epoch-end", "mid-epoch"])
+def test_a_run_stopped_inside_an_epoch_by_max_steps_resumes_exactly(tmp_path, validation):
+    """Stopped by trainer.max_steps after the first batch of epoch 1 (2 batches an epoch; with a validation there,
+    or not), then resumed with a higher limit: the loader goes on after the trained batch in the epoch's order, with
+    the generators as the stop left them, and the epoch's loss covers both halves. Weights, epoch losses and
+    metrics equal the uninterrupted run's."""
     data_dir = tmp_path / "data"
-    full = train_in(tmp_path / "full", "trainer.max_epochs=3", "+trainer.max_steps=5", data_dir=data_dir)
-    train_in(tmp_path / "cut", "trainer.max_epochs=3", "+trainer.max_steps=3", data_dir=data_dir)
-    resumed = train_in(tmp_path / "cut", "trainer.max_epochs=3", "+trainer.max_steps=5", "ckpt_path=last",
+    full = train_in(tmp_path / "full", "trainer.max_epochs=3", "+trainer.max_steps=5", *validation, data_dir=data_dir)
+    train_in(tmp_path / "cut", "trainer.max_epochs=3", "+trainer.max_steps=3", *validation, data_dir=data_dir)
+    resumed = train_in(tmp_path / "cut", "trainer.max_epochs=3", "+trainer.max_steps=5", "ckpt_path=last", *validation,
                        data_dir=data_dir)
     untimed = lambda rows: [{k: v for k, v in row.items() if k not in ("samples_per_sec", "epoch_time_s")}  # noqa: E731
                             for row in rows]
