@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from hstu.data.datamodule import batches_done_within_epoch
 from hstu.distributed import max_over_processes, sum_over_processes
 from hstu.errors import TrainingDivergedError
 
@@ -193,8 +194,7 @@ class RandomState(_ResumableState):
         self._within_epoch: dict[str, Any] | None = None  # to restore when the resumed training starts
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        inside = trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches
-        if inside and "callbacks" in checkpoint:  # a weights-only checkpoint holds no callback states
+        if batches_done_within_epoch(trainer) and "callbacks" in checkpoint:  # a weights-only checkpoint holds no callback states
             checkpoint["callbacks"][self.state_key]["within_epoch"] = True
 
     def restore(self, state: dict[str, Any]) -> None:

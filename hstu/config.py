@@ -75,9 +75,6 @@ def one_of(*choices: str) -> Check:
 SEED = Check(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)")  # what seed_everything and numpy accept
 
 
-MAX_TIME_BUCKETS = MAX_NUM_BUCKETS
-
-
 def checked(check: Check, default: Any = MISSING) -> Any:
     """A schema field with a check (MISSING default: the YAML option must set it)."""
     return field(default=default, metadata={"check": check})
@@ -113,8 +110,8 @@ class HSTUEncoderConfig:
     alpha: float = MISSING
     position_bias: bool = MISSING
     time_bias: bool = MISSING
-    num_time_buckets: int = checked(Check(lambda v: 1 <= v <= MAX_TIME_BUCKETS,
-                                          f"must lie in [1, {MAX_TIME_BUCKETS}] (the bucket thresholds in seconds "
+    num_time_buckets: int = checked(Check(lambda v: 1 <= v <= MAX_NUM_BUCKETS,
+                                          f"must lie in [1, {MAX_NUM_BUCKETS}] (the bucket thresholds in seconds "
                                           "must fit int64)"))
 
 

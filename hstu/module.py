@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from hstu.data.batch import JaggedBatch
+from hstu.data.datamodule import batches_done_within_epoch
 from hstu.data.packing import PlannedBatch
 from hstu.errors import ConfigError
 from hstu.guards import NonFiniteLossFlag
@@ -156,7 +157,8 @@ class RecModule(L.LightningModule):
         trainer = self.trainer
         last = batch_idx + 1 == trainer.num_training_batches or 0 <= trainer.max_steps <= trainer.global_step
         if last and self._train_step is not None:
-            self._loss_at_stop = self._train_step.epoch_loss()  # a checkpoint of a max_steps stop keeps it
+            if batch_idx + 1 < trainer.num_training_batches:  # a max_steps stop inside the epoch: its checkpoint keeps it
+                self._loss_at_stop = self._train_step.epoch_loss()
             self.log("train/loss", self._train_step.end_epoch(), on_step=False, on_epoch=True, prog_bar=True,
                      batch_size=1, sync_dist=True)  # the mean over processes (their own epoch means)
 
@@ -167,8 +169,7 @@ class RecModule(L.LightningModule):
         """Inside an epoch (a max_steps stop, a validation within the epoch), the loss sum of its steps so far:
         the data loader resumes after those steps (``ResumableTrainLoader``), and the resumed epoch's mean
         loss then covers the whole epoch."""
-        inside = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed < self.trainer.num_training_batches
-        if not inside:
+        if not batches_done_within_epoch(self.trainer):
             return
         state = self._loss_at_stop or (self._train_step.epoch_loss() if self._train_step is not None else None)
         if state is not None and state[1]:

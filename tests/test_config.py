@@ -6,10 +6,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from hstu.config import MAX_TIME_BUCKETS, check_data_targets, config_errors
+from hstu.config import check_data_targets, config_errors
 from hstu.model.recommender import ENCODER_TARGETS
 from hstu_kernels import OPERATORS, TritonOperatorManager
-from hstu_kernels.time_buckets import bucket_thresholds
+from hstu_kernels.time_buckets import MAX_NUM_BUCKETS, bucket_thresholds
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -114,14 +114,14 @@ def test_a_run_that_would_train_or_validate_nothing_is_refused(override, rule):
 
 def test_num_time_buckets_is_checked_against_what_the_bucketing_takes():
     """Above the maximum a threshold overflows int64 and the first forward would fail."""
-    assert len(bucket_thresholds(MAX_TIME_BUCKETS)) == MAX_TIME_BUCKETS - 1
+    assert len(bucket_thresholds(MAX_NUM_BUCKETS)) == MAX_NUM_BUCKETS - 1
     with pytest.raises(ValueError, match="overflows int64"):
-        bucket_thresholds(MAX_TIME_BUCKETS + 1)
-    rule = f"must lie in [1, {MAX_TIME_BUCKETS}] (the bucket thresholds in seconds must fit int64)"
-    for value in (0, MAX_TIME_BUCKETS + 1, 1000):
+        bucket_thresholds(MAX_NUM_BUCKETS + 1)
+    rule = f"must lie in [1, {MAX_NUM_BUCKETS}] (the bucket thresholds in seconds must fit int64)"
+    for value in (0, MAX_NUM_BUCKETS + 1, 1000):
         assert config_errors(_compose(f"model.encoder.num_time_buckets={value}")) == [
             f"model.encoder.num_time_buckets={value}: {rule}"]
-    assert config_errors(_compose(f"model.encoder.num_time_buckets={MAX_TIME_BUCKETS}")) == []
+    assert config_errors(_compose(f"model.encoder.num_time_buckets={MAX_NUM_BUCKETS}")) == []
 
 
 def test_data_histories_longer_than_the_model_takes_are_refused():

@@ -110,6 +110,15 @@ class EpochShuffle(Sampler[int]):
         return iter(order[skip:].tolist())
 
 
+def batches_done_within_epoch(trainer: L.Trainer | None) -> int:
+    """Training batches of the current epoch done so far while it is under way; 0 at its end (or without a trainer).
+    What a checkpoint written now must record to resume inside the epoch."""
+    if trainer is None:
+        return 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return done if done < trainer.num_training_batches else 0
+
+
 class ResumableTrainLoader(DataLoader):
     """The training loader, resumable inside an epoch: Lightning saves its ``state_dict`` in every checkpoint
     and hands it back on resume. A checkpoint written inside an epoch (a ``trainer.max_steps`` stop, a
@@ -344,14 +353,7 @@ class SequenceDataModule(L.LightningDataModule):
         else:
             collate = self._collate("train", with_seen=False)
         return self._loader("train", self.batch_size, collate, sampler=sampler, loader=ResumableTrainLoader,
-                            batches_done=self._batches_done_this_epoch)
-
-    def _batches_done_this_epoch(self) -> int:
-        """Training batches of the epoch done so far, where a checkpoint is written inside it; else 0."""
-        if self.trainer is None:
-            return 0
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return done if done < self.trainer.num_training_batches else 0
+                            batches_done=lambda: batches_done_within_epoch(self.trainer))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
