@@ -51,6 +51,10 @@ class UnknownIdError(RequestError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MissingPackageError(UserError, ImportError):
+    """An optional package that a command needs is not installed; the message names the extra that brings it."""
+
+
 class PackageLoadError(UserError, RuntimeError):
     """A compiled scoring package does not load and run in a fresh process on this machine; it was not
     recorded. ``exit_status`` is the process's (negative: the signal that killed it; None: it timed out)."""

@@ -38,8 +38,8 @@ from hstu.data.datamodule import SequenceDataModule
 from hstu.data.sources import absolute_path
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
-from hstu.files import check_folder_path, current_umask, owned_prefix, remove_abandoned
-from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, WEIGHTS_FILE
+from hstu.files import check_folder_path, current_umask, owned_prefix, remove_abandoned, sha256_of
+from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, RECORDED_FILES, WEIGHTS_FILE
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
 from hstu.serving.compiled import DEFAULT_K, compile_export
@@ -335,10 +335,15 @@ def write_export(
               "data": dict(data), "training": dict(training or {})}
     items = {"id_type": "str" if original_ids.dtype.kind in "OUS" else "int", "original_ids": original_ids.tolist()}
     weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+
+    def write_config(path: Path) -> None:  # after the files whose SHA-256 it records
+        config["files"] = {name: sha256_of(path.parent / name) for name in RECORDED_FILES}
+        path.write_text(json.dumps(config, indent=2, default=str))
+
     _write_folder_atomically(out_dir, {
         WEIGHTS_FILE: lambda path: save_file(weights, str(path), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2, default=str)),
         ITEMS_FILE: lambda path: path.write_text(json.dumps(items)),
+        CONFIG_FILE: write_config,
     }, overwrite, finish=None if compiled is None else lambda folder: compile_export(folder, compiled, k=compiled_k))
     return out_dir
 

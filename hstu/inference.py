@@ -5,7 +5,10 @@ An export folder (written by :func:`hstu.export.export_run`) holds three files, 
   * ``model.safetensors``: ``SequentialRecommender.state_dict()``. Safetensors holds raw tensors only,
     so loading it runs no code (a pickled checkpoint can).
   * ``config.json``: ``format_version``, the ``model`` hyperparameters that rebuild the network, the
-    run's ``metrics``, and the ``data`` section (source name and the datamodule config).
+    run's ``metrics``, the ``data`` section (source name and the datamodule config), and ``files``: the
+    SHA-256 of ``model.safetensors`` and ``items.json``. Loading checks both, so weights or a catalogue
+    copied in from another export, which would change every answer silently, are refused by name; each
+    compiled package's entry under ``compiled`` records its own SHA-256 the same way.
   * ``items.json``: ``{"id_type": "int" | "str", "original_ids": [...]}``; ``original_ids[i]`` is the
     original id of item index ``i + 1`` (index 0 is padding, never an item).
   * ``scoring-<target>.pt2`` (exports with ``compiled``): an AOTInductor package, native code that the
@@ -48,21 +51,23 @@ from hstu.config import (
 from hstu.data.batch import JaggedBatch
 from hstu.data.sources import absolute_path
 from hstu.errors import ConfigError, ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError
-from hstu.files import check_folder_path
+from hstu.files import check_folder_path, sha256_of
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.config import device_errors
 from hstu.serving.engine import ServingEngine, ServingOptions
 from hstu.serving.histories import Events, History, check_k, check_request_times, prepare_histories
 from hstu.serving.ids import ItemIdIndex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ITEMS_FILE = "items.json"
 # SequentialRecommender's arguments that describe the network (kernel flags are chosen at load time).
 MODEL_KEYS = ("num_items", "max_seq_len", "dim", "input_dropout", "encoder", "loss", "time_scales",
               "position_from_end")
-CONFIG_KEYS = ("format_version", "model", "metrics", "data")
+CONFIG_KEYS = ("format_version", "model", "metrics", "data", "files")
+# The files whose SHA-256 config.json records under "files".
+RECORDED_FILES = (WEIGHTS_FILE, ITEMS_FILE)
 # The MODEL_KEYS settings checked against the training config's ModelConfig schema (the rest: their own).
 MODEL_SCHEMA_KEYS = ("max_seq_len", "dim", "input_dropout", "time_scales", "position_from_end")
 ENCODER_SCHEMAS = {"hstu.model.hstu.HSTUEncoder": HSTUEncoderConfig, "hstu.model.sasrec.SASRecEncoder": SASRecEncoderConfig}
@@ -78,9 +83,10 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
         raise ExportFormatError(f"{path}: missing key(s) {missing}")
     if config["format_version"] != FORMAT_VERSION:
         raise ExportFormatError(
-            f"{path}: format_version {config['format_version']!r} is not supported (this code reads {FORMAT_VERSION})"
+            f"{path}: format_version {config['format_version']!r} is not supported (this code reads {FORMAT_VERSION}); "
+            "export the run again with scripts/export.py"
         )
-    _require_mappings(path, config, ("model", "metrics", "data"), "")
+    _require_mappings(path, config, ("model", "metrics", "data", "files"), "")
     model = config["model"]
     missing = [f"model.{key}" for key in MODEL_KEYS if key not in model]
     if missing:
@@ -198,6 +204,25 @@ def weights_mismatch(export_dir: Path) -> Callable[[str], ExportFormatError]:
         f"{export_dir / WEIGHTS_FILE}: does not match {export_dir / CONFIG_FILE}: {mismatch}")
 
 
+def check_export_files(export_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """model.safetensors and items.json are the files the export was written with (config.json's "files"):
+    a file replaced afterwards, by another training's weights or another export's catalogue, is refused
+    by name rather than served."""
+    export_dir = Path(export_dir)
+    for name in RECORDED_FILES:
+        check_recorded_digest(export_dir / name, config["files"].get(name), f"files.{name}",
+                              "export the run again instead of replacing its files")
+
+
+def check_recorded_digest(path: Path, recorded: Any, key: str, remedy: str) -> None:
+    """ExportFormatError naming ``path`` when it is missing or its SHA-256 is not config.json's ``key``."""
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: missing from the export folder")
+    if sha256_of(path) != recorded:
+        raise ExportFormatError(f"{path}: not the file this export recorded (its SHA-256 differs from "
+                                f"{path.parent / CONFIG_FILE}'s {key}); {remedy}")
+
+
 def check_export_weights(export_dir: str | Path, config: Mapping[str, Any]) -> None:
     """The export's weights file is whole and fits config.json's network, read from its header alone: for
     a server to refuse a broken export before its workers start (no tensor is loaded)."""
@@ -267,7 +292,9 @@ class Recommender:
         config = read_export_config(path)
         model = build_model(path, config, kernels, kernel_fallback)
         load_state_strictly(model, load_weights(path / WEIGHTS_FILE), weights_mismatch(path))
-        recommender = cls(model, read_item_ids(path, model.num_items), config=config, device=device)
+        item_ids = read_item_ids(path, model.num_items)
+        check_export_files(path, config)  # after the checks that say more than "another file"
+        recommender = cls(model, item_ids, config=config, device=device)
         recommender.export_dir = path
         return recommender
 

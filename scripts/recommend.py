@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> None:
         timestamps = list(cfg.timestamps) if cfg.timestamps is not None else [request_time] * len(items)
     (top,) = recommender.recommend([(items, timestamps)], k=cfg.k, request_time=request_time,
                                    exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items)
-    print(f"history: {len(items)} events, most recent {items[-5:]}")
+    latest = sorted(range(len(items)), key=lambda i: timestamps[i])[-5:]  # the model reads events in time order
+    print(f"history: {len(items)} events, most recent {[items[i] for i in latest]}")
     if len(top) < cfg.k:
         print(f"{len(top)} of k={cfg.k} items: the other items of the {recommender.model.num_items} are in the history "
               "(exclude_seen=true)")

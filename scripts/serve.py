@@ -9,12 +9,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hstu.serving.config import HOST_ALIASES, check_serve_config
-from hstu.serving.server import build_server
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
     check_serve_config(cfg)
+    from hstu.serving.server import build_server  # LitServe (the serve extra), once the config is checked
     host = HOST_ALIASES.get(cfg.host, cfg.host)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     kernels = OmegaConf.to_container(cfg.kernels) if cfg.kernels is not None else None

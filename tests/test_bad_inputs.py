@@ -231,6 +231,12 @@ CASES = {
                                               r"\d+ of another shape: embedding\.item_table \[\d+, \d+\] for the model's "),
     "serve: truncated weights": Case("serve", ["export_dir={truncated_export}"],
                                      r"^.*truncated-export/model\.safetensors: corrupt or not a safetensors file "),
+    "serve: items.json of another export": Case("serve", ["export_dir={reordered_export}"],
+                                                r"^.*reordered-export/items\.json: not the file this export recorded "
+                                                r"\(its SHA-256 differs from .*config\.json's files\.items\.json\); "),
+    "serve: LitServe not installed": Case("serve", ["export_dir={export}"],
+                                          r"^the HTTP server needs LitServe, the serve extra \(.*litserve.*\): "
+                                          r"pip install -e '\.\[serve\]'$"),
     # ---- loading never calls what a file names ------------------------------------------------------
     "recommend: config.json names a function": Case(
         "recommend", ["export_dir={planted_export}", "user=1"],
@@ -280,6 +286,10 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     config = json.loads((resized_export / "config.json").read_text())
     config["model"]["dim"] *= 2
     (resized_export / "config.json").write_text(json.dumps(config))
+    reordered_export = Path(shutil.copytree(tiny_export_dir, tmp / "reordered-export"))
+    items = json.loads((reordered_export / "items.json").read_text())
+    items["original_ids"].reverse()
+    (reordered_export / "items.json").write_text(json.dumps(items))
     truncated_export = Path(shutil.copytree(tiny_export_dir, tmp / "truncated-export"))
     weights = truncated_export / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
@@ -294,9 +304,11 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
         "truncated": str(next((truncated_run / "checkpoints").glob("*.ckpt"))),
         "planted_export": str(planted_export), "planted_run": str(planted_run), "planted": str(tmp / "planted.txt"),
         "resized_export": str(resized_export), "truncated_export": str(truncated_export),
+        "reordered_export": str(reordered_export),
         "second_run": str(second_run),
         "cut_run": str(cut_run), "notes": str(tmp / "notes.ckpt"), "report": str(tmp / "report.json"),
         "evil": str(tmp / "evil.ckpt"), "other_ckpt": str(tmp / "other.ckpt"),
+        "weights_only": str(tmp / "weights-only.ckpt"),
     }
 
 
@@ -315,6 +327,9 @@ def test_bad_input_gets_one_clear_line(name, inputs, tmp_path, monkeypatch):
         pytest.skip("the case is about a machine without a CUDA GPU")
     if name == "Triton required, cannot run":
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would run the kernels on the CPU
+    if name == "serve: LitServe not installed":  # as if only `pip install -e .` had run
+        monkeypatch.setitem(sys.modules, "litserve", None)
+        monkeypatch.delitem(sys.modules, "hstu.serving.server", raising=False)
     monkeypatch.chdir(tmp_path)  # new run directories go here
     if case.args[0] == "-m":
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")

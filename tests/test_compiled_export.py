@@ -19,6 +19,7 @@ import torch
 
 from cli import run_script
 from hstu.errors import ExportFormatError, PackageLoadError
+from hstu.files import sha256_of
 from hstu.inference import Recommender
 from hstu.serving.compiled import compile_export, package_file_name, target_name
 from hstu.serving.engine import ServingOptions
@@ -89,6 +90,7 @@ def check_package(folder, package, device: str, datamodule, tmp_path):  # noqa: 
     assert package.name == package_file_name(target) and target["cpu_arch"] in package.name
     entry = json.loads((folder / "config.json").read_text())["compiled"][package.name]
     assert entry["device"] == device and entry["torch"] == torch.__version__ and entry["k"] == K
+    assert entry["sha256"] == sha256_of(package) and " " not in package.name
 
     recommender = Recommender.from_export(folder, device=device)
     histories, target_times = _test_histories(datamodule, range(12))
@@ -132,6 +134,16 @@ def test_a_damaged_package_is_named_with_the_way_around_it(compiled_export, tmp_
     folder, package = compiled_export
     damaged = Path(shutil.copytree(folder, tmp_path / "export"))
     (damaged / package.name).write_bytes(package.read_bytes()[:100_000])
+    recommender = Recommender.from_export(damaged)
+    with pytest.raises(ExportFormatError, match=rf"^{re.escape(str(damaged / package.name))}: not the file this export "
+                                                rf"recorded \(its SHA-256 differs from .*config\.json's compiled\."
+                                                rf"{re.escape(package.name)}\.sha256\); build it again with "
+                                                r"scripts/export\.py, or serve without it \(compiled=false\)$"):
+        recommender.serving_engine(ServingOptions(cache_bytes=0))
+    # Recorded as it is, the same damage fails where the package is loaded
+    config = json.loads((damaged / "config.json").read_text())
+    config["compiled"][package.name]["sha256"] = sha256_of(damaged / package.name)
+    (damaged / "config.json").write_text(json.dumps(config))
     recommender = Recommender.from_export(damaged)
     with pytest.raises(ExportFormatError, match=rf"^{re.escape(str(damaged / package.name))}: the compiled scoring "
                                                 r"package does not load \(.*\); serve without it with compiled=false"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import hstu.config  # noqa: F401  (registers the KernelFlags schema)
 import hstu.export
@@ -31,6 +31,7 @@ from hstu.export import (
     recommender_state_dict,
     resolve_checkpoint,
 )
+from hstu.files import sha256_of
 from hstu.inference import ExportFormatError, Recommender, check_export_weights, read_export_config, training_history
 from hstu.module import RecModule
 from hstu_kernels import OPERATORS
@@ -110,7 +111,8 @@ def test_export_folder_holds_weights_config_and_ids(export_dir, run_dir, datamod
     assert not [k for k in weights if k.startswith("model.") or "_orig_mod." in k]
     config = json.loads((export_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert config["format_version"] == 1
+    assert config["format_version"] == 2
+    assert config["files"] == {name: sha256_of(export_dir / name) for name in ("model.safetensors", "items.json")}
     assert config["model"]["max_seq_len"] == MAX_SEQ_LEN and config["model"]["num_items"] == 40
     assert config["metrics"]["test"] == metrics["test"]
     assert config["data"]["source"] == "synthetic"
@@ -201,8 +203,10 @@ def test_bad_requests_are_named(recommender):
         recommender.recommend([([0, 1], [5])])
     with pytest.raises(ValueError, match="history 1: timestamps must be integer"):
         recommender.recommend([([0], [5]), ([1], [5.5])])
-    with pytest.raises(ValueError, match="history 0: no known items"):
+    with pytest.raises(ValueError, match="^history 0: empty: no items to recommend from$"):
         recommender.recommend([([], [])])
+    with pytest.raises(ValueError, match="^history 0: no known items to recommend from$"):
+        recommender.recommend([([-5], [5])], unknown_items="skip")
 
 
 def test_training_history_of_a_user(recommender, datamodule):
@@ -278,6 +282,30 @@ def test_recommend_refuses_a_batch_size_below_one_and_a_missing_gpu(export_dir):
             Recommender.from_export(export_dir, device="cuda")
 
 
+def _reorder_items(folder: Path) -> None:
+    items = json.loads((folder / "items.json").read_text())
+    items["original_ids"] = items["original_ids"][1:] + items["original_ids"][:1]  # the same ids, each moved
+    (folder / "items.json").write_text(json.dumps(items))
+
+
+def _perturb_weights(folder: Path) -> None:
+    weights = load_file(folder / "model.safetensors")
+    weights["embedding.item_table"] += 0.01  # the same names and shapes: another training's weights
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("replace, name", [(_reorder_items, "items.json"), (_perturb_weights, "model.safetensors")],
+                         ids=["items.json reordered", "weights of another training"])
+def test_a_file_replaced_after_export_is_refused_by_name(export_dir, tmp_path, replace, name):
+    """A catalogue or weights copied in from elsewhere pass every shape check and would change every answer."""
+    broken = _copy(export_dir, tmp_path / "export")
+    replace(broken)
+    with pytest.raises(ExportFormatError, match=rf"^{re.escape(str(broken / name))}: not the file this export recorded "
+                                                rf"\(its SHA-256 differs from .*config\.json's files\.{re.escape(name)}\); "
+                                                r"export the run again instead of replacing its files$"):
+        Recommender.from_export(broken)
+
+
 @pytest.mark.parametrize("key", ["format_version", "model", "model.dim", "model.encoder", "data"])
 def test_missing_config_key_is_named(export_dir, tmp_path, key):
     broken = _copy(export_dir, tmp_path / "export")
@@ -295,7 +323,8 @@ def test_missing_config_key_is_named(export_dir, tmp_path, key):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["model"].update(dim=16), r"model\.safetensors: does not match"),
     (lambda c: c["model"]["encoder"].update(_target_="os.system"), r"model\.encoder\._target_"),
-    (lambda c: c.update(format_version=99), "format_version 99"),
+    (lambda c: c.update(format_version=1), r"format_version 1 is not supported \(this code reads 2\); export the run "
+                                           r"again with scripts/export\.py$"),
 ])
 def test_inconsistent_config_is_named(export_dir, tmp_path, edit, message):
     broken = _copy(export_dir, tmp_path / "export")

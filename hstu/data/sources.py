@@ -39,7 +39,7 @@ import pandas as pd
 from hydra.utils import to_absolute_path
 
 from hstu.errors import ConfigError, DataError, MissingFileError
-from hstu.files import current_umask, owned_prefix, remove_abandoned
+from hstu.files import current_umask, owned_prefix, remove_abandoned, sha256_of
 from hstu_kernels.time_buckets import OUTSIDE_TIMESTAMP_RANGE, TIMESTAMP_BOUND
 
 log = logging.getLogger(__name__)
@@ -159,14 +159,6 @@ def _file_identity(path: Path, config_key: str) -> dict:
 def absolute_path(path: str | os.PathLike) -> Path:
     """A user path, relative paths taken from the directory the program was started in (Hydra-aware)."""
     return Path(to_absolute_path(os.path.expanduser(str(path))))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

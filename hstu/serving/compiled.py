@@ -36,8 +36,10 @@ from torch import nn
 
 from hstu.errors import PackageLoadError
 from hstu.checkpoints import load_state_strictly
+from hstu.files import sha256_of
 from hstu.inference import (
-    CONFIG_FILE, WEIGHTS_FILE, build_model, load_weights, read_export_config, weights_mismatch,
+    CONFIG_FILE, WEIGHTS_FILE, build_model, check_export_files, check_recorded_digest, load_weights,
+    read_export_config, weights_mismatch,
 )
 from hstu.model.recommender import SequentialRecommender
 from hstu_kernels.jagged import last_index, sequence_index
@@ -85,7 +87,7 @@ def target_name(device: torch.device) -> dict[str, str]:
 
 def package_file_name(target: dict[str, str]) -> str:
     parts = [target["device"], target.get("gpu_arch"), target["cpu_arch"], target["cpu_isa"], "torch" + target["torch"]]
-    return "scoring-" + "-".join(p for p in parts if p).replace("+", "_") + ".pt2"
+    return "scoring-" + "-".join(p for p in parts if p).replace("+", "_").replace(" ", "_") + ".pt2"
 
 
 def reference_model(export_dir: str | Path) -> tuple[SequentialRecommender, dict[str, Any]]:
@@ -95,6 +97,7 @@ def reference_model(export_dir: str | Path) -> tuple[SequentialRecommender, dict
     config = read_export_config(export_dir)
     model = build_model(export_dir, config, kernels=None, kernel_fallback="warn")
     load_state_strictly(model, load_weights(export_dir / WEIGHTS_FILE), weights_mismatch(export_dir))
+    check_export_files(export_dir, config)
     return model.eval().requires_grad_(False), config
 
 
@@ -151,7 +154,7 @@ def compile_export(export_dir: str | Path, device: str | torch.device = "cpu", k
         Path(staging).unlink(missing_ok=True)
         raise
     entry = {**target, "k": min(k, model.num_items), "dtype": "float32", "inputs": list(INPUT_NAMES),
-             "outputs": list(OUTPUT_NAMES), "batch": "dynamic, >= 1"}
+             "outputs": list(OUTPUT_NAMES), "batch": "dynamic, >= 1", "sha256": sha256_of(export_dir / name)}
     config.setdefault("compiled", {})[name] = entry
     _replace_json(export_dir / CONFIG_FILE, config)
     return export_dir / name
@@ -203,7 +206,24 @@ def _replace_json(path: Path, content: dict) -> None:
 
 
 def matching_package(export_dir: str | Path, config: dict[str, Any], device: torch.device) -> Path | None:
-    """The export's package built for exactly this target, if there is one."""
+    """The export's package built for exactly this target, if there is one; ExportFormatError if its file
+    is not the one config.json records (the weights baked into it would not be the export's)."""
     name = package_file_name(target_name(device))
     path = Path(export_dir) / name
-    return path if name in config.get("compiled", {}) and path.is_file() else None
+    if name not in config.get("compiled", {}) or not path.is_file():
+        return None
+    _check_package(path, config)
+    return path
+
+
+def check_packages(export_dir: str | Path, config: dict[str, Any]) -> None:
+    """Every package config.json records and the folder holds is the file recorded (no device is touched:
+    a server checks them before its workers start)."""
+    for name in config.get("compiled", {}):
+        if (Path(export_dir) / name).is_file():
+            _check_package(Path(export_dir) / name, config)
+
+
+def _check_package(path: Path, config: dict[str, Any]) -> None:
+    check_recorded_digest(path, config["compiled"][path.name].get("sha256"), f"compiled.{path.name}.sha256",
+                          "build it again with scripts/export.py, or serve without it (compiled=false)")

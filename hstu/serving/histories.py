@@ -127,7 +127,9 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
         item_ids, timestamps = item_ids[known], timestamps[known]
     empty = np.flatnonzero(lengths == 0)
     if empty.size:
-        raise RequestError(f"history {int(empty[0])}: no known items to recommend from")
+        user = int(empty[0])
+        raise RequestError(f"history {user}: " + ("no known items to recommend from" if len(item_parts[user])
+                                                  else "empty: no items to recommend from"))
     return Events(*_in_time_order(item_ids, timestamps, offsets), offsets)
 
 

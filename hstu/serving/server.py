@@ -56,18 +56,25 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
-import litserve as ls
 import numpy as np
-from fastapi import HTTPException
-from fastapi.responses import JSONResponse
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.loops.simple_loops import BatchedLoop
-from litserve.transport.process_transport import MPQueueTransport
-from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, StrictInt, StrictStr, model_validator
 
-from hstu.errors import MissingFileError, RequestError
-from hstu.inference import Recommender, check_export_weights, read_export_config, read_item_ids
+from hstu.errors import MissingFileError, MissingPackageError, RequestError
+
+try:
+    import litserve as ls
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse
+    from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+    from litserve.loops.simple_loops import BatchedLoop
+    from litserve.transport.process_transport import MPQueueTransport
+    from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
+except ModuleNotFoundError as error:
+    raise MissingPackageError(f"the HTTP server needs LitServe, the serve extra ({error}): "
+                              "pip install -e '.[serve]'") from error
+
+from hstu.inference import Recommender, check_export_files, check_export_weights, read_export_config, read_item_ids
+from hstu.serving.compiled import check_packages
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
 from hstu.serving.histories import check_k, check_request_times
 from hstu.serving.ids import ItemIdIndex
@@ -393,9 +400,14 @@ def build_server(export_dir: str | Path, *, device: str = "cpu", workers: int = 
         raise MissingFileError(f"export_dir={export_dir}: no such directory (scripts/export.py writes one)")
     export_dir = str(Path(export_dir).resolve())
     config = read_export_config(export_dir)
-    check_export_weights(export_dir, config)  # in this process: a worker's failure would be a traceback
+    # The export's checks, in this process: a worker's failure would be a traceback
+    check_export_weights(export_dir, config)
     num_items = config["model"]["num_items"]
-    _Catalogue.index, _Catalogue.num_items = ItemIdIndex(read_item_ids(export_dir, num_items)), num_items
+    item_ids = read_item_ids(export_dir, num_items)
+    check_export_files(export_dir, config)
+    if compiled:
+        check_packages(export_dir, config)
+    _Catalogue.index, _Catalogue.num_items = ItemIdIndex(item_ids), num_items
     stats_manager = multiprocessing.Manager()
     shared_stats = stats_manager.dict()
     kernels = serving_kernel_flags(device) if kernels is None else kernels
