@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -301,9 +302,12 @@ class CheckpointsOfThisRun(L.Callback):
     """Keeps the checkpoint callbacks' records (best path and score, top k) in the run's own folder.
 
     A ModelCheckpoint records its files by absolute path and, restored under another ``dirpath``,
-    Lightning keeps only its best path, which then names the old folder's file. Resuming from a file
-    in a checkpoint callback's own folder (a run moved or copied) re-roots the record there, so it is
-    restored whole and the resumed run selects the epoch the uninterrupted run would."""
+    Lightning keeps only its best path, which then names the old folder's file, and forgets the scores:
+    the resumed run would select its first new epoch over better ones before it. So the record is
+    re-rooted in the run's folder and restored whole. Resuming from a file in a checkpoint callback's own
+    folder (a run moved or copied) finds the files there; a new run started from another run's checkpoint
+    first copies that run's k best files into its own folder (those no longer there drop out of the
+    record). Either way the run selects the epoch the uninterrupted run would."""
 
     PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
@@ -312,9 +316,34 @@ class CheckpointsOfThisRun(L.Callback):
         loaded = Path(os.path.realpath(trainer.ckpt_path)).parent if trainer.ckpt_path else None
         for callback in trainer.checkpoint_callbacks:
             state = states.get(callback.state_key)
-            if state is not None and state.get("dirpath") not in (None, callback.dirpath) \
-                    and callback.dirpath is not None and loaded == Path(callback.dirpath):
-                states[callback.state_key] = self._rerooted(state, Path(state["dirpath"]), Path(callback.dirpath))
+            if state is None or callback.dirpath is None or state.get("dirpath") in (None, callback.dirpath):
+                continue
+            old, new = Path(state["dirpath"]), Path(callback.dirpath)
+            if loaded != new:
+                state = self._with_best_files_copied(trainer, callback, state, old, new)
+            states[callback.state_key] = self._rerooted(state, old, new)
+
+    @staticmethod
+    def _with_best_files_copied(trainer, callback: ModelCheckpoint, state: dict[str, Any], old: Path,
+                                new: Path) -> dict[str, Any]:
+        """``state`` once rank zero has copied the files of its k best checkpoints from ``old`` to ``new``;
+        the best and k-th are chosen again among the files still there if any are gone."""
+        recorded = state.get("best_k_models", {})
+        kept = {path: score for path, score in recorded.items() if Path(path).is_relative_to(old) and Path(path).is_file()}
+        if trainer.is_global_zero:
+            for path in kept:
+                target = new / Path(path).relative_to(old)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        if len(kept) == len(recorded):
+            return state
+        ranked = sorted(kept, key=lambda path: float(kept[path]), reverse=callback.mode == "max")
+        chosen = {"best_k_models": kept, "best_model_path": ranked[0] if ranked else "",
+                  "best_model_score": kept[ranked[0]] if ranked else None,
+                  "kth_best_model_path": ranked[-1] if ranked else ""}
+        if ranked:
+            chosen["kth_value"] = kept[ranked[-1]]
+        return {**{key: value for key, value in state.items() if key != "kth_value"}, **chosen}
 
     @classmethod
     def _rerooted(cls, state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:

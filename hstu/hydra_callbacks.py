@@ -8,8 +8,8 @@ including ones that run jobs elsewhere and capture their output.
 :class:`CheckBeforeStart` stops a run or a sweep with one line before Hydra writes any file or starts
 any job: a config that :func:`hstu.config.check_config` rejects (a search over ``data.protocol=paper``
 included, and any job of a grid sweep), a new run pointed (``hydra.run.dir=...``) at the directory of
-another run, or a run pointed at a directory that another run is writing into now (a claim held while a
-run runs). The new
+another run, or a run (or sweep) pointed at a directory that another run (or sweep) is writing into now
+(a claim held while it runs). The new
 directory the run (or sweep) was given goes with it, as does a run's when the job itself stops with
 a user error before writing anything but Hydra's files.
 """
@@ -40,6 +40,7 @@ from hstu.errors import ConfigError, UserError
 from hstu.files import write_text_atomically
 from hstu.train import (
     CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
     METRICS_FILE,
     RUN_LOCK,
     check_run_dir,
@@ -60,16 +61,19 @@ class CheckBeforeStart(Callback):
 
     def __init__(self) -> None:
         self._claim: int | None = None
+        self._resumed_run: ResumedRun | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
         data_key = "paths.data_dir" if OmegaConf.is_interpolation(config.data, "data_dir") else "data.data_dir"
 
         def claim_and_check_run_dir() -> None:
-            resume = resume_checkpoint(config.get("ckpt_path"), run_dir, config.model, config.trainer)
+            resume = resume_checkpoint(config.get("ckpt_path"), run_dir, config)
             make_directory(run_dir, "hydra.run.dir")
             self._claim = claim_run_dir(run_dir)
             check_run_dir(run_dir, resume)  # under the claim: no other run writes there meanwhile
+            if resume is not None and config.hydra.output_subdir is not None:
+                self._resumed_run = ResumedRun(run_dir, run_dir / config.hydra.output_subdir)
 
         self._check(config, run_dir,
                     lambda: check_accelerator(OmegaConf.select(config, "trainer.accelerator"), "trainer.accelerator"),
@@ -81,7 +85,16 @@ class CheckBeforeStart(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        self._check(config, sweep_dir, lambda: check_sweep_dir(sweep_dir), lambda: check_sweep_jobs(config))
+
+        def claim_sweep_dir() -> None:  # held by the sweeping process until the sweep ends
+            make_directory(sweep_dir, "hydra.sweep.dir")
+            self._claim = claim_run_dir(sweep_dir, "hydra.sweep.dir", "sweep")
+
+        self._check(config, sweep_dir, lambda: check_sweep_dir(sweep_dir), claim_sweep_dir,
+                    lambda: check_sweep_jobs(config))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """A run that a user error stopped (bad data, say) before it wrote anything of its own leaves no
@@ -90,6 +103,8 @@ class CheckBeforeStart(Callback):
         (a checkpoint, Lightning's logs), or another error, keeps it all."""
         error = job_return._return_value if job_return.status == JobStatus.FAILED else None  # no public getter
         if isinstance(error, UserError) and HydraConfig.get().mode == RunMode.RUN:
+            if self._resumed_run is not None:
+                self._resumed_run.restore_if_untrained()
             hydra_files = tuple(f"{config.hydra.output_subdir}/{name}" for name in HYDRA_FILES)
             remove_new_directory(config.hydra.runtime.output_dir,
                                  (*hydra_files, f"{config.hydra.job.name}.log", RUN_LOCK))
@@ -113,6 +128,27 @@ class CheckBeforeStart(Callback):
             self._release()
             remove_new_directory(job_dir, (RUN_LOCK,))
             sys.exit(1)
+
+
+class ResumedRun:
+    """A run directory's Hydra files and last checkpoint as they were before a resume in it. Hydra rewrites
+    the files with the resuming command's config before the job starts; a resume that a user error stops
+    before it trains (data of other items, say) puts them back, or eval and export of the run would read
+    the refused command's config."""
+
+    def __init__(self, run_dir: Path, hydra_dir: Path):
+        self.files = {path: path.read_text() for path in (hydra_dir / name for name in HYDRA_FILES) if path.is_file()}
+        self.last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        self.last_written = self._written(self.last)
+
+    def restore_if_untrained(self) -> None:
+        if self._written(self.last) == self.last_written:
+            for path, text in self.files.items():
+                write_text_atomically(path, text)
+
+    @staticmethod
+    def _written(path: Path) -> int | None:
+        return path.stat().st_mtime_ns if path.is_file() else None
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:

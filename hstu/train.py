@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # written at every epoch's end (hstu.callbacks.LastCheckpoint): ckpt_path=last
 RUN_LOCK = ".run.lock"  # locked by the process writing into the run directory (claim_run_dir)
 
 
@@ -52,15 +53,18 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
     return [instantiate_config(node) for node in (section or {}).values() if node is not None and "_target_" in node]
 
 
-def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictConfig,
-                      trainer_config: DictConfig) -> Path | None:
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path, cfg: DictConfig) -> Path | None:
     """The checkpoint to resume from: None, ``<run_dir>/checkpoints/last.ckpt`` for ``last``, else the file.
-    A checkpoint that is missing, unreadable, holding pickled objects, of another model (settings that
-    differ from ``model_config``) or already at ``trainer_config``'s epoch or step limit is an error:
-    training never silently starts over, mixes models or trains nothing."""
+    A checkpoint that is missing, unreadable, holding pickled objects or the weights alone, of another
+    model (settings that differ from ``cfg.model``), already at ``cfg.trainer``'s epoch or step limit, or
+    stopped early where ``cfg.callbacks`` stops early too is an error: training never silently starts
+    over, mixes models, trains nothing or trains past a stop it would repeat."""
     if ckpt_path is None:
         return None
-    path = run_dir / CHECKPOINT_DIR / "last.ckpt" if ckpt_path == "last" else absolute_path(ckpt_path)
+    path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT if ckpt_path == "last" else absolute_path(ckpt_path)
+    if path.is_dir():
+        raise MissingFileError(f"ckpt_path={ckpt_path}: {path} is a folder, not a checkpoint file (to resume a run "
+                               "from its folder: hydra.run.dir=<run dir> ckpt_path=last)")
     if not path.is_file():
         hint = "; to resume a run, give its directory too: hydra.run.dir=<run dir> ckpt_path=last" \
             if ckpt_path == "last" else ""
@@ -69,13 +73,37 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model_config: DictCo
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
         raise CheckpointError(f"ckpt_path={ckpt_path}: {error}") from error
-    differ = model_differences(OmegaConf.to_container(model_config, resolve=True), checkpoint["hyper_parameters"],
+    missing = [key for key in ("optimizer_states", "loops") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: {path} holds no {' or '.join(missing)} (saved with "
+                              "save_weights_only?): a run resumes from a full checkpoint such as last.ckpt")
+    differ = model_differences(OmegaConf.to_container(cfg.model, resolve=True), checkpoint["hyper_parameters"],
                                MODEL_KEYS)
     if differ:
         raise CheckpointError(f"ckpt_path={ckpt_path}: a checkpoint of another model: it differs from this run's "
                               f"config in {', '.join(differ)}")
-    _check_trains_further(f"ckpt_path={ckpt_path}: {path}", checkpoint, trainer_config)
+    _check_trains_further(f"ckpt_path={ckpt_path}: {path}", checkpoint, cfg.trainer)
+    if _stops_early(cfg.get("callbacks")):
+        _check_not_stopped_early(f"ckpt_path={ckpt_path}: {path}", checkpoint)
     return path
+
+
+def _stops_early(callbacks_config: DictConfig | None) -> bool:
+    return any(node is not None and str(node.get("_target_", "")).endswith(EarlyStopping.__name__)
+               for node in (callbacks_config or {}).values())
+
+
+def _check_not_stopped_early(name: str, checkpoint: dict[str, Any]) -> None:
+    """ConfigError when the checkpoint's early stopping has stopped its run: restored, it would stop again
+    after one more epoch, and that epoch would replace the stopped run's last checkpoint and results."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        stopped = state.get("stopped_epoch") if key.startswith(EarlyStopping.__name__) else None
+        if isinstance(stopped, int) and stopped > 0:
+            monitor = re.search(r"'monitor': '([^']*)'", key)
+            waited = state.get("wait_count")
+            raise ConfigError(f"{name}: its run stopped early at epoch {stopped} ({monitor[1] if monitor else 'the metric'}"
+                              f" did not improve for {waited} validation{'' if waited == 1 else 's'}); evaluate it "
+                              "with scripts/eval.py, or train on without early stopping (~callbacks.early_stopping)")
 
 
 def _check_trains_further(name: str, checkpoint: dict[str, Any], trainer_config: DictConfig) -> None:
@@ -111,22 +139,28 @@ def _check_kernels_can_run(manager) -> None:
 
 def check_run_dir(run_dir: Path, resume: Path | None) -> None:
     """Refuse to write into a directory that holds another run's results or checkpoints, unless this run
-    resumes from a checkpoint inside it (``ckpt_path=last``, or a file of its checkpoints folder):
-    starting from another run's checkpoint makes a new run, which needs a directory of its own."""
+    resumes it from its last checkpoint (``ckpt_path=last``): starting from another run's checkpoint, or
+    from an earlier checkpoint of this one, makes a new run, which needs a directory of its own (in place it
+    would overwrite the later epochs' last checkpoint and the results)."""
     checkpoints = run_dir / CHECKPOINT_DIR
     if resume is not None and resume.resolve().parent == checkpoints.resolve():
-        return
+        if resume.name == LAST_CHECKPOINT:
+            return
+        raise ConfigError(f"ckpt_path={resume}: an earlier checkpoint of the run in {run_dir}; resuming it there "
+                          "would overwrite the run's last checkpoint and results: resume the run with ckpt_path=last, "
+                          "or leave hydra.run.dir unset to start a new run from this file")
     for found in (run_dir / METRICS_FILE, *(sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else [])):
         if found.is_file():
             raise ConfigError(f"{run_dir} holds another run ({found.relative_to(run_dir)}); resume it with "
                               "ckpt_path=last, or leave hydra.run.dir unset for a new directory")
 
 
-def claim_run_dir(run_dir: Path) -> int | None:
+def claim_run_dir(run_dir: Path, key: str = "hydra.run.dir", what: str = "run") -> int | None:
     """Lock ``<run_dir>/.run.lock`` (flock) until the returned descriptor is closed or the process ends,
-    however it ends: of two runs started into one directory, new or resumed, the second stops here with a
-    ConfigError, before either has written what :func:`check_run_dir` looks for. The ranks other than zero
-    of a DDP job write into rank zero's directory and claim nothing (None)."""
+    however it ends: of two runs (or sweeps: ``key`` and ``what`` name them) started into one directory,
+    new or resumed, the second stops here with a ConfigError, before either has written what
+    :func:`check_run_dir` looks for. The ranks other than zero of a DDP job write into rank zero's
+    directory and claim nothing (None)."""
     if rank_zero_only.rank != 0 or os.environ.get("NODE_RANK", "0") != "0":
         return None
     descriptor = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -134,8 +168,8 @@ def claim_run_dir(run_dir: Path) -> int | None:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise ConfigError(f"hydra.run.dir={run_dir}: another run is writing into this directory now; wait for it "
-                          "to end, or leave hydra.run.dir unset for a new directory") from None
+        raise ConfigError(f"{key}={run_dir}: another {what} is writing into this directory now; wait for it "
+                          f"to end, or leave {key} unset for a new directory") from None
     return descriptor
 
 
@@ -180,7 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         log.info("run directory: %s", out_dir.resolve())
-    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir, cfg.model, cfg.trainer)
+    resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir, cfg)
     check_run_dir(out_dir, resume)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():

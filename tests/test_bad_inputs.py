@@ -132,6 +132,19 @@ CASES = {
     "resume from another model": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={other_ckpt}"],
                                       r"^ckpt_path=.*other\.ckpt: a checkpoint of another model: it differs from this "
                                       r"run's config in .*model\.dim \(16; the run has 8\)"),
+    "resume a run in place from an earlier checkpoint": Case(
+        "train", [*TINY_RUN, "trainer.max_epochs=2", "hydra.run.dir={second_run}",
+                  "ckpt_path={second_run}/checkpoints/epoch000.ckpt"],
+        r"^ckpt_path=.*second-run/checkpoints/epoch000\.ckpt: an earlier checkpoint of the run in .*second-run; "
+        r"resuming it there would overwrite the run's last checkpoint and results: resume the run with ckpt_path=last, "
+        r"or leave hydra\.run\.dir unset to start a new run from this file$"),
+    "ckpt_path a folder": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={tmp}"],
+                               r"^ckpt_path=.*: .* is a folder, not a checkpoint file \(to resume a run from its "
+                               r"folder: hydra\.run\.dir=<run dir> ckpt_path=last\)$"),
+    "resume from a weights-only checkpoint": Case(
+        "train", [*TRAIN, "data.source.path={good}", "ckpt_path={weights_only}"],
+        r"^ckpt_path=.*weights-only\.ckpt: .*weights-only\.ckpt holds no optimizer_states or loops \(saved with "
+        r"save_weights_only\?\): a run resumes from a full checkpoint such as last\.ckpt$"),
     "truncated checkpoint": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={truncated}"],
                                  r"^ckpt_path=.*: .*: not a readable checkpoint \(truncated, or not written by"),
     "another run's checkpoint into a run's directory": Case(
@@ -277,6 +290,9 @@ def inputs(tmp_path_factory, tiny_run_dir, tiny_export_dir) -> dict[str, str]:
     hparams = dict(other["hyper_parameters"], dim=16)
     other.update(hyper_parameters=hparams, state_dict=RecModule(**hparams).state_dict())
     torch.save(other, tmp / "other.ckpt")
+    trained = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=True)  # as save_weights_only saves
+    torch.save({key: value for key, value in trained.items() if key not in ("optimizer_states", "lr_schedulers", "loops")},
+               tmp / "weights-only.ckpt")
     planted = {"_target_": "hstu.files.write_text_atomically", "path": str(tmp / "planted.txt"), "text": "ran"}
     planted_export = Path(shutil.copytree(tiny_export_dir, tmp / "planted-export"))
     config = json.loads((planted_export / "config.json").read_text())

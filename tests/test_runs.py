@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 import hstu.config  # noqa: F401
 from hstu.config import new_directory, remove_new_directory
 from hstu.errors import TrainingDivergedError
+from hstu.export import load_run
 from hstu.guards import NonFiniteLossFlag
 from cli import run_script
 from hstu.train import RUN_LOCK, claim_run_dir, train
@@ -124,7 +125,11 @@ def test_two_runs_started_together_into_one_directory_one_stops(tmp_path):
              for _ in range(2)]
     outcomes = sorted((proc.wait(timeout=900), proc.stderr.read()) for proc in procs)
     assert [code for code, _ in outcomes] == [0, 1], outcomes
-    assert outcomes[1][1].strip().splitlines() == [IN_USE.format("run")]
+    # On a loaded machine the second may start only once the first has finished: its results refuse it then
+    # (the claim alone: test_a_run_directory_in_use_stops_the_run_and_frees_when_it_ends).
+    finished = ("run holds another run (metrics.json); resume it with ckpt_path=last, or leave hydra.run.dir unset "
+                "for a new directory")
+    assert outcomes[1][1].strip().splitlines() in ([IN_USE.format("run")], [finished])
     assert [row["epoch"] for row in metrics(tmp_path / "run")["epochs"]] == [0]
 
 
@@ -206,6 +211,29 @@ def test_a_moved_or_copied_run_resumes_with_its_own_best_checkpoint(tmp_path):
         assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"], how
 
 
+def test_a_new_run_from_another_runs_checkpoint_selects_over_the_epochs_before_it(tmp_path):
+    """A run started in a new folder from another run's last.ckpt copies that run's best file into its own
+    folder and selects the epoch the uninterrupted run selects; the other run's files stay as they were.
+    Where that file is gone, the best is chosen among the epochs this run trains."""
+    data_dir = tmp_path / "data"
+    reference = train_in(tmp_path / "full", "trainer.max_epochs=4", data_dir=data_dir)
+    assert reference["best_epoch"] < 2
+    first = tmp_path / "first"
+    train_in(first, "trainer.max_epochs=3", data_dir=data_dir)
+    before = {path.name: path.read_bytes() for path in (first / "checkpoints").iterdir()}
+    resumed = train_in(tmp_path / "new", "trainer.max_epochs=4", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+                       data_dir=data_dir)
+    best = f"epoch{reference['best_epoch']:03d}.ckpt"
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    assert resumed["best_checkpoint"] == str(tmp_path / "new" / "checkpoints" / best)
+    assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"]
+    assert {path.name: path.read_bytes() for path in (first / "checkpoints").iterdir()} == before
+    (first / "checkpoints" / best).unlink()
+    resumed = train_in(tmp_path / "without-best", "trainer.max_epochs=4",
+                       f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", data_dir=data_dir)
+    assert resumed["best_epoch"] == 3 and Path(resumed["best_checkpoint"]).is_file()
+
+
 def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
     """A resume on other items than the checkpoint's (a data override left out, or data that changed): one line
     naming the checkpoint and what differs, and the run directory the run made goes with it."""
@@ -245,6 +273,23 @@ def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
         assert result.code == 1 and run_dir.exists() == existed and (tmp_path / "new").is_dir()
 
 
+def test_a_refused_resume_leaves_the_runs_hydra_files_as_they_were(tmp_path, monkeypatch):
+    """Hydra rewrites .hydra/ with the resuming command's config before the job starts: a resume refused before
+    it trains (data of other items) puts the run's own files back, so eval and export read the config it
+    trained with."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [*PEAKS_EARLY, f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}"]
+    assert run_script("train", *args).code == 0
+    before = {path.name: path.read_text() for path in (run_dir / ".hydra").iterdir()}
+    others = [arg for arg in args if not arg.startswith("data.source.num_items=")]
+    refused = run_script("train", *others, "data.source.num_items=50", "trainer.max_epochs=2", "ckpt_path=last")
+    assert refused.code == 1 and refused.error_lines[-1].endswith("trained on 40 items but the data has 50; resume "
+                                                                  "with the data settings of the run that wrote it")
+    assert {path.name: path.read_text() for path in (run_dir / ".hydra").iterdir()} == before
+    assert load_run(run_dir).config.data.source.num_items == 40
+
+
 def test_resuming_a_run_at_its_epoch_or_step_limit_is_refused(tmp_path, monkeypatch):
     """A resume whose checkpoint has reached trainer.max_epochs or trainer.max_steps would train nothing and test
     the old weights again: one line naming the checkpoint and the limit, before anything is written."""
@@ -263,6 +308,27 @@ def test_resuming_a_run_at_its_epoch_or_step_limit_is_refused(tmp_path, monkeypa
         assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*"))
     resumed = train_in(tmp_path / "first", "trainer.max_epochs=3", "ckpt_path=last", data_dir=data_dir)
     assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2]
+
+
+def test_resuming_a_run_that_stopped_early_is_refused(tmp_path, monkeypatch):
+    """Restored, early stopping would stop again after one more epoch, which would replace the stopped run's last
+    checkpoint and results: one line instead. Without early stopping the run trains on."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [*PEAKS_EARLY, "trainer.max_epochs=8", "callbacks.early_stopping.patience=0", f"hydra.run.dir={run_dir}",
+            f"paths.data_dir={tmp_path / 'data'}"]
+    assert run_script("train", *args).code == 0
+    stopped = metrics(run_dir)["epochs_trained"] - 1
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    refused = run_script("train", *args, "ckpt_path=last")
+    assert refused.code == 1 and refused.error_lines[-1] == (
+        f"ckpt_path=last: {last}: its run stopped early at epoch {stopped} (val/ndcg@10 did not improve for 1 "
+        "validation); evaluate it with scripts/eval.py, or train on without early stopping (~callbacks.early_stopping)")
+    assert last.read_bytes() == before
+    resumed = run_script("train", *args, "ckpt_path=last", "~callbacks.early_stopping")
+    assert resumed.code == 0, resumed.stderr[-3000:]
+    assert [row["epoch"] for row in metrics(run_dir)["epochs"]] == list(range(8))
 
 
 @pytest.mark.parametrize("validation", [[], ["+trainer.val_check_interval=0.5"]], ids=["epoch-end", "mid-epoch"])

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cli import run_script
+from hstu.train import RUN_LOCK, claim_run_dir
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,23 @@ def test_a_sweep_into_an_earlier_sweeps_directory_is_refused_before_it_writes(tm
     assert {path: path.read_text() for path in earlier} == earlier
     written = sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("*"))
     assert written == ["0", "0/.hydra", "0/.hydra/config.yaml", "0/metrics.json"]
+
+
+def test_a_sweep_into_a_directory_another_sweep_writes_now_is_refused(tmp_path):
+    """Two sweeps given one hydra.sweep.dir: the second stops with one line while the first holds it (their
+    jobs would share folders, checkpoints and metrics.json), and writes nothing there."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    claim = claim_run_dir(sweep, "hydra.sweep.dir", "sweep")  # a sweep running there now
+    try:
+        result = run_script("train", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}",
+                            f"paths.data_dir={tmp_path / 'data'}")
+    finally:
+        os.close(claim)
+    assert result.code == 1
+    assert result.error_lines == [f"hydra.sweep.dir={sweep}: another sweep is writing into this directory now; wait "
+                                  "for it to end, or leave hydra.sweep.dir unset for a new directory"]
+    assert [p.name for p in sweep.iterdir()] == [RUN_LOCK]
 
 
 @pytest.mark.slow
