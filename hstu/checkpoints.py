@@ -57,10 +57,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_trained_items(path: str | Path, hyper_parameters: Mapping[str, Any], num_items: int,
-                        item_ids_digest: str, remedy: str) -> None:
+                        item_ids_digest: str, remedy: str, events_digest: str | None = None) -> None:
     """DataError when the data's items are not those the checkpoint was trained on: another count, or (by
-    the ``item_ids_digest`` the checkpoint records) other ids or another order; ``remedy`` ends the line.
-    A checkpoint that records no digest is checked by the count alone, with a warning."""
+    the ``item_ids_digest`` the checkpoint records) other ids or another order; with ``events_digest``,
+    also when its events are not (by the ``events_digest`` recorded, where there is one). ``remedy`` ends
+    the line. A checkpoint that records no item digest is checked by the count alone, with a warning."""
     trained = hyper_parameters.get("num_items")
     if trained != num_items:
         raise DataError(f"{path}: trained on {trained} items but the data has {num_items}; {remedy}")
@@ -75,6 +76,11 @@ def check_trained_items(path: str | Path, hyper_parameters: Mapping[str, Any], n
         raise DataError(f"{path}: trained on other item ids than the data has (both {num_items} items, but their "
                         f"ids or order differ: item_ids_digest {recorded[:12]}... at training, "
                         f"{item_ids_digest[:12]}... now); {remedy}")
+    trained_events = hyper_parameters.get("events_digest")
+    if events_digest is not None and isinstance(trained_events, str) and trained_events != events_digest:
+        raise DataError(f"{path}: trained on other events than the data has (the same {num_items} items, but "
+                        f"events_digest {trained_events[:12]}... at training, {events_digest[:12]}... now: "
+                        f"other splits and targets); {remedy}")
 
 
 def model_differences(config: Mapping[str, Any], hyper_parameters: Mapping[str, Any], keys: Iterable[str]) -> list[str]:

@@ -420,7 +420,8 @@ def evaluate_run(
     load_state_strictly(module.model, recommender_state_dict(checkpoint["state_dict"]), lambda mismatch: CheckpointError(
         f"{checkpoint_path}: weights do not fit its hyper_parameters: {mismatch}"))
     datamodule = build_datamodule(run, data_dir, trainer)
-    check_trained_items(checkpoint_path, hparams, datamodule.num_items, datamodule.item_ids_digest, DATA_CHANGED)
+    check_trained_items(checkpoint_path, hparams, datamodule.num_items, datamodule.item_ids_digest, DATA_CHANGED,
+                        datamodule.events_digest)
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {
         "val": {},

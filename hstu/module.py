@@ -35,8 +35,10 @@ class RecModule(L.LightningModule):
     device, read once per epoch as ``train/loss``.
 
     ``item_ids_digest`` (the datamodule's :attr:`~hstu.data.datamodule.SequenceDataModule.item_ids_digest`,
-    taken from it at fit when not given) names the items the item table's rows stand for: export and
-    evaluation compare it with the data they rebuild."""
+    taken from it at fit when not given) names the items the item table's rows stand for: export,
+    evaluation and resuming compare it with the data they rebuild. ``events_digest`` (the datamodule's
+    :attr:`~hstu.data.datamodule.SequenceDataModule.events_digest`, taken the same way) names the events
+    trained on: evaluation and resuming compare it too."""
 
     def __init__(
         self,
@@ -56,6 +58,7 @@ class RecModule(L.LightningModule):
         time_scales: Sequence[Sequence[int]] = (),
         position_from_end: bool = False,
         item_ids_digest: str | None = None,
+        events_digest: str | None = None,
     ):
         super().__init__()
         if cuda_graphs not in CUDA_GRAPH_MODES:
@@ -83,15 +86,16 @@ class RecModule(L.LightningModule):
         return self.model.manager
 
     def setup(self, stage: str) -> None:
-        """At fit: record the datamodule's ``item_ids_digest`` (when not given); capture training steps when
+        """At fit: record the datamodule's ``item_ids_digest`` and ``events_digest`` (when not given); capture training steps when
         ``cuda_graphs`` asks for it and the run allows it (one CUDA device, no DDP: NCCL collectives inside
         captured graphs need their own setup, so DDP runs stay eager), and then have the datamodule plan
         batches for device-side packing."""
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.item_ids_digest is None:  # saved with the hyperparameters in every checkpoint
-            self.hparams.item_ids_digest = getattr(datamodule, "item_ids_digest", None)
+        for digest in ("item_ids_digest", "events_digest"):  # saved with the hyperparameters in every checkpoint
+            if self.hparams[digest] is None:
+                self.hparams[digest] = getattr(datamodule, digest, None)
         mode, device = self.hparams.cuda_graphs, self.trainer.strategy.root_device
         reason = None
         if device.type != "cuda":

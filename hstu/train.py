@@ -120,12 +120,16 @@ def _check_trains_further(name: str, checkpoint: dict[str, Any], trainer_config:
                               f"trainer.{key} to train on, or evaluate it with scripts/eval.py")
 
 
-def check_resumed_items(path: Path, ckpt_path: str, datamodule) -> None:
+def check_resumed_items(path: Path, ckpt_path: str, datamodule, run_dir: Path) -> None:
     """DataError naming the checkpoint when it was trained on other items than the data has (a data
-    override left out): its item embeddings would be loaded against other items."""
+    override left out): its item embeddings would be loaded against other items. A run resumed in its
+    own directory must also find the events it trained on, or its epochs would mix two datasets (a new
+    run may start from another run's checkpoint on new events of the same items)."""
+    in_place = path.resolve().parent == (run_dir / CHECKPOINT_DIR).resolve()
     check_trained_items(f"ckpt_path={ckpt_path}: {path}", load_checkpoint(path)["hyper_parameters"],
                         datamodule.num_items, datamodule.item_ids_digest,
-                        "resume with the data settings of the run that wrote it")
+                        "resume with the data settings of the run that wrote it",
+                        datamodule.events_digest if in_place else None)
 
 
 def _check_kernels_can_run(manager) -> None:
@@ -238,7 +242,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_on_rank_zero(trainer, datamodule.prepare_data)
     datamodule.setup("fit")
     if resume is not None:
-        check_resumed_items(resume, cfg.ckpt_path, datamodule)
+        check_resumed_items(resume, cfg.ckpt_path, datamodule, out_dir)
     module = instantiate_config(cfg.model, num_items=datamodule.num_items, _recursive_=False, _convert_="all")
     if cfg.model.kernel_fallback == "error":
         _check_kernels_can_run(module.manager)

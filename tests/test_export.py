@@ -481,6 +481,24 @@ def test_data_with_a_replaced_item_is_refused(run_dir, tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+def test_data_with_changed_events_is_refused_by_evaluation_not_by_export(run_dir, tmp_path, datamodule):
+    """The same items, one event's time moved: the splits and targets differ from those trained and selected on,
+    so the test metrics would not be the run's; the export needs only the items."""
+    hparams = load_checkpoint(resolve_checkpoint(load_run(run_dir)))["hyper_parameters"]
+    assert hparams["events_digest"] == datamodule.events_digest
+    run = _copy(run_dir, tmp_path / "run")
+    (cache,) = (run / "data").glob("*.npz")
+    with np.load(cache) as npz:
+        arrays = dict(npz)
+    arrays["timestamp"][0] += 1
+    np.savez(cache, **arrays)
+    with pytest.raises(DataError, match=r"\.ckpt: trained on other events than the data has \(the same 40 items, but "
+                                        r"events_digest \w{12}\.\.\. at training, \w{12}\.\.\. now: other splits and "
+                                        r"targets\); the data source or its settings changed since training"):
+        evaluate_run(run, accelerator="cpu", data_dir=str(run / "data"))
+    assert (export_run(run, tmp_path / "export", data_dir=str(run / "data")) / "model.safetensors").is_file()
+
+
 def test_checkpoint_without_item_ids_digest_exports_with_a_warning(run_dir, tmp_path, caplog):
     checkpoint = load_checkpoint(resolve_checkpoint(load_run(run_dir)))
     del checkpoint["hyper_parameters"]["item_ids_digest"]

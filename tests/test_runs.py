@@ -273,6 +273,25 @@ def test_resuming_on_other_items_stops_before_training(tmp_path, monkeypatch):
         assert result.code == 1 and run_dir.exists() == existed and (tmp_path / "new").is_dir()
 
 
+def test_a_run_resumed_in_place_on_changed_events_is_refused(tmp_path, monkeypatch):
+    """Its epochs would mix two datasets; a new run from its checkpoint may train on the new events of the same items."""
+    monkeypatch.chdir(tmp_path)
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    args = [*PEAKS_EARLY, f"paths.data_dir={data_dir}"]
+    assert run_script("train", *args, f"hydra.run.dir={run_dir}").code == 0
+    (cache,) = data_dir.glob("*.npz")
+    with np.load(cache) as npz:
+        arrays = dict(npz)
+    arrays["timestamp"][0] += 1
+    np.savez(cache, **arrays)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    refused = run_script("train", *args, f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "ckpt_path=last")
+    assert refused.code == 1 and refused.error_lines[-1].startswith(
+        f"ckpt_path=last: {last}: trained on other events than the data has (the same 40 items, but events_digest ")
+    new_run = run_script("train", *args, f"hydra.run.dir={tmp_path / 'new'}", "trainer.max_epochs=2", f"ckpt_path={last}")
+    assert new_run.code == 0, new_run.stderr[-3000:]
+
+
 def test_a_refused_resume_leaves_the_runs_hydra_files_as_they_were(tmp_path, monkeypatch):
     """Hydra rewrites .hydra/ with the resuming command's config before the job starts: a resume refused before
     it trains (data of other items) puts the run's own files back, so eval and export read the config it

@@ -280,6 +280,17 @@ class SequenceDataModule(L.LightningDataModule):
         return hashlib.sha256(ids.encode()).hexdigest()
 
     @property
+    def events_digest(self) -> str:
+        """sha256 of the protocol and every kept user's events (offsets, item indices, timestamps): a checkpoint
+        records it (RecModule), so that evaluation and resuming refuse data whose events changed since
+        training even where the items did not (a file that lost each user's newest events would make
+        training targets into test targets)."""
+        digest = hashlib.sha256(self.protocol.encode())
+        for array in (self.sequences.offsets, self.sequences.item_ids, self.sequences.timestamps):
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
+    @property
     def has_validation(self) -> bool:
         """False under protocol=paper: fixed epochs, no model selection."""
         return self.protocol != "paper"
