@@ -94,6 +94,20 @@ def test_recommend_masks_seen_and_ranks_target():
         assert 0 not in ids[b].tolist()
 
 
+@pytest.mark.parametrize("interaction", [False, True], ids=["reference", "triton"])
+def test_a_user_whose_state_is_not_finite_ranks_its_target_last(interaction, monkeypatch):
+    """Every comparison with NaN is false: the count of items scoring >= the target would leave it first (reference)
+    or give rank 0 (Triton), a hit at every K in the metrics."""
+    torch.manual_seed(0)
+    model = build(HSTU, kernels={"interaction": interaction}).eval()
+    batch = make_batch([5, 3, 4])
+    _, _, finite = model.recommend(batch, k=10, with_target_rank=True)
+    user_states = model.user_states
+    monkeypatch.setattr(model, "user_states", lambda b: user_states(b) * torch.tensor([[1.0], [float("nan")], [1.0]]))
+    _, _, rank = model.recommend(batch, k=10, with_target_rank=True)
+    assert rank.tolist() == [finite[0].item(), NUM_ITEMS, finite[2].item()]
+
+
 def test_flags_do_not_change_parameter_names():
     torch.manual_seed(0)
     off = build(HSTU, kernels={op: False for op in OPERATORS})

@@ -102,7 +102,9 @@ class SequentialRecommender(nn.Module):
     @torch.no_grad()
     def recommend(self, batch: JaggedBatch, k: int, with_target_rank: bool = False):
         """Top-k items over the whole catalogue with seen items masked -> (scores, item ids, target rank).
-        The target rank is defined for real targets (1..num_items), not for the padding id 0."""
+        The target rank is defined for real targets (1..num_items), not for the padding id 0; a user whose
+        state is not finite (overflow at evaluation) ranks its target last, num_items, where every
+        comparison with NaN would leave it first."""
         queries = self.user_states(batch)
         exclude = batch.seen_ids if batch.seen_ids is not None else batch.item_ids
         exclude_offsets = batch.seen_offsets if batch.seen_ids is not None else batch.seq_offsets
@@ -112,4 +114,6 @@ class SequentialRecommender(nn.Module):
             target_ids=batch.targets - 1 if with_target_rank else None, backend=self.manager,
             validate=False,  # the batch was checked once (encode); a padding id 0 excludes nothing
         )
+        if rank is not None:
+            rank = torch.where(torch.isfinite(queries).all(dim=1), rank, self.num_items)
         return scores, ids + 1, rank
