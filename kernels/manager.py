@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "reference")
 FALLBACK_POLICIES = ("warn", "error")
+# A call's plain arguments that a kernel has limits on (topk's k), as (name, value) pairs: they join the
+# tensors' metadata in the decision, and reach the Triton module's ``unsupported_reason`` by name.
+Limits = tuple[tuple[str, int], ...]
 
 
 class TritonUnavailableError(RuntimeError):
@@ -199,12 +202,12 @@ class TritonOperatorManager:
         return True, "available"
 
     @classmethod
-    def unsupported_reason(cls, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
-        """Why the Triton kernel of ``op`` cannot run on these tensors (None: it can)."""
+    def unsupported_reason(cls, op: str, tensors: Sequence[torch.Tensor], limits: Limits = ()) -> str | None:
+        """Why the Triton kernel of ``op`` cannot run on these tensors and ``limits`` (None: it can)."""
         ok, reason = cls.availability(op)
         if not ok:
             return reason
-        return _input_reason(importlib.import_module(_spec(op).triton_module), tensors, interpreter_active())
+        return _input_reason(importlib.import_module(_spec(op).triton_module), tensors, interpreter_active(), limits)
 
     def get_operator_availability(self) -> dict[str, dict]:
         """Per operator: whether Triton was requested, whether it can run here and why; and, once it
@@ -226,36 +229,37 @@ class TritonOperatorManager:
         return out
 
     # ---- per-call resolution ----------------------------------------------------------------
-    def implementation(self, op: str, function: str, tensors: Sequence[torch.Tensor]) -> Callable:
+    def implementation(self, op: str, function: str, tensors: Sequence[torch.Tensor], limits: Limits = ()) -> Callable:
         """The function that computes ``hstu_kernels.<function>`` of operator ``op`` on these inputs
-        (Triton or reference), counted as one call."""
+        (Triton or reference), counted as one call; ``limits``: the call's plain arguments that the
+        kernel has limits on, as (name, value) pairs."""
         if (op, function, "reference") not in self._functions:  # checked before the call is counted
             self._requested_backend(op)  # an unknown operator is named first
             raise KeyError(f"operator {op!r} has no function {function!r}; it has {list(_spec(op).functions)}")
-        choice = self.backend(op, tensors)
+        choice = self.backend(op, tensors, limits)
         impl = self._functions[(op, function, choice)]
         if self.timing and not _tracing():
             return self._timed(op, impl, tensors[0].device)
         return impl
 
-    def choice(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
+    def choice(self, op: str, tensors: Sequence[torch.Tensor], limits: Limits = ()) -> str:
         """The backend ``op`` runs with on these inputs, as :meth:`backend` decides it, not counted as a
         call: for eager callers that prepare what only one backend needs (the reference attention's
         index layout)."""
         if self._requested_backend(op) == "reference":
             return "reference"
         if torch.compiler.is_compiling():  # never read the cache in a trace (see backend)
-            return self._traced_decision(op, tensors)[0]
-        key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors))
+            return self._traced_decision(op, tensors, limits)[0]
+        key = (op, *((t.device.type, t.dtype, tuple(t.shape[1:])) for t in tensors), *limits)
         choice = self._decisions.get(key)
         if choice is None:
-            choice = self._decide(op, tensors)
+            choice = self._decide(op, tensors, limits)
             self._decisions[key] = choice
         return choice
 
-    def backend(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
+    def backend(self, op: str, tensors: Sequence[torch.Tensor], limits: Limits = ()) -> str:
         """The backend ``op`` runs with on these inputs (decided once per device, dtype and trailing
-        dims of each tensor), counted as one call."""
+        dims of each tensor, and per ``limits``), counted as one call."""
         reason = None
         if self._requested_backend(op) == "reference":
             choice = "reference"
@@ -263,9 +267,9 @@ class TritonOperatorManager:
             # Decided afresh in each trace, from metadata, and recorded at trace time: reading the decision
             # cache here would guard the graph on it, and the cache's first write would then recompile the
             # graph on its next call (inside a CUDA-graph capture, a failed capture).
-            choice, reason = self._traced_decision(op, tensors)
+            choice, reason = self._traced_decision(op, tensors, limits)
         else:
-            choice = self.choice(op, tensors)
+            choice = self.choice(op, tensors, limits)
         if _tracing():
             _record_at_trace_time(self, op, choice, reason)
         else:
@@ -279,21 +283,21 @@ class TritonOperatorManager:
         except KeyError:
             raise KeyError(f"unknown operator {op!r}; valid: {list(self._requested)}") from None
 
-    def _unsupported(self, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
+    def _unsupported(self, op: str, tensors: Sequence[torch.Tensor], limits: Limits) -> str | None:
         """Why Triton cannot run ``op`` on these tensors: checks of tensor metadata only (traceable); the
         input-independent part was settled in __init__."""
         available, reason = self._static[op]
-        return _input_reason(self._modules[op], tensors, self._interpreter) if available else reason
+        return _input_reason(self._modules[op], tensors, self._interpreter, limits) if available else reason
 
-    def _traced_decision(self, op: str, tensors: Sequence[torch.Tensor]) -> tuple[str, str | None]:
+    def _traced_decision(self, op: str, tensors: Sequence[torch.Tensor], limits: Limits = ()) -> tuple[str, str | None]:
         """(backend, fallback reason) without touching the manager's state; raises under ``fallback="error"``."""
-        reason = self._unsupported(op, tensors)
+        reason = self._unsupported(op, tensors, limits)
         if reason is not None and self.fallback == "error":
             raise TritonUnavailableError(self._fallback_message(op, reason))
         return ("triton" if reason is None else "reference"), reason
 
-    def _decide(self, op: str, tensors: Sequence[torch.Tensor]) -> str:
-        choice, reason = self._traced_decision(op, tensors)
+    def _decide(self, op: str, tensors: Sequence[torch.Tensor], limits: Limits) -> str:
+        choice, reason = self._traced_decision(op, tensors, limits)
         if reason is not None:
             self._note_fallback(op, reason)
         return choice
@@ -422,12 +426,13 @@ def _spec(op: str):
     return specs[op]
 
 
-def _input_reason(module, tensors: Sequence[torch.Tensor], interpreter: bool) -> str | None:
-    """Why the kernel in ``module`` cannot run on these tensors: their devices, then the module's own limits."""
+def _input_reason(module, tensors: Sequence[torch.Tensor], interpreter: bool, limits: Limits = ()) -> str | None:
+    """Why the kernel in ``module`` cannot run on these tensors: their devices, then the module's own limits
+    (``unsupported_reason(tensors, **dict(limits))``)."""
     devices = {t.device.type for t in tensors}
     if devices != {"cuda"} and not (devices == {"cpu"} and interpreter):
         return f"inputs on {sorted(devices)}; Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    return module.unsupported_reason(tensors)
+    return module.unsupported_reason(tensors, **dict(limits))
 
 
 _FUNCTIONS: dict[tuple[str, str, str], Callable] = {}
@@ -467,17 +472,21 @@ def default_manager() -> TritonOperatorManager:
 
 
 def implementation(op: str, function: str, backend: "str | TritonOperatorManager | None",
-                   tensors: Sequence[torch.Tensor]) -> Callable:
+                   tensors: Sequence[torch.Tensor], limits: Limits = ()) -> Callable:
     """The function to call for the ``backend=`` argument of a public operator function: a manager's
     choice, the default manager's (None), or the backend forced by name ("triton" raises if it cannot run)."""
     if isinstance(backend, TritonOperatorManager):
-        return backend.implementation(op, function, tensors)
+        return backend.implementation(op, function, tensors, limits)
     if backend is None:
-        return default_manager().implementation(op, function, tensors)
+        return default_manager().implementation(op, function, tensors, limits)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, a TritonOperatorManager or None; got {backend!r}")
-    if backend == "triton" and not torch.compiler.is_compiling():  # checked by the eager call; a trace cannot import
-        reason = TritonOperatorManager.unsupported_reason(op, tensors)
+    if backend == "triton":
+        if torch.compiler.is_compiling():  # metadata only, from the module a trace cannot import (resolve_function)
+            module = sys.modules.get(_spec(op).triton_module)
+            reason = None if module is None else _input_reason(module, tensors, interpreter_active(), limits)
+        else:
+            reason = TritonOperatorManager.unsupported_reason(op, tensors, limits)
         if reason is not None:
             raise TritonUnavailableError(f"Triton operator '{op}' cannot run: {reason}")
     return resolve_function(op, function, backend)

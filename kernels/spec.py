@@ -3,9 +3,10 @@
 An operator is one flag key and a few public functions. Each function ``f`` has a reference
 ``hstu_kernels.reference.<module>.f`` and, once written, a Triton backend
 ``hstu_kernels.triton.<module>.f`` with the same signature: matching names, side by side. The Triton
-module also defines ``unsupported_reason(tensors) -> str | None`` (its limits on the tensors the
-public function dispatches on: device, dtype and trailing dimensions only, which is what the manager
-keys its decisions on). Input checks live in ``hstu_kernels.ops.<module>`` next to the public
+module also defines ``unsupported_reason(tensors, **limits) -> str | None`` (its limits on the tensors the
+public function dispatches on: device, dtype and trailing dimensions only, and on the plain arguments
+the public function passes as ``limits``, such as topk's k: what the manager keys its decisions on).
+Input checks live in ``hstu_kernels.ops.<module>`` next to the public
 functions, so that every backend gets them.
 """
 from __future__ import annotations

@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from hstu_kernels.arguments import check_floating
 from hstu_kernels.benchmarking import random_values, seeded, triton_function
 from hstu_kernels.manager import implementation
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
@@ -35,7 +36,7 @@ def topk_items(
     exclude nothing.
     """
     check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, validate)
-    impl = implementation(KEY, "topk_items", backend, (queries, item_table))
+    impl = implementation(KEY, "topk_items", backend, (queries, item_table), (("k", int(k)),))
     return impl(queries, item_table, int(k), exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,
                 target_ids=target_ids, l2_norm=l2_norm)
 
@@ -45,6 +46,7 @@ def check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, targe
         raise ValueError(
             f"topk_items: queries [B, D] and item_table [N, D] must share D; got {tuple(queries.shape)} and {tuple(item_table.shape)}"
         )
+    check_floating("topk_items", queries=queries, item_table=item_table)
     num_queries, num_items = queries.shape[0], item_table.shape[0]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"topk_items: k must be an int, got {k!r}")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -909,15 +908,12 @@ def topk_items(
     selection: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(scores [B, k] fp32, ids [B, k] int64, target_rank [B] int64 or None), as the reference defines
-    them (inputs checked by the caller). Scores in fp32 whatever the input dtype and autocast; k above
-    ``MAX_TOPK`` runs the reference's chunked torch ops. ``selection``: "stream" or "rows" (None: the
-    rule ``selection_for``)."""
+    them (inputs checked by the caller, k at most ``MAX_TOPK``: ``unsupported_reason``). Scores in fp32
+    whatever the input dtype and autocast. ``selection``: "stream" or "rows" (None: the rule
+    ``selection_for``)."""
     k = int(k)
     if k > MAX_TOPK:
-        warnings.warn(f"topk_items: k={k} > {MAX_TOPK}, the largest the Triton kernel keeps; using the reference",
-                      stacklevel=2)
-        return reference.topk_items(queries, item_table, k, exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,
-                                    target_ids=target_ids, l2_norm=l2_norm)
+        raise ValueError(f"topk_items: k={k} > {MAX_TOPK}, the largest the Triton kernel keeps")
     dtype = torch.promote_types(queries.dtype, item_table.dtype)
     queries, item_table = (_rows_of(x.to(dtype)) for x in (queries, item_table))
     if exclude_ids is None:
@@ -936,8 +932,10 @@ def _rows_of(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
-def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
-    """Why the Triton kernel cannot run on (queries, item_table); None when it can."""
+def unsupported_reason(tensors: Sequence[torch.Tensor], k: int | None = None) -> str | None:
+    """Why the Triton kernel cannot run on (queries, item_table) and ``k``; None when it can."""
+    if k is not None and k > MAX_TOPK:
+        return f"k={k} > {MAX_TOPK}, the largest the kernel keeps"
     for tensor in tensors[:2]:
         if tensor.dtype not in SUPPORTED_DTYPES:
             return f"dtype {tensor.dtype} is not supported (float16, bfloat16, float32)"

@@ -1,6 +1,7 @@
 """TritonOperatorManager: flags, availability reasons, fallback policy, the function it hands back, and
 what it counts as a call in eager code, inside torch.compile and inside a captured region."""
 import dataclasses
+import importlib
 import logging
 import subprocess
 import sys
@@ -138,6 +139,23 @@ def test_forced_backend_validation(unwritten):
         hstu_kernels.topk_items(torch.randn(2, 4), torch.randn(5, 4), 2, backend="cuda")
     with pytest.raises(TritonUnavailableError, match="not implemented yet"):
         hstu_kernels.manager.implementation(unwritten, REGISTRY[unwritten].functions[0], "triton", (torch.randn(2, 4),))
+
+
+def test_forced_triton_refuses_inside_torch_compile_what_it_refuses_eagerly(monkeypatch):
+    """backend="triton" on inputs its kernel cannot take (a head dim over its limit) raises under torch.compile
+    too: the kernel would run and return wrong values."""
+    monkeypatch.setattr(importlib.import_module(REGISTRY[ATTENTION].triton_module), "MAX_HEAD_DIM", 8)
+    q, k, v, offsets = attention_inputs(dim=16)[:4]
+
+    def attend(q, k, v):
+        return hstu_kernels.hstu_attention(q, k, v, offsets, 16, 0.1, backend="triton")
+
+    for call in (attend, torch.compile(attend, backend="eager")):
+        with pytest.raises(TritonUnavailableError, match="head dim 16 > 8"):
+            call(q, k, v)
+    torch._dynamo.reset()  # the frame the graph break marked to run eagerly
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="head dim 16 > 8"):  # fullgraph: no eager rerun to raise it
+        torch.compile(attend, backend="eager", fullgraph=True)(q, k, v)
 
 
 def test_calls_traced_by_torch_compile_are_counted_per_region_execution():

@@ -23,6 +23,7 @@ from searchsorted_views import SearchsortedDroppingViewOffsets
 
 import hstu_kernels
 import hstu_kernels.jagged
+from hstu_kernels import TritonOperatorManager, TritonUnavailableError
 from hstu_kernels.reference.topk import topk_items
 
 
@@ -147,6 +148,9 @@ def test_topk_errors():
         with pytest.raises(TypeError, match=f"k must be an int, got {k}"):
             hstu_kernels.topk_items(queries, table, k)
     assert hstu_kernels.topk_items(queries, table, np.int64(2))[0].shape == (2, 2)
+    for backend in (None, "reference", "triton"):  # named before any backend is chosen
+        with pytest.raises(TypeError, match="topk_items: item_table must be a floating-point tensor, got torch.int64"):
+            hstu_kernels.topk_items(queries, table.long(), 2, backend=backend)
     with pytest.raises(ValueError, match="exclude_offsets must be an integer tensor"):
         hstu_kernels.topk_items(queries, table, 2, exclude_ids=torch.tensor([1]), exclude_offsets=torch.tensor([0., 1., 1.]))
     bad = queries.clone()
@@ -516,13 +520,21 @@ def test_triton_writes_every_output_and_clears_its_lists(monkeypatch):
 
 
 @needs_triton
-def test_triton_large_k_runs_the_reference():
+def test_k_above_the_kernels_limit_is_a_counted_fallback_to_the_reference():
+    """The manager decides on k as on the tensors: the reference runs and is counted as the one that ran."""
     module = importlib.import_module(TRITON_MODULE)
     inputs = make_inputs(Case(2, module.MAX_TOPK + 3, 4, module.MAX_TOPK + 1, seed=10), device=torch.device("cpu"))
-    with pytest.warns(UserWarning, match="using the reference"):
-        ours = module.topk_items(**{n: v for n, v in inputs.items()})
+    manager = TritonOperatorManager({"interaction": True})
+    ours = call(inputs, manager)
     reference = call(inputs, "reference")
     assert torch.equal(ours[1], reference[1]) and torch.equal(ours[2], reference[2])
+    stats = manager.get_stats()["interaction"]
+    assert stats["calls"]["reference"] == 1 and not stats["calls"]["triton"] and stats["fallback_reason"] == f"k={inputs['k']} > 2048, the " \
+        "largest the kernel keeps"
+    with pytest.raises(TritonUnavailableError, match=f"k={inputs['k']} > 2048"):
+        call(inputs, "triton")
+    with pytest.raises(ValueError, match=f"k={inputs['k']} > 2048, the largest the Triton kernel keeps"):
+        module.topk_items(**inputs)
 
 
 @needs_triton
