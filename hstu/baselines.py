@@ -1,7 +1,7 @@
 """Trivial predictors that a sequential model must clear, ranked by the same full-ranking code.
 
-* ``popularity``: every user gets the items most often seen in training (every training example's
-  history and target), seen items masked.
+* ``popularity``: every user gets the items most often seen in training (every event before the
+  user's held-out ones, users too short for a training example included), seen items masked.
 * ``repeat_last``: the user's last history item first, every other item tied behind it (ties count
   against the predictor). Seen items are masked except the target, so this predictor ranks a target
   that repeats the last event first; on data with many repeated events it shows how far masking
@@ -17,16 +17,18 @@ import torch
 import hstu_kernels
 from hstu.data.batch import JaggedBatch
 from hstu.data.datamodule import SequenceDataModule
+from hstu.data.sequences import PROTOCOL_HELD_OUT
 from hstu.metrics import RetrievalMetrics
 
 BASELINES = ("popularity", "repeat_last")
 
 
 def training_item_counts(datamodule: SequenceDataModule) -> torch.Tensor:
-    """float32 [num_items]: how often item i+1 occurs in the training examples' histories and targets."""
-    sequences, examples = datamodule.sequences, datamodule.examples["train"]
-    lengths = examples.target_positions + 1  # each example covers its user's events 0..target
-    starts = sequences.offsets[examples.users]
+    """float32 [num_items]: how often item i+1 occurs among the training events: each user's events before
+    the ones the protocol holds out (``PROTOCOL_HELD_OUT``)."""
+    sequences = datamodule.sequences
+    lengths = sequences.lengths - PROTOCOL_HELD_OUT[datamodule.protocol]
+    starts = sequences.offsets[:-1]
     ends = np.cumsum(lengths)
     events = np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if lengths.size else 0)
     counts = np.bincount(sequences.item_ids[events] - 1, minlength=datamodule.num_items)

@@ -147,3 +147,21 @@ def test_update_and_constructor_errors():
         RetrievalMetrics().update(torch.tensor([1.0]))
     with pytest.raises(ValueError, match="distinct positive cut-offs"):
         RetrievalMetrics(ks=(10, 10))
+
+
+@pytest.mark.parametrize("protocol, held_out", [("ours", 2), ("paper", 1)])
+def test_popularity_counts_every_training_event(protocol, held_out):
+    """Each user's events before the held-out ones, users too short for a training example included."""
+    from types import SimpleNamespace
+
+    from hstu.baselines import training_item_counts
+    from hstu.data.sequences import UserSequences
+
+    histories = [[1, 2, 3], [2, 2, 4, 1, 3], [4, 4, 4]]  # the first and last: no training example under "ours"
+    offsets = np.cumsum([0, *map(len, histories)])
+    items = np.concatenate(histories).astype(np.int64)
+    sequences = UserSequences(item_ids=items, timestamps=np.arange(len(items), dtype=np.int64), offsets=offsets,
+                              item_original_ids=np.arange(1, 5), user_original_ids=np.arange(3))
+    counts = training_item_counts(SimpleNamespace(sequences=sequences, protocol=protocol, num_items=4))
+    expected = np.bincount(np.concatenate([h[:len(h) - held_out] for h in histories]) - 1, minlength=4)
+    assert counts.tolist() == expected.tolist()
