@@ -174,6 +174,10 @@ def check_sweep_jobs(config: DictConfig) -> None:
     if not swept:
         return  # the one job's config is the one checked already
     (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]
+    if len(jobs) > 1 and "${" not in str(subdir):
+        raise ConfigError(f"hydra.sweep.subdir={subdir}: gives all {len(jobs)} jobs of the sweep one directory, where "
+                          "each would overwrite the one before; keep ${hydra.job.num} in it")
     for number, job in enumerate(jobs):
         values = " ".join(override for override in job if override.split("=", 1)[0] in swept)
         try:

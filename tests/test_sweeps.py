@@ -108,6 +108,15 @@ def test_a_sweep_into_an_earlier_sweeps_directory_is_refused_before_it_writes(tm
     assert written == ["0", "0/.hydra", "0/.hydra/config.yaml", "0/metrics.json"]
 
 
+def test_a_sweep_whose_jobs_share_a_directory_is_refused_before_it_writes(tmp_path):
+    result = run_script("train", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                        "hydra.sweep.subdir=job", f"paths.data_dir={tmp_path / 'data'}")
+    assert result.code == 1
+    assert result.error_lines == ["hydra.sweep.subdir=job: gives all 2 jobs of the sweep one directory, where each would "
+                                  "overwrite the one before; keep ${hydra.job.num} in it"]
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_sweep_into_a_directory_another_sweep_writes_now_is_refused(tmp_path):
     """Two sweeps given one hydra.sweep.dir: the second stops with one line while the first holds it (their
     jobs would share folders, checkpoints and metrics.json), and writes nothing there."""
