@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
 from hstu.data.datamodule import batches_done_within_epoch
-from hstu.distributed import max_over_processes, sum_over_processes
+from hstu.distributed import gathered_over_processes, max_over_processes, sum_over_processes
 from hstu.errors import TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,9 @@ class EpochLog(_ResumableState):
 class RandomState(_ResumableState):
     """Saves the random number generators (torch CPU and CUDA, numpy, Python) in every checkpoint and
     restores them when a run resumes, so dropout and sampled negatives continue as if uninterrupted.
-    Stored as tensors and plain values: checkpoints stay loadable with ``weights_only=True``.
+    Stored as tensors and plain values: checkpoints stay loadable with ``weights_only=True``. Under DDP
+    every process's generators are saved (``ranks``, by global rank; the top level holds rank zero's) and
+    each process restores its own; on another number of processes every one restores rank zero's.
 
     The generators of a checkpoint written inside an epoch (a ``trainer.max_steps`` stop, a validation within
     the epoch) are restored once the resumed run has made its training loader, which draws a seed from them:
@@ -193,16 +195,27 @@ class RandomState(_ResumableState):
 
     def __init__(self):
         self._within_epoch: dict[str, Any] | None = None  # to restore when the resumed training starts
+        self._rank, self._processes = 0, 1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._rank, self._processes = trainer.global_rank, trainer.world_size
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if batches_done_within_epoch(trainer) and "callbacks" in checkpoint:  # a weights-only checkpoint holds no callback states
-            checkpoint["callbacks"][self.state_key]["within_epoch"] = True
+        if "callbacks" not in checkpoint:  # a weights-only checkpoint holds no callback states (on every process)
+            return
+        state = checkpoint["callbacks"][self.state_key]
+        if batches_done_within_epoch(trainer):
+            state["within_epoch"] = True
+        if trainer.world_size > 1:
+            state["ranks"] = gathered_over_processes(trainer, self.state_dict())
 
     def restore(self, state: dict[str, Any]) -> None:
+        ranks = state.get("ranks")
+        own = ranks[self._rank] if ranks is not None and len(ranks) == self._processes else state
         if state.get("within_epoch"):
-            self._within_epoch = state
+            self._within_epoch = own
         else:
-            self._restore(state)
+            self._restore(own)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._within_epoch is not None:

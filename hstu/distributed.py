@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
@@ -144,6 +144,15 @@ def sum_over_processes(trainer, values: Sequence[float]) -> list[float]:
         return list(values)
     tensor = torch.tensor(list(values), dtype=torch.float64, device=trainer.strategy.root_device)
     return trainer.strategy.reduce(tensor, reduce_op="sum").tolist()
+
+
+def gathered_over_processes(trainer, value: Any) -> list[Any]:
+    """Every process's ``value`` (plain data and tensors), by global rank; every process must call it."""
+    if trainer.world_size == 1:
+        return [value]
+    values = [None] * trainer.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def max_over_processes(trainer, value: float) -> float:

@@ -8,11 +8,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 
 from hstu.data.batch import JaggedBatch
 from hstu.data.datamodule import batches_done_within_epoch
 from hstu.data.packing import PlannedBatch
+from hstu.distributed import gathered_over_processes
 from hstu.errors import ConfigError
 from hstu.guards import NonFiniteLossFlag
 from hstu.metrics import RetrievalMetrics
@@ -177,14 +179,25 @@ class RecModule(L.LightningModule):
             return
         state = self._loss_at_stop or (self._train_step.epoch_loss() if self._train_step is not None else None)
         if state is not None and state[1]:
-            checkpoint["epoch_loss"] = {"sum": state[0], "steps": state[1]}
+            # every process's own sum (by global rank; DDP's processes take the same number of steps)
+            ranks = gathered_over_processes(self.trainer, [state[0], int(state[1])])
+            checkpoint["epoch_loss"] = {"sum": state[0], "steps": state[1], "ranks": ranks}
         # Lightning counts an epoch that max_steps stopped as processed: resumed, it would number the sampler's
         # epoch one ahead and end the run an epoch early. The epoch is not done: processed as completed.
         for progress in checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).values():
             progress["processed"] = progress["completed"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resumed_epoch_loss = checkpoint.get("epoch_loss")
+        resumed = checkpoint.get("epoch_loss")
+        if resumed is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            ranks = resumed.get("ranks") or [[resumed["sum"], resumed["steps"]]]
+            if len(ranks) != self.trainer.world_size:
+                raise ConfigError(f"ckpt_path={self.trainer.ckpt_path}: written inside an epoch by {len(ranks)} "
+                                  f"process(es), resumed by {self.trainer.world_size}: the epoch's remaining batches "
+                                  "are each process's own; resume on as many, or from a checkpoint at an epoch's end")
+            loss, steps = ranks[self.trainer.global_rank]
+            resumed = {"sum": loss, "steps": steps}
+        self._resumed_epoch_loss = resumed
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Batches arrive page-locked from the loaders (on GPU runs): copy them without waiting. Lightning

@@ -5,6 +5,7 @@ re-running the command line, which inside pytest would re-run pytest."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from hstu.data.datamodule import EpochShuffle, shard_bounds
 from hstu.distributed import external_job, shared_new_directory
 from hstu.errors import ConfigError
 from tests.cli import run_script
+from tests.tiny_run import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 # 63 users: an odd count, so a distributed sampler would pad evaluation with a duplicate user.
@@ -204,3 +206,32 @@ def test_baselines_cover_the_whole_split_whatever_the_rank(tmp_path, monkeypatch
     monkeypatch.setattr(datamodule, "_rank_and_world_size", lambda: (1, 2))
     assert len(datamodule.test_dataloader().dataset) < len(datamodule.evaluation_dataloader("test", shard=False).dataset)
     assert {name: baseline_metrics(name, datamodule, "test") for name in BASELINES} == one_process
+
+
+@pytest.mark.slow
+def test_two_processes_resume_as_if_uninterrupted(tmp_path):
+    """Each process's generators and epoch loss are its own in a checkpoint: resumed at an epoch's end or inside
+    an epoch, the two processes go on as the uninterrupted run (its epoch losses and metrics, exactly); inside an
+    epoch, where each process's remaining batches are its own, another number of processes is refused."""
+    data = f"paths.data_dir={tmp_path / 'data'}"
+    # 67 users in batches of 8: the processes' shares differ, and so do the random numbers each draws
+    uneven = [*TINY_RUN, "data.source.num_users=67", "data.batch_size=8"]
+    untimed = lambda rows: [{k: v for k, v in row.items() if k not in ("samples_per_sec", "epoch_time_s")}  # noqa: E731
+                            for row in rows]
+    run("train", *uneven, *DDP, "trainer.max_epochs=3", "hydra.run.dir=full", data, cwd=tmp_path)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    for stop in ("trainer.max_epochs=2", "+trainer.max_steps=7"):  # 5 steps an epoch: the second inside epoch 1
+        run_dir = tmp_path / stop.split(".")[-1].split("=")[0]
+        run("train", *uneven, *DDP, "trainer.max_epochs=3", stop, f"hydra.run.dir={run_dir}", "test=false", data,
+            cwd=tmp_path)
+        if stop.startswith("+"):
+            shutil.copytree(run_dir, tmp_path / "one-process")
+        run("train", *uneven, *DDP, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}", "ckpt_path=last", data,
+            cwd=tmp_path)
+        resumed = json.loads((run_dir / "metrics.json").read_text())
+        assert untimed(resumed["epochs"]) == untimed(full["epochs"]), stop
+        assert resumed["val"] == full["val"] and resumed["test"] == full["test"], stop
+    refused = run("train", *uneven, *DDP[:2], "trainer.devices=1", "trainer.max_epochs=3", "hydra.run.dir=one-process",
+                  "ckpt_path=last", data, cwd=tmp_path, succeeds=False)
+    assert "written inside an epoch by 2 process(es), resumed by 1: the epoch's remaining batches are each " \
+           "process's own" in refused.stderr
