@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hstu.errors import ConfigError, DataError
@@ -231,6 +232,8 @@ class SequenceDataModule(L.LightningDataModule):
             chosen = examples[split]
             targets = sequences.offsets[chosen.users] + chosen.target_positions
             self._repeated_targets[split] = float(repeated[targets].mean()) if len(chosen) else None
+        if rank_zero_only.rank != 0:  # the same lines from every process
+            return
         log.info("%s (%s protocol): %s", self.source.name, self.protocol, self.stats)
         share = self._repeated_targets["test"]
         if share is not None and share > REPEATED_TARGET_WARNING:
