@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, get_type_hints
+from typing import Any, Callable, Iterator, List, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
@@ -348,10 +348,31 @@ def kernel_flag_errors(kernels: Any, key: str = "kernels") -> list[str]:
 _SIMPLE_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
 
 
+def unset_key_errors(cfg: DictConfig) -> list[str]:
+    """One message per key the config leaves for the command line (``???``), such as a data file's path
+    (read without resolving interpolations, which may need such a key)."""
+    def unset(node: Any, path: str) -> Iterator[str]:
+        if node == "???":
+            yield path
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                yield from unset(value, f"{path}.{key}" if path else str(key))
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    return [f"{key} is not set: give {key}=<value>" for key in unset(plain, "") if not key.startswith("hydra.")]
+
+
+def check_keys_set(cfg: DictConfig) -> None:
+    """ConfigError naming every key the config leaves for the command line and the command line left out."""
+    errors = unset_key_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 def config_errors(cfg: DictConfig) -> list[str]:
-    """One message per wrong key of a composed config: keys a schema does not have, values outside
-    their range or choices, and combinations that cannot work. Each names the key as typed."""
-    errors: list[str] = []
+    """One message per wrong key of a composed config: keys left unset, keys a schema does not have, values
+    outside their range or choices, and combinations that cannot work. Each names the key as typed."""
+    errors: list[str] = unset_key_errors(cfg)
     _check_node(cfg, "", errors)
     errors += _trainer_errors(cfg.get("trainer"))
     metric = cfg.get("optimized_metric")

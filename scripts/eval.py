@@ -6,6 +6,7 @@ import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from hstu.config import check_keys_set
 from hstu.errors import ConfigError, MissingFileError, OutputExistsError
 from hstu.export import evaluate_run, is_evaluation_report, load_run
 from hstu.files import write_text_atomically
@@ -28,6 +29,7 @@ def check_out_file(path: Path, overwrite: bool) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    check_keys_set(cfg)
     run = load_run(cfg.run_dir)
     path = Path(cfg.out_file)
     check_out_file(path, cfg.overwrite)

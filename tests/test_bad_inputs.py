@@ -138,6 +138,10 @@ CASES = {
         r"^ckpt_path=.*second-run/checkpoints/epoch000\.ckpt: an earlier checkpoint of the run in .*second-run; "
         r"resuming it there would overwrite the run's last checkpoint and results: resume the run with ckpt_path=last, "
         r"or leave hydra\.run\.dir unset to start a new run from this file$"),
+    "a data file's path left unset": Case("train", ["data=interactions", "trainer.accelerator=cpu"],
+                                          r"^data\.source\.path is not set: give data\.source\.path=<value>$"),
+    "eval: run_dir left unset": Case("eval", ["accelerator=cpu"], r"^run_dir is not set: give run_dir=<value>$"),
+    "export: run_dir left unset": Case("export", ["compiled=none"], r"^run_dir is not set: give run_dir=<value>$"),
     "ckpt_path a folder": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={tmp}"],
                                r"^ckpt_path=.*: .* is a folder, not a checkpoint file \(to resume a run from its "
                                r"folder: hydra\.run\.dir=<run dir> ckpt_path=last\)$"),
@@ -372,6 +376,7 @@ def test_unknown_items_can_be_skipped(inputs):
     result = run_script("recommend", f"export_dir={inputs['export']}", "history=[0,1,999999]",
                         "timestamps=[1600000000,1600000060,1600000120]", "unknown_items=skip", "k=3")
     assert result.code == 0, result.stderr
+    assert "history: 2 events, most recent [0, 1]; skipped as unknown to the model: [999999]" in result.stdout
     assert [line.split()[0] for line in result.stdout.splitlines() if line.strip()[:1].isdigit()] == ["1", "2", "3"]
 
 
