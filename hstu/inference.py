@@ -302,6 +302,10 @@ class Recommender:
     def max_seq_len(self) -> int:
         return self.model.max_seq_len
 
+    def known_items(self, original_ids: Sequence[Hashable]) -> list[bool]:
+        """Whether the model saw each of ``original_ids`` in training."""
+        return (self._ids.lookup(list(original_ids)) > 0).tolist()
+
     def item_index(self, original_id: Hashable) -> int:
         """The model's index (1..num_items) of an original item id; ``UnknownIdError`` (a KeyError) when
         the model never saw it."""

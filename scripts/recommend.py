@@ -26,8 +26,11 @@ def main(cfg: DictConfig) -> None:
         timestamps = list(cfg.timestamps) if cfg.timestamps is not None else [request_time] * len(items)
     (top,) = recommender.recommend([(items, timestamps)], k=cfg.k, request_time=request_time,
                                    exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items)
-    latest = sorted(range(len(items)), key=lambda i: timestamps[i])[-5:]  # the model reads events in time order
-    print(f"history: {len(items)} events, most recent {[items[i] for i in latest]}")
+    known = recommender.known_items(items)
+    skipped = [item for item, kept in zip(items, known) if not kept]
+    kept = sorted((i for i in range(len(items)) if known[i]), key=lambda i: timestamps[i])  # the model's time order
+    print(f"history: {len(kept)} events, most recent {[items[i] for i in kept[-5:]]}"
+          + (f"; skipped as unknown to the model: {skipped}" if skipped else ""))
     if len(top) < cfg.k:
         print(f"{len(top)} of k={cfg.k} items: the other items of the {recommender.model.num_items} are in the history "
               "(exclude_seen=true)")
