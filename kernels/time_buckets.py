@@ -21,6 +21,21 @@ TIMESTAMP_BOUND = 2**62
 OUTSIDE_TIMESTAMP_RANGE = "lies outside [-2**62, 2**62) seconds, where the gaps between times (int64) cannot wrap"
 
 
+def check_timestamp_range(name: str, **timestamps: torch.Tensor | None) -> None:
+    """ValueError naming the first of ``timestamps`` (None skipped) that holds a time outside
+    [-TIMESTAMP_BOUND, TIMESTAMP_BOUND): its gaps could wrap. One host read per tensor; skipped inside a
+    torch.compile trace."""
+    if torch.compiler.is_compiling():
+        return
+    for argument, values in timestamps.items():
+        if values is None or values.numel() == 0:
+            continue
+        lowest, highest = torch.stack([values.min(), values.max()]).tolist()
+        if lowest < -TIMESTAMP_BOUND or highest >= TIMESTAMP_BOUND:
+            outside = lowest if lowest < -TIMESTAMP_BOUND else highest
+            raise ValueError(f"{name}: {argument} holds {outside}, which {OUTSIDE_TIMESTAMP_RANGE}")
+
+
 def _threshold(k: int) -> int:
     """T_k, exactly."""
     ctx = decimal.Context(prec=60, rounding=decimal.ROUND_CEILING)

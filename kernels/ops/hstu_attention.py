@@ -14,7 +14,7 @@ from hstu_kernels.manager import implementation
 from hstu_kernels.reference import hstu_attention as reference
 from hstu_kernels.reference.hstu_attention import AttentionLayout
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
-from hstu_kernels.time_buckets import MAX_NUM_BUCKETS
+from hstu_kernels.time_buckets import MAX_NUM_BUCKETS, check_timestamp_range
 
 KEY = "hstu_hierarchical_attention"
 
@@ -91,6 +91,8 @@ def check_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps,
     check_floating(name, pos_weight=pos_weight, time_weight=time_weight)
     if validate:
         check_offsets(seq_offsets, q.shape[0], max_seq_len, "hstu_attention")
+        if time_weight is not None:  # the timestamps feed only the time bias
+            check_timestamp_range(name, q_timestamps=q_timestamps, k_timestamps=k_timestamps)
 
 
 def hstu_attention_delta(
@@ -160,6 +162,9 @@ def check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_
         raise ValueError(f"{name}: cached_k_timestamps must be int64 [C={cached_k.shape[0]}]")
     check_delta_offsets(name, seq_offsets, q.shape[0], cached_offsets, cached_k.shape[0], max_seq_len, max_new_len,
                         validate)
+    if validate and time_weight is not None:
+        check_timestamp_range(name, q_timestamps=q_timestamps, k_timestamps=k_timestamps,
+                              cached_k_timestamps=cached_k_timestamps)
 
 
 def check_delta_offsets(name, seq_offsets, num_new, cached_offsets, num_cached, max_seq_len, max_new_len,

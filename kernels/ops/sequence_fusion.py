@@ -15,6 +15,7 @@ from hstu_kernels.jagged import check_offsets
 from hstu_kernels.manager import implementation
 from hstu_kernels.reference.sequence_fusion import sequence_fusion as reference_sequence_fusion
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
+from hstu_kernels.time_buckets import check_timestamp_range
 
 KEY = "hierarchical_sequence_fusion"
 
@@ -88,6 +89,8 @@ def check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_tab
     if not validate or torch.compiler.is_compiling():  # the checks below wait for the GPU
         return
     check_offsets(seq_offsets, item_ids.shape[0], pos_table.shape[0], "sequence_fusion")
+    if time_scales:  # the timestamps feed only the time embeddings
+        check_timestamp_range("sequence_fusion", timestamps=timestamps)
     if item_ids.numel():
         lowest, highest = torch.stack([item_ids.min(), item_ids.max()]).tolist()
         if lowest < 0 or highest >= item_table.shape[0]:

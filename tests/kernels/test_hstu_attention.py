@@ -348,6 +348,10 @@ def test_integer_inputs_empty_heads_and_no_time_buckets_are_refused_before_any_b
     with pytest.raises(ValueError, match=r"time_weight must be 1-D \[num_buckets >= 1\]; got \(0,\)"):
         hstu_kernels.hstu_attention(q, q, q, offsets, 8, 1.0, q_timestamps=stamps, k_timestamps=stamps,
                                     time_weight=torch.randn(0), backend=backend)
+    beyond = torch.tensor([0, 1, 2, 3, -(2**62) - 1])  # its gaps to the others could wrap int64
+    with pytest.raises(ValueError, match=r"^hstu_attention: k_timestamps holds -4611686018427387905, which lies outside"):
+        hstu_kernels.hstu_attention(q, q, q, offsets, 8, 1.0, q_timestamps=stamps, k_timestamps=beyond,
+                                    time_weight=torch.randn(4), backend=backend)
 
 
 def expected_bucket(delta: int, num_buckets: int) -> int:
@@ -936,6 +940,11 @@ def test_delta_cached_plus_new_longer_than_max_seq_len_raises(backend):
     with pytest.raises(ValueError, match="max_seq_len here is max_new_len"):
         hstu_kernels.hstu_attention_delta(q, q, q, torch.tensor([0, 2]), cached, cached, torch.tensor([0, 3]), 8, 1.0,
                                           max_new_len=1, backend=backend)
+    stamps, cached_stamps = torch.arange(2), torch.tensor([0, 1, 2**62])  # gaps that could wrap int64
+    with pytest.raises(ValueError, match=r"^hstu_attention_delta: cached_k_timestamps holds 4611686018427387904"):
+        hstu_kernels.hstu_attention_delta(q, q, q, torch.tensor([0, 2]), cached, cached, torch.tensor([0, 3]), 8, 1.0,
+                                          q_timestamps=stamps, k_timestamps=stamps, cached_k_timestamps=cached_stamps,
+                                          time_weight=torch.randn(4), backend=backend)
 
 
 @needs_triton

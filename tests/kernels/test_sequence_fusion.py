@@ -172,6 +172,8 @@ def test_bench_case_reference_does_not_search_a_sliced_view(shape):
         (dict(timestamps="float"), "timestamps must be int64"),
         (dict(offsets="bad_end"), "seq_offsets must start at 0 and end at L=5"),
         (dict(item_ids="out_of_range"), r"item ids must lie in \[0, 9\)"),
+        (dict(timestamps="beyond"), r"^sequence_fusion: timestamps holds 4611686018427387904, which lies outside "
+                                    r"\[-2\*\*62, 2\*\*62\) seconds"),
         (dict(time_scales=[(0, 3), (1000, 5)]), r"time_scales\[0\] = \(0, 3\) needs width > 0"),
     ],
 )
@@ -186,6 +188,9 @@ def test_sequence_fusion_errors(change, message):
         tables = [tables[0], torch.zeros(4, 3, dtype=f64)]
     if change.get("timestamps") == "float":
         timestamps = timestamps.float()
+    if change.get("timestamps") == "beyond":  # its gaps to the others could wrap int64
+        timestamps = timestamps.clone()
+        timestamps[-1] = 2**62
     if change.get("offsets") == "bad_end":
         offsets = torch.tensor([0, 2, 4])
     if change.get("item_ids") == "out_of_range":
