@@ -22,15 +22,14 @@ OUTSIDE_TIMESTAMP_RANGE = "lies outside [-2**62, 2**62) seconds, where the gaps 
 
 
 def check_timestamp_range(name: str, **timestamps: torch.Tensor | None) -> None:
-    """ValueError naming the first of ``timestamps`` (None skipped) that holds a time outside
-    [-TIMESTAMP_BOUND, TIMESTAMP_BOUND): its gaps could wrap. One host read per tensor; skipped inside a
-    torch.compile trace."""
-    if torch.compiler.is_compiling():
+    """ValueError naming the first of ``timestamps`` (None and empty ones skipped) that holds a time outside
+    [-TIMESTAMP_BOUND, TIMESTAMP_BOUND): its gaps could wrap. One host read for all of them; skipped inside
+    a torch.compile trace."""
+    given = {argument: values for argument, values in timestamps.items() if values is not None and values.numel()}
+    if not given or torch.compiler.is_compiling():
         return
-    for argument, values in timestamps.items():
-        if values is None or values.numel() == 0:
-            continue
-        lowest, highest = torch.stack([values.min(), values.max()]).tolist()
+    bounds = torch.stack([bound for values in given.values() for bound in (values.min(), values.max())]).tolist()
+    for (argument, _), lowest, highest in zip(given.items(), bounds[0::2], bounds[1::2]):
         if lowest < -TIMESTAMP_BOUND or highest >= TIMESTAMP_BOUND:
             outside = lowest if lowest < -TIMESTAMP_BOUND else highest
             raise ValueError(f"{name}: {argument} holds {outside}, which {OUTSIDE_TIMESTAMP_RANGE}")

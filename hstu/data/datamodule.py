@@ -17,6 +17,7 @@ of the users, with no padding, so each user is counted exactly once when the met
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -275,14 +276,14 @@ class SequenceDataModule(L.LightningDataModule):
         """Real items are 1..num_items; an item table needs num_items + 1 rows (row 0 is padding)."""
         return self.sequences.num_items
 
-    @property
+    @functools.cached_property  # the sequences never change once set up
     def item_ids_digest(self) -> str:
         """sha256 of the original item ids in index order (JSON): a checkpoint records it (RecModule), so that
         data whose items changed since training, even with the same count, is not paired with its item table."""
         ids = json.dumps(self.sequences.item_original_ids.tolist(), separators=(",", ":"))
         return hashlib.sha256(ids.encode()).hexdigest()
 
-    @property
+    @functools.cached_property  # the sequences never change once set up
     def events_digest(self) -> str:
         """sha256 of the protocol and every kept user's events (offsets, item indices, timestamps): a checkpoint
         records it (RecModule), so that evaluation and resuming refuse data whose events changed since
