@@ -49,6 +49,7 @@ from hstu.config import (
     instantiate_config,
 )
 from hstu.data.batch import JaggedBatch
+from hstu.data.sequences import DEFAULT_REPEATS, REPEAT_POLICIES
 from hstu.data.sources import absolute_path
 from hstu.errors import ConfigError, ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError
 from hstu.files import check_folder_path, sha256_of
@@ -103,7 +104,17 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     if errors:
         raise ExportFormatError(f"{path}: {'; '.join(errors)}")
     check_data_targets(config["data"].get("datamodule"), f"{path}: data.datamodule")
+    repeats = repeats_policy(config)
+    if repeats not in REPEAT_POLICIES:
+        raise ExportFormatError(f"{path}: data.datamodule.repeats must be one of {list(REPEAT_POLICIES)}, got {repeats!r}")
     return config
+
+
+def repeats_policy(config: Mapping[str, Any]) -> Any:
+    """The training data's ``repeats`` rule in an export config (the datamodule's default where it has none):
+    serving drops the events that training dropped."""
+    datamodule = (config.get("data") or {}).get("datamodule") or {}
+    return datamodule.get("repeats", DEFAULT_REPEATS) if isinstance(datamodule, Mapping) else DEFAULT_REPEATS
 
 
 def _require_mappings(path: Path, section: Mapping[str, Any], keys: Sequence[str], prefix: str) -> None:
@@ -267,6 +278,7 @@ class Recommender:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = dict(config or {})
+        self.repeats = repeats_policy(self.config)
         self.item_original_ids = list(item_original_ids)
         self._ids = ItemIdIndex(self.item_original_ids)
         self._original_ids = np.empty(len(self.item_original_ids), dtype=object)
@@ -326,7 +338,8 @@ class Recommender:
         """Per history, up to ``k`` (original item id, score) pairs, best first.
 
         ``histories``: (item ids, Unix-second timestamps) per user, in original ids; events are put in
-        time order with a stable sort (ties keep the given order), as in training. The model sees the
+        time order with a stable sort (ties keep the given order) and repeats are dropped by the run's
+        ``data.repeats``, as in training. The model sees the
         ``max_seq_len`` most recent events; ``exclude_seen`` masks every item of the full history.
         ``request_time``: Unix seconds per user (or one value for all), the time the recommendation is
         for, not before the user's last event; it is the query time of the last position in the HSTU
@@ -337,7 +350,7 @@ class Recommender:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise RequestError(f"batch_size must be an int >= 1, got {batch_size!r}")
         times = _per_user_times(request_time, len(histories))
-        events = prepare_histories(self._ids, histories, unknown_items)
+        events = prepare_histories(self._ids, histories, unknown_items, self.repeats)
         check_request_times(times, events.last_timestamps(), lambda b: f"history {b}")
         results: list[list[tuple[Hashable, float]]] = []
         for start in range(0, len(events), batch_size):

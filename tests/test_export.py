@@ -347,8 +347,10 @@ def test_inconsistent_config_is_named(export_dir, tmp_path, edit, message):
     (lambda c: c["model"]["encoder"].pop("dqk"), r"model does not build a network \(.*'dqk'"),
     (lambda c: c.update(data="x"), r"data must be a mapping, got str$"),
     (lambda c: c.update(model=[1]), r"model must be a mapping, got list$"),
+    (lambda c: c["data"]["datamodule"].update(repeats="no"),
+     r"data\.datamodule\.repeats must be one of \['drop_exact', 'collapse_consecutive', 'keep'\], got 'no'$"),
 ], ids=["dim", "max_seq_len", "num_items", "input_dropout", "time_scales", "encoder", "encoder key", "loss.kind",
-        "encoder without dqk", "data", "model"])
+        "encoder without dqk", "data", "model", "data.repeats"])
 def test_bad_config_values_are_named(export_dir, tmp_path, edit, message):
     broken = _copy(export_dir, tmp_path / "export")
     config = json.loads((broken / "config.json").read_text())

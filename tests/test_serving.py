@@ -12,7 +12,11 @@ import operator
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from hstu.data.sequences import REPEAT_POLICIES, build_sequences
+from hstu.data.sources import RawInteractions
 from hstu.errors import RequestError
 from hstu.inference import Recommender
 from hstu.model.recommender import SequentialRecommender
@@ -143,6 +147,34 @@ def test_prepare_histories_orders_events_and_names_bad_histories():
     with pytest.raises(ValueError, match="history 0: timestamps must be integer"):
         prepare_histories(index, [([10], [1.5])])
 
+
+
+@given(events=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=40),
+       repeats=st.sampled_from(REPEAT_POLICIES))
+def test_prepare_histories_drops_the_events_training_drops(events, repeats):
+    """Each user's (item, timestamp) events sent as a request history come out as the training data builder
+    (``data.repeats``) keeps them from the same rows: serving sees what the model was trained on."""
+    users = sorted({user for user, _, _ in events})
+    histories = [([item for u, item, _ in events if u == user], [ts for u, _, ts in events if u == user])
+                 for user in users]
+    served = prepare_histories(ItemIdIndex(list(range(5))), histories, repeats=repeats)
+    columns = (np.asarray(column, dtype=np.int64) for column in zip(*events))
+    trained = build_sequences(RawInteractions(*columns), min_events=1, repeats=repeats)
+    assert served.offsets.tolist() == trained.offsets.tolist()
+    assert served.timestamps.tolist() == trained.timestamps.tolist()
+    assert (served.item_ids - 1).tolist() == trained.item_original_ids[trained.item_ids - 1].tolist()
+
+
+def test_recommendations_follow_the_run_data_repeats():
+    """A history with an exact repeat gets the answer of the history without it under the default rule, and
+    another answer where the run kept repeats (``data.repeats=keep`` in its config)."""
+    model, items, times = make_model(), *random_history(8, seed=3)
+    repeated = (items[:5] + [items[4]] + items[5:], times[:5] + [times[4]] + times[5:])
+    default = Recommender(model, ORIGINAL_IDS)
+    assert default.repeats == "drop_exact"
+    assert default.recommend([repeated], k=8) == default.recommend([(items, times)], k=8)
+    keep = Recommender(model, ORIGINAL_IDS, config={"data": {"datamodule": {"repeats": "keep"}}})
+    assert keep.recommend([repeated], k=8) != keep.recommend([(items, times)], k=8)
 
 # ---- the cache ---------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from hstu.errors import ConfigError, DataError
 from .batch import JaggedBatch
 from .packing import DeviceSequences, PackingLayout, PlanCollate
 from .sequences import (
+    DEFAULT_REPEATS,
     PROTOCOL_HELD_OUT,
     PROTOCOL_MIN_EVENTS,
     REPEAT_POLICIES,
@@ -179,7 +180,7 @@ class SequenceDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         max_users: int | None = None,
-        repeats: str = "drop_exact",
+        repeats: str = DEFAULT_REPEATS,
         seed: int = 0,
         bucket_tokens: int = 1024,
     ):

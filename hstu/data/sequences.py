@@ -53,6 +53,7 @@ PROTOCOL_MIN_EVENTS = {"ours": 3, "paper": 2}
 # Events each protocol holds out of a user's sequence for evaluation; a training example needs 2 more.
 PROTOCOL_HELD_OUT = {"ours": 2, "paper": 1}
 REPEAT_POLICIES = ("drop_exact", "collapse_consecutive", "keep")
+DEFAULT_REPEATS = "drop_exact"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class UserSequences:
 
 
 def build_sequences(
-    raw: RawInteractions, *, min_events: int, max_users: int | None = None, repeats: str = "drop_exact"
+    raw: RawInteractions, *, min_events: int, max_users: int | None = None, repeats: str = DEFAULT_REPEATS
 ) -> UserSequences:
     """Drop repeats by ``repeats``, drop users left with fewer than ``min_events`` events, keep the
     first ``max_users`` remaining users (by original id; None keeps all), remap ids, and sort each
@@ -118,25 +119,41 @@ def build_sequences(
 
 def _without_repeats(raw: RawInteractions, user_index: np.ndarray, order: np.ndarray, repeats: str) -> np.ndarray:
     """``order`` (rows sorted by user, then time) without the rows that ``repeats`` drops."""
-    if repeats == "keep":
-        return order
-    # Exact duplicates: the same (user, timestamp, item) after their first row in the file.
-    by_item = order[np.argsort(raw.item[order], kind="stable")]
-    by_item = by_item[np.argsort(raw.timestamp[by_item], kind="stable")]
-    by_item = by_item[np.argsort(user_index[by_item], kind="stable")]
-    same = np.zeros(by_item.shape[0], dtype=bool)
-    same[1:] = True
-    for column in (user_index, raw.timestamp, raw.item):
-        values = column[by_item]
-        same[1:] &= values[1:] == values[:-1]
-    keep_row = np.ones(raw.user.shape[0], dtype=bool)
-    keep_row[by_item[same]] = False
-    order = order[keep_row[order]]
+    return order[~repeated_events(user_index[order], raw.timestamp[order], raw.item[order], repeats)]
+
+
+def repeated_events(users: np.ndarray, timestamps: np.ndarray, items: np.ndarray, repeats: str) -> np.ndarray:
+    """bool [N]: the events that ``repeats`` drops, of events sorted by user, then time, same-time events in
+    the order they came (the rule of training data and of serving requests alike).
+
+    Exact repeats (same user, timestamp and item as an earlier event) can only sit in runs of same-time
+    events, so only those runs are sorted."""
+    dropped = np.zeros(users.shape[0], dtype=bool)
+    if repeats == "keep" or users.shape[0] < 2:
+        return dropped
+    tied = (users[1:] == users[:-1]) & (timestamps[1:] == timestamps[:-1])  # event i and i+1 in one run
+    if tied.any():
+        in_run = np.zeros(users.shape[0], dtype=bool)
+        in_run[1:] |= tied
+        in_run[:-1] |= tied
+        rows = np.flatnonzero(in_run)
+        run = np.zeros(rows.shape[0], dtype=np.int64)
+        np.cumsum(~((rows[1:] == rows[:-1] + 1) & tied[rows[:-1]]), out=run[1:])
+        run_items = items[rows]
+        low, span = int(run_items.min()), int(run_items.max()) - int(run_items.min()) + 1
+        if (int(run[-1]) + 1) * span <= np.iinfo(np.int64).max:  # one key: 10x faster than lexsort here
+            key = run * span + (run_items - low)
+            by_item = np.argsort(key, kind="stable")  # stable: of equal events, the first comes first
+            same = key[by_item[1:]] == key[by_item[:-1]]
+        else:  # item ids spread too wide for one int64 key
+            by_item = np.lexsort((run_items, run))
+            same = (run[by_item[1:]] == run[by_item[:-1]]) & (run_items[by_item[1:]] == run_items[by_item[:-1]])
+        dropped[rows[by_item[1:][same]]] = True
     if repeats == "collapse_consecutive":
-        repeat = np.zeros(order.shape[0], dtype=bool)
-        repeat[1:] = (user_index[order][1:] == user_index[order][:-1]) & (raw.item[order][1:] == raw.item[order][:-1])
-        order = order[~repeat]
-    return order
+        kept = np.flatnonzero(~dropped)
+        consecutive = (users[kept[1:]] == users[kept[:-1]]) & (items[kept[1:]] == items[kept[:-1]])
+        dropped[kept[1:][consecutive]] = True
+    return dropped
 
 
 def seen_before(sequences: UserSequences) -> np.ndarray:

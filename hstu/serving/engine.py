@@ -231,7 +231,8 @@ class ServingEngine:
     def check(self, request: Request) -> None:
         """Raise ValueError / KeyError naming what is wrong with a request, before it joins a batch."""
         self._check_fields(request)
-        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)])
+        prepare_histories(self.recommender._ids, [(request.items, request.timestamps)],
+                          repeats=self.recommender.repeats)
 
     def _check_batch_fields(self, requests: Sequence[Request]) -> None:
         """:meth:`_check_fields` of every request: a few C-level passes where every k and request time
@@ -255,7 +256,8 @@ class ServingEngine:
     def _histories(self, requests: Sequence[Request]) -> Events:
         """The batch's histories, prepared at once; a bad one raises the error its own :meth:`check` raises."""
         try:
-            return prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests])
+            return prepare_histories(self.recommender._ids, [(r.items, r.timestamps) for r in requests],
+                                     repeats=self.recommender.repeats)
         except RequestError:
             for request in requests:
                 self.check(request)

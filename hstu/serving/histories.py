@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
-from hstu.data.sequences import _ranges
+from hstu.data.sequences import DEFAULT_REPEATS, _ranges, repeated_events
 from hstu.errors import RequestError, UnknownIdError
 from hstu.serving.ids import ItemIdIndex, int64_values
 from hstu_kernels.time_buckets import OUTSIDE_TIMESTAMP_RANGE, TIMESTAMP_BOUND
@@ -74,13 +74,15 @@ def check_request_times(times: Sequence[Optional[int]], last_timestamps: Sequenc
                                "a request comes after its history")
 
 
-def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_items: str = "error") -> Events:
+def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_items: str = "error",
+                      repeats: str = DEFAULT_REPEATS) -> Events:
     """(item ids, Unix-second timestamps) per user in original ids -> :class:`Events`.
 
     Raises ``RequestError`` (a ValueError) naming the history (its position in ``histories``) for
     mismatched lengths, timestamps that are not integers in [-2**62, 2**62), or no known item, and
     ``UnknownIdError`` (a KeyError) for unknown items when ``unknown_items`` is "error" ("skip" drops
-    them). Events are put in time order with a stable sort (ties keep the given order), as in training.
+    them). Events are put in time order with a stable sort (ties keep the given order), then the repeats that
+    the training data dropped are dropped (``repeats``: the run's ``data.repeats``), as in training.
     """
     if unknown_items not in UNKNOWN_ITEM_POLICIES:
         raise RequestError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {unknown_items!r}")
@@ -130,7 +132,14 @@ def prepare_histories(index: ItemIdIndex, histories: Sequence[History], unknown_
         user = int(empty[0])
         raise RequestError(f"history {user}: " + ("no known items to recommend from" if len(item_parts[user])
                                                   else "empty: no items to recommend from"))
-    return Events(*_in_time_order(item_ids, timestamps, offsets), offsets)
+    item_ids, timestamps = _in_time_order(item_ids, timestamps, offsets)
+    owner = np.repeat(np.arange(len(histories)), lengths)
+    dropped = repeated_events(owner, timestamps, item_ids, repeats)
+    if dropped.any():
+        kept = ~dropped
+        np.cumsum(np.bincount(owner[kept], minlength=len(histories)), out=offsets[1:])
+        item_ids, timestamps = item_ids[kept], timestamps[kept]
+    return Events(item_ids, timestamps, offsets)
 
 
 def _concatenated(parts: list) -> np.ndarray:
