@@ -1,6 +1,6 @@
-"""Checks of the operators' plain arguments (counts, scales, probabilities, dtypes), run in the dispatch
-layer: one TypeError or ValueError that names the function and the argument, the same on every backend
-(a backend would otherwise fail deep inside, each in its own way, or run on a value it misreads).
+"""Checks of the operators' plain arguments (counts, scales, probabilities, flags, dtypes, devices), run in
+the dispatch layer: one TypeError or ValueError that names the function and the argument, the same on every
+backend (a backend would otherwise fail deep inside, each in its own way, or run on a value it misreads).
 
 Symbolic ints and floats of a ``torch.compile`` trace pass as numbers; nothing here reads device values.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 _INTEGERS = (numbers.Integral, torch.SymInt)
@@ -49,6 +50,26 @@ def check_probability(name: str, argument: str, value) -> None:
     check_real(name, argument, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}: {argument} must be in [0, 1], got {value}")
+
+
+def check_flags(name: str, **flags) -> None:
+    """Every flag is a bool (numpy's included): a string such as "no" would otherwise count as true."""
+    for argument, value in flags.items():
+        if type(value) is not bool and not isinstance(value, (np.bool_, torch.SymBool)):
+            raise TypeError(f"{name}: {argument} must be a bool, got {value!r}")
+
+
+def check_one_device(name: str, **tensors: torch.Tensor | None) -> None:
+    """Every tensor given (None skipped) is on one device: a mix would fail deep inside a backend."""
+    first = None
+    for argument, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if first is None:
+            first = argument, tensor.device
+        elif tensor.device != first[1]:
+            raise ValueError(f"{name}: {argument} is on {tensor.device} but {first[0]} on {first[1]}; "
+                             "all tensor arguments must be on one device")
 
 
 def check_floating(name: str, **tensors: torch.Tensor | None) -> None:

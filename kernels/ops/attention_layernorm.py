@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hstu_kernels.arguments import check_floating, check_real
+from hstu_kernels.arguments import check_flags, check_floating, check_one_device, check_real
 from hstu_kernels.benchmarking import element_size, random_values, seeded, triton_function
 from hstu_kernels.dropout import check_dropout_p, dropout, seed_tensor
 from hstu_kernels.layout import aligned_width
@@ -26,6 +26,8 @@ KEY = "fused_attention_layernorm"
 def attention_input(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backend=None,
                     validate: bool = True) -> torch.Tensor:
     """SiLU(LayerNorm(x) @ weight): x [L, D], weight [D, E] -> [L, E]."""
+    check_flags("attention_input", validate=validate)
+    check_one_device("attention_input", x=x, weight=weight)
     check_attention_input(x, weight, eps)
     impl = implementation(KEY, "attention_input", backend, (x, weight))
     return impl(x, weight, eps=eps)
@@ -50,6 +52,8 @@ def attention_output(
     ``seed``: None draws the dropout mask from torch's RNG; an int or an int64 device tensor gives the
     reproducible mask of ``hstu_kernels.dropout.seeded_dropout_mask``.
     """
+    check_flags("attention_output", training=training, validate=validate)
+    check_one_device("attention_output", x=x, attn=attn, u=u, weight=weight, bias=bias)
     check_attention_output(x, attn, u, weight, bias, dropout_p, eps)
     impl = implementation(KEY, "attention_output", backend, (x, attn, u, weight))
     return impl(x, attn, u, weight, bias, dropout_p=dropout_p, training=training, eps=eps, seed=seed)

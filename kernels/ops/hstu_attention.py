@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from hstu_kernels.arguments import check_count, check_floating, check_real
+from hstu_kernels.arguments import check_count, check_flags, check_floating, check_one_device, check_real
 from hstu_kernels.benchmarking import (
     increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded, triton_function,
 )
@@ -47,6 +47,9 @@ def hstu_attention(
     GPU, and of a layout's offsets and timestamps against these: for callers that checked their batch
     once (the model does, see ``JaggedBatch.check``).
     """
+    check_flags("hstu_attention", validate=validate)
+    check_one_device("hstu_attention", q=q, k=k, v=v, seq_offsets=seq_offsets, q_timestamps=q_timestamps,
+                     k_timestamps=k_timestamps, pos_weight=pos_weight, time_weight=time_weight)
     check_hstu_attention(q, k, v, seq_offsets, max_seq_len, alpha, q_timestamps, k_timestamps, pos_weight, time_weight,
                          validate)
     if layout is not None:
@@ -128,6 +131,11 @@ def hstu_attention_delta(
     and timestamps (as in ``hstu_attention``). ``validate=False`` skips the checks of the offsets'
     values (host reads), and of a layout's offsets and timestamps against these.
     """
+    check_flags("hstu_attention_delta", validate=validate)
+    check_one_device("hstu_attention_delta", q=q, k=k, v=v, seq_offsets=seq_offsets, cached_k=cached_k,
+                     cached_v=cached_v, cached_offsets=cached_offsets, q_timestamps=q_timestamps,
+                     k_timestamps=k_timestamps, cached_k_timestamps=cached_k_timestamps, pos_weight=pos_weight,
+                     time_weight=time_weight)
     check_hstu_attention_delta(q, k, v, seq_offsets, cached_k, cached_v, cached_offsets, max_seq_len, alpha,
                                max_new_len, q_timestamps, k_timestamps, cached_k_timestamps, pos_weight, time_weight,
                                validate)
@@ -208,6 +216,8 @@ def hstu_attention_layout(
     ``validate=False`` skips the checks of the offsets' values (host reads).
     """
     name = "hstu_attention_layout"
+    check_flags(name, position_bias=position_bias, validate=validate)
+    check_one_device(name, seq_offsets=seq_offsets, q_timestamps=q_timestamps, k_timestamps=k_timestamps)
     _check_layout_inputs(name, seq_offsets, max_seq_len, num_tokens, num_time_buckets,
                          {"q_timestamps": (q_timestamps, num_tokens), "k_timestamps": (k_timestamps, num_tokens)})
     if validate:
@@ -239,6 +249,9 @@ def hstu_attention_delta_layout(
     checks of the offsets' values (host reads).
     """
     name = "hstu_attention_delta_layout"
+    check_flags(name, position_bias=position_bias, validate=validate)
+    check_one_device(name, seq_offsets=seq_offsets, cached_offsets=cached_offsets, q_timestamps=q_timestamps,
+                     k_timestamps=k_timestamps, cached_k_timestamps=cached_k_timestamps)
     _check_layout_inputs(name, seq_offsets, max_seq_len, num_new, num_time_buckets,
                          {"q_timestamps": (q_timestamps, num_new), "k_timestamps": (k_timestamps, num_new),
                           "cached_k_timestamps": (cached_k_timestamps, num_cached)})

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from hstu_kernels.arguments import check_floating, check_real, is_int
+from hstu_kernels.arguments import check_flags, check_floating, check_one_device, check_real, is_int
 from hstu_kernels.benchmarking import (
     element_size, increasing_timestamps, jagged_lengths, offsets_of, random_values, seeded, triton_function,
 )
@@ -44,7 +44,11 @@ def sequence_fusion(
     t_last the sequence's last timestamp. ``seed`` as in ``attention_output``.
     ``validate=False`` skips the checks of offsets and ids that read values back from the device.
     """
+    check_flags("sequence_fusion", training=training, position_from_end=position_from_end, validate=validate)
     time_tables = list(time_tables)
+    check_one_device("sequence_fusion", item_ids=item_ids, timestamps=timestamps, seq_offsets=seq_offsets,
+                     item_table=item_table, pos_table=pos_table,
+                     **{f"time_tables[{s}]": table for s, table in enumerate(time_tables)})
     check_sequence_fusion(item_ids, timestamps, seq_offsets, item_table, pos_table, time_tables, scale, time_scales,
                           dropout_p, validate)
     impl = implementation(KEY, "sequence_fusion", backend, (item_table, pos_table, *time_tables))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hstu_kernels.arguments import check_floating, check_real
+from hstu_kernels.arguments import check_flags, check_floating, check_one_device, check_real
 from hstu_kernels.benchmarking import ProviderUnavailable, random_values, seeded, triton_function
 from hstu_kernels.manager import implementation
 from hstu_kernels.reference import softmax_losses as reference
@@ -29,6 +29,8 @@ def sampled_softmax_loss(
     negatives equal to the positive are masked. neg_ids [M, R] (per row) or [R] (shared by every row). Logits
     are float32 whatever the input dtype. ``validate=False`` skips the check that the ids lie in the table
     (it waits for the device)."""
+    check_flags("sampled_softmax_loss", l2_norm=l2_norm, validate=validate)
+    check_one_device("sampled_softmax_loss", states=states, pos_ids=pos_ids, neg_ids=neg_ids, item_table=item_table)
     check_sampled_softmax_loss(states, pos_ids, neg_ids, item_table, temperature, reduction, validate)
     impl = implementation(KEY, "sampled_softmax_loss", backend, (states, item_table))
     return impl(states, pos_ids, neg_ids, item_table, temperature=temperature, l2_norm=l2_norm, reduction=reduction)
@@ -48,6 +50,8 @@ def full_softmax_loss(
     """Mean over rows (``reduction="none"``: each row's) of -log softmax over every row of ``item_table``
     (row 0 included: pass the table to score). Logits are float32 whatever the input dtype; ``validate`` as
     for :func:`sampled_softmax_loss`."""
+    check_flags("full_softmax_loss", l2_norm=l2_norm, validate=validate)
+    check_one_device("full_softmax_loss", states=states, pos_ids=pos_ids, item_table=item_table)
     check_common("full_softmax_loss", states, pos_ids, item_table, temperature, reduction, validate)
     impl = implementation(KEY, "full_softmax_loss", backend, (states, item_table))
     return impl(states, pos_ids, item_table, temperature=temperature, l2_norm=l2_norm, reduction=reduction)

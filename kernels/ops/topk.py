@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from hstu_kernels.arguments import check_floating
+from hstu_kernels.arguments import check_flags, check_floating, check_one_device
 from hstu_kernels.benchmarking import random_values, seeded, triton_function
 from hstu_kernels.manager import implementation
 from hstu_kernels.spec import BenchCase, BenchSpec, OperatorSpec
@@ -35,6 +35,9 @@ def topk_items(
     (host reads); without it nothing here reads device values, and exclusion ids outside [0, N)
     exclude nothing.
     """
+    check_flags("topk_items", l2_norm=l2_norm, validate=validate)
+    check_one_device("topk_items", queries=queries, item_table=item_table, exclude_ids=exclude_ids,
+                     exclude_offsets=exclude_offsets, target_ids=target_ids)
     check_topk_items(queries, item_table, k, exclude_ids, exclude_offsets, target_ids, validate)
     impl = implementation(KEY, "topk_items", backend, (queries, item_table), (("k", int(k)),))
     return impl(queries, item_table, int(k), exclude_ids=exclude_ids, exclude_offsets=exclude_offsets,

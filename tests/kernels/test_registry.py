@@ -169,14 +169,45 @@ def _bad_argument_calls():
         "output dropout True": (lambda b: hstu_kernels.attention_output(x, x, x, table.T @ table, None, dropout_p=True,
                                                                         training=True, backend=b),
                                 TypeError, "attention_output: dropout_p must be a real number, got True"),
+        # Flags given as strings would count as true ("no" included).
+        "output training 'no'": (lambda b: hstu_kernels.attention_output(x, x, x, table.T @ table, None, dropout_p=0.1,
+                                                                         training="no", backend=b),
+                                 TypeError, "attention_output: training must be a bool, got 'no'"),
+        "fusion position_from_end 1": (lambda b: hstu_kernels.sequence_fusion(
+            ids, ts[:3], torch.tensor([0, 3]), table, table, tables, scale=1.0, time_scales=((1, 2),), dropout_p=0.0,
+            training=True, position_from_end=1, backend=b),
+            TypeError, "sequence_fusion: position_from_end must be a bool, got 1"),
+        "loss l2_norm 'false'": (lambda b: hstu_kernels.full_softmax_loss(states, pos, table, temperature=0.1,
+                                                                          l2_norm="false", backend=b),
+                                 TypeError, "full_softmax_loss: l2_norm must be a bool, got 'false'"),
+        "topk l2_norm None": (lambda b: hstu_kernels.topk_items(states, table, 2, l2_norm=None, backend=b),
+                              TypeError, "topk_items: l2_norm must be a bool, got None"),
+        "attention validate 'no'": (lambda b: hstu_kernels.hstu_attention(q, q, q, offsets, 4, 0.5, validate="no",
+                                                                          backend=b),
+                                    TypeError, "hstu_attention: validate must be a bool, got 'no'"),
+        # Tensors on two devices (meta stands in for a GPU here) would fail deep inside a backend.
+        "offsets on another device": (lambda b: hstu_kernels.hstu_attention(q, q, q, offsets.to("meta"), 4, 0.5,
+                                                                            backend=b), ValueError,
+                                      "hstu_attention: seq_offsets is on meta but q on cpu; all tensor arguments "
+                                      "must be on one device"),
+        "time table on another device": (lambda b: hstu_kernels.sequence_fusion(
+            ids, ts[:3], torch.tensor([0, 3]), table, table, [tables[0].to("meta")], scale=1.0, time_scales=((1, 2),),
+            dropout_p=0.0, training=True, backend=b), ValueError,
+            r"sequence_fusion: time_tables\[0\] is on meta but item_ids on cpu"),
+        "exclusions on another device": (lambda b: hstu_kernels.topk_items(
+            states, table, 2, exclude_ids=pos.to("meta"), exclude_offsets=torch.tensor([0, 1, 2]), backend=b),
+            ValueError, "topk_items: exclude_ids is on meta but queries on cpu"),
+        "bias on another device": (lambda b: hstu_kernels.attention_output(
+            x, x, x, table.T @ table, x[0].to("meta"), dropout_p=0.1, training=True, backend=b), ValueError,
+            "attention_output: bias is on meta but x on cpu"),
     }
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("case", list(_bad_argument_calls()))
 def test_plain_arguments_get_one_message_naming_them_on_every_backend(case, backend):
-    """Counts, scales, probabilities and dtypes are checked in the dispatch layer: the same error on every
-    backend, where a backend would fail deep inside in its own way, or run on a value it misreads."""
+    """Counts, scales, probabilities, flags, dtypes and devices are checked in the dispatch layer: the same error
+    on every backend, where a backend would fail deep inside in its own way, or run on a value it misreads."""
     if backend == "triton" and not TritonOperatorManager.availability("interaction")[0]:
         pytest.skip(TritonOperatorManager.availability("interaction")[1])
     call, error, message = _bad_argument_calls()[case]
