@@ -544,14 +544,14 @@ def new_directory(path: str) -> str:
 
 def remove_new_directory(path: str | Path, leftovers: tuple[str, ...] = ()) -> bool:
     """Remove ``path`` if this process made it (:func:`new_directory`, :func:`make_directory`) and it holds
-    nothing but files named in ``leftovers`` (paths relative to it) and their folders: a run stopped by a
-    user error before it wrote anything of its own leaves no directory behind. True when it was removed."""
+    no file but those named in ``leftovers`` (paths relative to it), in folders (a logger's, say, made before
+    anything was logged): a run stopped by a user error before it wrote anything of its own leaves no
+    directory behind. True when it was removed."""
     folder = Path(path).absolute()
     if folder not in _MADE_HERE or not folder.is_dir():
         return False
     allowed = {folder / name for name in leftovers}
-    allowed |= {parent for name in allowed for parent in name.parents if folder in parent.parents}
-    if any(entry not in allowed or entry.is_symlink() for entry in folder.rglob("*")):
+    if any(entry.is_symlink() or not (entry.is_dir() or entry in allowed) for entry in folder.rglob("*")):
         return False
     try:
         for entry in sorted(folder.rglob("*"), key=lambda entry: len(entry.parts), reverse=True):

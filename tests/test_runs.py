@@ -67,6 +67,7 @@ def test_a_new_directory_is_removed_only_while_it_holds_nothing_but_the_named_fi
     leftovers = (".hydra/config.yaml", "train.log")
     assert not remove_new_directory(made, leftovers) and (made / "metrics.json").is_file()  # a file of its own
     (made / "metrics.json").unlink()
+    (made / "csv" / "version_0").mkdir(parents=True)  # a logger's folders, made before it logged anything
     assert remove_new_directory(made, leftovers) and not made.exists() and (tmp_path / "runs").is_dir()
     (tmp_path / "mine").mkdir()  # a directory this process's new_directory did not make: never removed
     assert not remove_new_directory(tmp_path / "mine") and (tmp_path / "mine").is_dir()
