@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -90,8 +91,8 @@ class CheckBeforeStart(Callback):
             make_directory(sweep_dir, "hydra.sweep.dir")
             self._claim = claim_run_dir(sweep_dir, "hydra.sweep.dir", "sweep")
 
-        self._check(config, sweep_dir, lambda: check_sweep_dir(sweep_dir), claim_sweep_dir,
-                    lambda: check_sweep_jobs(config))
+        self._check(config, sweep_dir, lambda: check_slurm_launcher(config), lambda: check_sweep_dir(sweep_dir),
+                    claim_sweep_dir, lambda: check_sweep_jobs(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._release()
@@ -149,6 +150,21 @@ class ResumedRun:
     @staticmethod
     def _written(path: Path) -> int | None:
         return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def check_slurm_launcher(config: DictConfig) -> None:
+    """ConfigError when a SLURM launcher (``hydra/launcher=slurm_ddp``) cannot submit: no ``srun`` here (not a
+    SLURM node), or slurm_ddp without ``trainer=ddp``, whose keys it reads for nodes and tasks."""
+    target = OmegaConf.select(config, "hydra.launcher._target_") or ""
+    if not target.endswith(".SlurmLauncher"):
+        return
+    if shutil.which("srun") is None:
+        raise ConfigError("hydra/launcher: the SLURM launcher submits with sbatch and srun, and this machine has no "
+                          "srun on its PATH; sweep from a SLURM login node, or use hydra/launcher=submitit_local")
+    missing = [key for key in ("trainer.num_nodes", "trainer.devices") if OmegaConf.select(config, key) is None]
+    if missing and OmegaConf.is_interpolation(config.hydra.launcher, "nodes"):
+        raise ConfigError(f"hydra/launcher=slurm_ddp reads {' and '.join(missing)}, which this trainer config lacks; "
+                          "add trainer=ddp")
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:

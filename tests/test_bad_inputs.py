@@ -118,6 +118,14 @@ CASES = {
     "search without validation": Case("train", ["-m", "hparams_search=ml1m-optuna", *TRAIN, "data.source.path={good}",
                                                 "data.protocol=paper"],
                                       r"^optimized_metric=val/ndcg@10: data\.protocol=paper has no validation split"),
+    "SLURM launcher, no srun here": Case("train", ["-m", "hydra/launcher=slurm_ddp", "trainer=ddp", *TRAIN,
+                                                   "data.source.path={good}"],
+                                         r"^hydra/launcher: the SLURM launcher submits with sbatch and srun, and this "
+                                         r"machine has no srun on its PATH; sweep from a SLURM login node"),
+    "SLURM launcher without trainer=ddp": Case("train", ["-m", "hydra/launcher=slurm_ddp", *TRAIN,
+                                                         "data.source.path={good}"],
+                                               r"^hydra/launcher=slurm_ddp reads trainer\.num_nodes, which this trainer "
+                                               r"config lacks; add trainer=ddp$"),
     # ---- resuming and run directories ---------------------------------------------------------------
     "ckpt_path with +": Case("train", [*TRAIN, "data.source.path={good}", "+ckpt_path=x.ckpt"],  # not ignored
                              r"^ckpt_path=x\.ckpt: .*x\.ckpt does not exist$"),
@@ -353,6 +361,15 @@ def test_bad_input_gets_one_clear_line(name, inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # new run directories go here
     if case.args[0] == "-m":
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    if "hydra/launcher=slurm_ddp" in case.args:
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+        if name == "SLURM launcher, no srun here" and shutil.which("srun"):
+            pytest.skip("this machine has srun")
+        if name == "SLURM launcher without trainer=ddp":  # as on a SLURM login node
+            (tmp_path / "bin").mkdir()
+            (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+            (tmp_path / "bin" / "srun").chmod(0o755)
+            monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     args = [arg.format(**inputs) for arg in case.args]
     if case.script == "train":
         args.append(f"paths.data_dir={tmp_path / 'data'}")
