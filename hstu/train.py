@@ -352,7 +352,10 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     tp = report["throughput"]
     if tp:
         console.print(
-            f"epochs {report['epochs_trained']}, best epoch {report['best_epoch']}, fit {report['fit_wall_time_s']:.1f}s, "
+            f"epochs {report['epochs_trained']}, "
+            + ("no model selection (last epoch tested)" if report["best_epoch"] is None
+               else f"best epoch {report['best_epoch']}")
+            + f", fit {report['fit_wall_time_s']:.1f}s, "
             f"{tp['samples_per_sec']:.0f} samples/s, {tp['tokens_per_sec']:.0f} tokens/s"
             f"{_over_processes(report)}, "
             f"{tp['epoch_time_s']:.2f}s/epoch"
