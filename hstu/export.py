@@ -39,7 +39,10 @@ from hstu.data.sources import absolute_path
 from hstu.distributed import prepare_on_rank_zero
 from hstu.errors import CheckpointError, ConfigError, DataError, MissingFileError, OutputExistsError
 from hstu.files import check_folder_path, current_umask, owned_prefix, remove_abandoned, sha256_of
-from hstu.inference import CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_KEYS, RECORDED_FILES, WEIGHTS_FILE
+from hstu.inference import (
+    CONFIG_FILE, FORMAT_VERSION, ITEMS_FILE, MODEL_DIGEST_KEY, MODEL_KEYS, RECORDED_FILES, WEIGHTS_FILE,
+    model_settings_digest,
+)
 from hstu.model.recommender import SequentialRecommender
 from hstu.module import RecModule
 from hstu.serving.compiled import DEFAULT_K, compile_export
@@ -335,13 +338,16 @@ def write_export(
               "data": dict(data), "training": dict(training or {})}
     items = {"id_type": "str" if original_ids.dtype.kind in "OUS" else "int", "original_ids": original_ids.tolist()}
     weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    # the settings as config.json will read back, so that a digest of what is read compares equal
+    settings_digest = model_settings_digest(json.loads(json.dumps(config["model"], default=str)))
 
     def write_config(path: Path) -> None:  # after the files whose SHA-256 it records
         config["files"] = {name: sha256_of(path.parent / name) for name in RECORDED_FILES}
         path.write_text(json.dumps(config, indent=2, default=str))
 
     _write_folder_atomically(out_dir, {
-        WEIGHTS_FILE: lambda path: save_file(weights, str(path), metadata={"format": "pt"}),
+        WEIGHTS_FILE: lambda path: save_file(weights, str(path),
+                                             metadata={"format": "pt", MODEL_DIGEST_KEY: settings_digest}),
         ITEMS_FILE: lambda path: path.write_text(json.dumps(items)),
         CONFIG_FILE: write_config,
     }, overwrite, finish=None if compiled is None else lambda folder: compile_export(folder, compiled, k=compiled_k))

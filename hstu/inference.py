@@ -26,6 +26,7 @@ graphs, kernels), reports what ran, and feeds ``get_comprehensive_stats`` (:mod:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 from dataclasses import fields
@@ -69,6 +70,7 @@ MODEL_KEYS = ("num_items", "max_seq_len", "dim", "input_dropout", "encoder", "lo
 CONFIG_KEYS = ("format_version", "model", "metrics", "data", "files")
 # The files whose SHA-256 config.json records under "files".
 RECORDED_FILES = (WEIGHTS_FILE, ITEMS_FILE)
+MODEL_DIGEST_KEY = "model_settings_sha256"  # in the weights file's metadata
 # The MODEL_KEYS settings checked against the training config's ModelConfig schema (the rest: their own).
 MODEL_SCHEMA_KEYS = ("max_seq_len", "dim", "input_dropout", "time_scales", "position_from_end")
 ENCODER_SCHEMAS = {"hstu.model.hstu.HSTUEncoder": HSTUEncoderConfig, "hstu.model.sasrec.SASRecEncoder": SASRecEncoderConfig}
@@ -218,11 +220,30 @@ def weights_mismatch(export_dir: Path) -> Callable[[str], ExportFormatError]:
 def check_export_files(export_dir: str | Path, config: Mapping[str, Any]) -> None:
     """model.safetensors and items.json are the files the export was written with (config.json's "files"):
     a file replaced afterwards, by another training's weights or another export's catalogue, is refused
-    by name rather than served."""
+    by name rather than served. So are edited model settings (``alpha``, say), which no weight shape shows:
+    the weights file records their digest (exports written without it are not checked)."""
     export_dir = Path(export_dir)
     for name in RECORDED_FILES:
         check_recorded_digest(export_dir / name, config["files"].get(name), f"files.{name}",
                               "export the run again instead of replacing its files")
+    recorded = weights_metadata(export_dir / WEIGHTS_FILE).get(MODEL_DIGEST_KEY)
+    if recorded is not None and recorded != model_settings_digest(config["model"]):
+        raise ExportFormatError(f"{export_dir / CONFIG_FILE}: its model settings are not those the weights were "
+                                f"exported with ({WEIGHTS_FILE} records their SHA-256); export the run again "
+                                "instead of editing them")
+
+
+def model_settings_digest(model: Mapping[str, Any]) -> str:
+    """SHA-256 of config.json's model settings as JSON, keys sorted (the same before and after a JSON round trip)."""
+    return hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    def read() -> dict[str, str]:
+        with safe_open(path, framework="pt") as weights:
+            return weights.metadata() or {}
+    return _read_safetensors(path, read)
 
 
 def check_recorded_digest(path: Path, recorded: Any, key: str, remedy: str) -> None:

@@ -325,6 +325,12 @@ def test_missing_config_key_is_named(export_dir, tmp_path, key):
     (lambda c: c["model"]["encoder"].update(_target_="os.system"), r"model\.encoder\._target_"),
     (lambda c: c.update(format_version=1), r"format_version 1 is not supported \(this code reads 2\); export the run "
                                            r"again with scripts/export\.py$"),
+    # settings no weight shape shows: every answer would change
+    (lambda c: c["model"]["encoder"].update(alpha=c["model"]["encoder"]["alpha"] * 2),
+     r"config\.json: its model settings are not those the weights were exported with \(model\.safetensors records "
+     r"their SHA-256\); export the run again instead of editing them$"),
+    (lambda c: c["model"].update(position_from_end=not c["model"]["position_from_end"]),
+     r"config\.json: its model settings are not those the weights were exported with"),
 ])
 def test_inconsistent_config_is_named(export_dir, tmp_path, edit, message):
     broken = _copy(export_dir, tmp_path / "export")
