@@ -300,6 +300,9 @@ class Recommender:
         self.model = model.to(self.device).eval()
         self.config = dict(config or {})
         self.repeats = repeats_policy(self.config)
+        if self.repeats not in REPEAT_POLICIES:
+            raise ConfigError(f"config data.datamodule.repeats must be one of {list(REPEAT_POLICIES)}, "
+                              f"got {self.repeats!r}")
         self.item_original_ids = list(item_original_ids)
         self._ids = ItemIdIndex(self.item_original_ids)
         self._original_ids = np.empty(len(self.item_original_ids), dtype=object)
@@ -360,8 +363,8 @@ class Recommender:
 
         ``histories``: (item ids, Unix-second timestamps) per user, in original ids; events are put in
         time order with a stable sort (ties keep the given order) and repeats are dropped by the run's
-        ``data.repeats``, as in training. The model sees the
-        ``max_seq_len`` most recent events; ``exclude_seen`` masks every item of the full history.
+        ``data.repeats``, as in training. The model sees the ``max_seq_len`` most recent events;
+        ``exclude_seen`` masks every item of the full history.
         ``request_time``: Unix seconds per user (or one value for all), the time the recommendation is
         for, not before the user's last event; it is the query time of the last position in the HSTU
         time bias. None: the last event's.

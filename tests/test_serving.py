@@ -175,6 +175,8 @@ def test_recommendations_follow_the_run_data_repeats():
     assert default.recommend([repeated], k=8) == default.recommend([(items, times)], k=8)
     keep = Recommender(model, ORIGINAL_IDS, config={"data": {"datamodule": {"repeats": "keep"}}})
     assert keep.recommend([repeated], k=8) != keep.recommend([(items, times)], k=8)
+    with pytest.raises(ValueError, match=r"^config data\.datamodule\.repeats must be one of \[.*\], got 'no'$"):
+        Recommender(model, ORIGINAL_IDS, config={"data": {"datamodule": {"repeats": "no"}}})
 
 # ---- the cache ---------------------------------------------------------------------------------------
 
