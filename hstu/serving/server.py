@@ -5,7 +5,9 @@ Endpoints:
     -> ``{"user_id", "recommendations": [{"item", "score"}], "optimizations_applied", "latency_ms"}``;
   * ``GET /health`` (LitServe's: 200 "ok" once every inference worker has loaded the model);
   * ``GET /stats``: per inference worker, ``Recommender.get_comprehensive_stats()`` as last
-    published by that worker (each worker has its own model and KV cache), and their sum.
+    published by that worker (each worker has its own model and KV cache, and publishes at most every
+    ``STATS_PERIOD_S`` seconds), and their sum. Its counts are of requests that reached a worker: a
+    request refused by the HTTP process's checks (a 422) is in neither ``requests`` nor ``errors``.
 
 Why LitServe: it runs the model in inference workers of their own (one or more per device) behind
 uvicorn, so this module only says how a request is checked, batched and answered.
