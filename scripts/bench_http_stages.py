@@ -37,7 +37,6 @@ process"). Results: a table, <out>.json (every row and the per-request stamps' s
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import http.client
 import json
@@ -52,8 +51,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import (CONFIGS, Histories, build_model, card_name, model_config, percentiles,  # noqa: E402
-                           scenario_calls, timed_requests)
+from bench_serving import (CONFIGS, Histories, build_model, card_name, check_counts, check_new_out,  # noqa: E402
+                           csv_text, model_config, percentiles, scenario_calls, timed_requests, write_new_results)
 
 from hstu.export import write_export  # noqa: E402
 from hstu.inference import Recommender  # noqa: E402
@@ -210,17 +209,6 @@ def print_rows(rows: list[dict]) -> None:
               f"p99 {row['p99_ms']:8.3f} ms  {share}  {row.get('note', '')}", flush=True)
 
 
-def write_results(rows: list[dict], meta: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
-
-
 def parse_variants(text: str) -> list[tuple[int, float]]:
     variants = []
     for field in text.split(","):
@@ -229,6 +217,8 @@ def parse_variants(text: str) -> list[tuple[int, float]]:
             variants.append((int(size), float(timeout or 0)))
         except ValueError:
             raise SystemExit(f"--variants: {field!r} is not max_batch_size:batch_timeout (e.g. 32:0.002)") from None
+        if variants[-1][0] < 1 or not variants[-1][1] >= 0:
+            raise SystemExit(f"--variants: {field!r}: max_batch_size must be >= 1 and batch_timeout >= 0 seconds")
     return variants
 
 
@@ -249,9 +239,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds of timing per run at most")
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)
     parser.add_argument("--data-dir", default=os.environ.get("HSTU_DATA_DIR", "data"))
-    parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv")
+    parser.add_argument("--out", required=True,
+                        help="results path without suffix: writes <out>.json and <out>.csv (new files only)")
     args = parser.parse_args(argv)
     args.variants = parse_variants(args.variants)
+    check_new_out(parser, args.out)
+    check_counts(parser, args, requests=1, warmup=0, cache_bytes=0)
+    devices = [d for d in args.devices.split(",") if d]
+    if not devices or set(devices) - {"cuda", "cpu"}:
+        parser.error(f"--devices: a comma-separated subset of cuda,cpu, got {args.devices!r}")
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--devices: cuda named, but torch sees no CUDA device here")
     args.clients = [c for c in args.clients.split(",") if c]
     unknown = sorted(set(args.clients) - set(CLIENTS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
@@ -273,7 +271,7 @@ def main(argv=None) -> list[dict]:
                 if args.in_process:
                     rows.append(in_process_row(args, name, config, device, flags, histories))
                 rows += http_rows(args, name, config, device, flags, histories, export_dir, Path(tmp))
-    write_results(rows, meta, Path(args.out))
+    write_new_results(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2), csv_text(rows))
     return rows
 
 

@@ -195,7 +195,7 @@ def outcome(report: dict) -> str:
 def scenario_calls(scenario: str, histories: Histories, send, max_seq_len: int):
     """(call(i), prime(i) or None) for a latency scenario; ``send(user, items, times)`` -> report dict."""
     users = histories.long_users
-    if scenario.endswith("full"):
+    if scenario in ("full", "full-compiled", "http-full"):
         return (lambda i: send(int(users[i % len(users)]), *histories.events(int(users[i % len(users)]),
                                                                             max_seq_len))), None
     if scenario.endswith("slide"):  # L >= max_seq_len events cached, then L + 1: the window moves
@@ -421,6 +421,16 @@ def http_rows(args, name, config, device, interaction, histories, flags) -> list
 
 # ---- reporting -------------------------------------------------------------------------------------
 
+def check_counts(parser: argparse.ArgumentParser, args, **least: int) -> None:
+    """Refuse a count option below its least value (None: not given), and a --time-limit that is not > 0."""
+    for option, low in least.items():
+        value = getattr(args, option)
+        if value is not None and value < low:
+            parser.error(f"--{option.replace('_', '-')}: at least {low}, got {value}")
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit: seconds > 0, got {args.time_limit}")
+
+
 def card_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
@@ -443,16 +453,45 @@ def print_row(row: Row) -> None:
           + f" | {row.path} | {row.note}", flush=True)
 
 
-def write_results(rows: list[Row], out: Path) -> None:
+def results_paths(out: str | Path) -> tuple[Path, Path]:
+    """<out>.json and <out>.csv (suffixes added, not replaced: --out results/h200.run1 keeps its name)."""
+    return Path(f"{out}.json"), Path(f"{out}.csv")
+
+
+def check_new_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """Refuse (before anything runs) an --out under a file, or one whose results files exist already."""
+    blocking = file_in_the_way(Path(out).parent)
+    if blocking is not None:  # checked now: the results' folder is made only after the whole run
+        parser.error(f"--out {out}: {blocking} is a file, not a folder")
+    taken = [str(path) for path in results_paths(out) if path.exists()]
+    if taken:
+        parser.error(f"--out {out}: {' and '.join(taken)} already there (another run's results); name a new --out")
+
+
+def write_new_results(out: Path, json_text: str, csv_text: str) -> None:
+    """<out>.json and <out>.csv, each written whole and new: a file that another run wrote meanwhile is kept,
+    and this run's results go to <out>.<pid>.json / .csv instead."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    records = [asdict(r) for r in rows]
-    write_text_atomically(out.with_suffix(".json"), json.dumps(records, indent=2))
+    paths = results_paths(out)
+    if any(path.exists() for path in paths):
+        paths = results_paths(f"{out}.{os.getpid()}")
+        print(f"--out {out}: another run's results appeared there meanwhile; this run's go to {paths[0].stem}.*")
+    for path, text in zip(paths, (json_text, csv_text)):
+        write_text_atomically(path, text, replace=False)
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def csv_text(records: list[dict]) -> str:
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(records[0]) if records else [], extrasaction="ignore")
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(key for r in records for key in r)))
     writer.writeheader()
     writer.writerows(records)
-    write_text_atomically(out.with_suffix(".csv"), table.getvalue())
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
+    return table.getvalue()
+
+
+def write_results(rows: list[Row], out: Path) -> None:
+    records = [asdict(r) for r in rows]
+    write_new_results(out, json.dumps(records, indent=2), csv_text(records))
 
 
 def main(argv=None) -> list[Row]:
@@ -484,16 +523,12 @@ def main(argv=None) -> list[Row]:
         setattr(args, option, values)
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.error("--devices: cuda named, but torch sees no CUDA device here")
-    blocking = file_in_the_way(Path(args.out).parent)
-    if blocking is not None:  # checked now: write_results makes <out>'s folder only after the whole run
-        parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
-    taken = [str(path) for path in (Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".csv"))
-             if path.exists()]
-    if taken:
-        parser.error(f"--out {args.out}: {' and '.join(taken)} already there (another run's results); name a new --out")
+    check_new_out(parser, args.out)
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown scenario(s) or config(s): {unknown}")
+    check_counts(parser, args, requests=1, warmup=0, batch_users=1, throughput_batches=1, cpu_threads=1,
+                 cache_bytes=0)
 
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)

@@ -67,7 +67,34 @@ def test_device_steps_stub_is_undone_on_exit(monkeypatch):
     assert "recommend" not in vars(model) and model.recommend == real_recommend
 
 
+@pytest.mark.parametrize("scenario", ["full", "full-compiled", "http-full"])
+def test_whole_window_scenarios_send_one_full_history_and_no_priming_request(scenario, monkeypatch):
+    bench = load_script("bench_serving", monkeypatch)
+    histories = bench.Histories("synthetic", 300, "unused")
+    sent = []
+    call, prime = bench.scenario_calls(scenario, histories, lambda user, items, times: sent.append(len(items)), 200)
+    call(0)
+    assert prime is None and sent == [200]
+
+
+def test_results_keep_a_dotted_out_name_and_never_replace_another_runs(tmp_path, monkeypatch):
+    """<out>.json / .csv add their suffix (h200.run1 stays itself); files that another run wrote while this
+    one ran are kept, and this run's results go beside them."""
+    bench = load_script("bench_serving", monkeypatch)
+    row = bench.Row("tiny", "cpu", "cpu", "-", "-", "full", "in process", 1, p50_ms=1.0, p99_ms=1.0)
+    bench.write_results([row], tmp_path / "h200.run1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h200.run1.csv", "h200.run1.json"]
+    bench.write_results([row, row], tmp_path / "h200.run1")  # as if another run had written them meanwhile
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("h200.run1.") and p.name.count(".") == 3)
+    assert len(written) == 2 and len(json.loads((tmp_path / "h200.run1.json").read_text())) == 1
+
+
 @pytest.mark.parametrize("option, value, message", [
+    ("--requests", "0", "--requests: at least 1, got 0"),
+    ("--throughput-batches", "0", "--throughput-batches: at least 1, got 0"),
+    ("--batch-users", "0", "--batch-users: at least 1, got 0"),
+    ("--cpu-threads", "-1", "--cpu-threads: at least 1, got -1"),
+    ("--time-limit", "0", "--time-limit: seconds > 0, got 0.0"),
     ("--devices", "gpu", "--devices: a comma-separated subset of cuda,cpu, got 'gpu'"),
     ("--interaction", "yes", "--interaction: a comma-separated subset of on,off, got 'yes'"),
     ("--cuda-graphs", ",", "--cuda-graphs: a comma-separated subset of on,off, got ','"),

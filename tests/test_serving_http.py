@@ -420,6 +420,23 @@ def test_stage_breakdown_covers_every_stage_and_adds_up_to_the_client_latency(tm
     assert (tmp_path / "stages.csv").read_text().count("\n") == len(rows) + 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "0:0"], "--variants: '0:0': max_batch_size must be >= 1 and batch_timeout >= 0 seconds"),
+    (["--requests", "0"], "error: --requests: at least 1, got 0"),
+    (["--devices", "gpu"], "error: --devices: a comma-separated subset of cuda,cpu, got 'gpu'"),
+    (["--out", "{tmp}/taken"], "error: --out {tmp}/taken: {tmp}/taken.json already there (another run's results)"),
+])
+def test_stage_breakdown_refuses_bad_options_before_anything_runs(args, message, tmp_path, monkeypatch, capsys):
+    stages = load_script("bench_http_stages", monkeypatch)
+    (tmp_path / "taken.json").write_text("{}")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    with pytest.raises(SystemExit) as exit_:
+        stages.main(["--configs", "tiny", "--out", str(tmp_path / "stages"), *args])
+    said = str(exit_.value.code) if isinstance(exit_.value.code, str) else capsys.readouterr().err.splitlines()[-1]
+    assert message.format(tmp=tmp_path) in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.json"]
+
+
 @pytest.mark.slow
 def test_two_workers_each_have_their_own_cache(export_dir, tmp_path):
     cwd = tmp_path / "cwd"
