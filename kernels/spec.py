@@ -44,6 +44,7 @@ class BenchSpec:
     rate_unit: str = "TFLOP/s"  # or "GB/s"
     modes: tuple[str, ...] = MODES
     uses_bias: bool = False
+    direct_call: bool = False  # whether ``build`` honours options.call == "direct" (the backend itself)
 
 
 @dataclass(frozen=True)

@@ -417,7 +417,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--call", default="api", choices=["api", "api-unchecked", "direct"],
                         help="api: hstu_kernels.<op>(backend=...) with its input checks, some of which read the "
                              "device each call; api-unchecked: the same with validate=False, as the model calls it; "
-                             "direct: the backend function itself (attention only), as a compiled model runs it")
+                             "direct: the backend function itself (the operators whose bench cases have one: "
+                             f"{', '.join(op for op, spec in OPERATORS.items() if spec.bench.direct_call)}), as a "
+                             "compiled model runs it")
     parser.add_argument("--backward-thread", default="worker", choices=["worker", "caller"],
                         help="worker: autograd's CUDA device thread runs the backward (PyTorch's default); caller: "
                              "the calling thread does (torch.autograd.set_multithreading_enabled(False)), as the "
@@ -473,12 +475,19 @@ def parse_providers(text: str) -> list[str]:
 
 
 def check_csv(text: str) -> None:
-    """--csv must name a file (new or to append to) in an existing folder: checked before any timing."""
+    """--csv must name a new file in an existing folder, or a CSV of this script's rows to append to (its header
+    line): checked before any timing."""
     path = Path(text)
     if path.is_dir():
         raise SystemExit(f"--csv {text}: is a folder, not a file")
     if not path.parent.is_dir():
         raise SystemExit(f"--csv {text}: {path.parent} is not an existing folder")
+    if path.is_file() and path.stat().st_size:
+        with path.open(newline="") as handle:
+            header = handle.readline().rstrip("\r\n")
+        if header != ",".join(CSV_FIELDS):
+            raise SystemExit(f"--csv {text}: not a CSV of this script's rows (its first line is not the header "
+                             f"{','.join(CSV_FIELDS[:3])},...); name a new file")
 
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, dict[str, float], list[Result]]]:
@@ -495,6 +504,9 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     providers = parse_providers(args.providers)
     if args.csv:
         check_csv(args.csv)
+    if args.call == "direct" and not spec.bench.direct_call:
+        raise SystemExit(f"--call direct: {spec.key} has no direct call (its backend function alone); "
+                         "use --call api-unchecked")
     if args.peer_worker:
         peer_worker(spec, shapes[0], args, modes)
         return []

@@ -72,6 +72,27 @@ def test_a_csv_path_that_cannot_be_written_is_refused_before_timing(bench, tmp_p
         bench.main(args + ["--csv", str(tmp_path)])
 
 
+def test_a_csv_of_other_contents_is_not_appended_to(bench, tmp_path):
+    """Rows go only to a new file or to a CSV of this script's rows: a run's metrics.json stays whole."""
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"test": {}}')
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--csv", str(metrics)]
+    with pytest.raises(SystemExit, match=rf"^--csv {metrics}: not a CSV of this script's rows \(its first line is "
+                                         r"not the header date,op,provider,\.\.\.\); name a new file$"):
+        bench.main(args)
+    assert metrics.read_text() == '{"test": {}}'
+    csv_path = tmp_path / "bench.csv"
+    bench.main(["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--csv", str(csv_path)])
+    bench.main(["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, "--csv", str(csv_path)])  # appended to
+    assert len(csv_path.read_text().splitlines()) == 3
+
+
+def test_direct_calls_are_refused_by_an_op_without_them(bench, tmp_path):
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--call", "direct"]
+    assert refused(bench, args, tmp_path / "bench.csv") == \
+        "--call direct: interaction has no direct call (its backend function alone); use --call api-unchecked"
+
+
 def test_modes_that_leave_nothing_to_time_are_refused(bench, tmp_path):
     """--mode keeps the op's modes among those named (topk has fwd only); none left is refused."""
     args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--mode", "bwd,fwd+bwd"]

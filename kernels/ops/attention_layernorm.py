@@ -231,5 +231,6 @@ SPEC = OperatorSpec(
     module="attention_layernorm",
     functions=("attention_input", "attention_output"),
     triton=True,
-    bench=BenchSpec(shape_fields=("L", "D", "HDV"), default_shapes=_SHAPES, build=build_bench_case, rate_unit="GB/s"),
+    bench=BenchSpec(shape_fields=("L", "D", "HDV"), default_shapes=_SHAPES, build=build_bench_case, rate_unit="GB/s",
+                    direct_call=True),
 )

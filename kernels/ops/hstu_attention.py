@@ -373,5 +373,6 @@ SPEC = OperatorSpec(
                         (128, 200, 4, 64)),
         build=build_bench_case,
         uses_bias=True,
+        direct_call=True,
     ),
 )
