@@ -177,8 +177,38 @@ class TrainConfig:
     optimized_metric: Optional[str] = None  # what scripts/train.py returns to a hyperparameter search
 
 
+@dataclass
+class EvalConfig:
+    """conf/eval.yaml (defaults there; devices, accelerator and kernels are checked by the evaluation)."""
+
+    run_dir: str = MISSING
+    ckpt_path: Optional[str] = None
+    accelerator: Any = MISSING
+    devices: Any = MISSING
+    num_nodes: Any = MISSING
+    kernels: Any = None
+    data_dir: Optional[str] = None
+    out_file: str = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class ExportConfig:
+    """conf/export.yaml (defaults there; compiled and compiled_k are checked by the export)."""
+
+    run_dir: str = MISSING
+    out_dir: str = MISSING
+    ckpt_path: Optional[str] = None
+    data_dir: Optional[str] = None
+    overwrite: bool = MISSING
+    compiled: Any = MISSING
+    compiled_k: Any = MISSING
+
+
 SCHEMAS = {
     "schema/train": TrainConfig,
+    "schema/eval": EvalConfig,
+    "schema/export": ExportConfig,
     "schema/model": ModelConfig,
     "schema/data": DataConfig,
     "schema/encoder_hstu": HSTUEncoderConfig,

@@ -150,6 +150,12 @@ CASES = {
                                           r"^data\.source\.path is not set: give data\.source\.path=<value>$"),
     "eval: run_dir left unset": Case("eval", ["accelerator=cpu"], r"^run_dir is not set: give run_dir=<value>$"),
     "export: run_dir left unset": Case("export", ["compiled=none"], r"^run_dir is not set: give run_dir=<value>$"),
+    # "no" is a non-empty string: it replaced the earlier report and export folder
+    "eval: overwrite=no": Case("eval", ["run_dir={run}", "overwrite=no"], r"^Error merging override overwrite=no$",
+                               r"Value 'no' is not a boolean \(type str\): use true or false"),
+    "export: overwrite=no": Case("export", ["run_dir={run}", "out_dir={export}", "overwrite=no"],
+                                 r"^Error merging override overwrite=no$",
+                                 r"Value 'no' is not a boolean \(type str\): use true or false"),
     "ckpt_path a folder": Case("train", [*TRAIN, "data.source.path={good}", "ckpt_path={tmp}"],
                                r"^ckpt_path=.*: .* is a folder, not a checkpoint file \(to resume a run from its "
                                r"folder: hydra\.run\.dir=<run dir> ckpt_path=last\)$"),
