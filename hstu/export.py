@@ -246,6 +246,8 @@ def export_run(
             "protocol": datamodule.protocol,
             "stats": datamodule.stats,
             "datamodule": run.resolved("data"),
+            # the events the model was trained on, which recommend.py's user= rebuilds
+            "events_digest": checkpoint["hyper_parameters"].get("events_digest"),
         },
         training={
             "run_dir": str(run.run_dir.resolve()),

@@ -52,7 +52,9 @@ from hstu.config import (
 from hstu.data.batch import JaggedBatch
 from hstu.data.sequences import DEFAULT_REPEATS, REPEAT_POLICIES
 from hstu.data.sources import absolute_path
-from hstu.errors import ConfigError, ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError
+from hstu.errors import (
+    ConfigError, DataError, ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError,
+)
 from hstu.files import check_folder_path, sha256_of
 from hstu.model.recommender import ENCODER_TARGETS, SequentialRecommender
 from hstu.serving.config import device_errors
@@ -497,6 +499,12 @@ def training_history(config: Mapping[str, Any], user: Hashable, data_dir: str | 
     datamodule = instantiate_config(data_config, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup()
+    trained = config["data"].get("events_digest")
+    if trained is not None and datamodule.events_digest != trained:  # a relative path read elsewhere, or new data
+        raise DataError(f"config.json: the data found at data.datamodule's paths (data_dir "
+                        f"{absolute_path(data_config.get('data_dir', 'data'))}) holds other events than the model was "
+                        "trained on (data.events_digest); run from the directory the export was made in, pass "
+                        "data_dir= where the training data is, or give history=[...]")
     sequences = datamodule.sequences
     users = sequences.user_original_ids
     matches = np.flatnonzero(users == _as_id_of(users, user))

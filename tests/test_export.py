@@ -220,6 +220,21 @@ def test_training_history_of_a_user(recommender, datamodule):
         training_history(recommender.config, 123456)
 
 
+def test_training_history_refuses_data_other_than_the_trained_events(recommender):
+    """A relative data path read from another directory (or data that changed since training) would give
+    another history without a word: the export records the trained events' digest."""
+    assert recommender.config["data"]["events_digest"] == load_checkpoint_hparams(recommender)["events_digest"]
+    config = {**recommender.config, "data": {**recommender.config["data"], "events_digest": "0" * 64}}
+    with pytest.raises(DataError, match=r"^config\.json: the data found at data\.datamodule's paths \(data_dir .*\) "
+                                        r"holds other events than the model was trained on"):
+        training_history(config, 1)
+
+
+def load_checkpoint_hparams(recommender):
+    return torch.load(recommender.config["training"]["checkpoint"], map_location="cpu", weights_only=True,
+                      mmap=True)["hyper_parameters"]
+
+
 # ---- loading: any kernel flags, no pickles, broken files named --------------------------------------
 
 @pytest.mark.parametrize("flags", [{op: True for op in OPERATORS}, {"hstu_hierarchical_attention": True}],
