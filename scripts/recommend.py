@@ -2,11 +2,12 @@
 import time
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hstu.errors import ConfigError
 from hstu.inference import Recommender, training_history
 from hstu.serving.config import check_recommend_config
+from hstu_kernels.time_buckets import OUTSIDE_TIMESTAMP_RANGE, TIMESTAMP_BOUND
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="recommend")
@@ -16,6 +17,14 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError("give either user=<original user id> or history=[original item ids]")
     if cfg.user is not None and cfg.timestamps is not None:
         raise ConfigError("timestamps= goes with history=; user= takes the times of the user's events from the data")
+    if cfg.history is not None:
+        nested = [(i, item) for i, item in enumerate(OmegaConf.to_container(cfg.history))
+                  if isinstance(item, (list, dict, bool)) or item is None]
+        if nested:
+            raise ConfigError(f"history: item {nested[0][0]} is {nested[0][1]!r}; give original item ids "
+                              "(numbers or strings), oldest first")
+    if cfg.request_time is not None and not -TIMESTAMP_BOUND <= cfg.request_time < TIMESTAMP_BOUND:
+        raise ConfigError(f"request_time={cfg.request_time} {OUTSIDE_TIMESTAMP_RANGE}")
     recommender = Recommender.from_export(cfg.export_dir, device=cfg.device)
     request_time = cfg.request_time
     if cfg.user is not None:

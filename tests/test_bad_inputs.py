@@ -229,6 +229,12 @@ CASES = {
                              r"^Error merging override k=ten$", r"Value 'ten' of type 'str' could not be converted"),
     "recommend: history not a list": Case("recommend", ["export_dir={export}", "history=12"],
                                           r"^Error merging override history=12$", r"int is not a ListConfig, list"),
+    "recommend: nested history": Case("recommend", ["export_dir={export}", "history=[[1,2],3]"],
+                                      r"^history: item 0 is \[1, 2\]; give original item ids \(numbers or strings\), "
+                                      r"oldest first$"),
+    "recommend: request_time beyond int64": Case("recommend", ["export_dir={export}", "history=[0,1]",
+                                                                "request_time=99999999999999999999"],
+                                                 r"^request_time=99999999999999999999 lies outside \[-2\*\*62, 2\*\*62\)"),
     "recommend: no such GPU": Case("recommend", ["export_dir={export}", "history=[0]", "device=cuda:99"],
                                    r"^device=cuda:99: (no CUDA GPU is visible here|only \d+ CUDA GPU\(s\) are "
                                    r"visible)"),
