@@ -656,6 +656,19 @@ def parent_main(args: argparse.Namespace) -> dict[str, Any]:
                          f"python scripts/train.py experiment=ml1m-quick paths.data_dir={data_dir} downloads it, "
                          "or --synthetic-batches times ml1m on synthetic batches")
     start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        pools = {}
+        for name in configs:  # first: a --batches the data cannot fill stops the run before its folder exists
+            pool = build_batches(CONFIGS[name], args.batches, data_dir, args.seed)
+            torch.save(pool, Path(tmp) / f"{name}.pt")
+            pools[name] = {k: v for k, v in pool.items() if k != "batches"}
+        return _run_variants(args, configs, variants, synthetic, pools, Path(tmp), start)
+
+
+def _run_variants(args: argparse.Namespace, configs: list[str], variants: list[str], synthetic: list[str],
+                  pools: dict[str, dict], pool_dir: Path, start: float) -> dict[str, Any]:
+    """Each (config, variant) in its child process on the pools saved in ``pool_dir``; the report, written
+    after every row into a new run folder under --out."""
     run_dir = new_run_dir(Path(args.out))
     (run_dir / "logs").mkdir()
     report: dict[str, Any] = {
@@ -665,35 +678,29 @@ def parent_main(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"steps": args.steps, "warmup": args.warmup, "batches": args.batches, "seed": args.seed,
                      "yardstick_adamw": args.yardstick_adamw, "time_limit_s": args.time_limit,
                      "profiled": not args.no_profile},
-        "configs": {}, "rows": [],
+        "configs": {name: {"summary": CONFIGS[name].summary, **pools[name]} for name in configs}, "rows": [],
     }
     print(f"writing to {run_dir}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        for name in configs:
-            pool = build_batches(CONFIGS[name], args.batches, data_dir, args.seed)
-            torch.save(pool, Path(tmp) / f"{name}.pt")
-            report["configs"][name] = {"summary": CONFIGS[name].summary,
-                                       **{k: v for k, v in pool.items() if k != "batches"}}
-        for name, variant in itertools.product(configs, variants):
-            remaining = args.time_limit - (time.perf_counter() - start)
-            if remaining < args.min_variant_s:
-                row = {"config": name, "variant": variant, "status": "skipped",
-                       "reason": f"--time-limit {args.time_limit:.0f} s reached"}
-            else:
-                print(f"{name} / {variant} ...", flush=True)
-                row = run_variant(name, variant, Path(tmp) / f"{name}.pt", run_dir,
-                                  min(args.variant_timeout, remaining), args)
-            if row.get("status") == "ok" and row.get("batches_checksum") != report["configs"][name]["checksum"]:
-                row["note"] = (row.get("note", "") + " batches differ from the parent's").strip()
-            if name in synthetic:
-                row["note"] = (row.get("note", "") + " SYNTHETIC batches (no ML-1M cache)").strip()
-            if row.get("card") and row.get("status") == "ok":
-                report["card"] = row["card"]
-            report["rows"].append(row)
-            write_results(run_dir, report)
-            summary = (f"{row['samples_per_s']:,.0f} samples/s, {row['wall_ms']:.2f} ms/step"
-                       if row.get("status") == "ok" else f"{row['status']}: {row.get('reason', '')}")
-            print(f"  {summary} ({row.get('child_s', 0):.0f} s)", flush=True)
+    for name, variant in itertools.product(configs, variants):
+        remaining = args.time_limit - (time.perf_counter() - start)
+        if remaining < args.min_variant_s:
+            row = {"config": name, "variant": variant, "status": "skipped",
+                   "reason": f"--time-limit {args.time_limit:.0f} s reached"}
+        else:
+            print(f"{name} / {variant} ...", flush=True)
+            row = run_variant(name, variant, pool_dir / f"{name}.pt", run_dir,
+                              min(args.variant_timeout, remaining), args)
+        if row.get("status") == "ok" and row.get("batches_checksum") != report["configs"][name]["checksum"]:
+            row["note"] = (row.get("note", "") + " batches differ from the parent's").strip()
+        if name in synthetic:
+            row["note"] = (row.get("note", "") + " SYNTHETIC batches (no ML-1M cache)").strip()
+        if row.get("card") and row.get("status") == "ok":
+            report["card"] = row["card"]
+        report["rows"].append(row)
+        write_results(run_dir, report)
+        summary = (f"{row['samples_per_s']:,.0f} samples/s, {row['wall_ms']:.2f} ms/step"
+                   if row.get("status") == "ok" else f"{row['status']}: {row.get('reason', '')}")
+        print(f"  {summary} ({row.get('child_s', 0):.0f} s)", flush=True)
     report["total_s"] = time.perf_counter() - start
     write_results(run_dir, report)
     print_table(report)

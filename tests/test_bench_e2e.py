@@ -250,6 +250,19 @@ def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
         bench.main(["--configs", "smoke", "--variants", "yardstick-eager", "--out", str(tmp_path / "file" / "bench")])
 
 
+def test_batches_the_data_cannot_fill_stop_the_run_before_its_folder_is_made(tmp_path, monkeypatch):
+    bench = load_script()
+
+    def build_batches(config, count, data_dir, seed):  # as ML-1M refuses more batches than it has
+        raise SystemExit(f"--batches {count}: ML-1M has only 47 full training batches of 128")
+
+    monkeypatch.setattr(bench, "build_batches", build_batches)
+    with pytest.raises(SystemExit, match="^--batches 100000: ML-1M has only 47"):
+        bench.main(["--configs", "smoke", "--variants", "yardstick-eager", "--batches", "100000",
+                    "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_ml1m_without_its_cache_is_refused_unless_synthetic_batches_are_asked_for(tmp_path, monkeypatch):
     """No row labelled ml1m is measured on synthetic batches unless --synthetic-batches asks for them; then
     every ml1m row says so."""
