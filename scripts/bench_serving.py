@@ -468,7 +468,7 @@ def check_new_out(parser: argparse.ArgumentParser, out: str) -> None:
         parser.error(f"--out {out}: {' and '.join(taken)} already there (another run's results); name a new --out")
 
 
-def write_new_results(out: Path, json_text: str, csv_text: str) -> None:
+def write_new_results(out: Path, json_text: str, table: str) -> None:
     """<out>.json and <out>.csv, each written whole and new: a file that another run wrote meanwhile is kept,
     and this run's results go to <out>.<pid>.json / .csv instead."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +476,7 @@ def write_new_results(out: Path, json_text: str, csv_text: str) -> None:
     if any(path.exists() for path in paths):
         paths = results_paths(f"{out}.{os.getpid()}")
         print(f"--out {out}: another run's results appeared there meanwhile; this run's go to {paths[0].stem}.*")
-    for path, text in zip(paths, (json_text, csv_text)):
+    for path, text in zip(paths, (json_text, table)):
         write_text_atomically(path, text, replace=False)
     print(f"wrote {paths[0]} and {paths[1]}")
 
