@@ -420,9 +420,9 @@ def config_errors(cfg: DictConfig) -> list[str]:
         errors.append("trainer.use_distributed_sampler=true: the datamodule shards examples by rank itself (a "
                       "distributed sampler would pad evaluation with duplicate users); leave it false")
     data_len, model_len = OmegaConf.select(cfg, "data.max_seq_len"), OmegaConf.select(cfg, "model.max_seq_len")
-    if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
-        errors.append(f"data.max_seq_len={data_len}: must be <= model.max_seq_len={model_len}, the longest history "
-                      "the model takes (unset, data.max_seq_len follows model.max_seq_len)")
+    if isinstance(data_len, int) and isinstance(model_len, int) and data_len != model_len:
+        errors.append(f"data.max_seq_len={data_len}: must equal model.max_seq_len={model_len}, the window the model "
+                      "is trained, evaluated and served on (unset, data.max_seq_len follows model.max_seq_len)")
     encoder = OmegaConf.select(cfg, "model.encoder")
     if isinstance(encoder, DictConfig) and OmegaConf.get_type(encoder) is SASRecEncoderConfig:
         dim, heads = cfg.model.dim, encoder.num_heads

@@ -108,6 +108,11 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     if errors:
         raise ExportFormatError(f"{path}: {'; '.join(errors)}")
     check_data_targets(config["data"].get("datamodule"), f"{path}: data.datamodule")
+    window = (config["data"].get("datamodule") or {}).get("max_seq_len")
+    if isinstance(window, int) and window != model["max_seq_len"]:
+        raise ExportFormatError(f"{path}: data.datamodule.max_seq_len={window}: the model was trained and evaluated on "
+                                f"windows of {window} events, and serving takes model.max_seq_len={model['max_seq_len']}; "
+                                "train again with data.max_seq_len equal to model.max_seq_len")
     repeats = repeats_policy(config)
     if repeats not in REPEAT_POLICIES:
         raise ExportFormatError(f"{path}: data.datamodule.repeats must be one of {list(REPEAT_POLICIES)}, got {repeats!r}")

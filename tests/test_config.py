@@ -124,10 +124,14 @@ def test_num_time_buckets_is_checked_against_what_the_bucketing_takes():
     assert config_errors(_compose(f"model.encoder.num_time_buckets={MAX_NUM_BUCKETS}")) == []
 
 
-def test_data_histories_longer_than_the_model_takes_are_refused():
+def test_a_data_window_other_than_the_models_is_refused():
     """data.max_seq_len follows model.max_seq_len; set above it, training failed at the first long batch."""
     assert config_errors(_compose("model.max_seq_len=8", "data.max_seq_len=20")) == [
-        "data.max_seq_len=20: must be <= model.max_seq_len=8, the longest history the model takes (unset, "
-        "data.max_seq_len follows model.max_seq_len)"]
-    assert config_errors(_compose("model.max_seq_len=8", "data.max_seq_len=6")) == []
+        "data.max_seq_len=20: must equal model.max_seq_len=8, the window the model is trained, evaluated and served "
+        "on (unset, data.max_seq_len follows model.max_seq_len)"]
+    # below it, evaluation saw windows of 6 events and serving windows of 8: every served answer differed
+    assert config_errors(_compose("model.max_seq_len=8", "data.max_seq_len=6")) == [
+        "data.max_seq_len=6: must equal model.max_seq_len=8, the window the model is trained, evaluated and served "
+        "on (unset, data.max_seq_len follows model.max_seq_len)"]
+    assert config_errors(_compose("model.max_seq_len=8", "data.max_seq_len=8")) == []
     assert config_errors(_compose("model.max_seq_len=8")) == []

@@ -370,8 +370,11 @@ def test_inconsistent_config_is_named(export_dir, tmp_path, edit, message):
     (lambda c: c.update(model=[1]), r"model must be a mapping, got list$"),
     (lambda c: c["data"]["datamodule"].update(repeats="no"),
      r"data\.datamodule\.repeats must be one of \['drop_exact', 'collapse_consecutive', 'keep'\], got 'no'$"),
+    (lambda c: c["data"]["datamodule"].update(max_seq_len=c["model"]["max_seq_len"] - 1),
+     r"data\.datamodule\.max_seq_len=\d+: the model was trained and evaluated on windows of \d+ events, and serving "
+     r"takes model\.max_seq_len=\d+; train again with data\.max_seq_len equal to model\.max_seq_len$"),
 ], ids=["dim", "max_seq_len", "num_items", "input_dropout", "time_scales", "encoder", "encoder key", "loss.kind",
-        "encoder without dqk", "data", "model", "data.repeats"])
+        "encoder without dqk", "data", "model", "data.repeats", "data window"])
 def test_bad_config_values_are_named(export_dir, tmp_path, edit, message):
     broken = _copy(export_dir, tmp_path / "export")
     config = json.loads((broken / "config.json").read_text())
