@@ -357,6 +357,15 @@ class Recommender:
             raise UnknownIdError(f"item id {original_id!r} is unknown to the model")
         return int(index)
 
+    def prepare(self, histories: Sequence[History], unknown_items: str = "error",
+                repeats: str | None = None) -> Events:
+        """The histories as the model reads them (:func:`~hstu.serving.histories.prepare_histories`): known
+        items in model indices, in time order, without the repeats that ``repeats`` drops (None: the run's
+        ``data.repeats``)."""
+        if repeats is not None and repeats not in REPEAT_POLICIES:
+            raise RequestError(f"repeats must be one of {list(REPEAT_POLICIES)} or None, got {repeats!r}")
+        return prepare_histories(self._ids, histories, unknown_items, self.repeats if repeats is None else repeats)
+
     def recommend(
         self,
         histories: Sequence[History],
@@ -365,13 +374,14 @@ class Recommender:
         exclude_seen: bool = True,
         unknown_items: str = "error",
         batch_size: int = 256,
+        repeats: str | None = None,
     ) -> list[list[tuple[Hashable, float]]]:
         """Per history, up to ``k`` (original item id, score) pairs, best first.
 
         ``histories``: (item ids, Unix-second timestamps) per user, in original ids; events are put in
-        time order with a stable sort (ties keep the given order) and repeats are dropped by the run's
-        ``data.repeats``, as in training. The model sees the ``max_seq_len`` most recent events;
-        ``exclude_seen`` masks every item of the full history.
+        time order with a stable sort (ties keep the given order) and repeats are dropped by ``repeats``
+        (None: the run's ``data.repeats``, as in training). The model sees the ``max_seq_len`` most recent
+        events; ``exclude_seen`` masks every item of the full history.
         ``request_time``: Unix seconds per user (or one value for all), the time the recommendation is
         for, not before the user's last event; it is the query time of the last position in the HSTU
         time bias. None: the last event's.
@@ -381,7 +391,7 @@ class Recommender:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise RequestError(f"batch_size must be an int >= 1, got {batch_size!r}")
         times = _per_user_times(request_time, len(histories))
-        events = prepare_histories(self._ids, histories, unknown_items, self.repeats)
+        events = self.prepare(histories, unknown_items, repeats)
         check_request_times(times, events.last_timestamps(), lambda b: f"history {b}")
         results: list[list[tuple[Hashable, float]]] = []
         for start in range(0, len(events), batch_size):

@@ -26,20 +26,24 @@ def main(cfg: DictConfig) -> None:
     if cfg.request_time is not None and not -TIMESTAMP_BOUND <= cfg.request_time < TIMESTAMP_BOUND:
         raise ConfigError(f"request_time={cfg.request_time} {OUTSIDE_TIMESTAMP_RANGE}")
     recommender = Recommender.from_export(cfg.export_dir, device=cfg.device)
-    request_time = cfg.request_time
+    request_time, repeats = cfg.request_time, None
     if cfg.user is not None:
         items, timestamps = training_history(recommender.config, cfg.user, cfg.data_dir)
     else:
         items = list(cfg.history)
         request_time = request_time if request_time is not None else int(time.time())
         timestamps = list(cfg.timestamps) if cfg.timestamps is not None else [request_time] * len(items)
+        if cfg.timestamps is None:  # events at one made-up time: an item given twice is not an exact repeat
+            repeats = "keep"
     (top,) = recommender.recommend([(items, timestamps)], k=cfg.k, request_time=request_time,
-                                   exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items)
-    known = recommender.known_items(items)
-    skipped = [item for item, kept in zip(items, known) if not kept]
-    kept = sorted((i for i in range(len(items)) if known[i]), key=lambda i: timestamps[i])  # the model's time order
-    print(f"history: {len(kept)} events, most recent {[items[i] for i in kept[-5:]]}"
-          + (f"; skipped as unknown to the model: {skipped}" if skipped else ""))
+                                   exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items, repeats=repeats)
+    events = recommender.prepare([(items, timestamps)], cfg.unknown_items, repeats)  # what the model read
+    skipped = [item for item, known in zip(items, recommender.known_items(items)) if not known]
+    recent = [recommender.item_original_ids[index - 1] for index in events.item_ids[-5:]]
+    print(f"history: {len(events.item_ids)} events, most recent {recent}"
+          + (f"; skipped as unknown to the model: {skipped}" if skipped else "")
+          + (f"; {len(items) - len(skipped) - len(events.item_ids)} dropped as repeats (data.repeats="
+             f"{recommender.repeats})" if len(items) - len(skipped) > len(events.item_ids) else ""))
     if len(top) < cfg.k:
         print(f"{len(top)} of k={cfg.k} items: the other items of the {recommender.model.num_items} are in the history "
               "(exclude_seen=true)")

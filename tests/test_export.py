@@ -825,3 +825,19 @@ def test_recommend_script_prints_top_k(export_dir):
     ranks = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in ranks] == ["1", "2", "3"]
     assert not {r[1] for r in ranks} & {"0", "1", "2"}
+
+
+def test_recommend_script_without_timestamps_keeps_an_item_given_twice(export_dir, recommender):
+    """Without timestamps every event is at the request time, so no event is an exact repeat of another: the
+    second 0 stays (the run's drop_exact would take it for a duplicated line); with real times an item given
+    twice at one time is dropped, and the count says so."""
+    untimed = run_script("recommend", f"export_dir={export_dir}", "history=[0,1,0]", "k=3", "request_time=1600000000")
+    assert untimed.code == 0, untimed.stderr
+    assert "history: 3 events, most recent [0, 1, 0]" in untimed.stdout
+    expected = recommender.recommend([([0, 1, 0], [1600000000] * 3)], k=3, repeats="keep")[0]
+    assert [line.split()[1] for line in untimed.stdout.splitlines() if line.strip()[:1].isdigit()] == \
+        [str(item) for item, _ in expected]
+    timed = run_script("recommend", f"export_dir={export_dir}", "history=[0,1,1]", "k=3",
+                       "timestamps=[1600000000,1600000060,1600000060]")
+    assert timed.code == 0, timed.stderr
+    assert "history: 2 events, most recent [0, 1]; 1 dropped as repeats (data.repeats=drop_exact)" in timed.stdout

@@ -175,6 +175,9 @@ def test_recommendations_follow_the_run_data_repeats():
     assert default.recommend([repeated], k=8) == default.recommend([(items, times)], k=8)
     keep = Recommender(model, ORIGINAL_IDS, config={"data": {"datamodule": {"repeats": "keep"}}})
     assert keep.recommend([repeated], k=8) != keep.recommend([(items, times)], k=8)
+    assert default.recommend([repeated], k=8, repeats="keep") == keep.recommend([repeated], k=8)  # per call
+    with pytest.raises(ValueError, match=r"^repeats must be one of \[.*\] or None, got 'no'$"):
+        default.recommend([repeated], k=8, repeats="no")
     with pytest.raises(ValueError, match=r"^config data\.datamodule\.repeats must be one of \[.*\], got 'no'$"):
         Recommender(model, ORIGINAL_IDS, config={"data": {"datamodule": {"repeats": "no"}}})
 
