@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import (CONFIGS, Histories, build_model, card_name, check_counts, check_new_out,  # noqa: E402
-                           csv_text, model_config, percentiles, scenario_calls, timed_requests, write_new_results)
+                           checked_devices, csv_text, model_config, percentiles, scenario_calls, timed_requests, write_new_results)
 
 from hstu.export import write_export  # noqa: E402
 from hstu.inference import Recommender  # noqa: E402
@@ -245,11 +245,7 @@ def main(argv=None) -> list[dict]:
     args.variants = parse_variants(args.variants)
     check_new_out(parser, args.out)
     check_counts(parser, args, requests=1, warmup=0, cache_bytes=0)
-    devices = [d for d in args.devices.split(",") if d]
-    if not devices or set(devices) - {"cuda", "cpu"}:
-        parser.error(f"--devices: a comma-separated subset of cuda,cpu, got {args.devices!r}")
-    if "cuda" in devices and not torch.cuda.is_available():
-        parser.error("--devices: cuda named, but torch sees no CUDA device here")
+    args.devices = checked_devices(parser, args.devices)
     args.clients = [c for c in args.clients.split(",") if c]
     unknown = sorted(set(args.clients) - set(CLIENTS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
@@ -266,7 +262,7 @@ def main(argv=None) -> list[dict]:
             export_dir = write_export(Path(tmp) / "export", build_model(config, None), model_config(config),
                                       histories.item_ids, metrics={},
                                       data={"source": "bench_http_stages (random weights)"})
-            for device in args.devices.split(","):
+            for device in args.devices:
                 flags = serving_kernel_flags(device)
                 if args.in_process:
                     rows.append(in_process_row(args, name, config, device, flags, histories))

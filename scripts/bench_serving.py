@@ -421,6 +421,22 @@ def http_rows(args, name, config, device, interaction, histories, flags) -> list
 
 # ---- reporting -------------------------------------------------------------------------------------
 
+def subset_of(parser: argparse.ArgumentParser, option: str, text: str, valid: tuple[str, ...]) -> list[str]:
+    """The comma-separated values of --option, refused unless they are a non-empty subset of ``valid``."""
+    values = [s for s in text.split(",") if s]
+    if not values or set(values) - set(valid):
+        parser.error(f"--{option.replace('_', '-')}: a comma-separated subset of {','.join(valid)}, got {text!r}")
+    return values
+
+
+def checked_devices(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """--devices as a list of cuda and cpu, cuda refused where torch sees no CUDA device."""
+    devices = subset_of(parser, "devices", text, ("cuda", "cpu"))
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--devices: cuda named, but torch sees no CUDA device here")
+    return devices
+
+
 def check_counts(parser: argparse.ArgumentParser, args, **least: int) -> None:
     """Refuse a count option below its least value (None: not given), and a --time-limit that is not > 0."""
     for option, low in least.items():
@@ -515,14 +531,9 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", required=True, help="results path without suffix: writes <out>.json and <out>.csv (new files only)")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
-    for option, valid in (("cuda_graphs", ("on", "off")), ("interaction", ("on", "off")), ("devices", ("cuda", "cpu"))):
-        values = [s for s in getattr(args, option).split(",") if s]
-        if not values or set(values) - set(valid):
-            parser.error(f"--{option.replace('_', '-')}: a comma-separated subset of {','.join(valid)}, "
-                         f"got {getattr(args, option)!r}")
-        setattr(args, option, values)
-    if "cuda" in args.devices and not torch.cuda.is_available():
-        parser.error("--devices: cuda named, but torch sees no CUDA device here")
+    for option, valid in (("cuda_graphs", ("on", "off")), ("interaction", ("on", "off"))):
+        setattr(args, option, subset_of(parser, option, getattr(args, option), valid))
+    args.devices = checked_devices(parser, args.devices)
     check_new_out(parser, args.out)
     unknown = sorted(set(args.scenarios) - set(SCENARIOS)) + sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:

@@ -544,6 +544,19 @@ def test_repeat_policies_on_a_small_file():
     assert [per_policy[p].num_dropped_repeats for p in REPEAT_POLICIES] == [3, 4, 0]
 
 
+@given(events=events_strategy, repeats=st.sampled_from(REPEAT_POLICIES))
+def test_repeats_of_item_ids_too_wide_for_one_sort_key_follow_the_same_rule(events, repeats):
+    """Original item ids spread over nearly all of int64 (a same-time run holding the smallest and the largest)
+    take the two-key sort: the same events are kept as with small ids in the same order."""
+    events = events + [(9, 0, 0), (9, 11, 0), (9, 0, 0)]  # user 9's run: items 0 and 11 at one time, 0 twice
+    wide = [(user, 2**62 - 1 if item == 11 else -2**62 + item * 2**58, ts) for user, item, ts in events]
+    small = build_sequences(raw_from_events(events), min_events=1, repeats=repeats)
+    spread = build_sequences(raw_from_events(wide), min_events=1, repeats=repeats)
+    assert spread.num_dropped_repeats == small.num_dropped_repeats
+    for field in ("item_ids", "timestamps", "offsets"):
+        assert np.array_equal(getattr(spread, field), getattr(small, field)), field
+
+
 # ------------------------------------------------------------------------------------------------
 # Splits and batches
 # ------------------------------------------------------------------------------------------------
