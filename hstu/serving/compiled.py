@@ -2,7 +2,8 @@
 
 The package holds the whole-window scoring path of an export: histories in, the top ``k`` item
 indices and cosine scores out, with the export's weights inside. It is built from plain torch ops
-(every operator on its PyTorch reference, a one-pass top-k instead of the chunked one), so
+(every operator on its PyTorch reference, a one-pass top-k instead of the chunked one, with
+ties to the smaller item id as there), so
 ``torch._inductor.aoti_load_package(path)`` is all a user needs. The batch is dynamic (1 and up),
 and so are the numbers of tokens and seen events.
 
@@ -44,6 +45,7 @@ from hstu.inference import (
 from hstu.model.recommender import SequentialRecommender
 from hstu_kernels.jagged import last_index, sequence_index
 from hstu_kernels.normalize import l2_normalize
+from hstu_kernels.reference.topk import top_k_smaller_ids_first
 
 INPUT_NAMES = ("item_ids", "timestamps", "seq_offsets", "request_times", "seen_ids", "seen_offsets")
 OUTPUT_NAMES = ("scores", "item_ids")
@@ -69,7 +71,7 @@ class ScoringProgram(nn.Module):
         scores = queries @ l2_normalize(model.item_table[1:].float()).T  # [B, num_items]
         seen_owner = sequence_index(seen_offsets, seen_ids.shape[0])
         scores = scores.index_put((seen_owner, seen_ids - 1), torch.tensor(float("-inf"), device=scores.device))
-        top_scores, top_index = scores.topk(self.k, dim=1)
+        top_scores, top_index = top_k_smaller_ids_first(scores, self.k)
         return top_scores, torch.where(top_scores == float("-inf"), 0, top_index + 1)
 
 

@@ -36,7 +36,8 @@ def topk_items(
     ``exclude_ids[exclude_offsets[b]:exclude_offsets[b+1]]``, are neither returned nor counted, except
     its target, which is never excluded (returned when it ranks in the top k); ids outside [0, N)
     exclude nothing. target_rank = 1 + the number of other unexcluded items scoring >= the target
-    (ties count against the model). When fewer than k items remain unexcluded, the missing slots
+    (ties count against the model). Items of equal score come in id order, and the k returned are
+    the first k of any larger k's. When fewer than k items remain unexcluded, the missing slots
     hold id -1 and score -inf. ``chunk_size`` queries are scored at a time (default: about 2**24
     scores per chunk).
     """
@@ -79,7 +80,34 @@ def topk_items(
             scores[row_index, targets] = float("-inf")  # the target is not one of the "other" items
             target_rank[start:stop] = 1 + (scores >= target_scores.unsqueeze(1)).sum(dim=1)
             scores[row_index, targets] = target_scores  # ... and never excluded from the top k
-        chunk_scores, chunk_ids = scores.topk(k, dim=1)
+        chunk_scores, chunk_ids = top_k_smaller_ids_first(scores, k)
         top_scores[start:stop] = chunk_scores
         top_ids[start:stop] = chunk_ids.masked_fill(chunk_scores == float("-inf"), -1)
     return top_scores, top_ids, target_rank
+
+
+def top_k_smaller_ids_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k, dim=1)`` with exact ties broken by the smaller column, as the Triton kernel
+    breaks them: torch.topk's pick among equal scores is unspecified and changes with k.
+
+    Only the scores equal to a row's k-th best can enter or leave the set: the smallest columns
+    holding that score replace those topk picked, then equal scores are put in column order.
+    Costs a comparison and an int32 running count over the [rows, columns] scores, and a search of it.
+    """
+    top_scores, top_ids = scores.topk(k, dim=1)
+    if k == 0:
+        return top_scores, top_ids
+    kth = top_scores[:, -1:]
+    # The j-th column tied with the k-th best is the first where the running count of ties reaches j + 1.
+    ties_so_far = (scores == kth).cumsum(dim=1, dtype=torch.int32)
+    wanted = torch.arange(1, k + 1, dtype=torch.int32, device=scores.device).expand(scores.shape[0], k)
+    first_tied = torch.searchsorted(ties_so_far, wanted.contiguous())  # ascending columns
+    at_kth = top_scores == kth  # the last `tied` of the k slots (scores come sorted)
+    tied = at_kth.sum(dim=1, keepdim=True)
+    slot = torch.arange(k, device=scores.device) - (k - tied)
+    top_ids = torch.where(at_kth, first_tied.gather(1, slot.clamp(min=0)), top_ids)
+    # Within the k, equal scores in column order: order by column, then stably by score.
+    top_ids, by_column = top_ids.sort(dim=1)
+    top_scores = top_scores.gather(1, by_column)
+    top_scores, by_score = top_scores.sort(dim=1, descending=True, stable=True)
+    return top_scores, top_ids.gather(1, by_score)

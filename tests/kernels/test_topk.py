@@ -48,7 +48,7 @@ def test_topk_hand_computed():
     # Query 0: item 1 (tied with the target) is excluded -> rank 1. Query 1: the target 2 is also in the
     # excluded list, but is still ranked; items 1 (tie, 0.2) and 3 (0.4) count against it -> rank 3.
     assert rank.tolist() == [1, 3]
-    assert ids.tolist() == [[3, 2], [3, 1]] or ids.tolist() == [[3, 2], [3, 2]]
+    assert ids.tolist() == [[3, 2], [3, 1]]  # exact ties go to the smaller id
     torch.testing.assert_close(top, torch.tensor([[0.5, 0.3], [0.4, 0.2]]))
     _, _, rank_unmasked = topk_items(scores, table, 1, target_ids=torch.tensor([3, 2]), l2_norm=False)
     assert rank_unmasked.tolist() == [2, 4]
@@ -88,6 +88,26 @@ def test_topk_matches_sort_brute_force(num_queries, num_items, k_fraction, chunk
     assert top.shape == ids.shape == (num_queries, k)
     assert torch.equal(ids, expected_ids)  # random scores: no ties, a unique answer
     torch.testing.assert_close(top, expected_top.float(), atol=1e-5, rtol=1e-5)
+
+
+@given(
+    num_queries=st.integers(1, 6), num_items=st.integers(1, 40), levels=st.integers(1, 4),
+    chunk_size=st.sampled_from([None, 1, 4]), seed=st.integers(0, 2**16),
+)
+def test_topk_exact_ties_go_to_the_smaller_id_whatever_k(num_queries, num_items, levels, chunk_size, seed):
+    """Scores of a few levels tie everywhere: every k returns the id-ordered answer, so a larger k only
+    appends (serving pages through one list), and excluded items stay out."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (num_queries, num_items), generator=gen).float()
+    lengths = torch.randint(0, num_items + 1, (num_queries,), generator=gen).tolist()
+    excluded = [set(torch.randperm(num_items, generator=gen)[:n].tolist()) for n in lengths]
+    exclude_ids = torch.tensor([i for ex in excluded for i in sorted(ex)], dtype=torch.int64)
+    for k in range(num_items + 1):
+        top, ids, _ = topk_items(scores, torch.eye(num_items), k, exclude_ids=exclude_ids,
+                                 exclude_offsets=offsets_of(lengths), l2_norm=False, chunk_size=chunk_size)
+        expected_top, expected_ids = topk_by_sort(scores.double(), k, excluded)
+        assert torch.equal(ids, expected_ids), f"k={k}"
+        assert torch.equal(top, expected_top.float()), f"k={k}"
 
 
 def test_topk_chunking_does_not_change_results():
@@ -431,6 +451,25 @@ def test_triton_hand_computed_ties_count_against_the_target(selection):
     inputs.update(k=1, exclude_ids=None, exclude_offsets=None)
     _, ids, rank = triton_forward(inputs, selection=selection)
     assert rank.tolist() == [2, 4] and ids.tolist() == [[1], [0]]
+
+
+@needs_triton
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("k", [1, 5, 17])
+def test_triton_exact_ties_match_the_reference(selection, k):
+    """Integer scores tie across whole rows: the kernel and the reference both give ties to the smaller
+    id, so their ids, scores and ranks are equal, not only valid."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 3, (7, 40), generator=g).float()
+    lengths = [0, 3, 40, 1, 7, 12, 5]
+    exclude_ids = torch.cat([torch.randperm(40, generator=g)[:n] for n in lengths])
+    inputs = dict(queries=scores.to(DEVICE), item_table=torch.eye(40, device=DEVICE), k=k, l2_norm=False,
+                  exclude_ids=exclude_ids.to(DEVICE), exclude_offsets=offsets_of(lengths).to(DEVICE),
+                  target_ids=torch.randint(0, 40, (7,), generator=g).to(DEVICE))
+    ours = triton_forward(inputs, selection=selection)
+    reference = topk_items(**inputs)
+    for name, got, want in zip(("scores", "ids", "rank"), ours, reference):
+        assert torch.equal(got.cpu(), want.cpu()), name
 
 
 @needs_triton
