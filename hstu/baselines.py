@@ -38,7 +38,7 @@ def training_item_counts(datamodule: SequenceDataModule) -> torch.Tensor:
 def _ranks(batch: JaggedBatch, item_scores: torch.Tensor) -> torch.Tensor:
     """The target's rank when every user scores item i+1 with ``item_scores[i]``, seen items masked."""
     _, _, rank = hstu_kernels.topk_items(
-        torch.ones(batch.batch_size, 1), item_scores[:, None], 1, exclude_ids=batch.seen_ids - 1,
+        torch.ones(batch.batch_size, 1), item_scores[:, None], 0, exclude_ids=batch.seen_ids - 1,
         exclude_offsets=batch.seen_offsets, target_ids=batch.targets - 1, l2_norm=False, backend="reference",
     )
     return rank

@@ -207,7 +207,7 @@ class RecModule(L.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _rank(self, batch: JaggedBatch, metrics: RetrievalMetrics) -> None:
-        _, _, target_rank = self.model.recommend(batch, k=max(self.eval_ks), with_target_rank=True)
+        _, _, target_rank = self.model.recommend(batch, k=0, with_target_rank=True)  # ranks only, no top-k lists
         metrics.update(target_rank)
 
     def validation_step(self, batch: JaggedBatch, batch_idx: int) -> None:
