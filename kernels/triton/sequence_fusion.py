@@ -59,7 +59,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TIME_SCALES = 4  # time-table slots of the kernels (the configs use up to three: hour, day, week)
 
 MAX_BLOCK_D = 256  # widest column block; wider rows take several column blocks
-TILE_ELEMENTS = 512 if KERNELS_INTERPRETED else 2048  # elements per token tile of the forward and backward passes
+# Token tiles [BLOCK_T, BLOCK_D] of each pass (GPU sizes from profiler sweeps on an H100, kernel notes): the
+# forward 4096 elements; the atomic backward 16 tokens, where longer tiles merge more runs of one time bucket
+# before the atomics (8 tokens took 1.6x longer at D = 256); the sort backward's keys pass 2048 elements.
+# The interpreter's cost is per program and per element: 512-element tiles everywhere.
+FORWARD_TILE_ELEMENTS = 512 if KERNELS_INTERPRETED else 4096
+KEYS_TILE_ELEMENTS = 512 if KERNELS_INTERPRETED else 2048
+ATOMIC_TILE_TOKENS = None if KERNELS_INTERPRETED else 16  # None: KEYS_TILE_ELEMENTS // BLOCK_D
 SEGMENT_ELEMENTS = 512 if KERNELS_INTERPRETED else 2048  # elements per row tile of the segmented reduction
 TARGET_SEGMENT_PROGRAMS = 4096  # level-0 chunks are sized to give about this many programs
 MAX_CHUNK = 1024
@@ -382,10 +388,16 @@ def _scatter_atomic_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _tile_config(dim: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_T, BLOCK_D, column blocks, EVEN_D) of the token-tile kernels."""
+def _tile_config(dim: int) -> tuple[int, int, bool]:
+    """(BLOCK_D, column blocks, EVEN_D) of the token-tile kernels."""
     block_d = min(block_dim(dim), MAX_BLOCK_D)
-    return max(1, TILE_ELEMENTS // block_d), block_d, cdiv(dim, block_d), dim % block_d == 0
+    return block_d, cdiv(dim, block_d), dim % block_d == 0
+
+
+def _tokens_per_tile(block_d: int) -> dict[str, int]:
+    """BLOCK_T of each token-tile pass: "forward", "keys" (the sort backward) and "atomic"."""
+    keys = max(1, KEYS_TILE_ELEMENTS // block_d)
+    return {"forward": max(1, FORWARD_TILE_ELEMENTS // block_d), "keys": keys, "atomic": ATOMIC_TILE_TOKENS or keys}
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,8 +434,8 @@ class _Problem:
         self.dim = item_table.shape[1]
         self.num_sequences = seq_offsets.shape[0] - 1
         self.num_scales = len(counts)
-        self.block_t, self.block_d, self.col_blocks, self.even_d = _tile_config(self.dim)
-        self.grid = (cdiv(self.num_tokens, self.block_t), self.col_blocks)
+        self.block_d, self.col_blocks, self.even_d = _tile_config(self.dim)
+        self.tokens_per_tile = _tokens_per_tile(self.block_d)
         self.context = (self.num_tokens, self.num_sequences, self.num_sequences.bit_length(), item_table.shape[0],
                         pos_table.shape[0], *_time_scale_args(widths, counts))
         self.small_ages = all(width * (count - 1) < 2**31 for width, count in zip(widths, counts))
@@ -432,8 +444,12 @@ class _Problem:
         tables = [t for t in time_tables if t is not None]
         self.time_slots = tables + [item_table] * (MAX_TIME_SCALES - len(tables))  # unused slots: any pointer
 
-    def constants(self, from_end: bool) -> dict:
-        return dict(D=self.dim, BLOCK_T=self.block_t, BLOCK_D=self.block_d, EVEN_D=self.even_d,
+    def grid(self, kernel: str) -> tuple[int, int]:
+        """Programs of a token-tile pass (``_tokens_per_tile``'s names)."""
+        return cdiv(self.num_tokens, self.tokens_per_tile[kernel]), self.col_blocks
+
+    def constants(self, kernel: str, from_end: bool) -> dict:
+        return dict(D=self.dim, BLOCK_T=self.tokens_per_tile[kernel], BLOCK_D=self.block_d, EVEN_D=self.even_d,
                     NUM_SCALES=self.num_scales, SMALL_AGES=self.small_ages, FROM_END=from_end, DROPOUT=self.dropout,
                     WIDE_COUNTERS=dropout_counters_wide(self.num_tokens, self.dim), num_warps=4)
 
@@ -449,10 +465,10 @@ def sequence_fusion_forward(item_ids, timestamps, seq_offsets, item_table, pos_t
     out = torch.empty((problem.num_tokens, problem.dim), dtype=item_table.dtype, device=item_table.device)
     if problem.empty:
         return out.zero_()
-    _sequence_fusion_fwd_kernel[problem.grid](
+    _sequence_fusion_fwd_kernel[problem.grid("forward")](
         item_ids, timestamps, seq_offsets, seed if problem.dropout else seq_offsets, item_table, pos_table,
         *problem.time_slots, out, *problem.context, float(scale), *problem.dropout_args,
-        **problem.constants(position_from_end),
+        **problem.constants("forward", position_from_end),
     )
     return out
 
@@ -475,9 +491,9 @@ def _sort_backward(problem, grad_out, item_ids, timestamps, seq_offsets, item_ta
     keys = torch.empty((slots, num_tokens), dtype=torch.int32, device=grad_out.device)
     grad_kept = torch.empty_like(grad_out) if problem.dropout else grad_out
     time_bases = bases[2:] + [0] * (MAX_TIME_SCALES - (slots - 2))
-    _scatter_keys_kernel[problem.grid](
+    _scatter_keys_kernel[problem.grid("keys")](
         item_ids, timestamps, seq_offsets, seed if problem.dropout else seq_offsets, grad_out, grad_kept, keys,
-        *problem.context, bases[1], *time_bases, *problem.dropout_args, **problem.constants(position_from_end),
+        *problem.context, bases[1], *time_bases, *problem.dropout_args, **problem.constants("keys", position_from_end),
     )
     sorted_keys, perm = torch.sort(keys.view(-1), stable=True)
     block_r, levels = _segment_levels(num_tokens, dim, slots)
@@ -504,10 +520,10 @@ def _atomic_backward(problem, grad_out, item_ids, timestamps, seq_offsets, item_
                      seed, scale, position_from_end):
     accumulators = _zero_gradients(item_table, pos_table, time_tables, dtype=torch.float32)
     time_slots = accumulators[2:] + [accumulators[0]] * (MAX_TIME_SCALES - len(accumulators) + 2)
-    _scatter_atomic_kernel[problem.grid](
+    _scatter_atomic_kernel[problem.grid("atomic")](
         item_ids, timestamps, seq_offsets, seed if problem.dropout else seq_offsets, grad_out, accumulators[0],
         accumulators[1], *time_slots, *problem.context, float(scale), *problem.dropout_args,
-        LOG_T=problem.block_t.bit_length() - 1, **problem.constants(position_from_end),
+        LOG_T=problem.tokens_per_tile["atomic"].bit_length() - 1, **problem.constants("atomic", position_from_end),
     )
     tables = [item_table, pos_table, *[t for t in time_tables if t is not None]]
     return [acc.to(table.dtype) for acc, table in zip(accumulators, tables)]
