@@ -29,22 +29,28 @@ class GraphCapture:
     def __call__(self, graph: torch.cuda.CUDAGraph, step: Callable[[], Any], *, pool=None,
                  capture_context: contextlib.AbstractContextManager | None = None) -> tuple[Any, int]:
         """Run ``step`` eagerly on the side stream, then capture it into ``graph`` (in ``pool``, or a pool
-        of its own), inside ``capture_context`` -> (the captured call's output, the bytes the device's
-        reserved memory grew by during the capture: the graph's new pool memory)."""
+        of its own), inside ``capture_context`` -> (the captured call's output, the bytes the graph's
+        memory pool grew by: the allocator's segments of that pool, after against before)."""
         with own_cublas_workspaces():
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 step()
             torch.cuda.current_stream().wait_stream(self.side)
-            # torch.cuda.graph synchronises and empties the allocator's cache on entry: done first, so that
-            # the reserved memory's growth across the capture is the graph's own
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            reserved = torch.cuda.memory_reserved(self.device)
+            before = 0 if pool is None else pool_bytes(pool, self.device)
             with capture_context or contextlib.nullcontext(), syncs_raise():
                 with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream, capture_error_mode="thread_local"):
                     output = step()
-            return output, max(torch.cuda.memory_reserved(self.device) - reserved, 0)
+            return output, pool_bytes(graph.pool(), self.device) - before
+
+
+def pool_bytes(pool, device: torch.device) -> int:
+    """Bytes of the caching allocator's segments in memory pool ``pool`` on ``device``. Not the growth of
+    reserved memory across a capture: the first graph a CUDA generator meets allocates its graph-safe
+    seed and offset outside the graph's pool (a 2 MiB segment just after an emptied cache)."""
+    pool, index = tuple(pool), torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+               if tuple(segment["segment_pool_id"]) == pool and segment["device"] == index)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ in bytes (``max_bytes``, ``ServingOptions.graph_bytes``), least recently used fi
 neither their number nor their size is fixed: a bucket is one of many combinations of users, tokens,
 cached tokens, query rows, exclusions and k, and a bucket of 1,024 ML-1M windows computes some 200,000
 tokens where a single user's computes at most 200. A slot's bytes are its buffers plus its graph's
-memory pool, measured as the growth of the device's reserved memory while the graph is captured.
+memory pool, measured as the allocator's segments of that pool once the graph is captured.
 Each graph therefore has a pool of its own (unlike ``hstu.train_step``'s graphs, which share one): a
 shared pool is freed only when its last graph goes, so evicting a graph would release nothing, and no
 graph's share of it could be measured. Evicted pools are returned to the device
