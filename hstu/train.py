@@ -1,6 +1,7 @@
 """Fit, select, test, report: what ``scripts/train.py`` runs, from a composed Hydra config."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -9,7 +10,7 @@ import platform
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -210,8 +211,27 @@ def default_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str | None) -> Iterator[None]:
+    """torch's float32 matmul precision set for a block and restored after it (None: left as it is). It is
+    process-wide: a run called in process (tests, notebooks) must not leave TF32 on for what follows."""
+    previous = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, evaluate with full ranking and write ``metrics.json`` in ``paths.output_dir``."""
+    """Train, evaluate with full ranking and write ``metrics.json`` in ``paths.output_dir``; on CUDA with
+    TF32 matmuls for the run's duration."""
+    with float32_matmul_precision("high" if torch.cuda.is_available() else None):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     check_accelerator(cfg.trainer.get("accelerator"), "trainer.accelerator")
     out_dir = Path(cfg.paths.output_dir)
@@ -221,8 +241,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = resume_checkpoint(cfg.get("ckpt_path"), out_dir, cfg)
     check_run_dir(out_dir, resume)
     L.seed_everything(cfg.seed, workers=True)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
 
     datamodule = instantiate_config(cfg.data)
     has_validation = datamodule.has_validation

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 import hstu.config  # noqa: F401
 from hstu.baselines import baseline_metrics
-from hstu.train import default_precision, train
+from hstu.train import default_precision, float32_matmul_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,21 @@ def test_precision_defaults_to_bf16_mixed_on_cuda_only(monkeypatch, overrides, c
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
     cfg = compose_train(*overrides)
     assert default_precision(cfg.trainer) == expected
+
+
+def test_a_run_restores_the_matmul_precision_after_it():
+    """train() sets TF32 matmuls on CUDA for its duration only: a run called in process (a test, a notebook)
+    must not change the precision of what follows, on return or on error."""
+    previous = torch.get_float32_matmul_precision()
+    other = "medium" if previous == "high" else "high"
+    with float32_matmul_precision(other):
+        assert torch.get_float32_matmul_precision() == other
+    assert torch.get_float32_matmul_precision() == previous
+    with pytest.raises(RuntimeError), float32_matmul_precision(other):
+        raise RuntimeError("a failed run")
+    assert torch.get_float32_matmul_precision() == previous
+    with float32_matmul_precision(None):  # off CUDA: left as it is
+        assert torch.get_float32_matmul_precision() == previous
 
 
 @pytest.mark.slow
