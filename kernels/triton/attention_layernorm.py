@@ -550,6 +550,12 @@ def _row_plan(rows: int, width: int, max_rows: int = 64) -> tuple[tuple[int], di
     return (cdiv(rows, block_m),), dict(BLOCK_M=block_m, num_warps=4 if block <= 512 else 8)
 
 
+def _gate_plan(rows: int, width: int, load: int) -> tuple[tuple[int], dict]:
+    """The gate kernels' row plan: ``_row_plan``, capped at PADDED_GATE_MAX_ROWS rows where ``load`` > width
+    columns (padded rows) are read."""
+    return _row_plan(rows, width, PADDED_GATE_MAX_ROWS) if load > width else _row_plan(rows, width)
+
+
 @functools.lru_cache(maxsize=1024)
 def _fused_output_plan(rows: int, dim: int, width: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
     """The fused projection: a [BLOCK_M, BLOCK_K] gate tile in registers, W^T in [BLOCK_K, BLOCK_N] tiles.
@@ -661,7 +667,7 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
     load = _load_width(width, attn, u)
     p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
-    grid, constants = _row_plan(rows, width, PADDED_GATE_MAX_ROWS if load > width else 64)
+    grid, constants = _gate_plan(rows, width, load)
     _gate_fwd_kernel[grid](
         attn, u, attn if seed is None else seed, gated, rows, width, attn.stride(0), u.stride(0), gated.stride(0),
         (padded - width) if padded else 0, eps, p, scale,
@@ -681,7 +687,7 @@ def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
     grad, attn, u = _unit_column_stride(grad), _unit_column_stride(attn), _unit_column_stride(u)
     load = _load_width(width, grad, attn, u)
     p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
-    grid, constants = _row_plan(rows, width, PADDED_GATE_MAX_ROWS if load > width else 64)
+    grid, constants = _gate_plan(rows, width, load)
     _gate_bwd_kernel[grid](
         grad, attn, u, attn if seed is None else seed, dattn, du, rows, width, grad.stride(0), attn.stride(0),
         u.stride(0), dattn.stride(0), du.stride(0), eps, p, scale,

@@ -394,6 +394,7 @@ def _tile_config(dim: int) -> tuple[int, int, bool]:
     return block_d, cdiv(dim, block_d), dim % block_d == 0
 
 
+@functools.lru_cache(maxsize=None)
 def _tokens_per_tile(block_d: int) -> dict[str, int]:
     """BLOCK_T of each token-tile pass: "forward", "keys" (the sort backward) and "atomic"."""
     keys = max(1, KEYS_TILE_ELEMENTS // block_d)
