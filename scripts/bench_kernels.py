@@ -188,11 +188,20 @@ class Result:
     max_diff: float | None = None  # max |out - out_reference| of the first forward
     peak_mb: float | None = None  # device memory allocated beyond the inputs during one timed call (CUDA)
     kernel_ms: float | None = None  # GPU kernel time per call from the profiler (--kernel-time), against ms (wall)
+    kernels: list[KernelShare] | None = None  # its kernels, longest first (--kernel-breakdown)
 
 
-def profiled_kernel_ms(fn: Callable[[], object], calls: int = 20) -> float | None:
-    """Sum of the GPU kernels' durations per call, from torch.profiler (CUDA only): with ``ms`` (events
-    around back-to-back calls), it tells host-bound calls (ms >> kernel_ms) from GPU-bound ones."""
+@dataclass
+class KernelShare:
+    """One GPU kernel's part of a call: its name, its time and its launches per call."""
+    name: str
+    ms: float
+    launches: float
+
+
+def profiled_kernels(fn: Callable[[], object], calls: int = 20) -> list[KernelShare] | None:
+    """The GPU kernels of one call from torch.profiler (CUDA only), longest first. Their summed time, with
+    ``ms`` (events around back-to-back calls), tells host-bound calls (ms >> kernel ms) from GPU-bound ones."""
     if not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -203,8 +212,12 @@ def profiled_kernel_ms(fn: Callable[[], object], calls: int = 20) -> float | Non
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in kernels) / 1e3 / calls
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name.setdefault(event.name, []).append(event.device_time)
+    shares = [KernelShare(name, sum(times) / 1e3 / calls, len(times) / calls) for name, times in by_name.items()]
+    return sorted(shares, key=lambda share: -share.ms)
 
 
 def extra_peak_mb(fn: Callable[[], object]) -> float | None:
@@ -233,9 +246,10 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
         for mode in modes if provider != "copy" else [m for m in modes if m == "fwd"]:
             timed = timed_function(forward, mode, case.leaves)
             ms = median_ms(timed, args.warmup, args.rep)
-            kernel_ms = profiled_kernel_ms(timed) if args.kernel_time else None
+            kernels = profiled_kernels(timed) if args.kernel_time else None
             results.append(Result(provider, mode, ms, max_diff=max_diff, peak_mb=extra_peak_mb(timed),
-                                  kernel_ms=kernel_ms))
+                                  kernel_ms=sum(k.ms for k in kernels) if kernels is not None else None,
+                                  kernels=kernels))
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)
@@ -377,6 +391,21 @@ def print_table(spec: OperatorSpec, rows: list[tuple[str, dict[str, float], list
             print(" | ".join(line))
 
 
+def print_kernel_breakdown(rows: list[tuple[str, dict[str, float], list[Result]]], top: int) -> None:
+    """The ``top`` longest kernels of each profiled call: where its kernel time goes."""
+    for label, _, results in rows:
+        for r in results:
+            if not r.kernels:
+                continue
+            print(f"\n{label} {r.mode} {r.provider}: {r.kernel_ms:.4f} ms in {sum(k.launches for k in r.kernels):g} "
+                  f"launches a call")
+            for share in r.kernels[:top]:
+                print(f"  {share.ms * 1e3:9.1f} us {share.ms / r.kernel_ms:6.1%} x{share.launches:g}  {share.name[:110]}")
+            rest = r.kernels[top:]
+            if rest:
+                print(f"  {sum(k.ms for k in rest) * 1e3:9.1f} us in {len(rest)} other kernels")
+
+
 def append_csv(path: Path, spec: OperatorSpec, rows, args) -> None:
     torch_version, triton_version = library_versions()
     card, today = card_name(), datetime.date.today().isoformat()
@@ -427,6 +456,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the 'compiled' provider")
     parser.add_argument("--kernel-time", action="store_true",
                         help="also profile the GPU kernel time per call (kernel ms column), to compare with wall ms")
+    parser.add_argument("--kernel-breakdown", type=int, default=0, metavar="N",
+                        help="with --kernel-time: after the table, the N longest kernels of each timed call "
+                             "(ms and launches per call)")
     parser.add_argument("--variant", default="", help="a part of the operator that its bench cases can time alone "
                                                        "(named in the operator's ops module); '' for the whole operator")
     parser.add_argument("--peer-timeout", type=int, default=900, help="seconds for the peer's child process per shape")
@@ -504,6 +536,8 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     providers = parse_providers(args.providers)
     if args.csv:
         check_csv(args.csv)
+    if args.kernel_breakdown < 0 or (args.kernel_breakdown and not args.kernel_time):
+        raise SystemExit(f"--kernel-breakdown {args.kernel_breakdown}: give N >= 1 together with --kernel-time")
     if args.call == "direct" and not spec.bench.direct_call:
         raise SystemExit(f"--call direct: {spec.key} has no direct call (its backend function alone); "
                          "use --call api-unchecked")
@@ -532,6 +566,8 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
         del case, reference_out
         free_memory()
     print_table(spec, rows, args)
+    if args.kernel_breakdown:
+        print_kernel_breakdown(rows, args.kernel_breakdown)
     return rows
 
 

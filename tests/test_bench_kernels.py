@@ -109,3 +109,24 @@ def test_a_backward_that_reaches_no_input_of_the_case_is_not_timed(bench, mode):
     timed = bench.timed_function(lambda: inputs * 2 + stranger, mode, [inputs])
     (grad,), _ = timed(), timed()  # bwd: the retained graph runs again
     assert grad.shape == (3,) and inputs.grad is None
+
+
+@pytest.mark.parametrize("extra", [["--kernel-breakdown", "3"], ["--kernel-breakdown", "-1", "--kernel-time"]])
+def test_a_kernel_breakdown_needs_kernel_time_and_a_positive_count(bench, tmp_path, extra):
+    args = ["--op", ATTENTION, "--shapes", "2,16,1,16", *TINY, *extra]
+    assert refused(bench, args, tmp_path / "bench.csv") == \
+        f"--kernel-breakdown {extra[1]}: give N >= 1 together with --kernel-time"
+
+
+def test_the_kernel_breakdown_lists_the_longest_kernels_and_sums_the_rest(bench, capsys):
+    shares = [bench.KernelShare("gemm", 0.030, 2), bench.KernelShare("layer_norm", 0.015, 1),
+              bench.KernelShare("cast", 0.004, 3), bench.KernelShare("fill", 0.001, 1)]
+    result = bench.Result("triton", "fwd+bwd", 0.09, kernel_ms=0.05, kernels=shares)
+    bench.print_kernel_breakdown([("8x16", {}, [result, bench.Result("eager", "fwd+bwd", 0.2)])], top=2)
+    assert capsys.readouterr().out.splitlines() == [
+        "",
+        "8x16 fwd+bwd triton: 0.0500 ms in 7 launches a call",
+        "       30.0 us  60.0% x2  gemm",
+        "       15.0 us  30.0% x1  layer_norm",
+        "        5.0 us in 2 other kernels",
+    ]
