@@ -105,7 +105,8 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     K kept and its target ranked. Seen lists have ML-1M's spread of user history lengths (log-normal,
     median 96, mean 165, clipped to ML-1M's 20..2314 and below the catalogue size; ids drawn with
     repeats); targets are uniform. "eager" is the reference's ops over all queries at once: one
-    [B, I] fp32 score matrix, matmul + mask + rank + topk. ``options.variant`` names the Triton
+    [B, I] fp32 score matrix, matmul + mask + rank + torch.topk (its own pick among exact ties, without
+    the reference's smaller-id rule). ``options.variant`` names the Triton
     selection ("stream" or "rows"; "" for its rule)."""
     num_queries, dim, num_items, top = shape
     variant = getattr(options, "variant", "")
@@ -132,7 +133,8 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
     def eager_call() -> torch.Tensor:
         from hstu_kernels.reference.topk import topk_items as reference_topk_items
 
-        return reference_topk_items(queries, item_table, top, **inputs, chunk_size=max(num_queries, 1))[0]
+        return reference_topk_items(queries, item_table, top, **inputs, chunk_size=max(num_queries, 1),
+                                    exact_ties=False)[0]
 
     return BenchCase(tuple(shape), call, [], {"fwd": 2.0 * num_queries * num_items * dim}, eager_call=eager_call)
 

@@ -29,6 +29,7 @@ def topk_items(
     target_ids: torch.Tensor | None = None,
     l2_norm: bool = True,
     chunk_size: int | None = None,
+    exact_ties: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(scores [B, k] float32, ids [B, k] int64, target_rank [B] int64 or None).
 
@@ -39,7 +40,8 @@ def topk_items(
     (ties count against the model). Items of equal score come in id order, and the k returned are
     the first k of any larger k's. When fewer than k items remain unexcluded, the missing slots
     hold id -1 and score -inf. ``chunk_size`` queries are scored at a time (default: about 2**24
-    scores per chunk).
+    scores per chunk). ``exact_ties=False`` keeps torch.topk's own pick among equal scores (unspecified,
+    and it can change with k): the plain eager form that benchmarks time as the baseline.
     """
     num_queries, num_items = queries.shape[0], item_table.shape[0]
     device = queries.device
@@ -80,7 +82,7 @@ def topk_items(
             scores[row_index, targets] = float("-inf")  # the target is not one of the "other" items
             target_rank[start:stop] = 1 + (scores >= target_scores.unsqueeze(1)).sum(dim=1)
             scores[row_index, targets] = target_scores  # ... and never excluded from the top k
-        chunk_scores, chunk_ids = top_k_smaller_ids_first(scores, k)
+        chunk_scores, chunk_ids = top_k_smaller_ids_first(scores, k) if exact_ties else scores.topk(k, dim=1)
         top_scores[start:stop] = chunk_scores
         top_ids[start:stop] = chunk_ids.masked_fill(chunk_scores == float("-inf"), -1)
     return top_scores, top_ids, target_rank

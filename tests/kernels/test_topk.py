@@ -110,6 +110,23 @@ def test_topk_exact_ties_go_to_the_smaller_id_whatever_k(num_queries, num_items,
         assert torch.equal(top, expected_top.float()), f"k={k}"
 
 
+def test_topk_without_exact_ties_keeps_the_scores_and_the_answer_where_nothing_ties():
+    """``exact_ties=False`` (the benchmarks' plain eager form) returns the same scores and ranks; its ids
+    differ from the rule's only among equal scores."""
+    gen = torch.Generator().manual_seed(4)
+    queries, table = torch.randn(6, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    inputs = dict(exclude_ids=torch.randint(0, 40, (12,), generator=gen),
+                  exclude_offsets=torch.tensor([0, 2, 2, 5, 9, 9, 12]), target_ids=torch.randint(0, 40, (6,), generator=gen))
+    exact, plain = (topk_items(queries, table, 7, **inputs, exact_ties=ties) for ties in (True, False))
+    for ours, theirs in zip(exact, plain):  # random scores: no ties, one answer
+        assert torch.equal(ours, theirs)
+    tied = torch.randint(0, 2, (6, 40), generator=gen).float()
+    exact, plain = (topk_items(tied, torch.eye(40), 7, **inputs, l2_norm=False, exact_ties=ties) for ties in (True, False))
+    assert torch.equal(exact[0], plain[0]) and torch.equal(exact[2], plain[2])
+    scores, ids = plain[0], plain[1]
+    assert torch.equal(tied.gather(1, ids.clamp(min=0)).where(ids >= 0, scores), scores)  # each id holds its score
+
+
 def test_topk_chunking_does_not_change_results():
     gen = torch.Generator().manual_seed(6)
     queries, table = torch.randn(10, 8, generator=gen), torch.randn(30, 8, generator=gen)
