@@ -557,6 +557,30 @@ def test_triton_selections_and_splits_agree():
 
 
 @needs_triton
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_triton_int32_and_int64_exclusion_keys_agree(monkeypatch, selection):
+    """The exclusion keys are int32 where B * (I + 2) fits and int64 beyond: both give one answer,
+    with repeats, ids outside the catalogue and the last query's keys at the int32 limit."""
+    module = importlib.import_module(TRITON_MODULE)
+    inputs = make_inputs(Case(7, 90, 8, 9, seed=31))
+    lists = [[3, 3, 89, -1], [], [0, 90, 45], [7] * 5, [88, 1, 2], [89, 0], [89, 89, 90, 44]]
+    inputs |= dict(exclude_ids=torch.tensor([i for ids in lists for i in ids], device=DEVICE),
+                   exclude_offsets=offsets_of([len(ids) for ids in lists]).to(DEVICE))
+    assert module.exclusion_key_dtype(7, 90) == torch.int32
+    monkeypatch.setattr(module, "EXCLUSION_KEY_INT32_LIMIT", 7 * 92)  # the largest key, B * (I + 2), just fits
+    assert module.exclusion_key_dtype(7, 90) == torch.int32
+    narrow = triton_forward(inputs, selection=selection)
+    monkeypatch.setattr(module, "EXCLUSION_KEY_INT32_LIMIT", 7 * 92 - 1)
+    assert module.exclusion_key_dtype(7, 90) == torch.int64
+    wide = triton_forward(inputs, selection=selection)
+    for name, ours, theirs in zip(("scores", "ids", "rank"), narrow, wide):
+        assert torch.equal(ours, theirs), name
+    assert near_ties({name: value for name, value in inputs.items() if not name.startswith("exclude")}) == 0
+    expected = hstu_kernels.topk_items(**inputs, backend="reference", validate=False)
+    assert torch.equal(narrow[1], expected[1]) and torch.equal(narrow[2], expected[2])
+
+
+@needs_triton
 def test_triton_writes_every_output_and_clears_its_lists(monkeypatch):
     """Every buffer the launcher allocates starts as garbage (NaN, -77): outputs and the kernels'
     candidate lists must all be written before they are read."""
