@@ -506,6 +506,16 @@ def new_run_dir(out: Path) -> Path:
             raise SystemExit(f"--out {out}: cannot make a run folder there ({error.strerror})") from None
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an --out where no run folder can be made before any batch is built: its nearest existing
+    ancestor must be a folder this process may write into."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"--out {out}: cannot make a run folder there (Not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: cannot make a run folder there (Permission denied)")
+
+
 def run_variant(config: str, variant: str, batches_file: Path, run_dir: Path, timeout: float,
                 args: argparse.Namespace) -> dict[str, Any]:
     result_file = run_dir / "logs" / f"{config}__{variant}.json"
@@ -655,6 +665,7 @@ def parent_main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--data-dir {data_dir}: no ML-1M cache {cache.name} there for the ml1m config; "
                          f"python scripts/train.py experiment=ml1m-quick paths.data_dir={data_dir} downloads it, "
                          "or --synthetic-batches times ml1m on synthetic batches")
+    check_out_folder(Path(args.out))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         pools = {}

@@ -242,12 +242,15 @@ def test_compiled_yardstick_matches_eager_on_cuda(mode):
         assert losses[1] == pytest.approx(losses[0], rel=1e-3), step
 
 
-def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("out", ["file/bench", "file/deeper/bench", "file"])
+def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line_before_any_batch_is_built(tmp_path, monkeypatch, out):
     bench = load_script()
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match=f"^--out {tmp_path}/file/bench: cannot make a run folder there "
+    monkeypatch.setattr(bench, "build_batches", lambda *args: pytest.fail("built batches for a run it cannot write"))
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path}/{out}: cannot make a run folder there "
                                          r"\(Not a directory\)$"):
-        bench.main(["--configs", "smoke", "--variants", "yardstick-eager", "--out", str(tmp_path / "file" / "bench")])
+        bench.main(["--configs", "smoke", "--variants", "yardstick-eager", "--out", str(tmp_path / out)])
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_batches_the_data_cannot_fill_stop_the_run_before_its_folder_is_made(tmp_path, monkeypatch):
