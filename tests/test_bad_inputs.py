@@ -409,6 +409,21 @@ def test_unknown_items_can_be_skipped(inputs):
     assert [line.split()[0] for line in result.stdout.splitlines() if line.strip()[:1].isdigit()] == ["1", "2", "3"]
 
 
+def test_a_history_without_timestamps_drops_only_consecutive_repeats(inputs, monkeypatch):
+    """Events given without times sit at one made-up time, so none is an exact repeat (a run trained with
+    data.repeats=drop_exact keeps them all); a run trained with collapse_consecutive still drops an item
+    given twice in a row, counted after the unknown ones are skipped, as the training data did."""
+    history = ["history=[0,0,1,999999,1,0]", "unknown_items=skip", "k=3"]
+    result = run_script("recommend", f"export_dir={inputs['export']}", *history)
+    assert result.code == 0, result.stderr
+    assert "history: 5 events, most recent [0, 0, 1, 1, 0]; skipped as unknown to the model: [999999]\n" in result.stdout
+    monkeypatch.setattr("hstu.inference.repeats_policy", lambda config: "collapse_consecutive")
+    result = run_script("recommend", f"export_dir={inputs['export']}", *history)
+    assert result.code == 0, result.stderr
+    assert ("history: 3 events, most recent [0, 1, 0]; skipped as unknown to the model: [999999]; 2 dropped as "
+            "repeats (data.repeats=collapse_consecutive)\n") in result.stdout
+
+
 def test_unexpected_errors_keep_their_traceback(inputs, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("an internal bug")
