@@ -16,11 +16,10 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   a copy).
 - Exclusions: a prologue kernel turns each query's jagged list into keys ``b * (I + 2) + id + 1``
   (int32 where B * (I + 2) fits) and one ``torch.sort`` puts every list in order without moving it
-  out of its own segment. Each
-  program walks its rows' sorted lists with one cursor per row, once over the split: per tile it
-  reads the keys that fall inside the tile (a window of 16 per row at a time) into a bit mask of
-  one 32-bit word per 32 columns, then masks the scores with it. Repeats cost nothing extra, and
-  nothing is read back on the host.
+  out of its own segment. Each program walks its rows' sorted lists with one cursor per row, once
+  over the split: per tile it reads the keys that fall inside the tile (a window of 16 per row at a
+  time) into a bit mask of one 32-bit word per 32 columns, then masks the scores with it. Repeats
+  cost nothing extra, and nothing is read back on the host.
 - The target's score is computed once per row from its own embedding and replaces the target's
   streamed score, so the returned score, the rank and the top-k agree with each other. The rank
   counts unexcluded non-target items scoring >= it (ties count against the model).
@@ -788,8 +787,8 @@ def topk_items_forward(
     prologue_kernel = wrap_triton(_topk_prologue_kernel) if wrap else _topk_prologue_kernel
     eps_squared = NORM_EPS * NORM_EPS
     item_inverse_norms = torch.empty((num_items if l2_norm else 0,), dtype=torch.float32, device=device)
-    exclude_keys = torch.empty((exclude_ids.shape[0] if has_exclude else 0,), dtype=exclusion_key_dtype(num_queries, num_items),
-                               device=device)
+    exclude_keys = torch.empty((exclude_ids.shape[0] if has_exclude else 0,),
+                               dtype=exclusion_key_dtype(num_queries, num_items), device=device)
     norm_programs = cdiv(num_items, 32) if l2_norm else 0
     if l2_norm or has_exclude:
         prologue_kernel[(norm_programs + (num_queries if has_exclude else 0),)](
