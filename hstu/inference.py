@@ -50,7 +50,7 @@ from hstu.config import (
     instantiate_config,
 )
 from hstu.data.batch import JaggedBatch
-from hstu.data.sequences import DEFAULT_REPEATS, REPEAT_POLICIES
+from hstu.data.sequences import CONSECUTIVE_ONLY, DEFAULT_REPEATS, REPEAT_POLICIES
 from hstu.data.sources import absolute_path
 from hstu.errors import (
     ConfigError, DataError, ExportFormatError, MissingFileError, RequestError, UnknownIdError, UserError,
@@ -361,9 +361,9 @@ class Recommender:
                 repeats: str | None = None) -> Events:
         """The histories as the model reads them (:func:`~hstu.serving.histories.prepare_histories`): known
         items in model indices, in time order, without the repeats that ``repeats`` drops (None: the run's
-        ``data.repeats``)."""
-        if repeats is not None and repeats not in REPEAT_POLICIES:
-            raise RequestError(f"repeats must be one of {list(REPEAT_POLICIES)} or None, got {repeats!r}")
+        ``data.repeats``; ``CONSECUTIVE_ONLY`` for histories whose times are made up)."""
+        if repeats is not None and repeats not in (*REPEAT_POLICIES, CONSECUTIVE_ONLY):
+            raise RequestError(f"repeats must be one of {[*REPEAT_POLICIES, CONSECUTIVE_ONLY]} or None, got {repeats!r}")
         return prepare_histories(self._ids, histories, unknown_items, self.repeats if repeats is None else repeats)
 
     def recommend(

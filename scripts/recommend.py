@@ -4,23 +4,11 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from hstu.data.sequences import CONSECUTIVE_ONLY
 from hstu.errors import ConfigError
 from hstu.inference import Recommender, training_history
 from hstu.serving.config import check_recommend_config
 from hstu_kernels.time_buckets import OUTSIDE_TIMESTAMP_RANGE, TIMESTAMP_BOUND
-
-
-def without_consecutive_repeats(items: list, known: list[bool]) -> list:
-    """``items`` less each known item equal to the known item before it (the unknown ones, which the
-    model skips or refuses, left in place): the ``collapse_consecutive`` rule of a history given in
-    order without timestamps."""
-    kept, previous = [], None
-    for item, is_known in zip(items, known):
-        if is_known and previous is not None and item == previous:
-            continue
-        kept.append(item)
-        previous = item if is_known else previous
-    return kept
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="recommend")
@@ -41,22 +29,19 @@ def main(cfg: DictConfig) -> None:
     recommender = Recommender.from_export(cfg.export_dir, device=cfg.device)
     request_time, repeats = cfg.request_time, None
     if cfg.user is not None:
-        given, timestamps = training_history(recommender.config, cfg.user, cfg.data_dir)
-        items = given
+        items, timestamps = training_history(recommender.config, cfg.user, cfg.data_dir)
     else:
-        given = items = list(cfg.history)
+        items = list(cfg.history)
         request_time = request_time if request_time is not None else int(time.time())
-        if cfg.timestamps is None:  # events at one made-up time: an item given twice is not an exact repeat
-            repeats = "keep"
-            if recommender.repeats == "collapse_consecutive":  # ... but one given twice in a row is a consecutive one
-                items = without_consecutive_repeats(given, recommender.known_items(given))
         timestamps = list(cfg.timestamps) if cfg.timestamps is not None else [request_time] * len(items)
+        if cfg.timestamps is None:  # events at one made-up time: no exact repeat to tell, consecutive ones still
+            repeats = CONSECUTIVE_ONLY if recommender.repeats == "collapse_consecutive" else "keep"
     (top,) = recommender.recommend([(items, timestamps)], k=cfg.k, request_time=request_time,
                                    exclude_seen=cfg.exclude_seen, unknown_items=cfg.unknown_items, repeats=repeats)
     events = recommender.prepare([(items, timestamps)], cfg.unknown_items, repeats)  # what the model read
-    skipped = [item for item, known in zip(given, recommender.known_items(given)) if not known]
+    skipped = [item for item, known in zip(items, recommender.known_items(items)) if not known]
     recent = [recommender.item_original_ids[index - 1] for index in events.item_ids[-5:]]
-    repeated = len(given) - len(skipped) - len(events.item_ids)
+    repeated = len(items) - len(skipped) - len(events.item_ids)
     print(f"history: {len(events.item_ids)} events, most recent {recent}"
           + (f"; skipped as unknown to the model: {skipped}" if skipped else "")
           + (f"; {repeated} dropped as repeats (data.repeats={recommender.repeats})" if repeated else ""))

@@ -35,6 +35,7 @@ from hstu.data import (
     split_examples,
 )
 from hstu.data import sources
+from hstu.data.sequences import CONSECUTIVE_ONLY, repeated_events
 from hstu.errors import ConfigError, DataError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
@@ -542,6 +543,15 @@ def test_repeat_policies_on_a_small_file():
     assert per_policy["drop_exact"].item_ids.tolist() == [1, 1, 2, 1, 3]
     assert per_policy["collapse_consecutive"].item_ids.tolist() == [1, 2, 1, 3]
     assert [per_policy[p].num_dropped_repeats for p in REPEAT_POLICIES] == [3, 4, 0]
+
+
+def test_consecutive_only_drops_no_same_time_event_that_is_not_a_consecutive_repeat():
+    """The rule of a request whose times are made up (all equal): A A B A keeps A B A, where
+    collapse_consecutive would also take the last A for an exact repeat of the first."""
+    users, times, items = np.zeros(5, dtype=np.int64), np.zeros(5, dtype=np.int64), np.array([1, 1, 2, 1, 1])
+    assert repeated_events(users, times, items, CONSECUTIVE_ONLY).tolist() == [False, True, False, False, True]
+    assert repeated_events(users, times, items, "collapse_consecutive").tolist() == [False, True, False, True, True]
+    assert not repeated_events(users, np.arange(5), items[[0, 2, 0, 2, 0]], CONSECUTIVE_ONLY).any()
 
 
 @given(events=events_strategy, repeats=st.sampled_from(REPEAT_POLICIES))

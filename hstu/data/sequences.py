@@ -53,6 +53,9 @@ PROTOCOL_MIN_EVENTS = {"ours": 3, "paper": 2}
 # Events each protocol holds out of a user's sequence for evaluation; a training example needs 2 more.
 PROTOCOL_HELD_OUT = {"ours": 2, "paper": 1}
 REPEAT_POLICIES = ("drop_exact", "collapse_consecutive", "keep")
+# A request's rule for events without real times (all at one made-up time, so no exact repeat can be told):
+# only consecutive repeats go, as ``collapse_consecutive`` drops them.
+CONSECUTIVE_ONLY = "consecutive_only"
 DEFAULT_REPEATS = "drop_exact"
 
 
@@ -124,7 +127,8 @@ def _without_repeats(raw: RawInteractions, user_index: np.ndarray, order: np.nda
 
 def repeated_events(users: np.ndarray, timestamps: np.ndarray, items: np.ndarray, repeats: str) -> np.ndarray:
     """bool [N]: the events that ``repeats`` drops, of events sorted by user, then time, same-time events in
-    the order they came (the rule of training data and of serving requests alike).
+    the order they came (the rule of training data and of serving requests alike; ``CONSECUTIVE_ONLY``
+    for requests whose times are made up).
 
     Exact repeats (same user, timestamp and item as an earlier event) can only sit in runs of same-time
     events, so only those runs are sorted."""
@@ -132,7 +136,7 @@ def repeated_events(users: np.ndarray, timestamps: np.ndarray, items: np.ndarray
     if repeats == "keep" or users.shape[0] < 2:
         return dropped
     tied = (users[1:] == users[:-1]) & (timestamps[1:] == timestamps[:-1])  # event i and i+1 in one run
-    if tied.any():
+    if repeats != CONSECUTIVE_ONLY and tied.any():
         in_run = np.zeros(users.shape[0], dtype=bool)
         in_run[1:] |= tied
         in_run[:-1] |= tied
@@ -149,7 +153,7 @@ def repeated_events(users: np.ndarray, timestamps: np.ndarray, items: np.ndarray
             by_item = np.lexsort((run_items, run))
             same = (run[by_item[1:]] == run[by_item[:-1]]) & (run_items[by_item[1:]] == run_items[by_item[:-1]])
         dropped[rows[by_item[1:][same]]] = True
-    if repeats == "collapse_consecutive":
+    if repeats in ("collapse_consecutive", CONSECUTIVE_ONLY):
         kept = np.flatnonzero(~dropped)
         consecutive = (users[kept[1:]] == users[kept[:-1]]) & (items[kept[1:]] == items[kept[:-1]])
         dropped[kept[1:][consecutive]] = True
