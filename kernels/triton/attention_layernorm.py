@@ -9,12 +9,13 @@ Output side, ``attention_output``: ``x + Dropout(LayerNorm(attn) * u) @ W.T + b`
 - The gated rows are written once, in the matmul dtype, with one extra column of ones (and zero
   padding to a 16-byte row): that column carries the bias through the weight-gradient matmul, so
   ``[dW | db] = dout^T @ [gated | 1]`` is one matmul and the bias needs no pass of its own.
-- Two projections, chosen per shape by ``output_projection`` (both exposed to the benchmark):
-  ``fused``: one Triton kernel computes the gate in registers for a block of rows and multiplies it
-  by W^T with the residual and bias added in the epilogue; its backward kernel multiplies dout by W
-  into registers and runs the gate's backward on the result, so dgated never reaches memory.
-  ``cublas``: the gate kernel, then ``torch.addmm`` with the residual as its input (beta = 1); the
-  backward is cuBLAS for dgated, the gate's backward kernel, cuBLAS for [dW | db].
+- Two forward projections, chosen per shape by ``output_projection`` (both exposed to the benchmark):
+  ``fused`` (D and H*dv <= 64): one Triton kernel computes the gate in registers for a block of rows,
+  stores the gated rows and multiplies them by W^T (W one register tile) with the residual and bias
+  added in the epilogue; ``cublas``: the gate kernel, then ``torch.addmm`` with the residual as its
+  input (beta = 1). The backward is the same for both: dgated = dout @ W (where W fits one tile, one
+  Triton kernel that also writes dout in the matmul dtype for the weight gradient; else a cast and
+  cuBLAS), the gate's backward kernel, cuBLAS for [dW | db].
 Input side, ``attention_input``: ``SiLU(LayerNorm(x) @ W)``, per ``input_normalization``:
 - narrow rows: a tiled matmul whose prologue normalises the x rows it loads (per-row mean and rstd
   computed in the program, stored once for the backward) and whose epilogue applies SiLU; the
@@ -54,11 +55,14 @@ TAIL_BLOCK = tl.constexpr(ROW_ALIGN)
 NORMED_ALIGN = 16  # stored LN(x) rows padded to a multiple of 16 elements (``_normed_width``)
 
 # Per-shape rules (kernel notes, "Choices"; the benchmark variants force each side of them), set from
-# GPU kernel times (H200, bf16 autocast, L = 25,600 and 200,000, D = H*dv in {50, 64, 256, 512}):
-# - output side: the gate kernel, then cuBLAS with the residual and the bias folded in, at every width.
-#   The fused projection (a row block of the gate in registers, all of W read per program, dgated
-#   kept in registers) measured 1.1-2.3x slower forward+backward at seven of the eight shapes and 3%
-#   faster at 25,600 x 64; it stays as the `output-fused` variant.
+# GPU kernel times (H200 and H100, bf16 autocast, L = 25,600 and 200,000, D = H*dv in {50, 64, 256, 512}):
+# - output side, forward: the fused projection where D and H*dv are at most 64 (W one register tile; the
+#   gate, the product, the residual and the bias in one pass), the gate kernel then cuBLAS with the
+#   residual and the bias folded in above. At D = H*dv = 50 and 64 the fused forward took 1.25-1.37x
+#   less forward+backward time than the cuBLAS one (H100, L = 25,600 and 200,000); wider, W no longer
+#   fits one tile, and a fused forward streaming W in tiles measured 1.4-2.3x slower than cuBLAS at 256
+#   and 512. The backward is the same for both (dgated, the gate's backward kernel, cuBLAS for the weight
+#   gradient): a one-pass fused backward measured slower (kernel notes, Tried and rejected).
 # - input side: one LayerNorm kernel writes LN(x) in the matmul dtype, then a tiled matmul with SiLU
 #   in its epilogue, cuBLAS for dz @ W^T and a LayerNorm-backward kernel, at every width. LayerNorm in
 #   the matmul's prologue with a one-kernel backward measured 1.25-2.8x slower at every shape; it
@@ -66,8 +70,9 @@ NORMED_ALIGN = 16  # stored LN(x) rows padded to a multiple of 16 elements (``_n
 # - input side: the pre-activation is kept from this model width on (0: at every width). Recomputing
 #   it costs 2*D*E FLOPs per row against 4*E bytes of storing and reading it, and measured 5-24%
 #   slower forward+backward at all eight shapes.
-FUSED_OUTPUT_MAX_WIDTH = 0
-FUSED_OUTPUT_WIDTH_LIMIT = 512  # above it the fused kernels' W tiles outgrow shared memory (forced variants too)
+FUSED_OUTPUT_MAX_WIDTH = 64
+FUSED_OUTPUT_WIDTH_LIMIT = 64  # D and H*dv of the fused projection (forced variants too): W is one register tile
+FUSED_OUTPUT_ROWS, FUSED_OUTPUT_WARPS = 32, 4  # its programs in bf16 and fp16 (an H100 sweep; kernel notes)
 PROLOGUE_INPUT_MAX_DIM = 0
 PROLOGUE_INPUT_DIM_LIMIT = 512  # above it the one-kernel backward's W tiles outgrow shared memory
 KEEP_PREACTIVATION_MIN_DIM = 0
@@ -128,6 +133,30 @@ def _store_ones_column(gated, rows, rows_ok, K, stride_g, tail):
 
 
 @triton.jit
+def _marked_gate_widths(K, stride_a, stride_u, stride_g, ALIGN: tl.constexpr, LOAD_K: tl.constexpr):
+    """K (where rows are read unpadded, LOAD_K = 0) and the row strides of attn, u and the gated rows,
+    restated as multiples of ALIGN (``known_multiple``)."""
+    if LOAD_K == 0:
+        K = known_multiple(K, ALIGN)
+    return K, known_multiple(stride_a, ALIGN), known_multiple(stride_u, ALIGN), known_multiple(stride_g, ALIGN)
+
+
+@triton.jit
+def _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K: tl.constexpr):
+    """The gated rows of a tile, [value | 1 | 0 ...] where ``tail`` > 0 (the ones column, then padding):
+    LOAD_K > 0 columns (the padded width) in one store, else K columns and the tail apart."""
+    ptrs = gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :]
+    if LOAD_K > 0:
+        value = value.to(tl.float32)
+        if tail > 0:
+            value = tl.where(cols[None, :] < K, value, tl.where(cols[None, :] == K, 1.0, 0.0))
+        tl.store(ptrs, value.to(gated.dtype.element_ty), mask=rows_ok[:, None] & (cols[None, :] < LOAD_K))
+    else:
+        tl.store(ptrs, value.to(gated.dtype.element_ty), mask=rows_ok[:, None] & (cols[None, :] < K))
+        _store_ones_column(gated, rows, rows_ok, K, stride_g, tail)  # stores nothing where tail = 0
+
+
+@triton.jit
 def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, load_k,
                         stride_a, stride_u, stride_da, stride_du, eps, p, scale,
                         BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
@@ -160,29 +189,15 @@ def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr, LOAD_K: tl.constexpr):
     """LOAD_K > 0: rows padded to LOAD_K (a multiple of ALIGN) are read, and the gated row, ones column
-    and padding included, is one store of LOAD_K columns; 0: K columns read, the ones column apart."""
-    if LOAD_K == 0:
-        K = known_multiple(K, ALIGN)
-    stride_a = known_multiple(stride_a, ALIGN)
-    stride_u = known_multiple(stride_u, ALIGN)
-    stride_g = known_multiple(stride_g, ALIGN)
+    and padding included, is one store of LOAD_K columns; 0: K columns read, the ones column apart
+    (``_store_gated``)."""
+    K, stride_a, stride_u, stride_g = _marked_gate_widths(K, stride_a, stride_u, stride_g, ALIGN, LOAD_K)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
-    if LOAD_K > 0:
-        value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K, stride_a, stride_u, eps, p, scale,
-                           BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
-        if tail > 0:
-            value = tl.where(cols[None, :] < K, value, tl.where(cols[None, :] == K, 1.0, 0.0))
-        tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
-                 mask=rows_ok[:, None] & (cols[None, :] < LOAD_K))
-    else:
-        value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, K, stride_a, stride_u, eps, p, scale,
-                           BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
-        tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
-                 mask=rows_ok[:, None] & (cols[None, :] < K))
-        if tail > 0:
-            _store_ones_column(gated, rows, rows_ok, K, stride_g, tail)
+    value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K if LOAD_K > 0 else K, stride_a, stride_u, eps,
+                       p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+    _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K)
 
 
 @triton.jit
@@ -207,62 +222,64 @@ def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stri
 
 
 @triton.jit
-def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K,
-                       stride_xm, stride_xn, stride_a, stride_u, stride_w, stride_g, stride_o, tail, eps, p, scale,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """out = x + gate @ W^T + b for a block of rows: the gate in registers, W^T streamed by BLOCK_N columns."""
+def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K, stride_x, stride_a, stride_u, stride_w,
+                       stride_g, stride_o, tail, eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       WIDE_COUNTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                       LOAD_K: tl.constexpr, ALIGN_D: tl.constexpr):
+    """out = x + gate @ W^T + b for a block of rows, W whole in one [BLOCK_D, BLOCK_K] tile and the gate in
+    registers; the gated rows are stored as ``_gate_fwd_kernel`` stores them (LOAD_K likewise) for the
+    backward's weight-gradient matmul."""
+    K, stride_a, stride_u, stride_g = _marked_gate_widths(K, stride_a, stride_u, stride_g, ALIGN, LOAD_K)
+    D = known_multiple(D, ALIGN_D)
+    stride_x = known_multiple(stride_x, ALIGN_D)
+    stride_o = known_multiple(stride_o, ALIGN_D)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
-    value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, K, stride_a, stride_u, eps, p, scale,
-                       BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
-    tl.store(gated + _row_offsets(rows, stride_g)[:, None] + cols[None, :], value.to(gated.dtype.element_ty),
-             mask=rows_ok[:, None] & (cols[None, :] < K))
-    if tail > 0:
-        _store_ones_column(gated, rows, rows_ok, K, stride_g, tail)
-    x_rows = _row_offsets(rows, stride_xm)
-    o_rows = _row_offsets(rows, stride_o)
-    for n0 in range(0, D, BLOCK_N):
-        outs = n0 + tl.arange(0, BLOCK_N)
-        outs_ok = outs < D
-        w_t = tl.load(w + outs[None, :] * stride_w + cols[:, None], mask=outs_ok[None, :] & (cols[:, None] < K),
-                      other=0.0)
-        acc = tl.dot(value, w_t, input_precision=DOT_PRECISION)
-        mask = rows_ok[:, None] & outs_ok[None, :]
-        acc += tl.load(x + x_rows[:, None] + outs[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(bias + outs, mask=outs_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out + o_rows[:, None] + outs[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    outs = tl.arange(0, BLOCK_D)
+    outs_ok = outs < D
+    value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K if LOAD_K > 0 else K, stride_a, stride_u,
+                       eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
+    _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K)
+    w_tile = tl.load(w + outs[:, None] * stride_w + cols[None, :], mask=outs_ok[:, None] & (cols[None, :] < K),
+                     other=0.0)
+    acc = tl.dot(value, tl.trans(w_tile), input_precision=DOT_PRECISION)
+    mask = rows_ok[:, None] & outs_ok[None, :]
+    acc += tl.load(x + _row_offsets(rows, stride_x)[:, None] + outs[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias + outs, mask=outs_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out + _row_offsets(rows, stride_o)[:, None] + outs[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _output_bwd_kernel(grad_out, w, attn, u, seed_ptr, grad_mm, dattn, du, L, D, K,
-                       stride_gm, stride_gn, stride_w, stride_a, stride_u, stride_mm, stride_da, stride_du,
-                       eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       STORE_GRAD_MM: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """dgated = dout @ W in registers (dout rounded to the matmul dtype, as the reference's linear
-    backward does; written out for the weight gradient when it is not in that dtype already), then
-    the gate's backward."""
+def _output_grad_gated_kernel(grad_out, w, grad_mm, grad_gated, L, D, K, stride_g, stride_w, stride_mm, stride_gg,
+                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                              STORE_GRAD_MM: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN_D: tl.constexpr,
+                              STORE_K: tl.constexpr):
+    """dgated = dout @ W for a block of rows, W whole in one [BLOCK_D, BLOCK_K] tile: dout rounded to the
+    matmul dtype first, as the reference's linear backward rounds it, and with STORE_GRAD_MM written out in
+    that dtype for the weight-gradient matmul. STORE_K columns of dgated are written (K, or K's padded
+    width in rows allocated padded: the columns past K are zero)."""
+    D = known_multiple(D, ALIGN_D)
+    stride_g = known_multiple(stride_g, ALIGN_D)
+    stride_mm = known_multiple(stride_mm, ALIGN_D)
+    stride_gg = known_multiple(stride_gg, TAIL_BLOCK)  # padded rows (``aligned_rows``)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
-    g_rows = _row_offsets(rows, stride_gm)
-    mm_rows = _row_offsets(rows, stride_mm)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        outs = n0 + tl.arange(0, BLOCK_N)
-        outs_ok = outs < D
-        mask = rows_ok[:, None] & outs_ok[None, :]
-        g = tl.load(grad_out + g_rows[:, None] + outs[None, :] * stride_gn, mask=mask, other=0.0).to(w.dtype.element_ty)
-        if STORE_GRAD_MM:
-            tl.store(grad_mm + mm_rows[:, None] + outs[None, :], g, mask=mask)
-        w_tile = tl.load(w + outs[:, None] * stride_w + cols[None, :], mask=outs_ok[:, None] & (cols[None, :] < K),
-                         other=0.0)
-        acc = tl.dot(g, w_tile, acc, input_precision=DOT_PRECISION)
-    _gate_backward_rows(acc, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, K, stride_a, stride_u, stride_da,
-                        stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+    outs = tl.arange(0, BLOCK_D)
+    outs_ok = outs < D
+    mask = rows_ok[:, None] & outs_ok[None, :]
+    g = tl.load(grad_out + _row_offsets(rows, stride_g)[:, None] + outs[None, :], mask=mask, other=0.0)
+    g = g.to(w.dtype.element_ty)
+    if STORE_GRAD_MM:
+        tl.store(grad_mm + _row_offsets(rows, stride_mm)[:, None] + outs[None, :], g, mask=mask)
+    w_tile = tl.load(w + outs[:, None] * stride_w + cols[None, :], mask=outs_ok[:, None] & (cols[None, :] < K),
+                     other=0.0)
+    acc = tl.dot(g, w_tile, input_precision=DOT_PRECISION)
+    tl.store(grad_gated + _row_offsets(rows, stride_gg)[:, None] + cols[None, :], acc.to(grad_gated.dtype.element_ty),
+             mask=rows_ok[:, None] & (cols[None, :] < STORE_K))
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,9 +506,9 @@ def _layer_norm_bwd_kernel(grad_xn, x, mean_in, rstd_in, dx, L, D, stride_g, str
 # --------------------------------------------------------------------------------------------
 # Launch plans (cached per shape: at the model's sizes host time per launch sets the pace)
 # --------------------------------------------------------------------------------------------
-def output_projection(width: int) -> str:
-    """The projection the output side uses for gate width ``width`` (H*dv)."""
-    return "fused" if width <= FUSED_OUTPUT_MAX_WIDTH else "cublas"
+def output_projection(dim: int, width: int) -> str:
+    """The projection the output side uses for model width ``dim`` (D) and gate width ``width`` (H*dv)."""
+    return "fused" if max(dim, width) <= FUSED_OUTPUT_MAX_WIDTH else "cublas"
 
 
 def keep_preactivation(dim: int) -> bool:
@@ -557,20 +574,12 @@ def _gate_plan(rows: int, width: int, load: int) -> tuple[tuple[int], dict]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _fused_output_plan(rows: int, dim: int, width: int, dtype: torch.dtype) -> tuple[tuple[int], dict]:
-    """The fused projection: a [BLOCK_M, BLOCK_K] gate tile in registers, W^T in [BLOCK_K, BLOCK_N] tiles.
-    Every program reads all of W (from L2): taller row blocks read it fewer times, at more registers.
-    fp32 (``dtype``, the matmul's) takes half the rows: its backward spills at the bf16 heights."""
-    block_k = block_dim(width)
-    if KERNELS_INTERPRETED:
-        block_m, block_n, warps = 64, min(32, block_dim(dim)), 4
-    else:
-        block_m = 64 if block_k <= 64 else 32 if block_k <= 256 else 16
-        if dtype == torch.float32:
-            block_m = max(16, block_m // 2)
-        block_n, warps = min(64, block_dim(dim)), 8
-    return (cdiv(rows, block_m),), dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps,
-                                        num_stages=1 if KERNELS_INTERPRETED else 2)
+def _fused_output_plan(dim: int, width: int, dtype: torch.dtype) -> dict:
+    """The fused projection's tiles: [BLOCK_M, BLOCK_K] gate rows in registers, W whole as one [BLOCK_D, BLOCK_K]
+    tile. fp32 (``dtype``, the matmul's) takes half the rows, as its IEEE dots hold more registers."""
+    block_m = 16 if KERNELS_INTERPRETED or dtype == torch.float32 else FUSED_OUTPUT_ROWS
+    return dict(BLOCK_M=block_m, BLOCK_K=block_dim(width), BLOCK_D=block_dim(dim),
+                num_warps=4 if KERNELS_INTERPRETED else FUSED_OUTPUT_WARPS)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -714,43 +723,49 @@ def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float,
     out = torch.empty((rows, dim), dtype=out_dtype, device=x.device)
     if rows == 0:
         return out, gated
-    attn, u = _unit_column_stride(attn), _unit_column_stride(u)
+    x, attn, u = _unit_column_stride(x), _unit_column_stride(attn), _unit_column_stride(u)
+    load = _load_width(width, attn, u)
     p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
-    grid, constants = _fused_output_plan(rows, dim, width, weight.dtype)
-    _output_fwd_kernel[grid](
+    constants = _fused_output_plan(dim, width, weight.dtype)
+    _output_fwd_kernel[(cdiv(rows, constants["BLOCK_M"]),)](
         x, attn, u, attn if seed is None else seed, weight, x if bias is None else bias, gated, out, rows, dim, width,
-        x.stride(0), x.stride(1), attn.stride(0), u.stride(0), weight.stride(0), gated.stride(0), out.stride(0),
-        padded - width, eps, p, scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
-        DOT_PRECISION=dot_precision(weight.dtype), **constants,
+        x.stride(0), attn.stride(0), u.stride(0), weight.stride(0), gated.stride(0), out.stride(0), padded - width,
+        eps, p, scale, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
+        DOT_PRECISION=dot_precision(weight.dtype), ALIGN=row_alignment(load, attn.stride(0), u.stride(0), gated.stride(0)),
+        LOAD_K=0 if load == width else load, ALIGN_D=row_alignment(dim, x.stride(0), out.stride(0)), **constants,
     )
     return out, gated
 
 
-def output_backward(grad_out, attn, u, weight, gated, seed, dropout_p: float, eps: float, projection: str,
-                    weight_grad: bool):
-    """-> (dattn, du, [dW | db | 0] of shape [D, padded K] in the matmul dtype, or [0, 0] without ``weight_grad``)."""
+def _grad_gated_in_one_kernel(grad_out, weight, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dout in the matmul dtype, or None without ``weight_grad``; dgated = dout @ W in padded rows) from one
+    pass over dout (``_output_grad_gated_kernel``), where W [D, H*dv] fits one tile."""
+    rows, (dim, width) = grad_out.shape[0], weight.shape
+    grad_out = _unit_column_stride(grad_out)
+    grad_gated = aligned_rows(rows, width, weight.dtype, grad_out.device)
+    store_grad_mm = weight_grad and grad_out.dtype != weight.dtype
+    grad_mm = torch.empty((rows, dim), dtype=weight.dtype, device=grad_out.device) if store_grad_mm else grad_out
+    constants = _fused_output_plan(dim, width, weight.dtype)
+    _output_grad_gated_kernel[(cdiv(rows, constants["BLOCK_M"]),)](
+        grad_out, weight, grad_mm, grad_gated, rows, dim, width, grad_out.stride(0), weight.stride(0), grad_mm.stride(0),
+        grad_gated.stride(0), STORE_GRAD_MM=store_grad_mm, DOT_PRECISION=dot_precision(weight.dtype),
+        ALIGN_D=row_alignment(dim, grad_out.stride(0), grad_mm.stride(0)), STORE_K=grad_gated.stride(0), **constants,
+    )
+    return (grad_mm if weight_grad else None), grad_gated
+
+
+def output_backward(grad_out, attn, u, weight, gated, seed, dropout_p: float, eps: float, weight_grad: bool):
+    """Both projections' backward: dgated = dout @ W (one Triton kernel where W fits one tile, else dout's
+    cast and cuBLAS), the gate's backward kernel, cuBLAS [dW | db] = dout^T @ [gated | 1] -> (dattn, du,
+    [dW | db | 0] of shape [D, padded K] in the matmul dtype, or [0, 0] without ``weight_grad``)."""
     rows, width = attn.shape
     dim = weight.shape[0]
-    mm_dtype = weight.dtype
-    if projection == "cublas" or rows == 0:
-        grad_mm = grad_out.to(mm_dtype)
-        grad_gated = torch.mm(grad_mm, weight, out=aligned_rows(rows, width, mm_dtype, grad_mm.device))
-        dattn, du = gate_backward(grad_gated, attn, u, seed, dropout_p, eps)
+    if max(dim, width) <= FUSED_OUTPUT_WIDTH_LIMIT and rows > 0:
+        grad_mm, grad_gated = _grad_gated_in_one_kernel(grad_out, weight, weight_grad)
     else:
-        dattn, du = aligned_rows(rows, width, attn.dtype, attn.device), aligned_rows(rows, width, u.dtype, u.device)
-        attn, u = _unit_column_stride(attn), _unit_column_stride(u)
-        store_grad_mm = weight_grad and grad_out.dtype != mm_dtype
-        grad_mm = torch.empty((rows, dim), dtype=mm_dtype, device=grad_out.device) if store_grad_mm else grad_out
-        p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
-        grid, constants = _fused_output_plan(rows, dim, width, weight.dtype)
-        _output_bwd_kernel[grid](
-            grad_out, weight, attn, u, attn if seed is None else seed, grad_mm, dattn, du, rows, dim, width,
-            grad_out.stride(0), grad_out.stride(1), weight.stride(0), attn.stride(0), u.stride(0), grad_mm.stride(0),
-            dattn.stride(0), du.stride(0), eps, p, scale,
-            STORE_GRAD_MM=store_grad_mm, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
-            DOT_PRECISION=dot_precision(mm_dtype), **constants,
-        )
+        grad_mm = grad_out.to(weight.dtype)
+        grad_gated = torch.mm(grad_mm, weight, out=aligned_rows(rows, width, weight.dtype, grad_mm.device))
+    dattn, du = gate_backward(grad_gated, attn, u, seed, dropout_p, eps)
     if not weight_grad:
         return dattn, du, weight.new_empty((0, 0))
     return dattn, du, torch.mm(grad_mm.t(), gated)
@@ -848,12 +863,12 @@ def _output_fwd_fake(x, attn, u, weight, bias, seed, dropout_p, eps, projection)
 
 def _output_bwd(
     grad_out: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, gated: torch.Tensor,
-    seed: Optional[torch.Tensor], dropout_p: float, eps: float, projection: str, weight_grad: bool,
+    seed: Optional[torch.Tensor], dropout_p: float, eps: float, weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return output_backward(grad_out, attn, u, weight, gated, seed, dropout_p, eps, projection, weight_grad)
+    return output_backward(grad_out, attn, u, weight, gated, seed, dropout_p, eps, weight_grad)
 
 
-def _output_bwd_fake(grad_out, attn, u, weight, gated, seed, dropout_p, eps, projection, weight_grad):
+def _output_bwd_fake(grad_out, attn, u, weight, gated, seed, dropout_p, eps, weight_grad):
     grad_ext = weight.new_empty((weight.shape[0], gated.shape[1]) if weight_grad else (0, 0))
     return (aligned_rows(*attn.shape, attn.dtype, attn.device), aligned_rows(*u.shape, u.dtype, u.device), grad_ext)
 
@@ -864,7 +879,7 @@ def _output_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(gated)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(attn, u, weight, gated, seed)
-    ctx.dropout_p, ctx.eps, ctx.projection = dropout_p, eps, projection
+    ctx.dropout_p, ctx.eps = dropout_p, eps
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -876,8 +891,7 @@ def _output_gradients(ctx, grad_outputs, backward):
     if grad_out is None:
         return (None,) * 9
     weight_grad = bool(needs[3] or needs[4])
-    dattn, du, grad_ext = backward(grad_out, attn, u, weight, gated, seed, ctx.dropout_p, ctx.eps, ctx.projection,
-                                   weight_grad)
+    dattn, du, grad_ext = backward(grad_out, attn, u, weight, gated, seed, ctx.dropout_p, ctx.eps, weight_grad)
     width = attn.shape[1]
     return (grad_out.to(ctx.x_dtype) if needs[0] else None,
             dattn if needs[1] else None,
@@ -1017,12 +1031,12 @@ def attention_output_with(x, attn, u, weight, bias, *, dropout_p: float, trainin
                           seed=None, projection: str | None = None) -> torch.Tensor:
     """``attention_output`` with the projection forced ("fused" or "cublas"; None: ``output_projection``)."""
     if projection is None:
-        projection = output_projection(attn.shape[1])
+        projection = output_projection(x.shape[1], attn.shape[1])
     elif projection not in PROJECTIONS:
         raise ValueError(f"attention_layernorm.py: projection must be one of {PROJECTIONS}, got {projection!r}")
-    elif projection == "fused" and attn.shape[1] > FUSED_OUTPUT_WIDTH_LIMIT:
-        raise ValueError(f"attention_layernorm.py: the fused projection takes H*dv <= {FUSED_OUTPUT_WIDTH_LIMIT}, "
-                         f"got {attn.shape[1]}")
+    elif projection == "fused" and max(x.shape[1], attn.shape[1]) > FUSED_OUTPUT_WIDTH_LIMIT:
+        raise ValueError(f"attention_layernorm.py: the fused projection takes D and H*dv <= {FUSED_OUTPUT_WIDTH_LIMIT}, "
+                         f"got D = {x.shape[1]}, H*dv = {attn.shape[1]}")
     mm_dtype = _matmul_dtype(x.device.type, torch.promote_types(attn.dtype, u.dtype))
     seed = _dropout_seed(dropout_p, training, seed, attn.device)
     out, _ = _output(x, attn, u, weight.to(mm_dtype).contiguous(), bias, seed,

@@ -160,7 +160,8 @@ OP = "fused_attention_layernorm"
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 DIMS = [1, 3, 16, 25, 50, 64]
 # Gate widths 7 and 15 leave a one-column padding tail (the ones column alone); D = 33 and 65 leave one
-# element in the last of the interpreter's 32-wide chunks (the output tiles; the input prologue's statistics).
+# element in the last of the interpreter's 32-wide chunks (the input prologue's statistics). 65 is past the
+# fused projection's limit (64), so problems drawn there take the cuBLAS projection.
 OUTPUT_DIMS = sorted(DIMS + [7, 15, 33, 65])
 INPUT_DIMS = sorted(DIMS + [33, 65])
 
@@ -307,15 +308,17 @@ def check_input_against_reference(p: InputProblem):
 
 @st.composite
 def output_problems(draw):
+    dim, width = draw(st.sampled_from(OUTPUT_DIMS)), draw(st.sampled_from(OUTPUT_DIMS))
+    fused_fits = max(dim, width) <= triton_module().FUSED_OUTPUT_WIDTH_LIMIT
     return OutputProblem(
         rows=draw(st.sampled_from([0, 1, 2, 7, 33])),
-        dim=draw(st.sampled_from(OUTPUT_DIMS)),
-        width=draw(st.sampled_from(OUTPUT_DIMS)),
+        dim=dim,
+        width=width,
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         dropout_p=draw(st.sampled_from([0.0, 0.3, 1.0])),
         training=draw(st.booleans()),
         bias=draw(st.booleans()),
-        projection=draw(st.sampled_from(["fused", "cublas"])),
+        projection=draw(st.sampled_from(["fused", "cublas"] if fused_fits else ["cublas"])),
         strided_u=draw(st.booleans()),
         model_layout=draw(st.booleans()),
         x_view=draw(st.sampled_from(["contiguous", "transposed", "every_other"])),
@@ -358,8 +361,8 @@ def test_triton_input_matches_reference_random_shapes(p: InputProblem):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("projection", ["fused", "cublas"])
 def test_triton_output_several_row_and_column_blocks(dtype, projection):
-    """More rows than one program holds (70 over the interpreter's 64) and D = 50 over two 32-wide output
-    tiles, width 50 (a masked gate tile)."""
+    """More rows than one program holds (70: over the interpreter's 64-row row kernels and five of the fused
+    projection's 16-row blocks), width 50 (a masked gate tile)."""
     check_output_against_reference(OutputProblem(rows=70, dim=50, width=50, dtype=dtype, dropout_p=0.25,
                                                  projection=projection, strided_u=True, seed=3))
 
@@ -460,8 +463,8 @@ def test_triton_input_eps_inside_the_square_root(scale, shift, eps, normalizatio
 @pytest.mark.parametrize("x_view", ["transposed", "every_other"])
 @pytest.mark.parametrize("projection", ["fused", "cublas"])
 def test_triton_output_residual_with_non_unit_column_stride(x_view, projection):
-    """x a view whose columns are not unit-stride (the fused kernel reads it through x.stride(1));
-    D = 50 over two output tiles, so the second tile's columns are read at a stride too."""
+    """x a view whose columns are not unit-stride (the fused launcher copies it to unit-stride columns,
+    cuBLAS takes it as it is)."""
     p = OutputProblem(rows=9, dim=50, width=16, projection=projection, x_view=x_view, seed=14)
     x = output_inputs(p, p.dtype)[0]
     assert x.stride(1) != 1
@@ -559,7 +562,7 @@ def test_triton_custom_ops_opcheck():
         _, gated = ops.attention_output_fwd(*args)
         torch.library.opcheck(ops.attention_output_bwd.default,
                               (torch.randn(9, 25, device=DEVICE), attn.detach(), u.detach(), weight.detach(),
-                               gated.detach(), seed, 0.3, 1e-6, projection, True))
+                               gated.detach(), seed, 0.3, 1e-6, True))
     w_in = torch.randn(25, 40, generator=g).to(DEVICE).requires_grad_()
     for keep_pre, normalization in ((False, "prologue"), (True, "kernel")):
         torch.library.opcheck(ops.attention_input_fwd.default, (x, w_in, 1e-6, keep_pre, normalization))
@@ -652,6 +655,17 @@ def test_unsupported_reason_looks_at_dtypes_and_the_normalised_width():
 
 
 @needs_triton
+def test_output_projection_rule_fuses_up_to_the_limit_on_both_widths():
+    """The fused projection holds W [D, H*dv] as one tile: it is picked only where both widths fit."""
+    module = triton_module()
+    limit = module.FUSED_OUTPUT_MAX_WIDTH
+    assert limit <= module.FUSED_OUTPUT_WIDTH_LIMIT
+    assert module.output_projection(50, 50) == module.output_projection(limit, limit) == "fused"
+    assert module.output_projection(limit + 1, 50) == module.output_projection(50, limit + 1) == "cublas"
+    assert module.output_projection(256, 256) == "cublas"
+
+
+@needs_triton
 def test_row_alignment_divides_the_width_and_every_stride():
     """The row kernels' ALIGN: a wrong one would make the kernels misread rows (and misalign vector loads
     on a GPU), so every value it is taken from must be a multiple of it."""
@@ -707,8 +721,8 @@ def test_bench_backward_times_the_gates_aligned_gradients_as_made(monkeypatch):
 # --------------------------------------------------------------------------------------------- GPU
 # Full sizes under bf16 autocast as the model runs (x, W, b in fp32; attn and u in bf16), the model's
 # non-power-of-2 widths, both projections and both pre-activation choices; CUDA graphs; inductor.
-GPU_OUTPUT_SHAPES = [(25_600, 50, 50), (25_600, 64, 64), (8_192, 256, 256), (8_192, 512, 512), (4_099, 25, 100),
-                     (2_048, 128, 1024)]
+GPU_OUTPUT_SHAPES = [(200_000, 50, 50), (25_600, 50, 50), (25_600, 64, 64), (8_192, 256, 256), (8_192, 512, 512),
+                     (4_099, 25, 100), (2_048, 128, 1024)]
 GPU_INPUT_SHAPES = [(25_600, 50, 200), (25_600, 64, 256), (8_192, 256, 1024), (8_192, 512, 2048), (4_099, 25, 100)]
 
 
@@ -718,8 +732,8 @@ GPU_INPUT_SHAPES = [(25_600, 50, 200), (25_600, 64, 256), (8_192, 256, 1024), (8
 @pytest.mark.parametrize("projection", ["fused", "cublas"])
 def test_gpu_output_bf16_autocast_full_size(shape, projection):
     rows, dim, width = shape
-    if projection == "fused" and width > triton_module().FUSED_OUTPUT_WIDTH_LIMIT:
-        pytest.skip("the fused projection takes H*dv <= FUSED_OUTPUT_WIDTH_LIMIT")
+    if projection == "fused" and max(dim, width) > triton_module().FUSED_OUTPUT_WIDTH_LIMIT:
+        pytest.skip("the fused projection takes D and H*dv <= FUSED_OUTPUT_WIDTH_LIMIT")
     check_output_against_reference(OutputProblem(rows=rows, dim=dim, width=width, dtype=torch.bfloat16,
                                                  dropout_p=0.2, projection=projection, model_layout=True,
                                                  autocast=True, seed=rows + width))
