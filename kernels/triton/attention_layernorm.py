@@ -11,11 +11,11 @@ Output side, ``attention_output``: ``x + Dropout(LayerNorm(attn) * u) @ W.T + b`
   ``[dW | db] = dout^T @ [gated | 1]`` is one matmul and the bias needs no pass of its own.
 - Two forward projections, chosen per shape by ``output_projection`` (both exposed to the benchmark):
   ``fused`` (D and H*dv <= 64): one Triton kernel computes the gate in registers for a block of rows,
-  stores the gated rows and multiplies them by W^T (W one register tile) with the residual and bias
-  added in the epilogue; ``cublas``: the gate kernel, then ``torch.addmm`` with the residual as its
-  input (beta = 1). The backward is the same for both: dgated = dout @ W (where W fits one tile, one
-  Triton kernel that also writes dout in the matmul dtype for the weight gradient; else a cast and
-  cuBLAS), the gate's backward kernel, cuBLAS for [dW | db].
+  stores the gated rows (where a weight gradient will need them) and multiplies them by W^T (W one
+  register tile) with the residual and bias added in the epilogue; ``cublas``: the gate kernel, then
+  ``torch.addmm`` with the residual as its input (beta = 1). The backward is the same for both: dgated
+  = dout @ W (where W fits one tile, one Triton kernel that also writes dout in the matmul dtype for
+  the weight gradient; else a cast and cuBLAS), the gate's backward kernel, cuBLAS for [dW | db].
 Input side, ``attention_input``: ``SiLU(LayerNorm(x) @ W)``, per ``input_normalization``:
 - narrow rows: a tiled matmul whose prologue normalises the x rows it loads (per-row mean and rstd
   computed in the program, stored once for the backward) and whose epilogue applies SiLU; the
@@ -226,10 +226,10 @@ def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K, strid
                        stride_g, stride_o, tail, eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        WIDE_COUNTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-                       LOAD_K: tl.constexpr, ALIGN_D: tl.constexpr):
+                       LOAD_K: tl.constexpr, ALIGN_D: tl.constexpr, STORE_GATED: tl.constexpr):
     """out = x + gate @ W^T + b for a block of rows, W whole in one [BLOCK_D, BLOCK_K] tile and the gate in
-    registers; the gated rows are stored as ``_gate_fwd_kernel`` stores them (LOAD_K likewise) for the
-    backward's weight-gradient matmul."""
+    registers; with STORE_GATED the gated rows are stored as ``_gate_fwd_kernel`` stores them (LOAD_K
+    likewise) for the backward's weight-gradient matmul."""
     K, stride_a, stride_u, stride_g = _marked_gate_widths(K, stride_a, stride_u, stride_g, ALIGN, LOAD_K)
     D = known_multiple(D, ALIGN_D)
     stride_x = known_multiple(stride_x, ALIGN_D)
@@ -241,7 +241,8 @@ def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K, strid
     outs_ok = outs < D
     value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K if LOAD_K > 0 else K, stride_a, stride_u,
                        eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
-    _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K)
+    if STORE_GATED:
+        _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K)
     w_tile = tl.load(w + outs[:, None] * stride_w + cols[None, :], mask=outs_ok[:, None] & (cols[None, :] < K),
                      other=0.0)
     acc = tl.dot(value, tl.trans(w_tile), input_precision=DOT_PRECISION)
@@ -707,9 +708,10 @@ def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
     return dattn, du
 
 
-def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float, projection: str):
+def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float, projection: str, keep_gated: bool):
     """x + Dropout(LayerNorm(attn) * u) @ weight^T + bias, weight in the matmul dtype
-    -> (out in x's dtype promoted with the matmul's, gated rows [L, padded K] kept for the backward)."""
+    -> (out in x's dtype promoted with the matmul's, gated rows [L, padded K] for the backward's weight
+    gradient; the fused projection stores none, [0, padded K], without ``keep_gated``)."""
     rows, width = attn.shape
     dim = x.shape[1]
     padded = _padded_width(width)
@@ -719,7 +721,7 @@ def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float,
         if rows == 0:
             return x.new_empty((0, dim), dtype=out_dtype), gated
         return _project_with_residual(x, gated, _extended_weight(weight, bias, padded)), gated
-    gated = torch.empty((rows, padded), dtype=weight.dtype, device=attn.device)
+    gated = torch.empty((rows if keep_gated else 0, padded), dtype=weight.dtype, device=attn.device)
     out = torch.empty((rows, dim), dtype=out_dtype, device=x.device)
     if rows == 0:
         return out, gated
@@ -731,8 +733,9 @@ def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float,
         x, attn, u, attn if seed is None else seed, weight, x if bias is None else bias, gated, out, rows, dim, width,
         x.stride(0), attn.stride(0), u.stride(0), weight.stride(0), gated.stride(0), out.stride(0), padded - width,
         eps, p, scale, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
-        DOT_PRECISION=dot_precision(weight.dtype), ALIGN=row_alignment(load, attn.stride(0), u.stride(0), gated.stride(0)),
-        LOAD_K=0 if load == width else load, ALIGN_D=row_alignment(dim, x.stride(0), out.stride(0)), **constants,
+        DOT_PRECISION=dot_precision(weight.dtype),
+        ALIGN=row_alignment(load, attn.stride(0), u.stride(0), gated.stride(0)), LOAD_K=0 if load == width else load,
+        ALIGN_D=row_alignment(dim, x.stride(0), out.stride(0)), STORE_GATED=keep_gated, **constants,
     )
     return out, gated
 
@@ -747,8 +750,8 @@ def _grad_gated_in_one_kernel(grad_out, weight, weight_grad: bool) -> tuple[torc
     grad_mm = torch.empty((rows, dim), dtype=weight.dtype, device=grad_out.device) if store_grad_mm else grad_out
     constants = _fused_output_plan(dim, width, weight.dtype)
     _output_grad_gated_kernel[(cdiv(rows, constants["BLOCK_M"]),)](
-        grad_out, weight, grad_mm, grad_gated, rows, dim, width, grad_out.stride(0), weight.stride(0), grad_mm.stride(0),
-        grad_gated.stride(0), STORE_GRAD_MM=store_grad_mm, DOT_PRECISION=dot_precision(weight.dtype),
+        grad_out, weight, grad_mm, grad_gated, rows, dim, width, grad_out.stride(0), weight.stride(0),
+        grad_mm.stride(0), grad_gated.stride(0), STORE_GRAD_MM=store_grad_mm, DOT_PRECISION=dot_precision(weight.dtype),
         ALIGN_D=row_alignment(dim, grad_out.stride(0), grad_mm.stride(0)), STORE_K=grad_gated.stride(0), **constants,
     )
     return (grad_mm if weight_grad else None), grad_gated
@@ -850,15 +853,16 @@ def input_backward(grad_y, x, weight, mean, rstd, pre, normed, keep_pre: bool, n
 # --------------------------------------------------------------------------------------------
 def _output_fwd(
     x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor], dropout_p: float, eps: float, projection: str,
+    seed: Optional[torch.Tensor], dropout_p: float, eps: float, projection: str, keep_gated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return output_forward(x, attn, u, weight, bias, seed, dropout_p, eps, projection)
+    return output_forward(x, attn, u, weight, bias, seed, dropout_p, eps, projection, keep_gated)
 
 
-def _output_fwd_fake(x, attn, u, weight, bias, seed, dropout_p, eps, projection):
+def _output_fwd_fake(x, attn, u, weight, bias, seed, dropout_p, eps, projection, keep_gated):
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    gated_rows = attn.shape[0] if projection == "cublas" or keep_gated else 0
     return (x.new_empty((x.shape[0], x.shape[1]), dtype=out_dtype),
-            attn.new_empty((attn.shape[0], _padded_width(attn.shape[1])), dtype=weight.dtype))
+            attn.new_empty((gated_rows, _padded_width(attn.shape[1])), dtype=weight.dtype))
 
 
 def _output_bwd(
@@ -874,7 +878,7 @@ def _output_bwd_fake(grad_out, attn, u, weight, gated, seed, dropout_p, eps, wei
 
 
 def _output_setup_context(ctx, inputs, output):
-    x, attn, u, weight, bias, seed, dropout_p, eps, projection = inputs
+    x, attn, u, weight, bias, seed, dropout_p, eps, projection, keep_gated = inputs
     _, gated = output
     ctx.mark_non_differentiable(gated)
     ctx.set_materialize_grads(False)
@@ -889,7 +893,7 @@ def _output_gradients(ctx, grad_outputs, backward):
     attn, u, weight, gated, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if grad_out is None:
-        return (None,) * 9
+        return (None,) * 10
     weight_grad = bool(needs[3] or needs[4])
     dattn, du, grad_ext = backward(grad_out, attn, u, weight, gated, seed, ctx.dropout_p, ctx.eps, weight_grad)
     width = attn.shape[1]
@@ -898,7 +902,7 @@ def _output_gradients(ctx, grad_outputs, backward):
             du if needs[2] else None,
             grad_ext[:, :width] if needs[3] else None,
             grad_ext[:, width].to(ctx.bias_dtype) if needs[4] else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _output = autograd_custom_op(
@@ -1035,12 +1039,14 @@ def attention_output_with(x, attn, u, weight, bias, *, dropout_p: float, trainin
     elif projection not in PROJECTIONS:
         raise ValueError(f"attention_layernorm.py: projection must be one of {PROJECTIONS}, got {projection!r}")
     elif projection == "fused" and max(x.shape[1], attn.shape[1]) > FUSED_OUTPUT_WIDTH_LIMIT:
-        raise ValueError(f"attention_layernorm.py: the fused projection takes D and H*dv <= {FUSED_OUTPUT_WIDTH_LIMIT}, "
-                         f"got D = {x.shape[1]}, H*dv = {attn.shape[1]}")
+        raise ValueError(f"attention_layernorm.py: the fused projection takes D and H*dv <= "
+                         f"{FUSED_OUTPUT_WIDTH_LIMIT}, got D = {x.shape[1]}, H*dv = {attn.shape[1]}")
     mm_dtype = _matmul_dtype(x.device.type, torch.promote_types(attn.dtype, u.dtype))
     seed = _dropout_seed(dropout_p, training, seed, attn.device)
+    # The gated rows serve the weight gradient alone: inference and a frozen projection need none.
+    keep_gated = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
     out, _ = _output(x, attn, u, weight.to(mm_dtype).contiguous(), bias, seed,
-                     float(dropout_p) if seed is not None else 0.0, float(eps), projection)
+                     float(dropout_p) if seed is not None else 0.0, float(eps), projection, keep_gated)
     return out
 
 

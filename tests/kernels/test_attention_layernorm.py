@@ -555,14 +555,16 @@ def test_triton_custom_ops_opcheck():
     x, attn, u = (torch.randn(9, n, generator=g).to(DEVICE) for n in (25, 50, 50))
     weight, bias = torch.randn(25, 50, generator=g).to(DEVICE), torch.randn(25, generator=g).to(DEVICE)
     seed = torch.tensor(3, device=DEVICE)
-    for projection in ("fused", "cublas"):
-        args = (x.requires_grad_(), attn.requires_grad_(), u.requires_grad_(), weight.requires_grad_(),
-                bias.requires_grad_(), seed, 0.3, 1e-6, projection)
+    for projection, keep_gated in (("fused", True), ("fused", False), ("cublas", True)):
+        # without the gated rows no weight gradient can be asked for: W and b are frozen there
+        frozen = (weight.detach(), bias.detach()) if not keep_gated else (weight.requires_grad_(), bias.requires_grad_())
+        args = (x.requires_grad_(), attn.requires_grad_(), u.requires_grad_(), *frozen, seed, 0.3, 1e-6, projection,
+                keep_gated)
         torch.library.opcheck(ops.attention_output_fwd.default, args)
         _, gated = ops.attention_output_fwd(*args)
         torch.library.opcheck(ops.attention_output_bwd.default,
                               (torch.randn(9, 25, device=DEVICE), attn.detach(), u.detach(), weight.detach(),
-                               gated.detach(), seed, 0.3, 1e-6, True))
+                               gated.detach(), seed, 0.3, 1e-6, keep_gated))
     w_in = torch.randn(25, 40, generator=g).to(DEVICE).requires_grad_()
     for keep_pre, normalization in ((False, "prologue"), (True, "kernel")):
         torch.library.opcheck(ops.attention_input_fwd.default, (x, w_in, 1e-6, keep_pre, normalization))
@@ -584,10 +586,36 @@ def test_triton_eager_path_equals_custom_op():
     results = []
     for call in (module._output, lambda *args: torch.ops.hstu_kernels.attention_output_fwd(*args)):
         x, attn, u, weight, bias, leaves = output_inputs(p, p.dtype)
-        out, _ = call(x, attn, u, weight, bias, seed, p.dropout_p, 1e-6, "fused")
+        out, _ = call(x, attn, u, weight, bias, seed, p.dropout_p, 1e-6, "fused", True)
         results.append((out, *torch.autograd.grad(out.square().sum(), list(leaves.values()))))
     for name, a, b in zip(["out", "x", "attn", "u", "weight", "bias"], *results):
         assert torch.equal(a, b), f"{name}: eager path and custom op differ"
+
+
+@needs_triton
+def test_triton_fused_projection_stores_gated_rows_only_for_a_weight_gradient():
+    """The gated rows serve the weight gradient alone. Without grad mode, or with W and b frozen, the
+    fused forward stores none; the output and the gradients of x, attn and u are bitwise those of the
+    call that stores them."""
+    module = triton_module()
+    p = OutputProblem(rows=21, dim=25, width=50, dropout_p=0.3, seed=15)
+    seed = torch.tensor(p.seed, device=DEVICE)
+    x, attn, u, weight, bias, _ = output_inputs(p, p.dtype)
+    args = (x, attn, u, weight, bias, seed, p.dropout_p, 1e-6, "fused")
+    stored, kept = module._output(*args, True)
+    assert kept.shape == (21, module._padded_width(50))
+    with torch.no_grad():
+        inferred = module.attention_output_with(x, attn, u, weight, bias, dropout_p=p.dropout_p, training=True,
+                                                seed=p.seed, projection="fused")
+        assert module._output(*args, False)[1].shape == (0, module._padded_width(50))
+    assert torch.equal(inferred, stored.detach())
+    grads = torch.autograd.grad(stored.square().sum(), [x, attn, u])
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    frozen = module.attention_output_with(x, attn, u, weight, bias, dropout_p=p.dropout_p, training=True,
+                                          seed=p.seed, projection="fused")
+    for name, a, b in zip(["x", "attn", "u"], grads, torch.autograd.grad(frozen.square().sum(), [x, attn, u])):
+        assert torch.equal(a, b), f"grad_{name}: frozen projection differs"
 
 
 @needs_triton
