@@ -14,12 +14,13 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   re-read in chunks of D) and streams its split's item tiles through ``tl.dot`` (fp32 accumulation;
   cosine scores are the raw dot scaled by both inverse norms: the inputs are never normalised into
   a copy).
-- Exclusions: a prologue kernel turns each query's jagged list into keys ``b * (I + 2) + id + 1``
-  (int32 where B * (I + 2) fits) and one ``torch.sort`` puts every list in order without moving it
-  out of its own segment. Each program walks its rows' sorted lists with one cursor per row, once
-  over the split: per tile it reads the keys that fall inside the tile (a window of 16 per row at a
-  time) into a bit mask of one 32-bit word per 32 columns, then masks the scores with it. Repeats
-  cost nothing extra, and nothing is read back on the host.
+- Exclusions: per tile, one 32-bit word per 32 columns and row masks the scores. A prologue kernel
+  sets each query's bits in a bitmap of B * ceil(I / 32) words where that takes at most 64 MiB
+  (``exclusion_form``), and a tile loads its words. Beyond, it turns each jagged list into keys
+  ``b * (I + 2) + id + 1`` (int32 where B * (I + 2) fits), one ``torch.sort`` puts every list in
+  order inside its own segment, and each program walks its rows' sorted lists with one cursor per
+  row, reading the keys that fall inside a tile (a window of 16 per row at a time) into its words.
+  Repeats cost nothing extra, and nothing is read back on the host.
 - The target's score is computed once per row from its own embedding and replaces the target's
   streamed score, so the returned score, the rank and the top-k agree with each other. The rank
   counts unexcluded non-target items scoring >= it (ties count against the model).
@@ -59,6 +60,10 @@ MAX_DIM = 512
 MAX_TOPK = 2048
 # The largest exclusion key (B * (I + 2)) kept in int32 (``exclusion_key_dtype``).
 EXCLUSION_KEY_INT32_LIMIT = 2**31 - 1
+# Exclusions become a bitmap of B * ceil(I / 32) int32 words where it takes at most this many bytes (the
+# reference's chunk of scores: 64 MiB), sorted keys beyond (``exclusion_form``).
+EXCLUSION_BITMAP_MAX_BYTES = 2**26
+EXCLUSION_FORMS = ("bitmap", "keys")
 # Widest merge of the splits' lists (splits rounded up to a power of 2, times KP) per row.
 MERGE_WIDTH = 8192
 MAX_SPLITS = 64
@@ -267,6 +272,18 @@ def _exclusion_words(keys, cursor, segment_end, tile_key, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _bitmap_words(exclusion_bits, rows, row_ok, words_per_row, start, BLOCK_N: tl.constexpr):
+    """The words of ``_exclusion_words`` for the tile at item ``start`` (a multiple of 32), read from
+    each row's exclusion bitmap (``_topk_prologue_kernel``)."""
+    word = start // 32 + tl.arange(0, 4)
+    inside = row_ok[:, None] & ((word < words_per_row) & (word < start // 32 + BLOCK_N // 32))[None, :]
+    words = tl.load(exclusion_bits + rows.to(tl.int64)[:, None] * words_per_row + word[None, :], mask=inside, other=0)
+    lane = tl.arange(0, 4)[None, :]
+    return (tl.sum(tl.where(lane == 0, words, 0), axis=1), tl.sum(tl.where(lane == 1, words, 0), axis=1),
+            tl.sum(tl.where(lane == 2, words, 0), axis=1), tl.sum(tl.where(lane == 3, words, 0), axis=1))
+
+
+@triton.jit
 def _exclude_columns(s, word0, word1, word2, word3, BLOCK_N: tl.constexpr):
     """s with -inf at the columns whose bits are set."""
     column = tl.arange(0, BLOCK_N)[None, :]
@@ -390,14 +407,15 @@ def _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, tar
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _topk_prologue_kernel(
-    items, item_inverse_norms, exclude_ids, exclude_offsets, exclude_keys,
-    num_items, stride_item, norm_programs,
+    items, item_inverse_norms, exclude_ids, exclude_offsets, exclude_keys, exclusion_bits,
+    num_items, stride_item, norm_programs, words_per_row,
     D: tl.constexpr, BLOCK_D: tl.constexpr, NORM_ROWS: tl.constexpr, KEY_BLOCK: tl.constexpr,
-    EPS_SQUARED: tl.constexpr,
+    BITMAP: tl.constexpr, EPS_SQUARED: tl.constexpr,
 ):
     """Programs [0, norm_programs): inverse norms of NORM_ROWS item rows each. Then one program per
-    query: the keys b * (I + 2) + clamp(id, -1, I) + 1 of its exclusions, which sort inside the
-    query's own segment whatever the ids (an id outside [0, I) matches no column)."""
+    query: with BITMAP, its exclusions' bits set in its row of ``exclusion_bits`` (zeroed by the caller;
+    ids outside [0, I) set none); else the keys b * (I + 2) + clamp(id, -1, I) + 1 of its exclusions,
+    which sort inside the query's own segment whatever the ids (an id outside [0, I) matches no column)."""
     pid = tl.program_id(0)
     if pid < norm_programs:
         rows = pid * NORM_ROWS + tl.arange(0, NORM_ROWS)
@@ -414,21 +432,27 @@ def _topk_prologue_kernel(
             position = first + tl.arange(0, KEY_BLOCK)
             ok = position < end
             ids = tl.load(exclude_ids + position, mask=ok, other=0).to(tl.int64)
-            tl.store(exclude_keys + position, base + tl.minimum(tl.maximum(ids, -1), num_items), mask=ok)
+            if BITMAP:  # an OR: repeated ids set their bit once
+                column = tl.minimum(tl.maximum(ids, 0), num_items - 1).to(tl.int32)
+                tl.atomic_or(exclusion_bits + query.to(tl.int64) * words_per_row + (column >> 5), 1 << (column & 31),
+                             mask=ok & (ids >= 0) & (ids < num_items))
+            else:
+                tl.store(exclude_keys + position, base + tl.minimum(tl.maximum(ids, -1), num_items), mask=ok)
 
 
 @triton.jit
 def _topk_kernel(
-    queries, items, item_inverse_norms, exclude_keys, exclude_offsets, target_ids,
+    queries, items, item_inverse_norms, exclusions, exclude_offsets, target_ids,
     cand_values, cand_ids, rank_partials, top_scores, top_ids, target_rank,
-    num_queries, num_items, stride_query, stride_item, items_per_split, row_blocks,
+    num_queries, num_items, stride_query, stride_item, words_per_row, items_per_split, row_blocks,
     D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NEW: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
-    FLUSH_ROWS: tl.constexpr, WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_TARGET: tl.constexpr,
-    PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
+    FLUSH_ROWS: tl.constexpr, WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    BITMAP: tl.constexpr, HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
 ):
     """One (block of BLOCK_M queries, split of items_per_split items): stream the split's tiles, keep
-    each row's best KP (>= K) and count the items at or above each target's score."""
+    each row's best KP (>= K) and count the items at or above each target's score. ``exclusions``: the
+    bitmap (BITMAP) or the sorted keys of ``_topk_prologue_kernel``."""
     pid = tl.program_id(0)
     split = pid // row_blocks  # consecutive programs share a split: its item tiles stay in L2
     row_block = pid % row_blocks
@@ -441,8 +465,8 @@ def _topk_kernel(
     lo = split * items_per_split
     hi = tl.minimum(lo + items_per_split, num_items)
     word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
-    if HAS_EXCLUDE:
-        cursor, segment_end, key_base = _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items, lo)
+    if HAS_EXCLUDE and not BITMAP:
+        cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items, lo)
     if K > 0:
         list_base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
         # Appends address the program's own lists with 32-bit offsets from one base pointer.
@@ -460,8 +484,11 @@ def _topk_kernel(
         cols = start + columns
         col_ok = cols < hi
         if HAS_EXCLUDE:  # before the scores exist: fewer values live at once
-            word0, word1, word2, word3, cursor = _exclusion_words(exclude_keys, cursor, segment_end, key_base + start,
-                                                                  BLOCK_M, BLOCK_N, WINDOW)
+            if BITMAP:
+                word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
+            else:
+                word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end,
+                                                                      key_base + start, BLOCK_M, BLOCK_N, WINDOW)
         s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
                          col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
                          DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
@@ -525,11 +552,11 @@ def _topk_merge_kernel(
 
 @triton.jit
 def _score_keys_kernel(
-    queries, items, item_inverse_norms, exclude_keys, exclude_offsets, target_ids, keys, rank_partials,
-    first_row, num_rows, num_items, stride_query, stride_item, row_blocks, col_tiles,
+    queries, items, item_inverse_norms, exclusions, exclude_offsets, target_ids, keys, rank_partials,
+    first_row, num_rows, num_items, stride_query, stride_item, words_per_row, row_blocks, col_tiles,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
-    WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_TARGET: tl.constexpr,
-    PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
+    WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, BITMAP: tl.constexpr,
+    HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
 ):
     """One [BLOCK_M queries, BLOCK_N items] tile of rows first_row.. first_row + num_rows: the order
     keys of its scores (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into
@@ -548,10 +575,13 @@ def _score_keys_kernel(
     col_ok = cols < num_items
     word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
     if HAS_EXCLUDE:
-        cursor, segment_end, key_base = _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items,
-                                                          start)
-        word0, word1, word2, word3, cursor = _exclusion_words(exclude_keys, cursor, segment_end, key_base + start,
-                                                              BLOCK_M, BLOCK_N, WINDOW)
+        if BITMAP:
+            word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
+        else:
+            cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items,
+                                                              start)
+            word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end, key_base + start,
+                                                                  BLOCK_M, BLOCK_N, WINDOW)
     s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
                      col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
                      DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
@@ -757,12 +787,14 @@ def topk_items_forward(
     selection: Optional[str] = None,
     splits: Optional[int] = None,
     traced: bool = False,
+    exclusion: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the prologue, then the streaming kernel and (with more than one split) its merge, or the
     row selection's two kernels per chunk of queries -> (scores [B, k] fp32, ids [B, k] int64, target
     rank [B] int64, or [0] without targets). ``queries`` and ``item_table`` share a dtype and have unit
-    stride in D; ``selection`` "stream" or "rows" (None: ``selection_for``); ``splits`` overrides the
-    streaming plan's split count (tests); ``traced``: called inside the op, whose trace must see the kernels."""
+    stride in D; ``selection`` "stream" or "rows" (None: ``selection_for``); ``splits`` and ``exclusion``
+    ("bitmap" or "keys") override the streaming plan's split count and ``exclusion_form`` (tests);
+    ``traced``: called inside the op, whose trace must see the kernels."""
     num_queries, dim = queries.shape
     num_items = item_table.shape[0]
     device = queries.device
@@ -781,38 +813,51 @@ def topk_items_forward(
     if num_items == 0:  # nothing to rank: empty lists, every target first
         return scores, ids, rank.fill_(1)
     has_exclude = exclude_ids is not None and exclude_ids.shape[0] > 0
+    if exclusion is None:
+        exclusion = exclusion_form(num_queries, num_items)
+    elif exclusion not in EXCLUSION_FORMS:
+        raise ValueError(f"topk.py: exclusion must be one of {EXCLUSION_FORMS}, got {exclusion!r}")
+    bitmap = has_exclude and exclusion == "bitmap"
+    words_per_row = cdiv(num_items, 32) if bitmap else 0
     # Inside the op a trace must record the launches (``wrap_triton`` hands back the kernel itself
     # where the op runs for real); torch reads these calls to key its caches on the kernels' source.
     wrap = traced and not KERNELS_INTERPRETED
     prologue_kernel = wrap_triton(_topk_prologue_kernel) if wrap else _topk_prologue_kernel
     eps_squared = NORM_EPS * NORM_EPS
     item_inverse_norms = torch.empty((num_items if l2_norm else 0,), dtype=torch.float32, device=device)
-    exclude_keys = torch.empty((exclude_ids.shape[0] if has_exclude else 0,),
+    exclude_keys = torch.empty((exclude_ids.shape[0] if has_exclude and not bitmap else 0,),
                                dtype=exclusion_key_dtype(num_queries, num_items), device=device)
+    exclusion_bits = torch.zeros((num_queries * words_per_row,), dtype=torch.int32, device=device)
     norm_programs = cdiv(num_items, 32) if l2_norm else 0
     if l2_norm or has_exclude:
         prologue_kernel[(norm_programs + (num_queries if has_exclude else 0),)](
             item_table, item_inverse_norms, exclude_ids if has_exclude else exclude_keys,
-            exclude_offsets if has_exclude else exclude_keys, exclude_keys,
-            num_items, item_table.stride(0), norm_programs,
-            D=dim, BLOCK_D=block_dim(dim), NORM_ROWS=32, KEY_BLOCK=256, EPS_SQUARED=eps_squared,
+            exclude_offsets if has_exclude else exclude_keys, exclude_keys, exclusion_bits,
+            num_items, item_table.stride(0), norm_programs, words_per_row,
+            D=dim, BLOCK_D=block_dim(dim), NORM_ROWS=32, KEY_BLOCK=256, BITMAP=bitmap, EPS_SQUARED=eps_squared,
             num_warps=4,
         )
-    if has_exclude:
+    if has_exclude and not bitmap:
         exclude_keys = torch.sort(exclude_keys).values
-    inputs = (queries, item_table, item_inverse_norms, exclude_keys, exclude_offsets if has_exclude else exclude_keys,
-              target_ids if has_target else exclude_keys)
-    flags = dict(L2_NORM=l2_norm, HAS_EXCLUDE=has_exclude, HAS_TARGET=has_target, PRECISION=dot_precision(queries.dtype),
-                 EPS_SQUARED=eps_squared)
+    inputs = (queries, item_table, item_inverse_norms, exclusion_bits if bitmap else exclude_keys,
+              exclude_offsets if has_exclude else exclude_keys, target_ids if has_target else exclude_keys)
+    flags = dict(L2_NORM=l2_norm, HAS_EXCLUDE=has_exclude, BITMAP=bitmap, HAS_TARGET=has_target,
+                 PRECISION=dot_precision(queries.dtype), EPS_SQUARED=eps_squared)
     if selection == "rows":
         kernels = (wrap_triton(_score_keys_kernel) if wrap else _score_keys_kernel,
                    wrap_triton(_select_rows_kernel) if wrap else _select_rows_kernel)
-        _launch_row_selection(kernels, inputs, flags, scores, ids, rank, k)
+        _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k)
     else:
         kernels = (wrap_triton(_topk_kernel) if wrap else _topk_kernel,
                    wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel)
-        _launch_streaming(kernels, inputs, flags, scores, ids, rank, k, splits)
+        _launch_streaming(kernels, inputs, words_per_row, flags, scores, ids, rank, k, splits)
     return scores, ids, rank
+
+
+def exclusion_form(num_queries: int, num_items: int) -> str:
+    """"bitmap" (one bit per query and item, set by the prologue: no sort, and a tile reads its words
+    instead of walking a sorted list) where it takes at most ``EXCLUSION_BITMAP_MAX_BYTES``, else "keys"."""
+    return "bitmap" if num_queries * cdiv(num_items, 32) * 4 <= EXCLUSION_BITMAP_MAX_BYTES else "keys"
 
 
 def exclusion_key_dtype(num_queries: int, num_items: int) -> torch.dtype:
@@ -821,7 +866,7 @@ def exclusion_key_dtype(num_queries: int, num_items: int) -> torch.dtype:
     return torch.int32 if num_queries * (num_items + 2) <= EXCLUSION_KEY_INT32_LIMIT else torch.int64
 
 
-def _launch_streaming(kernels, inputs, flags, scores, ids, rank, k, splits):
+def _launch_streaming(kernels, inputs, words_per_row, flags, scores, ids, rank, k, splits):
     """``_topk_kernel`` over (row block, split) programs, then ``_topk_merge_kernel`` with several splits
     (``kernels``: the two, wrapped for a trace or not)."""
     main_kernel, merge_kernel = kernels
@@ -836,7 +881,8 @@ def _launch_streaming(kernels, inputs, flags, scores, ids, rank, k, splits):
                                 dtype=torch.int32, device=device)
     main_kernel[(plan.row_blocks * plan.splits,)](
         *inputs, cand_values, cand_ids, rank_partials, scores, ids, rank,
-        num_queries, num_items, queries.stride(0), item_table.stride(0), plan.items_per_split, plan.row_blocks,
+        num_queries, num_items, queries.stride(0), item_table.stride(0), words_per_row, plan.items_per_split,
+        plan.row_blocks,
         D=dim, K=k, KP=plan.kp, NEW=plan.new, SPLITS=plan.splits, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, FLUSH_ROWS=plan.flush_rows, WINDOW=plan.window,
         num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
@@ -849,7 +895,7 @@ def _launch_streaming(kernels, inputs, flags, scores, ids, rank, k, splits):
         )
 
 
-def _launch_row_selection(kernels, inputs, flags, scores, ids, rank, k):
+def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k):
     """Per chunk of queries: ``_score_keys_kernel`` writes the chunk's order keys [rows, I], then
     ``_select_rows_kernel`` selects each row's top k and sums its rank counts (``kernels``: the two,
     wrapped for a trace or not)."""
@@ -866,7 +912,7 @@ def _launch_row_selection(kernels, inputs, flags, scores, ids, rank, k):
         row_blocks = cdiv(rows, plan.block_m)
         score_kernel[(row_blocks * plan.col_tiles,)](
             *inputs, keys, rank_partials, first_row, rows, num_items, queries.stride(0), item_table.stride(0),
-            row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+            words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
             DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window, num_warps=plan.num_warps, num_stages=2, **flags,
         )
         select_kernel[(rows,)](

@@ -272,6 +272,7 @@ class Case:
     targets: bool = True
     splits: int | None = None  # the streaming plan's split count (None: its own choice)
     selection: str | None = None  # the Triton launcher's "stream" or "rows" (None: its rule)
+    exclusion: str | None = None  # the exclusions as a "bitmap" or sorted "keys" (None: its rule)
 
 
 def make_inputs(case: Case, device=DEVICE) -> dict:
@@ -388,10 +389,10 @@ def near_ties(inputs) -> int:
 def check_case(case: Case):
     """Ours is valid on the truth; without near-ties it equals the reference exactly."""
     inputs = make_inputs(case)
-    if case.splits is None and case.selection is None:
+    if case.splits is None and case.selection is None and case.exclusion is None:
         ours = call(inputs, "triton")
     else:
-        ours = triton_forward(inputs, splits=case.splits, selection=case.selection)
+        ours = triton_forward(inputs, splits=case.splits, selection=case.selection, exclusion=case.exclusion)
     reference = call(inputs, "reference")
     assert_valid_topk(ours, inputs, "triton")
     assert_valid_topk(reference, inputs, "reference")
@@ -402,12 +403,13 @@ def check_case(case: Case):
     torch.testing.assert_close(ours[0], reference[0], rtol=0, atol=2 * largest_tolerance(inputs))
 
 
-def triton_forward(inputs, splits=None, selection=None):
-    """The launcher itself, with a chosen selection and split count (the public path follows its rule)."""
+def triton_forward(inputs, splits=None, selection=None, exclusion=None):
+    """The launcher itself, with a chosen selection, split count and exclusion form (the public path
+    follows its rules)."""
     module = importlib.import_module(TRITON_MODULE)
     scores, ids, rank = module.topk_items_forward(
         inputs["queries"], inputs["item_table"], inputs["k"], inputs.get("exclude_ids"), inputs.get("exclude_offsets"),
-        inputs.get("target_ids"), inputs["l2_norm"], selection=selection, splits=splits)
+        inputs.get("target_ids"), inputs["l2_norm"], selection=selection, splits=splits, exclusion=exclusion)
     return scores, ids, rank if "target_ids" in inputs else None
 
 
@@ -417,11 +419,14 @@ def triton_forward(inputs, splits=None, selection=None):
     k_fraction=st.floats(0, 1), seed=st.integers(0, 2**16), dtype=st.sampled_from(TRITON_DTYPES[:2]),
     l2_norm=st.booleans(), exclude=st.sampled_from(["none", "empty", "random"]), targets=st.booleans(),
     launch=st.sampled_from([(None, None), ("stream", 1), ("stream", 3), ("rows", None)]),
+    exclusion=st.sampled_from([None, "keys"]),
 )
-def test_triton_random_cases(num_queries, num_items, dim, k_fraction, seed, dtype, l2_norm, exclude, targets, launch):
+def test_triton_random_cases(num_queries, num_items, dim, k_fraction, seed, dtype, l2_norm, exclude, targets, launch,
+                             exclusion):
     k = min(round(k_fraction * num_items), 40)
     selection, splits = launch
-    check_case(Case(num_queries, num_items, dim, k, seed, dtype, l2_norm, exclude, targets, splits, selection))
+    check_case(Case(num_queries, num_items, dim, k, seed, dtype, l2_norm, exclude, targets, splits, selection,
+                    exclusion))
 
 
 @needs_triton
@@ -558,26 +563,64 @@ def test_triton_selections_and_splits_agree():
 
 @needs_triton
 @pytest.mark.parametrize("selection", SELECTIONS)
-def test_triton_int32_and_int64_exclusion_keys_agree(monkeypatch, selection):
-    """The exclusion keys are int32 where B * (I + 2) fits and int64 beyond: both give one answer,
-    with repeats, ids outside the catalogue and the last query's keys at the int32 limit."""
+def test_triton_exclusion_bitmap_and_int32_and_int64_keys_agree(monkeypatch, selection):
+    """The exclusions as a bitmap, as int32 keys where B * (I + 2) fits and as int64 keys beyond: one
+    answer, with repeats, ids outside the catalogue, the last word's last bit (item 95 of 96) and the
+    last query's keys at the int32 limit."""
     module = importlib.import_module(TRITON_MODULE)
-    inputs = make_inputs(Case(7, 90, 8, 9, seed=31))
-    lists = [[3, 3, 89, -1], [], [0, 90, 45], [7] * 5, [88, 1, 2], [89, 0], [89, 89, 90, 44]]
+    inputs = make_inputs(Case(7, 96, 8, 9, seed=31))
+    lists = [[3, 3, 95, -1], [], [0, 96, 45, 31, 32], [7] * 5, [95, 1, 2, 63], [95, 0], [95, 95, 96, 44]]
     inputs |= dict(exclude_ids=torch.tensor([i for ids in lists for i in ids], device=DEVICE),
                    exclude_offsets=offsets_of([len(ids) for ids in lists]).to(DEVICE))
-    assert module.exclusion_key_dtype(7, 90) == torch.int32
-    monkeypatch.setattr(module, "EXCLUSION_KEY_INT32_LIMIT", 7 * 92)  # the largest key, B * (I + 2), just fits
-    assert module.exclusion_key_dtype(7, 90) == torch.int32
-    narrow = triton_forward(inputs, selection=selection)
-    monkeypatch.setattr(module, "EXCLUSION_KEY_INT32_LIMIT", 7 * 92 - 1)
-    assert module.exclusion_key_dtype(7, 90) == torch.int64
-    wide = triton_forward(inputs, selection=selection)
-    for name, ours, theirs in zip(("scores", "ids", "rank"), narrow, wide):
-        assert torch.equal(ours, theirs), name
+    bitmap = triton_forward(inputs, selection=selection, exclusion="bitmap")
+    assert module.exclusion_key_dtype(7, 96) == torch.int32
+    monkeypatch.setattr(module, "EXCLUSION_KEY_INT32_LIMIT", 7 * 98)  # the largest key, B * (I + 2), just fits
+    assert module.exclusion_key_dtype(7, 96) == torch.int32
+    narrow = triton_forward(inputs, selection=selection, exclusion="keys")
+    monkeypatch.setattr(module, "EXCLUSION_KEY_INT32_LIMIT", 7 * 98 - 1)
+    assert module.exclusion_key_dtype(7, 96) == torch.int64
+    wide = triton_forward(inputs, selection=selection, exclusion="keys")
+    for form in (narrow, wide):
+        for name, ours, theirs in zip(("scores", "ids", "rank"), bitmap, form):
+            assert torch.equal(ours, theirs), name
     assert near_ties({name: value for name, value in inputs.items() if not name.startswith("exclude")}) == 0
     expected = hstu_kernels.topk_items(**inputs, backend="reference", validate=False)
-    assert torch.equal(narrow[1], expected[1]) and torch.equal(narrow[2], expected[2])
+    assert torch.equal(bitmap[1], expected[1]) and torch.equal(bitmap[2], expected[2])
+
+
+@needs_triton
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_triton_exclusions_at_the_gpu_tile_widths(monkeypatch, block_n):
+    """The GPU's item tiles of 64 and 128 columns read 2 and 4 exclusion words a row (the interpreter's
+    plans take 32): both selections and both exclusion forms give the 32-column answer."""
+    module = importlib.import_module(TRITON_MODULE)
+    inputs = make_inputs(Case(6, 300, 8, 7, seed=12))
+    assert near_ties(inputs) == 0
+    expected = triton_forward(inputs, selection="stream", exclusion="keys")
+    tile_sizes = module._tile_sizes
+    monkeypatch.setattr(module, "_tile_sizes", lambda *shape: (16, block_n, *tile_sizes(*shape)[2:]))
+    module._plan.cache_clear()
+    module._rows_plan.cache_clear()
+    try:
+        for selection in SELECTIONS:
+            for exclusion in module.EXCLUSION_FORMS:
+                assert module._rows_plan(6, 300, 8, 7, inputs["queries"].dtype).block_n == block_n
+                scores, ids, rank = triton_forward(inputs, selection=selection, exclusion=exclusion)
+                assert torch.equal(ids, expected[1]) and torch.equal(rank, expected[2]), (selection, exclusion)
+                torch.testing.assert_close(scores, expected[0], rtol=0, atol=2 * largest_tolerance(inputs))
+    finally:
+        module._plan.cache_clear()
+        module._rows_plan.cache_clear()
+
+
+def test_exclusion_form_takes_the_bitmap_up_to_its_byte_limit(monkeypatch):
+    """One bit per query and item, in whole int32 words a row, while it fits EXCLUSION_BITMAP_MAX_BYTES."""
+    module = importlib.import_module(TRITON_MODULE)
+    assert module.exclusion_form(6040, 3706) == module.exclusion_form(1024, 26744) == "bitmap"
+    assert module.exclusion_form(1024, 1_000_000) == "keys"  # 125 MB of bits
+    monkeypatch.setattr(module, "EXCLUSION_BITMAP_MAX_BYTES", 7 * 3 * 4)  # 7 rows of 3 words: 65..96 items
+    assert module.exclusion_form(7, 96) == "bitmap" and module.exclusion_form(7, 97) == "keys"
+    assert module.exclusion_form(8, 64) == "bitmap" and module.exclusion_form(8, 65) == "keys"
 
 
 @needs_triton
