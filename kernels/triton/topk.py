@@ -35,9 +35,9 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   ``selection_for`` sends them; the streaming kernel is the other selection): per chunk of queries
   (about 2^24 scores, the reference's chunk), one kernel writes every score's int32 order key (the
   same tiles, exclusions and target column as above) and per-tile rank counts, and one program per
-  query holds its whole row of keys, finds the k-th largest bit by bit (32 counts), gathers the keys
-  above it and the first equal ones (smaller ids first) and sorts those k. Many short programs
-  instead of a few long list-merging ones.
+  query holds its whole row of keys, builds a threshold bit by bit (one count a bit, stopping once
+  exactly k keys are at or above it), gathers the keys above it and the first equal ones (smaller
+  ids first) and sorts those k. Many short programs instead of a few long list-merging ones.
 """
 from __future__ import annotations
 
@@ -74,13 +74,16 @@ ROW_SELECT_ITEMS_LIMIT = 8192
 # served user's request) stream, as timed in serving.
 ROW_SELECT_MAX_ITEMS = ROW_SELECT_ITEMS_LIMIT
 ROW_SELECT_MIN_QUERIES = 16
-# The rule's time models (ms), fitted to H200 kernel times, bf16, B in {1,024, 6,040}, I in {3,706, 8,000},
-# k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part plus a time per score,
-# whatever k and D; the streaming kernel a time per unit of its plan's ``_split_cost`` (within 10% at k = 200;
-# at k = 10 it takes 1.8-2.9x the model's time, so there the rule leans to streaming).
-ROWS_FIXED_MS = 0.07
-ROWS_MS_PER_SCORE = 3.7e-8
-STREAM_MS_PER_COST = 2.7e-5
+# The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
+# I in {3,706, 8,000}, k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part
+# plus a time per score, whatever D (k = 10 is up to 14% cheaper); the streaming kernel a time per unit of its
+# plan's ``_split_cost`` (2.0-2.3e-5 ms at k = 200, 2.8-3.6e-5 at k = 10).
+ROWS_FIXED_MS = 0.015
+ROWS_MS_PER_SCORE = 1.6e-8
+STREAM_MS_PER_COST = 2.5e-5
+# Warps of the row selection's two kernels, timed on an H100: with 8, the 64 x 128 score tiles took 1.05-1.32x
+# the time of 4, and the selection 1.32x at k = 10 and at 8,000 items (2-3% less at 3,706 items with k = 200).
+ROWS_WARPS = 4
 SELECTIONS = ("stream", "rows")
 INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)
 INT64_MIN = tl.constexpr(-2**63)
@@ -600,8 +603,9 @@ def _select_rows_kernel(
     K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
 ):
     """One query (row first_row + program id): its top K from its whole row of order keys held at once.
-    With W = min(K, the row's candidates), the W-th largest key is found bit by bit (the largest T with
-    at least W keys >= T, 32 counts of the row); the keys above it and the first of those equal to it (smaller ids first) are gathered
+    With W = min(K, the row's candidates), a threshold T is built bit by bit from the top, the largest
+    with at least W keys >= T, one count of the row a bit; it stops early once exactly W keys are >= T.
+    The keys above T and the first of those equal to it (smaller ids first), W in all, are gathered
     into ``scratch`` [rows, KP] and sorted there. Then the rank: the row's partial counts summed."""
     local = tl.program_id(0)
     row = first_row + local
@@ -611,15 +615,25 @@ def _select_rows_kernel(
         wanted = tl.minimum(tl.sum((key > INT32_MIN).to(tl.int32), axis=0), K)
         # T runs over [0, 2^32) with int32 key k standing for k + 2^31: the comparisons stay in int32.
         threshold = tl.zeros([], tl.int64)
-        for i in tl.static_range(32):
-            candidate = threshold | (1 << (31 - i))
-            enough = tl.sum((key >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0) >= wanted
-            threshold = tl.where(enough, candidate, threshold)
+        bit = 31
+        searching = wanted > 0
+        while searching:  # the test is carried as a scalar (see ``_exclusion_words``)
+            candidate = threshold | (tl.full([], 1, tl.int64) << bit)
+            count = tl.sum((key >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0)
+            threshold = tl.where(count >= wanted, candidate, threshold)
+            bit -= 1
+            searching = (bit >= 0) & (count != wanted)
         kth = (threshold - 2147483648).to(tl.int32)
         above = key > kth
         equal = (key == kth) & (key > INT32_MIN)
-        taken = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= wanted - tl.sum(above.to(tl.int32), axis=0)))
-        position = tl.cumsum(taken.to(tl.int32), axis=0) - 1
+        # One scan counts both before each key: those above T in the low 16 bits, those equal to it in
+        # the high 16 (a row holds at most 8,192 of each).
+        before = tl.cumsum(above.to(tl.int32) | (equal.to(tl.int32) << 16), axis=0) - (above.to(tl.int32) |
+                                                                                        (equal.to(tl.int32) << 16))
+        equal_before = before >> 16
+        left = wanted - tl.sum(above.to(tl.int32), axis=0)  # the equal keys taken: the first ``left``
+        taken = above | (equal & (equal_before < left))
+        position = (before & 0xFFFF) + tl.minimum(equal_before, left)
         base = scratch + local.to(tl.int64) * KP
         tl.store(base + position, _pack_ordered(key, cols), mask=taken)
         tl.debug_barrier()  # every thread's gathered keys are visible from here on
@@ -736,20 +750,18 @@ class _RowsPlan(NamedTuple):
     col_tiles: int
     tiles_pow2: int
     block_i: int  # a row of keys, padded to a power of 2
-    select_warps: int
 
 
 @functools.lru_cache(maxsize=256)
 def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype) -> _RowsPlan:
     """Tiles and chunks of the row selection for one problem shape."""
-    block_m, block_n, block_d, dot_chunk, window, num_warps = _tile_sizes(num_queries, dim, dtype)
+    block_m, block_n, block_d, dot_chunk, window, _ = _tile_sizes(num_queries, dim, dtype)
     block_i = max(16, 1 << (num_items - 1).bit_length())
     col_tiles = cdiv(num_items, block_n)
     return _RowsPlan(
-        block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=num_warps,
+        block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=ROWS_WARPS,
         kp=_list_length(k), chunk_rows=min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items)),
         col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), block_i=block_i,
-        select_warps=max(4, min(16, block_i // 512)),
     )
 
 
@@ -918,7 +930,7 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
         select_kernel[(rows,)](
             keys, rank_partials, scratch, scores, ids, rank, first_row, num_items, plan.col_tiles,
             K=k, KP=plan.kp, BLOCK_I=plan.block_i, TILES_POW2=plan.tiles_pow2, HAS_TARGET=flags["HAS_TARGET"],
-            num_warps=plan.select_warps,
+            num_warps=plan.num_warps,
         )
 
 
