@@ -924,8 +924,9 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
         row_blocks = cdiv(rows, plan.block_m)
         score_kernel[(row_blocks * plan.col_tiles,)](
             *inputs, keys, rank_partials, first_row, rows, num_items, queries.stride(0), item_table.stride(0),
-            words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-            DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window, num_warps=plan.num_warps, num_stages=2, **flags,
+            words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+            BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window, num_warps=plan.num_warps, num_stages=2,
+            **flags,
         )
         select_kernel[(rows,)](
             keys, rank_partials, scratch, scores, ids, rank, first_row, num_items, plan.col_tiles,
