@@ -617,7 +617,7 @@ def test_exclusion_form_takes_the_bitmap_up_to_its_byte_limit(monkeypatch):
     """One bit per query and item, in whole int32 words a row, while it fits EXCLUSION_BITMAP_MAX_BYTES."""
     module = importlib.import_module(TRITON_MODULE)
     assert module.exclusion_form(6040, 3706) == module.exclusion_form(1024, 26744) == "bitmap"
-    assert module.exclusion_form(1024, 1_000_000) == "keys"  # 125 MB of bits
+    assert module.exclusion_form(1024, 1_000_000) == "keys"  # 128 MB of bits
     monkeypatch.setattr(module, "EXCLUSION_BITMAP_MAX_BYTES", 7 * 3 * 4)  # 7 rows of 3 words: 65..96 items
     assert module.exclusion_form(7, 96) == "bitmap" and module.exclusion_form(7, 97) == "keys"
     assert module.exclusion_form(8, 64) == "bitmap" and module.exclusion_form(8, 65) == "keys"
