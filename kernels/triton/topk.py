@@ -430,17 +430,19 @@ def _topk_prologue_kernel(
         query = pid - norm_programs
         start = tl.load(exclude_offsets + query).to(tl.int64)
         end = tl.load(exclude_offsets + query + 1).to(tl.int64)
-        base = query.to(tl.int64) * (num_items + 2) + 1
+        if BITMAP:
+            row_bits = exclusion_bits + query.to(tl.int64) * words_per_row
+        else:
+            key_base = query.to(tl.int64) * (num_items + 2) + 1
         for first in range(start, end, KEY_BLOCK):
             position = first + tl.arange(0, KEY_BLOCK)
             ok = position < end
             ids = tl.load(exclude_ids + position, mask=ok, other=0).to(tl.int64)
             if BITMAP:  # an OR: repeated ids set their bit once
                 column = tl.minimum(tl.maximum(ids, 0), num_items - 1).to(tl.int32)
-                tl.atomic_or(exclusion_bits + query.to(tl.int64) * words_per_row + (column >> 5), 1 << (column & 31),
-                             mask=ok & (ids >= 0) & (ids < num_items))
+                tl.atomic_or(row_bits + (column >> 5), 1 << (column & 31), mask=ok & (ids >= 0) & (ids < num_items))
             else:
-                tl.store(exclude_keys + position, base + tl.minimum(tl.maximum(ids, -1), num_items), mask=ok)
+                tl.store(exclude_keys + position, key_base + tl.minimum(tl.maximum(ids, -1), num_items), mask=ok)
 
 
 @triton.jit
