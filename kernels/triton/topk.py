@@ -31,13 +31,13 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   item id, which streaming in id order gives for free.
 - Splits run side by side; a last kernel merges their lists and sums their rank counts. Extra
   memory is O(B * splits * (KP + NEW)) for the lists plus the sorted keys: never a [B, I] tensor.
-- The row selection, for catalogues of at most ``ROW_SELECT_ITEMS_LIMIT`` items (where the rule
-  ``selection_for`` sends them; the streaming kernel is the other selection): per chunk of queries
-  (about 2^24 scores, the reference's chunk), one kernel writes every score's int32 order key (the
-  same tiles, exclusions and target column as above) and per-tile rank counts, and one program per
-  query holds its whole row of keys, builds a threshold bit by bit (one count a bit, stopping once
-  exactly k keys are at or above it), gathers the keys above it and the first equal ones (smaller
-  ids first) and sorts those k. Many short programs instead of a few long list-merging ones.
+- The row selection (where the rule ``selection_for`` sends a call; the streaming kernel is the other
+  selection): per chunk of queries (about 2^24 scores, the reference's chunk), one kernel writes
+  every score's int32 order key (the same tiles, exclusions and target column as above) and per-tile
+  rank counts, and one program per (query, segment of at most ``ROW_SEGMENT_ITEMS`` keys) holds its
+  keys, builds a threshold bit by bit (one count a bit, stopping once exactly k keys are at or above
+  it), gathers the keys above it and the first equal ones (smaller ids first) and sorts those k. Several segments' lists
+  go to the streaming kernel's merge. Many short programs instead of a few long list-merging ones.
 """
 from __future__ import annotations
 
@@ -67,12 +67,14 @@ EXCLUSION_FORMS = ("bitmap", "keys")
 # Widest merge of the splits' lists (splits rounded up to a power of 2, times KP) per row.
 MERGE_WIDTH = 8192
 MAX_SPLITS = 64
-# The row selection holds a query's whole row of order keys in one program: catalogues up to this size.
-ROW_SELECT_ITEMS_LIMIT = 8192
+# The row selection holds at most this many of a query's order keys in one program (a segment of its row);
+# a row of more splits into segments whose sorted lists ``_topk_merge_kernel`` merges, up to MERGE_WIDTH
+# slots a row (``row_selection_items_limit``).
+ROW_SEGMENT_ITEMS = 8192
 # The rule's bounds: catalogues up to this size, batches of at least this many queries (the fewest its time
 # models were checked at: 16 fp32 queries, BENCHMARKS.md) may take the row selection; smaller batches (a
 # served user's request) stream, as timed in serving.
-ROW_SELECT_MAX_ITEMS = ROW_SELECT_ITEMS_LIMIT
+ROW_SELECT_MAX_ITEMS = ROW_SEGMENT_ITEMS
 ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
 # I in {3,706, 8,000}, k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part
@@ -601,19 +603,27 @@ def _score_keys_kernel(
 
 @triton.jit
 def _select_rows_kernel(
-    keys, rank_partials, scratch, top_scores, top_ids, target_rank, first_row, num_items, col_tiles,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
+    keys, rank_partials, scratch, cand_values, cand_ids, top_scores, top_ids, target_rank, first_row, num_items,
+    segment_items, col_tiles,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, SEGMENTS: tl.constexpr, TILES_POW2: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
 ):
-    """One query (row first_row + program id): its top K from its whole row of order keys held at once.
-    With W = min(K, the row's candidates), a threshold T is built bit by bit from the top, the largest
-    with at least W keys >= T, one count of the row a bit; it stops early once exactly W keys are >= T.
-    The keys above T and the first of those equal to it (smaller ids first), W in all, are gathered
-    into ``scratch`` [rows, KP] and sorted there. Then the rank: the row's partial counts summed."""
+    """One (query: row first_row + program id 0, segment of segment_items of its keys: program id 1):
+    the segment's top K from its keys held at once. With W = min(K, the segment's candidates), a
+    threshold T is built bit by bit from the top, the largest with at least W keys >= T, one count of
+    the segment a bit; it stops early once exactly W keys are >= T. The keys above T and the first of
+    those equal to it (smaller ids first), W in all, are gathered into ``scratch`` [rows, SEGMENTS, KP]
+    and sorted there: the row's top k with one segment, else the segment's sorted list of KP slots
+    (``cand_values``, ``cand_ids`` [B, SEGMENTS, KP]) for ``_topk_merge_kernel``. Then, in segment 0,
+    the rank: the row's partial counts summed."""
     local = tl.program_id(0)
+    segment = tl.program_id(1)
     row = first_row + local
     if K > 0:
-        cols = tl.arange(0, BLOCK_I)
-        key = tl.load(keys + local * num_items + cols, mask=cols < num_items, other=INT32_MIN)
+        offset = tl.arange(0, BLOCK_I)
+        cols = segment * segment_items + offset
+        key = tl.load(keys + local * num_items + cols, mask=(offset < segment_items) & (cols < num_items),
+                      other=INT32_MIN)
         wanted = tl.minimum(tl.sum((key > INT32_MIN).to(tl.int32), axis=0), K)
         # T runs over [0, 2^32) with int32 key k standing for k + 2^31: the comparisons stay in int32.
         threshold = tl.zeros([], tl.int64)
@@ -629,14 +639,14 @@ def _select_rows_kernel(
         above = key > kth
         equal = (key == kth) & (key > INT32_MIN)
         # One scan counts both before each key: those above T in the low 16 bits, those equal to it in
-        # the high 16 (a row holds at most 8,192 of each).
+        # the high 16 (a segment holds at most ``ROW_SEGMENT_ITEMS`` of each).
         before = tl.cumsum(above.to(tl.int32) | (equal.to(tl.int32) << 16), axis=0) - (above.to(tl.int32) |
                                                                                         (equal.to(tl.int32) << 16))
         equal_before = before >> 16
         left = wanted - tl.sum(above.to(tl.int32), axis=0)  # the equal keys taken: the first ``left``
         taken = above | (equal & (equal_before < left))
         position = (before & 0xFFFF) + tl.minimum(equal_before, left)
-        base = scratch + local.to(tl.int64) * KP
+        base = scratch + (local.to(tl.int64) * SEGMENTS + segment) * KP
         tl.store(base + position, _pack_ordered(key, cols), mask=taken)
         tl.debug_barrier()  # every thread's gathered keys are visible from here on
         slot = tl.arange(0, KP)
@@ -645,13 +655,21 @@ def _select_rows_kernel(
         value = tl.reshape(value, [KP])
         index = tl.reshape(index, [KP])
         filled = slot < wanted
-        out = row.to(tl.int64) * K + slot
-        tl.store(top_scores + out, tl.where(filled, value, float("-inf")), mask=slot < K)
-        tl.store(top_ids + out, tl.where(filled, index, -1).to(tl.int64), mask=slot < K)
+        value = tl.where(filled, value, float("-inf"))
+        index = tl.where(filled, index, -1)
+        if SEGMENTS == 1:
+            out = row.to(tl.int64) * K + slot
+            tl.store(top_scores + out, value, mask=slot < K)
+            tl.store(top_ids + out, index.to(tl.int64), mask=slot < K)
+        else:  # every slot: the merge reads KP of them
+            out = (row.to(tl.int64) * SEGMENTS + segment) * KP + slot
+            tl.store(cand_values + out, value)
+            tl.store(cand_ids + out, index)
     if HAS_TARGET:
-        part = tl.arange(0, TILES_POW2)
-        counts = tl.load(rank_partials + local.to(tl.int64) * col_tiles + part, mask=part < col_tiles, other=0)
-        tl.store(target_rank + row, (tl.sum(counts, axis=0) + 1).to(tl.int64))
+        if segment == 0:
+            part = tl.arange(0, TILES_POW2)
+            counts = tl.load(rank_partials + local.to(tl.int64) * col_tiles + part, mask=part < col_tiles, other=0)
+            tl.store(target_rank + row, (tl.sum(counts, axis=0) + 1).to(tl.int64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,15 +747,20 @@ def _plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype
         splits = best[1]
     items_per_split = cdiv(cdiv(max(num_items, 1), splits), block_n) * block_n
     splits = cdiv(max(num_items, 1), items_per_split)
-    splits_pow2 = 1 << (splits - 1).bit_length()
-    merge_rows = max(1, min(16, 4096 // (splits_pow2 * kp)))
+    splits_pow2, merge_rows, merge_warps = _merge_shape(splits, kp)
     return _Plan(
         block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, kp=kp, new=new, splits=splits,
         items_per_split=items_per_split, row_blocks=row_blocks,
         flush_rows=max(1, min(block_m, 1024 // max(kp, new))), window=window, num_warps=num_warps,
-        num_stages=2, merge_rows=merge_rows, merge_warps=4 if splits_pow2 * kp * merge_rows <= 2048 else 8,
-        splits_pow2=splits_pow2,
+        num_stages=2, merge_rows=merge_rows, merge_warps=merge_warps, splits_pow2=splits_pow2,
     )
+
+
+def _merge_shape(splits: int, kp: int) -> tuple[int, int, int]:
+    """(splits rounded up to a power of 2, rows a program, warps) of ``_topk_merge_kernel``."""
+    splits_pow2 = 1 << (splits - 1).bit_length()
+    merge_rows = max(1, min(16, 4096 // (splits_pow2 * kp)))
+    return splits_pow2, merge_rows, 4 if splits_pow2 * kp * merge_rows <= 2048 else 8
 
 
 class _RowsPlan(NamedTuple):
@@ -751,20 +774,42 @@ class _RowsPlan(NamedTuple):
     chunk_rows: int  # queries scored per launch pair: their keys [chunk_rows, I] are the chunk
     col_tiles: int
     tiles_pow2: int
-    block_i: int  # a row of keys, padded to a power of 2
+    segments: int  # per row; with more than one, ``_topk_merge_kernel`` merges their lists
+    segment_items: int
+    block_i: int  # a segment of keys, padded to a power of 2
+    segments_pow2: int
+    merge_rows: int
+    merge_warps: int
 
 
 @functools.lru_cache(maxsize=256)
-def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype) -> _RowsPlan:
-    """Tiles and chunks of the row selection for one problem shape."""
+def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype,
+               segments: int | None = None) -> _RowsPlan:
+    """Tiles, chunks and segments of the row selection for one problem shape (``segments``: None for the
+    fewest of at most ``ROW_SEGMENT_ITEMS`` keys)."""
     block_m, block_n, block_d, dot_chunk, window, _ = _tile_sizes(num_queries, dim, dtype)
-    block_i = max(16, 1 << (num_items - 1).bit_length())
+    kp = _list_length(k)
+    if k == 0:  # no selection: one segment program per row counts the rank
+        segments = 1
+    elif segments is None:
+        segments = cdiv(num_items, ROW_SEGMENT_ITEMS)
+    segment_items = cdiv(num_items, segments)
+    segments = cdiv(num_items, segment_items)
     col_tiles = cdiv(num_items, block_n)
+    segments_pow2, merge_rows, merge_warps = _merge_shape(segments, kp)
     return _RowsPlan(
         block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=ROWS_WARPS,
-        kp=_list_length(k), chunk_rows=min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items)),
-        col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), block_i=block_i,
+        kp=kp, chunk_rows=min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items)),
+        col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), segments=segments,
+        segment_items=segment_items, block_i=max(16, 1 << (segment_items - 1).bit_length()),
+        segments_pow2=segments_pow2, merge_rows=merge_rows, merge_warps=merge_warps,
     )
+
+
+def row_selection_items_limit(k: int) -> int:
+    """The largest catalogue the row selection takes at ``k``: segments of ``ROW_SEGMENT_ITEMS`` keys whose
+    lists of KP fill the merge's MERGE_WIDTH slots."""
+    return MERGE_WIDTH // _list_length(k) * ROW_SEGMENT_ITEMS
 
 
 def selection_for(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int) -> str:
@@ -804,11 +849,12 @@ def topk_items_forward(
     exclusion: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the prologue, then the streaming kernel and (with more than one split) its merge, or the
-    row selection's two kernels per chunk of queries -> (scores [B, k] fp32, ids [B, k] int64, target
-    rank [B] int64, or [0] without targets). ``queries`` and ``item_table`` share a dtype and have unit
-    stride in D; ``selection`` "stream" or "rows" (None: ``selection_for``); ``splits`` and ``exclusion``
-    ("bitmap" or "keys") override the streaming plan's split count and ``exclusion_form`` (tests);
-    ``traced``: called inside the op, whose trace must see the kernels."""
+    row selection's two kernels per chunk of queries (and, with more than one segment a row, the merge)
+    -> (scores [B, k] fp32, ids [B, k] int64, target rank [B] int64, or [0] without targets).
+    ``queries`` and ``item_table`` share a dtype and have unit stride in D; ``selection`` "stream" or
+    "rows" (None: ``selection_for``); ``splits`` and ``exclusion`` ("bitmap" or "keys") override the
+    plan's split count (streaming) or segment count (rows) and ``exclusion_form`` (tests); ``traced``:
+    called inside the op, whose trace must see the kernels."""
     num_queries, dim = queries.shape
     num_items = item_table.shape[0]
     device = queries.device
@@ -816,8 +862,9 @@ def topk_items_forward(
         selection = selection_for(num_queries, num_items, dim, k, queries.dtype, _multiprocessors(device.index or 0))
     elif selection not in SELECTIONS:
         raise ValueError(f"topk.py: selection must be one of {SELECTIONS}, got {selection!r}")
-    elif selection == "rows" and num_items > ROW_SELECT_ITEMS_LIMIT:
-        raise ValueError(f"topk.py: the row selection takes at most {ROW_SELECT_ITEMS_LIMIT} items, got {num_items}")
+    elif selection == "rows" and num_items > row_selection_items_limit(k):
+        raise ValueError(f"topk.py: the row selection takes at most {row_selection_items_limit(k)} items at k={k}, "
+                         f"got {num_items}")
     scores = torch.empty((num_queries, k), dtype=torch.float32, device=device)
     ids = torch.empty((num_queries, k), dtype=torch.int64, device=device)
     has_target = target_ids is not None
@@ -859,8 +906,9 @@ def topk_items_forward(
                  PRECISION=dot_precision(queries.dtype), EPS_SQUARED=eps_squared)
     if selection == "rows":
         kernels = (wrap_triton(_score_keys_kernel) if wrap else _score_keys_kernel,
-                   wrap_triton(_select_rows_kernel) if wrap else _select_rows_kernel)
-        _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k)
+                   wrap_triton(_select_rows_kernel) if wrap else _select_rows_kernel,
+                   wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel)
+        _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k, splits)
     else:
         kernels = (wrap_triton(_topk_kernel) if wrap else _topk_kernel,
                    wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel)
@@ -909,16 +957,25 @@ def _launch_streaming(kernels, inputs, words_per_row, flags, scores, ids, rank, 
         )
 
 
-def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k):
+def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k, segments):
     """Per chunk of queries: ``_score_keys_kernel`` writes the chunk's order keys [rows, I], then
-    ``_select_rows_kernel`` selects each row's top k and sums its rank counts (``kernels``: the two,
+    ``_select_rows_kernel`` selects the top k of each (row, segment) and sums each row's rank counts; with
+    several segments, ``_topk_merge_kernel`` merges their lists at the end (``kernels``: the three,
     wrapped for a trace or not)."""
-    score_kernel, select_kernel = kernels
+    score_kernel, select_kernel, merge_kernel = kernels
     queries, item_table = inputs[:2]
     (num_queries, dim), num_items, device = queries.shape, item_table.shape[0], queries.device
-    plan = _rows_plan(num_queries, num_items, dim, k, queries.dtype)
+    plan = _rows_plan(num_queries, num_items, dim, k, queries.dtype, segments)
+    if plan.segment_items > ROW_SEGMENT_ITEMS or plan.segments_pow2 * plan.kp > MERGE_WIDTH:
+        raise ValueError(f"topk.py: {plan.segments} segments of {plan.segment_items} items at k={k}: the row "
+                         f"selection takes at most {ROW_SEGMENT_ITEMS} items a segment and "
+                         f"{MERGE_WIDTH // plan.kp} segments")
     keys = torch.empty((plan.chunk_rows * num_items,), dtype=torch.int32, device=device)
-    scratch = torch.empty((plan.chunk_rows * plan.kp if k > 0 else 0,), dtype=torch.int64, device=device)
+    scratch = torch.empty((plan.chunk_rows * plan.segments * plan.kp if k > 0 else 0,), dtype=torch.int64,
+                          device=device)
+    list_slots = num_queries * plan.segments * plan.kp if plan.segments > 1 else 0
+    cand_values = torch.empty((list_slots,), dtype=torch.float32, device=device)
+    cand_ids = torch.empty((list_slots,), dtype=torch.int32, device=device)
     rank_partials = torch.empty((plan.chunk_rows * plan.col_tiles if flags["HAS_TARGET"] else 0,), dtype=torch.int32,
                                 device=device)
     for first_row in range(0, num_queries, plan.chunk_rows):
@@ -930,10 +987,16 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
             BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window, num_warps=plan.num_warps, num_stages=2,
             **flags,
         )
-        select_kernel[(rows,)](
-            keys, rank_partials, scratch, scores, ids, rank, first_row, num_items, plan.col_tiles,
-            K=k, KP=plan.kp, BLOCK_I=plan.block_i, TILES_POW2=plan.tiles_pow2, HAS_TARGET=flags["HAS_TARGET"],
-            num_warps=plan.num_warps,
+        select_kernel[(rows, plan.segments)](
+            keys, rank_partials, scratch, cand_values, cand_ids, scores, ids, rank, first_row, num_items,
+            plan.segment_items, plan.col_tiles, K=k, KP=plan.kp, BLOCK_I=plan.block_i, SEGMENTS=plan.segments,
+            TILES_POW2=plan.tiles_pow2, HAS_TARGET=flags["HAS_TARGET"], num_warps=plan.num_warps,
+        )
+    if plan.segments > 1:
+        merge_kernel[(cdiv(num_queries, plan.merge_rows),)](
+            cand_values, cand_ids, rank_partials, scores, ids, rank, num_queries,
+            K=k, KP=plan.kp, NEW=0, SPLITS=plan.segments, SPLITS_POW2=plan.segments_pow2,
+            MERGE_ROWS=plan.merge_rows, HAS_TARGET=False, num_warps=plan.merge_warps,
         )
 
 

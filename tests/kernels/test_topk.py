@@ -418,7 +418,7 @@ def triton_forward(inputs, splits=None, selection=None, exclusion=None):
     num_queries=st.integers(1, 21), num_items=st.integers(1, 90), dim=st.sampled_from([3, 8, 25]),
     k_fraction=st.floats(0, 1), seed=st.integers(0, 2**16), dtype=st.sampled_from(TRITON_DTYPES[:2]),
     l2_norm=st.booleans(), exclude=st.sampled_from(["none", "empty", "random"]), targets=st.booleans(),
-    launch=st.sampled_from([(None, None), ("stream", 1), ("stream", 3), ("rows", None)]),
+    launch=st.sampled_from([(None, None), ("stream", 1), ("stream", 3), ("rows", None), ("rows", 3)]),
     exclusion=st.sampled_from([None, "keys"]),
 )
 def test_triton_random_cases(num_queries, num_items, dim, k_fraction, seed, dtype, l2_norm, exclude, targets, launch,
@@ -543,18 +543,20 @@ def test_triton_exclusions_outside_the_catalogue_exclude_nothing(selection):
 @needs_triton
 def test_triton_selections_and_splits_agree():
     """Streaming with one split per program or several merged at the end, or the row selection in one
-    chunk of queries or several: the same ids, ranks and (within the tolerance: tiles hold other items)
-    scores."""
+    chunk of queries or several, its rows whole or in segments (of 8 to 150 items, fewer than k or not):
+    the same ids, ranks and (within the tolerance: tiles hold other items) scores."""
     module = importlib.import_module(TRITON_MODULE)
     inputs = make_inputs(Case(13, 150, 25, 12, seed=8))
     assert near_ties(inputs) == 0
     results = [triton_forward(inputs, splits=s, selection="stream") for s in (1, 2, 5)]
-    results.append(triton_forward(inputs, selection="rows"))
+    results += [triton_forward(inputs, splits=s, selection="rows") for s in (None, 2, 19)]
+    plan = module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype, 19)
+    assert (plan.segments, plan.segment_items) == (19, 8)
     module._rows_plan.cache_clear()  # plans are cached per shape: a smaller chunk needs a new one
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module.reference, "SCORES_PER_CHUNK", 5 * 150)  # five queries a chunk: three chunks
         assert module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype).chunk_rows == 5
-        results.append(triton_forward(inputs, selection="rows"))
+        results += [triton_forward(inputs, splits=s, selection="rows") for s in (None, 3)]
     module._rows_plan.cache_clear()
     for scores, ids, rank in results[1:]:
         assert torch.equal(ids, results[0][1]) and torch.equal(rank, results[0][2])
@@ -636,7 +638,7 @@ def test_triton_writes_every_output_and_clears_its_lists(monkeypatch):
         return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor.fill_(-77)
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    for selection, splits in (("stream", 1), ("stream", 3), ("rows", None)):
+    for selection, splits in (("stream", 1), ("stream", 3), ("rows", None), ("rows", 3)):
         got = triton_forward(inputs, splits=splits, selection=selection)
         assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
         assert not torch.isnan(got[0]).any()
@@ -661,18 +663,31 @@ def test_k_above_the_kernels_limit_is_a_counted_fallback_to_the_reference():
 
 
 @needs_triton
-def test_triton_selection_is_named_and_bounded():
-    """An unknown selection and a catalogue too large for the row selection are refused with the
-    reason; the largest catalogue it takes runs."""
+def test_triton_selection_is_named_and_bounded(monkeypatch):
+    """An unknown selection, a catalogue too large for the row selection and segments too long or too
+    many for it are refused with the reason; the largest segment it takes runs."""
     module = importlib.import_module(TRITON_MODULE)
     inputs = make_inputs(Case(2, 5, 4, 3, seed=17))
     with pytest.raises(ValueError, match="selection must be one of"):
         triton_forward(inputs, selection="heap")
-    wide = make_inputs(Case(2, module.ROW_SELECT_ITEMS_LIMIT + 1, 4, 3, seed=18, exclude="none"))
-    with pytest.raises(ValueError, match=f"at most {module.ROW_SELECT_ITEMS_LIMIT} items"):
-        triton_forward(wide, selection="rows")
-    check_case(Case(2, module.ROW_SELECT_ITEMS_LIMIT, 4, 7, seed=19, selection="rows"))
-    assert module.ROW_SELECT_MAX_ITEMS <= module.ROW_SELECT_ITEMS_LIMIT  # the rule stays within the kernel's bound
+    assert module.row_selection_items_limit(1000) == module.MERGE_WIDTH // 1024 * module.ROW_SEGMENT_ITEMS
+    monkeypatch.setattr(module, "ROW_SEGMENT_ITEMS", 32)
+    monkeypatch.setattr(module, "MERGE_WIDTH", 4 * 128)  # k = 100 keeps lists of 128: 4 segments of 32 items
+    module._rows_plan.cache_clear()
+    try:
+        wide = make_inputs(Case(2, 129, 4, 100, seed=18, exclude="none"))
+        with pytest.raises(ValueError, match="takes at most 128 items at k=100, got 129"):
+            triton_forward(wide, selection="rows")
+        check_case(Case(2, 128, 4, 100, seed=18, exclude="none", selection="rows"))
+        whole = wide | dict(item_table=wide["item_table"][:128], target_ids=wide["target_ids"] % 128)
+        with pytest.raises(ValueError, match="1 segments of 128 items at k=100: the row selection takes at most 32 "
+                                             "items a segment and 4 segments"):
+            triton_forward(whole, selection="rows", splits=1)
+    finally:
+        monkeypatch.undo()
+        module._rows_plan.cache_clear()
+    check_case(Case(2, module.ROW_SEGMENT_ITEMS, 4, 7, seed=19, selection="rows", splits=1))
+    assert module.ROW_SELECT_MAX_ITEMS <= module.row_selection_items_limit(module.MAX_TOPK)  # the rule's bound
     assert module.selection_for(1024, module.ROW_SELECT_MAX_ITEMS + 1, 50, 200, torch.bfloat16, 132) == "stream"
     fewer = module.ROW_SELECT_MIN_QUERIES - 1  # below the batches its time model was checked at
     assert module.selection_for(fewer, 3706, 50, 200, torch.bfloat16, 132) == "stream"
@@ -830,6 +845,8 @@ GPU_CASES = [
     Case(77, 3706, 64, 100, seed=23, dtype=torch.float16, l2_norm=False, selection="rows"),
     Case(200, 8192, 256, 10, seed=26, dtype=torch.bfloat16, selection="rows"),
     Case(200, 5000, 50, 20, seed=24, dtype=torch.float32, selection="rows"),
+    Case(1024, 26744, 50, 200, seed=21, dtype=torch.bfloat16, selection="rows"),  # 4 segments a row
+    Case(300, 100_003, 256, 10, seed=22, dtype=torch.bfloat16, selection="rows"),  # 13
 ]
 
 
@@ -851,11 +868,11 @@ def test_gpu_full_size(case):
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("num_items", [26744, 3706])  # the rule's selection; the row selection is named below
-def test_gpu_cuda_graph_replays_new_inputs(num_items):
-    """Captured once (no host reads in the launch path), replayed on new values copied into the inputs."""
-    module = importlib.import_module(TRITON_MODULE)
-    selection = None if num_items > module.ROW_SELECT_ITEMS_LIMIT else "rows"
+@pytest.mark.parametrize("num_items, selection",
+                         [(26744, None), (26744, "stream"), (26744, "rows"), (3706, "rows")])
+def test_gpu_cuda_graph_replays_new_inputs(num_items, selection):
+    """Captured once (no host reads in the launch path), replayed on new values copied into the inputs:
+    the rule's selection, streaming, the row selection in 4 segments a row and in one."""
 
     def retrieve(inputs):  # the public call (checks off) where the rule decides
         if selection is None:
