@@ -33,10 +33,12 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   memory is O(B * splits * (KP + NEW)) for the lists plus the sorted keys: never a [B, I] tensor.
 - The row selection (where the rule ``selection_for`` sends a call; the streaming kernel is the other
   selection): per chunk of queries (about 2^24 scores, the reference's chunk), one kernel writes
-  every score's int32 order key (the same tiles, exclusions and target column as above) and per-tile
-  rank counts, and one program per (query, segment of at most ``ROW_SEGMENT_ITEMS`` keys) holds its
-  keys, builds a threshold bit by bit (one count a bit, stopping once exactly k keys are at or above
-  it), gathers the keys above it and the first equal ones (smaller ids first) and sorts those k. Several segments' lists
+  every score's int32 order key (the same tiles, exclusions and target column as above), per-tile
+  rank counts and each group of 32 items' largest key, and one program per (query, segment of at
+  most ``ROW_SEGMENT_ITEMS`` keys) holds its keys, drops those under the k-th largest group maximum
+  (a lower bound on the row's k-th key), builds a threshold bit by bit (one count a bit, stopping
+  once exactly k keys are at or above it; no search where no more than k are left), gathers the keys
+  above it and the first equal ones (smaller ids first) and sorts those k. Several segments' lists
   go to the streaming kernel's merge. Many short programs instead of a few long list-merging ones.
 """
 from __future__ import annotations
@@ -71,15 +73,16 @@ MAX_SPLITS = 64
 # a row of more splits into segments whose sorted lists ``_topk_merge_kernel`` merges, up to MERGE_WIDTH
 # slots a row (``row_selection_items_limit``).
 ROW_SEGMENT_ITEMS = 8192
-# The rule's bounds: catalogues up to this size, batches of at least this many queries (the fewest its time
-# models were checked at: 16 fp32 queries, BENCHMARKS.md) may take the row selection; smaller batches (a
-# served user's request) stream, as timed in serving.
-ROW_SELECT_MAX_ITEMS = ROW_SEGMENT_ITEMS
+# The rule's bounds: catalogues of up to four segments (the most its time models were checked at: 26,744
+# items; at 100,003 streaming ran faster), batches of at least this many queries (the fewest checked: 16 fp32
+# queries, BENCHMARKS.md) may take the row selection; smaller batches (a served user's request) stream, as
+# timed in serving.
+ROW_SELECT_MAX_ITEMS = 4 * ROW_SEGMENT_ITEMS
 ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
-# I in {3,706, 8,000}, k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed part
-# plus a time per score, whatever D (k = 10 is up to 14% cheaper); the streaming kernel a time per unit of its
-# plan's ``_split_cost`` (2.0-2.3e-5 ms at k = 200, 2.8-3.6e-5 at k = 10).
+# I in {3,706, 8,000}, k in {10, 200}, and checked at 26,744 items (BENCHMARKS.md, ``interaction``): the row
+# selection takes a fixed part plus a time per score, whatever D (k = 10 is up to 14% cheaper); the streaming
+# kernel a time per unit of its plan's ``_split_cost`` (2.0-2.3e-5 ms at k = 200, 2.8-3.6e-5 at k = 10).
 ROWS_FIXED_MS = 0.015
 ROWS_MS_PER_SCORE = 1.6e-8
 STREAM_MS_PER_COST = 2.5e-5
@@ -559,16 +562,17 @@ def _topk_merge_kernel(
 
 @triton.jit
 def _score_keys_kernel(
-    queries, items, item_inverse_norms, exclusions, exclude_offsets, target_ids, keys, rank_partials,
+    queries, items, item_inverse_norms, exclusions, exclude_offsets, target_ids, keys, group_maxima, rank_partials,
     first_row, num_rows, num_items, stride_query, stride_item, words_per_row, row_blocks, col_tiles,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
     WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, BITMAP: tl.constexpr,
-    HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr,
+    HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr, HAS_BOUND: tl.constexpr,
 ):
     """One [BLOCK_M queries, BLOCK_N items] tile of rows first_row.. first_row + num_rows: the order
     keys of its scores (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into
-    ``keys`` [num_rows, I], and per row the count of items at or above the target's score, less the
-    target itself, into ``rank_partials`` [num_rows, col_tiles]."""
+    ``keys`` [num_rows, I]; with HAS_BOUND, the largest key of each group of 32 items into
+    ``group_maxima`` [num_rows, ceil(I / 32)]; per row the count of items at or above the target's
+    score, less the target itself, into ``rank_partials`` [num_rows, col_tiles]."""
     pid = tl.program_id(0)
     tile = pid // row_blocks  # consecutive programs share an item tile: it stays in L2
     local = (pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -594,7 +598,14 @@ def _score_keys_kernel(
                      DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
     at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
     ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(keys + at, tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN), mask=ok)
+    key = tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN)
+    tl.store(keys + at, key, mask=ok)
+    if HAS_BOUND:
+        groups = tl.cdiv(num_items, 32)
+        group = start // 32 + tl.arange(0, BLOCK_N // 32)
+        largest = tl.max(tl.reshape(key, [BLOCK_M, BLOCK_N // 32, 32]), axis=2)
+        tl.store(group_maxima + local[:, None] * groups + group[None, :], largest,
+                 mask=row_ok[:, None] & (group < groups)[None, :])
     if HAS_TARGET:
         here = (target >= start) & (target < tl.minimum(start + BLOCK_N, num_items))
         count = tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
@@ -602,40 +613,63 @@ def _score_keys_kernel(
 
 
 @triton.jit
+def _threshold(key, wanted, low):
+    """The largest int32 T with at least ``wanted`` (>= 1) of ``key`` >= T, given ``low`` <= T: built bit
+    by bit from the highest bit where ``low`` and the largest key differ (the bits above it are theirs),
+    one count a bit, stopping once exactly ``wanted`` keys are >= T."""
+    # T runs over [0, 2^32) with int32 key k standing for k + 2^31: the comparisons stay in int32.
+    high = tl.max(key, axis=0).to(tl.int64) + 2147483648
+    differ = (low.to(tl.int64) + 2147483648) ^ high
+    bit = ((differ.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1023).to(tl.int32)  # exact below 2^53
+    threshold = tl.where(differ == 0, high, high & ~((tl.full([], 2, tl.int64) << bit) - 1))
+    searching = differ != 0
+    while searching:  # the test is carried as a scalar (see ``_exclusion_words``)
+        candidate = threshold | (tl.full([], 1, tl.int64) << bit)
+        count = tl.sum((key >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0)
+        threshold = tl.where(count >= wanted, candidate, threshold)
+        bit -= 1
+        searching = (bit >= 0) & (count != wanted)
+    return (threshold - 2147483648).to(tl.int32)
+
+
+@triton.jit
 def _select_rows_kernel(
-    keys, rank_partials, scratch, cand_values, cand_ids, top_scores, top_ids, target_rank, first_row, num_items,
-    segment_items, col_tiles,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, SEGMENTS: tl.constexpr, TILES_POW2: tl.constexpr,
-    HAS_TARGET: tl.constexpr,
+    keys, group_maxima, rank_partials, scratch, cand_values, cand_ids, top_scores, top_ids, target_rank, first_row,
+    num_items, segment_items, col_tiles,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, SEGMENTS: tl.constexpr, HAS_BOUND: tl.constexpr,
+    GROUPS_POW2: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
 ):
     """One (query: row first_row + program id 0, segment of segment_items of its keys: program id 1):
-    the segment's top K from its keys held at once. With W = min(K, the segment's candidates), a
-    threshold T is built bit by bit from the top, the largest with at least W keys >= T, one count of
-    the segment a bit; it stops early once exactly W keys are >= T. The keys above T and the first of
-    those equal to it (smaller ids first), W in all, are gathered into ``scratch`` [rows, SEGMENTS, KP]
-    and sorted there: the row's top k with one segment, else the segment's sorted list of KP slots
-    (``cand_values``, ``cand_ids`` [B, SEGMENTS, KP]) for ``_topk_merge_kernel``. Then, in segment 0,
-    the rank: the row's partial counts summed."""
+    the segment's top K from its keys held at once. With HAS_BOUND (the row has at least K groups of
+    32 items), the K-th largest of the row's group maxima bounds its K-th key from below: keys under
+    it are dropped. With W = min(K, the keys left), the keys above the W-th largest T (``_threshold``,
+    not searched when no more than K are left) and the first of those equal to it (smaller ids first),
+    W in all, are gathered into ``scratch`` [rows, SEGMENTS, KP] and sorted there: the row's top k with
+    one segment, else the segment's sorted list of KP slots (``cand_values``, ``cand_ids``
+    [B, SEGMENTS, KP]) for ``_topk_merge_kernel``. Then, in segment 0, the rank: the row's partial
+    counts summed."""
     local = tl.program_id(0)
     segment = tl.program_id(1)
     row = first_row + local
     if K > 0:
+        bound = tl.full([], -2**31, tl.int32)  # INT32_MIN: no bound
+        if HAS_BOUND:  # K groups each hold a key >= their K-th largest maximum
+            groups = tl.cdiv(num_items, 32)
+            group = tl.arange(0, GROUPS_POW2)
+            largest = tl.load(group_maxima + local * groups + group, mask=group < groups, other=INT32_MIN)
+            if tl.sum((largest > INT32_MIN).to(tl.int32), axis=0) >= K:
+                lowest = tl.min(tl.where(largest > INT32_MIN, largest, 2**31 - 1), axis=0)
+                bound = _threshold(largest, K, lowest)
         offset = tl.arange(0, BLOCK_I)
         cols = segment * segment_items + offset
         key = tl.load(keys + local * num_items + cols, mask=(offset < segment_items) & (cols < num_items),
                       other=INT32_MIN)
-        wanted = tl.minimum(tl.sum((key > INT32_MIN).to(tl.int32), axis=0), K)
-        # T runs over [0, 2^32) with int32 key k standing for k + 2^31: the comparisons stay in int32.
-        threshold = tl.zeros([], tl.int64)
-        bit = 31
-        searching = wanted > 0
-        while searching:  # the test is carried as a scalar (see ``_exclusion_words``)
-            candidate = threshold | (tl.full([], 1, tl.int64) << bit)
-            count = tl.sum((key >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0)
-            threshold = tl.where(count >= wanted, candidate, threshold)
-            bit -= 1
-            searching = (bit >= 0) & (count != wanted)
-        kth = (threshold - 2147483648).to(tl.int32)
+        key = tl.where(key >= bound, key, INT32_MIN)
+        left = tl.sum((key > INT32_MIN).to(tl.int32), axis=0)
+        wanted = tl.minimum(left, K)
+        kth = bound  # with no more than K left, all of them
+        if left > wanted:
+            kth = _threshold(key, wanted, bound)
         above = key > kth
         equal = (key == kth) & (key > INT32_MIN)
         # One scan counts both before each key: those above T in the low 16 bits, those equal to it in
@@ -643,9 +677,9 @@ def _select_rows_kernel(
         before = tl.cumsum(above.to(tl.int32) | (equal.to(tl.int32) << 16), axis=0) - (above.to(tl.int32) |
                                                                                         (equal.to(tl.int32) << 16))
         equal_before = before >> 16
-        left = wanted - tl.sum(above.to(tl.int32), axis=0)  # the equal keys taken: the first ``left``
-        taken = above | (equal & (equal_before < left))
-        position = (before & 0xFFFF) + tl.minimum(equal_before, left)
+        ties = wanted - tl.sum(above.to(tl.int32), axis=0)  # the equal keys taken: the first ``ties``
+        taken = above | (equal & (equal_before < ties))
+        position = (before & 0xFFFF) + tl.minimum(equal_before, ties)
         base = scratch + (local.to(tl.int64) * SEGMENTS + segment) * KP
         tl.store(base + position, _pack_ordered(key, cols), mask=taken)
         tl.debug_barrier()  # every thread's gathered keys are visible from here on
@@ -780,6 +814,8 @@ class _RowsPlan(NamedTuple):
     segments_pow2: int
     merge_rows: int
     merge_warps: int
+    has_bound: bool  # the group maxima bound each row's k-th key: at least k groups of 32 items, at most a segment's
+    groups_pow2: int
 
 
 @functools.lru_cache(maxsize=256)
@@ -797,12 +833,14 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
     segments = cdiv(num_items, segment_items)
     col_tiles = cdiv(num_items, block_n)
     segments_pow2, merge_rows, merge_warps = _merge_shape(segments, kp)
+    groups = cdiv(num_items, 32)
     return _RowsPlan(
         block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=ROWS_WARPS,
         kp=kp, chunk_rows=min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items)),
         col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), segments=segments,
         segment_items=segment_items, block_i=max(16, 1 << (segment_items - 1).bit_length()),
         segments_pow2=segments_pow2, merge_rows=merge_rows, merge_warps=merge_warps,
+        has_bound=0 < k <= groups <= ROW_SEGMENT_ITEMS, groups_pow2=1 << (groups - 1).bit_length(),
     )
 
 
@@ -971,6 +1009,8 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
                          f"selection takes at most {ROW_SEGMENT_ITEMS} items a segment and "
                          f"{MERGE_WIDTH // plan.kp} segments")
     keys = torch.empty((plan.chunk_rows * num_items,), dtype=torch.int32, device=device)
+    group_maxima = torch.empty((plan.chunk_rows * cdiv(num_items, 32) if plan.has_bound else 0,), dtype=torch.int32,
+                               device=device)
     scratch = torch.empty((plan.chunk_rows * plan.segments * plan.kp if k > 0 else 0,), dtype=torch.int64,
                           device=device)
     list_slots = num_queries * plan.segments * plan.kp if plan.segments > 1 else 0
@@ -982,15 +1022,16 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
         rows = min(plan.chunk_rows, num_queries - first_row)
         row_blocks = cdiv(rows, plan.block_m)
         score_kernel[(row_blocks * plan.col_tiles,)](
-            *inputs, keys, rank_partials, first_row, rows, num_items, queries.stride(0), item_table.stride(0),
-            words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-            BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window, num_warps=plan.num_warps, num_stages=2,
-            **flags,
+            *inputs, keys, group_maxima, rank_partials, first_row, rows, num_items, queries.stride(0),
+            item_table.stride(0), words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m,
+            BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window,
+            HAS_BOUND=plan.has_bound, num_warps=plan.num_warps, num_stages=2, **flags,
         )
         select_kernel[(rows, plan.segments)](
-            keys, rank_partials, scratch, cand_values, cand_ids, scores, ids, rank, first_row, num_items,
+            keys, group_maxima, rank_partials, scratch, cand_values, cand_ids, scores, ids, rank, first_row, num_items,
             plan.segment_items, plan.col_tiles, K=k, KP=plan.kp, BLOCK_I=plan.block_i, SEGMENTS=plan.segments,
-            TILES_POW2=plan.tiles_pow2, HAS_TARGET=flags["HAS_TARGET"], num_warps=plan.num_warps,
+            HAS_BOUND=plan.has_bound, GROUPS_POW2=plan.groups_pow2, TILES_POW2=plan.tiles_pow2,
+            HAS_TARGET=flags["HAS_TARGET"], num_warps=plan.num_warps,
         )
     if plan.segments > 1:
         merge_kernel[(cdiv(num_queries, plan.merge_rows),)](
