@@ -500,10 +500,10 @@ def test_triton_exact_ties_match_the_reference(selection, k):
 @pytest.mark.parametrize("k, num_items", [(2, 269), (7, 909), (9, 269)])  # 9, 29 and 9 groups (the last of 13)
 def test_triton_row_selection_bound_by_group_maxima(monkeypatch, k, num_items, segments, block_n):
     """The row selection drops the keys under each row's k-th largest group maximum (groups of 32 items,
-    with at least k of them): with integer scores tying across groups and at the
-    bound itself, rows left with fewer than k groups (no bound), rows with no more than k keys left at or
-    above it (no search), one segment or three, the interpreter's tiles of 32 items or the GPU's of 64
-    and 128 (several groups a tile): the reference's ids, scores and ranks exactly."""
+    with at least k of them): with integer scores tying across groups and at the bound itself, rows left
+    with fewer than k groups (no bound), rows with no more than k keys left at or above it (no search),
+    one segment or three, the interpreter's tiles of 32 items or the GPU's of 64 and 128 (several groups
+    a tile): the reference's ids, scores and ranks exactly."""
     module = importlib.import_module(TRITON_MODULE)
     if block_n is not None:
         tile_sizes = module._tile_sizes
