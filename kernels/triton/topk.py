@@ -35,11 +35,12 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   selection): per chunk of queries (about 2^24 scores, the reference's chunk), one kernel writes
   every score's int32 order key (the same tiles, exclusions and target column as above), per-tile
   rank counts and each group of 32 items' largest key, and one program per (query, segment of at
-  most ``ROW_SEGMENT_ITEMS`` keys) holds its keys, drops those under the k-th largest group maximum
-  (a lower bound on the row's k-th key), builds a threshold bit by bit (one count a bit, stopping
-  once exactly k keys are at or above it; no search where no more than k are left), gathers the keys
-  above it and the first equal ones (smaller ids first) and sorts those k. Several segments' lists
-  go to the streaming kernel's merge. Many short programs instead of a few long list-merging ones.
+  most ``ROW_SEGMENT_ITEMS`` keys) holds its keys, leaves out those under the k-th largest group
+  maximum (a lower bound on the row's k-th key, searched once a row), builds a threshold bit by bit
+  (one count a bit, stopping once exactly k keys are at or above it; no search where no more than k
+  are left), gathers the keys above it and the first equal ones (smaller ids first) and sorts those
+  k. Several segments' lists go to the streaming kernel's merge. Many short programs instead of a few
+  long list-merging ones.
 """
 from __future__ import annotations
 
@@ -633,39 +634,58 @@ def _threshold(key, wanted, low):
 
 
 @triton.jit
+def _row_bound(group_maxima, local, num_items, K: tl.constexpr, GROUPS_POW2: tl.constexpr):
+    """The K-th largest of row ``local``'s group maxima (K groups each hold a key at or above it: a lower
+    bound on the row's K-th key), or INT32_MIN where fewer than K groups hold a key."""
+    bound = tl.full([], -2**31, tl.int32)  # INT32_MIN: no bound
+    groups = tl.cdiv(num_items, 32)
+    group = tl.arange(0, GROUPS_POW2)
+    largest = tl.load(group_maxima + local * groups + group, mask=group < groups, other=INT32_MIN)
+    if tl.sum((largest > INT32_MIN).to(tl.int32), axis=0) >= K:
+        lowest = tl.min(tl.where(largest > INT32_MIN, largest, 2**31 - 1), axis=0)
+        bound = _threshold(largest, K, lowest)
+    return bound
+
+
+@triton.jit
+def _row_bound_kernel(group_maxima, row_bounds, num_items, K: tl.constexpr, GROUPS_POW2: tl.constexpr):
+    """Row ``program_id(0)``'s bound (``_row_bound``) into ``row_bounds``: searched once for all its segments."""
+    local = tl.program_id(0)
+    tl.store(row_bounds + local, _row_bound(group_maxima, local, num_items, K, GROUPS_POW2))
+
+
+@triton.jit
 def _select_rows_kernel(
-    keys, group_maxima, rank_partials, scratch, cand_values, cand_ids, top_scores, top_ids, target_rank, first_row,
-    num_items, segment_items, col_tiles,
+    keys, group_maxima, row_bounds, rank_partials, scratch, cand_values, cand_ids, top_scores, top_ids, target_rank,
+    first_row, num_items, segment_items, col_tiles,
     K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, SEGMENTS: tl.constexpr, HAS_BOUND: tl.constexpr,
     GROUPS_POW2: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
 ):
     """One (query: row first_row + program id 0, segment of segment_items of its keys: program id 1):
-    the segment's top K from its keys held at once. With HAS_BOUND (the row has at least K groups of
-    32 items), the K-th largest of the row's group maxima bounds its K-th key from below: keys under
-    it are dropped. With W = min(K, the keys left), the keys above the W-th largest T (``_threshold``,
-    not searched when no more than K are left) and the first of those equal to it (smaller ids first),
-    W in all, are gathered into ``scratch`` [rows, SEGMENTS, KP] and sorted there: the row's top k with
-    one segment, else the segment's sorted list of KP slots (``cand_values``, ``cand_ids``
-    [B, SEGMENTS, KP]) for ``_topk_merge_kernel``. Then, in segment 0, the rank: the row's partial
-    counts summed."""
+    the segment's top K from its keys held at once. With HAS_BOUND, keys under the row's bound
+    (``_row_bound``: searched here with one segment, else read from ``row_bounds``) are left out. With
+    W = min(K, the keys left), the keys above the W-th largest T (``_threshold``, not searched when no
+    more than K are left) and the first of those equal to it (smaller ids first), W in all, are
+    gathered into ``scratch`` [rows, SEGMENTS, KP] and sorted there: the row's top k with one segment,
+    else the segment's sorted list of KP slots (``cand_values``, ``cand_ids`` [B, SEGMENTS, KP]) for
+    ``_topk_merge_kernel``. Then, in segment 0, the rank: the row's partial counts summed."""
     local = tl.program_id(0)
     segment = tl.program_id(1)
     row = first_row + local
     if K > 0:
         bound = tl.full([], -2**31, tl.int32)  # INT32_MIN: no bound
-        if HAS_BOUND:  # K groups each hold a key >= their K-th largest maximum
-            groups = tl.cdiv(num_items, 32)
-            group = tl.arange(0, GROUPS_POW2)
-            largest = tl.load(group_maxima + local * groups + group, mask=group < groups, other=INT32_MIN)
-            if tl.sum((largest > INT32_MIN).to(tl.int32), axis=0) >= K:
-                lowest = tl.min(tl.where(largest > INT32_MIN, largest, 2**31 - 1), axis=0)
-                bound = _threshold(largest, K, lowest)
+        if HAS_BOUND:
+            if SEGMENTS == 1:
+                bound = _row_bound(group_maxima, local, num_items, K, GROUPS_POW2)
+            else:
+                bound = tl.load(row_bounds + local)
+        first = segment * segment_items
         offset = tl.arange(0, BLOCK_I)
-        cols = segment * segment_items + offset
-        key = tl.load(keys + local * num_items + cols, mask=(offset < segment_items) & (cols < num_items),
-                      other=INT32_MIN)
-        key = tl.where(key >= bound, key, INT32_MIN)
-        left = tl.sum((key > INT32_MIN).to(tl.int32), axis=0)
+        key = tl.load(keys + local * num_items + first + offset,
+                      mask=offset < tl.minimum(segment_items, num_items - first), other=INT32_MIN)
+        # At least min(K, left) keys are at or above the bound, so the keys taken above T never
+        # include one under it: counting those out of ``left`` is enough, with no rewrite.
+        left = tl.sum(((key >= bound) & (key > INT32_MIN)).to(tl.int32), axis=0)
         wanted = tl.minimum(left, K)
         kth = bound  # with no more than K left, all of them
         if left > wanted:
@@ -681,7 +701,7 @@ def _select_rows_kernel(
         taken = above | (equal & (equal_before < ties))
         position = (before & 0xFFFF) + tl.minimum(equal_before, ties)
         base = scratch + (local.to(tl.int64) * SEGMENTS + segment) * KP
-        tl.store(base + position, _pack_ordered(key, cols), mask=taken)
+        tl.store(base + position, _pack_ordered(key, first + offset), mask=taken)
         tl.debug_barrier()  # every thread's gathered keys are visible from here on
         slot = tl.arange(0, KP)
         gathered = tl.load(base + slot, mask=slot < wanted, other=0)
@@ -944,6 +964,7 @@ def topk_items_forward(
                  PRECISION=dot_precision(queries.dtype), EPS_SQUARED=eps_squared)
     if selection == "rows":
         kernels = (wrap_triton(_score_keys_kernel) if wrap else _score_keys_kernel,
+                   wrap_triton(_row_bound_kernel) if wrap else _row_bound_kernel,
                    wrap_triton(_select_rows_kernel) if wrap else _select_rows_kernel,
                    wrap_triton(_topk_merge_kernel) if wrap else _topk_merge_kernel)
         _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k, splits)
@@ -998,9 +1019,9 @@ def _launch_streaming(kernels, inputs, words_per_row, flags, scores, ids, rank, 
 def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, rank, k, segments):
     """Per chunk of queries: ``_score_keys_kernel`` writes the chunk's order keys [rows, I], then
     ``_select_rows_kernel`` selects the top k of each (row, segment) and sums each row's rank counts; with
-    several segments, ``_topk_merge_kernel`` merges their lists at the end (``kernels``: the three,
-    wrapped for a trace or not)."""
-    score_kernel, select_kernel, merge_kernel = kernels
+    several segments, ``_row_bound_kernel`` searches each row's bound once before them and
+    ``_topk_merge_kernel`` merges their lists at the end (``kernels``: the four, wrapped for a trace or not)."""
+    score_kernel, bound_kernel, select_kernel, merge_kernel = kernels
     queries, item_table = inputs[:2]
     (num_queries, dim), num_items, device = queries.shape, item_table.shape[0], queries.device
     plan = _rows_plan(num_queries, num_items, dim, k, queries.dtype, segments)
@@ -1011,6 +1032,8 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
     keys = torch.empty((plan.chunk_rows * num_items,), dtype=torch.int32, device=device)
     group_maxima = torch.empty((plan.chunk_rows * cdiv(num_items, 32) if plan.has_bound else 0,), dtype=torch.int32,
                                device=device)
+    row_bounds = torch.empty((plan.chunk_rows if plan.has_bound and plan.segments > 1 else 0,), dtype=torch.int32,
+                             device=device)
     scratch = torch.empty((plan.chunk_rows * plan.segments * plan.kp if k > 0 else 0,), dtype=torch.int64,
                           device=device)
     list_slots = num_queries * plan.segments * plan.kp if plan.segments > 1 else 0
@@ -1027,10 +1050,13 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
             BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window,
             HAS_BOUND=plan.has_bound, num_warps=plan.num_warps, num_stages=2, **flags,
         )
+        if plan.has_bound and plan.segments > 1:
+            bound_kernel[(rows,)](group_maxima, row_bounds, num_items, K=k, GROUPS_POW2=plan.groups_pow2,
+                                  num_warps=plan.num_warps)
         select_kernel[(rows, plan.segments)](
-            keys, group_maxima, rank_partials, scratch, cand_values, cand_ids, scores, ids, rank, first_row, num_items,
-            plan.segment_items, plan.col_tiles, K=k, KP=plan.kp, BLOCK_I=plan.block_i, SEGMENTS=plan.segments,
-            HAS_BOUND=plan.has_bound, GROUPS_POW2=plan.groups_pow2, TILES_POW2=plan.tiles_pow2,
+            keys, group_maxima, row_bounds, rank_partials, scratch, cand_values, cand_ids, scores, ids, rank, first_row,
+            num_items, plan.segment_items, plan.col_tiles, K=k, KP=plan.kp, BLOCK_I=plan.block_i,
+            SEGMENTS=plan.segments, HAS_BOUND=plan.has_bound, GROUPS_POW2=plan.groups_pow2, TILES_POW2=plan.tiles_pow2,
             HAS_TARGET=flags["HAS_TARGET"], num_warps=plan.num_warps,
         )
     if plan.segments > 1:

@@ -735,13 +735,15 @@ def test_triton_selection_is_named_and_bounded(monkeypatch):
     assert module.selection_for(fewer, 3706, 50, 200, torch.bfloat16, 132) == "stream"
 
 
-# The faster selection by H100 kernel time (BENCHMARKS.md, `interaction`) at each measured (B, D, I, k).
-# The closest calls were 10-16% apart (6040 x 3706 x 10 in bf16, 512 x 3706 x 10 in fp32).
+# The faster selection by H100 kernel time (BENCHMARKS.md, `interaction`) at each measured (B, D, I, k);
+# "either" where the two ran within 5%: at 6040 x 3706 x 10 the row selection led by 3%, less than its
+# time moved between two H100s on one day. The closest calls otherwise were 16-27% apart (512 x 3706 x 10
+# in fp32, 1024 x 50 x 26744 x 10 in bf16).
 FASTER_SELECTION_MEASURED = {
     torch.bfloat16: {
         (1024, 50, 3706, 10): "rows", (1024, 50, 3706, 200): "rows", (1024, 256, 3706, 10): "rows",
-        (1024, 256, 3706, 200): "rows", (6040, 50, 3706, 10): "stream", (6040, 50, 3706, 200): "rows",
-        (6040, 256, 3706, 10): "stream", (6040, 256, 3706, 200): "rows", (6040, 50, 8000, 200): "rows",
+        (1024, 256, 3706, 200): "rows", (6040, 50, 3706, 10): "either", (6040, 50, 3706, 200): "rows",
+        (6040, 256, 3706, 10): "either", (6040, 256, 3706, 200): "rows", (6040, 50, 8000, 200): "rows",
         (6040, 256, 8000, 200): "rows", (1024, 50, 26744, 200): "rows", (1024, 256, 26744, 200): "rows",
         (1024, 50, 26744, 10): "stream", (1024, 256, 26744, 10): "stream", (6040, 50, 26744, 200): "stream",
         (6040, 50, 26744, 10): "stream",
@@ -755,14 +757,15 @@ FASTER_SELECTION_MEASURED = {
 
 def test_selection_rule_picks_the_selection_measured_faster(monkeypatch):
     """The rule's time models pick the selection that ran faster on an H100 (132 multiprocessors) at every
-    measured shape."""
+    measured shape where the two were more than 5% apart."""
     module = importlib.import_module(TRITON_MODULE)
     monkeypatch.setattr(module, "KERNELS_INTERPRETED", False)  # the GPU's tiles, not the interpreter's
     module._plan.cache_clear()
     try:
         for dtype, measured in FASTER_SELECTION_MEASURED.items():
             for (num_queries, dim, num_items, k), faster in measured.items():
-                assert module.selection_for(num_queries, num_items, dim, k, dtype, 132) == faster, (
+                picked = module.selection_for(num_queries, num_items, dim, k, dtype, 132)
+                assert picked == faster or (faster == "either" and picked in module.SELECTIONS), (
                     dtype, num_queries, dim, num_items, k)
     finally:
         module._plan.cache_clear()
@@ -957,7 +960,8 @@ def test_gpu_inductor_compiles_the_kernels_into_the_graph():
     kernels_of = getattr(torch._library.triton, "get_triton_kernels_for_op", None)  # newer torch only
     if kernels_of is not None:
         assert sorted(kernel.fn.__name__ for kernel in kernels_of("hstu_kernels::topk_items")) == [
-            "_score_keys_kernel", "_select_rows_kernel", "_topk_kernel", "_topk_merge_kernel", "_topk_prologue_kernel"]
+            "_row_bound_kernel", "_score_keys_kernel", "_select_rows_kernel", "_topk_kernel", "_topk_merge_kernel",
+            "_topk_prologue_kernel"]
     inputs = make_inputs(GPU_CASES[0])
 
     def retrieve(queries, item_table):
