@@ -82,8 +82,9 @@ ROW_SELECT_MAX_ITEMS = 4 * ROW_SEGMENT_ITEMS
 ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
 # I in {3,706, 8,000}, k in {10, 200}, and checked at 26,744 items (BENCHMARKS.md, ``interaction``): the row
-# selection takes a fixed part plus a time per score, whatever D (k = 10 is up to 14% cheaper); the streaming
-# kernel a time per unit of its plan's ``_split_cost`` (2.0-2.3e-5 ms at k = 200, 2.8-3.6e-5 at k = 10).
+# selection takes a fixed part plus a time per score, whatever D (12-18 ps; k = 10 is 19-26% cheaper); the
+# streaming kernel a time per unit of its plan's ``_split_cost`` (2.0-2.6e-5 ms at k = 200, 2.8-4.7e-5 at
+# k = 10).
 ROWS_FIXED_MS = 0.015
 ROWS_MS_PER_SCORE = 1.6e-8
 STREAM_MS_PER_COST = 2.5e-5
@@ -835,6 +836,7 @@ class _RowsPlan(NamedTuple):
     merge_rows: int
     merge_warps: int
     has_bound: bool  # the group maxima bound each row's k-th key: at least k groups of 32 items, at most a segment's
+    groups: int  # of 32 items a row: the group maxima [chunk_rows, groups]
     groups_pow2: int
 
 
@@ -860,7 +862,7 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
         col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), segments=segments,
         segment_items=segment_items, block_i=max(16, 1 << (segment_items - 1).bit_length()),
         segments_pow2=segments_pow2, merge_rows=merge_rows, merge_warps=merge_warps,
-        has_bound=0 < k <= groups <= ROW_SEGMENT_ITEMS, groups_pow2=1 << (groups - 1).bit_length(),
+        has_bound=0 < k <= groups <= ROW_SEGMENT_ITEMS, groups=groups, groups_pow2=1 << (groups - 1).bit_length(),
     )
 
 
@@ -1030,7 +1032,7 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
                          f"selection takes at most {ROW_SEGMENT_ITEMS} items a segment and "
                          f"{MERGE_WIDTH // plan.kp} segments")
     keys = torch.empty((plan.chunk_rows * num_items,), dtype=torch.int32, device=device)
-    group_maxima = torch.empty((plan.chunk_rows * cdiv(num_items, 32) if plan.has_bound else 0,), dtype=torch.int32,
+    group_maxima = torch.empty((plan.chunk_rows * plan.groups if plan.has_bound else 0,), dtype=torch.int32,
                                device=device)
     row_bounds = torch.empty((plan.chunk_rows if plan.has_bound and plan.segments > 1 else 0,), dtype=torch.int32,
                              device=device)
