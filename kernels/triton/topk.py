@@ -39,8 +39,8 @@ How it computes, and why (kernel notes: ``topk_notes.md``):
   maximum (a lower bound on the row's k-th key, searched once a row), builds a threshold bit by bit
   (one count a bit, stopping once exactly k keys are at or above it; no search where no more than k
   are left), gathers the keys above it and the first equal ones (smaller ids first) and sorts those
-  k. Several segments' lists go to the streaming kernel's merge. Many short programs instead of a few
-  long list-merging ones.
+  k. Several segments' lists go to the streaming kernel's merge (pairwise, up to four lists). Many
+  short programs instead of a few long list-merging ones.
 """
 from __future__ import annotations
 
@@ -91,6 +91,10 @@ STREAM_MS_PER_COST = 2.5e-5
 # Warps of the row selection's two kernels, timed on an H100: with 8, the 64 x 128 score tiles took 1.05-1.32x
 # the time of 4, and the selection 1.32x at k = 10 and at 8,000 items (2-3% less at 3,706 items with k = 200).
 ROWS_WARPS = 4
+# The score-keys kernel takes two item tiles a program (its queries and targets loaded once) at D <= 64 in
+# bf16/fp16 where that still leaves a program a multiprocessor (``_score_tiles``). H100, 1,024 x 50 x 26,744 x 200:
+# 161 against 183 us for one tile, 184 for four, 204 for eight; 1,024 x 50 x 3,706 x 200: 21 against 23.
+SCORE_TILES_MAX_DIM = 64
 SELECTIONS = ("stream", "rows")
 INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)
 INT64_MIN = tl.constexpr(-2**63)
@@ -208,6 +212,19 @@ def _merge_sorted_rows(high, low):
     else:
         best = tl.bitonic_merge(tl.maximum(high, tl.flip(low, 1)), descending=True)
     return best
+
+
+@triton.jit
+def _merge_sorted_lists(keys, LISTS: tl.constexpr, KP: tl.constexpr):
+    """[R, KP]: each row's KP largest of LISTS descending-sorted lists of KP (keys [R, LISTS * KP]),
+    sorted descending: a tree of pairwise ``_merge_sorted_rows``."""
+    ROWS: tl.constexpr = keys.shape[0]
+    lists = tl.reshape(keys, [ROWS * LISTS, KP])
+    for level in tl.static_range(_log2(LISTS)):
+        pairs = tl.permute(tl.reshape(lists, [ROWS * (LISTS >> (level + 1)), 2, KP]), [0, 2, 1])
+        first, second = tl.split(pairs)
+        lists = _merge_sorted_rows(first, second)
+    return lists
 
 
 @triton.jit
@@ -549,7 +566,14 @@ def _topk_merge_kernel(
         present = ok[:, None] & (split < SPLITS)[None, :]
         keys = _pack(tl.load(cand_values + at, mask=present, other=float("-inf")),
                      tl.load(cand_ids + at, mask=present, other=-1))
-        value, index = _unpack(_top_rows(keys, KP))
+        # The row selection's few segment lists merge pairwise (H100, 1,024 x 26,744 x 200: 42 against 58 us);
+        # the streaming splits keep one top-k: no gain there, and triton 3.6 failed to compile the tree for 32
+        # lists of 16 (300 x 100,003 x 256, k = 10).
+        if NEW == 0 and SPLITS_POW2 <= 4:
+            top = _merge_sorted_lists(keys, SPLITS_POW2, KP)
+        else:
+            top = _top_rows(keys, KP)
+        value, index = _unpack(top)
         first = tl.arange(0, KP)
         out = rows.to(tl.int64)[:, None] * K + first[None, :]
         keep = ok[:, None] & (first[None, :] < K)
@@ -569,49 +593,55 @@ def _score_keys_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
     WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, BITMAP: tl.constexpr,
     HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr, HAS_BOUND: tl.constexpr,
+    TILES: tl.constexpr,
 ):
-    """One [BLOCK_M queries, BLOCK_N items] tile of rows first_row.. first_row + num_rows: the order
-    keys of its scores (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into
-    ``keys`` [num_rows, I]; with HAS_BOUND, the largest key of each group of 32 items into
-    ``group_maxima`` [num_rows, ceil(I / 32)]; per row the count of items at or above the target's
-    score, less the target itself, into ``rank_partials`` [num_rows, col_tiles]."""
+    """TILES consecutive [BLOCK_M queries, BLOCK_N items] tiles of rows first_row.. first_row + num_rows,
+    the queries, their norms and target scores loaded once: the order keys of their scores
+    (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into ``keys`` [num_rows, I];
+    with HAS_BOUND, the largest key of each group of 32 items into ``group_maxima`` [num_rows,
+    ceil(I / 32)]; per row and tile the count of items at or above the target's score, less the target
+    itself, into ``rank_partials`` [num_rows, col_tiles]."""
     pid = tl.program_id(0)
-    tile = pid // row_blocks  # consecutive programs share an item tile: it stays in L2
+    tile_group = pid // row_blocks  # consecutive programs share item tiles: they stay in L2
     local = (pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = local < num_rows
     rows = first_row + local
     q, query_scale, target, target_score = _query_rows(
         queries, items, item_inverse_norms, target_ids, rows, row_ok, num_items, stride_query, stride_item,
         D, BLOCK_M, BLOCK_D, L2_NORM, HAS_TARGET, EPS_SQUARED)
-    start = tile * BLOCK_N
-    cols = start + tl.arange(0, BLOCK_N)
-    col_ok = cols < num_items
-    word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
-    if HAS_EXCLUDE:
-        if BITMAP:
-            word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
-        else:
-            cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items,
-                                                              start)
-            word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end, key_base + start,
-                                                                  BLOCK_M, BLOCK_N, WINDOW)
-    s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
-                     col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
-                     DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
-    at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
-    ok = row_ok[:, None] & col_ok[None, :]
-    key = tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN)
-    tl.store(keys + at, key, mask=ok)
-    if HAS_BOUND:
-        groups = tl.cdiv(num_items, 32)
-        group = start // 32 + tl.arange(0, BLOCK_N // 32)
-        largest = tl.max(tl.reshape(key, [BLOCK_M, BLOCK_N // 32, 32]), axis=2)
-        tl.store(group_maxima + local[:, None] * groups + group[None, :], largest,
-                 mask=row_ok[:, None] & (group < groups)[None, :])
-    if HAS_TARGET:
-        here = (target >= start) & (target < tl.minimum(start + BLOCK_N, num_items))
-        count = tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
-        tl.store(rank_partials + local.to(tl.int64) * col_tiles + tile, count, mask=row_ok)
+    if HAS_EXCLUDE and not BITMAP:
+        cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items,
+                                                          tile_group * TILES * BLOCK_N)
+    for step in tl.range(0, TILES):
+        tile = tile_group * TILES + step
+        start = tile * BLOCK_N
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_items
+        word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
+        if HAS_EXCLUDE:
+            if BITMAP:
+                word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
+            else:
+                word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end,
+                                                                      key_base + start, BLOCK_M, BLOCK_N, WINDOW)
+        s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
+                         col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                         DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
+        at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
+        ok = row_ok[:, None] & col_ok[None, :]
+        key = tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN)
+        tl.store(keys + at, key, mask=ok)
+        if HAS_BOUND:
+            groups = tl.cdiv(num_items, 32)
+            group = start // 32 + tl.arange(0, BLOCK_N // 32)
+            largest = tl.max(tl.reshape(key, [BLOCK_M, BLOCK_N // 32, 32]), axis=2)
+            tl.store(group_maxima + local[:, None] * groups + group[None, :], largest,
+                     mask=row_ok[:, None] & (group < groups)[None, :])
+        if HAS_TARGET:
+            here = (target >= start) & (target < tl.minimum(start + BLOCK_N, num_items))
+            count = tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
+            inside = local * 0 + tile < col_tiles  # the last program's tiles may run past the catalogue
+            tl.store(rank_partials + local.to(tl.int64) * col_tiles + tile, count, mask=row_ok & inside)
 
 
 @triton.jit
@@ -838,10 +868,11 @@ class _RowsPlan(NamedTuple):
     has_bound: bool  # the group maxima bound each row's k-th key: at least k groups of 32 items, at most a segment's
     groups: int  # of 32 items a row: the group maxima [chunk_rows, groups]
     groups_pow2: int
+    score_tiles: int  # item tiles a score-keys program
 
 
 @functools.lru_cache(maxsize=256)
-def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype,
+def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.dtype, multiprocessors: int,
                segments: int | None = None) -> _RowsPlan:
     """Tiles, chunks and segments of the row selection for one problem shape (``segments``: None for the
     fewest of at most ``ROW_SEGMENT_ITEMS`` keys)."""
@@ -856,14 +887,23 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
     col_tiles = cdiv(num_items, block_n)
     segments_pow2, merge_rows, merge_warps = _merge_shape(segments, kp)
     groups = cdiv(num_items, 32)
+    chunk_rows = min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items))
     return _RowsPlan(
         block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=ROWS_WARPS,
-        kp=kp, chunk_rows=min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items)),
+        kp=kp, chunk_rows=chunk_rows,
         col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), segments=segments,
         segment_items=segment_items, block_i=max(16, 1 << (segment_items - 1).bit_length()),
         segments_pow2=segments_pow2, merge_rows=merge_rows, merge_warps=merge_warps,
         has_bound=0 < k <= groups <= ROW_SEGMENT_ITEMS, groups=groups, groups_pow2=1 << (groups - 1).bit_length(),
+        score_tiles=_score_tiles(cdiv(chunk_rows, block_m), col_tiles, dim, dtype, multiprocessors),
     )
+
+
+def _score_tiles(row_blocks: int, col_tiles: int, dim: int, dtype: torch.dtype, multiprocessors: int) -> int:
+    """Item tiles a score-keys program loops over: 2 at D <= ``SCORE_TILES_MAX_DIM`` in bf16/fp16 where a
+    program a multiprocessor remains, else 1 (fp32 tiles and larger D are untimed or slower with more)."""
+    two = dim <= SCORE_TILES_MAX_DIM and dtype != torch.float32 and row_blocks * cdiv(col_tiles, 2) >= multiprocessors
+    return 2 if two else 1
 
 
 def row_selection_items_limit(k: int) -> int:
@@ -1026,7 +1066,7 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
     score_kernel, bound_kernel, select_kernel, merge_kernel = kernels
     queries, item_table = inputs[:2]
     (num_queries, dim), num_items, device = queries.shape, item_table.shape[0], queries.device
-    plan = _rows_plan(num_queries, num_items, dim, k, queries.dtype, segments)
+    plan = _rows_plan(num_queries, num_items, dim, k, queries.dtype, _multiprocessors(device.index or 0), segments)
     if plan.segment_items > ROW_SEGMENT_ITEMS or plan.segments_pow2 * plan.kp > MERGE_WIDTH:
         raise ValueError(f"topk.py: {plan.segments} segments of {plan.segment_items} items at k={k}: the row "
                          f"selection takes at most {ROW_SEGMENT_ITEMS} items a segment and "
@@ -1046,11 +1086,11 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
     for first_row in range(0, num_queries, plan.chunk_rows):
         rows = min(plan.chunk_rows, num_queries - first_row)
         row_blocks = cdiv(rows, plan.block_m)
-        score_kernel[(row_blocks * plan.col_tiles,)](
+        score_kernel[(row_blocks * cdiv(plan.col_tiles, plan.score_tiles),)](
             *inputs, keys, group_maxima, rank_partials, first_row, rows, num_items, queries.stride(0),
             item_table.stride(0), words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m,
             BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window,
-            HAS_BOUND=plan.has_bound, num_warps=plan.num_warps, num_stages=2, **flags,
+            HAS_BOUND=plan.has_bound, TILES=plan.score_tiles, num_warps=plan.num_warps, num_stages=2, **flags,
         )
         if plan.has_bound and plan.segments > 1:
             bound_kernel[(rows,)](group_maxima, row_bounds, num_items, K=k, GROUPS_POW2=plan.groups_pow2,

@@ -509,7 +509,7 @@ def test_triton_row_selection_bound_by_group_maxima(monkeypatch, k, num_items, s
         tile_sizes = module._tile_sizes
         monkeypatch.setattr(module, "_tile_sizes", lambda *shape: (16, block_n, *tile_sizes(*shape)[2:]))
     module._rows_plan.cache_clear()
-    assert module._rows_plan(7, num_items, 7, k, torch.float32, segments).has_bound
+    assert module._rows_plan(7, num_items, 7, k, torch.float32, module._multiprocessors(0), segments).has_bound
     g = torch.Generator().manual_seed(k)
     scores = torch.randint(0, 4, (7, num_items), generator=g).float()
     scores[1] = torch.arange(num_items).float() % 5  # every group's maximum is 4: the bound ties every group
@@ -592,12 +592,13 @@ def test_triton_selections_and_splits_agree():
     assert near_ties(inputs) == 0
     results = [triton_forward(inputs, splits=s, selection="stream") for s in (1, 2, 5)]
     results += [triton_forward(inputs, splits=s, selection="rows") for s in (None, 2, 19)]
-    plan = module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype, 19)
+    plan = module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype, module._multiprocessors(0), 19)
     assert (plan.segments, plan.segment_items) == (19, 8)
     module._rows_plan.cache_clear()  # plans are cached per shape: a smaller chunk needs a new one
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module.reference, "SCORES_PER_CHUNK", 5 * 150)  # five queries a chunk: three chunks
-        assert module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype).chunk_rows == 5
+        plan = module._rows_plan(13, 150, 25, 12, inputs["queries"].dtype, module._multiprocessors(0))
+        assert plan.chunk_rows == 5
         results += [triton_forward(inputs, splits=s, selection="rows") for s in (None, 3)]
     module._rows_plan.cache_clear()
     for scores, ids, rank in results[1:]:
@@ -648,13 +649,55 @@ def test_triton_exclusions_at_the_gpu_tile_widths(monkeypatch, block_n):
     try:
         for selection in SELECTIONS:
             for exclusion in module.EXCLUSION_FORMS:
-                assert module._rows_plan(6, 300, 8, 7, inputs["queries"].dtype).block_n == block_n
+                plan = module._rows_plan(6, 300, 8, 7, inputs["queries"].dtype, module._multiprocessors(0))
+                assert plan.block_n == block_n
                 scores, ids, rank = triton_forward(inputs, selection=selection, exclusion=exclusion)
                 assert torch.equal(ids, expected[1]) and torch.equal(rank, expected[2]), (selection, exclusion)
                 torch.testing.assert_close(scores, expected[0], rtol=0, atol=2 * largest_tolerance(inputs))
     finally:
         module._plan.cache_clear()
         module._rows_plan.cache_clear()
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles", [2, 3, 16])
+def test_triton_score_keys_over_several_item_tiles(monkeypatch, tiles):
+    """A score-keys program looping over 2 or 3 item tiles (the last program's running past the catalogue)
+    or over more than the catalogue holds (one program a row block; the launcher takes any count): with
+    the exclusions as a bitmap or as sorted keys (a cursor carried from tile to tile) and a bound from
+    the group maxima, the ids, ranks and scores of one tile a program, and the reference's ids and ranks."""
+    module = importlib.import_module(TRITON_MODULE)
+    inputs = make_inputs(Case(21, 301, 8, 9, seed=5))
+    assert near_ties(inputs) == 0
+    module._rows_plan.cache_clear()
+    try:
+        monkeypatch.setattr(module, "_score_tiles", lambda *shape: 1)
+        expected = {exclusion: triton_forward(inputs, selection="rows", exclusion=exclusion)
+                    for exclusion in module.EXCLUSION_FORMS}
+        monkeypatch.setattr(module, "_score_tiles", lambda *shape: tiles)
+        module._rows_plan.cache_clear()
+        plan = module._rows_plan(21, 301, 8, 9, inputs["queries"].dtype, module._multiprocessors(0))
+        assert plan.score_tiles == tiles
+        for exclusion in module.EXCLUSION_FORMS:
+            got = triton_forward(inputs, selection="rows", exclusion=exclusion)
+            for name, ours, theirs in zip(("scores", "ids", "rank"), got, expected[exclusion]):
+                assert torch.equal(ours, theirs), (name, exclusion)
+    finally:
+        module._rows_plan.cache_clear()
+    reference = hstu_kernels.topk_items(**inputs, backend="reference", validate=False)
+    assert torch.equal(expected["bitmap"][1], reference[1]) and torch.equal(expected["bitmap"][2], reference[2])
+
+
+def test_score_tiles_rule():
+    """Two item tiles a score-keys program in bf16/fp16 at D <= 64 while a program a multiprocessor remains
+    (H100: 132): at 627 queries x 26,744 items (10 row blocks of 209 tiles) and 1,024 x 3,706 (16 of 29), not
+    at D = 256, in fp32, or with fewer programs than multiprocessors."""
+    module = importlib.import_module(TRITON_MODULE)
+    assert module._score_tiles(10, 209, 50, torch.bfloat16, 132) == 2
+    assert module._score_tiles(16, 29, 64, torch.float16, 132) == 2
+    assert module._score_tiles(10, 209, 256, torch.bfloat16, 132) == 1
+    assert module._score_tiles(16, 29, 50, torch.float32, 132) == 1
+    assert module._score_tiles(2, 116, 50, torch.bfloat16, 132) == 1
 
 
 def test_exclusion_form_takes_the_bitmap_up_to_its_byte_limit(monkeypatch):
