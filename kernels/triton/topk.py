@@ -244,20 +244,18 @@ def _lower_bound(keys, first, last, value):
 
 
 @triton.jit
-def _no_exclusions(BLOCK_M: tl.constexpr):
-    """The four exclusion words of ``_exclusion_words`` with no bit set."""
-    zero = tl.full([BLOCK_M], 0, tl.int32)
-    return zero, zero, zero, zero
-
-
-@triton.jit
-def _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items, first_item):
+def _exclusion_cursor(exclude_keys, exclude_offsets, rows, row_ok, num_items, first_item, KEYS: tl.constexpr):
     """(cursor, segment end, key base) of each row's sorted exclusion keys (``_topk_prologue_kernel``),
-    the cursor at its first key of an item >= first_item."""
-    segment_start = tl.load(exclude_offsets + rows, mask=row_ok, other=0).to(tl.int64)
-    segment_end = tl.load(exclude_offsets + rows + 1, mask=row_ok, other=0).to(tl.int64)
-    key_base = rows.to(tl.int64) * (num_items + 2) + 1
-    return _lower_bound(exclude_keys, segment_start, segment_end, key_base + first_item), segment_end, key_base
+    the cursor at its first key of an item >= first_item; without KEYS, zeros that are never read."""
+    cursor = tl.zeros_like(rows).to(tl.int64)
+    segment_end = cursor
+    key_base = cursor
+    if KEYS:
+        segment_start = tl.load(exclude_offsets + rows, mask=row_ok, other=0).to(tl.int64)
+        segment_end = tl.load(exclude_offsets + rows + 1, mask=row_ok, other=0).to(tl.int64)
+        key_base = rows.to(tl.int64) * (num_items + 2) + 1
+        cursor = _lower_bound(exclude_keys, segment_start, segment_end, key_base + first_item)
+    return cursor, segment_end, key_base
 
 
 @triton.jit
@@ -396,14 +394,23 @@ def _query_rows(queries, items, item_inverse_norms, target_ids, rows, row_ok, nu
 
 
 @triton.jit
-def _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols, col_ok,
-                 stride_query, stride_item, word0, word1, word2, word3,
+def _tile_scores(queries, items, item_inverse_norms, exclusions, q, query_scale, target, target_score, rows, row_ok,
+                 start, cols, col_ok, stride_query, stride_item, words_per_row, cursor, segment_end, key_base,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_CHUNK: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_TARGET: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """fp32 scores [BLOCK_M, BLOCK_N] of the rows against the item columns ``cols``: -inf outside the
-    problem and at the excluded columns (the words of ``_exclusion_words``), the target's own score at
-    its column (never excluded)."""
+                 DOT_CHUNK: tl.constexpr, WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                 BITMAP: tl.constexpr, HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr):
+    """(fp32 scores [BLOCK_M, BLOCK_N] of the rows against the item columns ``cols`` = start.. start +
+    BLOCK_N, the exclusion cursor moved past them): -inf outside the problem and at the excluded columns
+    (``exclusions``: the bitmap, or the sorted keys read from ``_exclusion_cursor``'s cursor), the
+    target's own score at its column (never excluded)."""
+    zero = tl.full([BLOCK_M], 0, tl.int32)
+    word0, word1, word2, word3 = zero, zero, zero, zero
+    if HAS_EXCLUDE:  # the words before the scores exist: fewer values live at once
+        if BITMAP:
+            word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
+        else:
+            word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end, key_base + start,
+                                                                  BLOCK_M, BLOCK_N, WINDOW)
     dims = tl.arange(0, BLOCK_D)
     if DOT_CHUNK == BLOCK_D:  # the queries stay in registers
         tile = load_tile(items + cols.to(tl.int64)[:, None] * stride_item + dims[None, :], col_ok, dims, D, BLOCK_D, True)
@@ -426,7 +433,7 @@ def _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, tar
             s = _exclude_columns(s, word0, word1, word2, word3, BLOCK_N)
     if HAS_TARGET:
         s = tl.where((cols[None, :] == target[:, None]) & col_ok[None, :], target_score[:, None], s)
-    return s
+    return s, cursor
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,9 +500,8 @@ def _topk_kernel(
     rank_count = tl.full([BLOCK_M], 0, tl.int32)
     lo = split * items_per_split
     hi = tl.minimum(lo + items_per_split, num_items)
-    word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
-    if HAS_EXCLUDE and not BITMAP:
-        cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items, lo)
+    cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items, lo,
+                                                      HAS_EXCLUDE and not BITMAP)
     if K > 0:
         list_base = (rows.to(tl.int64) * SPLITS + split) * (KP + NEW)
         # Appends address the program's own lists with 32-bit offsets from one base pointer.
@@ -512,15 +518,10 @@ def _topk_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + columns
         col_ok = cols < hi
-        if HAS_EXCLUDE:  # before the scores exist: fewer values live at once
-            if BITMAP:
-                word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
-            else:
-                word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end,
-                                                                      key_base + start, BLOCK_M, BLOCK_N, WINDOW)
-        s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
-                         col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
-                         DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
+        s, cursor = _tile_scores(queries, items, item_inverse_norms, exclusions, q, query_scale, target, target_score,
+                                 rows, row_ok, start, cols, col_ok, stride_query, stride_item, words_per_row, cursor,
+                                 segment_end, key_base, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_CHUNK, WINDOW, L2_NORM,
+                                 HAS_EXCLUDE, BITMAP, HAS_TARGET, PRECISION)
         if HAS_TARGET:  # the items at or above the target's score, less the target itself
             here = (target >= start) & (target < tl.minimum(start + BLOCK_N, hi))
             rank_count += tl.sum((s >= target_score[:, None]).to(tl.int32), axis=1) - here.to(tl.int32)
@@ -609,24 +610,17 @@ def _score_keys_kernel(
     q, query_scale, target, target_score = _query_rows(
         queries, items, item_inverse_norms, target_ids, rows, row_ok, num_items, stride_query, stride_item,
         D, BLOCK_M, BLOCK_D, L2_NORM, HAS_TARGET, EPS_SQUARED)
-    if HAS_EXCLUDE and not BITMAP:
-        cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items,
-                                                          tile_group * TILES * BLOCK_N)
+    cursor, segment_end, key_base = _exclusion_cursor(exclusions, exclude_offsets, rows, row_ok, num_items,
+                                                      tile_group * TILES * BLOCK_N, HAS_EXCLUDE and not BITMAP)
     for step in tl.range(0, TILES):
         tile = tile_group * TILES + step
         start = tile * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < num_items
-        word0, word1, word2, word3 = _no_exclusions(BLOCK_M)
-        if HAS_EXCLUDE:
-            if BITMAP:
-                word0, word1, word2, word3 = _bitmap_words(exclusions, rows, row_ok, words_per_row, start, BLOCK_N)
-            else:
-                word0, word1, word2, word3, cursor = _exclusion_words(exclusions, cursor, segment_end,
-                                                                      key_base + start, BLOCK_M, BLOCK_N, WINDOW)
-        s = _tile_scores(queries, items, item_inverse_norms, q, query_scale, target, target_score, rows, row_ok, cols,
-                         col_ok, stride_query, stride_item, word0, word1, word2, word3, D, BLOCK_M, BLOCK_N, BLOCK_D,
-                         DOT_CHUNK, L2_NORM, HAS_EXCLUDE, HAS_TARGET, PRECISION)
+        s, cursor = _tile_scores(queries, items, item_inverse_norms, exclusions, q, query_scale, target, target_score,
+                                 rows, row_ok, start, cols, col_ok, stride_query, stride_item, words_per_row, cursor,
+                                 segment_end, key_base, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_CHUNK, WINDOW, L2_NORM,
+                                 HAS_EXCLUDE, BITMAP, HAS_TARGET, PRECISION)
         at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
         ok = row_ok[:, None] & col_ok[None, :]
         key = tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN)
