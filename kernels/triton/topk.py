@@ -82,8 +82,8 @@ ROW_SELECT_MAX_ITEMS = 4 * ROW_SEGMENT_ITEMS
 ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
 # I in {3,706, 8,000}, k in {10, 200}, and checked at 26,744 items (BENCHMARKS.md, ``interaction``): the row
-# selection takes a fixed part plus a time per score, whatever D (12-18 ps; k = 10 is 19-26% cheaper); the
-# streaming kernel a time per unit of its plan's ``_split_cost`` (2.0-2.6e-5 ms at k = 200, 2.8-4.7e-5 at
+# selection takes a fixed part plus a time per score, whatever D (11-18 ps; k = 10 is 18-26% cheaper); the
+# streaming kernel a time per unit of its plan's ``_split_cost`` (2.0-2.6e-5 ms at k = 200, 2.8-4.6e-5 at
 # k = 10).
 ROWS_FIXED_MS = 0.015
 ROWS_MS_PER_SCORE = 1.6e-8

@@ -779,8 +779,8 @@ def test_triton_selection_is_named_and_bounded(monkeypatch):
 
 
 # The faster selection by H100 kernel time (BENCHMARKS.md, `interaction`) at each measured (B, D, I, k);
-# "either" where the two ran within 5%: at 6040 x 3706 x 10 the row selection led by 3%, less than its
-# time moved between two H100s on one day. The closest calls otherwise were 16-27% apart (512 x 3706 x 10
+# "either" where the two ran within 5%: at 6040 x 3706 x 10 the row selection led by 1-3% (two runs), less
+# than its time moved between two H100s on one day. The closest calls otherwise were 16-27% apart (512 x 3706 x 10
 # in fp32, 1024 x 50 x 26744 x 10 in bf16).
 FASTER_SELECTION_MEASURED = {
     torch.bfloat16: {
