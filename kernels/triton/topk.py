@@ -81,20 +81,30 @@ ROW_SEGMENT_ITEMS = 8192
 ROW_SELECT_MAX_ITEMS = 4 * ROW_SEGMENT_ITEMS
 ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
-# I in {3,706, 8,000}, k in {10, 200}, and checked at 26,744 items (BENCHMARKS.md, ``interaction``): the row
-# selection takes a fixed part plus a time per score, whatever D (11-18 ps; k = 10 is 18-26% cheaper); the
-# streaming kernel a time per unit of its plan's ``_split_cost`` (2.0-2.6e-5 ms at k = 200, 2.8-4.6e-5 at
-# k = 10).
+# I in {3,706, 8,000, 26,744}, k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed
+# part plus a time per score, 14-15 ps with the 64-item score tiles at D <= ``SCORE_TILES_MAX_DIM`` and 17-18 ps
+# otherwise at k = 200, 18-29% less at k = 10 (one 16-entry list); the streaming kernel a time per unit of its
+# plan's ``_split_cost``, 2.0-2.6e-5 ms at k = 200 and 2.8-4.7e-5 at k = 10.
 ROWS_FIXED_MS = 0.015
-ROWS_MS_PER_SCORE = 1.6e-8
-STREAM_MS_PER_COST = 2.5e-5
+ROWS_MS_PER_SCORE = 1.75e-8
+ROWS_SMALL_DIM_MS_PER_SCORE = 1.45e-8
+ROWS_SHORT_LIST_FACTOR = 0.75
+STREAM_MS_PER_COST = 2.25e-5
+STREAM_SHORT_LIST_MS_PER_COST = 3.6e-5
 # Warps of the row selection's two kernels, timed on an H100: with 8, the 64 x 128 score tiles took 1.05-1.32x
 # the time of 4, and the selection 1.32x at k = 10 and at 8,000 items (2-3% less at 3,706 items with k = 200).
 ROWS_WARPS = 4
 # The score-keys kernel takes two item tiles a program (its queries and targets loaded once) at D <= 64 in
-# bf16/fp16 where that still leaves a program a multiprocessor (``_score_tiles``). H100, 1,024 x 50 x 26,744 x 200:
-# 161 against 183 us for one tile, 184 for four, 204 for eight; 1,024 x 50 x 3,706 x 200: 21 against 23.
+# bf16/fp16 where that still leaves a program a multiprocessor (``_score_tiles``). H100, with 128-item tiles,
+# 1,024 x 50 x 26,744 x 200: 161 against 183 us for one tile, 184 for four, 204 for eight; 1,024 x 50 x 3,706 x
+# 200: 21 against 23.
 SCORE_TILES_MAX_DIM = 64
+# At those D the row selection's score tiles are 64 items wide on the GPU (128 in the streaming kernel), and each
+# row's keys take I rounded up to 16 slots (``_RowsPlan.key_stride``), so every 16-key run of a store is aligned
+# and masked as one (149 registers a thread against 235 at 8,000 items). The whole call on one H100: 0.417
+# against 0.475 ms at 1,024 x 50 x 26,744 x 200, 0.254 against 0.320 at 6,040 x 50 x 3,706 x 10; 12-22% less at
+# the five D = 50 shapes timed.
+ROWS_SMALL_DIM_BLOCK_N = 64
 SELECTIONS = ("stream", "rows")
 INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)
 INT64_MIN = tl.constexpr(-2**63)
@@ -590,7 +600,7 @@ def _topk_merge_kernel(
 @triton.jit
 def _score_keys_kernel(
     queries, items, item_inverse_norms, exclusions, exclude_offsets, target_ids, keys, group_maxima, rank_partials,
-    first_row, num_rows, num_items, stride_query, stride_item, words_per_row, row_blocks, col_tiles,
+    first_row, num_rows, num_items, key_stride, stride_query, stride_item, words_per_row, row_blocks, col_tiles,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_CHUNK: tl.constexpr,
     WINDOW: tl.constexpr, L2_NORM: tl.constexpr, HAS_EXCLUDE: tl.constexpr, BITMAP: tl.constexpr,
     HAS_TARGET: tl.constexpr, PRECISION: tl.constexpr, EPS_SQUARED: tl.constexpr, HAS_BOUND: tl.constexpr,
@@ -598,7 +608,8 @@ def _score_keys_kernel(
 ):
     """TILES consecutive [BLOCK_M queries, BLOCK_N items] tiles of rows first_row.. first_row + num_rows,
     the queries, their norms and target scores loaded once: the order keys of their scores
-    (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into ``keys`` [num_rows, I];
+    (``_ordered_bits``; INT32_MIN where a score is -inf, NaN or excluded) into ``keys`` [num_rows, key_stride]
+    (the columns from I on: INT32_MIN);
     with HAS_BOUND, the largest key of each group of 32 items into ``group_maxima`` [num_rows,
     ceil(I / 32)]; per row and tile the count of items at or above the target's score, less the target
     itself, into ``rank_partials`` [num_rows, col_tiles]."""
@@ -621,10 +632,9 @@ def _score_keys_kernel(
                                  rows, row_ok, start, cols, col_ok, stride_query, stride_item, words_per_row, cursor,
                                  segment_end, key_base, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_CHUNK, WINDOW, L2_NORM,
                                  HAS_EXCLUDE, BITMAP, HAS_TARGET, PRECISION)
-        at = local[:, None] * num_items + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
-        ok = row_ok[:, None] & col_ok[None, :]
+        at = local[:, None] * key_stride + cols[None, :]  # int32: a chunk holds at most 2^24 keys (``_rows_plan``)
         key = tl.where(s > float("-inf"), _ordered_bits(s), INT32_MIN)
-        tl.store(keys + at, key, mask=ok)
+        tl.store(keys + at, key, mask=row_ok[:, None] & (cols < key_stride)[None, :])
         if HAS_BOUND:
             groups = tl.cdiv(num_items, 32)
             group = start // 32 + tl.arange(0, BLOCK_N // 32)
@@ -682,7 +692,7 @@ def _row_bound_kernel(group_maxima, row_bounds, num_items, K: tl.constexpr, GROU
 @triton.jit
 def _select_rows_kernel(
     keys, group_maxima, row_bounds, rank_partials, scratch, cand_values, cand_ids, top_scores, top_ids, target_rank,
-    first_row, num_items, segment_items, col_tiles,
+    first_row, num_items, key_stride, segment_items, col_tiles,
     K: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr, SEGMENTS: tl.constexpr, HAS_BOUND: tl.constexpr,
     GROUPS_POW2: tl.constexpr, TILES_POW2: tl.constexpr, HAS_TARGET: tl.constexpr,
 ):
@@ -706,7 +716,7 @@ def _select_rows_kernel(
                 bound = tl.load(row_bounds + local)
         first = segment * segment_items
         offset = tl.arange(0, BLOCK_I)
-        key = tl.load(keys + local * num_items + first + offset,
+        key = tl.load(keys + local * key_stride + first + offset,
                       mask=offset < tl.minimum(segment_items, num_items - first), other=INT32_MIN)
         # At least min(K, left) keys are at or above the bound, so the keys taken above T never
         # include one under it: counting those out of ``left`` is enough, with no rewrite.
@@ -781,7 +791,8 @@ def _split_cost(items_per_split: int, waves: int, kp: int) -> float:
 
 
 def _tile_sizes(num_queries: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, DOT_CHUNK, WINDOW, warps) of the score tiles, in both selections."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, DOT_CHUNK, WINDOW, warps) of the score tiles, in both selections (the row
+    selection's BLOCK_N on the GPU at D <= ``SCORE_TILES_MAX_DIM``: ``ROWS_SMALL_DIM_BLOCK_N``)."""
     block_d = block_dim(dim)
     element = torch.empty(0, dtype=dtype).element_size()
     dot_chunk = block_d
@@ -850,7 +861,8 @@ class _RowsPlan(NamedTuple):
     window: int
     num_warps: int
     kp: int
-    chunk_rows: int  # queries scored per launch pair: their keys [chunk_rows, I] are the chunk
+    chunk_rows: int  # queries scored per launch pair: their keys [chunk_rows, key_stride] are the chunk
+    key_stride: int  # key slots a row: I rounded up to 16
     col_tiles: int
     tiles_pow2: int
     segments: int  # per row; with more than one, ``_topk_merge_kernel`` merges their lists
@@ -871,6 +883,8 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
     """Tiles, chunks and segments of the row selection for one problem shape (``segments``: None for the
     fewest of at most ``ROW_SEGMENT_ITEMS`` keys)."""
     block_m, block_n, block_d, dot_chunk, window, _ = _tile_sizes(num_queries, dim, dtype)
+    if _small_dim_tiles(dim, dtype) and not KERNELS_INTERPRETED:
+        block_n = ROWS_SMALL_DIM_BLOCK_N
     kp = _list_length(k)
     if k == 0:  # no selection: one segment program per row counts the rank
         segments = 1
@@ -881,10 +895,11 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
     col_tiles = cdiv(num_items, block_n)
     segments_pow2, merge_rows, merge_warps = _merge_shape(segments, kp)
     groups = cdiv(num_items, 32)
-    chunk_rows = min(num_queries, max(1, reference.SCORES_PER_CHUNK // num_items))
+    key_stride = cdiv(num_items, 16) * 16
+    chunk_rows = min(num_queries, max(1, reference.SCORES_PER_CHUNK // key_stride))
     return _RowsPlan(
         block_m=block_m, block_n=block_n, block_d=block_d, dot_chunk=dot_chunk, window=window, num_warps=ROWS_WARPS,
-        kp=kp, chunk_rows=chunk_rows,
+        kp=kp, chunk_rows=chunk_rows, key_stride=key_stride,
         col_tiles=col_tiles, tiles_pow2=1 << (col_tiles - 1).bit_length(), segments=segments,
         segment_items=segment_items, block_i=max(16, 1 << (segment_items - 1).bit_length()),
         segments_pow2=segments_pow2, merge_rows=merge_rows, merge_warps=merge_warps,
@@ -893,10 +908,15 @@ def _rows_plan(num_queries: int, num_items: int, dim: int, k: int, dtype: torch.
     )
 
 
+def _small_dim_tiles(dim: int, dtype: torch.dtype) -> bool:
+    """Whether the row selection's score tiles take their small-D form: D <= ``SCORE_TILES_MAX_DIM`` in bf16/fp16."""
+    return dim <= SCORE_TILES_MAX_DIM and dtype != torch.float32
+
+
 def _score_tiles(row_blocks: int, col_tiles: int, dim: int, dtype: torch.dtype, multiprocessors: int) -> int:
-    """Item tiles a score-keys program loops over: 2 at D <= ``SCORE_TILES_MAX_DIM`` in bf16/fp16 where a
+    """Item tiles a score-keys program loops over: 2 in the small-D form (``_small_dim_tiles``) where a
     program a multiprocessor remains, else 1 (fp32 tiles and larger D are untimed or slower with more)."""
-    two = dim <= SCORE_TILES_MAX_DIM and dtype != torch.float32 and row_blocks * cdiv(col_tiles, 2) >= multiprocessors
+    two = _small_dim_tiles(dim, dtype) and row_blocks * cdiv(col_tiles, 2) >= multiprocessors
     return 2 if two else 1
 
 
@@ -914,8 +934,11 @@ def selection_for(num_queries: int, num_items: int, dim: int, k: int, dtype: tor
         return "stream"
     plan = _plan(num_queries, num_items, dim, k, dtype, multiprocessors)
     waves = cdiv(plan.row_blocks * plan.splits, multiprocessors)
-    stream_ms = STREAM_MS_PER_COST * _split_cost(plan.items_per_split, waves, plan.kp)
-    rows_ms = ROWS_FIXED_MS + ROWS_MS_PER_SCORE * num_queries * num_items
+    short_list = plan.kp == _list_length(1)
+    stream_ms = (STREAM_SHORT_LIST_MS_PER_COST if short_list else STREAM_MS_PER_COST) * _split_cost(
+        plan.items_per_split, waves, plan.kp)
+    per_score = ROWS_SMALL_DIM_MS_PER_SCORE if _small_dim_tiles(dim, dtype) else ROWS_MS_PER_SCORE
+    rows_ms = ROWS_FIXED_MS + per_score * (ROWS_SHORT_LIST_FACTOR if short_list else 1) * num_queries * num_items
     return "rows" if rows_ms < stream_ms else "stream"
 
 
@@ -1065,7 +1088,7 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
         raise ValueError(f"topk.py: {plan.segments} segments of {plan.segment_items} items at k={k}: the row "
                          f"selection takes at most {ROW_SEGMENT_ITEMS} items a segment and "
                          f"{MERGE_WIDTH // plan.kp} segments")
-    keys = torch.empty((plan.chunk_rows * num_items,), dtype=torch.int32, device=device)
+    keys = torch.empty((plan.chunk_rows * plan.key_stride,), dtype=torch.int32, device=device)
     group_maxima = torch.empty((plan.chunk_rows * plan.groups if plan.has_bound else 0,), dtype=torch.int32,
                                device=device)
     row_bounds = torch.empty((plan.chunk_rows if plan.has_bound and plan.segments > 1 else 0,), dtype=torch.int32,
@@ -1081,7 +1104,7 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
         rows = min(plan.chunk_rows, num_queries - first_row)
         row_blocks = cdiv(rows, plan.block_m)
         score_kernel[(row_blocks * cdiv(plan.col_tiles, plan.score_tiles),)](
-            *inputs, keys, group_maxima, rank_partials, first_row, rows, num_items, queries.stride(0),
+            *inputs, keys, group_maxima, rank_partials, first_row, rows, num_items, plan.key_stride, queries.stride(0),
             item_table.stride(0), words_per_row, row_blocks, plan.col_tiles, D=dim, BLOCK_M=plan.block_m,
             BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, DOT_CHUNK=plan.dot_chunk, WINDOW=plan.window,
             HAS_BOUND=plan.has_bound, TILES=plan.score_tiles, num_warps=plan.num_warps, num_stages=2, **flags,
@@ -1091,7 +1114,7 @@ def _launch_row_selection(kernels, inputs, words_per_row, flags, scores, ids, ra
                                   num_warps=plan.num_warps)
         select_kernel[(rows, plan.segments)](
             keys, group_maxima, row_bounds, rank_partials, scratch, cand_values, cand_ids, scores, ids, rank, first_row,
-            num_items, plan.segment_items, plan.col_tiles, K=k, KP=plan.kp, BLOCK_I=plan.block_i,
+            num_items, plan.key_stride, plan.segment_items, plan.col_tiles, K=k, KP=plan.kp, BLOCK_I=plan.block_i,
             SEGMENTS=plan.segments, HAS_BOUND=plan.has_bound, GROUPS_POW2=plan.groups_pow2, TILES_POW2=plan.tiles_pow2,
             HAS_TARGET=flags["HAS_TARGET"], num_warps=plan.num_warps,
         )
