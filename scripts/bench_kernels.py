@@ -142,6 +142,9 @@ def provider_forward(spec: OperatorSpec, case: BenchCase, provider: str, compile
         return case.eager_call
     if provider == "compiled":
         eager = case.eager_call or (lambda: case.call("reference"))
+        # Each case compiles afresh: cases share their eager function, and past dynamo's recompile limit
+        # (8 shapes) a compiled call silently runs eagerly.
+        torch.compiler.reset()
         return torch.compile(eager, dynamic=False, mode=compile_mode)
     if provider == "copy":
         return copy_of_same_bytes(spec, case)

@@ -130,3 +130,26 @@ def test_the_kernel_breakdown_lists_the_longest_kernels_and_sums_the_rest(bench,
         "       15.0 us  30.0% x1  layer_norm",
         "        5.0 us in 2 other kernels",
     ]
+
+
+def test_the_compiled_provider_compiles_every_case_past_dynamos_recompile_limit(bench, monkeypatch):
+    """Cases share their eager function; past dynamo's recompile limit a compiled call would run eagerly
+    and the 'compiled' column would time eager."""
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counting_backend,
+                                                                            dynamic=kwargs["dynamic"]))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    def eager_form(x):
+        return lambda: (x * 2).sum()
+
+    for n in (3, 5, 7):
+        case = type("Case", (), {"eager_call": staticmethod(eager_form(torch.ones(n)))})()
+        assert bench.provider_forward(None, case, "compiled", "default")().item() == 2 * n
+    assert len(graphs) == 3
