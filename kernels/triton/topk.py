@@ -97,13 +97,13 @@ ROWS_WARPS = 4
 # The score-keys kernel takes two item tiles a program (its queries and targets loaded once) at D <= 64 in
 # bf16/fp16 where that still leaves a program a multiprocessor (``_score_tiles``). H100, with 128-item tiles,
 # 1,024 x 50 x 26,744 x 200: 161 against 183 us for one tile, 184 for four, 204 for eight; 1,024 x 50 x 3,706 x
-# 200: 21 against 23.
+# 200: 21 against 23. Not re-timed with the row selection's 64-item tiles below.
 SCORE_TILES_MAX_DIM = 64
 # At those D the row selection's score tiles are 64 items wide on the GPU (128 in the streaming kernel), and each
 # row's keys take I rounded up to 16 slots (``_RowsPlan.key_stride``), so every 16-key run of a store is aligned
 # and masked as one (149-168 registers a thread at 3,706-26,744 items, against 235-255). The whole call on one
-# H100: 0.417 against 0.475 ms at 1,024 x 50 x 26,744 x 200, 0.254 against 0.320 at 6,040 x 50 x 3,706 x 10;
-# 12-22% less at the five D = 50 shapes timed.
+# H100, against 128-item tiles over unpadded rows: 0.417 against 0.475 ms at 1,024 x 50 x 26,744 x 200, 0.254
+# against 0.320 at 6,040 x 50 x 3,706 x 10; 12-22% less at the five D = 50 shapes timed.
 ROWS_SMALL_DIM_BLOCK_N = 64
 SELECTIONS = ("stream", "rows")
 INT32_MIN = tl.constexpr(-2**31)  # the order key of no candidate (a -inf, NaN or excluded score)

@@ -691,13 +691,13 @@ def test_triton_score_keys_over_several_item_tiles(monkeypatch, tiles):
 
 def test_score_tiles_rule():
     """Two item tiles a score-keys program in bf16/fp16 at D <= 64 while a program a multiprocessor remains
-    (H100: 132): at 627 queries x 26,744 items (10 row blocks of 209 tiles) and 1,024 x 3,706 (16 of 29), not
-    at D = 256, in fp32, or with fewer programs than multiprocessors."""
+    (H100: 132): at 627 queries x 26,744 items (10 row blocks of 418 64-item tiles) and 1,024 x 3,706 (16 of
+    58), not at D = 256, in fp32, or with fewer programs than multiprocessors."""
     module = importlib.import_module(TRITON_MODULE)
-    assert module._score_tiles(10, 209, 50, torch.bfloat16, 132) == 2
-    assert module._score_tiles(16, 29, 64, torch.float16, 132) == 2
-    assert module._score_tiles(10, 209, 256, torch.bfloat16, 132) == 1
-    assert module._score_tiles(16, 29, 50, torch.float32, 132) == 1
+    assert module._score_tiles(10, 418, 50, torch.bfloat16, 132) == 2
+    assert module._score_tiles(16, 58, 64, torch.float16, 132) == 2
+    assert module._score_tiles(10, 209, 256, torch.bfloat16, 132) == 1  # 128-item tiles at D = 256
+    assert module._score_tiles(16, 116, 50, torch.float32, 132) == 1  # 32-item tiles in fp32
     assert module._score_tiles(2, 116, 50, torch.bfloat16, 132) == 1
 
 
