@@ -83,12 +83,15 @@ ROW_SELECT_MIN_QUERIES = 16
 # The rule's time models (ms), fitted to H100 kernel times with bitmap exclusions, bf16, B in {1,024, 6,040},
 # I in {3,706, 8,000, 26,744}, k in {10, 200} (BENCHMARKS.md, ``interaction``): the row selection takes a fixed
 # part plus a time per score, 14-15 ps with the 64-item score tiles at D <= ``SCORE_TILES_MAX_DIM`` and 17-18 ps
-# otherwise at k = 200, 18-29% less at k = 10 (one 16-entry list); the streaming kernel a time per unit of its
-# plan's ``_split_cost``, 2.0-2.6e-5 ms at k = 200 and 2.8-4.7e-5 at k = 10.
+# otherwise at k = 200, 18-29% less at k = 10 (one 16-entry list) and 5-22% less at k = 50 and 100 (eight shapes
+# of 512-6,040 queries over 3,706-26,744 items; ``ROWS_MID_LIST_FACTOR`` for lists of 32-128 entries, k = 17-128);
+# the streaming kernel a time per unit of its plan's ``_split_cost``, 2.0-2.6e-5 ms at k = 200 and 2.8-4.7e-5 at
+# k = 10.
 ROWS_FIXED_MS = 0.015
 ROWS_MS_PER_SCORE = 1.75e-8
 ROWS_SMALL_DIM_MS_PER_SCORE = 1.45e-8
 ROWS_SHORT_LIST_FACTOR = 0.75
+ROWS_MID_LIST_FACTOR = 0.87
 STREAM_MS_PER_COST = 2.25e-5
 STREAM_SHORT_LIST_MS_PER_COST = 3.6e-5
 # Warps of the row selection's two kernels, timed on an H100: with 8, the 64 x 128 score tiles took 1.05-1.32x
@@ -97,7 +100,9 @@ ROWS_WARPS = 4
 # The score-keys kernel takes two item tiles a program (its queries and targets loaded once) at D <= 64 in
 # bf16/fp16 where that still leaves a program a multiprocessor (``_score_tiles``). H100, with 128-item tiles,
 # 1,024 x 50 x 26,744 x 200: 161 against 183 us for one tile, 184 for four, 204 for eight; 1,024 x 50 x 3,706 x
-# 200: 21 against 23. Not re-timed with the row selection's 64-item tiles below.
+# 200: 21 against 23. With the row selection's 64-item tiles below, two against one: 104 against 161 us at
+# 1,024 x 50 x 26,744 x 200, 585 against 930 at 6,040 x 50 x 26,744 x 200, 84 against 124 at 6,040 x 50 x 3,706 x
+# 10, 16 against 18 at 1,024 x 50 x 3,706 x 200 (four and eight not re-timed).
 SCORE_TILES_MAX_DIM = 64
 # At those D the row selection's score tiles are 64 items wide on the GPU (128 in the streaming kernel), and each
 # row's keys take I rounded up to 16 slots (``_RowsPlan.key_stride``), so every 16-key run of a store is aligned
@@ -938,7 +943,8 @@ def selection_for(num_queries: int, num_items: int, dim: int, k: int, dtype: tor
     stream_ms = (STREAM_SHORT_LIST_MS_PER_COST if short_list else STREAM_MS_PER_COST) * _split_cost(
         plan.items_per_split, waves, plan.kp)
     per_score = ROWS_SMALL_DIM_MS_PER_SCORE if _small_dim_tiles(dim, dtype) else ROWS_MS_PER_SCORE
-    rows_ms = ROWS_FIXED_MS + per_score * (ROWS_SHORT_LIST_FACTOR if short_list else 1) * num_queries * num_items
+    list_factor = ROWS_SHORT_LIST_FACTOR if short_list else ROWS_MID_LIST_FACTOR if plan.kp <= 128 else 1
+    rows_ms = ROWS_FIXED_MS + per_score * list_factor * num_queries * num_items
     return "rows" if rows_ms < stream_ms else "stream"
 
 
