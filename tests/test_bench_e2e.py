@@ -86,7 +86,13 @@ def test_yardstick_loss_and_gradients_equal_the_models(name, monkeypatch):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     model_params = dict(model.named_parameters())
     for param_name, param in yardstick.named_parameters():
-        torch.testing.assert_close(param.grad, model_params[param_name].grad, rtol=1e-4, atol=1e-6, msg=param_name)
+        # The two sum each gradient element's fp32 terms in different orders (padded against jagged), so an
+        # element's error scales with the largest terms, not with its own value where they cancel: atol is
+        # 1e-5 of the tensor's largest gradient (an item_table element of 9.65e-3 came 2.3e-6 apart on one
+        # CPU, 5.5e-7 of that tensor's largest, 4.2).
+        expected_grad = model_params[param_name].grad
+        torch.testing.assert_close(param.grad, expected_grad, rtol=1e-4, atol=1e-5 * float(expected_grad.abs().max()),
+                                   msg=param_name)
 
 
 def test_yardstick_draws_fresh_negatives_and_refuses_what_it_does_not_implement():
