@@ -92,6 +92,7 @@ ROWS_MS_PER_SCORE = 1.75e-8
 ROWS_SMALL_DIM_MS_PER_SCORE = 1.45e-8
 ROWS_SHORT_LIST_FACTOR = 0.75
 ROWS_MID_LIST_FACTOR = 0.87
+ROWS_MID_LIST_MAX_LENGTH = 128  # the longest list that takes ROWS_MID_LIST_FACTOR
 STREAM_MS_PER_COST = 2.25e-5
 STREAM_SHORT_LIST_MS_PER_COST = 3.6e-5
 # Warps of the row selection's two kernels, timed on an H100: with 8, the 64 x 128 score tiles took 1.05-1.32x
@@ -943,7 +944,10 @@ def selection_for(num_queries: int, num_items: int, dim: int, k: int, dtype: tor
     stream_ms = (STREAM_SHORT_LIST_MS_PER_COST if short_list else STREAM_MS_PER_COST) * _split_cost(
         plan.items_per_split, waves, plan.kp)
     per_score = ROWS_SMALL_DIM_MS_PER_SCORE if _small_dim_tiles(dim, dtype) else ROWS_MS_PER_SCORE
-    list_factor = ROWS_SHORT_LIST_FACTOR if short_list else ROWS_MID_LIST_FACTOR if plan.kp <= 128 else 1
+    if short_list:
+        list_factor = ROWS_SHORT_LIST_FACTOR
+    else:
+        list_factor = ROWS_MID_LIST_FACTOR if plan.kp <= ROWS_MID_LIST_MAX_LENGTH else 1.0
     rows_ms = ROWS_FIXED_MS + per_score * list_factor * num_queries * num_items
     return "rows" if rows_ms < stream_ms else "stream"
 
