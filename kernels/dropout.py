@@ -4,20 +4,20 @@ With a seed, the mask of a tensor is a pure function of (seed, row, column) of t
 [rows, width]: width = its last dimension, rows = the product of the others (a 0-d tensor is one
 row of width 1). Element (r, c):
 
-- belongs to group g = r * ceil(width / 4) + c // 4 (groups of four columns, never straddling rows;
-  the last group of a row whose width is not a multiple of 4 leaves its surplus words unused);
-- takes 32-bit word c mod 4 of one Philox-4x32-10 evaluation (Salmon et al., "Parallel random
-  numbers: as easy as 1, 2, 3", SC 2011) with key (seed mod 2**32, (seed >> 32) mod 2**32) and counter
-  (g mod 2**32, g >> 32, 0, 0): the four words of ``triton.language.randint4x(seed, g)``, in order;
-- turns that word into a float32 uniform in [0, 1) as ``triton.language.random.uint_to_uniform_float``
-  does: the word read as int32, a negative one replaced by its bitwise not (giving [0, 2**31 - 1]),
-  converted to float32 and multiplied by the float32 constant 4.6566127342e-10;
-- is kept iff that uniform >= p (p as float32); kept elements are scaled by 1 / (1 - p).
+- belongs to group g = r * ceil(width / 8) + c // 8 (groups of eight columns, never straddling rows;
+  the last group of a row whose width is not a multiple of 8 leaves its surplus draws unused);
+- draws 16 bits from one Philox-4x32-10 evaluation (Salmon et al., "Parallel random numbers: as easy
+  as 1, 2, 3", SC 2011) with key (seed mod 2**32, (seed >> 32) mod 2**32) and counter
+  (g mod 2**32, g >> 32, 0, 0), whose four 32-bit words are those of ``triton.language.randint4x(seed, g)``
+  in order: with j = c mod 8, the low half (bits 0-15) of word j // 2 for even j, the high half for odd j;
+- has the uniform draw / 2**16 in [0, 1), exact in float32, and is kept iff that uniform >= p (p as
+  float32), i.e. iff draw >= ceil(p * 2**16) (``keep_threshold``); kept elements are scaled by 1 / (1 - p).
 
-One Philox evaluation thus serves four elements of a row. A Triton kernel holding a row tile whose
-column start is a multiple of 4 regenerates the very same mask inside its forward and backward
-without storing it (``hstu_kernels.triton.common.dropout_uniforms``), and the mask is identical on
-every device.
+One Philox evaluation thus serves eight elements of a row, and the kernels compare 16-bit integers
+(BENCHMARKS.md, `fused_attention_layernorm`, "Where the gate's time goes"). The keep probability,
+1 - ceil(p * 2**16) / 2**16, is within 2**-16 of 1 - p. A Triton kernel holding a row tile whose
+column start is a multiple of 8 regenerates the very same mask inside its forward and backward without
+storing it (``hstu_kernels.triton.common.dropout_keep``), and the mask is identical on every device.
 
 A seed is a Python int in [0, 2**63) or an int64 device tensor, whose bits are read as an unsigned
 64-bit key (a negative one is taken mod 2**64, as Triton's generator takes it). Training passes device
@@ -26,6 +26,9 @@ hence a new mask, on every replay, where a Python int would be frozen into the g
 a ``torch.compile`` graph whenever it changed).
 """
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +43,9 @@ _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUNDS = 10
 _UINT32_MASK = 0xFFFFFFFF
-# triton.language.random.uint_to_uniform_float: the largest scale with (2**31 - 1) * scale < 1 in float32.
-_INT31_TO_UNIT_SCALE = 4.6566127342e-10
+# Bits of a draw: eight draws an evaluation, two a word.
+DRAW_BITS = 16
+_DRAW_MASK = (1 << DRAW_BITS) - 1
 # Seeds drawn by draw_seed lie in [0, SEED_BOUND).
 SEED_BOUND = 2**62
 
@@ -78,13 +82,19 @@ def philox_uniform(seed: int | torch.Tensor, rows: int, width: int, device: torc
     """float32 [rows, width] uniforms of rows first_row .. first_row + rows - 1 of a [*, width] tensor
     under ``seed``, as the module docstring defines them (bit for bit what the kernels draw).
 
-    Computed with int64 tensor ops, one Philox evaluation per group of four columns, so any device
+    Computed with int64 tensor ops, one Philox evaluation per group of eight columns, so any device
     works. ``first_row`` places the block anywhere in a tall tensor without materialising the rows above.
     """
     if rows < 0 or width < 0 or first_row < 0:
         raise ValueError(f"philox_uniform: rows, width and first_row must be >= 0, got {rows}, {width}, {first_row}")
     device = torch.device("cpu" if device is None else device)
     return _philox_uniform_op(seed_tensor(seed, device), first_row, rows, width, device)
+
+
+def keep_threshold(p: float) -> int:
+    """The smallest 16-bit draw kept at dropout probability ``p``: ceil(float32(p) * 2**16) (exact in
+    float64), so that draw >= it iff draw / 2**16 >= p as float32. The kernels compare draws to it."""
+    return math.ceil(struct.unpack("f", struct.pack("f", p))[0] * (1 << DRAW_BITS))
 
 
 def _philox_4x32(seed: torch.Tensor, counter: torch.Tensor) -> list[torch.Tensor]:
@@ -107,14 +117,14 @@ def _philox_4x32(seed: torch.Tensor, counter: torch.Tensor) -> list[torch.Tensor
 # rounds into one expression whose tracing cost doubles every round (minutes to compile).
 @torch.library.custom_op("hstu_kernels::philox_uniform", mutates_args=())
 def _philox_uniform_op(seed: torch.Tensor, first_row: int, rows: int, width: int, device: torch.device) -> torch.Tensor:
-    groups = -(-width // 4)
+    groups = -(-width // 8)
     row = torch.arange(first_row, first_row + rows, dtype=torch.int64, device=device)
     counter = row[:, None] * groups + torch.arange(groups, dtype=torch.int64, device=device)
-    words = torch.stack(_philox_4x32(seed.to(device), counter), dim=-1).reshape(rows, 4 * groups)[:, :width]
-    # Reinterpret as int32 and fold negatives with bitwise not: a value in [0, 2**31 - 1].
-    folded = torch.where(words >= 2**31, _UINT32_MASK - words, words)
-    scale = torch.full((), _INT31_TO_UNIT_SCALE, dtype=torch.float32, device=device)
-    return (folded.to(torch.float32) * scale).contiguous()
+    words = _philox_4x32(seed.to(device), counter)
+    halves = [half for word in words for half in (word & _DRAW_MASK, word >> DRAW_BITS)]  # low, then high
+    draws = torch.stack(halves, dim=-1).reshape(rows, 8 * groups)[:, :width]
+    scale = torch.full((), 2.0 ** -DRAW_BITS, dtype=torch.float32, device=device)
+    return (draws.to(torch.float32) * scale).contiguous()
 
 
 @_philox_uniform_op.register_fake

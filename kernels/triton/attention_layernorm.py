@@ -4,8 +4,8 @@ with what surrounds them.
 Output side, ``attention_output``: ``x + Dropout(LayerNorm(attn) * u) @ W.T + b``.
 - The gate ``Dropout(LayerNorm(attn) * u)`` is one pass over each row (statistics in fp32 registers);
   the dropout mask is regenerated from a seed held in a device tensor (the mask of
-  ``hstu_kernels.dropout.seeded_dropout_mask``: one Philox evaluation per four columns of a row,
-  ``hstu_kernels.triton.common.dropout_uniforms``), never stored.
+  ``hstu_kernels.dropout.seeded_dropout_mask``: one Philox evaluation per eight columns of a row,
+  16-bit draws compared as integers, ``hstu_kernels.triton.common.dropout_keep``), never stored.
 - The gated rows are written once, in the matmul dtype, with one extra column of ones (and zero
   padding to a 16-byte row): that column carries the bias through the weight-gradient matmul, so
   ``[dW | db] = dout^T @ [gated | 1]`` is one matmul and the bias needs no pass of its own.
@@ -42,10 +42,10 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
-from hstu_kernels.dropout import draw_seed, seed_tensor
+from hstu_kernels.dropout import draw_seed, keep_threshold, seed_tensor
 from hstu_kernels.layout import ROW_ALIGN, aligned_rows, aligned_width
 from hstu_kernels.triton.common import (
-    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_uniforms, known_multiple,
+    KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_keep, known_multiple,
     row_alignment, sigmoid, silu,
 )
 
@@ -110,14 +110,14 @@ def _normalized_rows(ptr, rows, rows_ok, cols, width, load_width, stride, eps):
 
 
 @triton.jit
-def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, load_k, stride_a, stride_u, eps, p, scale,
+def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, load_k, stride_a, stride_u, eps, keep_from, scale,
                BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
     """Dropout(LayerNorm(attn) * u) of a row tile in fp32 (zero outside the tile); ``load_k`` columns read."""
     xhat, _, _ = _normalized_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
     gate = _load_rows(u, rows, rows_ok, cols, K, load_k, stride_u)
     gated = xhat * gate
     if HAS_DROPOUT:
-        keep = dropout_uniforms(seed_ptr, rows, 0, K, BLOCK_K, WIDE_COUNTERS) >= p
+        keep = dropout_keep(seed_ptr, rows, 0, K, keep_from, BLOCK_K, WIDE_COUNTERS)
         gated = tl.where(keep, gated * scale, 0.0)
     return gated
 
@@ -158,7 +158,7 @@ def _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K: t
 
 @triton.jit
 def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, load_k,
-                        stride_a, stride_u, stride_da, stride_du, eps, p, scale,
+                        stride_a, stride_u, stride_da, stride_du, eps, keep_from, scale,
                         BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
     """Given dL/dgated (fp32 [BLOCK_M, BLOCK_K]), write dL/dattn and dL/du of the row tile: ``load_k``
     columns read and written (past K, the padding of rows the launcher allocated padded)."""
@@ -166,7 +166,7 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
     xhat, _, rstd = _normalized_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
     gate = _load_rows(u, rows, rows_ok, cols, K, load_k, stride_u)
     if HAS_DROPOUT:
-        keep = dropout_uniforms(seed_ptr, rows, 0, K, BLOCK_K, WIDE_COUNTERS) >= p
+        keep = dropout_keep(seed_ptr, rows, 0, K, keep_from, BLOCK_K, WIDE_COUNTERS)
         grad = tl.where(keep, grad * scale, 0.0)
     grad = tl.where(mask, grad, 0.0)
     grad_gate = grad * xhat
@@ -185,7 +185,7 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
 # Output side kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_g, tail, eps, p, scale,
+def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_g, tail, eps, keep_from, scale,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr, LOAD_K: tl.constexpr):
     """LOAD_K > 0: rows padded to LOAD_K (a multiple of ALIGN) are read, and the gated row, ones column
@@ -196,13 +196,13 @@ def _gate_fwd_kernel(attn, u, seed_ptr, gated, L, K, stride_a, stride_u, stride_
     rows_ok = rows < L
     cols = tl.arange(0, BLOCK_K)
     value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K if LOAD_K > 0 else K, stride_a, stride_u, eps,
-                       p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+                       keep_from, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
     _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K)
 
 
 @triton.jit
 def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stride_a, stride_u, stride_da, stride_du,
-                     eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     eps, keep_from, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      WIDE_COUNTERS: tl.constexpr, ALIGN: tl.constexpr, LOAD_K: tl.constexpr):
     """LOAD_K > 0: rows padded to LOAD_K (a multiple of ALIGN) are read and written; 0: K columns."""
     if LOAD_K == 0:
@@ -218,12 +218,12 @@ def _gate_bwd_kernel(grad, attn, u, seed_ptr, dattn, du, L, K, stride_grad, stri
     load_k = LOAD_K if LOAD_K > 0 else K
     g = _load_rows(grad, rows, rows_ok, cols, K, load_k, stride_grad)
     _gate_backward_rows(g, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols, K, load_k, stride_a, stride_u,
-                        stride_da, stride_du, eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
+                        stride_da, stride_du, eps, keep_from, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS)
 
 
 @triton.jit
 def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K, stride_x, stride_a, stride_u, stride_w,
-                       stride_g, stride_o, tail, eps, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       stride_g, stride_o, tail, eps, keep_from, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        WIDE_COUNTERS: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                        LOAD_K: tl.constexpr, ALIGN_D: tl.constexpr, STORE_GATED: tl.constexpr):
@@ -240,7 +240,7 @@ def _output_fwd_kernel(x, attn, u, seed_ptr, w, bias, gated, out, L, D, K, strid
     outs = tl.arange(0, BLOCK_D)
     outs_ok = outs < D
     value = _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, LOAD_K if LOAD_K > 0 else K, stride_a, stride_u,
-                       eps, p, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
+                       eps, keep_from, scale, BLOCK_K, HAS_DROPOUT, WIDE_COUNTERS).to(w.dtype.element_ty)
     if STORE_GATED:
         _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K)
     w_tile = tl.load(w + outs[:, None] * stride_w + cols[None, :], mask=outs_ok[:, None] & (cols[None, :] < K),
@@ -620,11 +620,11 @@ def _use_fast_silu(dtype: torch.dtype) -> bool:
 
 
 def _dropout_args(seed: Optional[torch.Tensor], dropout_p: float, rows: int, width: int) -> tuple:
-    """(p, 1 / (1 - p), HAS_DROPOUT, WIDE_COUNTERS); no dropout without a seed."""
+    """(the smallest draw kept, 1 / (1 - p), HAS_DROPOUT, WIDE_COUNTERS); no dropout without a seed."""
     if seed is None:
-        return 0.0, 1.0, False, False
+        return 0, 1.0, False, False
     scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-    return dropout_p, scale, True, dropout_counters_wide(rows, width)
+    return keep_threshold(dropout_p), scale, True, dropout_counters_wide(rows, width)
 
 
 def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
@@ -676,11 +676,11 @@ def gate_forward(attn, u, seed, dropout_p: float, eps: float, out_dtype: torch.d
         return gated
     attn, u = _unit_column_stride(attn), _unit_column_stride(u)
     load = _load_width(width, attn, u)
-    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
+    keep_from, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     grid, constants = _gate_plan(rows, width, load)
     _gate_fwd_kernel[grid](
         attn, u, attn if seed is None else seed, gated, rows, width, attn.stride(0), u.stride(0), gated.stride(0),
-        (padded - width) if padded else 0, eps, p, scale,
+        (padded - width) if padded else 0, eps, keep_from, scale,
         BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
         ALIGN=row_alignment(load, attn.stride(0), u.stride(0), gated.stride(0)), LOAD_K=0 if load == width else load,
         **constants,
@@ -696,11 +696,11 @@ def gate_backward(grad, attn, u, seed, dropout_p: float, eps: float):
         return dattn, du
     grad, attn, u = _unit_column_stride(grad), _unit_column_stride(attn), _unit_column_stride(u)
     load = _load_width(width, grad, attn, u)
-    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
+    keep_from, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     grid, constants = _gate_plan(rows, width, load)
     _gate_bwd_kernel[grid](
         grad, attn, u, attn if seed is None else seed, dattn, du, rows, width, grad.stride(0), attn.stride(0),
-        u.stride(0), dattn.stride(0), du.stride(0), eps, p, scale,
+        u.stride(0), dattn.stride(0), du.stride(0), eps, keep_from, scale,
         BLOCK_K=block_dim(width), HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
         ALIGN=row_alignment(load, grad.stride(0), attn.stride(0), u.stride(0), dattn.stride(0), du.stride(0)),
         LOAD_K=0 if load == width else load, **constants,
@@ -727,12 +727,12 @@ def output_forward(x, attn, u, weight, bias, seed, dropout_p: float, eps: float,
         return out, gated
     x, attn, u = _unit_column_stride(x), _unit_column_stride(attn), _unit_column_stride(u)
     load = _load_width(width, attn, u)
-    p, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
+    keep_from, scale, has_dropout, wide = _dropout_args(seed, dropout_p, rows, width)
     constants = _fused_output_plan(dim, width, weight.dtype)
     _output_fwd_kernel[(cdiv(rows, constants["BLOCK_M"]),)](
         x, attn, u, attn if seed is None else seed, weight, x if bias is None else bias, gated, out, rows, dim, width,
         x.stride(0), attn.stride(0), u.stride(0), weight.stride(0), gated.stride(0), out.stride(0), padded - width,
-        eps, p, scale, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
+        eps, keep_from, scale, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WIDE_COUNTERS=wide,
         DOT_PRECISION=dot_precision(weight.dtype),
         ALIGN=row_alignment(load, attn.stride(0), u.stride(0), gated.stride(0)), LOAD_K=0 if load == width else load,
         ALIGN_D=row_alignment(dim, x.stride(0), out.stride(0)), STORE_GATED=keep_gated, **constants,

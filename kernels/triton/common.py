@@ -62,32 +62,42 @@ def log2(x, PTX_MATH: tl.constexpr):
 # Seeded dropout
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def dropout_uniforms(seed_ptr, rows, col_start, width, BLOCK_C: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
-    """float32 [rows, BLOCK_C] uniforms of the seeded dropout mask (``hstu_kernels.dropout``) for
-    columns col_start .. col_start + BLOCK_C - 1 of a [*, width] tensor; keep iff uniform >= p.
+def dropout_draws(seed_ptr, rows, col_start, width, BLOCK_C: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
+    """int32 [rows, BLOCK_C] 16-bit draws of the seeded dropout mask (``hstu_kernels.dropout``) for columns
+    col_start .. col_start + BLOCK_C - 1 of a [*, width] tensor.
 
-    col_start must be a multiple of 4 and BLOCK_C of 4: each group of four columns is one Philox
-    evaluation (``tl.rand4x`` at counter row * ceil(width / 4) + col // 4), its four words spread
-    back to columns in order. Columns past ``width`` get values that belong to no element.
-    WIDE_COUNTERS: int64 counters, needed once rows * ceil(width / 4) reaches 2^31; below that int32
+    col_start and BLOCK_C must be multiples of 8: each group of eight columns is one Philox evaluation
+    (``tl.randint4x`` at counter row * ceil(width / 8) + col // 8), the low and high halves of its four
+    words spread back to columns in order. Columns past ``width`` get draws that belong to no element.
+    WIDE_COUNTERS: int64 counters, needed once rows * ceil(width / 8) reaches 2^31; below that int32
     counters give the same numbers (the counter's high word is 0 either way).
     """
-    tl.static_assert(BLOCK_C % 4 == 0, "dropout_uniforms: BLOCK_C must be a multiple of 4")
+    tl.static_assert(BLOCK_C % 8 == 0, "dropout_draws: BLOCK_C must be a multiple of 8")
     seed = tl.load(seed_ptr)
-    groups = (width + 3) // 4
-    group_cols = col_start // 4 + tl.arange(0, BLOCK_C // 4)
+    groups = (width + 7) // 8
+    group_cols = col_start // 8 + tl.arange(0, BLOCK_C // 8)
     if WIDE_COUNTERS:
         counters = rows.to(tl.int64)[:, None] * groups + group_cols[None, :]
     else:
         counters = rows[:, None] * groups + group_cols[None, :]
-    u0, u1, u2, u3 = tl.rand4x(seed, counters)
-    # interleave(a, b) alternates a, b along the last axis: the outer one gives u0, u1, u2, u3, u0, ...
-    return tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    # interleave(a, b) alternates a, b along the last axis: the outer pair gives a group's w0, w1, w2, w3
+    # (their low halves, then their high halves), the last one low, high, low, high.
+    low = tl.interleave(tl.interleave(w0 & 0xFFFF, w2 & 0xFFFF), tl.interleave(w1 & 0xFFFF, w3 & 0xFFFF))
+    high = tl.interleave(tl.interleave(w0 >> 16, w2 >> 16), tl.interleave(w1 >> 16, w3 >> 16))
+    return tl.interleave(low, high).to(tl.int32)
+
+
+@triton.jit
+def dropout_keep(seed_ptr, rows, col_start, width, threshold, BLOCK_C: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
+    """bool [rows, BLOCK_C]: which elements the seeded mask keeps, draw >= ``threshold``
+    (``hstu_kernels.dropout.keep_threshold`` of p); columns as ``dropout_draws``."""
+    return dropout_draws(seed_ptr, rows, col_start, width, BLOCK_C, WIDE_COUNTERS) >= threshold
 
 
 def dropout_counters_wide(rows: int, width: int) -> bool:
-    """Whether ``dropout_uniforms`` needs int64 counters for a [rows, width] tensor."""
-    return rows * cdiv(width, 4) >= 2**31
+    """Whether ``dropout_draws`` needs int64 counters for a [rows, width] tensor."""
+    return rows * cdiv(width, 8) >= 2**31
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ How it computes, and why (kernels/triton/sequence_fusion_notes.md has the figure
   an array that stays in L1/L2), so the grid depends only on L: no empty programs for short or
   empty sequences, whatever the length distribution. Position, the sequence's last timestamp and
   the time buckets follow in registers; the 2 + S rows are gathered, summed in fp32, dropped out
-  with the seeded Philox mask of ``hstu_kernels.dropout`` (one Philox evaluation per four columns
-  of a token's row, ``hstu_kernels.triton.common.dropout_uniforms``) and written once.
+  with the seeded Philox mask of ``hstu_kernels.dropout`` (one Philox evaluation per eight columns
+  of a token's row, ``hstu_kernels.triton.common.dropout_keep``) and written once.
 - Backward, ``scatter="sort"`` (deterministic): one pass writes the sort keys of every table (ids,
   positions, buckets, offset so that the tables' key ranges are disjoint) and, with dropout, the
   masked gradient g'' = grad * keep / (1 - p) (the mask regenerated, not stored). One stable
@@ -51,9 +51,9 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
-from hstu_kernels.dropout import draw_seed, seed_tensor
+from hstu_kernels.dropout import draw_seed, keep_threshold, seed_tensor
 from hstu_kernels.ops.sequence_fusion import SCATTER_VARIANTS
-from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dropout_counters_wide, dropout_uniforms
+from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dropout_counters_wide, dropout_keep
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TIME_SCALES = 4  # time-table slots of the kernels (the configs use up to three: hour, day, week)
@@ -142,13 +142,13 @@ def _gather_rows(table, rows, cols, mask, D: tl.constexpr):
 
 
 @triton.jit
-def _kept(values, seed_ptr, tokens, D: tl.constexpr, dropout_p, keep_scale, BLOCK_D: tl.constexpr,
+def _kept(values, seed_ptr, tokens, D: tl.constexpr, keep_from, keep_scale, BLOCK_D: tl.constexpr,
           WIDE_COUNTERS: tl.constexpr):
     """Inverted dropout of the tile at column block ``program_id(1)`` of the [L, D] output, with the
-    mask of ``hstu_kernels.dropout`` (one Philox evaluation per four columns of a token's row; the
-    column blocks start at multiples of BLOCK_D >= 16, hence of 4)."""
-    uniforms = dropout_uniforms(seed_ptr, tokens, tl.program_id(1) * BLOCK_D, D, BLOCK_D, WIDE_COUNTERS)
-    return tl.where(uniforms >= dropout_p, values * keep_scale, 0.0)
+    mask of ``hstu_kernels.dropout`` (one Philox evaluation per eight columns of a token's row; the
+    column blocks start at multiples of BLOCK_D >= 16, hence of 8); ``keep_from``: the smallest draw kept."""
+    keep = dropout_keep(seed_ptr, tokens, tl.program_id(1) * BLOCK_D, D, keep_from, BLOCK_D, WIDE_COUNTERS)
+    return tl.where(keep, values * keep_scale, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def _sequence_fusion_fwd_kernel(
     item_ids, timestamps, seq_offsets, seed_ptr, item_table, pos_table, time0, time1, time2, time3, out,
     num_tokens, num_sequences, search_steps, num_items, max_position,
     width0, count0, width1, count1, width2, count2, width3, count3,
-    scale, dropout_p, keep_scale,
+    scale, keep_from, keep_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE_COUNTERS: tl.constexpr,
@@ -183,7 +183,7 @@ def _sequence_fusion_fwd_kernel(
     if NUM_SCALES > 3:
         acc += _gather_rows(time3, _bucket(age, width3, count3, SMALL_AGES), cols, mask, D)
     if DROPOUT:
-        acc = _kept(acc, seed_ptr, tokens, D, dropout_p, keep_scale, BLOCK_D, WIDE_COUNTERS)
+        acc = _kept(acc, seed_ptr, tokens, D, keep_from, keep_scale, BLOCK_D, WIDE_COUNTERS)
     tl.store(out + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
@@ -195,7 +195,7 @@ def _scatter_keys_kernel(
     item_ids, timestamps, seq_offsets, seed_ptr, grad_out, grad_kept, keys,
     num_tokens, num_sequences, search_steps, num_items, max_position,
     width0, count0, width1, count1, width2, count2, width3, count3,
-    pos_base, time_base0, time_base1, time_base2, time_base3, dropout_p, keep_scale,
+    pos_base, time_base0, time_base1, time_base2, time_base3, keep_from, keep_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE_COUNTERS: tl.constexpr,
@@ -228,7 +228,7 @@ def _scatter_keys_kernel(
         mask = _tile_mask(tokens_ok, cols, D, EVEN_D)
         rows = tokens.to(tl.int64)[:, None] * D + cols[None, :]
         grad = tl.load(grad_out + rows, mask=mask, other=0.0).to(tl.float32)
-        grad = _kept(grad, seed_ptr, tokens, D, dropout_p, keep_scale, BLOCK_D, WIDE_COUNTERS)
+        grad = _kept(grad, seed_ptr, tokens, D, keep_from, keep_scale, BLOCK_D, WIDE_COUNTERS)
         tl.store(grad_kept + rows, grad.to(grad_kept.dtype.element_ty), mask=mask)
 
 
@@ -356,7 +356,7 @@ def _scatter_atomic_kernel(
     item_ids, timestamps, seq_offsets, seed_ptr, grad_out, item_acc, pos_acc, acc0, acc1, acc2, acc3,
     num_tokens, num_sequences, search_steps, num_items, max_position,
     width0, count0, width1, count1, width2, count2, width3, count3,
-    scale, dropout_p, keep_scale,
+    scale, keep_from, keep_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, LOG_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE_COUNTERS: tl.constexpr,
@@ -367,7 +367,7 @@ def _scatter_atomic_kernel(
     mask = _tile_mask(tokens_ok, cols, D, EVEN_D)
     grad = tl.load(grad_out + tokens.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        grad = _kept(grad, seed_ptr, tokens, D, dropout_p, keep_scale, BLOCK_D, WIDE_COUNTERS)
+        grad = _kept(grad, seed_ptr, tokens, D, keep_from, keep_scale, BLOCK_D, WIDE_COUNTERS)
     ids = tl.load(item_ids + tokens, mask=tokens_ok, other=0)
     ids = tl.minimum(tl.maximum(ids, 0), num_items - 1)
     position, age = _token_context(seq_offsets, timestamps, tokens, tokens_ok, num_sequences, search_steps,
@@ -441,7 +441,7 @@ class _Problem:
                         pos_table.shape[0], *_time_scale_args(widths, counts))
         self.small_ages = all(width * (count - 1) < 2**31 for width, count in zip(widths, counts))
         self.dropout = dropout_p > 0.0
-        self.dropout_args = (float(dropout_p), 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+        self.dropout_args = (keep_threshold(dropout_p), 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
         tables = [t for t in time_tables if t is not None]
         self.time_slots = tables + [item_table] * (MAX_TIME_SCALES - len(tables))  # unused slots: any pointer
 

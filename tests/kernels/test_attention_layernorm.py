@@ -473,7 +473,7 @@ def test_triton_output_residual_with_non_unit_column_stride(x_view, projection):
 
 @needs_triton
 def test_triton_dropout_mask_is_the_seeded_mask_bit_for_bit():
-    """Dropped elements are exactly those of seeded_dropout_mask (one Philox evaluation per four columns),
+    """Dropped elements are exactly those of seeded_dropout_mask (one Philox evaluation per eight columns),
     in the forward (zeros of the gate) and in the backward (zeros of du), kept ones scaled by 1/(1-p)."""
     module = triton_module()
     g = torch.Generator().manual_seed(5)

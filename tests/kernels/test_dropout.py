@@ -6,13 +6,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.random import uint_to_uniform_float
 
-    from hstu_kernels.triton.common import dropout_uniforms
+    from hstu_kernels.triton.common import dropout_draws, dropout_keep
 except ImportError:  # the reference tests run without Triton
     triton = None
 
-from hstu_kernels.dropout import draw_seed, dropout, philox_uniform, seed_tensor, seeded_dropout_mask
+from hstu_kernels.dropout import draw_seed, dropout, keep_threshold, philox_uniform, seed_tensor, seeded_dropout_mask
 
 f64 = torch.float64
 WIDTHS = (1, 3, 4, 5, 50, 64, 257)
@@ -23,12 +22,15 @@ if triton is not None:
 
     @triton.jit
     def _store_definition_kernel(out_ptr, seed, numel, width, BLOCK: tl.constexpr):
-        """The mask's uniforms element by element: word col % 4 of tl.randint4x at the column group."""
+        """The mask's uniforms element by element: half col % 2 of word (col % 8) // 2 of tl.randint4x at the
+        column group, over 2^16."""
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row, col = index // width, index % width
-        w0, w1, w2, w3 = tl.randint4x(seed, row * ((width + 3) // 4) + col // 4)
-        word = tl.where(col % 4 == 0, w0, tl.where(col % 4 == 1, w1, tl.where(col % 4 == 2, w2, w3)))
-        tl.store(out_ptr + index, uint_to_uniform_float(word), mask=index < numel)
+        w0, w1, w2, w3 = tl.randint4x(seed, row * ((width + 7) // 8) + col // 8)
+        slot = col % 8
+        word = tl.where(slot < 2, w0, tl.where(slot < 4, w1, tl.where(slot < 6, w2, w3)))
+        draw = tl.where(slot % 2 == 0, word & 0xFFFF, word >> 16)
+        tl.store(out_ptr + index, draw.to(tl.float32) / 65536.0, mask=index < numel)
 
     @triton.jit
     def _store_tiles_kernel(seed_ptr, out_ptr, first_row, rows, width, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -36,16 +38,25 @@ if triton is not None:
         local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         col_start = tl.program_id(1) * BLOCK_C
         cols = col_start + tl.arange(0, BLOCK_C)
-        uniforms = dropout_uniforms(seed_ptr, first_row + local, col_start, width, BLOCK_C, WIDE_COUNTERS)
-        tl.store(out_ptr + local[:, None] * width + cols[None, :], uniforms,
+        draws = dropout_draws(seed_ptr, first_row + local, col_start, width, BLOCK_C, WIDE_COUNTERS)
+        tl.store(out_ptr + local[:, None] * width + cols[None, :], draws.to(tl.float32) / 65536.0,
                  mask=(local[:, None] < rows) & (cols[None, :] < width))
+
+    @triton.jit
+    def _store_keep_kernel(seed_ptr, out_ptr, num_rows, width, threshold, BLOCK_M: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_C)
+        keep = dropout_keep(seed_ptr, rows, 0, width, threshold, BLOCK_C, False)
+        tl.store(out_ptr + rows[:, None] * width + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < num_rows) & (cols[None, :] < width))
 
 
 @needs_triton
-def test_seeded_mask_is_word_col_mod_4_of_randint4x_at_the_column_group(device):
+def test_seeded_mask_is_a_16_bit_half_of_randint4x_at_the_column_group(device):
     """The definition, written out element by element with Triton's own generator: element (r, c) of a
-    [rows, width] tensor takes word c % 4 of tl.randint4x(seed, r * ceil(width / 4) + c // 4), as a
-    uniform by Triton's uint_to_uniform_float. Every width class: below 4, multiples of 4, others."""
+    [rows, width] tensor takes half c % 2 (low, then high) of word (c % 8) // 2 of tl.randint4x(seed,
+    r * ceil(width / 8) + c // 8), over 2^16. Every width class: below 8, multiples of 8, others."""
     rows = 5
     for width in WIDTHS:
         for seed in SEEDS:
@@ -58,8 +69,8 @@ def test_seeded_mask_is_word_col_mod_4_of_randint4x_at_the_column_group(device):
 
 
 def _store_tiles(seed, rows, width, first_row, block_c, wide, device, block_m=4):
-    """Rows first_row .. first_row + rows - 1 of a [*, width] tensor as dropout_uniforms (the kernels'
-    shared helper) gives them, in [block_m, block_c] tiles over a 2-d grid."""
+    """Rows first_row .. first_row + rows - 1 of a [*, width] tensor as uniforms of dropout_draws (the
+    kernels' shared helper), in [block_m, block_c] tiles over a 2-d grid."""
     out = torch.full((rows, width), float("nan"), device=device)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_c))
     _store_tiles_kernel[grid](seed_tensor(seed, device), out, first_row, rows, width, BLOCK_M=block_m,
@@ -70,19 +81,19 @@ def _store_tiles(seed, rows, width, first_row, block_c, wide, device, block_m=4)
 @needs_triton
 @pytest.mark.parametrize("width", WIDTHS)
 def test_kernel_tile_helper_matches_the_reference_bit_for_bit(width, device):
-    """dropout_uniforms (the kernels' shared helper) against the reference: column blocks of 4, 16 and
+    """dropout_draws (the kernels' shared helper) against the reference: column blocks of 8, 16 and
     64 (several blocks per row where the width allows), rows over two programs, int32 and int64
     counters, seeds above 2^32."""
-    for seed, block_c, wide in ((7, 4, False), (2**33 + 5, 16, True), (2**63 - 1, 64, False)):
+    for seed, block_c, wide in ((7, 8, False), (2**33 + 5, 16, True), (2**63 - 1, 64, False)):
         got = _store_tiles(seed, 6, width, 0, block_c, wide, device)
         assert torch.equal(got, philox_uniform(seed, 6, width, device)), f"seed {seed}, BLOCK_C {block_c}"
 
 
 @needs_triton
 def test_kernel_tile_helper_with_counters_past_2_31(device):
-    """Rows far down a tall tensor (counters r * ceil(width / 4) + c // 4 past 2^31 and 2^32, so the
+    """Rows far down a tall tensor (counters r * ceil(width / 8) + c // 8 past 2^31 and 2^32, so the
     counter's high word is not 0) without allocating it: the kernel and the reference both start at a row."""
-    for width, first_row in ((50, 2**31 // 13 - 2), (3, 2**32 + 1), (257, 3 * 2**32 // 65 + 5), (4, 2**40)):
+    for width, first_row in ((50, 2**31 // 7 - 2), (3, 2**32 + 1), (257, 3 * 2**32 // 33 + 5), (4, 2**40)):
         for seed in (11, 2**40 + 3):
             got = _store_tiles(seed, 6, width, first_row, 16, True, device)
             assert torch.equal(got, philox_uniform(seed, 6, width, device, first_row=first_row)), (width, first_row)
@@ -103,7 +114,7 @@ def test_negative_tensor_seeds_are_read_as_uint64_by_kernel_and_reference(device
 @needs_triton
 def test_compiled_tile_helper_matches_the_reference_on_the_gpu():
     """The helper as the GPU compiler lays out its interleave, in kernel-sized tiles, against the reference."""
-    for block_c in (4, 16, 64, 256):
+    for block_c in (8, 16, 64, 256):
         for first_row, wide in ((0, False), (2**32 // 3, True)):
             for width in WIDTHS + (1024,):
                 got = _store_tiles(2**40 + 1, 300, width, first_row, block_c, wide, "cuda", block_m=32)
@@ -121,7 +132,7 @@ def test_reference_rows_do_not_depend_on_where_the_block_starts():
 def test_launchers_take_int64_counters_from_2_31_groups():
     from hstu_kernels.triton.common import dropout_counters_wide
 
-    assert not dropout_counters_wide(2**31 // 13 - 1, 50) and dropout_counters_wide(2**31 // 13 + 1, 50)
+    assert not dropout_counters_wide(2**31 // 7 - 1, 50) and dropout_counters_wide(2**31 // 7 + 1, 50)
     assert not dropout_counters_wide(2**31 - 1, 3) and dropout_counters_wide(2**31, 1)
 
 
@@ -140,22 +151,44 @@ def test_philox_uniform_is_uniform_and_seed_dependent():
     assert torch.equal(u[:10], philox_uniform(3, 10, 100))
 
 
-def test_seeded_mask_keep_rate_and_the_four_words_of_a_group():
-    """~1e5 elements at p = 0.3: the keep rate overall and in each column class c % 4 (each a different
-    Philox word) within 5 binomial standard deviations of 0.7; the words of one group are distinct, and
-    pairs of them are kept together as often as independent draws would be."""
-    p, rows, width = 0.3, 1000, 100
+def test_seeded_mask_keep_rate_and_the_eight_draws_of_a_group():
+    """~1e5 elements at p = 0.3: the keep rate overall and in each column class c % 8 (each a different
+    half of a Philox word) within 5 binomial standard deviations of 0.7; pairs of a group's draws are kept
+    together as often as independent draws would be, and coincide no more often than independent 16-bit
+    draws (expected 28 pairs x 12,000 groups / 2^16 = 5.1; a half copied into another would give 12,000)."""
+    p, rows, width = 0.3, 1000, 96
     keep = seeded_dropout_mask((rows, width), p, 2**35 + 9).double()
-    for sample in (keep, *(keep[:, word::4] for word in range(4))):
+    for sample in (keep, *(keep[:, slot::8] for slot in range(8))):
         n = sample.numel()
         assert abs(float(sample.mean()) - (1 - p)) <= 5 * ((1 - p) * p / n) ** 0.5
-    u = philox_uniform(2**35 + 9, rows, width).reshape(rows, width // 4, 4)
-    n = rows * width // 4
-    for a in range(4):
-        for b in range(a + 1, 4):
-            assert not bool((u[..., a] == u[..., b]).any()), f"words {a} and {b} coincide"
-            both = float((keep[:, a::4] * keep[:, b::4]).mean())
+    u = philox_uniform(2**35 + 9, rows, width).reshape(rows, width // 8, 8)
+    n = rows * width // 8
+    coincidences = 0
+    for a in range(8):
+        for b in range(a + 1, 8):
+            coincidences += int((u[..., a] == u[..., b]).sum())
+            both = float((keep[:, a::8] * keep[:, b::8]).mean())
             assert abs(both - (1 - p) ** 2) <= 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5, (a, b)
+    assert coincidences <= 5.1 + 5 * 5.1 ** 0.5
+
+
+def test_keep_threshold_is_the_float32_comparison_of_the_uniform():
+    """draw >= keep_threshold(p) iff draw / 2^16 >= p as float32, at every 16-bit draw: p on and between
+    multiples of 2^-16, p whose float32 rounding crosses one, 0 and 1."""
+    draws = torch.arange(2**16, dtype=torch.int64)
+    for p in (0.0, 0.1, 0.2, 0.3, 1 / 3, 0.5, 0.75, 2**-16, 3 * 2**-16, 2**-16 * (1 + 2**-30), 0.99999, 1.0):
+        p32 = torch.tensor(p, dtype=torch.float32)
+        assert torch.equal(draws >= keep_threshold(p), draws.to(torch.float32) / 2**16 >= p32), p
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3])
+def test_kernel_keep_matches_the_reference_mask(p, device):
+    """dropout_keep, as the kernels call it with keep_threshold(p), keeps exactly seeded_dropout_mask's elements."""
+    rows, width = 5, 50
+    out = torch.full((rows, width), -1, dtype=torch.int8, device=device)
+    _store_keep_kernel[(1,)](seed_tensor(21, device), out, rows, width, keep_threshold(p), BLOCK_M=8, BLOCK_C=64)
+    assert torch.equal(out.bool(), seeded_dropout_mask((rows, width), p, 21, device))
 
 
 def test_seeded_mask_views_any_shape_as_rows_of_its_last_dimension():
