@@ -97,6 +97,12 @@ def keep_threshold(p: float) -> int:
     return math.ceil(struct.unpack("f", struct.pack("f", p))[0] * (1 << DRAW_BITS))
 
 
+def kernel_dropout_args(p: float) -> tuple[int, float]:
+    """What a kernel regenerating the mask takes: (``keep_threshold(p)``, the kept elements' scale
+    1 / (1 - p), 0 at p = 1 where nothing is kept)."""
+    return keep_threshold(p), 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
 def _philox_4x32(seed: torch.Tensor, counter: torch.Tensor) -> list[torch.Tensor]:
     """The four output words (uint32 held in int64) of Philox-4x32-10 at counters (counter mod 2**32,
     counter >> 32, 0, 0) under key (seed mod 2**32, (seed >> 32) mod 2**32): seed's bits as a uint64."""

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
-from hstu_kernels.dropout import draw_seed, keep_threshold, seed_tensor
+from hstu_kernels.dropout import draw_seed, kernel_dropout_args, seed_tensor
 from hstu_kernels.layout import ROW_ALIGN, aligned_rows, aligned_width
 from hstu_kernels.triton.common import (
     KERNELS_INTERPRETED, block_dim, cdiv, dot_precision, dropout_counters_wide, dropout_keep, known_multiple,
@@ -623,8 +623,7 @@ def _dropout_args(seed: Optional[torch.Tensor], dropout_p: float, rows: int, wid
     """(the smallest draw kept, 1 / (1 - p), HAS_DROPOUT, WIDE_COUNTERS); no dropout without a seed."""
     if seed is None:
         return 0, 1.0, False, False
-    scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-    return keep_threshold(dropout_p), scale, True, dropout_counters_wide(rows, width)
+    return *kernel_dropout_args(dropout_p), True, dropout_counters_wide(rows, width)
 
 
 def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:

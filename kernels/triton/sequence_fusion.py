@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.custom_op import autograd_custom_op
-from hstu_kernels.dropout import draw_seed, keep_threshold, seed_tensor
+from hstu_kernels.dropout import draw_seed, kernel_dropout_args, seed_tensor
 from hstu_kernels.ops.sequence_fusion import SCATTER_VARIANTS
 from hstu_kernels.triton.common import KERNELS_INTERPRETED, block_dim, cdiv, dropout_counters_wide, dropout_keep
 
@@ -441,7 +441,7 @@ class _Problem:
                         pos_table.shape[0], *_time_scale_args(widths, counts))
         self.small_ages = all(width * (count - 1) < 2**31 for width, count in zip(widths, counts))
         self.dropout = dropout_p > 0.0
-        self.dropout_args = (keep_threshold(dropout_p), 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+        self.dropout_args = kernel_dropout_args(dropout_p)
         tables = [t for t in time_tables if t is not None]
         self.time_slots = tables + [item_table] * (MAX_TIME_SCALES - len(tables))  # unused slots: any pointer
 
