@@ -99,26 +99,35 @@ def _load_rows(ptr, rows, rows_ok, cols, width, load_width, stride):
 
 
 @triton.jit
-def _normalized_rows(ptr, rows, rows_ok, cols, width, load_width, stride, eps):
-    """(x - mean) * rstd of [BLOCK_M, BLOCK] row tiles in fp32 (zero outside), with mean and rstd [BLOCK_M]."""
+def _centred_rows(ptr, rows, rows_ok, cols, width, load_width, stride, eps):
+    """x - mean of [BLOCK_M, BLOCK] row tiles in fp32 (zero outside), with rstd [BLOCK_M]."""
     mask = rows_ok[:, None] & (cols[None, :] < width)
     x = _load_rows(ptr, rows, rows_ok, cols, width, load_width, stride)
     mean = tl.sum(x, axis=1) / width
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
+    return centred, mean, rstd
+
+
+@triton.jit
+def _normalized_rows(ptr, rows, rows_ok, cols, width, load_width, stride, eps):
+    """(x - mean) * rstd of [BLOCK_M, BLOCK] row tiles in fp32 (zero outside), with mean and rstd [BLOCK_M]."""
+    centred, mean, rstd = _centred_rows(ptr, rows, rows_ok, cols, width, load_width, stride, eps)
     return centred * rstd[:, None], mean, rstd
 
 
 @triton.jit
 def _gate_rows(attn, u, seed_ptr, rows, rows_ok, cols, K, load_k, stride_a, stride_u, eps, keep_from, scale,
                BLOCK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, WIDE_COUNTERS: tl.constexpr):
-    """Dropout(LayerNorm(attn) * u) of a row tile in fp32 (zero outside the tile); ``load_k`` columns read."""
-    xhat, _, _ = _normalized_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
+    """Dropout(LayerNorm(attn) * u) of a row tile in fp32 (zero outside the tile); ``load_k`` columns read.
+    The kept elements' scale is applied once a row, to rstd."""
+    centred, _, rstd = _centred_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
     gate = _load_rows(u, rows, rows_ok, cols, K, load_k, stride_u)
-    gated = xhat * gate
     if HAS_DROPOUT:
-        keep = dropout_keep(seed_ptr, rows, 0, K, keep_from, BLOCK_K, WIDE_COUNTERS)
-        gated = tl.where(keep, gated * scale, 0.0)
+        rstd = rstd * scale
+    gated = centred * rstd[:, None] * gate
+    if HAS_DROPOUT:
+        gated = tl.where(dropout_keep(seed_ptr, rows, 0, K, keep_from, BLOCK_K, WIDE_COUNTERS), gated, 0.0)
     return gated
 
 
@@ -149,7 +158,7 @@ def _store_gated(gated, value, rows, rows_ok, cols, K, stride_g, tail, LOAD_K: t
     if LOAD_K > 0:
         value = value.to(tl.float32)
         if tail > 0:
-            value = tl.where(cols[None, :] < K, value, tl.where(cols[None, :] == K, 1.0, 0.0))
+            value = tl.where(cols[None, :] == K, 1.0, value)  # value is 0 past K
         tl.store(ptrs, value.to(gated.dtype.element_ty), mask=rows_ok[:, None] & (cols[None, :] < LOAD_K))
     else:
         tl.store(ptrs, value.to(gated.dtype.element_ty), mask=rows_ok[:, None] & (cols[None, :] < K))
@@ -163,17 +172,20 @@ def _gate_backward_rows(grad, attn, u, seed_ptr, dattn, du, rows, rows_ok, cols,
     """Given dL/dgated (fp32 [BLOCK_M, BLOCK_K]), write dL/dattn and dL/du of the row tile: ``load_k``
     columns read and written (past K, the padding of rows the launcher allocated padded)."""
     mask = rows_ok[:, None] & (cols[None, :] < K)
-    xhat, _, rstd = _normalized_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
+    centred, _, rstd = _centred_rows(attn, rows, rows_ok, cols, K, load_k, stride_a, eps)
+    xhat = centred * rstd[:, None]
     gate = _load_rows(u, rows, rows_ok, cols, K, load_k, stride_u)
+    # The kept elements' scale multiplies both gradients: it is applied once a row, to rstd.
+    rstd_scaled = rstd
     if HAS_DROPOUT:
-        keep = dropout_keep(seed_ptr, rows, 0, K, keep_from, BLOCK_K, WIDE_COUNTERS)
-        grad = tl.where(keep, grad * scale, 0.0)
+        mask = mask & dropout_keep(seed_ptr, rows, 0, K, keep_from, BLOCK_K, WIDE_COUNTERS)
+        rstd_scaled = rstd * scale
     grad = tl.where(mask, grad, 0.0)
-    grad_gate = grad * xhat
+    grad_gate = grad * (centred * rstd_scaled[:, None])
     grad_xhat = grad * gate
     mean_grad = tl.sum(grad_xhat, axis=1) / K
     mean_grad_xhat = tl.sum(grad_xhat * xhat, axis=1) / K
-    grad_attn = (grad_xhat - mean_grad[:, None] - xhat * mean_grad_xhat[:, None]) * rstd[:, None]
+    grad_attn = (grad_xhat - mean_grad[:, None] - xhat * mean_grad_xhat[:, None]) * rstd_scaled[:, None]
     stored = rows_ok[:, None] & (cols[None, :] < load_k)
     tl.store(dattn + _row_offsets(rows, stride_da)[:, None] + cols[None, :], grad_attn.to(dattn.dtype.element_ty),
              mask=stored)
