@@ -30,9 +30,10 @@ How it computes, and why (kernels/triton/sequence_fusion_notes.md has the figure
   Extra memory: keys and permutation O((2 + S) L), g'' O(L D), partial rows O(L D / chunk).
 - Backward, ``scatter="atomic"``: one pass over grad tiles adds rows into fp32 gradients with
   relaxed atomics; runs of equal time buckets among consecutive tokens are first summed in the
-  tile (a sequence's old events share the clamped last bucket, a hot address for atomics). Not
-  deterministic. fp32 tables take the atomics in their gradient itself; lower-precision tables need
-  an fp32 gradient of their size (extra memory O(N D)).
+  tile, as differences of one prefix sum shared by the time tables (a sequence's old events share
+  the clamped last bucket, a hot address for atomics). Not deterministic. fp32 tables take the
+  atomics in their gradient itself; lower-precision tables need an fp32 gradient of their size
+  (extra memory O(N D)).
 - ``default_scatter`` picks the backward when the caller names none: "atomic" (the faster one) unless
   its extra memory would exceed O(L D); with ``torch.use_deterministic_algorithms(True)`` the sort
   backward is always used.
@@ -60,12 +61,14 @@ MAX_TIME_SCALES = 4  # time-table slots of the kernels (the configs use up to th
 
 MAX_BLOCK_D = 256  # widest column block; wider rows take several column blocks
 # Token tiles [BLOCK_T, BLOCK_D] of each pass (GPU sizes from profiler sweeps on an H100, kernel notes): the
-# forward 4096 elements; the atomic backward 16 tokens, where longer tiles merge more runs of one time bucket
-# before the atomics (8 tokens took 1.6x longer at D = 256); the sort backward's keys pass 2048 elements.
+# forward 4096 elements; the atomic backward 32 tokens up to 4096 elements (D = 50: 32, D = 256: 16), where
+# longer tiles merge more runs of one time bucket before the atomics (at 1M x 50, 16 and 64 tokens took 1.08x
+# and 1.23x longer than 32; wider tiles spill registers at D = 256); the sort backward's keys pass 2048 elements.
 # The interpreter's cost is per program and per element: 512-element tiles everywhere.
 FORWARD_TILE_ELEMENTS = 512 if KERNELS_INTERPRETED else 4096
 KEYS_TILE_ELEMENTS = 512 if KERNELS_INTERPRETED else 2048
-ATOMIC_TILE_TOKENS = None if KERNELS_INTERPRETED else 16  # None: KEYS_TILE_ELEMENTS // BLOCK_D
+ATOMIC_TILE_TOKENS = None if KERNELS_INTERPRETED else 32  # None: KEYS_TILE_ELEMENTS // BLOCK_D
+ATOMIC_TILE_ELEMENTS = 4096
 SEGMENT_ELEMENTS = 512 if KERNELS_INTERPRETED else 2048  # elements per row tile of the segmented reduction
 TARGET_SEGMENT_PROGRAMS = 4096  # level-0 chunks are sized to give about this many programs
 MAX_CHUNK = 1024
@@ -337,18 +340,20 @@ def _segment_sum_kernel(
 # Backward, atomic: one pass, fp32 atomics
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _add_runs(acc, bucket, grad, tokens_ok, cols, mask, D: tl.constexpr, BLOCK_T: tl.constexpr,
-              LOG_T: tl.constexpr):
-    """acc[bucket] += grad for a tile, one atomic per run of equal buckets among consecutive tokens."""
+def _add_runs(acc, bucket, grad, prefix, tokens_ok, cols, mask, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc[bucket] += grad for a tile, by runs of equal buckets among consecutive tokens: the run [a, b]
+    sums to prefix[b] - prefix[a - 1] (``prefix``: grad's inclusive sums down the tile, shared by every
+    time table), added as prefix[b] at its end and grad[a] - prefix[a] at its start (none at the tile's
+    first token); a run of one token adds grad itself. At most two atomics a run."""
     index = tl.arange(0, BLOCK_T)
     bucket = tl.where(tokens_ok, bucket, -1)
     before = tl.gather(bucket, tl.maximum(index - 1, 0), 0)
     after = tl.gather(bucket, tl.minimum(index + 1, BLOCK_T - 1), 0)
-    starts = ((index == 0) | (bucket != before)).to(tl.int32)
-    ends = tokens_ok & ((index == BLOCK_T - 1) | (bucket != after))
-    sums = _segmented_sums(starts, grad, BLOCK_T, LOG_T)
-    tl.atomic_add(acc + bucket.to(tl.int64)[:, None] * D + cols[None, :], sums, mask=mask & ends[:, None],
-                  sem="relaxed")
+    starts = (index > 0) & (bucket != before)
+    ends = (index == BLOCK_T - 1) | (bucket != after)
+    value = tl.where(ends[:, None], tl.where(starts[:, None], grad, prefix), grad - prefix)
+    tl.atomic_add(acc + bucket.to(tl.int64)[:, None] * D + cols[None, :], value,
+                  mask=mask & (tokens_ok & (starts | ends))[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -357,7 +362,7 @@ def _scatter_atomic_kernel(
     num_tokens, num_sequences, search_steps, num_items, max_position,
     width0, count0, width1, count1, width2, count2, width3, count3,
     scale, keep_from, keep_scale,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, LOG_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     NUM_SCALES: tl.constexpr, SMALL_AGES: tl.constexpr, FROM_END: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE_COUNTERS: tl.constexpr,
 ):
@@ -375,13 +380,18 @@ def _scatter_atomic_kernel(
     tl.atomic_add(item_acc + ids.to(tl.int64)[:, None] * D + cols[None, :], grad * scale, mask=mask, sem="relaxed")
     tl.atomic_add(pos_acc + position.to(tl.int64)[:, None] * D + cols[None, :], grad, mask=mask, sem="relaxed")
     if NUM_SCALES > 0:
-        _add_runs(acc0, _bucket(age, width0, count0, SMALL_AGES), grad, tokens_ok, cols, mask, D, BLOCK_T, LOG_T)
+        prefix = tl.cumsum(grad, axis=0)
+        _add_runs(acc0, _bucket(age, width0, count0, SMALL_AGES), grad, prefix, tokens_ok, cols, mask, D,
+                  BLOCK_T)
     if NUM_SCALES > 1:
-        _add_runs(acc1, _bucket(age, width1, count1, SMALL_AGES), grad, tokens_ok, cols, mask, D, BLOCK_T, LOG_T)
+        _add_runs(acc1, _bucket(age, width1, count1, SMALL_AGES), grad, prefix, tokens_ok, cols, mask, D,
+                  BLOCK_T)
     if NUM_SCALES > 2:
-        _add_runs(acc2, _bucket(age, width2, count2, SMALL_AGES), grad, tokens_ok, cols, mask, D, BLOCK_T, LOG_T)
+        _add_runs(acc2, _bucket(age, width2, count2, SMALL_AGES), grad, prefix, tokens_ok, cols, mask, D,
+                  BLOCK_T)
     if NUM_SCALES > 3:
-        _add_runs(acc3, _bucket(age, width3, count3, SMALL_AGES), grad, tokens_ok, cols, mask, D, BLOCK_T, LOG_T)
+        _add_runs(acc3, _bucket(age, width3, count3, SMALL_AGES), grad, prefix, tokens_ok, cols, mask, D,
+                  BLOCK_T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +408,8 @@ def _tile_config(dim: int) -> tuple[int, int, bool]:
 def _tokens_per_tile(block_d: int) -> dict[str, int]:
     """BLOCK_T of each token-tile pass: "forward", "keys" (the sort backward) and "atomic"."""
     keys = max(1, KEYS_TILE_ELEMENTS // block_d)
-    return {"forward": max(1, FORWARD_TILE_ELEMENTS // block_d), "keys": keys, "atomic": ATOMIC_TILE_TOKENS or keys}
+    atomic = min(ATOMIC_TILE_TOKENS, ATOMIC_TILE_ELEMENTS // block_d) if ATOMIC_TILE_TOKENS else keys
+    return {"forward": max(1, FORWARD_TILE_ELEMENTS // block_d), "keys": keys, "atomic": atomic}
 
 
 @functools.lru_cache(maxsize=None)
@@ -524,7 +535,7 @@ def _atomic_backward(problem, grad_out, item_ids, timestamps, seq_offsets, item_
     _scatter_atomic_kernel[problem.grid("atomic")](
         item_ids, timestamps, seq_offsets, seed if problem.dropout else seq_offsets, grad_out, accumulators[0],
         accumulators[1], *time_slots, *problem.context, float(scale), *problem.dropout_args,
-        LOG_T=problem.tokens_per_tile["atomic"].bit_length() - 1, **problem.constants("atomic", position_from_end),
+        **problem.constants("atomic", position_from_end),
     )
     tables = [item_table, pos_table, *[t for t in time_tables if t is not None]]
     return [acc.to(table.dtype) for acc, table in zip(accumulators, tables)]
