@@ -36,6 +36,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def release_cached_cuda_memory(request):
+    """Under pytest-xdist every worker's caching allocator keeps what its earlier tests freed, so the
+    workers together can starve one test on a shared card: each ``gpu`` test hands its freed blocks back."""
+    yield
+    if HAS_CUDA and "gpu" in request.keywords and os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
