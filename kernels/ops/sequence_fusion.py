@@ -148,7 +148,7 @@ def build_bench_case(shape, dtype, device, options) -> BenchCase:
 
     def call(backend: str) -> torch.Tensor:
         if backend == "triton" and variant:  # the Triton function itself, told which scatter to use
-            check_sequence_fusion(*arguments, TIME_SCALES, DROPOUT_P, options.validate)
+            check_sequence_fusion(*arguments, options_["scale"], TIME_SCALES, DROPOUT_P, options.validate)
             triton_fusion = triton_function(KEY, "sequence_fusion", tables)
             return triton_fusion(*arguments, **options_, seed=0, scatter=variant)
         return sequence_fusion(*arguments, **options_, seed=0, backend=backend, validate=options.validate)

@@ -350,6 +350,30 @@ def test_triton_matches_reference_random_jagged(p: Problem):
 
 @needs_triton
 @pytest.mark.parametrize("scatter", SCATTERS)
+def test_bench_case_variant_runs_the_scatter_it_names(scatter, monkeypatch):
+    """The harness's ``--variant sort|atomic`` (checks on, as ``--call api`` builds it) runs that backward, with
+    the reference's output and table gradients."""
+    module = importlib.import_module(TRITON_MODULE)
+    launched = []
+    for name in ("_sort_backward", "_atomic_backward"):
+        backward = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _name=name, _backward=backward, **k: (
+            launched.append(_name), _backward(*a, **k))[1])
+    shape = (40, 16, 5, 11)
+    case = build_bench_case(shape, torch.float32, DEVICE, argparse.Namespace(seed=0, variant=scatter, validate=True))
+    grad_out = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = {}
+    for backend in ("triton", "reference"):
+        out = case.call(backend)
+        grads = torch.autograd.grad(out, case.leaves, grad_out)
+        results[backend] = (out, *grads)
+    assert launched == [f"_{scatter}_backward"]
+    for got, expected in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 def test_triton_lengths_zero_one_and_full_with_three_time_scales(dtype, scatter):
     p = Problem((0, 1, 9, 0, 4, 9, 1), dim=25, num_items=13, max_len=9, time_scales=HOUR_DAY_WEEK, dropout_p=0.2,
