@@ -11,7 +11,8 @@ Times are medians of ``triton.testing.do_bench`` on CUDA (a perf_counter median 
 runs in the interpreter). ``bwd`` times the backward alone (graph retained), ``fwd`` a training forward
 (inputs require grad); a backward computes the inputs' gradients with ``torch.autograd.grad``, never
 accumulating them into ``.grad``. A provider that cannot run (not implemented, OOM, error) gets its
-reason in the table and in the CSV. The operators and their cases come from the registry
+reason in the table and in the CSV; the script then exits non-zero if that provider is ``triton`` and
+it raised (rather than being unavailable here). The operators and their cases come from the registry
 (``hstu_kernels.registry``): each spec's ``bench`` holds its shape fields, target shapes and a case
 builder (seeded inputs, how to call each backend, the peer's inputs if any, FLOPs or bytes per mode); an
 operator without a Triton backend still compares its baselines.
@@ -51,6 +52,7 @@ if not torch.cuda.is_available():  # Triton kernels can only run interpreted her
 
 import hstu_kernels  # noqa: E402
 from hstu_kernels.benchmarking import ProviderUnavailable  # noqa: E402
+from hstu_kernels.manager import TritonUnavailableError  # noqa: E402
 from hstu_kernels.spec import MODES, BenchCase, OperatorSpec  # noqa: E402
 
 
@@ -192,6 +194,7 @@ class Result:
     peak_mb: float | None = None  # device memory allocated beyond the inputs during one timed call (CUDA)
     kernel_ms: float | None = None  # GPU kernel time per call from the profiler (--kernel-time), against ms (wall)
     kernels: list[KernelShare] | None = None  # its kernels, longest first (--kernel-breakdown)
+    failed: bool = False  # it raised (out of memory, an error), as opposed to being unavailable here
 
 
 @dataclass
@@ -255,9 +258,10 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
                                   kernels=kernels))
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
+        unavailable = isinstance(exc, (ProviderUnavailable, TritonUnavailableError))
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)
         done = {r.mode for r in results}
-        results += [Result(provider, mode, note=reason) for mode in modes if mode not in done]
+        results += [Result(provider, mode, note=reason, failed=not unavailable) for mode in modes if mode not in done]
     free_memory()
     return results, first_out
 
@@ -571,6 +575,11 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     print_table(spec, rows, args)
     if args.kernel_breakdown:
         print_kernel_breakdown(rows, args.kernel_breakdown)
+    failures = [(label, r) for label, _, results in rows for r in results if r.provider == "triton" and r.failed]
+    if failures:  # our own backend raised: a scripted run must not pass it off as a table with a note
+        label, first = failures[0]
+        raise SystemExit(f"bench_kernels.py: {spec.key}: the triton provider failed in {len(failures)} row(s); "
+                         f"first at {label} {first.mode}: {first.note}")
     return rows
 
 

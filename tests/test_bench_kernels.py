@@ -1,8 +1,14 @@
 """scripts/bench_kernels.py refuses bad options with one line naming the option, before timing or writing anything;
 its timed backward computes the case's gradients or refuses to time."""
+import csv
+import dataclasses
+
 import pytest
 import torch
 from cli import load_script
+
+from hstu_kernels.benchmarking import ProviderUnavailable
+from hstu_kernels.manager import TritonUnavailableError
 
 ATTENTION = "hstu_hierarchical_attention"
 TINY = ["--dtype", "fp32", "--mode", "fwd", "--providers", "reference", "--rep", "2", "--warmup", "1"]
@@ -153,3 +159,38 @@ def test_the_compiled_provider_compiles_every_case_past_dynamos_recompile_limit(
         case = type("Case", (), {"eager_call": staticmethod(eager_form(torch.ones(n)))})()
         assert bench.provider_forward(None, case, "compiled", "default")().item() == 2 * n
     assert len(graphs) == 3
+
+
+@pytest.mark.parametrize("error, exits", [
+    (RuntimeError("kernel broke"), True),
+    (ProviderUnavailable("no Triton backend here"), False),
+    (TritonUnavailableError("cannot run here"), False),
+])
+def test_a_triton_provider_that_raises_fails_the_run_after_its_rows_are_written(bench, tmp_path, monkeypatch, error,
+                                                                                 exits):
+    """The table and the CSV keep the reason; the exit status says that our backend broke, not that it is
+    unavailable on this machine."""
+    build_case = bench.build_case
+
+    def case_whose_triton_raises(*args, **kwargs):
+        case = build_case(*args, **kwargs)
+
+        def call(backend):
+            if backend == "triton":
+                raise error
+            return case.call(backend)
+        return dataclasses.replace(case, call=call)
+
+    monkeypatch.setattr(bench, "build_case", case_whose_triton_raises)
+    csv_path = tmp_path / "bench.csv"
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--providers", "triton,reference",
+            "--csv", str(csv_path)]
+    if exits:
+        with pytest.raises(SystemExit, match=r"^bench_kernels.py: interaction: the triton provider failed in 1 "
+                                             r"row\(s\); first at 4x8x32x4 fwd: RuntimeError: kernel broke$"):
+            bench.main(args)
+    else:
+        bench.main(args)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [row["provider"] for row in rows] == ["reference", "triton"]
+    assert str(error) in rows[1]["note"] and float(rows[0]["ms"]) > 0
