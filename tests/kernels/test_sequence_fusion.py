@@ -383,6 +383,23 @@ def test_triton_lengths_zero_one_and_full_with_three_time_scales(dtype, scatter)
 
 @needs_triton
 @pytest.mark.parametrize("scatter", SCATTERS)
+@pytest.mark.parametrize("num_sequences", [65, 9000])
+def test_triton_finds_sequences_among_thousands_mostly_empty(num_sequences, scatter):
+    """A few hundred tokens in sequences of 1-9 among thousands of empty ones (empty ones first and last), so
+    that tiles span many sequences and the search passes runs of equal offsets, and one sequence of 40 that
+    holds whole tiles."""
+    g = torch.Generator().manual_seed(num_sequences)
+    lengths = torch.zeros(num_sequences, dtype=torch.int64)
+    filled = torch.randperm(num_sequences - 2, generator=g)[:60] + 1
+    lengths[filled] = torch.randint(1, 10, (60,), generator=g)
+    lengths[num_sequences // 2] = 40  # whole tiles inside one sequence (16 tokens a tile at D = 25 on CPU)
+    p = Problem(tuple(lengths.tolist()), dim=25, num_items=11, max_len=40, time_scales=HOUR_DAY_WEEK,
+                dropout_p=0.2, from_end=num_sequences % 2 == 1, scatter=scatter, seed=5)
+    check_triton_against_reference(p)
+
+
+@needs_triton
+@pytest.mark.parametrize("scatter", SCATTERS)
 def test_triton_int64_ages_and_rows_wider_than_one_column_block(scatter):
     """A scale whose last bucket starts beyond 2^31 s (ages divided in int64) with ages up to 2^33 s,
     and D = 300: two column blocks in every kernel."""
