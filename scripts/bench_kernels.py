@@ -194,7 +194,7 @@ class Result:
     peak_mb: float | None = None  # device memory allocated beyond the inputs during one timed call (CUDA)
     kernel_ms: float | None = None  # GPU kernel time per call from the profiler (--kernel-time), against ms (wall)
     kernels: list[KernelShare] | None = None  # its kernels, longest first (--kernel-breakdown)
-    failed: bool = False  # it raised (out of memory, an error), as opposed to being unavailable here
+    failed: bool = False  # it raised an error that fails the run (``run_provider`` says which)
 
 
 @dataclass
@@ -259,9 +259,13 @@ def run_provider(spec: OperatorSpec, case: BenchCase, provider: str, modes: Sequ
             free_memory()
     except Exception as exc:  # a provider that cannot run is reported, not fatal
         unavailable = isinstance(exc, (ProviderUnavailable, TritonUnavailableError))
+        # A baseline out of memory is a finding (eager's [M, I] logits at 1M items, say); ours out of memory
+        # breaks its memory bound, and any other error is a broken run whichever provider raised it.
+        finding = provider != "triton" and isinstance(exc, torch.OutOfMemoryError)
         reason = str(exc) if isinstance(exc, ProviderUnavailable) else short_error(exc)
         done = {r.mode for r in results}
-        results += [Result(provider, mode, note=reason, failed=not unavailable) for mode in modes if mode not in done]
+        results += [Result(provider, mode, note=reason, failed=not (unavailable or finding))
+                    for mode in modes if mode not in done]
     free_memory()
     return results, first_out
 
@@ -575,11 +579,11 @@ def run_benchmark(args: argparse.Namespace) -> list[tuple[str, dict[str, float],
     print_table(spec, rows, args)
     if args.kernel_breakdown:
         print_kernel_breakdown(rows, args.kernel_breakdown)
-    failures = [(label, r) for label, _, results in rows for r in results if r.provider == "triton" and r.failed]
-    if failures:  # our own backend raised: a scripted run must not pass it off as a table with a note
+    failures = [(label, r) for label, _, results in rows for r in results if r.failed]
+    if failures:  # a scripted run must not pass a broken provider off as a table with a note
         label, first = failures[0]
-        raise SystemExit(f"bench_kernels.py: {spec.key}: the triton provider failed in {len(failures)} row(s); "
-                         f"first at {label} {first.mode}: {first.note}")
+        raise SystemExit(f"bench_kernels.py: {spec.key}: {len(failures)} row(s) failed; "
+                         f"first {first.provider} at {label} {first.mode}: {first.note}")
     return rows
 
 

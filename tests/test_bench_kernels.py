@@ -161,36 +161,42 @@ def test_the_compiled_provider_compiles_every_case_past_dynamos_recompile_limit(
     assert len(graphs) == 3
 
 
-@pytest.mark.parametrize("error, exits", [
-    (RuntimeError("kernel broke"), True),
-    (ProviderUnavailable("no Triton backend here"), False),
-    (TritonUnavailableError("cannot run here"), False),
+@pytest.mark.parametrize("provider, error, exits", [
+    ("triton", RuntimeError("kernel broke"), True),
+    ("triton", torch.OutOfMemoryError("out of memory"), True),
+    ("triton", ProviderUnavailable("no Triton backend here"), False),
+    ("triton", TritonUnavailableError("cannot run here"), False),
+    ("eager", RuntimeError("baseline broke"), True),
+    ("eager", torch.OutOfMemoryError("out of memory"), False),
 ])
-def test_a_triton_provider_that_raises_fails_the_run_after_its_rows_are_written(bench, tmp_path, monkeypatch, error,
-                                                                                 exits):
-    """The table and the CSV keep the reason; the exit status says that our backend broke, not that it is
-    unavailable on this machine."""
+def test_a_provider_that_raises_fails_the_run_after_its_rows_are_written(bench, tmp_path, monkeypatch, provider,
+                                                                         error, exits):
+    """The table and the CSV keep the reason; the exit status says that a provider broke (ours running out of
+    memory included), not that it is unavailable on this machine or that a baseline ran out of memory."""
     build_case = bench.build_case
 
-    def case_whose_triton_raises(*args, **kwargs):
+    def raise_error(*args):
+        raise error
+
+    def case_whose_provider_raises(*args, **kwargs):
         case = build_case(*args, **kwargs)
+        if provider == "eager":
+            return dataclasses.replace(case, eager_call=raise_error)
 
         def call(backend):
-            if backend == "triton":
-                raise error
-            return case.call(backend)
+            return raise_error() if backend == "triton" else case.call(backend)
         return dataclasses.replace(case, call=call)
 
-    monkeypatch.setattr(bench, "build_case", case_whose_triton_raises)
+    monkeypatch.setattr(bench, "build_case", case_whose_provider_raises)
     csv_path = tmp_path / "bench.csv"
-    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--providers", "triton,reference",
+    args = ["--op", "interaction", "--shapes", "4,8,32,4", *TINY, "--providers", f"{provider},reference",
             "--csv", str(csv_path)]
     if exits:
-        with pytest.raises(SystemExit, match=r"^bench_kernels.py: interaction: the triton provider failed in 1 "
-                                             r"row\(s\); first at 4x8x32x4 fwd: RuntimeError: kernel broke$"):
+        with pytest.raises(SystemExit, match=rf"^bench_kernels.py: interaction: 1 row\(s\) failed; first {provider} "
+                                             rf"at 4x8x32x4 fwd: (\w+: )?{error}$"):
             bench.main(args)
     else:
         bench.main(args)
     rows = list(csv.DictReader(csv_path.open()))
-    assert [row["provider"] for row in rows] == ["reference", "triton"]
+    assert [row["provider"] for row in rows] == ["reference", provider]
     assert str(error) in rows[1]["note"] and float(rows[0]["ms"]) > 0
