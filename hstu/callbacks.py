@@ -4,7 +4,8 @@ resumes from exactly, and the stop on a NaN/inf loss.
 ``hstu.train.train`` adds the ones a run cannot do without (:class:`EpochThroughput`,
 :class:`EpochLog`, :class:`RandomState`, :class:`StopOnNonFiniteLoss`, :class:`LastCheckpoint`,
 :class:`CheckpointsOfThisRun`)
-when the ``callbacks`` config group has none. The states that a resumed run must continue from
+when the ``callbacks`` config group has none, and :class:`ParameterSummary` in place of Lightning's model
+summary. The states that a resumed run must continue from
 (throughput and epoch records, random number generators) are saved in every checkpoint and
 restored only when fitting resumes: ``trainer.validate/test(ckpt_path=...)`` restore callbacks too,
 and must not rewind them.
@@ -365,6 +366,30 @@ class CheckpointsOfThisRun(L.Callback):
 
         return {**state, "dirpath": str(new), **{key: moved(state[key]) for key in cls.PATH_KEYS if key in state},
                 "best_k_models": {moved(path): score for path, score in state.get("best_k_models", {}).items()}}
+
+
+class ParameterSummary(L.Callback):
+    """One line at the start of fitting: the model's parameters in all and by part (``experiment=ml1m-quick``:
+    ``parameters: 221,506 (0.89 MB): embedding 195,350, encoder 26,156``). It stands in for Lightning's
+    summary table, whose FLOPs column reads 0 without an example input and whose rows are the module's metrics."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            log.info("parameters: %s", parameter_counts(pl_module.model))
+
+
+def parameter_counts(model: torch.nn.Module) -> str:
+    """``"<total> (<MB>): <part> <count>, ..."`` over the model's top-level parts that hold parameters (those
+    frozen counted apart)."""
+    parameters = list(model.parameters())
+    total = sum(p.numel() for p in parameters)
+    megabytes = sum(p.numel() * p.element_size() for p in parameters) / 1e6
+    parts = [(name, sum(p.numel() for p in part.parameters())) for name, part in model.named_children()]
+    frozen = sum(p.numel() for p in parameters if not p.requires_grad)
+    text = f"{total:,} ({megabytes:.2f} MB)"
+    if frozen:
+        text += f", {frozen:,} frozen"
+    return text + ": " + ", ".join(f"{name} {count:,}" for name, count in parts if count)
 
 
 class RichProgressBar(_RichProgressBar):

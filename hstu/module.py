@@ -199,13 +199,6 @@ class RecModule(L.LightningModule):
             resumed = {"sum": loss, "steps": steps}
         self._resumed_epoch_loss = resumed
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Batches arrive page-locked from the loaders (on GPU runs): copy them without waiting. Lightning
-        passes ``non_blocking`` to plain tensors only."""
-        if isinstance(batch, (JaggedBatch, PlannedBatch)):
-            return batch.to(device, non_blocking=True)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def _rank(self, batch: JaggedBatch, metrics: RetrievalMetrics) -> None:
         _, _, target_rank = self.model.recommend(batch, k=0, with_target_rank=True)  # ranks only, no top-k lists
         metrics.update(target_rank)

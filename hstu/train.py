@@ -24,6 +24,7 @@ from hstu.callbacks import (
     EpochLog,
     EpochThroughput,
     LastCheckpoint,
+    ParameterSummary,
     RandomState,
     RichProgressBar,
     StopOnNonFiniteLoss,
@@ -250,7 +251,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     elif not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(RichProgressBar())  # Lightning's default would print its bars into log files too
-    trainer_kwargs = {} if has_validation else {"limit_val_batches": 0}
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ParameterSummary())
+    trainer_kwargs = {"enable_model_summary": False}  # Lightning's summary table: ParameterSummary instead
+    if not has_validation:
+        trainer_kwargs["limit_val_batches"] = 0
     with open_dict(cfg):
         cfg.trainer.precision = default_precision(cfg.trainer)
     trainer: L.Trainer = instantiate_config(

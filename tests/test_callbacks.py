@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from hstu.callbacks import EpochThroughput
+from hstu.callbacks import EpochThroughput, parameter_counts
 from hstu.train import train
 from tiny_run import TINY_RUN
 
@@ -72,3 +72,12 @@ def test_progress_bar_flag_drops_the_configured_progress_bar(tmp_path):
                                           f"paths.data_dir={tmp_path / 'data'}"])
     assert "rich_progress_bar" in cfg.callbacks
     assert train(cfg)["epochs_trained"] == 1
+
+
+def test_the_parameter_summary_counts_every_part_and_the_frozen_ones():
+    model = torch.nn.Module()
+    model.embedding = torch.nn.Embedding(1000, 50)
+    model.encoder = torch.nn.Linear(50, 50)
+    model.dropout = torch.nn.Dropout()
+    model.encoder.bias.requires_grad_(False)
+    assert parameter_counts(model) == "52,550 (0.21 MB), 50 frozen: embedding 50,000, encoder 2,550"

@@ -142,6 +142,11 @@ def test_main_job_on_a_tiny_movielens_slice(tmp_path):
     assert len(re.findall(r"epoch 0/0  loss \d+\.\d{4}  val ndcg@10 0\.\d{4} hr@10 0\.\d{4}  \d+ samples/s", proc.stdout)) == 1
     assert proc.stdout.count("loading cached") == 1 and "v_num" not in proc.stdout + proc.stderr
     assert not re.search(r"^(Epoch|Validation|Testing) .*━", proc.stdout, re.M)  # no progress bar in a pipe
+    # One line of parameters instead of Lightning's table (FLOPs 0), and none of Lightning's own warnings or tips.
+    output = proc.stdout + proc.stderr
+    assert re.search(r"parameters: [\d,]+ \(\d+\.\d\d MB\): embedding [\d,]+, encoder [\d,]+$", output, re.M)
+    for noise in ("FLOPs", "litlogger", "LeafSpec", "transfer_batch_to_device"):
+        assert noise not in output, noise
 
 
 @pytest.mark.gpu

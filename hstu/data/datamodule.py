@@ -2,8 +2,8 @@
 
 ``prepare_data`` obtains and parses the raw file once (download, checksum, cache); ``setup``
 loads the cache and builds sequences and splits (see ``sequences.py`` for the rules). Loaders
-yield :class:`JaggedBatch` objects, page-locked when training on a GPU (``RecModule`` copies them there
-without waiting). When the model captures its training steps as CUDA graphs, the training loader
+yield :class:`JaggedBatch` objects, page-locked when training on a GPU (``transfer_batch_to_device`` copies
+them there without waiting). When the model captures its training steps as CUDA graphs, the training loader
 yields :class:`~hstu.data.packing.PlannedBatch` objects instead (example indices and a token capacity)
 and the sequences live on the device, where each batch is gathered inside the step.
 
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hstu.errors import ConfigError, DataError
 
 from .batch import JaggedBatch
-from .packing import DeviceSequences, PackingLayout, PlanCollate
+from .packing import DeviceSequences, PackingLayout, PlanCollate, PlannedBatch
 from .sequences import (
     DEFAULT_REPEATS,
     PROTOCOL_HELD_OUT,
@@ -355,7 +355,7 @@ class SequenceDataModule(L.LightningDataModule):
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=on_gpu,  # page-locked batches: RecModule copies them to the GPU without waiting
+            pin_memory=on_gpu,  # page-locked batches: transfer_batch_to_device copies them without waiting
             **options,
         )
 
@@ -378,6 +378,13 @@ class SequenceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.evaluation_dataloader("test")
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Batches arrive page-locked from the loaders (on GPU runs): copy them without waiting. Lightning
+        passes ``non_blocking`` to plain tensors only."""
+        if isinstance(batch, (JaggedBatch, PlannedBatch)):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def evaluation_dataloader(self, split: str, shard: bool = True) -> DataLoader:
         """The ``split`` ("val" or "test") loader: this rank's slice, or with ``shard=False`` every example
