@@ -366,6 +366,9 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     for split in ("val", "test"):
         if report[split]:
             table.add_row(split, *(f"{report[split].get(n, float('nan')):.4f}" for n in names))
+    if report.get("recorded_test"):  # an evaluation's report (scripts/eval.py): what the run recorded
+        table.add_row("test, recorded at training", *(f"{report['recorded_test'].get(n, float('nan')):.4f}"
+                                                      for n in names), style="dim")
     for baseline, per_split in report.get("baselines", {}).items():
         for split, metrics in per_split.items():
             table.add_row(f"{split}, {baseline.replace('_', ' ')}",

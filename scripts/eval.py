@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     except FileExistsError as error:
         raise OutputExistsError(f"out_file={path} was written while this evaluation ran; pass overwrite=true to "
                                 "replace it, or another out_file") from error
-    print(f"checkpoint {report['checkpoint']}; test metrics recorded at training: {report['recorded_test']}")
+    print(f"checkpoint {report['checkpoint']}")
     print_report(report, path)
 
 

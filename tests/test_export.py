@@ -735,6 +735,9 @@ def test_eval_replaces_a_report_only_with_overwrite(run_dir, tmp_path, evaluatio
     assert result.code == 0, result.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["test"] == eval_report["test"]
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+    # The metrics the run recorded, beside the new ones in the table: a row each, to four places.
+    for split, metrics in (("test", eval_report["test"]), ("test, recorded at training", eval_report["recorded_test"])):
+        assert re.search(rf"│ {re.escape(split)} +│ +{metrics['hr@5']:.4f} │", result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("out_file", ["metrics.json", ".hydra/config.yaml"])
