@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -271,7 +272,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         _check_kernels_can_run(module.manager)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with warnings.catch_warnings():
+        if resume is not None:  # Lightning warns that the run's own checkpoints folder is not empty
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     fit_seconds = time.perf_counter() - start
 
     selection = next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -377,8 +378,11 @@ def test_a_resumed_run_trains_with_its_own_optimizer_settings(tmp_path):
     new ones: the resumed epochs train with what the resumed run's config says."""
     data_dir = tmp_path / "data"
     train_in(tmp_path / "run", "trainer.max_epochs=1", data_dir=data_dir)
-    train_in(tmp_path / "run", "trainer.max_epochs=2", "ckpt_path=last", "model.optimizer.lr=0.01",
-             "model.optimizer.weight_decay=0.2", "model.optimizer.betas=[0.8,0.9]", data_dir=data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_in(tmp_path / "run", "trainer.max_epochs=2", "ckpt_path=last", "model.optimizer.lr=0.01",
+                 "model.optimizer.weight_decay=0.2", "model.optimizer.betas=[0.8,0.9]", data_dir=data_dir)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # the run's own checkpoints
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1
     assert [(g["lr"], g["weight_decay"], tuple(g["betas"])) for g in last["optimizer_states"][0]["param_groups"]] \
