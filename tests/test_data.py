@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -214,10 +215,14 @@ GOOD_DAT = ["1::10::5::100", "1::11::4::101"]
          "boolean-ratings"],
 )
 def test_malformed_line_is_named(tmp_path, name, lines, make_source, message):
+    """One error naming the line, and no warning of pandas' or numpy's printed before it."""
     path = write(tmp_path, name, "\n".join(lines) + "\n")
     data_dir = tmp_path / "cache"
-    with pytest.raises(ValueError, match=message):
-        load_interactions(make_source(path), data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=message):
+            load_interactions(make_source(path), data_dir)
+    assert [str(w.message) for w in caught] == []
     assert leftover_files(data_dir) == []
 
 

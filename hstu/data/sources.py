@@ -203,20 +203,21 @@ def read_table(
         data = io.BytesIO(source) if isinstance(source, bytes) else source
 
     try:
-        frame = pd.read_csv(
-            data,
-            sep=pandas_sep,
-            header=None,
-            skiprows=1 if header else 0,
-            usecols=used if len(used) < len(columns) else None,
-            dtype=dtype,
-            keep_default_na=False,
-            na_values=[""],
-            engine="c",
-            low_memory=False,
-        )
+        with np.errstate(over="raise"):  # a value past its column's dtype: FloatingPointError, not a warning
+            frame = pd.read_csv(
+                data,
+                sep=pandas_sep,
+                header=None,
+                skiprows=1 if header else 0,
+                usecols=used if len(used) < len(columns) else None,
+                dtype=dtype,
+                keep_default_na=False,
+                na_values=[""],
+                engine="c",
+                low_memory=False,
+            )
         interactions = _frame_to_arrays(frame, columns, used, kinds)
-    except (ValueError, OverflowError) as error:  # pandas' ParserError is a ValueError
+    except (ValueError, OverflowError, FloatingPointError) as error:  # pandas' ParserError is a ValueError
         problem = _first_malformed_line(
             _text_lines(source), display_name=display_name, sep=sep, columns=columns, kinds=kinds, header=header
         )
