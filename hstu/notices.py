@@ -3,7 +3,7 @@ whole process when ``hstu`` is imported (lightning 2.6.6, torch 2.13):
 
 * every Trainer's tip to install Lightning's cloud logger;
 * torch's FutureWarning on ``isinstance(treespec, LeafSpec)``, raised by Lightning's pytree helper and by
-  torch's own unpickling of exported programs (the scoring package), not by this code.
+  torch itself while exporting the scoring package, not by this code.
 """
 from __future__ import annotations
 
