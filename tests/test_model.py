@@ -9,6 +9,7 @@ from hydra.errors import InstantiationException
 import hstu_kernels
 from hstu.data.batch import JaggedBatch
 from hstu.errors import ConfigError
+from hstu.model.hstu import SharedLayout
 from hstu.model.recommender import SequentialRecommender
 from hstu_kernels import OPERATORS
 from hstu_kernels.jagged import next_in_sequence
@@ -59,6 +60,44 @@ def test_forward_backward_shapes(encoder):
     if encoder is HSTU:
         assert model.encoder.blocks[0].time_weight.grad.abs().sum() > 0
         assert model.encoder.blocks[0].pos_weight.grad.abs().sum() > 0
+
+
+def test_the_blocks_share_one_attention_layout_and_give_what_their_own_layouts_give(monkeypatch):
+    """The reference attention's index layout (time buckets of every query-key pair) is built once a batch,
+    at the first block, and handed to the others: states and every gradient equal those of blocks that
+    each build their own."""
+    torch.manual_seed(0)
+    model = build({**HSTU, "num_blocks": 3})
+    batch = make_batch([5, 1, MAX_LEN, 3, 0])
+    x = torch.randn(batch.num_tokens, 8, requires_grad=True)
+    builds = []
+    build_layout = hstu_kernels.hstu_attention_layout
+
+    def counted_layout(*args, **kwargs):
+        builds.append(1)
+        return build_layout(*args, **kwargs)
+
+    monkeypatch.setattr(hstu_kernels, "hstu_attention_layout", counted_layout)
+
+    def states_and_gradients(shared: bool):
+        encoder = model.encoder
+        q_timestamps = next_in_sequence(batch.timestamps, batch.seq_offsets, batch.target_timestamps)
+        shared_layout = SharedLayout(batch.seq_offsets, q_timestamps, batch.timestamps) if shared else None
+        h = x
+        for block in encoder.blocks:
+            h = block(h, batch.seq_offsets, q_timestamps, batch.timestamps, shared_layout)
+        parameters = [x, *encoder.parameters()]
+        return [h, *torch.autograd.grad(h.square().sum(), parameters)]
+
+    own = states_and_gradients(shared=False)
+    assert builds == []  # without a shared layout each block's reference attention builds its own inside
+    shared = states_and_gradients(shared=True)
+    assert builds == [1]
+    for mine, theirs in zip(shared, own):
+        assert torch.equal(mine, theirs)
+    builds.clear()
+    model.encoder(x, batch.seq_offsets, batch.timestamps, batch.target_timestamps)
+    assert builds == [1]  # the encoder's forward shares one
 
 
 @pytest.mark.parametrize("encoder", [HSTU, SASREC], ids=["hstu", "sasrec"])

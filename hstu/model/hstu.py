@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import hstu_kernels
-from hstu_kernels import TritonOperatorManager
+from hstu_kernels import AttentionLayout, TritonOperatorManager
 from hstu_kernels.jagged import next_in_sequence
+from hstu_kernels.ops.hstu_attention import KEY as ATTENTION_OP
 from hstu_kernels.time_buckets import DEFAULT_NUM_BUCKETS
 
 LAYER_NORM_EPS = 1e-6
@@ -52,7 +53,7 @@ class STULayer(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=0.02)
 
-    def forward(self, x, seq_offsets, q_timestamps, k_timestamps):
+    def forward(self, x, seq_offsets, q_timestamps, k_timestamps, shared_layout: SharedLayout | None = None):
         uvqk = self.projections(x)
         _, v, q, k = self.split_heads(uvqk)
         attn = hstu_kernels.hstu_attention(
@@ -60,9 +61,23 @@ class STULayer(nn.Module):
             q_timestamps=q_timestamps if self.time_weight is not None else None,
             k_timestamps=k_timestamps if self.time_weight is not None else None,
             pos_weight=self.pos_weight, time_weight=self.time_weight, backend=self.manager,
+            layout=None if shared_layout is None else shared_layout(self, q, k, v),
             validate=False,  # the batch was checked once (SequentialRecommender.encode)
         )
         return self.output(x, attn, uvqk)
+
+    def attention_layout(self, seq_offsets, q_timestamps, k_timestamps, q, k, v) -> AttentionLayout | None:
+        """The index layout (padded rows, bias indices, causal mask) that the reference attention derives
+        from a batch's offsets and timestamps alone; None where the attention runs on Triton, whose kernel
+        computes its indices itself."""
+        if self.manager.choice(ATTENTION_OP, (q, k, v)) != "reference":
+            return None
+        time_bias = self.time_weight is not None
+        return hstu_kernels.hstu_attention_layout(
+            seq_offsets, self.max_seq_len, q.shape[0], position_bias=self.pos_weight is not None,
+            num_time_buckets=self.time_weight.numel() if time_bias else None,
+            q_timestamps=q_timestamps if time_bias else None, k_timestamps=k_timestamps if time_bias else None,
+            validate=False)  # offsets checked once with the batch
 
     def projections(self, x: torch.Tensor) -> torch.Tensor:
         """[L, H*(2dv + 2dqk)]: u, v, q, k of every head, side by side (SiLU(LayerNorm(x) W_uvqk))."""
@@ -83,6 +98,22 @@ class STULayer(nn.Module):
         )
 
 
+class SharedLayout:
+    """One batch's attention layout, built at the first block's call and handed to every later block: the
+    blocks take the same max_seq_len and biases, and the time buckets of every (query, key) pair cost
+    more than a block's matmuls on a CPU."""
+
+    def __init__(self, seq_offsets, q_timestamps, k_timestamps):
+        self.inputs = seq_offsets, q_timestamps, k_timestamps
+        self.layout: AttentionLayout | None = None
+        self.built = False
+
+    def __call__(self, block: STULayer, q, k, v) -> AttentionLayout | None:
+        if not self.built:
+            self.layout, self.built = block.attention_layout(*self.inputs, q, k, v), True
+        return self.layout
+
+
 class HSTUEncoder(nn.Module):
     """Jagged [L, D] embeddings -> [L, D] states; state i summarises items 0..i of its sequence.
 
@@ -98,7 +129,9 @@ class HSTUEncoder(nn.Module):
     def forward(self, x, seq_offsets, timestamps, target_timestamps):
         # Position i predicts the event after it: its query time is that event's timestamp.
         q_timestamps = next_in_sequence(timestamps, seq_offsets, target_timestamps)
+        # Compiled blocks (count_regions) each trace their own layout: an object argument would be guarded on.
+        shared_layout = None if self.count_regions else SharedLayout(seq_offsets, q_timestamps, timestamps)
         for block in self.blocks:
             with self.manager.region("stu_block") if self.count_regions else contextlib.nullcontext():
-                x = block(x, seq_offsets, q_timestamps, timestamps)
+                x = block(x, seq_offsets, q_timestamps, timestamps, shared_layout)
         return x

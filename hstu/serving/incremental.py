@@ -99,6 +99,8 @@ class IncrementalEncoder:
         """The attention's index layout of this batch, shared by every block (they are built from one
         set of arguments: same max_seq_len and biases); None where the attention runs on Triton."""
         first = self.blocks[0]
+        if batch.cached_kv is None:
+            return first.attention_layout(batch.seq_offsets, batch.query_timestamps, batch.timestamps, q, k, v)
         if first.manager.choice(ATTENTION_OP, (q, k, v)) != "reference":
             return None
         use_time = first.time_weight is not None
@@ -107,9 +109,6 @@ class IncrementalEncoder:
                     q_timestamps=batch.query_timestamps if use_time else None,
                     k_timestamps=batch.timestamps if use_time else None)
         # validate=False: the engine built the offsets (checking their values would wait for the device)
-        if batch.cached_kv is None:
-            return hstu_kernels.hstu_attention_layout(batch.seq_offsets, first.max_seq_len, q.shape[0], validate=False,
-                                                      **bias)
         return hstu_kernels.hstu_attention_delta_layout(
             batch.seq_offsets, batch.cached_offsets, first.max_seq_len, q.shape[0], batch.cached_kv.shape[1],
             max_new_len=batch.max_new_len, cached_k_timestamps=batch.cached_timestamps if use_time else None,
