@@ -109,6 +109,16 @@ def _check_not_stopped_early(name: str, checkpoint: dict[str, Any]) -> None:
                               "with scripts/eval.py, or train on without early stopping (~callbacks.early_stopping)")
 
 
+def _drop_expected_resume_warnings(callbacks_config: DictConfig | None) -> None:
+    """Lightning's warnings on resuming that state what is expected here: the run's own checkpoints folder is not
+    empty; and, where this run leaves early stopping out (the remedy a stopped run's refusal gives), that the
+    checkpoint holds early-stopping state with no callback to restore it into."""
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    if not _stops_early(callbacks_config):
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the "
+                                r"checkpoint .* Please add the following callbacks: \[\"EarlyStopping[^\"]*\"\]\.$")
+
+
 def _check_trains_further(name: str, checkpoint: dict[str, Any], trainer_config: DictConfig) -> None:
     """ConfigError when the checkpoint has reached ``trainer.max_epochs`` or ``trainer.max_steps``: Lightning
     would train nothing and the run would only test the old weights again."""
@@ -273,8 +283,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     with warnings.catch_warnings():
-        if resume is not None:  # Lightning warns that the run's own checkpoints folder is not empty
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        if resume is not None:
+            _drop_expected_resume_warnings(cfg.get("callbacks"))
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     fit_seconds = time.perf_counter() - start
 
