@@ -228,13 +228,16 @@ def check_export_files(export_dir: str | Path, config: Mapping[str, Any]) -> Non
     """model.safetensors and items.json are the files the export was written with (config.json's "files"):
     a file replaced afterwards, by another training's weights or another export's catalogue, is refused
     by name rather than served. So are edited model settings (``alpha``, say), which no weight shape shows:
-    the weights file records their digest (exports written without it are not checked)."""
+    the weights file records their digest, and an export written before it did is refused."""
     export_dir = Path(export_dir)
     for name in RECORDED_FILES:
         check_recorded_digest(export_dir / name, config["files"].get(name), f"files.{name}",
                               "export the run again instead of replacing its files")
     recorded = weights_metadata(export_dir / WEIGHTS_FILE).get(MODEL_DIGEST_KEY)
-    if recorded is not None and recorded != model_settings_digest(config["model"]):
+    if recorded is None:
+        raise ExportFormatError(f"{export_dir / WEIGHTS_FILE}: records no SHA-256 of {CONFIG_FILE}'s model settings "
+                                "(written before exports recorded it); export the run again with scripts/export.py")
+    if recorded != model_settings_digest(config["model"]):
         raise ExportFormatError(f"{export_dir / CONFIG_FILE}: its model settings are not those the weights were "
                                 f"exported with ({WEIGHTS_FILE} records their SHA-256); export the run again "
                                 "instead of editing them")

@@ -321,6 +321,20 @@ def test_a_file_replaced_after_export_is_refused_by_name(export_dir, tmp_path, r
         Recommender.from_export(broken)
 
 
+def test_weights_without_the_model_settings_digest_are_refused(export_dir, tmp_path):
+    """An export written before the weights recorded config.json's model settings could have them edited unseen."""
+    broken = _copy(export_dir, tmp_path / "export")
+    weights = broken / "model.safetensors"
+    save_file(load_file(weights), str(weights), metadata={"format": "pt"})
+    config = json.loads((broken / "config.json").read_text())
+    config["files"]["model.safetensors"] = sha256_of(weights)  # consistent files: only the record is missing
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match=rf"^{re.escape(str(weights))}: records no SHA-256 of config\.json's "
+                                                r"model settings \(written before exports recorded it\); export the "
+                                                r"run again with scripts/export\.py$"):
+        Recommender.from_export(broken)
+
+
 @pytest.mark.parametrize("key", ["format_version", "model", "model.dim", "model.encoder", "data"])
 def test_missing_config_key_is_named(export_dir, tmp_path, key):
     broken = _copy(export_dir, tmp_path / "export")
