@@ -75,6 +75,7 @@ except ModuleNotFoundError as error:
     raise MissingPackageError(f"the HTTP server needs LitServe, the serve extra ({error}): "
                               "pip install -e '.[serve]'") from error
 
+from hstu.host_memory import reuse_freed_host_memory
 from hstu.inference import Recommender, check_export_files, check_export_weights, read_export_config, read_item_ids
 from hstu.serving.compiled import check_packages
 from hstu.serving.engine import DEFAULT_GRAPH_BYTES, Request, ServingOptions, serving_kernel_flags
@@ -295,6 +296,8 @@ class RecommendAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         self.worker = f"worker {os.environ.get('LITSERVE_WORKER_ID', os.getpid())} ({device}, pid {os.getpid()})"
+        if device == "cpu":  # a spawned worker: the server process's setting does not reach it
+            reuse_freed_host_memory()
         self.recommender = Recommender.from_export(self.export_dir, device=device, kernels=self.kernels)
         self.engine = self.recommender.serving_engine(ServingOptions(
             cache_bytes=self.cache_bytes, cuda_graphs=self.cuda_graphs, graph_bytes=self.graph_bytes,
