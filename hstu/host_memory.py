@@ -5,7 +5,8 @@ so each large CPU tensor that an op allocates starts as untouched pages. At ML-1
 attention's [512, 200, 200] tensors) the page faults took longer than the arithmetic: on a CPU, training,
 full-ranking evaluation and serving ran up to 2.7x slower (BENCHMARKS.md, "Host memory on a CPU"). Served
 from the heap, which is then never trimmed, a freed block is reused by the next op, at the price of the
-process keeping its peak memory.
+process keeping its peak memory. Runs on a GPU do not ask for it: their host tensors are small, and the process
+would keep the peak memory of its data preparation.
 """
 from __future__ import annotations
 
@@ -13,9 +14,17 @@ import ctypes
 import os
 import sys
 
+import torch
+
 # glibc's <malloc.h> parameters
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+
+
+def computes_on_cpu(accelerator: str | None) -> bool:
+    """Whether a run given Lightning's ``accelerator`` computes on the CPU (None and "auto" take CUDA where
+    it is visible)."""
+    return accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
 
 
 def tunes_malloc(name: str) -> bool:

@@ -10,7 +10,7 @@ from hstu.config import check_keys_set
 from hstu.errors import ConfigError, MissingFileError, OutputExistsError
 from hstu.export import evaluate_run, is_evaluation_report, load_run
 from hstu.files import write_text_atomically
-from hstu.host_memory import reuse_freed_host_memory
+from hstu.host_memory import computes_on_cpu, reuse_freed_host_memory
 from hstu.train import print_report
 
 
@@ -31,7 +31,8 @@ def check_out_file(path: Path, overwrite: bool) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     check_keys_set(cfg)
-    reuse_freed_host_memory()
+    if computes_on_cpu(cfg.accelerator):
+        reuse_freed_host_memory()
     run = load_run(cfg.run_dir)
     path = Path(cfg.out_file)
     check_out_file(path, cfg.overwrite)

@@ -6,11 +6,18 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from hstu.host_memory import tunes_malloc
+from hstu.host_memory import computes_on_cpu, tunes_malloc
 
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")
-pytestmark = pytest.mark.skipif(not GLIBC, reason="glibc's malloc (2.33 or later, for mallinfo2)")
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc's malloc (2.33 or later, for mallinfo2)")
+
+
+def test_runs_ask_for_it_on_a_cpu_only():
+    assert computes_on_cpu("cpu") and not computes_on_cpu("gpu") and not computes_on_cpu("cuda")
+    assert computes_on_cpu("auto") == computes_on_cpu(None) == (not torch.cuda.is_available())
+
 
 # In a fresh process: per allocation of a tensor (bytes malloc mapped for it, page faults while it was written,
 # heap bytes once it was freed), before and after the call, and the call's result. The second tensor after
@@ -47,6 +54,7 @@ def probe(**environment) -> list:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@needs_glibc
 def test_large_tensors_come_from_the_heap_and_reuse_freed_memory():
     (mapped_before, _, _), result, (mapped_first, faults_first, heap_first), (mapped_second, faults_second, _) = probe()
     assert mapped_before >= 64 << 20  # glibc's default: a block of its own, unmapped when freed
@@ -56,6 +64,7 @@ def test_large_tensors_come_from_the_heap_and_reuse_freed_memory():
     assert faults_second * 4 <= faults_first  # the second tensor wrote pages the first had touched
 
 
+@needs_glibc
 @pytest.mark.parametrize("environment", [{"MALLOC_MMAP_MAX_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}],
                          ids=["MALLOC_MMAP_MAX_", "GLIBC_TUNABLES"])
 def test_a_malloc_setting_in_the_environment_is_left_alone(environment):
