@@ -377,16 +377,18 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     table.add_column("split", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
+
+    def cells(metrics: dict[str, float]) -> list[str]:
+        return [f"{metrics.get(name, float('nan')):.4f}" for name in names]
+
     for split in ("val", "test"):
         if report[split]:
-            table.add_row(split, *(f"{report[split].get(n, float('nan')):.4f}" for n in names))
+            table.add_row(split, *cells(report[split]))
     if report.get("recorded_test"):  # an evaluation's report (scripts/eval.py): what the run recorded
-        table.add_row("test, recorded at training", *(f"{report['recorded_test'].get(n, float('nan')):.4f}"
-                                                      for n in names), style="dim")
+        table.add_row("test, recorded at training", *cells(report["recorded_test"]), style="dim")
     for baseline, per_split in report.get("baselines", {}).items():
         for split, metrics in per_split.items():
-            table.add_row(f"{split}, {baseline.replace('_', ' ')}",
-                          *(f"{metrics.get(n, float('nan')):.4f}" for n in names), style="dim")
+            table.add_row(f"{split}, {baseline.replace('_', ' ')}", *cells(metrics), style="dim")
     console = report_console()
     console.print(table)
     tp = report["throughput"]
